@@ -1,0 +1,42 @@
+"""Thin helpers over ``torch.distributed``: the method needs only gathers.
+
+Everything here is a no-op in a single process, so the method code never branches on
+whether it runs distributed.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def all_gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``tensor`` from every rank along dim 0 (rank order); no gradient."""
+    if world_size() == 1:
+        return tensor
+    tensor = tensor.contiguous()
+    parts = [torch.empty_like(tensor) for _ in range(world_size())]
+    dist.all_gather(parts, tensor)
+    return torch.cat(parts, dim=0)
+
+
+def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``tensor`` from every rank; gradients flow back to each rank's slice.
+
+    The backward of ``torch.distributed.nn.all_gather`` sums the gradients of every rank's
+    loss into the owner's slice, which together with DDP's gradient averaging gives the
+    gradient of the mean loss over the global batch.
+    """
+    if world_size() == 1:
+        return tensor
+    import torch.distributed.nn.functional as dist_fn
+
+    return torch.cat(dist_fn.all_gather(tensor.contiguous()), dim=0)

@@ -1,0 +1,302 @@
+"""False-negative detectors behind one interface.
+
+A detector looks at the similarities of the local anchors to the candidates of the global
+batch and says which negatives are false negatives. What to do with them (eliminate or
+attract) is the loss's business; how the batch was gathered is the caller's.
+
+Similarities come as a (2, b, B) float tensor: side 0 holds image anchors against all texts,
+side 1 text anchors against all images.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from . import comm
+from .table import segment_mean
+from .thresholds import SIDES, GloFNDConfig, ThresholdState
+
+
+@dataclass
+class DetectionBatch:
+    """What a detector may know about the batch besides the similarities."""
+
+    anchor_index: torch.Tensor
+    """(b,) dataset indices of this process's anchors."""
+    candidate_index: torch.Tensor
+    """(B,) dataset indices of the global batch, rank after rank (so also every anchor)."""
+    negatives: torch.Tensor
+    """(b, B) bool: the candidate is a negative of the anchor (not itself, not a duplicate)."""
+    epoch: float
+    anchor_labels: torch.Tensor | None = None
+    candidate_labels: torch.Tensor | None = None
+
+
+@dataclass
+class Detection:
+    false_negatives: torch.Tensor | None
+    """(2, b, B) bool, a subset of the negatives; None when nothing is detected."""
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def masked_quantile(values: torch.Tensor, mask: torch.Tensor, q: float) -> torch.Tensor:
+    """Per-row ``q`` quantile of ``values[..., mask]`` with linear interpolation (as
+    ``torch.quantile``), for rows with different numbers of valid entries. NaN where a row
+    has none. ``values``: (..., b, B); ``mask``: broadcastable bool."""
+    mask = mask.expand_as(values)
+    width = values.shape[-1]
+    count = mask.sum(-1)
+    ordered = values.masked_fill(~mask, float("-inf")).sort(dim=-1).values
+    # The valid entries occupy the last `count` positions of each sorted row.
+    position = (width - count) + q * (count - 1).clamp(min=0)
+    low = position.floor().long().clamp(0, width - 1)
+    high = position.ceil().long().clamp(0, width - 1)
+    frac = (position - low).to(values.dtype)
+    v_low = ordered.gather(-1, low.unsqueeze(-1)).squeeze(-1)
+    v_high = ordered.gather(-1, high.unsqueeze(-1)).squeeze(-1)
+    result = v_low + frac * (v_high - v_low)
+    return torch.where(count > 0, result, torch.full_like(result, float("nan")))
+
+
+class FalseNegativeDetector(ABC):
+    """Interface of every detector."""
+
+    name: ClassVar[str]
+    requires_labels: ClassVar[bool] = False
+
+    def __init__(self, mask_start_epoch: float = 0.0) -> None:
+        self.mask_start_epoch = float(mask_start_epoch)
+
+    @property
+    def num_samples(self) -> int | None:
+        """Size of the index space the detector keeps state for (None: stateless)."""
+        return None
+
+    @abstractmethod
+    def detect(self, sim: torch.Tensor, batch: DetectionBatch) -> Detection:
+        """Update any state from this batch, then return the detected false negatives."""
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if state:
+            raise ValueError(f"detector {self.name!r} keeps no state, got keys {sorted(state)}")
+
+    def to(self, device: torch.device | str) -> FalseNegativeDetector:
+        return self
+
+    def config_dict(self) -> dict:
+        return {"detector": self.name, "mask_start_epoch": self.mask_start_epoch}
+
+    def masking(self, epoch: float) -> bool:
+        return epoch >= self.mask_start_epoch
+
+
+class NoDetector(FalseNegativeDetector):
+    """Plain contrastive learning: every other sample is a negative."""
+
+    name = "none"
+
+    def detect(self, sim: torch.Tensor, batch: DetectionBatch) -> Detection:
+        return Detection(None)
+
+
+class BatchQuantileDetector(FalseNegativeDetector):
+    """The FND baseline: negatives above the anchor's in-batch (1 - alpha) quantile."""
+
+    name = "batch_quantile"
+
+    def __init__(self, alpha: float = 1e-3, mask_start_epoch: float = 0.0) -> None:
+        super().__init__(mask_start_epoch)
+        if not 0.0 < alpha < 1.0:
+            raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
+        self.alpha = alpha
+
+    def detect(self, sim: torch.Tensor, batch: DetectionBatch) -> Detection:
+        if not self.masking(batch.epoch):
+            return Detection(None)
+        threshold = masked_quantile(sim, batch.negatives, 1.0 - self.alpha)
+        found = (sim > threshold.unsqueeze(-1)) & batch.negatives
+        return Detection(found, _threshold_stats(threshold))
+
+    def config_dict(self) -> dict:
+        return {**super().config_dict(), "alpha": self.alpha}
+
+
+class OracleDetector(FalseNegativeDetector):
+    """Ground truth: negatives that share the anchor's label (for studies and tests)."""
+
+    name = "oracle"
+    requires_labels = True
+
+    def detect(self, sim: torch.Tensor, batch: DetectionBatch) -> Detection:
+        if not self.masking(batch.epoch):
+            return Detection(None)
+        if batch.anchor_labels is None or batch.candidate_labels is None:
+            raise ValueError("the oracle detector needs labels for every sample of the batch")
+        same = batch.anchor_labels.unsqueeze(1) == batch.candidate_labels.unsqueeze(0)
+        found = same & batch.negatives
+        return Detection(found.unsqueeze(0).expand(len(SIDES), -1, -1))
+
+
+class GloFNDDetector(FalseNegativeDetector):
+    """GloFND: a learned threshold per sample and side, keyed by dataset index.
+
+    Each step first updates the thresholds of the batch's anchors (all ranks apply the same
+    update from gathered per-anchor gradients, so the state stays identical everywhere), then
+    marks the negatives above the updated thresholds.
+    """
+
+    name = "glofnd"
+
+    def __init__(
+        self,
+        num_samples: int,
+        config: GloFNDConfig | None = None,
+        device: torch.device | str = "cpu",
+        pin_memory: bool = False,
+    ) -> None:
+        config = config or GloFNDConfig()
+        super().__init__(config.mask_start_epoch)
+        self.config = config
+        self.state = ThresholdState(num_samples, device=device, pin_memory=pin_memory)
+
+    @property
+    def num_samples(self) -> int:
+        return self.state.num_samples
+
+    def detect(self, sim: torch.Tensor, batch: DetectionBatch) -> Detection:
+        cfg = self.config
+        index = batch.anchor_index
+        if batch.epoch >= cfg.update_start_epoch:
+            self._update(sim, batch)
+        if not self.masking(batch.epoch):
+            return Detection(None)
+        lam = self.state.lambdas(index, sim.device).t()  # (2, b)
+        found = (sim > lam.unsqueeze(-1).to(sim.dtype)) & batch.negatives
+        return Detection(found, _threshold_stats(lam))
+
+    @torch.no_grad()
+    def _update(self, sim: torch.Tensor, batch: DetectionBatch) -> None:
+        cfg = self.config
+        lam = self.state.lambdas(batch.anchor_index, sim.device).t()  # (2, b)
+        negatives = batch.negatives
+        count = negatives.sum(-1).clamp(min=1).to(sim.dtype)  # (b,)
+        above = ((sim > lam.unsqueeze(-1).to(sim.dtype)) & negatives).sum(-1)
+        grad = cfg.alpha - above.to(sim.dtype) / count  # (2, b)
+        # Anchors without any negative carry no information: zero gradient.
+        grad = torch.where(negatives.any(-1), grad, torch.zeros_like(grad))
+        values = [grad]
+        if cfg.init_quantile:
+            q = masked_quantile(sim, negatives, 1.0 - cfg.alpha)
+            values.append(torch.where(torch.isnan(q), lam.to(q.dtype), q))
+        local = torch.cat(values, dim=0).t().to(torch.float32)  # (b, 2 or 4)
+        # Every rank gets every anchor's values (O(global batch)) and applies the same update.
+        gathered = comm.all_gather_no_grad(local.contiguous())
+        index = batch.candidate_index if comm.world_size() > 1 else batch.anchor_index
+        gathered = segment_mean(index, gathered)
+        grad_all = gathered[:, :2]
+        quantile = gathered[:, 2:4] if cfg.init_quantile else None
+        self.state.apply_update(index, grad_all, quantile, cfg, batch.epoch)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.state.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.state.load_state_dict(state)
+
+    def to(self, device: torch.device | str) -> GloFNDDetector:
+        self.state.to(device)
+        return self
+
+    def config_dict(self) -> dict:
+        cfg = self.config
+        return {
+            "detector": self.name, "num_samples": self.num_samples, "alpha": cfg.alpha,
+            "lr": cfg.lr, "betas": list(cfg.betas), "eps": cfg.eps,
+            "clip_grad_mult": cfg.clip_grad_mult, "init_quantile": cfg.init_quantile,
+            "update_start_epoch": cfg.update_start_epoch, "mask_start_epoch": cfg.mask_start_epoch,
+            "bias_correction": cfg.bias_correction,
+        }
+
+
+def _threshold_stats(threshold: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Mean and a few percentiles of the (2, b) thresholds of this batch's anchors.
+
+    Over the b local anchors only (never over N), on the device: no synchronisation.
+    """
+    threshold = threshold.detach().float()
+    qs = torch.tensor([0.1, 0.5, 0.9], device=threshold.device)
+    finite = torch.nan_to_num(threshold, nan=1.0)
+    pct = torch.quantile(finite, qs, dim=-1)  # (3, 2)
+    stats = {}
+    for s, side in enumerate(SIDES):
+        stats[f"lambda_mean_{side}"] = finite[s].mean()
+        for q, name in zip(range(3), ("p10", "p50", "p90"), strict=True):
+            stats[f"lambda_{name}_{side}"] = pct[q, s]
+    return stats
+
+
+DetectorFactory = Callable[..., FalseNegativeDetector]
+_REGISTRY: dict[str, DetectorFactory] = {}
+
+
+def register_detector(name: str) -> Callable[[DetectorFactory], DetectorFactory]:
+    """Register a factory ``f(*, num_samples, config, device, pin_memory) -> detector``."""
+
+    def decorate(factory: DetectorFactory) -> DetectorFactory:
+        _REGISTRY[name] = factory
+        return factory
+
+    return decorate
+
+
+def available_detectors() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def build_detector(
+    name: str,
+    *,
+    num_samples: int | None = None,
+    config: GloFNDConfig | None = None,
+    device: torch.device | str = "cpu",
+    pin_memory: bool = False,
+) -> FalseNegativeDetector:
+    """Detector by name; ``config`` carries alpha and the start epochs for every detector."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown detector {name!r}; choose from {available_detectors()}")
+    return _REGISTRY[name](
+        num_samples=num_samples, config=config or GloFNDConfig(), device=device,
+        pin_memory=pin_memory,
+    )
+
+
+@register_detector("none")
+def _build_none(**_: object) -> FalseNegativeDetector:
+    return NoDetector()
+
+
+@register_detector("batch_quantile")
+def _build_batch_quantile(*, config: GloFNDConfig, **_: object) -> FalseNegativeDetector:
+    return BatchQuantileDetector(config.alpha, config.mask_start_epoch)
+
+
+@register_detector("oracle")
+def _build_oracle(*, config: GloFNDConfig, **_: object) -> FalseNegativeDetector:
+    return OracleDetector(config.mask_start_epoch)
+
+
+@register_detector("glofnd")
+def _build_glofnd(
+    *, num_samples: int | None, config: GloFNDConfig, device, pin_memory: bool, **_: object
+) -> FalseNegativeDetector:
+    if num_samples is None:
+        raise ValueError("the glofnd detector needs num_samples (the size of the index space)")
+    return GloFNDDetector(num_samples, config, device=device, pin_memory=pin_memory)

@@ -1,0 +1,246 @@
+"""The part every bimodal contrastive loss shares: checks, gathering, similarities, masks.
+
+A loss sees the local anchors of this process against the candidates of the global batch
+(gathered with gradients, rank after rank), asks its detector for false negatives, and turns
+the masks into a loss. Subclasses implement only ``_loss``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from ..fnd import comm
+from ..fnd.detectors import DetectionBatch, FalseNegativeDetector, NoDetector
+from ..fnd.thresholds import SIDES
+
+Strategy = Literal["eliminate", "attract"]
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)
+    """0-d tensors on the loss's device; reading them (``.item()``) is left to the logger."""
+
+
+@dataclass
+class Masks:
+    """(b, B) / (2, b, B) boolean masks for one step (True = member of the set)."""
+
+    positive_column: torch.Tensor  # (b,) column of each anchor's own pair
+    own: torch.Tensor              # (b, B) the anchor's own pair
+    negatives: torch.Tensor        # (b, B) true negatives as far as indices tell
+    false_negatives: torch.Tensor | None  # (2, b, B) detected, subset of negatives
+
+    def kept_negatives(self, strategy: Strategy) -> torch.Tensor:
+        """(2, b, B) the negatives that stay in the denominator."""
+        if self.false_negatives is None or strategy == "attract":
+            return self.negatives.expand(len(SIDES), -1, -1)
+        return self.negatives & ~self.false_negatives
+
+    def positives(self, strategy: Strategy) -> torch.Tensor:
+        """(2, b, B) the pairs counted as positives."""
+        if self.false_negatives is None or strategy == "eliminate":
+            return self.own.expand(len(SIDES), -1, -1)
+        return self.own | self.false_negatives
+
+
+class BimodalContrastiveLoss(ABC):
+    """Base of the CLIP and global contrastive losses.
+
+    Call it with L2-normalisable embeddings of this process's pairs, the (exponentiated)
+    logit scale, the pairs' dataset indices and the current (fractional) epoch.
+    """
+
+    def __init__(
+        self,
+        detector: FalseNegativeDetector | None = None,
+        strategy: Strategy = "eliminate",
+        check_inputs: bool = True,
+    ) -> None:
+        if strategy not in ("eliminate", "attract"):
+            raise ValueError(f"strategy must be 'eliminate' or 'attract', got {strategy!r}")
+        self.detector = detector if detector is not None else NoDetector()
+        self.strategy: Strategy = strategy
+        self.check_inputs = check_inputs
+
+    # -- what subclasses provide ---------------------------------------------------------
+    @abstractmethod
+    def _loss(
+        self,
+        sim: torch.Tensor,
+        logit_scale: torch.Tensor,
+        masks: Masks,
+        index: torch.Tensor | None,
+        epoch: float,
+    ) -> LossOutput:
+        """Loss from (2, b, B) similarities (with gradient) and the step's masks."""
+
+    @property
+    def num_samples(self) -> int | None:
+        """Size of the index space of any per-sample state (loss or detector)."""
+        return self.detector.num_samples
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"detector.{k}": v for k, v in self.detector.state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        prefix = "detector."
+        unknown = [k for k in state if not k.startswith(prefix)]
+        if unknown:
+            raise ValueError(f"unexpected loss state keys {unknown}")
+        self.detector.load_state_dict({k[len(prefix):]: v for k, v in state.items()})
+
+    def to(self, device: torch.device | str) -> BimodalContrastiveLoss:
+        self.detector.to(device)
+        return self
+
+    def config_dict(self) -> dict:
+        return {"loss": type(self).__name__, "strategy": self.strategy,
+                **self.detector.config_dict()}
+
+    # -- the shared pipeline -------------------------------------------------------------
+    def __call__(
+        self,
+        image_embeds: torch.Tensor,
+        text_embeds: torch.Tensor,
+        logit_scale: torch.Tensor | float,
+        index: torch.Tensor | None = None,
+        epoch: float = 0.0,
+        labels: torch.Tensor | None = None,
+    ) -> LossOutput:
+        logit_scale = torch.as_tensor(logit_scale, device=image_embeds.device)
+        self._check_shapes(image_embeds, text_embeds, logit_scale, index, labels)
+        dtype = torch.promote_types(image_embeds.dtype, torch.float32)
+        # Similarities and every threshold comparison in float32 (float64 if given),
+        # whatever autocast does around us.
+        with torch.autocast(device_type=image_embeds.device.type, enabled=False):
+            image = F.normalize(image_embeds.to(dtype), dim=-1)
+            text = F.normalize(text_embeds.to(dtype), dim=-1)
+            all_image = comm.all_gather_with_grad(image)
+            all_text = comm.all_gather_with_grad(text)
+            sim = torch.stack([image @ all_text.t(), text @ all_image.t()])  # (2, b, B)
+            if self.check_inputs:
+                self._check_values(image_embeds, text_embeds, logit_scale, sim, index)
+            masks, batch = self._masks(sim, index, epoch, labels)
+            detection = self.detector.detect(sim.detach(), batch)
+            fallback = None
+            if detection.false_negatives is not None:
+                masks.false_negatives, fallback = self._keep_one_negative(
+                    masks.negatives, detection.false_negatives
+                )
+            out = self._loss(sim, logit_scale.to(dtype), masks, index, epoch)
+        out.stats.update(detection.stats)
+        out.stats.update(self._mask_stats(masks, fallback))
+        return out
+
+    def _masks(
+        self,
+        sim: torch.Tensor,
+        index: torch.Tensor | None,
+        epoch: float,
+        labels: torch.Tensor | None,
+    ) -> tuple[Masks, DetectionBatch]:
+        b, width = sim.shape[1], sim.shape[2]
+        device = sim.device
+        positive_column = comm.rank() * b + torch.arange(b, device=device)
+        own = torch.zeros(b, width, dtype=torch.bool, device=device)
+        own[torch.arange(b, device=device), positive_column] = True
+        if index is None:
+            anchor_index = candidate_index = None
+            negatives = ~own
+        else:
+            anchor_index = index.to(device)
+            candidate_index = comm.all_gather_no_grad(anchor_index)
+            # A candidate with the anchor's own index (its pair, or a duplicate of it) is
+            # neither a negative nor a false negative.
+            negatives = candidate_index.unsqueeze(0) != anchor_index.unsqueeze(1)
+        candidate_labels = None if labels is None else comm.all_gather_no_grad(labels.to(device))
+        batch = DetectionBatch(
+            anchor_index=anchor_index, candidate_index=candidate_index, negatives=negatives,
+            epoch=float(epoch), anchor_labels=None if labels is None else labels.to(device),
+            candidate_labels=candidate_labels,
+        )
+        return Masks(positive_column, own, negatives, None), batch
+
+    @staticmethod
+    def _keep_one_negative(
+        negatives: torch.Tensor, false_negatives: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows where every negative was detected fall back to the unmasked row, so no
+        anchor is left without negatives (which would make the global loss 0/0)."""
+        all_filtered = negatives.any(-1) & ~(negatives & ~false_negatives).any(-1)  # (2, b)
+        kept = false_negatives & ~all_filtered.unsqueeze(-1)
+        return kept, all_filtered
+
+    @staticmethod
+    def _mask_stats(masks: Masks, fallback: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        stats: dict[str, torch.Tensor] = {}
+        fn = masks.false_negatives
+        n_neg = masks.negatives.sum().clamp(min=1).float()
+        for s, side in enumerate(SIDES):
+            if fn is None:
+                stats[f"filtered_fraction_{side}"] = torch.zeros((), device=masks.own.device)
+            else:
+                stats[f"filtered_fraction_{side}"] = fn[s].sum().float() / n_neg
+            if fallback is not None:
+                stats[f"all_filtered_anchors_{side}"] = fallback[s].sum().float()
+        return stats
+
+    # -- input checks --------------------------------------------------------------------
+    def _check_shapes(self, image, text, logit_scale, index, labels) -> None:
+        if image.dim() != 2 or text.dim() != 2:
+            raise ValueError(
+                f"embeddings must be 2-D (batch, dim); got image {tuple(image.shape)} and "
+                f"text {tuple(text.shape)}"
+            )
+        if image.shape != text.shape:
+            raise ValueError(
+                f"image and text embeddings must have the same shape (batch size and dim); got "
+                f"{tuple(image.shape)} and {tuple(text.shape)}"
+            )
+        if image.shape[0] == 0:
+            raise ValueError("empty batch")
+        if logit_scale.numel() != 1:
+            raise ValueError(f"logit_scale must be a scalar, got shape {tuple(logit_scale.shape)}")
+        needs_index = self.num_samples is not None
+        if index is None and needs_index:
+            raise ValueError(f"{type(self).__name__} keeps per-sample state: pass dataset indices")
+        if index is not None:
+            if index.dim() != 1 or index.shape[0] != image.shape[0]:
+                raise ValueError(
+                    f"index must have shape ({image.shape[0]},) (one dataset index per pair), "
+                    f"got {tuple(index.shape)}"
+                )
+            if index.dtype.is_floating_point or index.dtype == torch.bool:
+                raise ValueError(f"index must be an integer tensor, got {index.dtype}")
+        if labels is not None and (labels.dim() != 1 or labels.shape[0] != image.shape[0]):
+            raise ValueError(f"labels must have shape ({image.shape[0]},), got {tuple(labels.shape)}")
+        if self.detector.requires_labels and labels is None:
+            raise ValueError(f"detector {self.detector.name!r} needs labels for every pair")
+
+    def _check_values(self, image, text, logit_scale, sim, index) -> None:
+        """One combined check, one host synchronisation, before any state is touched."""
+        flags = [
+            ~torch.isfinite(image).all(), ~torch.isfinite(text).all(),
+            ~torch.isfinite(logit_scale).all(), ~torch.isfinite(sim).all(),
+        ]
+        n = self.num_samples
+        if index is not None and n is not None:
+            flags.append(((index < 0) | (index >= n)).any().to(image.device))
+        bad = torch.stack(flags).tolist()
+        names = ["image embeddings", "text embeddings", "logit_scale", "similarities"]
+        for name, is_bad in zip(names, bad[:4], strict=True):
+            if is_bad:
+                raise ValueError(f"non-finite values in the {name}")
+        if len(bad) > 4 and bad[4]:
+            lo, hi = int(index.min()), int(index.max())
+            raise ValueError(
+                f"dataset index out of range [0, {n}): batch holds indices from {lo} to {hi}; "
+                f"num_samples must exceed the largest dataset index"
+            )

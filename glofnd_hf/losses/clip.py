@@ -1,0 +1,36 @@
+"""CLIP InfoNCE with false-negative handling."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import BimodalContrastiveLoss, LossOutput, Masks
+
+
+class ClipLoss(BimodalContrastiveLoss):
+    """Symmetric CLIP InfoNCE: local anchors against the gathered global batch.
+
+    Per anchor i and side: ``-mean_{p in P_i} [l_ip - logsumexp_{k in D_i} l_ik]`` with
+    ``l = logit_scale * sim``. ``D_i`` holds the positives and the kept negatives; with
+    ``eliminate`` P_i is the anchor's own pair and detected false negatives leave D_i; with
+    ``attract`` they join P_i (the supervised-contrastive form). The loss is the mean over
+    anchors and both sides, which without a detector equals ``transformers``' ``clip_loss``.
+    """
+
+    def _loss(
+        self,
+        sim: torch.Tensor,
+        logit_scale: torch.Tensor,
+        masks: Masks,
+        index: torch.Tensor | None,
+        epoch: float,
+    ) -> LossOutput:
+        logits = logit_scale * sim
+        positives = masks.positives(self.strategy)
+        in_denominator = positives | masks.kept_negatives(self.strategy)
+        lse = torch.logsumexp(logits.masked_fill(~in_denominator, float("-inf")), dim=-1)
+        n_pos = positives.sum(-1)
+        pos_mean = torch.where(positives, logits, torch.zeros_like(logits)).sum(-1) / n_pos
+        per_anchor = lse - pos_mean  # (2, b)
+        return LossOutput(per_anchor.mean(), {"loss_image": per_anchor[0].mean().detach(),
+                                              "loss_text": per_anchor[1].mean().detach()})

@@ -1,0 +1,185 @@
+"""The global contrastive loss of SogCLR / FastCLIP with false-negative handling.
+
+For each anchor and side, ``g_i`` is the mean over the kept negatives j of
+``exp((s_ij - s_ii) * logit_scale)``. A per-sample moving average ``u_i`` (keyed by dataset
+index) of ``g_i`` estimates the global denominator; the gradient of ``log g`` is estimated by
+``grad(g_i) / u_i``, so the surrogate loss is ``g_i / (u_i + eps)`` with ``u`` held fixed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from ..fnd import comm
+from ..fnd.detectors import FalseNegativeDetector
+from ..fnd.table import PerSampleTable, segment_mean
+from ..fnd.thresholds import SIDES
+from .base import BimodalContrastiveLoss, LossOutput, Masks, Strategy
+
+TemperatureScheme = Literal["fixed", "global_learnable"]
+
+
+@dataclass
+class GammaSchedule:
+    """Weight of the newest estimate in the moving average ``u``.
+
+    ``constant``: always ``final``. ``cosine``: from 1.0 at epoch 0 down to ``final`` at
+    ``decay_epochs`` on a half cosine, then ``final``.
+    """
+
+    final: float = 0.2
+    kind: Literal["constant", "cosine"] = "cosine"
+    decay_epochs: float = 18.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.final <= 1.0:
+            raise ValueError(f"gamma must lie in (0, 1], got {self.final}")
+        if self.kind not in ("constant", "cosine"):
+            raise ValueError(f"gamma schedule must be 'constant' or 'cosine', got {self.kind!r}")
+        if self.kind == "cosine" and self.decay_epochs <= 0:
+            raise ValueError(f"gamma decay_epochs must be positive, got {self.decay_epochs}")
+
+    def __call__(self, epoch: float) -> float:
+        if self.kind == "constant" or epoch >= self.decay_epochs:
+            return self.final
+        progress = max(epoch, 0.0) / self.decay_epochs
+        return self.final + (1.0 - self.final) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class GlobalContrastiveLoss(BimodalContrastiveLoss):
+    """SogCLR / FastCLIP global contrastive loss for both sides.
+
+    ``multiply_tau`` (FastCLIP) scales the surrogate by the temperature ``tau = 1 /
+    logit_scale`` so its gradients are comparable to InfoNCE's. ``temperature``:
+    ``fixed`` uses the given scale without gradient; ``global_learnable`` (FastCLIP-v3) adds
+    ``tau * (rho + mean log u)``, whose gradient with the surrogate's is the gradient of
+    ``tau * log g + rho * tau`` with respect to the temperature.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        detector: FalseNegativeDetector | None = None,
+        strategy: Strategy = "eliminate",
+        gamma: GammaSchedule | None = None,
+        temperature: TemperatureScheme = "global_learnable",
+        rho: float = 6.5,
+        multiply_tau: bool = True,
+        eps: float = 1e-14,
+        device: torch.device | str = "cpu",
+        pin_memory: bool = False,
+        check_inputs: bool = True,
+    ) -> None:
+        super().__init__(detector, strategy, check_inputs)
+        if temperature not in ("fixed", "global_learnable"):
+            raise ValueError(
+                f"temperature must be 'fixed' or 'global_learnable', got {temperature!r}"
+            )
+        if temperature == "global_learnable" and not multiply_tau:
+            raise ValueError("a learnable temperature needs multiply_tau=True (FastCLIP-v3)")
+        detector_n = self.detector.num_samples
+        if detector_n is not None and detector_n != num_samples:
+            raise ValueError(
+                f"loss and detector disagree on num_samples: {num_samples} vs {detector_n}"
+            )
+        self.gamma = gamma or GammaSchedule()
+        self.temperature: TemperatureScheme = temperature
+        self.rho = float(rho)
+        self.multiply_tau = multiply_tau
+        self.eps = eps
+        # u of both sides; 0 marks "never visited" (g > 0 always once visited).
+        self.u = PerSampleTable(num_samples, (len(SIDES),), 0.0, device, pin_memory)
+
+    @property
+    def num_samples(self) -> int:
+        return self.u.num_samples
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = super().state_dict()
+        for s, side in enumerate(SIDES):
+            state[f"{side}.u"] = self.u.data[:, s].contiguous().cpu()
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        own = {f"{side}.u" for side in SIDES}
+        missing = own - state.keys()
+        if missing:
+            raise ValueError(f"global loss state misses {sorted(missing)}")
+        for s, side in enumerate(SIDES):
+            value = state[f"{side}.u"]
+            if tuple(value.shape) != (self.num_samples,):
+                raise ValueError(
+                    f"{side}.u has shape {tuple(value.shape)}, expected ({self.num_samples},)"
+                )
+            self.u.data[:, s].copy_(value)
+        super().load_state_dict({k: v for k, v in state.items() if k not in own})
+
+    def to(self, device: torch.device | str) -> GlobalContrastiveLoss:
+        super().to(device)
+        self.u.to(device)
+        return self
+
+    def config_dict(self) -> dict:
+        return {
+            **super().config_dict(), "num_samples": self.num_samples,
+            "gamma": self.gamma.final, "gamma_schedule": self.gamma.kind,
+            "gamma_decay_epochs": self.gamma.decay_epochs, "temperature": self.temperature,
+            "rho": self.rho, "multiply_tau": self.multiply_tau,
+        }
+
+    def _loss(
+        self,
+        sim: torch.Tensor,
+        logit_scale: torch.Tensor,
+        masks: Masks,
+        index: torch.Tensor | None,
+        epoch: float,
+    ) -> LossOutput:
+        assert index is not None  # checked by the base class
+        if self.temperature == "fixed":
+            logit_scale = logit_scale.detach()
+        own_sim = sim[:, torch.arange(sim.shape[1], device=sim.device), masks.positive_column]
+        diff = (sim - own_sim.unsqueeze(-1)) * logit_scale
+        kept = masks.kept_negatives(self.strategy)
+        n_kept = kept.sum(-1).clamp(min=1)
+        g = torch.where(kept, torch.exp(diff), torch.zeros_like(diff)).sum(-1) / n_kept  # (2, b)
+
+        u = self._update_u(index.to(sim.device), g.detach(), epoch)  # (2, b), no gradient
+        surrogate = g / (u + self.eps)
+        if self.strategy == "attract" and masks.false_negatives is not None:
+            # Extra positives: the linear part of -log softmax for each of them, averaged.
+            positives = masks.positives(self.strategy)
+            pos_sim = torch.where(positives, sim, torch.zeros_like(sim)).sum(-1)
+            pos_sim = pos_sim / positives.sum(-1)
+            surrogate = surrogate + (own_sim - pos_sim) * logit_scale.detach()
+
+        stats = {"gamma": torch.tensor(self.gamma(epoch)),
+                 "u_mean_image": u[0].mean(), "u_mean_text": u[1].mean()}
+        if not self.multiply_tau:
+            return LossOutput(surrogate.mean(), stats)
+        tau = 1.0 / logit_scale
+        loss = tau.detach() * surrogate.mean()
+        if self.temperature == "global_learnable":
+            loss = loss + tau * (self.rho + torch.log(u + self.eps).mean())
+        return LossOutput(loss, stats)
+
+    @torch.no_grad()
+    def _update_u(self, index: torch.Tensor, g: torch.Tensor, epoch: float) -> torch.Tensor:
+        """Moving-average step for the anchors of the global batch; returns local anchors' u.
+
+        Like the thresholds, every rank applies the same update from the gathered g, so u
+        stays identical on every rank. A first visit (u == 0) starts from g itself.
+        """
+        gamma = self.gamma(epoch)
+        b = index.shape[0]
+        all_index = comm.all_gather_no_grad(index)
+        all_g = segment_mean(all_index, comm.all_gather_no_grad(g.t().contiguous()))  # (B, 2)
+        old = self.u.gather(all_index, g.device)
+        new = torch.where(old > 0, (1.0 - gamma) * old + gamma * all_g, all_g)
+        self.u.scatter(all_index, new)
+        start = comm.rank() * b
+        return new[start:start + b].t()

@@ -1,0 +1,174 @@
+"""Per-sample threshold state: update rule, convergence, persistence, duplicates."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from glofnd_hf.fnd import (
+    GloFNDConfig,
+    ThresholdState,
+    build_detector,
+    masked_quantile,
+    segment_mean,
+    threshold_step,
+)
+from glofnd_hf.losses import ClipLoss
+
+
+def clustered_pairs(n: int, dim: int = 32, clusters: int = 16, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    centers = F.normalize(torch.randn(clusters, dim, generator=gen), dim=-1)
+    assign = torch.randint(0, clusters, (n,), generator=gen)
+    image = F.normalize(centers[assign] + 0.5 * torch.randn(n, dim, generator=gen), dim=-1)
+    text = F.normalize(image + 0.3 * torch.randn(n, dim, generator=gen), dim=-1)
+    return image, text
+
+
+def test_masked_quantile_matches_torch_quantile():
+    gen = torch.Generator().manual_seed(0)
+    values = torch.randn(2, 5, 9, generator=gen)
+    mask = torch.rand(5, 9, generator=gen) > 0.3
+    mask[0] = False
+    mask[1, :] = False
+    mask[1, 4] = True
+    got = masked_quantile(values, mask, 0.9)
+    for s in range(2):
+        for i in range(5):
+            row = values[s, i][mask[i]]
+            if row.numel() == 0:
+                assert torch.isnan(got[s, i])
+            else:
+                assert torch.allclose(got[s, i], torch.quantile(row, 0.9), atol=1e-6)
+
+
+def test_segment_mean_averages_duplicates_and_keeps_unique_values_exactly():
+    index = torch.tensor([5, 2, 5, 7, 2, 5])
+    values = torch.tensor([[1.0, 10.0], [2.0, 20.0], [3.0, 30.0], [0.1, 0.2], [4.0, 40.0],
+                           [5.0, 50.0]])
+    got = segment_mean(index, values)
+    expected = torch.tensor([[3.0, 30.0], [3.0, 30.0], [3.0, 30.0], [0.1, 0.2], [3.0, 30.0],
+                             [3.0, 30.0]])
+    assert torch.equal(got[3], values[3])
+    assert torch.allclose(got, expected)
+
+
+@pytest.mark.parametrize("mode", ["step", "epoch"])
+def test_threshold_step_is_adam_on_the_pinball_gradient(mode):
+    cfg = GloFNDConfig(alpha=0.1, lr=0.05, betas=(0.9, 0.98), eps=1e-8, bias_correction=mode)
+    rows = torch.tensor([[[0.5, 0.01, 0.001, 3.0], [1.0, 0.0, 0.0, 0.0]]])
+    grad = torch.tensor([[-0.3, 0.1]])
+    epoch = 4.6
+    out = threshold_step(rows, grad, None, cfg, epoch)
+    for side in range(2):
+        lam, m, v, visits = rows[0, side].tolist()
+        g = grad[0, side].item()
+        m2, v2 = 0.9 * m + 0.1 * g, 0.98 * v + 0.02 * g * g
+        t = visits + 1 if mode == "step" else math.floor(epoch) + 1
+        mhat, vhat = m2 / (1 - 0.9**t), v2 / (1 - 0.98**t)
+        lam2 = max(-1.0, min(1.0, lam - 0.05 * mhat / (math.sqrt(vhat) + 1e-8)))
+        assert out[0, side].tolist() == pytest.approx([lam2, m2, v2, visits + 1], rel=1e-5)
+
+
+def test_gradient_clipping_and_init_quantile():
+    cfg = GloFNDConfig(alpha=0.01, lr=0.05, clip_grad_mult=2.0, init_quantile=True)
+    rows = torch.tensor([[[1.0, 0.0, 0.0, 0.0], [0.3, 0.0, 0.0, 1.0]]])
+    grad = torch.tensor([[-0.5, -0.5]])
+    quantile = torch.tensor([[0.42, 0.9]])
+    out = threshold_step(rows, grad, quantile, cfg, 0.0)
+    # First visit: the threshold jumps to the in-batch quantile, the moments stay.
+    assert out[0, 0].tolist() == pytest.approx([0.42, 0.0, 0.0, 1.0])
+    # Later visit: a normal Adam step with the gradient clipped to -2 * alpha.
+    assert out[0, 1, 1].item() == pytest.approx(0.1 * -0.02)
+    assert out[0, 1, 0].item() == pytest.approx(0.3 + 0.05, rel=1e-4)
+
+
+def test_config_rejects_bad_values():
+    for kwargs in [dict(alpha=0.0), dict(alpha=1.5), dict(lr=-1), dict(betas=(0.9, 1.0)),
+                   dict(update_start_epoch=3, mask_start_epoch=2),
+                   dict(bias_correction="sometimes"), dict(clip_grad_mult=0.0)]:
+        with pytest.raises(ValueError):
+            GloFNDConfig(**kwargs)
+
+
+def test_thresholds_converge_to_the_global_quantile_on_both_sides():
+    """N = 4096 clustered pairs, shuffled batches of 256, alpha = 0.01, threshold lr 0.02,
+    80 epochs (one visit per sample and epoch): lambda approaches the exact (1 - alpha)
+    quantile over all N - 1 negatives."""
+    n, alpha, batch, epochs = 4096, 0.01, 256, 80
+    image, text = clustered_pairs(n)
+    detector = build_detector("glofnd", num_samples=n, config=GloFNDConfig(alpha=alpha, lr=0.02))
+    loss = ClipLoss(detector)
+    gen = torch.Generator().manual_seed(1)
+    for epoch in range(epochs):
+        perm = torch.randperm(n, generator=gen)
+        for start in range(0, n, batch):
+            idx = perm[start:start + batch]
+            loss(image[idx], text[idx], 10.0, idx, epoch=epoch)
+    state = detector.state_dict()
+    eye = torch.eye(n, dtype=torch.bool)
+    for sim, side in [(image @ text.t(), "image"), (text @ image.t(), "text")]:
+        lam = state[f"{side}.lambda"]
+        exact = torch.nanquantile(sim.masked_fill(eye, float("nan")), 1 - alpha, dim=1)
+        assert (lam - exact).abs().median() < 0.02, side
+        realised = ((sim > lam[:, None]) & ~eye).sum(1).float() / (n - 1)
+        within = ((realised >= 0.5 * alpha) & (realised <= 2 * alpha)).float().mean()
+        assert within > 0.9, (side, within)
+
+
+def test_state_round_trips_through_safetensors_bit_exactly(tmp_path):
+    n = 64
+    detector = build_detector("glofnd", num_samples=n, config=GloFNDConfig(alpha=0.1))
+    image, text = clustered_pairs(n)
+    loss = ClipLoss(detector)
+    for start in range(0, n, 16):
+        idx = torch.arange(start, start + 16)
+        loss(image[idx], text[idx], 10.0, idx, epoch=0)
+    state = detector.state_dict()
+    save_file(state, tmp_path / "state.safetensors")
+    fresh = build_detector("glofnd", num_samples=n, config=GloFNDConfig(alpha=0.1))
+    fresh.load_state_dict(load_file(tmp_path / "state.safetensors"))
+    for key, value in fresh.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    assert not torch.equal(state["image.lambda"], torch.ones(n))
+
+
+def test_load_state_rejects_wrong_size_and_keys():
+    state = ThresholdState(10)
+    other = ThresholdState(12).state_dict()
+    with pytest.raises(ValueError, match="another size"):
+        state.load_state_dict(other)
+    with pytest.raises(ValueError, match="missing"):
+        state.load_state_dict({"image.lambda": torch.ones(10)})
+
+
+def test_duplicate_indices_update_deterministically_as_one_averaged_step():
+    n = 20
+    image, text = clustered_pairs(8, seed=3)
+    index = torch.tensor([3, 7, 3, 11, 12, 3, 15, 16])
+    cfg = GloFNDConfig(alpha=0.2, lr=0.05)
+    results = []
+    for _ in range(2):
+        detector = build_detector("glofnd", num_samples=n, config=cfg)
+        detector.state.table.data[3, :, 0] = 0.0  # so the three copies see different counts
+        ClipLoss(detector)(image, text, 10.0, index, epoch=0)
+        results.append(detector.state_dict())
+    for key in results[0]:
+        assert torch.equal(results[0][key], results[1][key])
+    # Index 3 took exactly one step (visits == 1) with the mean gradient of its three copies.
+    assert results[0]["image.visits"][3].item() == 1.0
+    sim = image @ text.t()
+    negatives = index[None, :] != index[:, None]
+    grads = [cfg.alpha - ((sim[i] > 0.0) & negatives[i]).sum() / negatives[i].sum()
+             for i in (0, 2, 5)]
+    assert len({g.item() for g in grads}) > 1
+    g = torch.stack(grads).float().mean().reshape(1, 1).expand(1, 2)
+    expected = threshold_step(torch.tensor([[[0.0, 0, 0, 0]] * 2]), g, None, cfg, 0)
+    assert results[0]["image.lambda"][3].item() == pytest.approx(expected[0, 0, 0].item())
+    # Untouched indices keep their initial state.
+    untouched = torch.ones(n, dtype=torch.bool)
+    untouched[index] = False
+    assert torch.all(results[0]["text.lambda"][untouched] == 1.0)
+    assert torch.all(results[0]["text.visits"][untouched] == 0.0)
