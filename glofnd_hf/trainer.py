@@ -1,0 +1,279 @@
+"""``GloFNDTrainer``: a ``transformers.Trainer`` whose loss is a bimodal contrastive loss with
+false-negative detection. It knows the detector only through the loss's interface."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from .args import AUTO_DEVICE_STATE_LIMIT_BYTES, GloFNDTrainingArguments
+from .data.hf import ImageTextCollator, prepare_image_text_dataset
+from .fnd import build_detector
+from .losses import BimodalContrastiveLoss, ClipLoss, GlobalContrastiveLoss
+from .models import DualEncoderAdapter
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "glofnd_state.safetensors"
+
+
+def build_contrastive_loss(
+    args: GloFNDTrainingArguments, num_samples: int, device: torch.device | str
+) -> BimodalContrastiveLoss:
+    """The loss (with its detector) described by the training arguments."""
+    state_device = resolve_state_device(args, num_samples, device)
+    pin = state_device.type == "cpu" and torch.device(device).type == "cuda"
+    detector = build_detector(
+        args.detector, num_samples=num_samples, config=args.glofnd_config(), device=state_device,
+        pin_memory=pin,
+    )
+    if args.loss_type == "clip":
+        return ClipLoss(detector, args.fn_strategy, check_inputs=args.check_inputs)
+    learnable = args.loss_type == "fastclip" and args.temperature_scheme == "learnable"
+    return GlobalContrastiveLoss(
+        num_samples, detector, args.fn_strategy, gamma=args.gamma_schedule_obj(),
+        temperature="global_learnable" if learnable else "fixed", rho=args.rho,
+        multiply_tau=args.loss_type == "fastclip", device=state_device, pin_memory=pin,
+        check_inputs=args.check_inputs,
+    )
+
+
+def resolve_state_device(
+    args: GloFNDTrainingArguments, num_samples: int, device: torch.device | str
+) -> torch.device:
+    if args.state_device == "cpu":
+        return torch.device("cpu")
+    if args.state_device == "device":
+        return torch.device(device)
+    if num_samples * args.state_bytes_per_sample() <= AUTO_DEVICE_STATE_LIMIT_BYTES:
+        return torch.device(device)
+    return torch.device("cpu")
+
+
+class _ClampLogitScale(TrainerCallback):
+    """Keep ``logit_scale`` (log space) within [0, ln(max_logit_scale)] after every step."""
+
+    def __init__(self, parameter: torch.nn.Parameter, upper: float) -> None:
+        self.parameter = parameter
+        self.upper = upper
+
+    def on_step_end(self, args, state, control, **kwargs):
+        with torch.no_grad():
+            self.parameter.clamp_(0.0, self.upper)
+
+
+class GloFNDTrainer(Trainer):
+    """Trains a dual encoder with a contrastive loss and GloFND (or another detector).
+
+    ``adapter`` wraps a Hugging Face CLIP-family or open_clip model (see ``models``). For a
+    map-style ``datasets`` train set the dataset index column is checked (or created) and N
+    defaults to the largest index + 1; streaming data must give ``args.num_samples``.
+    """
+
+    def __init__(
+        self,
+        adapter: DualEncoderAdapter,
+        args: GloFNDTrainingArguments,
+        train_dataset: Any = None,
+        evaluator: Callable[..., dict[str, float]] | None = None,
+        data_collator: Callable | None = None,
+        loss: BimodalContrastiveLoss | None = None,
+        image_column: str = "image",
+        caption_column: str = "caption",
+        index_column: str = "dataset_index",
+        label_column: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if not isinstance(args, GloFNDTrainingArguments):
+            raise TypeError("GloFNDTrainer needs GloFNDTrainingArguments")
+        self.adapter = adapter
+        self.evaluator = evaluator
+        self.index_column = index_column
+        self.label_column = label_column
+        if label_column is None and args.detector == "oracle":
+            raise ValueError("the oracle detector needs a label column (label_column=...)")
+        num_samples = args.num_samples
+        if train_dataset is not None and hasattr(train_dataset, "column_names") and hasattr(
+            train_dataset, "__len__"
+        ):
+            train_dataset, num_samples = prepare_image_text_dataset(
+                train_dataset, image_column, caption_column, index_column, args.num_samples,
+                extra_columns=[label_column] if label_column else [],
+            )
+        if data_collator is None:
+            data_collator = ImageTextCollator(
+                adapter.image_transform(train=True), adapter.tokenize, image_column,
+                caption_column, index_column, label_column, seed=args.seed,
+            )
+        self._prepare_temperature(args)
+        kwargs.setdefault("processing_class", getattr(adapter, "processor", None))
+        if evaluator is not None and kwargs.get("eval_dataset") is None:
+            kwargs["eval_dataset"] = getattr(evaluator, "dataset", None)
+        super().__init__(
+            model=adapter.model, args=args, train_dataset=train_dataset,
+            data_collator=data_collator, **kwargs,
+        )
+        # Our loss is a mean over anchors: let the Trainer scale it for gradient accumulation.
+        self.model_accepts_loss_kwargs = False
+        if loss is None:
+            if num_samples is None:
+                raise ValueError(
+                    "num_samples (N, the size of the dataset index space) is required when the "
+                    "training data has no length (streaming)"
+                )
+            loss = build_contrastive_loss(args, num_samples, args.device)
+        self.contrastive_loss = loss
+        self.num_samples = loss.num_samples if loss.num_samples is not None else num_samples
+        self._stat_sums: dict[str, torch.Tensor] = {}
+        self._stat_count = 0
+        self.add_callback(_ClampLogitScale(adapter.logit_scale_parameter(), args.max_log_logit_scale))
+
+    # -- temperature -------------------------------------------------------------------------
+    def _temperature_parameters(self) -> list[torch.nn.Parameter]:
+        params = [self.adapter.logit_scale_parameter()]
+        bias = self.adapter.logit_bias_parameter()
+        return params + ([bias] if bias is not None else [])
+
+    def _prepare_temperature(self, args: GloFNDTrainingArguments) -> None:
+        scale = self.adapter.logit_scale_parameter()
+        with torch.no_grad():
+            if args.temperature_init is not None:
+                scale.fill_(math.log(1.0 / args.temperature_init))
+            scale.clamp_(0.0, args.max_log_logit_scale)
+        scale.requires_grad_(args.temperature_scheme != "fixed")
+
+    def get_decay_parameter_names(self, model: torch.nn.Module) -> list[str]:
+        """The temperature (and a logit bias) is never weight-decayed."""
+        excluded = {id(p) for p in self._temperature_parameters()}
+        names = set(super().get_decay_parameter_names(model))
+        return [n for n, p in model.named_parameters() if n in names and id(p) not in excluded]
+
+    def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
+        fresh = self.optimizer is None
+        optimizer = super().create_optimizer(model)
+        lr = self.args.temperature_lr
+        if fresh and lr is not None:
+            temperature = [p for p in self._temperature_parameters() if p.requires_grad]
+            ids = {id(p) for p in temperature}
+            for group in optimizer.param_groups:
+                group["params"] = [p for p in group["params"] if id(p) not in ids]
+            optimizer.add_param_group({"params": temperature, "weight_decay": 0.0, "lr": lr})
+        return optimizer
+
+    # -- the loss ----------------------------------------------------------------------------
+    def current_epoch(self) -> float:
+        """Epoch driving start epochs and schedules: exact for map-style data, derived from
+        samples seen (steps x global batch / N) for data without a length."""
+        if self.train_dataset is not None and hasattr(self.train_dataset, "__len__"):
+            return float(self.state.epoch or 0.0)
+        global_batch = (self.args.per_device_train_batch_size * self.args.world_size
+                        * self.args.gradient_accumulation_steps)
+        return self.state.global_step * global_batch / float(self.num_samples)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        index = inputs.pop("dataset_index")
+        labels = inputs.pop("fn_labels", None)
+        outputs = self.adapter(model, inputs)
+        result = self.contrastive_loss(
+            outputs.image_embeds, outputs.text_embeds, outputs.logit_scale, index,
+            epoch=self.current_epoch(), labels=labels,
+        )
+        if model.training:
+            self._accumulate_stats(result.stats, outputs.logit_scale)
+        return (result.loss, outputs) if return_outputs else result.loss
+
+    def _accumulate_stats(self, stats: dict[str, torch.Tensor], logit_scale: torch.Tensor) -> None:
+        # Summed on the device; read (one sync) only when the Trainer logs.
+        stats = {**stats, "temperature": 1.0 / logit_scale.detach().float()}
+        for key, value in stats.items():
+            value = torch.as_tensor(value, dtype=torch.float32).detach()
+            if key in self._stat_sums:
+                self._stat_sums[key] = self._stat_sums[key] + value.to(self._stat_sums[key].device)
+            else:
+                self._stat_sums[key] = value.clone()
+        self._stat_count += 1
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._stat_count:
+            names = list(self._stat_sums)
+            values = torch.stack([self._stat_sums[k].cpu() for k in names]) / self._stat_count
+            for key, value in zip(names, values.tolist(), strict=True):
+                logs[key] = round(value, 6)
+            self._stat_sums.clear()
+            self._stat_count = 0
+        super().log(logs, start_time)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            # Evaluation must not move the per-sample state: use a stateless copy of the loss.
+            index = inputs.pop("dataset_index")
+            inputs.pop("fn_labels", None)
+            out = self.adapter(model, inputs)
+            loss = ClipLoss(check_inputs=False)(out.image_embeds, out.text_embeds,
+                                               out.logit_scale, index).loss
+        return loss.detach(), None, None
+
+    # -- evaluation --------------------------------------------------------------------------
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        if self.evaluator is None or eval_dataset is not None:
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        raw = self.evaluator(self.adapter, self.model)
+        metrics = {f"{metric_key_prefix}_{k}": float(v) for k, v in raw.items()}
+        metrics["epoch"] = self.state.epoch or 0.0
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    # -- saving and resuming -----------------------------------------------------------------
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        super().save_model(output_dir, _internal_call)
+        output_dir = output_dir or self.args.output_dir
+        # Checkpoints carry the per-sample state; the final model folder stays a clean model.
+        is_checkpoint = os.path.basename(os.path.normpath(output_dir)).startswith(
+            PREFIX_CHECKPOINT_DIR
+        )
+        if self.args.should_save and is_checkpoint:
+            self.save_fnd_state(output_dir)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        output_dir = output_dir or self.args.output_dir
+        # HF models: save_pretrained + processor. open_clip models: the Trainer's weight file
+        # (which resume_from_checkpoint reads) plus open_clip's own layout.
+        super()._save(output_dir, state_dict)
+        if self.adapter.family == "open_clip" and self.args.should_save:
+            self.adapter.save(output_dir, safe_serialization=True)
+
+    def save_fnd_state(self, output_dir: str) -> None:
+        """Write the per-sample state (thresholds, moments, visits, u) to ``output_dir``."""
+        state = self.contrastive_loss.state_dict()
+        meta = {"config": json.dumps(self.contrastive_loss.config_dict(), default=str),
+                "num_samples": str(self.num_samples)}
+        os.makedirs(output_dir, exist_ok=True)
+        save_file(state, os.path.join(output_dir, STATE_FILE), metadata=meta)
+
+    def load_fnd_state(self, checkpoint: str) -> None:
+        path = os.path.join(checkpoint, STATE_FILE)
+        if not os.path.exists(path):
+            if self.contrastive_loss.state_dict():
+                raise FileNotFoundError(
+                    f"checkpoint {checkpoint} has no {STATE_FILE}: the per-sample GloFND state "
+                    f"cannot be restored"
+                )
+            return
+        self.contrastive_loss.load_state_dict(load_file(path))
+        logger.info("restored the per-sample state from %s", path)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None:
+            self.load_fnd_state(checkpoint)

@@ -1,0 +1,198 @@
+"""GloFNDTrainer end to end on CPU with tiny models built offline."""
+
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from glofnd_hf.args import GloFNDTrainingArguments
+from glofnd_hf.data.digits import load_digits_pairs
+from glofnd_hf.models import build_tiny_hf_clip, build_tiny_open_clip, load_dual_encoder
+from glofnd_hf.trainer import STATE_FILE, GloFNDTrainer
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_digits_pairs(seed=0)
+
+
+def small_train(digits, n=48):
+    return digits["train"].select(range(n))
+
+
+def make_args(tmp_path, **overrides):
+    defaults = dict(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, num_train_epochs=1,
+        learning_rate=1e-3, logging_steps=1, report_to="none", save_strategy="no", seed=0,
+        use_cpu=True, disable_tqdm=True, dataloader_num_workers=0, glofnd_alpha=0.05,
+        glofnd_lr=0.05, detector="glofnd",
+    )
+    defaults.update(overrides)
+    return GloFNDTrainingArguments(**defaults)
+
+
+class RecordingTrainer(GloFNDTrainer):
+    """Records the dataset indices that reach the loss (the loader prefetches ahead)."""
+
+    seen: list
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        self.seen = getattr(self, "seen", []) + inputs["dataset_index"].tolist()
+        return super().compute_loss(model, inputs, *args, **kwargs)
+
+
+def adapter_for(family, digits):
+    if family == "hf":
+        return build_tiny_hf_clip(seed=0, texts=list(digits["train"]["caption"][:64]))
+    return build_tiny_open_clip(seed=0)
+
+
+@pytest.mark.parametrize("family", ["hf", "open_clip"])
+def test_tiny_models_train_and_move_only_touched_thresholds(tmp_path, digits, family):
+    adapter = adapter_for(family, digits)
+    args = make_args(tmp_path, max_steps=3, num_samples=100, loss_type="clip")
+    trainer = RecordingTrainer(adapter, args, train_dataset=small_train(digits))
+    before = {n: p.detach().clone() for n, p in adapter.model.named_parameters()}
+    result = trainer.train()
+    assert math.isfinite(result.training_loss)
+    state = trainer.contrastive_loss.state_dict()
+    touched = torch.zeros(100, dtype=torch.bool)
+    touched[trainer.seen] = True
+    assert touched.sum() == 24
+    for side in ("image", "text"):
+        lam = state[f"detector.{side}.lambda"]
+        assert torch.all(lam[touched] < 1.0), side
+        assert torch.all(lam[~touched] == 1.0), side
+        assert torch.all(state[f"detector.{side}.visits"][touched] == 1.0)
+    changed = [n for n, p in adapter.model.named_parameters() if not torch.equal(p, before[n])]
+    assert len(changed) > 0.8 * len(before)
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert "filtered_fraction_image" in logged[0] and "lambda_mean_image" in logged[0]
+
+
+def test_global_loss_with_learnable_temperature_trains(tmp_path, digits):
+    adapter = adapter_for("hf", digits)
+    args = make_args(tmp_path, max_steps=2, loss_type="fastclip", temperature_lr=1e-2,
+                     temperature_init=0.07, gamma=0.5, gamma_schedule="constant")
+    trainer = GloFNDTrainer(adapter, args, train_dataset=small_train(digits))
+    scale = adapter.logit_scale_parameter()
+    assert scale.item() == pytest.approx(math.log(1 / 0.07), rel=1e-5)
+    result = trainer.train()
+    assert math.isfinite(result.training_loss)
+    groups = trainer.optimizer.param_groups
+    temp_group = [g for g in groups if any(p is scale for p in g["params"])]
+    assert len(temp_group) == 1 and temp_group[0]["weight_decay"] == 0.0
+    assert temp_group[0]["initial_lr"] == pytest.approx(1e-2)
+    assert scale.item() != pytest.approx(math.log(1 / 0.07), rel=1e-7)
+    u = trainer.contrastive_loss.state_dict()["image.u"]
+    assert (u > 0).sum() == 16
+
+
+def test_logit_scale_is_clamped_and_not_weight_decayed(tmp_path, digits):
+    adapter = adapter_for("hf", digits)
+    args = make_args(tmp_path, max_steps=1, learning_rate=10.0, weight_decay=0.5,
+                     detector="none", max_logit_scale=20.0)
+    with torch.no_grad():
+        adapter.logit_scale_parameter().fill_(math.log(19.9))
+    trainer = GloFNDTrainer(adapter, args, train_dataset=small_train(digits, 16))
+    decay = set(trainer.get_decay_parameter_names(adapter.model))
+    assert "logit_scale" not in decay and len(decay) > 0
+    trainer.train()
+    assert adapter.logit_scale_parameter().item() <= math.log(20.0) + 1e-6
+
+
+def test_fixed_temperature_is_frozen(tmp_path, digits):
+    adapter = adapter_for("hf", digits)
+    args = make_args(tmp_path, max_steps=2, temperature_scheme="fixed", temperature_init=0.1,
+                     loss_type="sogclr")
+    trainer = GloFNDTrainer(adapter, args, train_dataset=small_train(digits, 16))
+    trainer.train()
+    assert adapter.logit_scale_parameter().item() == pytest.approx(math.log(10.0), rel=1e-6)
+
+
+def test_resume_gives_the_same_state_and_weights(tmp_path, digits):
+    data = small_train(digits, 32)
+
+    def run(out, stop_after=None, resume=None):
+        adapter = adapter_for("hf", digits)
+        args = make_args(tmp_path, output_dir=str(out), num_train_epochs=2,
+                         save_strategy="epoch", loss_type="fastclip", glofnd_init_quantile=True,
+                         gamma=0.5, gamma_schedule="cosine", gamma_decay_epochs=2)
+        callbacks = [StopAfterEpoch(stop_after)] if stop_after else None
+        trainer = GloFNDTrainer(adapter, args, train_dataset=data, callbacks=callbacks)
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer, adapter
+
+    straight, straight_adapter = run(tmp_path / "straight")
+    first, _ = run(tmp_path / "split", stop_after=1)
+    checkpoint = tmp_path / "split" / "checkpoint-4"
+    assert (checkpoint / STATE_FILE).exists()
+    saved = load_file(checkpoint / STATE_FILE)
+    for key, value in first.contrastive_loss.state_dict().items():
+        assert torch.equal(saved[key], value), key
+    resumed, resumed_adapter = run(tmp_path / "split", resume=str(checkpoint))
+    a, b = straight.contrastive_loss.state_dict(), resumed.contrastive_loss.state_dict()
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-5), key
+    assert not torch.equal(a["detector.image.lambda"], torch.ones_like(a["detector.image.lambda"]))
+    for (name, p), q in zip(straight_adapter.model.named_parameters(),
+                            resumed_adapter.model.parameters(), strict=True):
+        assert torch.allclose(p, q, atol=1e-5), name
+
+
+class StopAfterEpoch(TrainerCallback):
+    def __init__(self, epochs):
+        self.epochs = epochs
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if state.epoch >= self.epochs:
+            control.should_training_stop = True
+
+
+@pytest.mark.parametrize("family", ["hf", "open_clip"])
+def test_saved_model_reloads_with_the_same_embeddings(tmp_path, digits, family):
+    adapter = adapter_for(family, digits)
+    args = make_args(tmp_path, max_steps=1)
+    trainer = GloFNDTrainer(adapter, args, train_dataset=small_train(digits, 16))
+    trainer.train()
+    out = tmp_path / "final"
+    trainer.save_model(str(out))
+    assert not (out / STATE_FILE).exists()
+    reloaded = load_dual_encoder(str(out))
+    assert reloaded.family == family
+    rows = digits["validation"].select(range(4))
+    transform = adapter.image_transform(train=False)
+    pixels = torch.stack([transform(im) for im in rows["image"]])
+    adapter.model.eval()
+    with torch.no_grad():
+        for got, want in [
+            (reloaded.encode_images(reloaded.model, pixels), adapter.encode_images(adapter.model, pixels)),
+            (reloaded.encode_texts(reloaded.model, rows["caption"]),
+             adapter.encode_texts(adapter.model, rows["caption"])),
+        ]:
+            assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_start_up_errors_say_what_to_fix(tmp_path, digits):
+    adapter = adapter_for("hf", digits)
+    data = small_train(digits, 16)
+    with pytest.raises(ValueError, match="no caption column 'text'"):
+        GloFNDTrainer(adapter, make_args(tmp_path), train_dataset=data, caption_column="text")
+    with pytest.raises(ValueError, match="no image column"):
+        GloFNDTrainer(adapter, make_args(tmp_path), train_dataset=data, image_column="img")
+    dup = data.remove_columns("dataset_index").add_column("dataset_index", [0, 1] * 8)
+    with pytest.raises(ValueError, match="duplicates"):
+        GloFNDTrainer(adapter, make_args(tmp_path), train_dataset=dup)
+    neg = data.remove_columns("dataset_index").add_column("dataset_index", list(range(-1, 15)))
+    with pytest.raises(ValueError, match="negative"):
+        GloFNDTrainer(adapter, make_args(tmp_path), train_dataset=neg)
+    with pytest.raises(ValueError, match="num_samples=10 is too small"):
+        GloFNDTrainer(adapter, make_args(tmp_path, num_samples=10), train_dataset=data)
+    with pytest.raises(ValueError, match="label column"):
+        GloFNDTrainer(adapter, make_args(tmp_path, detector="oracle"), train_dataset=data)
+    with pytest.raises(ValueError, match="unknown detector"):
+        make_args(tmp_path, detector="magic")
+    with pytest.raises(ValueError, match="sogclr"):
+        make_args(tmp_path, loss_type="sogclr")
