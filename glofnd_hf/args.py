@@ -64,6 +64,24 @@ class DataArguments:
     prompt_templates: list[str] | None = field(
         default=None, metadata={"help": "Prompt templates with '{}' for the class name."}
     )
+    train_shards: str | None = field(
+        default=None,
+        metadata={"help": "Webdataset shards to stream instead of a datasets dataset: paths, "
+                  "brace patterns (/data/{00000..00331}.tar), '::'-joined lists, pipe: URLs."},
+    )
+    train_num_samples: int | None = field(
+        default=None, metadata={"help": "Samples per epoch over all ranks (default: sizes.json)."}
+    )
+    shard_resampled: bool = field(
+        default=False, metadata={"help": "Draw shards with replacement (epoch = train_num_samples)."}
+    )
+    shard_shuffle_buffer: int = 1000
+    shard_index_source: Literal["field", "key"] = field(
+        default="field",
+        metadata={"help": "Dataset index from the shard's index field, or from the numeric "
+                  "img2dataset key (then num_samples must exceed the largest key)."},
+    )
+    shard_on_bad_index: Literal["raise", "skip"] = "raise"
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
 

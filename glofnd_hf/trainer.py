@@ -17,6 +17,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .args import AUTO_DEVICE_STATE_LIMIT_BYTES, GloFNDTrainingArguments
 from .data.hf import ImageTextCollator, prepare_image_text_dataset
+from .data.shards import is_presharded_loader
 from .fnd import build_detector
 from .losses import BimodalContrastiveLoss, ClipLoss, GlobalContrastiveLoss
 from .models import DualEncoderAdapter
@@ -76,7 +77,9 @@ class GloFNDTrainer(Trainer):
 
     ``adapter`` wraps a Hugging Face CLIP-family or open_clip model (see ``models``). For a
     map-style ``datasets`` train set the dataset index column is checked (or created) and N
-    defaults to the largest index + 1; streaming data must give ``args.num_samples``.
+    defaults to the largest index + 1. ``train_dataset`` may also be a streaming shard loader
+    (``data.shards.build_shard_loader``): it is used as is, never re-sharded by accelerate,
+    and N comes from ``args.num_samples`` or the loader's index files.
     """
 
     def __init__(
@@ -102,7 +105,15 @@ class GloFNDTrainer(Trainer):
         if label_column is None and args.detector == "oracle":
             raise ValueError("the oracle detector needs a label column (label_column=...)")
         num_samples = args.num_samples
-        if train_dataset is not None and hasattr(train_dataset, "column_names") and hasattr(
+        self.shard_loader = None
+        if is_presharded_loader(train_dataset) and hasattr(train_dataset, "batches_per_epoch"):
+            # Already split by rank and worker: keep it out of accelerator.prepare, and let it
+            # (not accelerate's skip_first_batches) fast-forward on a mid-epoch resume.
+            self.shard_loader = train_dataset
+            train_dataset = train_dataset.dataset
+            num_samples = num_samples or getattr(train_dataset, "dataset_size", None)
+            args.ignore_data_skip = True
+        elif train_dataset is not None and hasattr(train_dataset, "column_names") and hasattr(
             train_dataset, "__len__"
         ):
             train_dataset, num_samples = prepare_image_text_dataset(
@@ -170,10 +181,15 @@ class GloFNDTrainer(Trainer):
         return optimizer
 
     # -- the loss ----------------------------------------------------------------------------
+    def get_train_dataloader(self):
+        if self.shard_loader is not None:
+            return self.shard_loader
+        return super().get_train_dataloader()
+
     def current_epoch(self) -> float:
         """Epoch driving start epochs and schedules: exact for map-style data, derived from
-        samples seen (steps x global batch / N) for data without a length."""
-        if self.train_dataset is not None and hasattr(self.train_dataset, "__len__"):
+        samples seen (steps x global batch / N) for streaming data."""
+        if self.shard_loader is None and hasattr(self.train_dataset, "__len__"):
             return float(self.state.epoch or 0.0)
         global_batch = (self.args.per_device_train_batch_size * self.args.world_size
                         * self.args.gradient_accumulation_steps)
@@ -210,6 +226,9 @@ class GloFNDTrainer(Trainer):
                 logs[key] = round(value, 6)
             self._stat_sums.clear()
             self._stat_count = 0
+            if self.shard_loader is not None:
+                for kind, count in self.shard_loader.bad_sample_counts.items():
+                    logs[f"bad_samples_{kind}"] = count
         super().log(logs, start_time)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -277,3 +296,8 @@ class GloFNDTrainer(Trainer):
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is not None:
             self.load_fnd_state(checkpoint)
+            if self.shard_loader is not None:
+                # The Trainer state is restored by now: continue the epoch where it stopped.
+                done = self.state.global_step * self.args.gradient_accumulation_steps
+                epoch, skip = divmod(done, self.shard_loader.batches_per_epoch)
+                self.shard_loader.resume_at(epoch, skip)

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from ..args import DataArguments, GloFNDTrainingArguments, ModelArguments
 from ..data.hf import DIGITS_DATASET, load_image_text_dataset
+from ..data.shards import ShardConfig, build_shard_loader
 from ..eval.metrics import format_metrics_table
 from ..eval.zero_shot import ZeroShotEvaluator
 from ..models import DualEncoderAdapter, build_tiny_hf_clip, build_tiny_open_clip, load_dual_encoder
@@ -54,15 +55,17 @@ def run(argv: Sequence[str]) -> dict[str, dict[str, float]]:
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         level=logging.INFO if args.should_log else logging.WARNING)
-    if data_args.dataset_name is None:
-        raise SystemExit("error: set dataset_name (e.g. glofnd-digits) in the config or as a flag")
+    if data_args.dataset_name is None and data_args.train_shards is None:
+        raise SystemExit("error: set dataset_name (e.g. glofnd-digits) or train_shards")
     _classification_defaults(data_args)
-    train = load_image_text_dataset(data_args.dataset_name, data_args.dataset_config_name,
-                                    data_args.train_split)
-    if data_args.max_train_samples is not None:
-        train = train.select(range(min(data_args.max_train_samples, len(train))))
+    train = None
+    if data_args.train_shards is None:
+        train = load_image_text_dataset(data_args.dataset_name, data_args.dataset_config_name,
+                                        data_args.train_split)
+        if data_args.max_train_samples is not None:
+            train = train.select(range(min(data_args.max_train_samples, len(train))))
     evaluation = None
-    if data_args.eval_split:
+    if data_args.eval_split and data_args.dataset_name is not None:
         evaluation = load_image_text_dataset(data_args.dataset_name, data_args.dataset_config_name,
                                              data_args.eval_split)
         if data_args.max_eval_samples is not None:
@@ -78,6 +81,19 @@ def run(argv: Sequence[str]) -> dict[str, dict[str, float]]:
         for template in data_args.prompt_templates or []:
             texts.extend(template.format(c) for c in data_args.class_names or [])
     adapter = build_adapter(model_args, texts, args.seed)
+    if data_args.train_shards is not None:
+        train = build_shard_loader(
+            ShardConfig(
+                shards=data_args.train_shards, batch_size=args.per_device_train_batch_size,
+                dataset_size=args.num_samples, train_num_samples=data_args.train_num_samples,
+                resampled=data_args.shard_resampled, shuffle_buffer=data_args.shard_shuffle_buffer,
+                seed=args.seed, num_workers=args.dataloader_num_workers,
+                index_source=data_args.shard_index_source,
+                on_bad_index=data_args.shard_on_bad_index,
+                pin_memory=args.dataloader_pin_memory and args.device.type == "cuda",
+            ),
+            adapter.image_transform(train=True), adapter.tokenize,
+        )
 
     evaluator = None
     if evaluation is not None:

@@ -864,14 +864,29 @@ class ShardDataLoader(DataLoader):
 
     def __init__(self, dataset: ShardDataset, **kwargs: Any):
         super().__init__(dataset, batch_size=None, **kwargs)
+        self._resume: tuple[int, int] | None = None
         self._epoch_set_explicitly = False
         self._iterated = False
         self._bad_total = BadSampleCounter(log=False)
         self._bad_epoch = BadSampleCounter(log=False)
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        if self._resume is not None and self._resume[0] == epoch and skip_batches == 0:
+            skip_batches = self._resume[1]
+        self._resume = None
         self.dataset.set_epoch(epoch, skip_batches)
         self._epoch_set_explicitly = True
+
+    def resume_at(self, epoch: int, skip_batches: int) -> None:
+        """Make the next ``set_epoch(epoch)`` continue after ``skip_batches`` batches.
+
+        For trainers that call ``set_epoch(epoch)`` themselves at each epoch start (the HF
+        Trainer does): after a mid-epoch resume, the resumed epoch yields only its remaining
+        batches, the same ones the uninterrupted run would have produced.
+        """
+        if not 0 <= skip_batches < self.batches_per_epoch:
+            raise ValueError(f"skip_batches must be in [0, {self.batches_per_epoch})")
+        self._resume = (int(epoch), int(skip_batches))
 
     @property
     def epoch(self) -> int:
