@@ -149,7 +149,13 @@ class GloFNDTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
+        # Every parameter takes part in the loss: no unused-parameter search under DDP.
+        if self.ddp_find_unused_parameters is None:
+            self.ddp_find_unused_parameters = False
         super().__post_init__()
+        # All ranks gather equally sized batches: drop a ragged last batch when distributed.
+        if self.world_size > 1:
+            self.dataloader_drop_last = True
         if self.detector not in available_detectors():
             raise ValueError(
                 f"unknown detector {self.detector!r}; choose from {available_detectors()}"

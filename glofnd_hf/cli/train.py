@@ -120,6 +120,8 @@ def run(argv: Sequence[str]) -> dict[str, dict[str, float]]:
     if trainer.is_world_process_zero() and results:
         with open(os.path.join(args.output_dir, "zero_shot_results.json"), "w") as f:
             json.dump(results, f, indent=2)
+    if args.world_size > 1:
+        trainer.accelerator.end_training()  # destroy the process group before exit
     return results
 
 

@@ -37,6 +37,16 @@ def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     """
     if world_size() == 1:
         return tensor
-    import torch.distributed.nn.functional as dist_fn
+    try:  # functional collectives: differentiable since torch 2.6
+        from torch.distributed._functional_collectives import all_gather_single
 
-    return torch.cat(dist_fn.all_gather(tensor.contiguous()), dim=0)
+        return _wait(all_gather_single(tensor.contiguous(), 0, dist.group.WORLD))
+    except ImportError:  # older torch
+        import torch.distributed.nn.functional as dist_fn
+
+        return torch.cat(dist_fn.all_gather(tensor.contiguous()), dim=0)
+
+
+def _wait(tensor: torch.Tensor) -> torch.Tensor:
+    wait = getattr(tensor, "wait", None)
+    return wait() if callable(wait) else tensor

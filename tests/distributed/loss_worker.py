@@ -1,0 +1,49 @@
+"""Run by torchrun in tests: one step of a loss on this rank's slice of a fixed global batch.
+
+Writes loss, the gradient of a tiny projection after DDP averaging, and the per-sample state.
+"""
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
+from distributed.common import build_loss, fixed_global_batch, projection  # noqa: E402
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--loss", required=True)
+parser.add_argument("--out", required=True)
+parser.add_argument("--steps", type=int, default=2)
+opts = parser.parse_args()
+
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+torch.manual_seed(0)
+model = torch.nn.parallel.DistributedDataParallel(projection())
+loss_fn = build_loss(opts.loss)
+optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+records = []
+for step in range(opts.steps):
+    image, text, index, labels = fixed_global_batch(step)
+    b = image.shape[0] // world
+    sl = slice(rank * b, (rank + 1) * b)
+    img_emb, txt_emb, scale = model(image[sl], text[sl])
+    out = loss_fn(img_emb, txt_emb, scale, index[sl], epoch=float(step), labels=labels[sl])
+    optimizer.zero_grad()
+    out.loss.backward()
+    optimizer.step()
+    # The loss of the global batch is the mean of the ranks' local means.
+    loss = out.loss.detach().clone()
+    dist.all_reduce(loss)
+    state = loss_fn.state_dict()
+    digest = torch.stack([v.double().sum() for v in state.values()])
+    digests = [torch.zeros_like(digest) for _ in range(world)]
+    dist.all_gather(digests, digest)
+    records.append({"loss": loss / world, "digests": torch.stack(digests)})
+params = {n: p.detach().clone() for n, p in model.module.named_parameters()}
+torch.save({"records": records, "params": params, "state": loss_fn.state_dict()},
+           f"{opts.out}.rank{rank}")
+dist.destroy_process_group()

@@ -1,0 +1,94 @@
+"""A tiny GloFNDTrainer run, alone or under ``accelerate launch`` (tests only).
+
+After every step the per-sample state is hashed on each rank and compared across ranks.
+Rank 0 writes the final parameters, the state and the per-step digests to ``--out``.
+"""
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from transformers import TrainerCallback
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
+
+GLOBAL_BATCH = 8
+
+
+class StateDigest(TrainerCallback):
+    """Gathers a digest of the whole per-sample state from every rank after each step."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+        self.digests = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        values = self.trainer.contrastive_loss.state_dict().values()
+        digest = torch.stack([v.double().sum() for v in values] +
+                             [(v.double() * torch.arange(len(v))).sum() for v in values])
+        if dist.is_initialized():
+            parts = [torch.zeros_like(digest) for _ in range(dist.get_world_size())]
+            dist.all_gather(parts, digest)
+            digest = torch.stack(parts)
+        else:
+            digest = digest.unsqueeze(0)
+        self.digests.append(digest)
+
+
+class StopAt(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_training_stop = True
+            control.should_save = True
+
+
+def run(out_dir, loss_type="clip", stop_at=None, resume=None, save_steps=2, world=1):
+    from glofnd_hf.args import GloFNDTrainingArguments
+    from glofnd_hf.data.digits import load_digits_pairs
+    from glofnd_hf.data.hf import ImageTextCollator
+    from glofnd_hf.models import build_tiny_hf_clip
+    from glofnd_hf.trainer import GloFNDTrainer
+
+    data = load_digits_pairs(seed=0)["train"].select(range(32))
+    adapter = build_tiny_hf_clip(seed=0, texts=list(data["caption"]))
+    args = GloFNDTrainingArguments(
+        output_dir=out_dir, per_device_train_batch_size=GLOBAL_BATCH // world,
+        num_train_epochs=2, learning_rate=0.05, optim="sgd", report_to="none", use_cpu=True,
+        disable_tqdm=True, save_strategy="steps", save_steps=save_steps, seed=0,
+        logging_steps=1, loss_type=loss_type, glofnd_alpha=0.1, glofnd_init_quantile=True,
+        gamma=0.5, gamma_schedule="constant", dataloader_num_workers=0,
+    )
+    # Deterministic images, so one and two processes see exactly the same pixels. SGD, as
+    # Adam would blow float noise in zero-gradient parameters (attention key biases) up.
+    collator = ImageTextCollator(adapter.image_transform(train=False), adapter.tokenize)
+    trainer = GloFNDTrainer(adapter, args, train_dataset=data, data_collator=collator)
+    digest = StateDigest(trainer)
+    trainer.add_callback(digest)
+    if stop_at is not None:
+        trainer.add_callback(StopAt(stop_at))
+    trainer.train(resume_from_checkpoint=resume)
+    params = {n: p.detach().clone() for n, p in adapter.model.named_parameters()}
+    world_size = trainer.args.world_size
+    if world_size > 1:
+        trainer.accelerator.end_training()  # tear the process group down cleanly
+    return {"params": params, "state": trainer.contrastive_loss.state_dict(),
+            "digests": digest.digests, "world": world_size}
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--loss-type", default="clip")
+    parser.add_argument("--stop-at", type=int)
+    parser.add_argument("--resume")
+    opts = parser.parse_args()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    result = run(opts.output_dir, opts.loss_type, opts.stop_at, opts.resume, world=world)
+    if int(os.environ.get("RANK", "0")) == 0:
+        torch.save(result, opts.out)
