@@ -53,6 +53,17 @@ def test_every_recipe_parses():
         assert data.dataset_name or data.train_shards, recipe
 
 
+def test_every_accelerate_config_loads():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    configs = sorted((RECIPES / "accelerate").glob("*.yaml"))
+    assert {c.stem for c in configs} >= {"cpu_2proc", "single_gpu", "multi_gpu", "multi_node",
+                                          "fsdp"}
+    for config in configs:
+        loaded = load_config_from_file(str(config))
+        assert loaded.num_processes >= 1, config
+
+
 def test_demo_training_beats_the_untrained_model(tmp_path):
     """A short run of the demo recipe: retrieval improves by a clear margin (seeded)."""
     results = run([str(RECIPES / "demo.yaml"), "--output_dir", str(tmp_path / "demo"),
