@@ -36,6 +36,7 @@ class Masks:
     own: torch.Tensor              # (b, B) the anchor's own pair
     negatives: torch.Tensor        # (b, B) true negatives as far as indices tell
     false_negatives: torch.Tensor | None  # (2, b, B) detected, subset of negatives
+    candidate_index: torch.Tensor | None = None  # (B,) dataset indices of the global batch
 
     def kept_negatives(self, strategy: Strategy) -> torch.Tensor:
         """(2, b, B) the negatives that stay in the denominator."""
@@ -166,7 +167,7 @@ class BimodalContrastiveLoss(ABC):
             epoch=float(epoch), anchor_labels=None if labels is None else labels.to(device),
             candidate_labels=candidate_labels,
         )
-        return Masks(positive_column, own, negatives, None), batch
+        return Masks(positive_column, own, negatives, None, candidate_index), batch
 
     @staticmethod
     def _keep_one_negative(

@@ -148,7 +148,7 @@ class GlobalContrastiveLoss(BimodalContrastiveLoss):
         n_kept = kept.sum(-1).clamp(min=1)
         g = torch.where(kept, torch.exp(diff), torch.zeros_like(diff)).sum(-1) / n_kept  # (2, b)
 
-        u = self._update_u(index.to(sim.device), g.detach(), epoch)  # (2, b), no gradient
+        u = self._update_u(masks.candidate_index, g.detach(), epoch)  # (2, b), no gradient
         surrogate = g / (u + self.eps)
         if self.strategy == "attract" and masks.false_negatives is not None:
             # Extra positives: the linear part of -log softmax for each of them, averaged.
@@ -168,15 +168,15 @@ class GlobalContrastiveLoss(BimodalContrastiveLoss):
         return LossOutput(loss, stats)
 
     @torch.no_grad()
-    def _update_u(self, index: torch.Tensor, g: torch.Tensor, epoch: float) -> torch.Tensor:
-        """Moving-average step for the anchors of the global batch; returns local anchors' u.
+    def _update_u(self, all_index: torch.Tensor, g: torch.Tensor, epoch: float) -> torch.Tensor:
+        """Moving-average step for the anchors of the global batch (``all_index``, rank after
+        rank); returns the local anchors' u.
 
         Like the thresholds, every rank applies the same update from the gathered g, so u
         stays identical on every rank. A first visit (u == 0) starts from g itself.
         """
         gamma = self.gamma(epoch)
-        b = index.shape[0]
-        all_index = comm.all_gather_no_grad(index)
+        b = g.shape[1]
         all_g = segment_mean(all_index, comm.all_gather_no_grad(g.t().contiguous()))  # (B, 2)
         old = self.u.gather(all_index, g.device)
         new = torch.where(old > 0, (1.0 - gamma) * old + gamma * all_g, all_g)
