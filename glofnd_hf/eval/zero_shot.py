@@ -1,8 +1,9 @@
 """Zero-shot evaluation of a dual encoder: retrieval recall@k and classification accuracy.
 
 The evaluator embeds a dataset with any ``DualEncoderAdapter`` and scores it with the
-chunked metrics of ``eval.metrics``. It is a plain callable, usable on its own and inside
-``GloFNDTrainer.evaluate`` (which prefixes ``eval_``).
+chunked metrics of ``eval.metrics``. It is a plain callable, usable on its own, inside
+``GloFNDTrainer.evaluate`` (which prefixes ``eval_``) and behind ``glofnd-eval``
+(``eval.run``).
 """
 
 from __future__ import annotations
@@ -16,13 +17,36 @@ from tqdm.auto import tqdm
 from ..data.hf import _to_rgb
 from .metrics import average_template_embeddings, retrieval_recall, zero_shot_classification
 
+RETRIEVAL = "retrieval"
+CLASSIFICATION = "classification"
+TASKS = (RETRIEVAL, CLASSIFICATION)
+
+
+def _column_values(dataset: Any, column: str) -> list[Any]:
+    return list(dataset.with_format(None)[column])
+
+
+def _class_label_names(dataset: Any, column: str) -> list[str] | None:
+    """Names of a ``datasets.ClassLabel`` column, else None."""
+    feature = getattr(dataset, "features", None)
+    feature = feature.get(column) if feature is not None else None
+    names = getattr(feature, "names", None)
+    return list(names) if names else None
+
 
 class ZeroShotEvaluator:
     """Retrieval over (image, one or several captions) rows, and optional classification.
 
-    Metric names: ``image_to_text_recall@k``, ``text_to_image_recall@k`` and, with class
-    names, ``top1_accuracy`` / ``top5_accuracy``. ``primary_metric`` names the one to select
-    checkpoints by.
+    Metric names: ``image_to_text_recall@k``, ``text_to_image_recall@k`` (for ``ks``) and, with
+    class names, ``top{k}_accuracy`` (for ``classification_ks``, default ``top1_accuracy`` /
+    ``top5_accuracy``; a ``k`` above the number of classes counts as all classes).
+    ``primary_metric`` names the one to select checkpoints by.
+
+    ``tasks``: ``"retrieval"`` and/or ``"classification"``; by default retrieval when
+    ``caption_column`` is set and classification when ``class_label_column`` is set. Class
+    names default to the names of a ``datasets.ClassLabel`` label column. Labels may be class
+    ids or the class names themselves. Templates hold ``{}`` for the class name.
+    ``dataset_name`` / ``split`` only describe the data (JSON results, model cards).
     """
 
     primary_metric = "image_to_text_recall@1"
@@ -31,81 +55,194 @@ class ZeroShotEvaluator:
         self,
         dataset: Any,
         image_column: str = "image",
-        caption_column: str = "caption",
+        caption_column: str | None = "caption",
         class_label_column: str | None = None,
         class_names: Sequence[str] | None = None,
         templates: Sequence[str] | None = None,
         ks: Sequence[int] = (1, 5, 10),
         batch_size: int = 64,
         show_progress: bool = True,
+        *,
+        tasks: Sequence[str] | None = None,
+        classification_ks: Sequence[int] = (1, 5),
+        chunk_size: int = 1024,
+        dataset_name: str | None = None,
+        split: str | None = None,
     ) -> None:
+        if tasks is None:
+            tasks = ([RETRIEVAL] if caption_column else []) + (
+                [CLASSIFICATION] if class_label_column else []
+            )
+        tasks = [tasks] if isinstance(tasks, str) else list(tasks)
+        unknown = [t for t in tasks if t not in TASKS]
+        if unknown:
+            raise ValueError(f"unknown task(s) {unknown}; choose from {list(TASKS)}")
+        if not tasks:
+            raise ValueError(
+                "nothing to evaluate: set a caption column (retrieval) and/or a class label "
+                "column with class names (classification)"
+            )
+        if RETRIEVAL in tasks and not caption_column:
+            raise ValueError("zero-shot retrieval needs a caption column")
+        if CLASSIFICATION in tasks and not class_label_column:
+            raise ValueError("zero-shot classification needs a class label column")
         columns = list(dataset.column_names)
-        for column in [image_column, caption_column] + (
-            [class_label_column] if class_label_column else []
-        ):
+        needed = [("image", image_column)]
+        if RETRIEVAL in tasks:
+            needed.append(("caption", caption_column))
+        if CLASSIFICATION in tasks:
+            needed.append(("class label", class_label_column))
+        for role, column in needed:
             if column not in columns:
+                flag = role.replace(" ", "_")
                 raise ValueError(
-                    f"evaluation data has no column {column!r}; its columns are {columns}"
+                    f"evaluation data has no {role} column {column!r}; its columns are "
+                    f"{columns} (set {flag}_column / --{flag.replace('_', '-')}-column)"
                 )
-        if class_label_column and not class_names:
-            raise ValueError("zero-shot classification needs class_names")
+        if len(dataset) == 0:
+            raise ValueError("evaluation data is empty")
+        if CLASSIFICATION in tasks and not class_names:
+            class_names = _class_label_names(dataset, class_label_column)
+            if not class_names:
+                raise ValueError(
+                    f"zero-shot classification needs class_names (column "
+                    f"{class_label_column!r} is not a datasets.ClassLabel with names)"
+                )
         self.dataset = dataset
         self.image_column = image_column
         self.caption_column = caption_column
         self.class_label_column = class_label_column
+        self.tasks = tuple(t for t in TASKS if t in tasks)
         self.class_names = list(class_names) if class_names else None
         self.templates = list(templates) if templates else ["a photo of {}."]
+        for template in self.templates:
+            if "{}" not in template:
+                raise ValueError(
+                    f"prompt template {template!r} has no '{{}}' placeholder for the class name"
+                )
+        if self.class_names is not None and len(set(self.class_names)) != len(self.class_names):
+            raise ValueError("class_names holds duplicates")
         self.ks = tuple(ks)
+        self.classification_ks = tuple(classification_ks)
         self.batch_size = batch_size
+        self.chunk_size = chunk_size
         self.show_progress = show_progress
-        self.captions, self.text_to_image = self._flatten_captions()
+        self.dataset_name = dataset_name
+        self.split = split
+        if RETRIEVAL in self.tasks:
+            self.captions, self.text_to_image = self._flatten_captions()
+        else:
+            self.captions, self.text_to_image = [], torch.zeros(0, dtype=torch.long)
+        self.labels = self._labels() if CLASSIFICATION in self.tasks else None
+
+    # -- data --------------------------------------------------------------------------------
+    @property
+    def num_images(self) -> int:
+        return len(self.dataset)
+
+    @property
+    def num_captions(self) -> int:
+        return len(self.captions)
 
     def _flatten_captions(self) -> tuple[list[str], torch.Tensor]:
         captions: list[str] = []
         owners: list[int] = []
-        for i, value in enumerate(self.dataset.with_format(None)[self.caption_column]):
+        for i, value in enumerate(_column_values(self.dataset, self.caption_column)):
             group = [value] if isinstance(value, str) else list(value or [])
-            if not group or not all(isinstance(c, str) for c in group):
-                raise ValueError(f"evaluation row {i} has no caption (got {value!r})")
+            if not group:
+                raise ValueError(
+                    f"evaluation row {i} has an empty caption list in column "
+                    f"{self.caption_column!r} (got {value!r}); every image needs at least one "
+                    "caption"
+                )
+            bad = [c for c in group if not isinstance(c, str) or not c.strip()]
+            if bad:
+                raise ValueError(
+                    f"evaluation row {i} has an empty or non-string caption in column "
+                    f"{self.caption_column!r}: {bad[0]!r}"
+                )
             captions.extend(group)
             owners.extend([i] * len(group))
         return captions, torch.tensor(owners, dtype=torch.long)
 
+    def _labels(self) -> torch.Tensor:
+        values = _column_values(self.dataset, self.class_label_column)
+        assert self.class_names is not None
+        if values and all(isinstance(v, str) for v in values):
+            lookup = {name: i for i, name in enumerate(self.class_names)}
+            missing = sorted({v for v in values if v not in lookup})
+            if missing:
+                raise ValueError(
+                    f"class label column {self.class_label_column!r} holds names that are not "
+                    f"class names: {missing[:5]}"
+                )
+            return torch.tensor([lookup[v] for v in values], dtype=torch.long)
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            example = next(v for v in values if not isinstance(v, int) or isinstance(v, bool))
+            raise ValueError(
+                f"class label column {self.class_label_column!r} must hold class ids or class "
+                f"names, got {example!r}"
+            )
+        return torch.tensor(values, dtype=torch.long)
+
+    # -- embedding ---------------------------------------------------------------------------
+    def _bar(self, total: int, desc: str):
+        return tqdm(total=total, desc=desc, unit="img" if "image" in desc else "txt",
+                    disable=not self.show_progress, leave=False)
+
     @torch.no_grad()
     def embed(self, adapter: Any, model: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
+        """Normalised float32 CPU embeddings: ``images`` [I, D], ``texts`` [T, D] (retrieval),
+        ``classes`` [C, D] (classification, template-averaged)."""
         model = adapter.unwrap(model)
         was_training = model.training
         model.eval()
-        transform = adapter.image_transform(train=False)
-        device = adapter.device
-        images = []
-        n = len(self.dataset)
-        for start in tqdm(range(0, n, self.batch_size), desc="embedding images",
-                          disable=not self.show_progress, leave=False):
-            rows = self.dataset[start:start + self.batch_size][self.image_column]
-            pixels = torch.stack([transform(_to_rgb(im)) for im in rows]).to(device)
-            images.append(adapter.encode_images(model, pixels).float().cpu())
-        texts = []
-        for start in tqdm(range(0, len(self.captions), self.batch_size), desc="embedding texts",
-                          disable=not self.show_progress, leave=False):
-            chunk = self.captions[start:start + self.batch_size]
-            texts.append(adapter.encode_texts(model, chunk).float().cpu())
-        out = {"images": torch.cat(images), "texts": torch.cat(texts)}
-        if self.class_names:
-            prompts = [t.format(c) for c in self.class_names for t in self.templates]
-            prompt_embeds = torch.cat([
-                adapter.encode_texts(model, prompts[s:s + self.batch_size]).float().cpu()
-                for s in range(0, len(prompts), self.batch_size)
-            ])
-            out["classes"] = average_template_embeddings(prompt_embeds, len(self.templates))
-        model.train(was_training)
+        try:
+            transform = adapter.image_transform(train=False)
+            device = adapter.device
+            images = []
+            n = len(self.dataset)
+            with self._bar(n, "embedding images") as bar:
+                for start in range(0, n, self.batch_size):
+                    rows = self.dataset[start:start + self.batch_size][self.image_column]
+                    pixels = torch.stack([transform(_to_rgb(im)) for im in rows]).to(device)
+                    images.append(adapter.encode_images(model, pixels).float().cpu())
+                    bar.update(len(rows))
+            out = {"images": torch.cat(images)}
+            if RETRIEVAL in self.tasks:
+                out["texts"] = self._embed_texts(adapter, model, self.captions, "embedding texts")
+            if CLASSIFICATION in self.tasks:
+                assert self.class_names is not None
+                prompts = [t.format(c) for c in self.class_names for t in self.templates]
+                prompt_embeds = self._embed_texts(adapter, model, prompts, "embedding prompts")
+                out["classes"] = average_template_embeddings(prompt_embeds, len(self.templates))
+        finally:
+            model.train(was_training)
         return out
 
-    def __call__(self, adapter: Any, model: torch.nn.Module | None = None) -> dict[str, float]:
-        embeds = self.embed(adapter, model)
-        metrics = retrieval_recall(embeds["images"], embeds["texts"], self.text_to_image, self.ks)
-        if self.class_names and self.class_label_column:
-            labels = torch.tensor(self.dataset.with_format(None)[self.class_label_column])
-            metrics.update(zero_shot_classification(embeds["images"], embeds["classes"], labels,
-                                                    ks=(1, min(5, len(self.class_names)))))
+    def _embed_texts(self, adapter: Any, model: torch.nn.Module, texts: list[str],
+                     desc: str) -> torch.Tensor:
+        chunks = []
+        with self._bar(len(texts), desc) as bar:
+            for start in range(0, len(texts), self.batch_size):
+                chunk = texts[start:start + self.batch_size]
+                chunks.append(adapter.encode_texts(model, chunk).float().cpu())
+                bar.update(len(chunk))
+        return torch.cat(chunks)
+
+    # -- scoring -----------------------------------------------------------------------------
+    def score(self, embeds: dict[str, torch.Tensor]) -> dict[str, float]:
+        """The metrics of embeddings from :meth:`embed`."""
+        metrics: dict[str, float] = {}
+        if RETRIEVAL in self.tasks:
+            metrics.update(retrieval_recall(embeds["images"], embeds["texts"], self.text_to_image,
+                                            self.ks, chunk_size=self.chunk_size))
+        if CLASSIFICATION in self.tasks:
+            metrics.update(zero_shot_classification(
+                embeds["images"], embeds["classes"], self.labels, ks=self.classification_ks,
+                chunk_size=self.chunk_size,
+            ))
         return metrics
+
+    def __call__(self, adapter: Any, model: torch.nn.Module | None = None) -> dict[str, float]:
+        return self.score(self.embed(adapter, model))

@@ -1,0 +1,184 @@
+"""Save models in their family's Hub layout with a model card, and push folders to the Hub.
+
+* Hugging Face models: ``save_pretrained`` of model and processor, loadable with
+  ``AutoModel`` / ``AutoProcessor`` / ``pipeline("zero-shot-image-classification")``.
+* open_clip models: ``open_clip_config.json`` + ``open_clip_model.safetensors`` (+ tokenizer
+  files), loadable with ``open_clip.create_model_and_transforms("hf-hub:ORG/NAME")`` once
+  uploaded (``"local-dir:PATH"`` before).
+
+The access token comes from huggingface_hub's usual sources (``HF_TOKEN``, the token saved by
+``hf auth login``) unless passed explicitly; it is never printed or written by this module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .model_card import CardInfo, card_info_from_folder, card_is_unedited, write_card
+
+__all__ = [
+    "DEFAULT_COMMIT_MESSAGE",
+    "TRAINING_STATE_PATTERNS",
+    "ALWAYS_IGNORED_PATTERNS",
+    "files_to_upload",
+    "ignore_patterns_for",
+    "push_to_hub",
+    "save_for_hub",
+]
+
+DEFAULT_COMMIT_MESSAGE = "Upload GloFND-trained model"
+
+#: Files a training checkpoint holds that a final model does not need.
+TRAINING_STATE_PATTERNS = (
+    "glofnd_state.safetensors",
+    "optimizer.pt",
+    "optimizer.bin",
+    "scheduler.pt",
+    "scaler.pt",
+    "rng_state*.pth",
+    "trainer_state.json",
+    "training_args.bin",
+    "global_step*/**",
+    "zero_to_fp32.py",
+    "latest",
+)
+#: Never uploaded: nested checkpoints, logs, local caches, VCS metadata.
+ALWAYS_IGNORED_PATTERNS = (
+    "checkpoint-*/**",
+    "runs/**",
+    ".cache/**",
+    ".git/**",
+    "**/.DS_Store",
+    "*.lock",
+)
+# open_clip folders written by GloFNDTrainer also hold the Trainer's own copy of the weights
+# (used by resume_from_checkpoint); the Hub layout is open_clip_model.safetensors.
+_OPEN_CLIP_TRAINER_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+
+
+def save_for_hub(
+    adapter: Any,
+    output_dir: str | os.PathLike,
+    card: CardInfo | None = None,
+    **card_fields: Any,
+) -> Path:
+    """Save ``adapter``'s model in its family's Hub layout and write the model card.
+
+    ``card``: the card's inputs (e.g. from :func:`glofnd_hf.model_card.card_info_from_trainer`);
+    without it a card is made from ``card_fields`` (:class:`~glofnd_hf.model_card.CardInfo`
+    fields such as ``repo_id``, ``base_model``, ``datasets``, ``license``, ``eval_metrics``,
+    ``eval_dataset``, ``eval_split``). Returns the folder.
+    """
+    from . import __version__
+    from .model_card import _architecture, normalize_eval_metrics
+
+    output_dir = Path(output_dir)
+    if adapter.family == "open_clip":
+        adapter.save(output_dir, safe_serialization=True)
+    else:
+        adapter.save(output_dir)
+    if card is None:
+        fields = {"glofnd_version": __version__, "architecture": _architecture(adapter),
+                  **card_fields}
+        if "eval_metrics" in fields:
+            fields["eval_metrics"] = normalize_eval_metrics(fields["eval_metrics"])
+        card = CardInfo(family=adapter.family, **fields)
+    elif card_fields:
+        card = dataclasses.replace(card, **card_fields)
+    write_card(card, output_dir)
+    return output_dir
+
+
+def ignore_patterns_for(folder: str | os.PathLike, include_training_state: bool = False
+                        ) -> list[str]:
+    """``ignore_patterns`` for ``upload_folder`` of a model folder."""
+    from .models import OPEN_CLIP_CONFIG_NAME
+
+    patterns = list(ALWAYS_IGNORED_PATTERNS)
+    if not include_training_state:
+        patterns += TRAINING_STATE_PATTERNS
+        if (Path(folder) / OPEN_CLIP_CONFIG_NAME).is_file():
+            patterns += _OPEN_CLIP_TRAINER_WEIGHTS
+    return patterns
+
+
+def files_to_upload(folder: str | os.PathLike, ignore_patterns: Sequence[str],
+                    allow_patterns: Sequence[str] | None = None) -> list[str]:
+    """Relative paths (``/``-separated) of the files ``upload_folder`` would send."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    folder = Path(folder)
+    paths = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    return list(filter_repo_objects(paths, allow_patterns=allow_patterns,
+                                    ignore_patterns=list(ignore_patterns)))
+
+
+def _check_repo_id(repo_id: str) -> None:
+    import re
+
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id or ""):
+        raise ValueError(f"repo_id must look like ORG/NAME, got {repo_id!r}")
+
+
+def push_to_hub(
+    output_dir: str | os.PathLike,
+    repo_id: str,
+    private: bool = False,
+    token: str | None = None,
+    commit_message: str = DEFAULT_COMMIT_MESSAGE,
+    *,
+    include_training_state: bool = False,
+    render_card: bool | None = None,
+    card_fields: dict[str, Any] | None = None,
+    eval_report: dict[str, Any] | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+    verbose: bool = True,
+) -> str:
+    """Create ``repo_id`` (if needed) and upload the model folder ``output_dir``.
+
+    The model card (``README.md``) is rendered (with ``repo_id`` in its usage snippet) when
+    missing or when it is our unedited card, always with ``render_card=True``, never with
+    ``render_card=False``; its inputs come from ``glofnd_card.json`` when present, and
+    ``card_fields`` / ``eval_report`` add to them. Training-only files (:data:`TRAINING_STATE_PATTERNS`, and the
+    Trainer's weight copy in open_clip folders) stay local unless ``include_training_state``.
+    ``token``: None uses huggingface_hub's usual sources. Returns the commit URL.
+    """
+    from huggingface_hub import HfApi
+
+    _check_repo_id(repo_id)
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"model folder {str(folder)!r} does not exist")
+    readme = folder / "README.md"
+    if render_card is None:
+        # Missing, or ours and unedited (then it gets the repo id in its usage snippet).
+        render_card = not readme.is_file() or card_is_unedited(folder)
+    if render_card:
+        fields = {"repo_id": repo_id, **(card_fields or {})}
+        info = card_info_from_folder(folder, eval_report=eval_report, **fields)
+        write_card(info, folder)
+        if verbose:
+            print(f"wrote the model card {readme}")
+    else:
+        card_info_from_folder(folder)  # checks that the folder holds a model
+    ignore = ignore_patterns_for(folder, include_training_state)
+    files = files_to_upload(folder, ignore)
+    if verbose:
+        print(f"uploading {len(files)} file(s) from {folder} to {repo_id}: {', '.join(files)}")
+    api = HfApi(token=token)
+    repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    commit = api.upload_folder(
+        repo_id=repo_id, folder_path=str(folder), repo_type="model",
+        commit_message=commit_message, ignore_patterns=ignore, revision=revision,
+        create_pr=create_pr,
+    )
+    url = str(getattr(commit, "commit_url", None) or getattr(repo_url, "url", None) or repo_url)
+    if verbose:
+        print(f"pushed to {getattr(repo_url, 'url', repo_id)} ({url})")
+    return url
+
