@@ -16,7 +16,12 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .args import AUTO_DEVICE_STATE_LIMIT_BYTES, GloFNDTrainingArguments
-from .data.hf import ImageTextCollator, prepare_image_text_dataset
+from .data.hf import (
+    BAD_SAMPLE_KINDS,
+    ImageTextCollator,
+    defer_image_decoding,
+    prepare_image_text_dataset,
+)
 from .data.shards import is_presharded_loader
 from .fnd import build_detector
 from .losses import BimodalContrastiveLoss, ClipLoss, GlobalContrastiveLoss
@@ -120,6 +125,7 @@ class GloFNDTrainer(Trainer):
                 train_dataset, image_column, caption_column, index_column, args.num_samples,
                 extra_columns=[label_column] if label_column else [],
             )
+            train_dataset = defer_image_decoding(train_dataset, image_column)
         if data_collator is None:
             data_collator = ImageTextCollator(
                 adapter.image_transform(train=True), adapter.tokenize, image_column,
@@ -145,6 +151,7 @@ class GloFNDTrainer(Trainer):
         self.contrastive_loss = loss
         self.num_samples = loss.num_samples if loss.num_samples is not None else num_samples
         self._stat_sums: dict[str, torch.Tensor] = {}
+        self._bad_samples: dict[str, int] = {}
         self._stat_count = 0
         self.add_callback(_ClampLogitScale(adapter.logit_scale_parameter(), args.max_log_logit_scale))
 
@@ -198,6 +205,10 @@ class GloFNDTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         index = inputs.pop("dataset_index")
         labels = inputs.pop("fn_labels", None)
+        bad = inputs.pop("bad_sample_counts", None)  # only in batches that had bad rows
+        if bad is not None:
+            for kind, count in zip(BAD_SAMPLE_KINDS, bad.tolist(), strict=True):
+                self._bad_samples[kind] = self._bad_samples.get(kind, 0) + count
         outputs = self.adapter(model, inputs)
         result = self.contrastive_loss(
             outputs.image_embeds, outputs.text_embeds, outputs.logit_scale, index,
@@ -220,16 +231,27 @@ class GloFNDTrainer(Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._stat_count:
-            names = list(self._stat_sums)
-            values = torch.stack([self._stat_sums[k].cpu() for k in names]) / self._stat_count
+            names = sorted(self._stat_sums)
+            values = torch.stack([self._stat_sums[k].to(self.args.device) for k in names])
+            values = values / self._stat_count
+            if self.args.world_size > 1:  # statistics of the whole global batch
+                values = self.accelerator.reduce(values, reduction="mean")
+            values = values.cpu()
             for key, value in zip(names, values.tolist(), strict=True):
                 logs[key] = round(value, 6)
             self._stat_sums.clear()
             self._stat_count = 0
-            if self.shard_loader is not None:
-                for kind, count in self.shard_loader.bad_sample_counts.items():
-                    logs[f"bad_samples_{kind}"] = count
+            for kind, count in self.bad_sample_counts().items():
+                logs[f"bad_samples_{kind}"] = count
         super().log(logs, start_time)
+
+    def bad_sample_counts(self) -> dict[str, int]:
+        """Training samples skipped so far, by kind (this process)."""
+        counts = dict(self._bad_samples)
+        if self.shard_loader is not None:
+            for kind, count in self.shard_loader.bad_sample_counts.items():
+                counts[kind] = counts.get(kind, 0) + count
+        return counts
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
@@ -237,6 +259,7 @@ class GloFNDTrainer(Trainer):
             # Evaluation must not move the per-sample state: use a stateless copy of the loss.
             index = inputs.pop("dataset_index")
             inputs.pop("fn_labels", None)
+            inputs.pop("bad_sample_counts", None)
             out = self.adapter(model, inputs)
             loss = ClipLoss(check_inputs=False)(out.image_embeds, out.text_embeds,
                                                out.logit_scale, index).loss

@@ -196,3 +196,23 @@ def test_start_up_errors_say_what_to_fix(tmp_path, digits):
         make_args(tmp_path, detector="magic")
     with pytest.raises(ValueError, match="sogclr"):
         make_args(tmp_path, loss_type="sogclr")
+
+
+def test_corrupt_images_and_missing_captions_are_skipped_and_counted(tmp_path, digits):
+    import datasets
+
+    data = small_train(digits, 16).cast_column("image", datasets.Image(decode=False))
+    rows = data.to_list()
+    rows[3]["image"] = {"bytes": b"definitely not an image", "path": None}
+    rows[9]["caption"] = ""
+    broken = datasets.Dataset.from_list(rows, features=data.features)
+    adapter = adapter_for("hf", digits)
+    args = make_args(tmp_path, max_steps=2, per_device_train_batch_size=8, num_samples=16)
+    trainer = RecordingTrainer(adapter, args, train_dataset=broken)
+    result = trainer.train()
+    assert math.isfinite(result.training_loss)
+    assert trainer.bad_sample_counts() == {"corrupt_image": 1, "missing_caption": 1}
+    # The bad rows were replaced by copies of good rows of their batch, never used themselves.
+    assert 3 not in trainer.seen and 9 not in trainer.seen and len(trainer.seen) == 16
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert logged[-1]["bad_samples_corrupt_image"] == 1

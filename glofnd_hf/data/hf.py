@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 DIGITS_DATASET = "glofnd-digits"
+BAD_SAMPLE_KINDS = ("corrupt_image", "missing_caption")
 
 
 def load_image_text_dataset(name: str, config_name: str | None = None, split: str | None = None):
@@ -110,12 +111,29 @@ def _to_rgb(image: Any) -> Image.Image:
     raise ValueError(f"cannot read an image from a {type(image).__name__}")
 
 
+def defer_image_decoding(dataset, image_column: str):
+    """Let the collator decode images (and survive a corrupt one) instead of ``datasets``."""
+    import datasets
+
+    feature = dataset.features.get(image_column) if dataset.features else None
+    if isinstance(feature, datasets.Image) and feature.decode:
+        dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
+    return dataset
+
+
 class ImageTextCollator:
     """Turns rows of an image-caption dataset into a model batch.
 
     Output keys: ``pixel_values``, the tokenizer's keys (``input_ids``, maybe
     ``attention_mask``), ``dataset_index`` and, when a label column is set, ``fn_labels``.
     A caption cell may hold a list of captions; training then draws one per visit.
+
+    A row whose image cannot be decoded or whose caption is missing is replaced by a copy of
+    another good row of the same batch: the batch keeps its size (distributed gathers need
+    equal batches) and the copy carries the same dataset index, which the losses treat as a
+    duplicate (neither a negative nor a false negative of its twin). Such rows are counted in
+    ``bad_sample_counts`` and reported by a rate-limited warning. A batch without any good
+    row is an error.
     """
 
     def __init__(
@@ -135,23 +153,65 @@ class ImageTextCollator:
         self.index_column = index_column
         self.label_column = label_column
         self._rng = random.Random(seed)
+        self.bad_sample_counts: dict[str, int] = dict.fromkeys(BAD_SAMPLE_KINDS, 0)
+        self._last_warning = 0.0
 
-    def _caption(self, value: Any) -> str:
+    def _caption(self, value: Any) -> str | None:
         if isinstance(value, str):
-            return value
-        if isinstance(value, Sequence) and len(value) > 0 and all(isinstance(v, str) for v in value):
-            return self._rng.choice(list(value))
-        raise ValueError(f"a caption must be a string or a non-empty list of strings, got {value!r}")
+            return value if value.strip() else None
+        if isinstance(value, Sequence) and not isinstance(value, (bytes, bytearray)):
+            options = [v for v in value if isinstance(v, str) and v.strip()]
+            return self._rng.choice(options) if options else None
+        return None
+
+    def _decode(self, row: Mapping[str, Any]) -> tuple[torch.Tensor, str] | str:
+        caption = self._caption(row[self.caption_column])
+        if caption is None:
+            return "missing_caption"
+        try:
+            return self.image_transform(_to_rgb(row[self.image_column])), caption
+        except Exception:  # noqa: BLE001 - any undecodable image is skipped alike
+            return "corrupt_image"
+
+    def _warn(self, problems: list[str]) -> None:
+        import logging
+        import time
+
+        now = time.monotonic()
+        if now - self._last_warning >= 60.0:
+            self._last_warning = now
+            logging.getLogger(__name__).warning(
+                "skipped %d bad sample(s) in a batch (%s); totals so far: %s",
+                len(problems), ", ".join(sorted(set(problems))), self.bad_sample_counts,
+            )
 
     def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
-        pixels = torch.stack([self.image_transform(_to_rgb(r[self.image_column])) for r in rows])
-        batch: dict[str, torch.Tensor] = dict(
-            self.tokenize([self._caption(r[self.caption_column]) for r in rows])
-        )
+        decoded = [self._decode(r) for r in rows]
+        good = [i for i, d in enumerate(decoded) if not isinstance(d, str)]
+        problems = [d for d in decoded if isinstance(d, str)]
+        delta = {kind: problems.count(kind) for kind in self.bad_sample_counts}
+        if problems:
+            for kind, count in delta.items():
+                self.bad_sample_counts[kind] += count
+            if not good:
+                raise ValueError(
+                    f"no usable sample in a batch of {len(rows)}: {sorted(set(problems))}"
+                )
+            self._warn(problems)
+            # Stand-ins: copies of good rows (same dataset index, so they are duplicates).
+            source = [i if i in good else good[k % len(good)] for k, i in enumerate(range(len(rows)))]
+        else:
+            source = list(range(len(rows)))
+        pixels = torch.stack([decoded[i][0] for i in source])
+        batch: dict[str, torch.Tensor] = dict(self.tokenize([decoded[i][1] for i in source]))
         batch["pixel_values"] = pixels
-        batch["dataset_index"] = torch.tensor([int(r[self.index_column]) for r in rows],
-                                              dtype=torch.long)
+        batch["dataset_index"] = torch.tensor(
+            [int(rows[i][self.index_column]) for i in source], dtype=torch.long
+        )
         if self.label_column is not None:
-            batch["fn_labels"] = torch.tensor([int(r[self.label_column]) for r in rows],
-                                              dtype=torch.long)
+            batch["fn_labels"] = torch.tensor(
+                [int(rows[i][self.label_column]) for i in source], dtype=torch.long
+            )
+        if problems:  # reaches the trainer also from dataloader worker processes
+            batch["bad_sample_counts"] = torch.tensor(list(delta.values()), dtype=torch.long)
         return batch
