@@ -25,6 +25,7 @@ import json
 import math
 import os
 import re
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -535,7 +536,10 @@ def template_path() -> Path:
     override = os.environ.get("GLOFND_CARD_TEMPLATE")
     candidates = [Path(override)] if override else []
     here = Path(__file__).resolve().parent
-    candidates += [here.parent / "model_cards" / TEMPLATE_NAME, here / "model_cards" / TEMPLATE_NAME]
+    candidates += [
+        here.parent / "model_cards" / TEMPLATE_NAME,  # source tree / editable install
+        Path(sys.prefix) / "share" / "glofnd_hf" / "model_cards" / TEMPLATE_NAME,  # wheel
+    ]
     for path in candidates:
         if path.is_file():
             return path

@@ -25,6 +25,7 @@ from .data.hf import (
 from .data.shards import is_presharded_loader
 from .fnd import build_detector
 from .losses import BimodalContrastiveLoss, ClipLoss, GlobalContrastiveLoss
+from .model_card import ModelCardCallback
 from .models import DualEncoderAdapter
 
 logger = logging.getLogger(__name__)
@@ -154,6 +155,7 @@ class GloFNDTrainer(Trainer):
         self._bad_samples: dict[str, int] = {}
         self._stat_count = 0
         self.add_callback(_ClampLogitScale(adapter.logit_scale_parameter(), args.max_log_logit_scale))
+        self.add_callback(ModelCardCallback(self))  # a model card in every checkpoint
 
     # -- temperature -------------------------------------------------------------------------
     def _temperature_parameters(self) -> list[torch.nn.Parameter]:

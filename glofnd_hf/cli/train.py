@@ -17,6 +17,7 @@ from ..data.hf import DIGITS_DATASET, load_image_text_dataset
 from ..data.shards import ShardConfig, build_shard_loader
 from ..eval.metrics import format_metrics_table
 from ..eval.zero_shot import ZeroShotEvaluator
+from ..model_card import set_model_card_info, write_model_card
 from ..models import DualEncoderAdapter, build_tiny_hf_clip, build_tiny_open_clip, load_dual_encoder
 from ..trainer import GloFNDTrainer
 from .config import parse_config_and_flags
@@ -108,6 +109,13 @@ def run(argv: Sequence[str]) -> dict[str, dict[str, float]]:
         image_column=data_args.image_column, caption_column=data_args.caption_column,
         index_column=data_args.index_column, label_column=data_args.label_column,
     )
+    set_model_card_info(
+        trainer, model_name_or_path=model_args.model_name_or_path,
+        pretrained=model_args.pretrained,
+        datasets=[data_args.dataset_name] if data_args.dataset_name else None,
+        eval_dataset=data_args.dataset_name if evaluator is not None else None,
+        eval_split=data_args.eval_split if evaluator is not None else None,
+    )
     results: dict[str, dict[str, float]] = {}
     if evaluator is not None and args.do_eval and args.resume_from_checkpoint is None:
         results["before"] = trainer.evaluate(metric_key_prefix="eval_before")
@@ -117,6 +125,7 @@ def run(argv: Sequence[str]) -> dict[str, dict[str, float]]:
     if evaluator is not None and args.do_eval:
         results["after"] = trainer.evaluate()
         _print_table("after training", results["after"], trainer)
+    write_model_card(trainer, args.output_dir, results.get("after"))
     if trainer.is_world_process_zero() and results:
         with open(os.path.join(args.output_dir, "zero_shot_results.json"), "w") as f:
             json.dump(results, f, indent=2)

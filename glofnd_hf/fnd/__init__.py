@@ -13,6 +13,7 @@ from .detectors import (
     masked_quantile,
     register_detector,
 )
+from .ifnd import IFNDConfig, IFNDDetector  # noqa: F401  (registers "ifnd")
 from .table import PerSampleTable, segment_mean
 from .thresholds import GloFNDConfig, ThresholdState, threshold_step
 

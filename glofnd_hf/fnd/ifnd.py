@@ -1,0 +1,522 @@
+"""IFND: incremental false-negative detection by clustering (Chen et al., arXiv 2106.03719).
+
+The baseline the GloFND paper compares with. Every ``cluster_every`` epochs the embeddings of
+the whole data set are clustered with k-means at one or several granularities; each sample
+gets a pseudo-label and a confidence per granularity. Only the most confident fraction of the
+samples is *accepted*, and that fraction grows linearly from 0 to 1 over
+``accept_warmup_epochs`` (the "incremental" part: trust the clustering more as the embedding
+space gets more semantic). Two samples that are both accepted and share a pseudo-label are
+false negatives of each other.
+
+How this implementation is put together (and where it departs from the paper):
+
+* **Feature bank.** The detector sees similarities only, so it keeps its own bank of
+  L2-normalised embeddings keyed by dataset index, refreshed from the training forward passes
+  through :meth:`IFNDDetector.observe` (which the loss calls with the step's embeddings). The
+  paper re-embeds the data set before each clustering round; the bank instead holds each
+  sample's embedding from its latest visit, so a round costs no extra forward pass but sees
+  features up to one epoch old. By default a sample is represented by the normalised mean of
+  its image and text embeddings (``features="mean"``): one pseudo-label per *pair*, used for
+  both anchor sides. ``"image"``, ``"text"`` or ``"concat"`` (both, each scaled by 1/sqrt 2,
+  so the inner product is the mean of the two cosines; twice the memory) are the options.
+  Memory: N x D x 2 bytes in float16 (D x 4 in float32), plus 8 bytes per sample and
+  granularity for labels and acceptance ranks.
+* **Clustering round.** scikit-learn's ``KMeans`` (``MiniBatchKMeans`` above
+  ``minibatch_threshold`` samples) on the samples seen so far; the cost is
+  O(N x k x D x iterations), linear in N. Samples are then assigned to the nearest final
+  centroid in torch; the confidence is the cosine similarity to the assigned centroid
+  (``confidence="centroid"``) or the gap between the distances to the second-nearest and the
+  nearest centroid (``"margin"``). The round runs on rank 0 and its result is broadcast, so
+  every rank holds the same labels; the bank is the same on every rank because ``observe``
+  gathers the (index, embedding) pairs of the global batch.
+* **Acceptance.** At the end of a round every sample gets an acceptance rank in (0, 1]: its
+  position in the confidence order (most confident first) divided by the number ranked, over
+  the whole data set (``accept_scope="global"``) or within its own cluster (``"cluster"``:
+  every cluster contributes the same fraction). A sample is accepted at epoch e when its rank
+  is at most ``accept_fraction(e) = clamp((e - start_epoch) / accept_warmup_epochs, 0, 1)``, so
+  the accepted set grows with every step, between rounds too, at O(batch) cost.
+* **Several granularities.** ``combine="all"`` (default): a pair is a false negative when both
+  samples are accepted and share the pseudo-label at every granularity (the intersection,
+  precision first). ``"any"``: at some granularity (the union, recall first).
+* **Schedule.** Rounds happen on the grid ``start_epoch + r * cluster_every``, once the bank
+  has been filled for ``bank_warmup_epochs`` (default one epoch: every sample seen once).
+  Masking starts with the first round (acceptance 0 at ``start_epoch``, so the first
+  detections come a little after it).
+
+Per step the detector costs O(b x B) (label comparisons) plus O(B x D) bank writes; the O(N)
+work happens only in the rounds, whose wall time is reported as ``ifnd_cluster_seconds``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from . import comm
+from .detectors import Detection, DetectionBatch, FalseNegativeDetector, register_detector
+from .table import segment_mean
+from .thresholds import SIDES, GloFNDConfig
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
+_ASSIGN_CHUNK = 65536
+
+
+@dataclass
+class IFNDConfig:
+    """Settings of the IFND detector (see the module docstring for what each one does)."""
+
+    num_clusters: tuple[int, ...] = ()
+    """k of each granularity. Empty: one granularity with k = round(1 / alpha) of the
+    ``GloFNDConfig`` the factory receives (balanced clusters then hold a fraction alpha of the
+    data, the same budget as GloFND and the in-batch quantile)."""
+    cluster_every: float = 1.0
+    """Epochs between clustering rounds."""
+    start_epoch: float | None = None
+    """First round and start of masking; None: ``GloFNDConfig.mask_start_epoch``."""
+    accept_warmup_epochs: float = 10.0
+    """Epochs over which the accepted fraction grows linearly from 0 to 1 (0: all at once)."""
+    accept_scope: Literal["global", "cluster"] = "global"
+    confidence: Literal["centroid", "margin"] = "centroid"
+    combine: Literal["all", "any"] = "all"
+    features: Literal["mean", "image", "text", "concat"] = "mean"
+    bank_dtype: Literal["float16", "float32", "bfloat16"] = "float16"
+    bank_warmup_epochs: float = 1.0
+    """Epochs of observed features the bank needs before the first round."""
+    kmeans_iters: int = 50
+    kmeans_n_init: int = 1
+    kmeans_algorithm: Literal["auto", "kmeans", "minibatch"] = "auto"
+    minibatch_threshold: int = 200_000
+    """``auto`` uses ``MiniBatchKMeans`` above this many samples."""
+    minibatch_size: int = 4096
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.num_clusters, int):
+            self.num_clusters = (self.num_clusters,)
+        self.num_clusters = tuple(int(k) for k in self.num_clusters)
+        if any(k < 2 for k in self.num_clusters):
+            raise ValueError(f"every num_clusters entry must be >= 2, got {self.num_clusters}")
+        if len(set(self.num_clusters)) != len(self.num_clusters):
+            raise ValueError(f"num_clusters has repeated entries: {self.num_clusters}")
+        if not self.cluster_every > 0:
+            raise ValueError(f"cluster_every must be positive, got {self.cluster_every}")
+        if self.start_epoch is not None and self.start_epoch < 0:
+            raise ValueError(f"start_epoch must be >= 0, got {self.start_epoch}")
+        if not self.accept_warmup_epochs >= 0:
+            raise ValueError(
+                f"accept_warmup_epochs must be >= 0, got {self.accept_warmup_epochs}"
+            )
+        if not self.bank_warmup_epochs >= 0:
+            raise ValueError(f"bank_warmup_epochs must be >= 0, got {self.bank_warmup_epochs}")
+        choices = {
+            "accept_scope": ("global", "cluster"), "confidence": ("centroid", "margin"),
+            "combine": ("all", "any"), "features": ("mean", "image", "text", "concat"),
+            "bank_dtype": tuple(_DTYPES), "kmeans_algorithm": ("auto", "kmeans", "minibatch"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        for name in ("kmeans_iters", "kmeans_n_init", "minibatch_threshold", "minibatch_size"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @classmethod
+    def from_any(cls, value: IFNDConfig | Mapping[str, Any] | None) -> IFNDConfig:
+        """An ``IFNDConfig`` from itself, a mapping of its fields, or None (defaults)."""
+        if value is None:
+            return cls()
+        if isinstance(value, IFNDConfig):
+            return value
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"unknown IFND settings {unknown}; known: {sorted(known)}")
+        return cls(**dict(value))
+
+
+class IFNDDetector(FalseNegativeDetector):
+    """False negatives = accepted samples sharing a k-means pseudo-label (IFND)."""
+
+    name = "ifnd"
+
+    def __init__(
+        self,
+        num_samples: int,
+        config: IFNDConfig | None = None,
+        alpha: float | None = None,
+        device: torch.device | str = "cpu",
+        pin_memory: bool = False,
+    ) -> None:
+        config = config or IFNDConfig()
+        if num_samples is None or int(num_samples) <= 0:
+            raise ValueError(f"ifnd needs a positive num_samples, got {num_samples}")
+        num_clusters = config.num_clusters
+        if not num_clusters:
+            if alpha is None:
+                raise ValueError("set IFNDConfig.num_clusters, or pass alpha to derive k = 1/alpha")
+            num_clusters = (max(2, round(1.0 / alpha)),)
+        start = 0.0 if config.start_epoch is None else float(config.start_epoch)
+        super().__init__(start)
+        self.config = config
+        self.num_clusters = tuple(num_clusters)
+        self.start_epoch = start
+        self._num_samples = int(num_samples)
+        self.device = torch.device(device)
+        self.pin_memory = pin_memory
+        self.dtype = _DTYPES[config.bank_dtype]
+        g, n = len(self.num_clusters), self._num_samples
+        self.bank: torch.Tensor | None = None  # (N, D), allocated on the first observe
+        self.seen = torch.zeros(n, dtype=torch.bool, device=self.device)
+        self.labels = torch.full((g, n), -1, dtype=torch.int32, device=self.device)
+        self.confidence = torch.full((g, n), float("nan"), dtype=torch.float32,
+                                     device=self.device)
+        self.accept_rank = torch.full((g, n), math.inf, dtype=torch.float32, device=self.device)
+        self.last_round_epoch = math.nan
+        self.first_epoch = math.nan  # epoch of the first step with an observed bank
+        self.rounds = 0
+        self.round_seconds = 0.0
+        self._observed = False
+
+    # -- the interface ----------------------------------------------------------------------
+    @property
+    def num_samples(self) -> int:
+        return self._num_samples
+
+    def accept_fraction(self, epoch: float) -> float:
+        """Fraction of the most confident samples accepted at ``epoch`` (0 before the start)."""
+        if epoch < self.start_epoch:
+            return 0.0
+        warmup = self.config.accept_warmup_epochs
+        if warmup == 0:
+            return 1.0
+        return float(min(1.0, max(0.0, (epoch - self.start_epoch) / warmup)))
+
+    @torch.no_grad()
+    def observe(
+        self, index: torch.Tensor, image_embeds: torch.Tensor, text_embeds: torch.Tensor
+    ) -> None:
+        """Write this process's embeddings into the bank (gathered over ranks, so every rank
+        keeps the same bank). Call it once per training step, before ``detect``."""
+        if index.dim() != 1 or image_embeds.shape[0] != index.shape[0] or (
+            image_embeds.shape != text_embeds.shape
+        ):
+            raise ValueError(
+                f"observe needs index (b,) and two (b, D) embeddings, got {tuple(index.shape)}, "
+                f"{tuple(image_embeds.shape)} and {tuple(text_embeds.shape)}"
+            )
+        feats = self._features(image_embeds.detach().float(), text_embeds.detach().float())
+        # Gathered on the embeddings' device (NCCL needs accelerator tensors).
+        index = index.detach().to(feats.device, torch.long)
+        index = comm.all_gather_no_grad(index.contiguous())
+        feats = comm.all_gather_no_grad(feats.contiguous())
+        if self.bank is None:
+            self.bank = torch.zeros(self._num_samples, feats.shape[1], dtype=self.dtype,
+                                    device=self.device)
+            if self.pin_memory and self.device.type == "cpu" and torch.cuda.is_available():
+                self.bank = self.bank.pin_memory()
+        elif feats.shape[1] != self.bank.shape[1]:
+            raise ValueError(
+                f"embedding width changed: bank holds {self.bank.shape[1]}, got {feats.shape[1]}"
+            )
+        # Duplicated indices in one batch get their mean, written identically by every copy.
+        feats = F.normalize(segment_mean(index, feats), dim=-1)
+        target = index.to(self.device)
+        self.bank.index_copy_(0, target, feats.to(self.device, self.dtype))
+        self.seen[target] = True
+        self._observed = True
+
+    @torch.no_grad()
+    def detect(self, sim: torch.Tensor, batch: DetectionBatch) -> Detection:
+        if batch.anchor_index is None or batch.candidate_index is None:
+            raise ValueError("the ifnd detector needs the dataset indices of the batch")
+        epoch = float(batch.epoch)
+        if self._observed and math.isnan(self.first_epoch):
+            self.first_epoch = epoch
+        if epoch >= self.start_epoch and not self._observed and self.rounds == 0:
+            raise RuntimeError(
+                "the ifnd detector has not observed any embeddings: the loss must call "
+                "detector.observe(index, image_embeds, text_embeds) every training step"
+            )
+        if self._round_due(epoch):
+            self._cluster(epoch)
+        frac = self.accept_fraction(epoch)
+        stats = self._stats(frac, sim.device)
+        if not self.masking(epoch) or self.rounds == 0 or frac <= 0.0:
+            return Detection(None, stats)
+        found = self._same_accepted_label(batch.anchor_index, batch.candidate_index, frac)
+        found = found.to(sim.device) & batch.negatives
+        stats["ifnd_accepted_anchors"] = self._accepted(batch.anchor_index, frac).float().mean()
+        return Detection(found.unsqueeze(0).expand(len(SIDES), -1, -1), stats)
+
+    # -- pieces ------------------------------------------------------------------------------
+    def _features(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        image, text = F.normalize(image, dim=-1), F.normalize(text, dim=-1)
+        mode = self.config.features
+        if mode == "image":
+            return image
+        if mode == "text":
+            return text
+        if mode == "concat":
+            return torch.cat([image, text], dim=-1) / math.sqrt(2.0)
+        return F.normalize(image + text, dim=-1)
+
+    def _slot(self, epoch: float) -> int:
+        return math.floor((epoch - self.start_epoch) / self.config.cluster_every + 1e-9)
+
+    def _round_due(self, epoch: float) -> bool:
+        if epoch < self.start_epoch or not self._observed or math.isnan(self.first_epoch):
+            return False
+        if epoch < self.first_epoch + self.config.bank_warmup_epochs - 1e-9:
+            return False
+        if self.rounds == 0 or math.isnan(self.last_round_epoch):
+            return True
+        return self._slot(epoch) > self._slot(self.last_round_epoch)
+
+    def _lookup(self, table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """(G, len(index)) rows of a (G, N) table, on the device of ``index``."""
+        return table.index_select(1, index.to(table.device)).to(index.device)
+
+    def _accepted(self, index: torch.Tensor, frac: float) -> torch.Tensor:
+        """(len(index),) accepted at every granularity ("all") or at some ("any")."""
+        ok = self._lookup(self.accept_rank, index) <= frac
+        return ok.all(0) if self.config.combine == "all" else ok.any(0)
+
+    def _same_accepted_label(
+        self, anchor_index: torch.Tensor, candidate_index: torch.Tensor, frac: float
+    ) -> torch.Tensor:
+        """(b, B) bool: accepted pairs sharing the pseudo-label (all / any granularity)."""
+        la, lc = self._lookup(self.labels, anchor_index), self._lookup(self.labels, candidate_index)
+        aa = self._lookup(self.accept_rank, anchor_index) <= frac
+        ac = self._lookup(self.accept_rank, candidate_index) <= frac
+        result = None
+        for g in range(len(self.num_clusters)):
+            same = (la[g].unsqueeze(1) == lc[g].unsqueeze(0)) & aa[g].unsqueeze(1) & ac[g].unsqueeze(0)
+            if result is None:
+                result = same
+            elif self.config.combine == "all":
+                result = result & same
+            else:
+                result = result | same
+        return result
+
+    def _stats(self, frac: float, device: torch.device) -> dict[str, torch.Tensor]:
+        return {
+            "ifnd_accept_fraction": torch.tensor(frac, device=device),
+            "ifnd_rounds": torch.tensor(float(self.rounds), device=device),
+            "ifnd_cluster_seconds": torch.tensor(self.round_seconds, device=device),
+        }
+
+    # -- the clustering round ----------------------------------------------------------------
+    @torch.no_grad()
+    def _cluster(self, epoch: float) -> None:
+        start = time.perf_counter()
+        g, n = len(self.num_clusters), self._num_samples
+        if comm.rank() == 0:
+            labels, confidence, rank = self._cluster_local()
+        else:
+            labels = torch.empty(g, n, dtype=torch.int32)
+            confidence = torch.empty(g, n, dtype=torch.float32)
+            rank = torch.empty(g, n, dtype=torch.float32)
+        if comm.world_size() > 1:
+            labels, confidence, rank = (_broadcast(t) for t in (labels, confidence, rank))
+        self.labels = labels.to(self.device)
+        self.confidence = confidence.to(self.device)
+        self.accept_rank = rank.to(self.device)
+        self.rounds += 1
+        self.last_round_epoch = float(epoch)
+        self.round_seconds = time.perf_counter() - start
+        logger.info(
+            "ifnd: clustering round %d at epoch %.3f over %d samples (k=%s) took %.2f s",
+            self.rounds, epoch, int(self.seen.sum()), list(self.num_clusters), self.round_seconds,
+        )
+
+    def _cluster_local(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """k-means of the seen part of the bank at every granularity (on the host)."""
+        g, n = len(self.num_clusters), self._num_samples
+        labels = torch.full((g, n), -1, dtype=torch.int32)
+        confidence = torch.full((g, n), float("nan"), dtype=torch.float32)
+        rank = torch.full((g, n), math.inf, dtype=torch.float32)
+        members = self.seen.nonzero().squeeze(1).cpu()
+        if members.numel() < 2:
+            return labels, confidence, rank
+        x = self.bank.index_select(0, members.to(self.bank.device)).float().cpu()
+        x = F.normalize(x, dim=-1)
+        x_np = x.numpy()
+        for level, k in enumerate(self.num_clusters):
+            k_eff = min(k, members.numel())
+            if k_eff < k:
+                logger.warning("ifnd: only %d samples seen, clustering with k=%d instead of %d",
+                               members.numel(), k_eff, k)
+            centers = self._kmeans(x_np, k_eff, seed=self.config.seed + 7919 * self.rounds + level)
+            lab, conf = _assign(x, torch.from_numpy(centers).float(), self.config.confidence)
+            labels[level, members] = lab.to(torch.int32)
+            confidence[level, members] = conf
+            rank[level, members] = _acceptance_rank(lab, conf, self.config.accept_scope)
+        return labels, confidence, rank
+
+    def _kmeans(self, x: np.ndarray, k: int, seed: int) -> np.ndarray:
+        from sklearn.cluster import KMeans, MiniBatchKMeans
+
+        cfg = self.config
+        minibatch = cfg.kmeans_algorithm == "minibatch" or (
+            cfg.kmeans_algorithm == "auto" and x.shape[0] > cfg.minibatch_threshold
+        )
+        if minibatch:
+            km = MiniBatchKMeans(n_clusters=k, max_iter=cfg.kmeans_iters, n_init=cfg.kmeans_n_init,
+                                 batch_size=cfg.minibatch_size, random_state=seed,
+                                 compute_labels=False)
+        else:
+            km = KMeans(n_clusters=k, max_iter=cfg.kmeans_iters, n_init=cfg.kmeans_n_init,
+                        random_state=seed)
+        km.fit(x)
+        return km.cluster_centers_
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        bank = self.bank if self.bank is not None else torch.zeros(self._num_samples, 0,
+                                                                   dtype=self.dtype)
+        return {
+            "bank": bank.detach().cpu().clone(),
+            "seen": self.seen.cpu().clone(),
+            "labels": self.labels.cpu().clone(),
+            "confidence": self.confidence.cpu().clone(),
+            "accept_rank": self.accept_rank.cpu().clone(),
+            "num_clusters": torch.tensor(self.num_clusters, dtype=torch.int64),
+            "last_round_epoch": torch.tensor([self.last_round_epoch], dtype=torch.float64),
+            "first_epoch": torch.tensor([self.first_epoch], dtype=torch.float64),
+            "rounds": torch.tensor([self.rounds], dtype=torch.int64),
+            "round_seconds": torch.tensor([self.round_seconds], dtype=torch.float64),
+        }
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        expected = set(self.state_dict())
+        if set(state) != expected:
+            raise ValueError(
+                f"ifnd state keys differ: missing {sorted(expected - set(state))}, "
+                f"unexpected {sorted(set(state) - expected)}"
+            )
+        n, g = self._num_samples, len(self.num_clusters)
+        if state["bank"].dim() != 2 or state["bank"].shape[0] != n:
+            raise ValueError(f"ifnd bank has shape {tuple(state['bank'].shape)}, expected ({n}, D)")
+        if tuple(state["num_clusters"].tolist()) != self.num_clusters:
+            raise ValueError(
+                f"checkpoint clustered with k={state['num_clusters'].tolist()}, the configuration "
+                f"says {list(self.num_clusters)}"
+            )
+        for key in ("labels", "confidence", "accept_rank"):
+            if tuple(state[key].shape) != (g, n):
+                raise ValueError(f"ifnd {key} has shape {tuple(state[key].shape)}, expected {(g, n)}")
+        if tuple(state["seen"].shape) != (n,):
+            raise ValueError(f"ifnd seen has shape {tuple(state['seen'].shape)}, expected ({n},)")
+        bank = state["bank"]
+        self.bank = None if bank.shape[1] == 0 else bank.to(self.device, self.dtype).clone()
+        self.seen = state["seen"].to(self.device, torch.bool).clone()
+        self.labels = state["labels"].to(self.device, torch.int32).clone()
+        self.confidence = state["confidence"].to(self.device, torch.float32).clone()
+        self.accept_rank = state["accept_rank"].to(self.device, torch.float32).clone()
+        self.last_round_epoch = float(state["last_round_epoch"][0])
+        self.first_epoch = float(state["first_epoch"][0])
+        self.rounds = int(state["rounds"][0])
+        self.round_seconds = float(state["round_seconds"][0])
+        self._observed = bool(self.seen.any())
+
+    def to(self, device: torch.device | str) -> IFNDDetector:
+        self.device = torch.device(device)
+        if self.bank is not None:
+            self.bank = self.bank.to(self.device)
+        self.seen = self.seen.to(self.device)
+        self.labels = self.labels.to(self.device)
+        self.confidence = self.confidence.to(self.device)
+        self.accept_rank = self.accept_rank.to(self.device)
+        return self
+
+    def config_dict(self) -> dict:
+        cfg = asdict(self.config)
+        cfg["num_clusters"] = list(self.num_clusters)
+        cfg["start_epoch"] = self.start_epoch
+        return {"detector": self.name, "num_samples": self.num_samples,
+                "mask_start_epoch": self.mask_start_epoch, **cfg}
+
+
+def _assign(
+    x: torch.Tensor, centers: torch.Tensor, confidence: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest centre (Euclidean, as k-means) and the confidence of each row of ``x``."""
+    labels, conf = [], []
+    c_sq = (centers * centers).sum(-1)
+    c_unit = F.normalize(centers, dim=-1)
+    for s in range(0, x.shape[0], _ASSIGN_CHUNK):
+        chunk = x[s:s + _ASSIGN_CHUNK]
+        d2 = ((chunk * chunk).sum(-1, keepdim=True) - 2.0 * chunk @ centers.t() + c_sq).clamp(min=0)
+        if confidence == "margin" and centers.shape[0] > 1:
+            two = d2.topk(2, dim=-1, largest=False)
+            lab = two.indices[:, 0]
+            dist = two.values.sqrt()
+            conf.append(dist[:, 1] - dist[:, 0])
+        else:
+            lab = d2.argmin(-1)
+            if confidence == "margin":
+                conf.append(torch.zeros(chunk.shape[0]))
+            else:
+                conf.append((F.normalize(chunk, dim=-1) * c_unit[lab]).sum(-1))
+        labels.append(lab)
+    return torch.cat(labels), torch.cat(conf)
+
+
+def _acceptance_rank(labels: torch.Tensor, conf: torch.Tensor, scope: str) -> torch.Tensor:
+    """(position in the confidence order, most confident first, ties by row) / count, over all
+    rows (``global``) or within each label (``cluster``): values in (0, 1]."""
+    n = conf.shape[0]
+    order_conf = np.lexsort((np.arange(n), -conf.numpy().astype(np.float64)))
+    if scope == "global":
+        rank = np.empty(n, dtype=np.float64)
+        rank[order_conf] = (np.arange(n) + 1) / n
+        return torch.from_numpy(rank).float()
+    lab = labels.numpy()
+    # Stable sort by label of the confidence order: within each label, most confident first.
+    order = order_conf[np.argsort(lab[order_conf], kind="stable")]
+    sorted_lab = lab[order]
+    counts = np.bincount(lab)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    position = np.arange(n) - starts[sorted_lab]
+    rank = np.empty(n, dtype=np.float64)
+    rank[order] = (position + 1) / counts[sorted_lab]
+    return torch.from_numpy(rank).float()
+
+
+def _broadcast(tensor: torch.Tensor) -> torch.Tensor:
+    """Rank 0's ``tensor`` on every rank (through the accelerator for NCCL)."""
+    device = torch.device("cpu")
+    if dist.get_backend() == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    moved = tensor.to(device).contiguous()
+    dist.broadcast(moved, src=0)
+    return moved.cpu()
+
+
+@register_detector("ifnd")
+def _build_ifnd(
+    *, num_samples: int | None, config: GloFNDConfig, device="cpu", pin_memory: bool = False,
+    **_: object,
+) -> FalseNegativeDetector:
+    """IFND settings come from ``config.ifnd`` (an ``IFNDConfig`` or a mapping of its fields;
+    defaults when absent); the start epoch defaults to ``config.mask_start_epoch`` and the
+    number of clusters to round(1 / ``config.alpha``)."""
+    if num_samples is None:
+        raise ValueError("the ifnd detector needs num_samples (the size of the index space)")
+    ifnd = IFNDConfig.from_any(getattr(config, "ifnd", None))
+    if ifnd.start_epoch is None:
+        ifnd = IFNDConfig(**{**asdict(ifnd), "start_epoch": float(config.mask_start_epoch)})
+    return IFNDDetector(num_samples, ifnd, alpha=config.alpha, device=device,
+                        pin_memory=pin_memory)
