@@ -150,7 +150,6 @@ def _best_positive_ranks(
     offsets[1:] = torch.cumsum(counts, 0)
     offsets_host = offsets.tolist()
 
-    cand_index = torch.arange(num_c, device=device)
     cand_t = candidates.t()
     ranks = torch.empty(num_q, dtype=torch.long, device=device)
 
@@ -175,10 +174,11 @@ def _best_positive_ranks(
 
         # Best-positive score from the same score row, so exact ties are exact.
         best_score = scores.gather(1, best_idx[:, None])
-        higher = (scores > best_score).sum(dim=1)
-        tied_before = ((scores == best_score) & (cand_index[None, :] < best_idx[:, None])).sum(
-            dim=1
-        )
+        higher = torch.count_nonzero(scores > best_score, dim=1)
+        # Ties are few: list them instead of building more [n, N] masks.
+        tie_row, tie_col = torch.nonzero(scores == best_score, as_tuple=True)
+        before = tie_col < best_idx[tie_row]
+        tied_before = torch.bincount(tie_row[before], minlength=n)
         ranks[start:stop] = higher + tied_before
         del scores
 
