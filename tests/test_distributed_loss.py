@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from distributed.common import build_loss, fixed_global_batch, projection
 
 HERE = Path(__file__).resolve().parent

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from distributed.train_worker import run
 
 HERE = Path(__file__).resolve().parent

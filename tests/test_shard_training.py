@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from transformers import TrainerCallback
+from callbacks import StopAt
 
 from glofnd_hf.args import GloFNDTrainingArguments
 from glofnd_hf.data.digits import load_digits_pairs
@@ -31,16 +31,6 @@ class Recording(GloFNDTrainer):
     def compute_loss(self, model, inputs, *args, **kwargs):
         self.seen = getattr(self, "seen", []) + inputs["dataset_index"].tolist()
         return super().compute_loss(model, inputs, *args, **kwargs)
-
-
-class StopAt(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step >= self.step:
-            control.should_training_stop = True
-            control.should_save = True
 
 
 def make(tmp_path, pattern, captions, out="out", **overrides):

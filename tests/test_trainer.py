@@ -4,8 +4,8 @@ import math
 
 import pytest
 import torch
+from callbacks import StopAfterEpoch
 from safetensors.torch import load_file
-from transformers import TrainerCallback
 
 from glofnd_hf.args import GloFNDTrainingArguments
 from glofnd_hf.data.digits import load_digits_pairs
@@ -140,15 +140,6 @@ def test_resume_gives_the_same_state_and_weights(tmp_path, digits):
     for (name, p), q in zip(straight_adapter.model.named_parameters(),
                             resumed_adapter.model.parameters(), strict=True):
         assert torch.allclose(p, q, atol=1e-5), name
-
-
-class StopAfterEpoch(TrainerCallback):
-    def __init__(self, epochs):
-        self.epochs = epochs
-
-    def on_epoch_end(self, args, state, control, **kwargs):
-        if state.epoch >= self.epochs:
-            control.should_training_stop = True
 
 
 @pytest.mark.parametrize("family", ["hf", "open_clip"])

@@ -13,6 +13,7 @@ import torch.distributed as dist
 from transformers import TrainerCallback
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
+from callbacks import StopAt  # noqa: E402
 
 GLOBAL_BATCH = 8
 
@@ -35,16 +36,6 @@ class StateDigest(TrainerCallback):
         else:
             digest = digest.unsqueeze(0)
         self.digests.append(digest)
-
-
-class StopAt(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step >= self.step:
-            control.should_training_stop = True
-            control.should_save = True
 
 
 def run(out_dir, loss_type="clip", stop_at=None, resume=None, save_steps=2, world=1):
