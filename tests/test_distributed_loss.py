@@ -1,14 +1,13 @@
 """Two processes (gloo) over a fixed global batch == one process over the same batch."""
 
 import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 from distributed.common import build_loss, fixed_global_batch, projection
+from launch import free_port, run_process_group
 
 HERE = Path(__file__).resolve().parent
 
@@ -29,19 +28,13 @@ def single_process(kind, steps=2):
     return losses, dict(model.named_parameters()), loss_fn.state_dict()
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_torchrun(kind, out):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
            str(HERE / "distributed" / "loss_worker.py"),
            "--loss", kind, "--out", str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    proc = run_process_group(cmd, env, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [torch.load(f"{out}.rank{r}", weights_only=False) for r in range(2)]
 

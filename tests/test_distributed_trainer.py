@@ -1,22 +1,15 @@
 """GloFNDTrainer under `accelerate launch --num_processes 2` (CPU, gloo) against one process."""
 
 import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 from distributed.train_worker import run
+from launch import free_port, run_process_group
 
 HERE = Path(__file__).resolve().parent
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch_two(tmp_path, name, *extra):
@@ -27,7 +20,7 @@ def launch_two(tmp_path, name, *extra):
            "--main_process_port", str(free_port()),
            str(HERE / "distributed" / "train_worker.py"),
            "--output-dir", str(tmp_path / name), "--out", str(out), *extra]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_process_group(cmd, env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return torch.load(out, weights_only=False)
 
