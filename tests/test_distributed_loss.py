@@ -34,7 +34,7 @@ def run_torchrun(kind, out):
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
            str(HERE / "distributed" / "loss_worker.py"),
            "--loss", kind, "--out", str(out)]
-    proc = run_process_group(cmd, env, timeout=120)
+    proc = run_process_group(cmd, env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [torch.load(f"{out}.rank{r}", weights_only=False) for r in range(2)]
 

@@ -27,21 +27,22 @@ def clustered_pairs(n: int, dim: int = 32, clusters: int = 16, seed: int = 0):
     return image, text
 
 
-def test_masked_quantile_matches_torch_quantile():
+@pytest.mark.parametrize("q", [0.1, 0.5, 0.9, 0.999])
+def test_masked_quantile_matches_torch_quantile(q):
     gen = torch.Generator().manual_seed(0)
     values = torch.randn(2, 5, 9, generator=gen)
     mask = torch.rand(5, 9, generator=gen) > 0.3
     mask[0] = False
     mask[1, :] = False
     mask[1, 4] = True
-    got = masked_quantile(values, mask, 0.9)
+    got = masked_quantile(values, mask, q)
     for s in range(2):
         for i in range(5):
             row = values[s, i][mask[i]]
             if row.numel() == 0:
                 assert torch.isnan(got[s, i])
             else:
-                assert torch.allclose(got[s, i], torch.quantile(row, 0.9), atol=1e-6)
+                assert torch.allclose(got[s, i], torch.quantile(row, q), atol=1e-6)
 
 
 def test_segment_mean_averages_duplicates_and_keeps_unique_values_exactly():

@@ -10,6 +10,7 @@ side 1 text anchors against all images.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ import torch
 
 from . import comm
 from .table import segment_mean
-from .thresholds import SIDES, GloFNDConfig, ThresholdState
+from .thresholds import LAMBDA, SIDES, GloFNDConfig, ThresholdState
 
 
 @dataclass
@@ -51,12 +52,21 @@ def masked_quantile(values: torch.Tensor, mask: torch.Tensor, q: float) -> torch
     mask = mask.expand_as(values)
     width = values.shape[-1]
     count = mask.sum(-1)
-    ordered = values.masked_fill(~mask, float("-inf")).sort(dim=-1).values
-    # The valid entries occupy the last `count` positions of each sorted row.
-    position = (width - count) + q * (count - 1).clamp(min=0)
-    low = position.floor().long().clamp(0, width - 1)
-    high = position.ceil().long().clamp(0, width - 1)
+    filled = values.masked_fill(~mask, float("-inf"))
+    position = q * (count - 1).clamp(min=0)  # among the valid entries, ascending
+    low, high = position.floor().long(), position.ceil().long()
     frac = (position - low).to(values.dtype)
+    if q >= 0.5:
+        # High quantiles (the detectors' case) need only the top of each row: topk, no sort.
+        k = min(width, math.ceil((1.0 - q) * (width - 1)) + 2)
+        top = filled.topk(k, dim=-1).values  # descending; valid entries first
+        low, high = (count - 1 - low).clamp(0, k - 1), (count - 1 - high).clamp(0, k - 1)
+        ordered = top
+    else:
+        ordered = filled.sort(dim=-1).values  # valid entries in the last `count` positions
+        low, high = (width - count + low).clamp(0, width - 1), (width - count + high).clamp(
+            0, width - 1
+        )
     v_low = ordered.gather(-1, low.unsqueeze(-1)).squeeze(-1)
     v_high = ordered.gather(-1, high.unsqueeze(-1)).squeeze(-1)
     result = v_low + frac * (v_high - v_low)
@@ -173,17 +183,18 @@ class GloFNDDetector(FalseNegativeDetector):
 
     def detect(self, sim: torch.Tensor, batch: DetectionBatch) -> Detection:
         cfg = self.config
-        index = batch.anchor_index
-        if batch.epoch >= cfg.update_start_epoch:
-            self._update(sim, batch)
+        updated = self._update(sim, batch) if batch.epoch >= cfg.update_start_epoch else None
         if not self.masking(batch.epoch):
             return Detection(None)
-        lam = self.state.lambdas(index, sim.device).t()  # (2, b)
+        lam = updated if updated is not None else self.state.lambdas(
+            batch.anchor_index, sim.device).t()  # (2, b)
         found = (sim > lam.unsqueeze(-1).to(sim.dtype)) & batch.negatives
         return Detection(found, _threshold_stats(lam))
 
     @torch.no_grad()
-    def _update(self, sim: torch.Tensor, batch: DetectionBatch) -> None:
+    def _update(self, sim: torch.Tensor, batch: DetectionBatch) -> torch.Tensor:
+        """Threshold step for every anchor of the global batch; returns the (2, b) updated
+        thresholds of this process's anchors."""
         cfg = self.config
         lam = self.state.lambdas(batch.anchor_index, sim.device).t()  # (2, b)
         negatives = batch.negatives
@@ -199,11 +210,15 @@ class GloFNDDetector(FalseNegativeDetector):
         local = torch.cat(values, dim=0).t().to(torch.float32)  # (b, 2 or 4)
         # Every rank gets every anchor's values (O(global batch)) and applies the same update.
         gathered = comm.all_gather_no_grad(local.contiguous())
-        index = batch.candidate_index if comm.world_size() > 1 else batch.anchor_index
+        distributed = comm.world_size() > 1
+        index = batch.candidate_index if distributed else batch.anchor_index
         gathered = segment_mean(index, gathered)
         grad_all = gathered[:, :2]
         quantile = gathered[:, 2:4] if cfg.init_quantile else None
-        self.state.apply_update(index, grad_all, quantile, cfg, batch.epoch)
+        rows = self.state.apply_update(index, grad_all, quantile, cfg, batch.epoch)
+        b = batch.anchor_index.shape[0]
+        start = comm.rank() * b if distributed else 0
+        return rows[start:start + b, :, LAMBDA].t().to(sim.dtype)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.state.state_dict()
@@ -231,10 +246,13 @@ def _threshold_stats(threshold: torch.Tensor) -> dict[str, torch.Tensor]:
 
     Over the b local anchors only (never over N), on the device: no synchronisation.
     """
-    threshold = threshold.detach().float()
-    qs = torch.tensor([0.1, 0.5, 0.9], device=threshold.device)
-    finite = torch.nan_to_num(threshold, nan=1.0)
-    pct = torch.quantile(finite, qs, dim=-1)  # (3, 2)
+    threshold = torch.nan_to_num(threshold.detach().float(), nan=1.0)
+    # Order statistics of the b values (no quantile kernel, no host-to-device copy).
+    ordered = threshold.sort(dim=-1).values
+    last = ordered.shape[-1] - 1
+    picks = [round(q * last) for q in (0.1, 0.5, 0.9)]
+    pct = ordered[:, picks].t()  # (3, 2)
+    finite = threshold
     stats = {}
     for s, side in enumerate(SIDES):
         stats[f"lambda_mean_{side}"] = finite[s].mean()

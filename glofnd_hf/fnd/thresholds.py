@@ -130,15 +130,17 @@ class ThresholdState:
         quantile: torch.Tensor | None,
         config: GloFNDConfig,
         epoch: float,
-    ) -> None:
-        """One threshold step for the anchors ``index`` (deduplicated by the caller).
+    ) -> torch.Tensor:
+        """One threshold step for the anchors ``index``; returns their new (n, 2, 4) rows.
 
-        ``grad``: (n, 2) pinball-loss gradients; ``quantile``: (n, 2) in-batch quantiles used
-        on a first visit when ``config.init_quantile`` is set.
+        ``grad``: (n, 2) pinball-loss gradients (equal for repeated indices, see
+        ``segment_mean``); ``quantile``: (n, 2) in-batch quantiles used on a first visit when
+        ``config.init_quantile`` is set.
         """
         rows = self.table.gather(index, grad.device)
         rows = threshold_step(rows, grad, quantile, config, epoch)
         self.table.scatter(index, rows)
+        return rows
 
 
 def threshold_step(

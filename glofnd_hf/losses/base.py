@@ -123,9 +123,14 @@ class BimodalContrastiveLoss(ABC):
         with torch.autocast(device_type=image_embeds.device.type, enabled=False):
             image = F.normalize(image_embeds.to(dtype), dim=-1)
             text = F.normalize(text_embeds.to(dtype), dim=-1)
-            all_image = comm.all_gather_with_grad(image)
-            all_text = comm.all_gather_with_grad(text)
-            sim = torch.stack([image @ all_text.t(), text @ all_image.t()])  # (2, b, B)
+            if comm.world_size() == 1:
+                # One matmul: the text side is the transpose of the image side.
+                image_side = image @ text.t()
+                sim = torch.stack([image_side, image_side.t()])  # (2, b, B)
+            else:
+                all_image = comm.all_gather_with_grad(image)
+                all_text = comm.all_gather_with_grad(text)
+                sim = torch.stack([image @ all_text.t(), text @ all_image.t()])
             if self.check_inputs:
                 self._check_values(image_embeds, text_embeds, logit_scale, sim, index)
             masks, batch = self._masks(sim, index, epoch, labels)

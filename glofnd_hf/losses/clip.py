@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .base import BimodalContrastiveLoss, LossOutput, Masks
 
@@ -26,11 +27,19 @@ class ClipLoss(BimodalContrastiveLoss):
         epoch: float,
     ) -> LossOutput:
         logits = logit_scale * sim
-        positives = masks.positives(self.strategy)
-        in_denominator = positives | masks.kept_negatives(self.strategy)
-        lse = torch.logsumexp(logits.masked_fill(~in_denominator, float("-inf")), dim=-1)
-        n_pos = positives.sum(-1)
-        pos_mean = torch.where(positives, logits, torch.zeros_like(logits)).sum(-1) / n_pos
-        per_anchor = lse - pos_mean  # (2, b)
+        if self.strategy == "eliminate" or masks.false_negatives is None:
+            # One positive per anchor: cross-entropy over the kept columns.
+            dropped = ~(masks.own | masks.kept_negatives(self.strategy))
+            masked = logits.masked_fill(dropped, float("-inf"))
+            target = masks.positive_column.repeat(len(sim))
+            per_anchor = F.cross_entropy(
+                masked.reshape(-1, masked.shape[-1]), target, reduction="none"
+            ).view(len(sim), -1)
+        else:
+            positives = masks.positives(self.strategy)
+            in_denominator = positives | masks.kept_negatives(self.strategy)
+            lse = torch.logsumexp(logits.masked_fill(~in_denominator, float("-inf")), dim=-1)
+            pos_sum = torch.where(positives, logits, torch.zeros_like(logits)).sum(-1)
+            per_anchor = lse - pos_sum / positives.sum(-1)  # (2, b)
         return LossOutput(per_anchor.mean(), {"loss_image": per_anchor[0].mean().detach(),
                                               "loss_text": per_anchor[1].mean().detach()})
