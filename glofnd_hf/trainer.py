@@ -151,9 +151,8 @@ class GloFNDTrainer(Trainer):
             loss = build_contrastive_loss(args, num_samples, args.device)
         self.contrastive_loss = loss
         self.num_samples = loss.num_samples if loss.num_samples is not None else num_samples
-        self._stat_sums: dict[str, torch.Tensor] = {}
+        self._stat_sums: dict[tuple[str, ...], tuple[torch.Tensor, int]] = {}
         self._bad_samples: dict[str, int] = {}
-        self._stat_count = 0
         self.add_callback(_ClampLogitScale(adapter.logit_scale_parameter(), args.max_log_logit_scale))
         self.add_callback(ModelCardCallback(self))  # a model card in every checkpoint
 
@@ -221,28 +220,36 @@ class GloFNDTrainer(Trainer):
         return (result.loss, outputs) if return_outputs else result.loss
 
     def _accumulate_stats(self, stats: dict[str, torch.Tensor], logit_scale: torch.Tensor) -> None:
-        # Summed on the device; read (one sync) only when the Trainer logs.
+        # One stacked running sum per set of statistic names, on the device: nothing is read
+        # (no host sync) until the Trainer logs.
         stats = {**stats, "temperature": 1.0 / logit_scale.detach().float()}
-        for key, value in stats.items():
-            value = torch.as_tensor(value, dtype=torch.float32).detach()
-            if key in self._stat_sums:
-                self._stat_sums[key] = self._stat_sums[key] + value.to(self._stat_sums[key].device)
-            else:
-                self._stat_sums[key] = value.clone()
-        self._stat_count += 1
+        device = logit_scale.device
+        vector = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device).reshape(())
+                              for v in stats.values()]).detach()
+        names = tuple(stats)
+        if names in self._stat_sums:
+            total, count = self._stat_sums[names]
+            self._stat_sums[names] = (total + vector, count + 1)
+        else:
+            self._stat_sums[names] = (vector, 1)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs and self._stat_count:
-            names = sorted(self._stat_sums)
-            values = torch.stack([self._stat_sums[k].to(self.args.device) for k in names])
-            values = values / self._stat_count
+        if "loss" in logs and self._stat_sums:
+            names = sorted({n for group in self._stat_sums for n in group})
+            position = {n: i for i, n in enumerate(names)}
+            sums = torch.zeros(len(names), device=self.args.device)
+            counts = torch.zeros(len(names), device=self.args.device)
+            for group, (total, count) in self._stat_sums.items():
+                where = torch.tensor([position[n] for n in group], device=self.args.device)
+                sums.index_add_(0, where, total.to(self.args.device))
+                counts.index_add_(0, where, torch.full((len(group),), float(count),
+                                                       device=self.args.device))
             if self.args.world_size > 1:  # statistics of the whole global batch
-                values = self.accelerator.reduce(values, reduction="mean")
-            values = values.cpu()
-            for key, value in zip(names, values.tolist(), strict=True):
+                sums = self.accelerator.reduce(sums, reduction="sum")
+                counts = self.accelerator.reduce(counts, reduction="sum")
+            for key, value in zip(names, (sums / counts).tolist(), strict=True):
                 logs[key] = round(value, 6)
             self._stat_sums.clear()
-            self._stat_count = 0
             for kind, count in self.bad_sample_counts().items():
                 logs[f"bad_samples_{kind}"] = count
         super().log(logs, start_time)

@@ -157,7 +157,7 @@ class GlobalContrastiveLoss(BimodalContrastiveLoss):
             pos_sim = pos_sim / positives.sum(-1)
             surrogate = surrogate + (own_sim - pos_sim) * logit_scale.detach()
 
-        stats = {"gamma": torch.tensor(self.gamma(epoch)),
+        stats = {"gamma": torch.full((), self.gamma(epoch), device=sim.device),
                  "u_mean_image": u[0].mean(), "u_mean_text": u[1].mean()}
         if not self.multiply_tau:
             return LossOutput(surrogate.mean(), stats)
