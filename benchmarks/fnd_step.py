@@ -38,7 +38,6 @@ import socket
 import statistics
 import sys
 import time
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -135,6 +134,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stderr_log(msg: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} {msg}", file=sys.stderr, flush=True)
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -144,32 +147,31 @@ def sync(device: torch.device) -> None:
 
 def measure(args: argparse.Namespace, compute: torch.device, repeats: int, setup: str,
             log) -> list[Row]:
+    """Time every (N, detector, loss) of one process setup, interleaved round by round.
+
+    The states of all N live at once, and each round runs one step of every configuration in
+    a fresh random order (the same order on every rank): load from other programs on a
+    shared machine then hits every N and every detector alike instead of whichever block
+    happened to run at the time.
+    """
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
     b, dim = args.local_batch, args.dim
     global_b = b * world
     thr_bps, u_bps = state_bytes_per_sample()
+    combos = [(d, lo) for d in DETECTORS for lo in LOSSES]
     rows: list[Row] = []
 
-    torch.manual_seed(1234 + rank)
-    pool = [
-        (torch.randn(b, dim, device=compute, requires_grad=True),
-         torch.randn(b, dim, device=compute, requires_grad=True))
-        for _ in range(4)
-    ]
-    logit_scale = torch.tensor(1.0 / 0.07, device=compute, requires_grad=True)
-    combos = [(d, lo) for d in DETECTORS for lo in LOSSES]
-    first = True
-
+    # -- build the state of every N (host-memory guard: all ranks hold a full copy) --------
+    configs = []  # (n, detector name, loss name, loss object, detector object)
     for n in args.sizes:
-        # The first measured N also warms up the process (allocator, thread pool, gloo).
-        warmup = args.warmup + (args.initial_warmup if first else 0)
-        steps = warmup + repeats
-        state_device, pin = state_placement(n, compute)
         if global_b > n:
             rows += [Row(setup, n, d, lo, None, f"global batch {global_b} > N") for d, lo in combos]
             continue
+        state_device, pin = state_placement(n, compute)
         need = n * (thr_bps + u_bps) * world if state_device.type == "cpu" else 0
+        if world > 1:
+            dist.barrier()  # the other ranks' earlier tables are allocated: MemAvailable is fair
         avail = mem_available_bytes()
         skip = torch.tensor(
             int(avail is not None and need > avail - args.mem_margin_gb * 2**30), device=compute
@@ -177,11 +179,11 @@ def measure(args: argparse.Namespace, compute: torch.device, repeats: int, setup
         if world > 1:  # every rank must agree, or the collectives would hang
             dist.all_reduce(skip, op=dist.ReduceOp.MAX)
         if skip.item():
-            note = f"skipped: needs {need / 2**30:.1f} GiB host memory"
+            note = (f"skipped: needs {need / 2**30:.1f} GiB more host memory "
+                    f"({world} process(es) x {fmt_n(n)} x {thr_bps + u_bps} B)")
             rows += [Row(setup, n, d, lo, None, note) for d, lo in combos]
             log(f"[{setup}] N={fmt_n(n)}: {note}")
             continue
-
         t_build = time.perf_counter()
         config = GloFNDConfig()
         detectors = {
@@ -189,54 +191,68 @@ def measure(args: argparse.Namespace, compute: torch.device, repeats: int, setup
                               pin_memory=pin)
             for d in DETECTORS
         }
-        losses = {
-            ("clip", d): ClipLoss(detectors[d]) for d in DETECTORS
-        }
-        # One global loss (one u table) for all detectors: swapped in before each step.
+        # One global loss (one u table) for all detectors of this N: the detector is swapped
+        # in before each step. ClipLoss keeps no state of its own.
         global_loss = GlobalContrastiveLoss(n, detectors["glofnd"], device=state_device,
                                             pin_memory=pin)
-        for d in DETECTORS:
-            losses[("global", d)] = global_loss
+        for d, lo in combos:
+            loss = ClipLoss(detectors[d]) if lo == "clip" else global_loss
+            configs.append((n, d, lo, loss, detectors[d]))
         log(f"[{setup}] N={fmt_n(n)}: state on {state_device}{' (pinned)' if pin else ''}, "
             f"built in {time.perf_counter() - t_build:.1f} s")
+    if not configs:
+        return rows
 
-        # Indices of every step, drawn up front (same stream on every rank: the global batch
-        # is the same, each rank takes its slice).
-        gen = torch.Generator().manual_seed(n % (2**31) + 7)
-        index_sets = [
-            [draw_indices(n, global_b, gen)[rank * b:(rank + 1) * b].to(compute)
-             for _ in combos]
-            for _ in range(steps)
-        ]
-        times: dict[tuple[str, str], list[float]] = {c: [] for c in combos}
-        for s in range(steps):
-            for c, (d, lo) in enumerate(combos):
-                loss = losses[(lo, d)]
-                loss.detector = detectors[d]
-                image, text = pool[(s * len(combos) + c) % len(pool)]
-                image.grad = text.grad = logit_scale.grad = None
-                index = index_sets[s][c]
-                if world > 1:
-                    dist.barrier()
-                sync(compute)
-                t0 = time.perf_counter()
-                out = loss(image, text, logit_scale, index, epoch=EPOCH)
-                out.loss.backward()
-                sync(compute)
-                elapsed = time.perf_counter() - t0
-                if s >= warmup:
-                    times[(d, lo)].append(elapsed * 1e3)
-        for d, lo in combos:
-            t = torch.tensor(times[(d, lo)], dtype=torch.float64, device=compute)
-            if world > 1:  # a distributed step lasts as long as its slowest rank
-                dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            rows.append(Row(setup, n, d, lo, t.cpu().tolist()))
-        base = statistics.median(times[BASELINE])
-        log(f"[{setup}] N={fmt_n(n)}: " + ", ".join(
-            f"{d}/{lo} {statistics.median(times[(d, lo)]):.2f} ms" for d, lo in combos
-        ) + f" (baseline {base:.2f} ms)")
-        del detectors, losses, global_loss
-        first = False
+    # -- inputs, all made before any timing ------------------------------------------------
+    steps = args.warmup + repeats
+    torch.manual_seed(1234 + rank)
+    pool = [
+        (torch.randn(b, dim, device=compute, requires_grad=True),
+         torch.randn(b, dim, device=compute, requires_grad=True))
+        for _ in range(4)
+    ]
+    logit_scale = torch.tensor(1.0 / 0.07, device=compute, requires_grad=True)
+    # Same generator on every rank: the same global batch (each rank takes its slice) and the
+    # same order of configurations, which the collectives need.
+    gen = torch.Generator().manual_seed(20240607)
+    index_sets = [
+        [draw_indices(n, global_b, gen)[rank * b:(rank + 1) * b].to(compute)
+         for n, *_ in configs]
+        for _ in range(steps)
+    ]
+    orders = [torch.randperm(len(configs), generator=gen).tolist() for _ in range(steps)]
+
+    # -- the timed rounds --------------------------------------------------------------------
+    times: list[list[float]] = [[] for _ in configs]
+    t_start = time.perf_counter()
+    for s in range(steps):
+        for c in orders[s]:
+            _, _, _, loss, detector = configs[c]
+            loss.detector = detector
+            image, text = pool[(s + c) % len(pool)]
+            image.grad = text.grad = logit_scale.grad = None
+            if world > 1:
+                dist.barrier()
+            sync(compute)
+            t0 = time.perf_counter()
+            out = loss(image, text, logit_scale, index_sets[s][c], epoch=EPOCH)
+            out.loss.backward()
+            sync(compute)
+            elapsed = time.perf_counter() - t0
+            if s >= args.warmup:
+                times[c].append(elapsed * 1e3)
+        if s + 1 == args.warmup or (s + 1 - args.warmup) % 10 == 0 or s + 1 == steps:
+            log(f"[{setup}] round {s + 1}/{steps} ({args.warmup} warm-up), "
+                f"{time.perf_counter() - t_start:.0f} s")
+
+    for c, (n, d, lo, _, _) in enumerate(configs):
+        t = torch.tensor(times[c], dtype=torch.float64, device=compute)
+        if world > 1:  # a distributed step lasts as long as its slowest rank
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        rows.append(Row(setup, n, d, lo, t.cpu().tolist()))
+    order = {n: i for i, n in enumerate(args.sizes)}
+    combo_order = {c: i for i, c in enumerate(combos)}
+    rows.sort(key=lambda r: (order[r.n], combo_order[(r.detector, r.loss)]))
     return rows
 
 
@@ -250,18 +266,15 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue) -
         "nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}",
         rank=rank, world_size=world,
     )
-    # glofnd_hf.fnd.comm uses torch.distributed.nn.functional.all_gather (deprecated).
-    warnings.filterwarnings("ignore", message=".*all_gather is deprecated", category=FutureWarning)
-    setup = f"{world} proc x {args.local_batch} = {world * args.local_batch}"
-    log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if rank == 0 else (
-        lambda msg: None)
-    rows = measure(args, compute, args.dist_repeats, setup, log)
-    if rank == 0:  # plain dicts: the class lives in a __main__ the parent cannot import
-        queue.put([vars(r) for r in rows])
-    dist.barrier()
-    # No destroy_process_group(): with torch 2.14 + gloo, a backward through
-    # torch.distributed.nn.functional.all_gather followed by destroy_process_group() aborts
-    # the process at interpreter exit ("terminate called without an active exception").
+    try:
+        setup = f"{world} proc x {args.local_batch} = {world * args.local_batch}"
+        log = stderr_log if rank == 0 else (lambda msg: None)
+        rows = measure(args, compute, args.dist_repeats, setup, log)
+        if rank == 0:  # plain dicts: the class lives in a __main__ the parent cannot import
+            queue.put([vars(r) for r in rows])
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
 
 
 def run_distributed(args: argparse.Namespace) -> list[Row]:
@@ -325,6 +338,13 @@ def _mib(nbytes: int) -> str:
     return f"{nbytes / 2**20:,.1f} MiB" if nbytes < 2**30 else f"{nbytes / 2**30:,.2f} GiB"
 
 
+def _loadavg() -> str:
+    try:
+        return ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -349,13 +369,12 @@ def main(argv: list[str] | None = None) -> None:
                         help="timed steps per configuration, single process")
     parser.add_argument("--dist-repeats", type=int, default=None,
                         help="timed steps per configuration, distributed (default: repeats / 2)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per configuration")
-    parser.add_argument("--initial-warmup", type=int, default=10,
-                        help="extra untimed steps per configuration at the first N")
+    parser.add_argument("--warmup", type=int, default=5,
+                        help="untimed rounds (one step of every configuration) before timing")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads per process (0: all cores single, cores / processes "
                              "distributed)")
-    parser.add_argument("--mem-margin-gb", type=float, default=2.0,
+    parser.add_argument("--mem-margin-gb", type=float, default=3.0,
                         help="skip an N whose host state would leave less than this available")
     parser.add_argument("--no-single", action="store_true", help="skip the single-process setup")
     parser.add_argument("--quick", action="store_true",
@@ -363,7 +382,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.quick:
         args.sizes, args.dim, args.local_batch = [10**4, 10**5], 64, 32
-        args.processes, args.repeats, args.warmup, args.initial_warmup = 2, 3, 1, 2
+        args.processes, args.repeats, args.warmup = 2, 3, 1
+        args.dist_repeats = args.dist_repeats or 3
     if args.dist_repeats is None:
         args.dist_repeats = max(1, args.repeats // 2)
 
@@ -375,22 +395,23 @@ def main(argv: list[str] | None = None) -> None:
     print(f"command: {' '.join([os.path.basename(sys.executable), *sys.argv])}")
     print(f"settings: sizes {[fmt_n(n) for n in args.sizes]}, dim {args.dim}, local batch "
           f"{args.local_batch}, processes {args.processes}, repeats {args.repeats} "
-          f"(distributed {args.dist_repeats}), warmup {args.warmup} (+{args.initial_warmup} at the "
-          f"first N), epoch {EPOCH}")
+          f"(distributed {args.dist_repeats}), warmup rounds {args.warmup}, epoch {EPOCH}")
     sys.stdout.flush()
 
     started = time.perf_counter()
+    load_start = _loadavg()
+    cores = max(1, min(os.cpu_count() or 1, args.processes))
     rows: list[Row] = []
     if not args.no_single:
         if args.threads:
             torch.set_num_threads(args.threads)
         setup = f"1 proc x {args.local_batch} = {args.local_batch}"
-        rows += measure(args, compute, args.repeats, setup,
-                        lambda msg: print(msg, file=sys.stderr, flush=True))
+        rows += measure(args, compute, args.repeats, setup, stderr_log)
     if args.processes > 1:
         rows += run_distributed(args)
     print_tables(rows, args)
-    print(f"\ntotal wall time {time.perf_counter() - started:.0f} s")
+    print(f"\ntotal wall time {time.perf_counter() - started:.0f} s; load average (1, 5, 15 min) "
+          f"at start {load_start}, at end {_loadavg()} (this run itself adds ~1 to ~{cores})")
 
 
 if __name__ == "__main__":
