@@ -194,30 +194,34 @@ class GloFNDDetector(FalseNegativeDetector):
     @torch.no_grad()
     def _update(self, sim: torch.Tensor, batch: DetectionBatch) -> torch.Tensor:
         """Threshold step for every anchor of the global batch; returns the (2, b) updated
-        thresholds of this process's anchors."""
+        thresholds of this process's anchors.
+
+        Every rank reads the rows of the whole global batch once (its own anchors are the
+        slice at its rank), computes the pinball gradients of its own anchors, all-gathers
+        those per-anchor values and applies the same deterministic update.
+        """
         cfg = self.config
-        lam = self.state.lambdas(batch.anchor_index, sim.device).t()  # (2, b)
+        distributed = comm.world_size() > 1
+        index = batch.candidate_index if distributed else batch.anchor_index
+        b = batch.anchor_index.shape[0]
+        start = comm.rank() * b if distributed else 0
+        rows = self.state.table.gather(index, sim.device)  # (B, 2, 4), read once
+        lam = rows[start:start + b, :, LAMBDA].t().to(sim.dtype)  # (2, b)
         negatives = batch.negatives
         count = negatives.sum(-1).clamp(min=1).to(sim.dtype)  # (b,)
-        above = ((sim > lam.unsqueeze(-1).to(sim.dtype)) & negatives).sum(-1)
+        above = ((sim > lam.unsqueeze(-1)) & negatives).sum(-1)
         grad = cfg.alpha - above.to(sim.dtype) / count  # (2, b)
         # Anchors without any negative carry no information: zero gradient.
         grad = torch.where(negatives.any(-1), grad, torch.zeros_like(grad))
         values = [grad]
         if cfg.init_quantile:
             q = masked_quantile(sim, negatives, 1.0 - cfg.alpha)
-            values.append(torch.where(torch.isnan(q), lam.to(q.dtype), q))
+            values.append(torch.where(torch.isnan(q), lam, q))
         local = torch.cat(values, dim=0).t().to(torch.float32)  # (b, 2 or 4)
         # Every rank gets every anchor's values (O(global batch)) and applies the same update.
-        gathered = comm.all_gather_no_grad(local.contiguous())
-        distributed = comm.world_size() > 1
-        index = batch.candidate_index if distributed else batch.anchor_index
-        gathered = segment_mean(index, gathered)
-        grad_all = gathered[:, :2]
+        gathered = segment_mean(index, comm.all_gather_no_grad(local.contiguous()))
         quantile = gathered[:, 2:4] if cfg.init_quantile else None
-        rows = self.state.apply_update(index, grad_all, quantile, cfg, batch.epoch)
-        b = batch.anchor_index.shape[0]
-        start = comm.rank() * b if distributed else 0
+        rows = self.state.apply_update(index, gathered[:, :2], quantile, cfg, batch.epoch, rows)
         return rows[start:start + b, :, LAMBDA].t().to(sim.dtype)
 
     def state_dict(self) -> dict[str, torch.Tensor]:

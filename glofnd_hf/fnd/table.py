@@ -42,7 +42,9 @@ class PerSampleTable:
     def gather(self, index: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
         """Rows at ``index`` (a copy), on ``device`` (default: the device of ``index``)."""
         device = index.device if device is None else device
-        rows = self.data.index_select(0, index.to(self.data.device, non_blocking=True))
+        # A non-blocking copy *to the host* may return before the data lands: block then.
+        to_host = self.data.device.type == "cpu"
+        rows = self.data.index_select(0, index.to(self.data.device, non_blocking=not to_host))
         return rows.to(device, non_blocking=True)
 
     def scatter(self, index: torch.Tensor, rows: torch.Tensor) -> None:

@@ -130,14 +130,17 @@ class ThresholdState:
         quantile: torch.Tensor | None,
         config: GloFNDConfig,
         epoch: float,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One threshold step for the anchors ``index``; returns their new (n, 2, 4) rows.
+        ``rows``: their current rows when the caller has already read them.
 
         ``grad``: (n, 2) pinball-loss gradients (equal for repeated indices, see
         ``segment_mean``); ``quantile``: (n, 2) in-batch quantiles used on a first visit when
         ``config.init_quantile`` is set.
         """
-        rows = self.table.gather(index, grad.device)
+        if rows is None:
+            rows = self.table.gather(index, grad.device)
         rows = threshold_step(rows, grad, quantile, config, epoch)
         self.table.scatter(index, rows)
         return rows
