@@ -117,6 +117,15 @@ class GloFNDTrainingArguments(TrainingArguments):
     glofnd_update_start_epoch: float = 0.0
     glofnd_mask_start_epoch: float = 0.0
     glofnd_bias_correction: Literal["step", "epoch"] = "step"
+    ifnd_num_clusters: list[int] | None = field(
+        default=None,
+        metadata={"help": "IFND: k of each k-means granularity (default: one, k = 1/alpha)."},
+    )
+    ifnd_cluster_every: float = field(default=1.0, metadata={"help": "IFND: epochs between rounds."})
+    ifnd_accept_warmup_epochs: float = field(
+        default=10.0,
+        metadata={"help": "IFND: epochs over which the accepted fraction grows from 0 to 1."},
+    )
     gamma: float = field(default=0.2, metadata={"help": "Final gamma of the global loss's u."})
     gamma_schedule: Literal["constant", "cosine"] = "cosine"
     gamma_decay_epochs: float = 18.0
@@ -186,6 +195,16 @@ class GloFNDTrainingArguments(TrainingArguments):
             mask_start_epoch=self.glofnd_mask_start_epoch,
             bias_correction=self.glofnd_bias_correction,
         )
+
+    def detector_options(self) -> dict:
+        """Settings of the chosen detector beyond the shared GloFND config."""
+        if self.detector != "ifnd":
+            return {}
+        options = {"cluster_every": self.ifnd_cluster_every,
+                   "accept_warmup_epochs": self.ifnd_accept_warmup_epochs, "seed": self.seed}
+        if self.ifnd_num_clusters:
+            options["num_clusters"] = tuple(self.ifnd_num_clusters)
+        return options
 
     def gamma_schedule_obj(self) -> GammaSchedule:
         return GammaSchedule(self.gamma, self.gamma_schedule, self.gamma_decay_epochs)

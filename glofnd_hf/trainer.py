@@ -41,7 +41,7 @@ def build_contrastive_loss(
     pin = state_device.type == "cpu" and torch.device(device).type == "cuda"
     detector = build_detector(
         args.detector, num_samples=num_samples, config=args.glofnd_config(), device=state_device,
-        pin_memory=pin,
+        pin_memory=pin, options=args.detector_options(),
     )
     if args.loss_type == "clip":
         return ClipLoss(detector, args.fn_strategy, check_inputs=args.check_inputs)

@@ -207,3 +207,20 @@ def test_corrupt_images_and_missing_captions_are_skipped_and_counted(tmp_path, d
     assert 3 not in trainer.seen and 9 not in trainer.seen and len(trainer.seen) == 16
     logged = [h for h in trainer.state.log_history if "loss" in h]
     assert logged[-1]["bad_samples_corrupt_image"] == 1
+
+
+def test_ifnd_trains_through_the_trainer_with_its_options(tmp_path, digits):
+    adapter = adapter_for("hf", digits)
+    args = make_args(tmp_path, num_train_epochs=3, detector="ifnd", glofnd_alpha=0.1,
+                     glofnd_update_start_epoch=1, glofnd_mask_start_epoch=1,
+                     ifnd_num_clusters=[4, 8], ifnd_cluster_every=1.0,
+                     ifnd_accept_warmup_epochs=1.0)
+    trainer = GloFNDTrainer(adapter, args, train_dataset=small_train(digits, 32))
+    detector = trainer.contrastive_loss.detector
+    assert detector.name == "ifnd" and detector.config.num_clusters == (4, 8)
+    result = trainer.train()
+    assert math.isfinite(result.training_loss)
+    state = trainer.contrastive_loss.state_dict()
+    assert any(key.startswith("detector.") for key in state)
+    # The bank saw every training pair through the loss's observe hook.
+    assert bool(detector.seen[:32].all())

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -90,6 +90,13 @@ class FalseNegativeDetector(ABC):
     @abstractmethod
     def detect(self, sim: torch.Tensor, batch: DetectionBatch) -> Detection:
         """Update any state from this batch, then return the detected false negatives."""
+
+    def observe(
+        self, index: torch.Tensor, image_embeds: torch.Tensor, text_embeds: torch.Tensor
+    ) -> None:
+        """See the step's normalised embeddings before ``detect`` (feature-bank detectors
+        such as IFND use it). Default: nothing."""
+        return None
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {}
@@ -270,7 +277,7 @@ _REGISTRY: dict[str, DetectorFactory] = {}
 
 
 def register_detector(name: str) -> Callable[[DetectorFactory], DetectorFactory]:
-    """Register a factory ``f(*, num_samples, config, device, pin_memory) -> detector``."""
+    """Register a factory ``f(*, num_samples, config, device, pin_memory, options) -> detector``."""
 
     def decorate(factory: DetectorFactory) -> DetectorFactory:
         _REGISTRY[name] = factory
@@ -290,13 +297,15 @@ def build_detector(
     config: GloFNDConfig | None = None,
     device: torch.device | str = "cpu",
     pin_memory: bool = False,
+    options: Mapping[str, Any] | None = None,
 ) -> FalseNegativeDetector:
-    """Detector by name; ``config`` carries alpha and the start epochs for every detector."""
+    """Detector by name; ``config`` carries alpha and the start epochs for every detector,
+    ``options`` the settings of one detector (e.g. IFND's clustering)."""
     if name not in _REGISTRY:
         raise ValueError(f"unknown detector {name!r}; choose from {available_detectors()}")
     return _REGISTRY[name](
         num_samples=num_samples, config=config or GloFNDConfig(), device=device,
-        pin_memory=pin_memory,
+        pin_memory=pin_memory, options=dict(options or {}),
     )
 
 

@@ -508,14 +508,14 @@ def _broadcast(tensor: torch.Tensor) -> torch.Tensor:
 @register_detector("ifnd")
 def _build_ifnd(
     *, num_samples: int | None, config: GloFNDConfig, device="cpu", pin_memory: bool = False,
-    **_: object,
+    options: Mapping[str, Any] | None = None, **_: object,
 ) -> FalseNegativeDetector:
-    """IFND settings come from ``config.ifnd`` (an ``IFNDConfig`` or a mapping of its fields;
-    defaults when absent); the start epoch defaults to ``config.mask_start_epoch`` and the
-    number of clusters to round(1 / ``config.alpha``)."""
+    """IFND settings come from ``options`` (the fields of ``IFNDConfig``; defaults when
+    absent); the start epoch defaults to ``config.mask_start_epoch`` and the number of
+    clusters to round(1 / ``config.alpha``)."""
     if num_samples is None:
         raise ValueError("the ifnd detector needs num_samples (the size of the index space)")
-    ifnd = IFNDConfig.from_any(getattr(config, "ifnd", None))
+    ifnd = IFNDConfig.from_any(options or getattr(config, "ifnd", None))
     if ifnd.start_epoch is None:
         ifnd = IFNDConfig(**{**asdict(ifnd), "start_epoch": float(config.mask_start_epoch)})
     return IFNDDetector(num_samples, ifnd, alpha=config.alpha, device=device,

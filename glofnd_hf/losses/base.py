@@ -134,6 +134,8 @@ class BimodalContrastiveLoss(ABC):
             if self.check_inputs:
                 self._check_values(image_embeds, text_embeds, logit_scale, sim, index)
             masks, batch = self._masks(sim, index, epoch, labels)
+            if index is not None:
+                self.detector.observe(batch.anchor_index, image.detach(), text.detach())
             detection = self.detector.detect(sim.detach(), batch)
             fallback = None
             if detection.false_negatives is not None:
