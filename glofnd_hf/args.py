@@ -15,6 +15,7 @@ from .losses import GammaSchedule
 # Bytes of per-sample state: thresholds table (2 sides x lambda, m, v, visits) + u (2 sides).
 THRESHOLD_BYTES_PER_SAMPLE = 2 * 4 * 4
 GLOBAL_LOSS_BYTES_PER_SAMPLE = 2 * 4
+IFND_BANK_BYTES_PER_SAMPLE = 2 * 1024 + 3 * 8
 # "auto" placement keeps the state on the accelerator up to this size, else in host memory.
 AUTO_DEVICE_STATE_LIMIT_BYTES = 2 * 1024**3
 
@@ -215,6 +216,8 @@ class GloFNDTrainingArguments(TrainingArguments):
 
     def state_bytes_per_sample(self) -> int:
         per = THRESHOLD_BYTES_PER_SAMPLE if self.detector == "glofnd" else 0
+        if self.detector == "ifnd":  # float16 feature bank (width unknown here: 1024) + labels
+            per += IFND_BANK_BYTES_PER_SAMPLE
         if self.loss_type != "clip":
             per += GLOBAL_LOSS_BYTES_PER_SAMPLE
         return per
