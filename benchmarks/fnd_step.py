@@ -43,6 +43,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _machine import cpu_model, mem_available_bytes
 
 from glofnd_hf.fnd import GloFNDConfig, build_detector
 from glofnd_hf.losses import ClipLoss, GlobalContrastiveLoss
@@ -108,17 +109,6 @@ def state_bytes_per_sample() -> tuple[int, int]:
     loss = GlobalContrastiveLoss(1)
     thr = det.state.table.data
     return thr.element_size() * thr.numel(), loss.u.data.element_size() * loss.u.data.numel()
-
-
-def mem_available_bytes() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def state_placement(n: int, compute: torch.device) -> tuple[torch.device, bool]:
@@ -343,17 +333,6 @@ def _loadavg() -> str:
         return ", ".join(f"{x:.2f}" for x in os.getloadavg())
     except OSError:
         return "n/a"
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main(argv: list[str] | None = None) -> None:

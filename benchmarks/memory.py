@@ -38,7 +38,6 @@ import os
 import platform
 import sys
 import tempfile
-import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -47,6 +46,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 import transformers
+from _machine import cpu_model, log, mem_available_bytes
 from torch.profiler import ProfilerActivity, profile
 
 from glofnd_hf.fnd import GloFNDConfig, build_detector
@@ -89,17 +89,6 @@ def _peak_bytes(fn: Callable[[], None], device: torch.device) -> int:
 
 def held_bytes(device: torch.device) -> int | None:
     return torch.cuda.memory_allocated(device) if device.type == "cuda" else None
-
-
-def mem_available_bytes() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 # -- loss part ------------------------------------------------------------------------------
@@ -299,21 +288,6 @@ def print_report(rows: list[dict], bps: dict[str, float]) -> None:
     print("|---|---:|---:|---:|")
     for name, n in DATASETS.items():
         print(f"| {name} | {n:,} | {_size(n * thr)} | {_size(n * (thr + u))} |")
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def log(msg: str) -> None:
-    print(f"{time.strftime('%H:%M:%S')} {msg}", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -55,6 +55,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import transformers
+from _machine import cpu_model, log
 from torch import nn
 from transformers import Trainer, TrainingArguments
 from transformers.models.clip.modeling_clip import image_text_contrastive_loss
@@ -369,21 +370,6 @@ def _rows(rows: list[dict], unit: str, digits: int, throughput: bool, hf: str) -
         print(f"| {row['variant']} | {row['median_ms']:.{digits}f} | {row['p10_ms']:.{digits}f} | "
               f"{row['p25_ms']:.{digits}f}-{row['p75_ms']:.{digits}f} |{extra} "
               f"{fmt_ratio(row.get('vs_none'))} | {fmt_ratio(row.get('vs_hf'))} |")
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def log(msg: str) -> None:
-    print(f"{time.strftime('%H:%M:%S')} {msg}", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
