@@ -276,3 +276,18 @@ def test_loss_state_dict_round_trip_and_mismatch():
         assert torch.equal(value, state[key])
     with pytest.raises(ValueError, match="disagree"):
         GlobalContrastiveLoss(n + 1, build_detector("glofnd", num_samples=n))
+
+
+def test_threshold_statistics_describe_the_batch_thresholds():
+    image, text = embeddings(b=11, seed=11)
+    index = torch.arange(11)
+    detector = build_detector("glofnd", num_samples=11, config=GloFNDConfig(alpha=0.1, lr=1e-6))
+    detector.state.table.data[:, 0, 0] = torch.linspace(-0.5, 0.5, 11)
+    detector.state.table.data[:, 1, 0] = torch.linspace(0.0, 1.0, 11).flip(0)
+    out = ClipLoss(detector)(image, text, 5.0, index)
+    for side in ("image", "text"):
+        lam = detector.state.state_dict()[f"{side}.lambda"].sort().values
+        assert out.stats[f"lambda_mean_{side}"].item() == pytest.approx(lam.mean().item(), abs=1e-6)
+        for q, name in ((0.1, "p10"), (0.5, "p50"), (0.9, "p90")):
+            assert out.stats[f"lambda_{name}_{side}"].item() == pytest.approx(
+                lam[round(q * 10)].item(), abs=1e-6)
