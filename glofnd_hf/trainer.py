@@ -106,8 +106,6 @@ class GloFNDTrainer(Trainer):
             raise TypeError("GloFNDTrainer needs GloFNDTrainingArguments")
         self.adapter = adapter
         self.evaluator = evaluator
-        self.index_column = index_column
-        self.label_column = label_column
         if label_column is None and args.detector == "oracle":
             raise ValueError("the oracle detector needs a label column (label_column=...)")
         num_samples = args.num_samples

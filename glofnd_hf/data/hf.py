@@ -95,7 +95,8 @@ def prepare_image_text_dataset(
     return dataset, num_samples
 
 
-def _to_rgb(image: Any) -> Image.Image:
+def to_rgb(image: Any) -> Image.Image:
+    """A PIL RGB image from a PIL image, a datasets Image cell (bytes or path), a path or an array."""
     if isinstance(image, Image.Image):
         return image.convert("RGB") if image.mode != "RGB" else image
     if isinstance(image, Mapping) and image.get("bytes") is not None:
@@ -169,7 +170,7 @@ class ImageTextCollator:
         if caption is None:
             return "missing_caption"
         try:
-            return self.image_transform(_to_rgb(row[self.image_column])), caption
+            return self.image_transform(to_rgb(row[self.image_column])), caption
         except Exception:  # noqa: BLE001 - any undecodable image is skipped alike
             return "corrupt_image"
 

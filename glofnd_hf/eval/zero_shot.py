@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..data.hf import _to_rgb
+from ..data.hf import to_rgb
 from .metrics import average_template_embeddings, retrieval_recall, zero_shot_classification
 
 RETRIEVAL = "retrieval"
@@ -205,7 +205,7 @@ class ZeroShotEvaluator:
             with self._bar(n, "embedding images") as bar:
                 for start in range(0, n, self.batch_size):
                     rows = self.dataset[start:start + self.batch_size][self.image_column]
-                    pixels = torch.stack([transform(_to_rgb(im)) for im in rows]).to(device)
+                    pixels = torch.stack([transform(to_rgb(im)) for im in rows]).to(device)
                     images.append(adapter.encode_images(model, pixels).float().cpu())
                     bar.update(len(rows))
             out = {"images": torch.cat(images)}

@@ -77,7 +77,6 @@ class BimodalContrastiveLoss(ABC):
         sim: torch.Tensor,
         logit_scale: torch.Tensor,
         masks: Masks,
-        index: torch.Tensor | None,
         epoch: float,
     ) -> LossOutput:
         """Loss from (2, b, B) similarities (with gradient) and the step's masks."""
@@ -142,7 +141,7 @@ class BimodalContrastiveLoss(ABC):
                 masks.false_negatives, fallback = self._keep_one_negative(
                     masks.negatives, detection.false_negatives
                 )
-            out = self._loss(sim, logit_scale.to(dtype), masks, index, epoch)
+            out = self._loss(sim, logit_scale.to(dtype), masks, epoch)
         out.stats.update(detection.stats)
         out.stats.update(self._mask_stats(masks, fallback))
         return out

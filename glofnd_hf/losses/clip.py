@@ -23,7 +23,6 @@ class ClipLoss(BimodalContrastiveLoss):
         sim: torch.Tensor,
         logit_scale: torch.Tensor,
         masks: Masks,
-        index: torch.Tensor | None,
         epoch: float,
     ) -> LossOutput:
         logits = logit_scale * sim

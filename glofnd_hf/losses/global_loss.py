@@ -136,10 +136,9 @@ class GlobalContrastiveLoss(BimodalContrastiveLoss):
         sim: torch.Tensor,
         logit_scale: torch.Tensor,
         masks: Masks,
-        index: torch.Tensor | None,
         epoch: float,
     ) -> LossOutput:
-        assert index is not None  # checked by the base class
+        assert masks.candidate_index is not None  # indices are required (checked on entry)
         if self.temperature == "fixed":
             logit_scale = logit_scale.detach()
         own_sim = sim[:, torch.arange(sim.shape[1], device=sim.device), masks.positive_column]
