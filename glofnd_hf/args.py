@@ -10,10 +10,11 @@ from typing import Literal
 from transformers import TrainingArguments
 
 from .fnd import GloFNDConfig, available_detectors
+from .fnd.thresholds import UpdateRule
 from .losses import GammaSchedule
 
-# Bytes of per-sample state: thresholds table (2 sides x lambda, m, v, visits) + u (2 sides).
-THRESHOLD_BYTES_PER_SAMPLE = 2 * 4 * 4
+# Bytes of per-sample state: the thresholds table (2 sides x the update rule's float32
+# columns: lambda, scale, visits for "tail"; lambda, m, v, visits for Adam) + u (2 sides).
 GLOBAL_LOSS_BYTES_PER_SAMPLE = 2 * 4
 IFND_BANK_BYTES_PER_SAMPLE = 2 * 1024 + 3 * 8
 # "auto" placement keeps the state on the accelerator up to this size, else in host memory.
@@ -109,6 +110,23 @@ class GloFNDTrainingArguments(TrainingArguments):
                   "of the training data; required for streaming data)."},
     )
     glofnd_alpha: float = 1e-3
+    glofnd_update_rule: UpdateRule = field(
+        default="tail",
+        metadata={"help": "How thresholds learn: tail (steps in units of each anchor's tail "
+                  "scale; tracks moving embeddings), adam (Adam, per-sample bias "
+                  "correction), reference (Adam exactly as the GloFND reference code)."},
+    )
+    glofnd_tail_size: int = field(
+        default=8, metadata={"help": "tail rule: top-k negatives that estimate each tail."}
+    )
+    glofnd_band: float = field(
+        default=1.0,
+        metadata={"help": "tail rule: keep steps within band x tail scale of the batch's own "
+                  "quantile estimate."},
+    )
+    glofnd_step_floor: float = field(
+        default=0.2, metadata={"help": "tail rule: smallest step weight (follows drift)."}
+    )
     glofnd_lr: float = 0.05
     glofnd_beta1: float = 0.9
     glofnd_beta2: float = 0.98
@@ -117,7 +135,6 @@ class GloFNDTrainingArguments(TrainingArguments):
     glofnd_init_quantile: bool = False
     glofnd_update_start_epoch: float = 0.0
     glofnd_mask_start_epoch: float = 0.0
-    glofnd_bias_correction: Literal["step", "epoch"] = "step"
     ifnd_num_clusters: list[int] | None = field(
         default=None,
         metadata={"help": "IFND: k of each k-means granularity (default: one, k = 1/alpha)."},
@@ -189,12 +206,13 @@ class GloFNDTrainingArguments(TrainingArguments):
 
     def glofnd_config(self) -> GloFNDConfig:
         return GloFNDConfig(
-            alpha=self.glofnd_alpha, lr=self.glofnd_lr,
+            alpha=self.glofnd_alpha, update_rule=self.glofnd_update_rule,
+            tail_size=self.glofnd_tail_size, band=self.glofnd_band,
+            step_floor=self.glofnd_step_floor, lr=self.glofnd_lr,
             betas=(self.glofnd_beta1, self.glofnd_beta2), eps=self.glofnd_eps,
             clip_grad_mult=self.glofnd_clip_grad_mult, init_quantile=self.glofnd_init_quantile,
             update_start_epoch=self.glofnd_update_start_epoch,
             mask_start_epoch=self.glofnd_mask_start_epoch,
-            bias_correction=self.glofnd_bias_correction,
         )
 
     def detector_options(self) -> dict:
@@ -215,7 +233,9 @@ class GloFNDTrainingArguments(TrainingArguments):
         return math.log(self.max_logit_scale)
 
     def state_bytes_per_sample(self) -> int:
-        per = THRESHOLD_BYTES_PER_SAMPLE if self.detector == "glofnd" else 0
+        per = 0
+        if self.detector == "glofnd":
+            per += 2 * 4 * len(self.glofnd_config().rule().columns)
         if self.detector == "ifnd":  # float16 feature bank (width unknown here: 1024) + labels
             per += IFND_BANK_BYTES_PER_SAMPLE
         if self.loss_type != "clip":

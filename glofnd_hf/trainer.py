@@ -78,6 +78,18 @@ class _ClampLogitScale(TrainerCallback):
             self.parameter.clamp_(0.0, self.upper)
 
 
+class _EpochSummary(TrainerCallback):
+    """Log the loss's per-epoch summary (the detector's tracking health) at each epoch end."""
+
+    def __init__(self, trainer: GloFNDTrainer) -> None:
+        self.trainer = trainer
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        summary = self.trainer.contrastive_loss.finish_epoch()  # a collective: every rank
+        if summary:
+            self.trainer.log({k: round(v, 6) for k, v in summary.items()})
+
+
 class GloFNDTrainer(Trainer):
     """Trains a dual encoder with a contrastive loss and GloFND (or another detector).
 
@@ -153,6 +165,7 @@ class GloFNDTrainer(Trainer):
         self._bad_samples: dict[str, int] = {}
         self.add_callback(_ClampLogitScale(adapter.logit_scale_parameter(), args.max_log_logit_scale))
         self.add_callback(ModelCardCallback(self))  # a model card in every checkpoint
+        self.add_callback(_EpochSummary(self))
 
     # -- temperature -------------------------------------------------------------------------
     def _temperature_parameters(self) -> list[torch.nn.Parameter]:

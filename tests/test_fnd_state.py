@@ -13,8 +13,8 @@ from glofnd_hf.fnd import (
     build_detector,
     masked_quantile,
     segment_mean,
-    threshold_step,
 )
+from glofnd_hf.fnd.thresholds import adam_step
 from glofnd_hf.losses import ClipLoss
 
 
@@ -56,29 +56,32 @@ def test_segment_mean_averages_duplicates_and_keeps_unique_values_exactly():
     assert torch.allclose(got, expected)
 
 
-@pytest.mark.parametrize("mode", ["step", "epoch"])
-def test_threshold_step_is_adam_on_the_pinball_gradient(mode):
-    cfg = GloFNDConfig(alpha=0.1, lr=0.05, betas=(0.9, 0.98), eps=1e-8, bias_correction=mode)
+@pytest.mark.parametrize("rule", ["adam", "reference"])
+def test_adam_rules_are_adam_on_the_pinball_gradient(rule):
+    """The reference rule keeps the reference code's semantics (bias correction with
+    t = epoch + 1); "adam" counts each sample's own steps."""
+    cfg = GloFNDConfig(alpha=0.1, lr=0.05, betas=(0.9, 0.98), eps=1e-8, update_rule=rule)
     rows = torch.tensor([[[0.5, 0.01, 0.001, 3.0], [1.0, 0.0, 0.0, 0.0]]])
     grad = torch.tensor([[-0.3, 0.1]])
     epoch = 4.6
-    out = threshold_step(rows, grad, None, cfg, epoch)
+    out = cfg.rule().step(rows, grad.unsqueeze(-1), epoch)
     for side in range(2):
         lam, m, v, visits = rows[0, side].tolist()
         g = grad[0, side].item()
         m2, v2 = 0.9 * m + 0.1 * g, 0.98 * v + 0.02 * g * g
-        t = visits + 1 if mode == "step" else math.floor(epoch) + 1
+        t = visits + 1 if rule == "adam" else math.floor(epoch) + 1
         mhat, vhat = m2 / (1 - 0.9**t), v2 / (1 - 0.98**t)
         lam2 = max(-1.0, min(1.0, lam - 0.05 * mhat / (math.sqrt(vhat) + 1e-8)))
         assert out[0, side].tolist() == pytest.approx([lam2, m2, v2, visits + 1], rel=1e-5)
 
 
 def test_gradient_clipping_and_init_quantile():
-    cfg = GloFNDConfig(alpha=0.01, lr=0.05, clip_grad_mult=2.0, init_quantile=True)
+    cfg = GloFNDConfig(alpha=0.01, lr=0.05, clip_grad_mult=2.0, init_quantile=True,
+                       update_rule="adam")
     rows = torch.tensor([[[1.0, 0.0, 0.0, 0.0], [0.3, 0.0, 0.0, 1.0]]])
     grad = torch.tensor([[-0.5, -0.5]])
     quantile = torch.tensor([[0.42, 0.9]])
-    out = threshold_step(rows, grad, quantile, cfg, 0.0)
+    out = cfg.rule().step(rows, torch.stack([grad, quantile], dim=-1), 0.0)
     # First visit: the threshold jumps to the in-batch quantile, the moments stay.
     assert out[0, 0].tolist() == pytest.approx([0.42, 0.0, 0.0, 1.0])
     # Later visit: a normal Adam step with the gradient clipped to -2 * alpha.
@@ -89,18 +92,22 @@ def test_gradient_clipping_and_init_quantile():
 def test_config_rejects_bad_values():
     for kwargs in [dict(alpha=0.0), dict(alpha=1.5), dict(lr=-1), dict(betas=(0.9, 1.0)),
                    dict(update_start_epoch=3, mask_start_epoch=2),
-                   dict(bias_correction="sometimes"), dict(clip_grad_mult=0.0)]:
+                   dict(update_rule="sometimes"), dict(clip_grad_mult=0.0),
+                   dict(tail_size=0), dict(tail_size=2.5), dict(band=0.0), dict(step_floor=0.0),
+                   dict(step_floor=1.5)]:
         with pytest.raises(ValueError):
             GloFNDConfig(**kwargs)
 
 
-def test_thresholds_converge_to_the_global_quantile_on_both_sides():
-    """N = 4096 clustered pairs, shuffled batches of 256, alpha = 0.01, threshold lr 0.02,
-    80 epochs (one visit per sample and epoch): lambda approaches the exact (1 - alpha)
-    quantile over all N - 1 negatives."""
-    n, alpha, batch, epochs = 4096, 0.01, 256, 80
+@pytest.mark.parametrize("rule,epochs", [("tail", 12), ("adam", 80)])
+def test_thresholds_converge_to_the_global_quantile_on_both_sides(rule, epochs):
+    """N = 4096 clustered pairs, shuffled batches of 256, alpha = 0.01, one visit per sample
+    and epoch: lambda approaches the exact (1 - alpha) quantile over all N - 1 negatives (the
+    tail rule in 12 epochs; Adam with lr 0.02 needs 80)."""
+    n, alpha, batch = 4096, 0.01, 256
     image, text = clustered_pairs(n)
-    detector = build_detector("glofnd", num_samples=n, config=GloFNDConfig(alpha=alpha, lr=0.02))
+    config = GloFNDConfig(alpha=alpha, lr=0.02, update_rule=rule)
+    detector = build_detector("glofnd", num_samples=n, config=config)
     loss = ClipLoss(detector)
     gen = torch.Generator().manual_seed(1)
     for epoch in range(epochs):
@@ -149,7 +156,7 @@ def test_duplicate_indices_update_deterministically_as_one_averaged_step():
     n = 20
     image, text = clustered_pairs(8, seed=3)
     index = torch.tensor([3, 7, 3, 11, 12, 3, 15, 16])
-    cfg = GloFNDConfig(alpha=0.2, lr=0.05)
+    cfg = GloFNDConfig(alpha=0.2, lr=0.05, update_rule="adam")
     results = []
     for _ in range(2):
         detector = build_detector("glofnd", num_samples=n, config=cfg)
@@ -166,7 +173,7 @@ def test_duplicate_indices_update_deterministically_as_one_averaged_step():
              for i in (0, 2, 5)]
     assert len({g.item() for g in grads}) > 1
     g = torch.stack(grads).float().mean().reshape(1, 1).expand(1, 2)
-    expected = threshold_step(torch.tensor([[[0.0, 0, 0, 0]] * 2]), g, None, cfg, 0)
+    expected = adam_step(torch.tensor([[[0.0, 0, 0, 0]] * 2]), g, None, cfg, 0)
     assert results[0]["image.lambda"][3].item() == pytest.approx(expected[0, 0, 0].item())
     # Untouched indices keep their initial state.
     untouched = torch.ones(n, dtype=torch.bool)

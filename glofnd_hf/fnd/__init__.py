@@ -10,16 +10,27 @@ from .detectors import (
     OracleDetector,
     available_detectors,
     build_detector,
-    masked_quantile,
     register_detector,
 )
+from .health import TrackingHealth
 from .ifnd import IFNDConfig, IFNDDetector  # noqa: F401  (registers "ifnd")
+from .quantiles import masked_quantile, tail_estimate
 from .table import PerSampleTable, segment_mean
-from .thresholds import GloFNDConfig, ThresholdState, threshold_step
+from .thresholds import (
+    UPDATE_RULES,
+    AdamRule,
+    GloFNDConfig,
+    TailRule,
+    ThresholdRule,
+    ThresholdState,
+    adam_step,
+    pinball_gradient,
+)
 
 __all__ = [
-    "BatchQuantileDetector", "Detection", "DetectionBatch", "FalseNegativeDetector",
-    "GloFNDConfig", "GloFNDDetector", "NoDetector", "OracleDetector", "PerSampleTable",
-    "ThresholdState", "available_detectors", "build_detector", "masked_quantile",
-    "register_detector", "segment_mean", "threshold_step",
+    "UPDATE_RULES", "AdamRule", "BatchQuantileDetector", "Detection", "DetectionBatch",
+    "FalseNegativeDetector", "GloFNDConfig", "GloFNDDetector", "NoDetector", "OracleDetector",
+    "PerSampleTable", "TailRule", "ThresholdRule", "ThresholdState", "TrackingHealth",
+    "adam_step", "available_detectors", "build_detector", "masked_quantile", "pinball_gradient",
+    "register_detector", "segment_mean", "tail_estimate",
 ]

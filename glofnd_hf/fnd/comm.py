@@ -50,3 +50,12 @@ def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
 def _wait(tensor: torch.Tensor) -> torch.Tensor:
     wait = getattr(tensor, "wait", None)
     return wait() if callable(wait) else tensor
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Element-wise sum over ranks (a copy); no gradient."""
+    if world_size() == 1:
+        return tensor
+    total = tensor.detach().clone()
+    dist.all_reduce(total)
+    return total

@@ -10,7 +10,6 @@ side 1 text anchors against all images.
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -19,6 +18,8 @@ from typing import Any, ClassVar
 import torch
 
 from . import comm
+from .health import TrackingHealth
+from .quantiles import masked_quantile
 from .table import segment_mean
 from .thresholds import LAMBDA, SIDES, GloFNDConfig, ThresholdState
 
@@ -43,34 +44,6 @@ class Detection:
     false_negatives: torch.Tensor | None
     """(2, b, B) bool, a subset of the negatives; None when nothing is detected."""
     stats: dict[str, torch.Tensor] = field(default_factory=dict)
-
-
-def masked_quantile(values: torch.Tensor, mask: torch.Tensor, q: float) -> torch.Tensor:
-    """Per-row ``q`` quantile of ``values[..., mask]`` with linear interpolation (as
-    ``torch.quantile``), for rows with different numbers of valid entries. NaN where a row
-    has none. ``values``: (..., b, B); ``mask``: broadcastable bool."""
-    mask = mask.expand_as(values)
-    width = values.shape[-1]
-    count = mask.sum(-1)
-    filled = values.masked_fill(~mask, float("-inf"))
-    position = q * (count - 1).clamp(min=0)  # among the valid entries, ascending
-    low, high = position.floor().long(), position.ceil().long()
-    frac = (position - low).to(values.dtype)
-    if q >= 0.5:
-        # High quantiles (the detectors' case) need only the top of each row: topk, no sort.
-        k = min(width, math.ceil((1.0 - q) * (width - 1)) + 2)
-        top = filled.topk(k, dim=-1).values  # descending; valid entries first
-        low, high = (count - 1 - low).clamp(0, k - 1), (count - 1 - high).clamp(0, k - 1)
-        ordered = top
-    else:
-        ordered = filled.sort(dim=-1).values  # valid entries in the last `count` positions
-        low, high = (width - count + low).clamp(0, width - 1), (width - count + high).clamp(
-            0, width - 1
-        )
-    v_low = ordered.gather(-1, low.unsqueeze(-1)).squeeze(-1)
-    v_high = ordered.gather(-1, high.unsqueeze(-1)).squeeze(-1)
-    result = v_low + frac * (v_high - v_low)
-    return torch.where(count > 0, result, torch.full_like(result, float("nan")))
 
 
 class FalseNegativeDetector(ABC):
@@ -107,6 +80,10 @@ class FalseNegativeDetector(ABC):
 
     def to(self, device: torch.device | str) -> FalseNegativeDetector:
         return self
+
+    def finish_epoch(self) -> dict[str, float]:
+        """Close the current epoch: summary statistics of it to log (default: none)."""
+        return {}
 
     def config_dict(self) -> dict:
         return {"detector": self.name, "mask_start_epoch": self.mask_start_epoch}
@@ -166,8 +143,9 @@ class GloFNDDetector(FalseNegativeDetector):
     """GloFND: a learned threshold per sample and side, keyed by dataset index.
 
     Each step first updates the thresholds of the batch's anchors (all ranks apply the same
-    update from gathered per-anchor gradients, so the state stays identical everywhere), then
-    marks the negatives above the updated thresholds.
+    update from gathered per-anchor statistics, so the state stays identical everywhere),
+    then marks the negatives above the updated thresholds. How a visit moves a threshold is
+    the configured update rule's business (``thresholds``).
     """
 
     name = "glofnd"
@@ -182,7 +160,14 @@ class GloFNDDetector(FalseNegativeDetector):
         config = config or GloFNDConfig()
         super().__init__(config.mask_start_epoch)
         self.config = config
-        self.state = ThresholdState(num_samples, device=device, pin_memory=pin_memory)
+        self.rule = config.rule()
+        self.state = ThresholdState(
+            num_samples, device=device, pin_memory=pin_memory, rule=self.rule
+        )
+        self.health = TrackingHealth(
+            config.alpha, max(config.update_start_epoch, config.mask_start_epoch) + 1.0,
+            self._advice,
+        )
 
     @property
     def num_samples(self) -> int:
@@ -191,12 +176,19 @@ class GloFNDDetector(FalseNegativeDetector):
     def detect(self, sim: torch.Tensor, batch: DetectionBatch) -> Detection:
         cfg = self.config
         updated = self._update(sim, batch) if batch.epoch >= cfg.update_start_epoch else None
-        if not self.masking(batch.epoch):
-            return Detection(None)
-        lam = updated if updated is not None else self.state.lambdas(
-            batch.anchor_index, sim.device).t()  # (2, b)
-        found = (sim > lam.unsqueeze(-1).to(sim.dtype)) & batch.negatives
-        return Detection(found, _threshold_stats(lam))
+        found = None
+        stats: dict[str, torch.Tensor] = {}
+        if self.masking(batch.epoch):
+            lam = updated if updated is not None else self.state.lambdas(
+                batch.anchor_index, sim.device).t()  # (2, b)
+            found = (sim > lam.unsqueeze(-1).to(sim.dtype)) & batch.negatives
+            stats = _threshold_stats(lam)
+        finished = self.health.record(batch.epoch, found, batch.negatives, updated)
+        stats.update({k: torch.tensor(v, device=sim.device) for k, v in finished.items()})
+        return Detection(found, stats)
+
+    def finish_epoch(self) -> dict[str, float]:
+        return self.health.finish_epoch()
 
     @torch.no_grad()
     def _update(self, sim: torch.Tensor, batch: DetectionBatch) -> torch.Tensor:
@@ -204,32 +196,48 @@ class GloFNDDetector(FalseNegativeDetector):
         thresholds of this process's anchors.
 
         Every rank reads the rows of the whole global batch once (its own anchors are the
-        slice at its rank), computes the pinball gradients of its own anchors, all-gathers
+        slice at its rank), computes the rule's statistics for its own anchors, all-gathers
         those per-anchor values and applies the same deterministic update.
         """
-        cfg = self.config
         distributed = comm.world_size() > 1
         index = batch.candidate_index if distributed else batch.anchor_index
         b = batch.anchor_index.shape[0]
         start = comm.rank() * b if distributed else 0
-        rows = self.state.table.gather(index, sim.device)  # (B, 2, 4), read once
+        rows = self.state.table.gather(index, sim.device)  # (B, 2, C), read once
         lam = rows[start:start + b, :, LAMBDA].t().to(sim.dtype)  # (2, b)
-        negatives = batch.negatives
-        count = negatives.sum(-1).clamp(min=1).to(sim.dtype)  # (b,)
-        above = ((sim > lam.unsqueeze(-1)) & negatives).sum(-1)
-        grad = cfg.alpha - above.to(sim.dtype) / count  # (2, b)
-        # Anchors without any negative carry no information: zero gradient.
-        grad = torch.where(negatives.any(-1), grad, torch.zeros_like(grad))
-        values = [grad]
-        if cfg.init_quantile:
-            q = masked_quantile(sim, negatives, 1.0 - cfg.alpha)
-            values.append(torch.where(torch.isnan(q), lam, q))
-        local = torch.cat(values, dim=0).t().to(torch.float32)  # (b, 2 or 4)
+        local = self.rule.statistics(sim, batch.negatives, lam)  # (2, b, k)
+        local = local.transpose(0, 1).reshape(b, -1)  # (b, 2k): one row per anchor
         # Every rank gets every anchor's values (O(global batch)) and applies the same update.
         gathered = segment_mean(index, comm.all_gather_no_grad(local.contiguous()))
-        quantile = gathered[:, 2:4] if cfg.init_quantile else None
-        rows = self.state.apply_update(index, gathered[:, :2], quantile, cfg, batch.epoch, rows)
+        stats = gathered.view(index.shape[0], len(SIDES), -1)
+        rows = self.state.apply_update(index, stats, batch.epoch, rows)
         return rows[start:start + b, :, LAMBDA].t().to(sim.dtype)
+
+    def _advice(self, kind: str) -> str:
+        """Likely cause and the setting to change, for the health warning."""
+        cfg = self.config
+        if cfg.update_rule != "tail":
+            return {
+                "low": "Adam's step is about glofnd_lr in similarity units: thresholds "
+                       "starting at 1.0 need many visits (one per epoch) to come down, and "
+                       "where the similarities are spread more narrowly than that or move, "
+                       "they overshoot and stay above the quantile. Use glofnd_update_rule: "
+                       f"tail (or glofnd_init_quantile, a smaller glofnd_lr, now {cfg.lr}).",
+                "high": "Thresholds lag below a moving quantile: use glofnd_update_rule: tail, "
+                        "or start updates later (glofnd_update_start_epoch).",
+                "bound": "Adam thresholds park at the clamp after one overshoot: use "
+                         f"glofnd_update_rule: tail (or a smaller glofnd_lr, now {cfg.lr}).",
+            }[kind]
+        return {
+            "low": "The embeddings may move faster than one visit per epoch can follow: "
+                   f"raise glofnd_step_floor (now {cfg.step_floor}) or lower glofnd_band "
+                   f"(now {cfg.band}).",
+            "high": "Thresholds sit below the quantile: if alpha x batch size is well below "
+                    f"1, raise glofnd_tail_size (now {cfg.tail_size}) for a steadier tail "
+                    "estimate, or lower glofnd_step_floor for more averaging.",
+            "bound": "Many anchors have similarities at +-1 (collapsed or duplicated "
+                     "embeddings?): check the model's outputs and the data for duplicates.",
+        }[kind]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.state.state_dict()
@@ -243,13 +251,17 @@ class GloFNDDetector(FalseNegativeDetector):
 
     def config_dict(self) -> dict:
         cfg = self.config
-        return {
+        out = {
             "detector": self.name, "num_samples": self.num_samples, "alpha": cfg.alpha,
-            "lr": cfg.lr, "betas": list(cfg.betas), "eps": cfg.eps,
-            "clip_grad_mult": cfg.clip_grad_mult, "init_quantile": cfg.init_quantile,
+            "update_rule": cfg.update_rule,
             "update_start_epoch": cfg.update_start_epoch, "mask_start_epoch": cfg.mask_start_epoch,
-            "bias_correction": cfg.bias_correction,
         }
+        if cfg.update_rule == "tail":
+            out.update(tail_size=cfg.tail_size, band=cfg.band, step_floor=cfg.step_floor)
+        else:
+            out.update(lr=cfg.lr, betas=list(cfg.betas), eps=cfg.eps,
+                       clip_grad_mult=cfg.clip_grad_mult, init_quantile=cfg.init_quantile)
+        return out
 
 
 def _threshold_stats(threshold: torch.Tensor) -> dict[str, torch.Tensor]:

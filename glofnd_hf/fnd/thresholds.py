@@ -1,35 +1,69 @@
-"""GloFND's per-sample thresholds: the state, its update rule and its persistence.
+"""GloFND's per-sample thresholds: the state, the update rules and their persistence.
 
 For every sample and each anchor side (image anchors, text anchors) GloFND keeps a threshold
-``lambda`` and the two moments of an Adam optimiser. One update is a stochastic gradient step
-on the pinball loss, whose minimiser is the (1 - alpha) quantile of the anchor's similarity to
-the whole data set:
+``lambda`` that should track the (1 - alpha) quantile of the anchor's similarity to the whole
+data set. Each visit (about once per epoch) sees the anchor's similarities to one global batch
+and takes a stochastic step on the pinball loss, whose gradient is
 
-    g      = alpha - mean_{j in negatives} 1[s_ij > lambda]
-    m, v   = Adam moments of g;  lambda <- clamp(lambda - lr * mhat / (sqrt(vhat) + eps), -1, 1)
+    g = alpha - mean_{j in negatives} 1[s_ij > lambda]
+
+Two rules turn ``g`` into a step:
+
+``tail`` (default)
+    A Robbins-Monro step in units of the anchor's *tail scale* ``beta`` (the mean excess of
+    the batch's top similarities over the next one): ``lambda -= w_t * beta * g / alpha``,
+    with ``w_t = max(1 / t, step_floor)`` for the anchor's t-th visit. For an exponential
+    tail ``beta / alpha`` is the inverse density at the quantile, so this is a Newton step
+    whatever the spread of the similarities. The first visit starts at the batch's tail
+    estimate of the quantile ``q_hat`` (exceedances over the batch's top-k, extrapolated to
+    alpha), and every later step is kept within ``q_hat +- band * beta``: when the
+    embeddings move faster than one visit per epoch can follow, the batch's own estimate
+    drags the threshold along instead of leaving it parked at a bound.
+``adam`` / ``reference``
+    Adam on ``g`` with learning rate ``lr`` (the reference implementation). ``reference``
+    corrects Adam's bias with ``t = epoch + 1`` exactly as the reference code does; ``adam``
+    with each sample's own step count. Adam's normalised step is about ``lr`` in similarity
+    units whatever the spread of the similarities: where the band of similarities is
+    narrower than ``lr`` or moves, the thresholds overshoot and park at the clamp.
 """
 
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 
+from .quantiles import masked_quantile, tail_estimate
 from .table import PerSampleTable
 
 SIDES = ("image", "text")
-COLUMNS = ("lambda", "exp_avg", "exp_avg_sq", "visits")
-LAMBDA, EXP_AVG, EXP_AVG_SQ, VISITS = range(len(COLUMNS))
+LAMBDA = 0  # every rule keeps the threshold in column 0 and the visit count last
+UpdateRule = Literal["tail", "adam", "reference"]
+UPDATE_RULES: tuple[str, ...] = ("tail", "adam", "reference")
 
 
 @dataclass
 class GloFNDConfig:
-    """Hyper-parameters of the threshold update (defaults of the GloFND reference)."""
+    """Hyper-parameters of the threshold update."""
 
     alpha: float = 1e-3
     """Fraction of the data set taken as false negatives of each anchor."""
+    update_rule: UpdateRule = "tail"
+    """"tail": steps in units of each anchor's tail scale (tracks moving embeddings; the
+    default); "adam": Adam with per-sample bias correction; "reference": Adam exactly as
+    the GloFND reference code (bias correction with t = epoch + 1)."""
+    # -- the tail rule --------------------------------------------------------------------
+    tail_size: int = 8
+    """k: the batch's top-k negatives of each anchor estimate its tail (raised to
+    2 * alpha * batch when that is larger)."""
+    band: float = 1.0
+    """Keep each step within band x tail scale of the batch's own quantile estimate."""
+    step_floor: float = 0.2
+    """Smallest step weight w_t: the 1/t decay stops here so thresholds follow drift."""
+    # -- the Adam rules -------------------------------------------------------------------
     lr: float = 0.05
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-8
@@ -37,17 +71,27 @@ class GloFNDConfig:
     """Clip the threshold gradient to +-clip_grad_mult * alpha (None: no clipping)."""
     init_quantile: bool = False
     """On an anchor's first visit set lambda to its in-batch (1 - alpha) quantile instead of
-    taking an Adam step; removes the slow descent from 1.0 (sensible when fine-tuning)."""
+    taking an Adam step (the tail rule always starts from the batch's estimate)."""
+    # -- schedule -------------------------------------------------------------------------
     update_start_epoch: float = 0.0
     mask_start_epoch: float = 0.0
-    bias_correction: Literal["step", "epoch"] = "step"
-    """"step": Adam bias correction with the anchor's own step count (default, the
-    well-founded choice); "epoch": t = epoch + 1 as in the reference implementation."""
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
         if not 0.0 < self.alpha < 1.0:
             raise ValueError(f"alpha must lie in (0, 1), got {self.alpha}")
+        if self.update_rule not in UPDATE_RULES:
+            raise ValueError(
+                f"update_rule must be one of {list(UPDATE_RULES)}, got {self.update_rule!r}"
+            )
+        if isinstance(self.tail_size, bool) or int(self.tail_size) != self.tail_size \
+                or self.tail_size < 1:
+            raise ValueError(f"tail_size must be a positive integer, got {self.tail_size}")
+        self.tail_size = int(self.tail_size)
+        if not self.band > 0:
+            raise ValueError(f"band must be positive, got {self.band}")
+        if not 0.0 < self.step_floor <= 1.0:
+            raise ValueError(f"step_floor must lie in (0, 1], got {self.step_floor}")
         if self.lr <= 0:
             raise ValueError(f"threshold lr must be positive, got {self.lr}")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
@@ -61,23 +105,167 @@ class GloFNDConfig:
                 f"mask_start_epoch ({self.mask_start_epoch}) must not precede "
                 f"update_start_epoch ({self.update_start_epoch})"
             )
-        if self.bias_correction not in ("step", "epoch"):
-            raise ValueError(f"bias_correction must be 'step' or 'epoch', got {self.bias_correction!r}")
+
+    def rule(self) -> ThresholdRule:
+        return TailRule(self) if self.update_rule == "tail" else AdamRule(self)
 
 
+# ------------------------------------------------------------------------------------------
+# Per-anchor statistics of one batch
+# ------------------------------------------------------------------------------------------
+def pinball_gradient(
+    sim: torch.Tensor, negatives: torch.Tensor, lam: torch.Tensor, alpha: float
+) -> torch.Tensor:
+    """(2, b) ``alpha - fraction of negatives above lambda``; 0 for anchors without
+    negatives (they carry no information). ``sim``: (2, b, B); ``lam``: (2, b)."""
+    count = negatives.sum(-1).clamp(min=1).to(sim.dtype)
+    above = ((sim > lam.unsqueeze(-1)) & negatives).sum(-1)
+    grad = alpha - above.to(sim.dtype) / count
+    return torch.where(negatives.any(-1), grad, torch.zeros_like(grad))
+
+
+# ------------------------------------------------------------------------------------------
+# Update rules
+# ------------------------------------------------------------------------------------------
+class ThresholdRule(ABC):
+    """How one visit's batch statistics move an anchor's state row.
+
+    ``statistics`` runs on each rank for its own anchors; the caller all-gathers the
+    per-anchor values (O(global batch)) and every rank applies ``step`` to the same rows.
+    """
+
+    columns: ClassVar[tuple[str, ...]]
+    fill: ClassVar[tuple[float, ...]]
+    num_statistics: ClassVar[int]
+
+    def __init__(self, config: GloFNDConfig) -> None:
+        self.config = config
+
+    @abstractmethod
+    def statistics(
+        self, sim: torch.Tensor, negatives: torch.Tensor, lam: torch.Tensor
+    ) -> torch.Tensor:
+        """(2, b, num_statistics) float32 values of this visit for the (2, b) anchors."""
+
+    @abstractmethod
+    def step(self, rows: torch.Tensor, stats: torch.Tensor, epoch: float) -> torch.Tensor:
+        """New (n, 2, len(columns)) rows from the old rows and (n, 2, num_statistics)
+        statistics; a pure function of its inputs."""
+
+
+class TailRule(ThresholdRule):
+    """Steps in units of the anchor's tail scale, kept near the batch's own estimate."""
+
+    columns = ("lambda", "scale", "visits")
+    fill = (1.0, 0.0, 0.0)
+    num_statistics = 3  # pinball gradient, q_hat, beta
+
+    def statistics(self, sim, negatives, lam):
+        cfg = self.config
+        grad = pinball_gradient(sim, negatives, lam, cfg.alpha)
+        q_hat, beta = tail_estimate(sim, negatives, cfg.alpha, cfg.tail_size)
+        return torch.stack([grad, q_hat, beta], dim=-1).to(torch.float32)
+
+    def step(self, rows, stats, epoch):
+        cfg = self.config
+        lam, scale, visits = rows.unbind(-1)
+        grad, q_hat, beta = stats.to(torch.float32).unbind(-1)
+        first = visits == 0
+        weight = torch.clamp(1.0 / (visits + 1.0), min=cfg.step_floor)
+        new_scale = torch.where(first, beta, scale + weight * (beta - scale))
+        new_lam = lam - weight * new_scale * (grad / cfg.alpha)
+        new_lam = torch.minimum(torch.maximum(new_lam, q_hat - cfg.band * beta),
+                                q_hat + cfg.band * beta)
+        new_lam = torch.where(first, q_hat, new_lam).clamp(-1.0, 1.0)
+        new = torch.stack([new_lam, new_scale, visits + 1], dim=-1)
+        # Anchors without a tail estimate (fewer than two negatives) keep their row.
+        return torch.where(torch.isfinite(q_hat).unsqueeze(-1), new, rows)
+
+
+class AdamRule(ThresholdRule):
+    """Adam on the pinball gradient (the GloFND reference's rule)."""
+
+    columns = ("lambda", "exp_avg", "exp_avg_sq", "visits")
+    fill = (1.0, 0.0, 0.0, 0.0)
+
+    def __init__(self, config: GloFNDConfig) -> None:
+        super().__init__(config)
+        # The pinball gradient, and the in-batch quantile where a first visit starts there.
+        self.num_statistics = 2 if config.init_quantile else 1
+
+    def statistics(self, sim, negatives, lam):
+        cfg = self.config
+        values = [pinball_gradient(sim, negatives, lam, cfg.alpha)]
+        if cfg.init_quantile:
+            q = masked_quantile(sim, negatives, 1.0 - cfg.alpha)
+            values.append(torch.where(torch.isnan(q), lam, q))
+        return torch.stack(values, dim=-1).to(torch.float32)
+
+    def step(self, rows, stats, epoch):
+        quantile = stats[..., 1] if self.config.init_quantile else None
+        return adam_step(rows, stats[..., 0], quantile, self.config, epoch)
+
+
+def adam_step(
+    rows: torch.Tensor,
+    grad: torch.Tensor,
+    quantile: torch.Tensor | None,
+    config: GloFNDConfig,
+    epoch: float,
+) -> torch.Tensor:
+    """New (n, 2, 4) Adam rows [lambda, m, v, visits] after one step on the (n, 2)
+    gradients; ``quantile`` is used on a first visit when ``config.init_quantile`` is set."""
+    lam, m, v, visits = rows.unbind(-1)
+    beta1, beta2 = config.betas
+    g = grad.to(torch.float32)
+    if config.clip_grad_mult is not None:
+        bound = config.clip_grad_mult * config.alpha
+        g = g.clamp(-bound, bound)
+    new_m = beta1 * m + (1 - beta1) * g
+    new_v = beta2 * v + (1 - beta2) * g * g
+    new_visits = visits + 1
+    if config.update_rule == "reference":
+        t_epoch = math.floor(epoch) + 1
+        bc1 = torch.full_like(lam, 1 - beta1**t_epoch)
+        bc2 = torch.full_like(lam, 1 - beta2**t_epoch)
+    else:
+        # Adam steps taken so far: visits, less the initialising visit when there is one.
+        t = (new_visits - float(config.init_quantile)).clamp(min=1.0)
+        bc1 = 1 - torch.pow(beta1, t)
+        bc2 = 1 - torch.pow(beta2, t)
+    step = config.lr * (new_m / bc1) / (torch.sqrt(new_v / bc2) + config.eps)
+    new_lam = (lam - step).clamp(-1.0, 1.0)
+    if config.init_quantile and quantile is not None:
+        first = visits == 0
+        new_lam = torch.where(first, quantile.to(torch.float32).clamp(-1.0, 1.0), new_lam)
+        new_m = torch.where(first, m, new_m)
+        new_v = torch.where(first, v, new_v)
+    return torch.stack([new_lam, new_m, new_v, new_visits], dim=-1)
+
+
+# ------------------------------------------------------------------------------------------
+# The state
+# ------------------------------------------------------------------------------------------
 class ThresholdState:
-    """Thresholds, Adam moments and visit counts of both sides for ``num_samples`` samples.
+    """Thresholds and the rule's per-sample quantities of both sides for ``num_samples``.
 
-    Stored as one (N, 2, 4) float32 table (side x [lambda, m, v, visits]) so that a step
-    reads and writes every quantity of the touched anchors with a single gather and a single
-    scatter. 32 bytes per sample; host memory is fine for large N.
+    Stored as one (N, 2, C) float32 table (side x the rule's columns) so that a step reads
+    and writes every quantity of the touched anchors with a single gather and a single
+    scatter: 24 bytes per sample with the tail rule, 32 with Adam. Host memory is fine for
+    large N.
     """
 
     def __init__(
-        self, num_samples: int, device: torch.device | str = "cpu", pin_memory: bool = False
+        self,
+        num_samples: int,
+        device: torch.device | str = "cpu",
+        pin_memory: bool = False,
+        rule: ThresholdRule | None = None,
     ) -> None:
+        self.rule = rule or GloFNDConfig().rule()
+        self.columns = self.rule.columns
         self.table = PerSampleTable(
-            num_samples, (len(SIDES), len(COLUMNS)), fill=[1.0, 0.0, 0.0, 0.0],
+            num_samples, (len(SIDES), len(self.columns)), fill=list(self.rule.fill),
             device=device, pin_memory=pin_memory,
         )
 
@@ -88,6 +276,10 @@ class ThresholdState:
     @property
     def device(self) -> torch.device:
         return self.table.device
+
+    @property
+    def bytes_per_sample(self) -> int:
+        return len(SIDES) * len(self.columns) * self.table.data.element_size()
 
     def to(self, device: torch.device | str) -> ThresholdState:
         self.table.to(device)
@@ -102,16 +294,18 @@ class ThresholdState:
         return {
             f"{side}.{column}": self.table.data[:, s, c].contiguous().cpu()
             for s, side in enumerate(SIDES)
-            for c, column in enumerate(COLUMNS)
+            for c, column in enumerate(self.columns)
         }
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        expected = {f"{side}.{column}" for side in SIDES for column in COLUMNS}
+        expected = {f"{side}.{column}" for side in SIDES for column in self.columns}
         missing, unexpected = expected - state.keys(), state.keys() - expected
         if missing or unexpected:
             raise ValueError(
                 f"threshold state keys do not match: missing {sorted(missing)}, "
-                f"unexpected {sorted(unexpected)}"
+                f"unexpected {sorted(unexpected)} (the state holds "
+                f"{', '.join(self.columns)} per side for update_rule "
+                f"{self.rule.config.update_rule!r}: was it saved with another rule?)"
             )
         for key, value in state.items():
             if tuple(value.shape) != (self.num_samples,):
@@ -120,63 +314,21 @@ class ThresholdState:
                     f"({self.num_samples},): was it saved for a data set of another size?"
                 )
         for s, side in enumerate(SIDES):
-            for c, column in enumerate(COLUMNS):
+            for c, column in enumerate(self.columns):
                 self.table.data[:, s, c].copy_(state[f"{side}.{column}"])
 
     def apply_update(
         self,
         index: torch.Tensor,
-        grad: torch.Tensor,
-        quantile: torch.Tensor | None,
-        config: GloFNDConfig,
+        stats: torch.Tensor,
         epoch: float,
         rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """One threshold step for the anchors ``index``; returns their new (n, 2, 4) rows.
-        ``rows``: their current rows when the caller has already read them.
-
-        ``grad``: (n, 2) pinball-loss gradients (equal for repeated indices, see
-        ``segment_mean``); ``quantile``: (n, 2) in-batch quantiles used on a first visit when
-        ``config.init_quantile`` is set.
-        """
+        """One threshold step for the anchors ``index``; returns their new (n, 2, C) rows.
+        ``stats``: (n, 2, num_statistics), equal for repeated indices (``segment_mean``);
+        ``rows``: their current rows when the caller has already read them."""
         if rows is None:
-            rows = self.table.gather(index, grad.device)
-        rows = threshold_step(rows, grad, quantile, config, epoch)
+            rows = self.table.gather(index, stats.device)
+        rows = self.rule.step(rows, stats, epoch)
         self.table.scatter(index, rows)
         return rows
-
-
-def threshold_step(
-    rows: torch.Tensor,
-    grad: torch.Tensor,
-    quantile: torch.Tensor | None,
-    config: GloFNDConfig,
-    epoch: float,
-) -> torch.Tensor:
-    """New (n, 2, 4) state rows after one update; a pure function of its inputs."""
-    lam, m, v, visits = rows.unbind(-1)
-    beta1, beta2 = config.betas
-    g = grad.to(torch.float32)
-    if config.clip_grad_mult is not None:
-        bound = config.clip_grad_mult * config.alpha
-        g = g.clamp(-bound, bound)
-    new_m = beta1 * m + (1 - beta1) * g
-    new_v = beta2 * v + (1 - beta2) * g * g
-    new_visits = visits + 1
-    if config.bias_correction == "step":
-        # Adam steps taken so far: visits, less the initialising visit when there is one.
-        t = (new_visits - float(config.init_quantile)).clamp(min=1.0)
-        bc1 = 1 - torch.pow(beta1, t)
-        bc2 = 1 - torch.pow(beta2, t)
-    else:
-        t_epoch = math.floor(epoch) + 1
-        bc1 = torch.full_like(lam, 1 - beta1**t_epoch)
-        bc2 = torch.full_like(lam, 1 - beta2**t_epoch)
-    step = config.lr * (new_m / bc1) / (torch.sqrt(new_v / bc2) + config.eps)
-    new_lam = (lam - step).clamp(-1.0, 1.0)
-    if config.init_quantile and quantile is not None:
-        first = visits == 0
-        new_lam = torch.where(first, quantile.to(torch.float32).clamp(-1.0, 1.0), new_lam)
-        new_m = torch.where(first, m, new_m)
-        new_v = torch.where(first, v, new_v)
-    return torch.stack([new_lam, new_m, new_v, new_visits], dim=-1)

@@ -100,6 +100,11 @@ class BimodalContrastiveLoss(ABC):
         self.detector.to(device)
         return self
 
+    def finish_epoch(self) -> dict[str, float]:
+        """Close the current epoch: its summary statistics (the detector's tracking health),
+        global over ranks. Call it on every rank at the end of each epoch."""
+        return self.detector.finish_epoch()
+
     def config_dict(self) -> dict:
         return {"loss": type(self).__name__, "strategy": self.strategy,
                 **self.detector.config_dict()}

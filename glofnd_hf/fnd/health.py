@@ -1,0 +1,115 @@
+"""Is a detector's threshold tracking its target? Per-epoch health, global over ranks.
+
+Two numbers per anchor side and epoch tell whether learned thresholds follow the (1 - alpha)
+quantile they are meant to learn: the realised filtered fraction of the negatives over alpha
+(1 when they track; far below when they sit above the quantile, far above when below) and
+the share of visited thresholds at the clamp [-1, 1] (thresholds parked there learn nothing).
+Counts accumulate on the device (no host sync per step); an epoch is closed with one
+all-reduce, when the next epoch starts or when the caller says so.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+
+import torch
+
+from . import comm
+
+logger = logging.getLogger(__name__)
+
+SIDES = ("image", "text")
+# Counter layout: filtered (2 sides), negatives, visited (2 sides), at a bound (2 sides).
+FILTERED, NEGATIVES, VISITED, AT_BOUND = slice(0, 2), 2, slice(3, 5), slice(5, 7)
+RATIO_RANGE = (0.5, 2.0)
+MAX_AT_BOUND = 0.2
+
+
+class TrackingHealth:
+    """Accumulates one epoch of tracking statistics and warns, at most once per epoch, when
+    after ``warmup_epochs`` of updates the filtered fraction leaves ``RATIO_RANGE`` x alpha
+    or more than ``MAX_AT_BOUND`` of the visited thresholds sit at a bound.
+
+    ``advice(kind)`` names the likely cause and the setting to change for ``kind`` in
+    ("low", "high", "bound"); it belongs to the detector, which knows its rule.
+    """
+
+    def __init__(
+        self,
+        alpha: float,
+        first_checked_epoch: float,
+        advice: Callable[[str], str],
+    ) -> None:
+        self.alpha = alpha
+        self.first_checked_epoch = first_checked_epoch
+        self.advice = advice
+        self.epoch: int | None = None
+        self.counts: torch.Tensor | None = None
+        self.last: dict[str, float] = {}
+
+    def record(
+        self,
+        epoch: float,
+        found: torch.Tensor | None,
+        negatives: torch.Tensor,
+        thresholds: torch.Tensor | None,
+    ) -> dict[str, float]:
+        """Add one step: ``found`` (2, b, B) detected false negatives (None when not masking),
+        ``negatives`` (b, B), ``thresholds`` (2, b) just updated (None when not updating).
+        Returns the summary of the previous epoch when this step starts a new one."""
+        summary = {}
+        current = math.floor(epoch)
+        if self.epoch is not None and current != self.epoch:
+            summary = self.finish_epoch()
+        self.epoch = current
+        device = negatives.device
+        counts = torch.zeros(7, device=device)
+        if found is not None:
+            counts[FILTERED] = found.sum(dim=(-1, -2)).float()
+            counts[NEGATIVES] = negatives.sum().float()
+        if thresholds is not None:
+            counts[VISITED] = float(thresholds.shape[-1])
+            counts[AT_BOUND] = (thresholds.abs() >= 1.0).sum(-1).float()
+        self.counts = counts if self.counts is None else self.counts + counts
+        return summary
+
+    def finish_epoch(self) -> dict[str, float]:
+        """Close the epoch being recorded: its statistics (global over ranks; empty when
+        nothing was recorded), and a warning when they are out of range."""
+        if self.counts is None or self.epoch is None:
+            return {}
+        counts = comm.all_reduce_sum(self.counts).tolist()
+        epoch, self.counts = self.epoch, None
+        summary: dict[str, float] = {}
+        for s, side in enumerate(SIDES):
+            if counts[NEGATIVES] > 0:
+                ratio = counts[FILTERED.start + s] / counts[NEGATIVES] / self.alpha
+                summary[f"tracking_filtered_over_alpha_{side}"] = ratio
+            if counts[VISITED.start + s] > 0:
+                share = counts[AT_BOUND.start + s] / counts[VISITED.start + s]
+                summary[f"tracking_at_bound_{side}"] = share
+        self.last = summary
+        if summary and epoch >= self.first_checked_epoch:
+            self._warn(epoch, summary)
+        return summary
+
+    def _warn(self, epoch: int, summary: dict[str, float]) -> None:
+        problems, kinds = [], []
+        for side in SIDES:
+            ratio = summary.get(f"tracking_filtered_over_alpha_{side}")
+            share = summary.get(f"tracking_at_bound_{side}")
+            if ratio is not None and not RATIO_RANGE[0] <= ratio <= RATIO_RANGE[1]:
+                problems.append(f"{side} anchors filtered {ratio:.2f} x alpha")
+                kinds.append("low" if ratio < RATIO_RANGE[0] else "high")
+            if share is not None and share > MAX_AT_BOUND:
+                problems.append(f"{share:.0%} of the visited {side} thresholds sit at the clamp")
+                kinds.append("bound")
+        if not problems or comm.rank() != 0:
+            return
+        advice = " ".join(self.advice(kind) for kind in dict.fromkeys(kinds))
+        logger.warning(
+            "false-negative thresholds do not track the (1 - alpha) quantile in epoch %d "
+            "(alpha %g): %s. %s", epoch, self.alpha, "; ".join(problems), advice,
+        )

@@ -1,0 +1,63 @@
+"""Per-anchor quantiles of one batch's similarities (torch only)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def masked_quantile(values: torch.Tensor, mask: torch.Tensor, q: float) -> torch.Tensor:
+    """Per-row ``q`` quantile of ``values[..., mask]`` with linear interpolation (as
+    ``torch.quantile``), for rows with different numbers of valid entries. NaN where a row
+    has none. ``values``: (..., b, B); ``mask``: broadcastable bool."""
+    mask = mask.expand_as(values)
+    width = values.shape[-1]
+    count = mask.sum(-1)
+    filled = values.masked_fill(~mask, float("-inf"))
+    position = q * (count - 1).clamp(min=0)  # among the valid entries, ascending
+    low, high = position.floor().long(), position.ceil().long()
+    frac = (position - low).to(values.dtype)
+    if q >= 0.5:
+        # High quantiles (the detectors' case) need only the top of each row: topk, no sort.
+        k = min(width, math.ceil((1.0 - q) * (width - 1)) + 2)
+        top = filled.topk(k, dim=-1).values  # descending; valid entries first
+        low, high = (count - 1 - low).clamp(0, k - 1), (count - 1 - high).clamp(0, k - 1)
+        ordered = top
+    else:
+        ordered = filled.sort(dim=-1).values  # valid entries in the last `count` positions
+        low, high = (width - count + low).clamp(0, width - 1), (width - count + high).clamp(
+            0, width - 1
+        )
+    v_low = ordered.gather(-1, low.unsqueeze(-1)).squeeze(-1)
+    v_high = ordered.gather(-1, high.unsqueeze(-1)).squeeze(-1)
+    result = v_low + frac * (v_high - v_low)
+    return torch.where(count > 0, result, torch.full_like(result, float("nan")))
+
+
+def tail_estimate(
+    sim: torch.Tensor, negatives: torch.Tensor, alpha: float, size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per anchor, the batch's estimate of the (1 - alpha) quantile and the tail scale.
+
+    Peaks over threshold: with ``u`` the (k+1)-th largest of the anchor's n negatives and
+    ``beta`` the mean excess of the top k over ``u``, an exponential tail above ``u`` puts the
+    quantile at ``u + beta * log(k / (n * alpha))``. This works where the batch holds fewer
+    than one expected false negative (alpha * B < 1, the paper's setting), where an in-batch
+    quantile is just the batch maximum. Returns (2, b) tensors; NaN for anchors with fewer
+    than two negatives.
+    """
+    width = sim.shape[-1]
+    n = negatives.sum(-1).expand(sim.shape[:-1])  # (2, b)
+    k_max = max(1, min(width - 1, max(size, math.ceil(2 * alpha * width))))
+    top = sim.masked_fill(~negatives, float("-inf")).topk(k_max + 1, dim=-1).values
+    k = (n - 1).clamp(min=1, max=k_max)  # rows with fewer negatives use what they have
+    u = top.gather(-1, k.unsqueeze(-1)).squeeze(-1)
+    head = torch.cumsum(top[..., :k_max].clamp(min=-2.0), dim=-1)  # -inf padding -> finite
+    mean_top = head.gather(-1, (k - 1).unsqueeze(-1)).squeeze(-1) / k
+    beta = (mean_top - u).clamp(min=1e-6)
+    level = k.to(sim.dtype) / n.clamp(min=1).to(sim.dtype)
+    q_hat = u + beta * torch.log((level / alpha).clamp(min=1.0))
+    valid = n >= 2
+    nan = torch.full_like(q_hat, float("nan"))
+    return torch.where(valid, q_hat, nan), torch.where(valid, beta, nan)
