@@ -399,6 +399,7 @@ class Study:
     seed: int = 0
     glofnd_lr: float = 0.05
     glofnd_clip_grad_mult: float | None = None
+    glofnd_update_rule: str = "tail"
     adapter: Any = None
 
     def texts(self) -> list[str]:
@@ -423,7 +424,8 @@ def run_one(study: Study, detector_name: str, out_dir: str) -> dict[str, Any]:
         data_seed=study.seed, use_cpu=True, disable_tqdm=True, dataloader_num_workers=0,
         detector=detector_name, glofnd_alpha=study.alpha, glofnd_lr=study.glofnd_lr,
         glofnd_clip_grad_mult=study.glofnd_clip_grad_mult,
-        glofnd_init_quantile=True,
+        glofnd_update_rule=study.glofnd_update_rule,
+        glofnd_init_quantile=True,  # Adam rules only: the tail rule always starts there
         glofnd_update_start_epoch=study.update_start, glofnd_mask_start_epoch=study.mask_start,
         temperature_init=0.07,
     )
@@ -590,28 +592,33 @@ def plot_lambda(results: dict[str, Any], arrays: dict[str, list], path: Path) ->
 
 
 def build_studies(quick: bool, seed: int, only: list[str], glofnd_lr: float = 0.05,
-                  glofnd_clip_grad_mult: float | None = None) -> list[Study]:
+                  glofnd_clip_grad_mult: float | None = None,
+                  glofnd_update_rule: str = "tail") -> list[Study]:
+    """The tail rule learns from the first epoch; the Adam rules start two epochs before
+    masking (the reference's practice of a late start)."""
     studies = []
+    rule = dict(glofnd_lr=glofnd_lr, glofnd_clip_grad_mult=glofnd_clip_grad_mult,
+                glofnd_update_rule=glofnd_update_rule)
+    late_start = glofnd_update_rule != "tail"
     if "digits" in only:
         digits = load_digits_pairs(seed=seed)
         train, val = digits["train"], digits["validation"]
-        epochs, mask, update = (20, 6.0, 4.0) if not quick else (3, 1.0, 0.0)
+        epochs, mask, update = (20, 6.0, 4.0 * late_start) if not quick else (3, 1.0, 0.0)
         if quick:
             # A subset: let the trainer number the rows again (index space = 512).
             train = train.select(range(512)).remove_columns("dataset_index")
             val = val.select(range(128))
         studies.append(Study("digits", train, val, "digit", list(DIGIT_NAMES),
                              list(CLASSIFICATION_TEMPLATES), alpha=0.005, epochs=epochs,
-                             mask_start=mask, update_start=update, seed=seed,
-                             glofnd_lr=glofnd_lr, glofnd_clip_grad_mult=glofnd_clip_grad_mult))
+                             mask_start=mask, update_start=update, seed=seed, **rule))
     if "shapes" in only:
         shapes = load_shapes_pairs(per_class=50 if not quick else 12,
                                    val_per_class=8 if not quick else 3, seed=seed)
-        epochs, mask, update = (12, 4.0, 2.0) if not quick else (3, 1.0, 0.0)
+        epochs, mask, update = (12, 4.0, 2.0 * late_start) if not quick else (3, 1.0, 0.0)
         studies.append(Study("shapes", shapes["train"], shapes["validation"], "object",
                              shape_class_names(), list(SHAPE_TEMPLATES), alpha=0.01,
                              epochs=epochs, mask_start=mask, update_start=update, seed=seed,
-                             glofnd_lr=glofnd_lr, glofnd_clip_grad_mult=glofnd_clip_grad_mult))
+                             **rule))
     return studies
 
 
@@ -619,14 +626,16 @@ _STUDY_CACHE: dict[tuple, Study] = {}
 
 
 def _job(quick: bool, seed: int, dataset: str, detector: str, threads: int, glofnd_lr: float,
-         glofnd_clip: float | None, tmp: str) -> tuple[str, str, dict[str, Any], dict[str, Any], float]:
+         glofnd_clip: float | None, glofnd_rule: str,
+         tmp: str) -> tuple[str, str, dict[str, Any], dict[str, Any], float]:
     """One (data set, detector) run; in a worker process when ``--jobs`` > 1."""
     torch.set_num_threads(threads)
     logging.basicConfig(level=logging.WARNING)
     datasets.disable_progress_bars()
-    key = (quick, seed, dataset, glofnd_lr, glofnd_clip)
+    key = (quick, seed, dataset, glofnd_lr, glofnd_clip, glofnd_rule)
     if key not in _STUDY_CACHE:
-        _STUDY_CACHE[key] = build_studies(quick, seed, [dataset], glofnd_lr, glofnd_clip)[0]
+        _STUDY_CACHE[key] = build_studies(quick, seed, [dataset], glofnd_lr, glofnd_clip,
+                                          glofnd_rule)[0]
     study = _STUDY_CACHE[key]
     settings = {k: v for k, v in asdict(study).items()
                 if k not in ("train", "validation", "adapter", "class_names", "templates")}
@@ -651,6 +660,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                              "training down badly when the cores are shared)")
     parser.add_argument("--glofnd-lr", type=float, default=0.05,
                         help="GloFND threshold learning rate (the reference default 0.05)")
+    parser.add_argument("--glofnd-update-rule", default="tail",
+                        choices=["tail", "adam", "reference"],
+                        help="GloFND's threshold rule (Adam rules start 2 epochs before masking)")
     parser.add_argument("--glofnd-clip-grad-mult", type=float, default=None,
                         help="clip GloFND's threshold gradient to +-mult x alpha (default: off)")
     parser.add_argument("--suffix", default=None,
@@ -698,7 +710,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"({seconds:.0f} s)", flush=True)
 
     tasks = [(opts.quick, opts.seed, name, det, opts.threads, opts.glofnd_lr,
-              opts.glofnd_clip_grad_mult) for name in names
+              opts.glofnd_clip_grad_mult, opts.glofnd_update_rule) for name in names
              for det in detectors]
     with tempfile.TemporaryDirectory() as tmp:
         if opts.jobs <= 1:

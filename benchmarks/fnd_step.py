@@ -1,6 +1,7 @@
 """Time one training-loss step (detector update + loss forward + backward) against N.
 
-For every data set size N, detector (``none``, ``glofnd``, ``batch_quantile``) and loss
+For every data set size N, detector (``none``, ``glofnd`` with its default tail rule,
+``glofnd_adam`` with the Adam rule, ``batch_quantile``) and loss
 (``clip`` = ClipLoss, ``global`` = GlobalContrastiveLoss) this measures the wall time of
 
     loss(image_embeds, text_embeds, logit_scale, index, epoch=...).loss.backward()
@@ -48,7 +49,10 @@ from _machine import cpu_model, mem_available_bytes
 from glofnd_hf.fnd import GloFNDConfig, build_detector
 from glofnd_hf.losses import ClipLoss, GlobalContrastiveLoss
 
-DETECTORS = ("none", "glofnd", "batch_quantile")
+DETECTORS = ("none", "glofnd", "glofnd_adam", "batch_quantile")
+# Detector variants timed beside the defaults: name -> (registered detector, config changes).
+# glofnd_adam is the Adam rule the tail rule replaced as the default (same step otherwise).
+VARIANTS = {"glofnd_adam": ("glofnd", {"update_rule": "adam"})}
 LOSSES = ("clip", "global")
 BASELINE = ("none", "clip")
 GPU_STATE_MAX_N = 10**7
@@ -104,11 +108,16 @@ def draw_indices(num_samples: int, count: int, generator: torch.Generator) -> to
 
 
 def state_bytes_per_sample() -> tuple[int, int]:
-    """(GloFND threshold table, global-loss u table) bytes per sample, from real objects."""
-    det = build_detector("glofnd", num_samples=1)
+    """(GloFND threshold tables of every timed rule, global-loss u table) bytes per sample,
+    from real objects."""
+    thr = 0
+    for d in DETECTORS:
+        name, changes = VARIANTS.get(d, (d, {}))
+        if name == "glofnd":
+            table = build_detector(name, num_samples=1, config=GloFNDConfig(**changes)).state.table
+            thr += table.data.element_size() * table.data.numel()
     loss = GlobalContrastiveLoss(1)
-    thr = det.state.table.data
-    return thr.element_size() * thr.numel(), loss.u.data.element_size() * loss.u.data.numel()
+    return thr, loss.u.data.element_size() * loss.u.data.numel()
 
 
 def state_placement(n: int, compute: torch.device) -> tuple[torch.device, bool]:
@@ -175,10 +184,10 @@ def measure(args: argparse.Namespace, compute: torch.device, repeats: int, setup
             log(f"[{setup}] N={fmt_n(n)}: {note}")
             continue
         t_build = time.perf_counter()
-        config = GloFNDConfig()
         detectors = {
-            d: build_detector(d, num_samples=n, config=config, device=state_device,
-                              pin_memory=pin)
+            d: build_detector(VARIANTS.get(d, (d, {}))[0], num_samples=n,
+                              config=GloFNDConfig(**VARIANTS.get(d, (d, {}))[1]),
+                              device=state_device, pin_memory=pin)
             for d in DETECTORS
         }
         # One global loss (one u table) for all detectors of this N: the detector is swapped
@@ -292,8 +301,9 @@ def run_distributed(args: argparse.Namespace) -> list[Row]:
 def print_tables(rows: list[Row], args: argparse.Namespace) -> None:
     thr_bps, u_bps = state_bytes_per_sample()
     print("\n### State memory (per process; every rank holds a full copy)\n")
-    print(f"bytes per sample: GloFND thresholds table {thr_bps} (2 sides x [lambda, m, v, "
-          f"visits] float32), global-loss u {u_bps} (2 sides float32), total {thr_bps + u_bps}\n")
+    print(f"bytes per sample: GloFND thresholds tables {thr_bps} (tail rule: 2 sides x [lambda, "
+          f"scale, visits], Adam rule: 2 sides x [lambda, m, v, visits], float32), global-loss u "
+          f"{u_bps} (2 sides float32), total {thr_bps + u_bps}\n")
     print("| N | thresholds table | u table | total per process |")
     print("|---:|---:|---:|---:|")
     for n in args.sizes:

@@ -121,8 +121,8 @@ class GloFNDTrainingArguments(TrainingArguments):
     )
     glofnd_band: float = field(
         default=1.0,
-        metadata={"help": "tail rule: keep steps within band x tail scale of the batch's own "
-                  "quantile estimate."},
+        metadata={"help": "tail rule: offsets beyond ~band x tail scale from the batch's own "
+                  "quantile estimate are pulled back to it."},
     )
     glofnd_step_floor: float = field(
         default=0.2, metadata={"help": "tail rule: smallest step weight (follows drift)."}

@@ -16,9 +16,11 @@ Two rules turn ``g`` into a step:
     tail ``beta / alpha`` is the inverse density at the quantile, so this is a Newton step
     whatever the spread of the similarities. The first visit starts at the batch's tail
     estimate of the quantile ``q_hat`` (exceedances over the batch's top-k, extrapolated to
-    alpha), and every later step is kept within ``q_hat +- band * beta``: when the
-    embeddings move faster than one visit per epoch can follow, the batch's own estimate
-    drags the threshold along instead of leaving it parked at a bound.
+    alpha); after each step the offset ``x = lambda - q_hat`` is shrunk to
+    ``x * c^2 / (x^2 + c^2)`` with ``c = band * beta``: small offsets (the batch estimate's
+    noise) are kept, so visits average; large ones (a threshold left behind when the
+    embeddings moved faster than one visit per epoch can follow) are pulled back to the
+    batch's estimate instead of leaving the threshold parked at a bound.
 ``adam`` / ``reference``
     Adam on ``g`` with learning rate ``lr`` (the reference implementation). ``reference``
     corrects Adam's bias with ``t = epoch + 1`` exactly as the reference code does; ``adam``
@@ -60,7 +62,8 @@ class GloFNDConfig:
     """k: the batch's top-k negatives of each anchor estimate its tail (raised to
     2 * alpha * batch when that is larger)."""
     band: float = 1.0
-    """Keep each step within band x tail scale of the batch's own quantile estimate."""
+    """Offsets from the batch's own quantile estimate beyond about band x tail scale are
+    pulled back to it (smaller: follows drift faster; larger: averages more)."""
     step_floor: float = 0.2
     """Smallest step weight w_t: the 1/t decay stops here so thresholds follow drift."""
     # -- the Adam rules -------------------------------------------------------------------
@@ -174,8 +177,12 @@ class TailRule(ThresholdRule):
         weight = torch.clamp(1.0 / (visits + 1.0), min=cfg.step_floor)
         new_scale = torch.where(first, beta, scale + weight * (beta - scale))
         new_lam = lam - weight * new_scale * (grad / cfg.alpha)
-        new_lam = torch.minimum(torch.maximum(new_lam, q_hat - cfg.band * beta),
-                                q_hat + cfg.band * beta)
+        # Pull towards the batch's own estimate, the more the further off: offsets x well
+        # inside band * beta pass almost unchanged (noise is averaged), far ones (a stale
+        # threshold after the embeddings moved) shrink like (band * beta)^2 / x.
+        offset = new_lam - q_hat
+        width_sq = (cfg.band * beta) ** 2
+        new_lam = q_hat + offset * width_sq / (offset * offset + width_sq)
         new_lam = torch.where(first, q_hat, new_lam).clamp(-1.0, 1.0)
         new = torch.stack([new_lam, new_scale, visits + 1], dim=-1)
         # Anchors without a tail estimate (fewer than two negatives) keep their row.

@@ -1,0 +1,155 @@
+"""Learned thresholds track the exact global quantile: the tail rule on every stream kind,
+its step and tail estimate by hand, the tracking-health warning, the state it keeps."""
+
+import logging
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from benchmarks.tracking_streams import make_stream, run_stream
+from glofnd_hf.args import GloFNDTrainingArguments
+from glofnd_hf.fnd import GloFNDConfig, build_detector, tail_estimate
+from glofnd_hf.fnd.detectors import DetectionBatch
+
+N, BATCH, ALPHA, EPOCHS = 2048, 256, 0.01, 12
+HEALTH_LOGGER = "glofnd_hf.fnd.health"
+
+
+@pytest.fixture(scope="module")
+def streams():
+    return {kind: make_stream(kind, N, EPOCHS, seed=0)
+            for kind in ("fixed", "narrow", "settling", "moving")}
+
+
+@pytest.mark.parametrize("kind,max_error", [
+    ("fixed", 0.02), ("narrow", 0.005), ("settling", 0.02), ("moving", 0.04),
+])
+def test_tail_rule_tracks_the_exact_quantile_on_every_stream(streams, kind, max_error):
+    """From the first epoch, without a start epoch: small error, filtered fraction near
+    alpha, nothing parked at the clamp, detections agree with the exact rule."""
+    last = run_stream(streams[kind], "tail", ALPHA, BATCH, score_epochs=set()).last
+    assert last.median_error <= max_error, last
+    assert 0.5 <= last.filtered_over_alpha <= 2.0, last
+    assert last.at_bound < 0.05, last
+    assert last.correlation > 0.7, last
+    assert last.precision > 0.7 and last.recall > 0.6, last
+
+
+def test_reference_rule_parks_at_the_clamp_when_embeddings_start_collapsed(streams):
+    """The failure the tail rule fixes, seen by the same benchmark (so it can fail)."""
+    last = run_stream(streams["settling"], "reference", ALPHA, BATCH, score_epochs=set()).last
+    assert last.at_bound > 0.5, last
+    assert last.filtered_over_alpha < 0.5, last
+
+
+def test_tail_rule_is_no_worse_than_the_reference_on_fixed_embeddings(streams):
+    tail = run_stream(streams["fixed"], "tail", ALPHA, BATCH, score_epochs=set()).last
+    reference = run_stream(streams["fixed"], "reference", ALPHA, BATCH, score_epochs=set()).last
+    assert tail.median_error <= 1.1 * reference.median_error, (tail, reference)
+
+
+def test_tail_estimate_finds_the_quantile_of_an_exponential_tail():
+    """alpha * n = 0.4 < 1: the batch holds on average less than one sample above the
+    quantile, yet the peaks-over-threshold estimate is centred on it."""
+    gen = torch.Generator().manual_seed(0)
+    rows, n, alpha = 2000, 4096, 1e-4
+    sim = -torch.log(torch.rand(1, rows, n, generator=gen)) * 0.05  # exponential, scale 0.05
+    negatives = torch.ones(rows, n, dtype=torch.bool)
+    q_hat, beta = tail_estimate(sim, negatives, alpha, size=8)
+    exact = 0.05 * math.log(1 / alpha)
+    assert abs(q_hat.mean().item() - exact) < 0.005  # unbiased for an exponential tail
+    assert abs(beta.mean().item() - 0.05) < 0.003
+    # Rows with fewer than two negatives have no estimate.
+    negatives[0] = False
+    negatives[1, 1:] = False
+    q_hat, _ = tail_estimate(sim, negatives, alpha, size=8)
+    assert torch.isnan(q_hat[0, :2]).all() and torch.isfinite(q_hat[0, 2:]).all()
+
+
+def test_tail_step_by_hand():
+    cfg = GloFNDConfig(alpha=0.01, update_rule="tail", band=1.0, step_floor=0.2)
+    rule = cfg.rule()
+    # rows: [lambda, scale, visits]; stats: [pinball gradient, q_hat, beta]
+    rows = torch.tensor([[[1.0, 0.0, 0.0], [0.50, 0.02, 1.0]],
+                         [[0.60, 0.03, 9.0], [0.70, 0.02, 3.0]]])
+    stats = torch.tensor([[[0.01, 0.8, 0.05], [-0.02, 0.55, 0.04]],
+                          [[0.01, 0.45, 0.05], [float("nan"), float("nan"), float("nan")]]])
+    out = rule.step(rows, stats, epoch=3.0)
+    # First visit: start at the batch's estimate, take its scale.
+    assert out[0, 0].tolist() == pytest.approx([0.8, 0.05, 1.0])
+    # Second visit: w = 1/2; scale 0.02 -> 0.03; step -w * scale * g / alpha = +0.03 to 0.53.
+    # The offset from q_hat, 0.53 - 0.55 = -0.02, is about half of band * beta = 0.04:
+    # shrunk by 0.04^2 / (0.02^2 + 0.04^2) = 0.8 to -0.016.
+    assert out[0, 1].tolist() == pytest.approx([0.534, 0.03, 2.0])
+    # Tenth visit: w = max(1/10, 0.2) = 0.2; scale 0.034; 0.6 - 0.2 * 0.034 = 0.5932 lies
+    # 0.1932 = 3.9 beta above q_hat: pulled back to 0.45 + 0.1932 * 0.05^2 / (0.1932^2 +
+    # 0.05^2) = 0.4625.
+    x = 0.6 - 0.2 * 0.034 - 0.45
+    assert out[1, 0].tolist() == pytest.approx([0.45 + x * 0.0025 / (x * x + 0.0025), 0.034, 10.0])
+    # No estimate (no negatives): the row is kept as it was.
+    assert torch.equal(out[1, 1], rows[1, 1])
+
+
+def test_state_bytes_follow_the_rule_and_round_trip(tmp_path):
+    tail = GloFNDTrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    adam = GloFNDTrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True,
+                                   glofnd_update_rule="adam")
+    assert tail.state_bytes_per_sample() == 24 and adam.state_bytes_per_sample() == 32
+    detector = build_detector("glofnd", num_samples=N, config=tail.glofnd_config())
+    assert detector.state.bytes_per_sample == 24
+    run = make_stream("fixed", N, 2)
+    image, text = run.embeds(0.0)
+    for start in range(0, N, BATCH):
+        index = torch.arange(start, start + BATCH)
+        negatives = index[None] != index[:, None]
+        sim = torch.stack([image[index] @ text[index].t(), text[index] @ image[index].t()])
+        detector.detect(sim, DetectionBatch(index, index, negatives, epoch=0.0))
+    save_file(detector.state_dict(), tmp_path / "state.safetensors")
+    fresh = build_detector("glofnd", num_samples=N, config=tail.glofnd_config())
+    fresh.load_state_dict(load_file(tmp_path / "state.safetensors"))
+    for key, value in detector.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), key
+    assert set(detector.state_dict()) == {f"{s}.{c}" for s in ("image", "text")
+                                          for c in ("lambda", "scale", "visits")}
+    other = build_detector("glofnd", num_samples=N, config=adam.glofnd_config())
+    with pytest.raises(ValueError, match="another rule"):
+        other.load_state_dict(load_file(tmp_path / "state.safetensors"))
+
+
+def test_health_warns_once_per_epoch_when_thresholds_do_not_track(streams, caplog):
+    caplog.set_level(logging.WARNING, logger=HEALTH_LOGGER)
+    run_stream(streams["settling"], "reference", ALPHA, BATCH, score_epochs=set())
+    warnings = [r for r in caplog.records if r.name == HEALTH_LOGGER]
+    epochs = [int(r.args[0]) for r in warnings]
+    assert warnings, "the parked reference thresholds must be reported"
+    assert len(epochs) == len(set(epochs)), "at most one warning per epoch"
+    assert min(epochs) >= 1, "no warning during the warm-up epoch"
+    message = warnings[-1].getMessage()
+    assert "clamp" in message and "glofnd_update_rule: tail" in message
+
+
+def test_health_stays_quiet_when_thresholds_track(streams, caplog):
+    caplog.set_level(logging.WARNING, logger=HEALTH_LOGGER)
+    run_stream(streams["fixed"], "tail", ALPHA, BATCH, score_epochs=set())
+    assert not [r for r in caplog.records if r.name == HEALTH_LOGGER]
+
+
+def test_health_summary_reports_each_finished_epoch():
+    detector = build_detector("glofnd", num_samples=64, config=GloFNDConfig(alpha=0.1))
+    gen = torch.Generator().manual_seed(0)
+    sim = torch.rand(2, 16, 16, generator=gen)
+    index = torch.arange(16)
+    batch = DetectionBatch(index, index, index[None] != index[:, None], epoch=0.0)
+    assert detector.detect(sim, batch).stats.get("tracking_at_bound_image") is None
+    batch.epoch = 1.0  # the first step of epoch 1 reports epoch 0
+    stats = detector.detect(sim, batch).stats
+    filtered = ((sim > detector.state.lambdas(index).t().unsqueeze(-1))
+                & batch.negatives).sum(dim=(1, 2)).float() / batch.negatives.sum()
+    assert stats["tracking_at_bound_image"].item() == 0.0
+    assert stats["tracking_filtered_over_alpha_image"].item() > 0
+    summary = detector.finish_epoch()  # epoch 1, closed by the caller
+    assert summary["tracking_filtered_over_alpha_text"] == pytest.approx(
+        filtered[1].item() / 0.1, rel=1e-5)
+    assert detector.finish_epoch() == {}  # nothing recorded since
