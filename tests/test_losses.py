@@ -123,7 +123,7 @@ def test_repeated_index_copies_are_not_negatives_of_each_other():
 @pytest.mark.parametrize("loss_type", ["clip", "global"])
 def test_anchor_with_every_negative_filtered_gives_a_finite_loss(loss_type):
     image, text = embeddings(b=6, seed=4)
-    cfg = GloFNDConfig(alpha=0.1, lr=1e-6)
+    cfg = GloFNDConfig(alpha=0.1, lr=1e-6, update_rule="adam")
     detector = build_detector("glofnd", num_samples=6, config=cfg)
     detector.state.table.data[2, :, 0] = -1.0  # anchor 2 filters every negative
     if loss_type == "clip":
@@ -193,7 +193,7 @@ def test_global_loss_normaliser_counts_kept_negatives_and_u_moves_with_gamma():
     n, b = 16, 6
     image, text = embeddings(b=b, seed=6)
     index = torch.arange(b)
-    detector = build_detector("glofnd", num_samples=n, config=GloFNDConfig(alpha=0.3, lr=1e-6))
+    detector = build_detector("glofnd", num_samples=n, config=GloFNDConfig(alpha=0.3, lr=1e-6, update_rule="adam"))
     detector.state.table.data[:, :, 0] = 0.0
     loss = GlobalContrastiveLoss(n, detector, gamma=GammaSchedule(0.25, "constant"))
     loss(image, text, 5.0, index, epoch=0)  # first visit: u = g
@@ -226,7 +226,7 @@ def test_similarities_are_compared_in_float32_under_autocast():
     image, text = embeddings(b=16, seed=7, dtype=torch.float32)
     image, text = image.detach().bfloat16(), text.detach().bfloat16()
     index = torch.arange(16)
-    detector = build_detector("glofnd", num_samples=16, config=GloFNDConfig(alpha=0.2, lr=1e-6))
+    detector = build_detector("glofnd", num_samples=16, config=GloFNDConfig(alpha=0.2, lr=1e-6, update_rule="adam"))
     detector.state.table.data[:, :, 0] = 0.05
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = ClipLoss(detector)(image, text, 5.0, index)
@@ -281,7 +281,7 @@ def test_loss_state_dict_round_trip_and_mismatch():
 def test_threshold_statistics_describe_the_batch_thresholds():
     image, text = embeddings(b=11, seed=11)
     index = torch.arange(11)
-    detector = build_detector("glofnd", num_samples=11, config=GloFNDConfig(alpha=0.1, lr=1e-6))
+    detector = build_detector("glofnd", num_samples=11, config=GloFNDConfig(alpha=0.1, lr=1e-6, update_rule="adam"))
     detector.state.table.data[:, 0, 0] = torch.linspace(-0.5, 0.5, 11)
     detector.state.table.data[:, 1, 0] = torch.linspace(0.0, 1.0, 11).flip(0)
     out = ClipLoss(detector)(image, text, 5.0, index)

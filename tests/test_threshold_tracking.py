@@ -57,25 +57,48 @@ def test_tail_estimate_finds_the_quantile_of_an_exponential_tail():
     rows, n, alpha = 2000, 4096, 1e-4
     sim = -torch.log(torch.rand(1, rows, n, generator=gen)) * 0.05  # exponential, scale 0.05
     negatives = torch.ones(rows, n, dtype=torch.bool)
-    q_hat, beta = tail_estimate(sim, negatives, alpha, size=8)
+    q_hat, beta, _, _ = tail_estimate(sim, negatives, alpha, size=8, upper=None)  # unbounded tail
     exact = 0.05 * math.log(1 / alpha)
     assert abs(q_hat.mean().item() - exact) < 0.005  # unbiased for an exponential tail
     assert abs(beta.mean().item() - 0.05) < 0.003
     # Rows with fewer than two negatives have no estimate.
     negatives[0] = False
     negatives[1, 1:] = False
-    q_hat, _ = tail_estimate(sim, negatives, alpha, size=8)
+    q_hat = tail_estimate(sim, negatives, alpha, size=8, upper=None)[0]
     assert torch.isnan(q_hat[0, :2]).all() and torch.isfinite(q_hat[0, 2:]).all()
+
+
+def test_tail_estimate_stays_below_the_bound_of_cosine_similarity():
+    """A few near-duplicates just under 1 above a body far below: an exponential tail
+    through them extrapolates past 1 (the threshold would sit at the clamp); the tail that
+    ends at 1 may not."""
+    gen = torch.Generator().manual_seed(0)
+    body = 0.5 + 0.3 * torch.rand(1, 64, 120, generator=gen)
+    near = 0.95 + 0.045 * torch.rand(1, 64, 7, generator=gen)
+    sim = torch.cat([body, near], dim=-1)
+    negatives = torch.ones(64, 127, dtype=torch.bool)
+    q_exp = tail_estimate(sim, negatives, 0.005, size=8, upper=None)[0]
+    q_bounded = tail_estimate(sim, negatives, 0.005, size=8)[0]
+    top = sim.max(-1).values
+    assert (q_exp > 1.0).all()  # the failure, for contrast
+    assert (q_bounded < 1.0).all() and (q_bounded >= top - 0.02).all()
+    # Far below the bound the two agree.
+    far = torch.rand(1, 64, 127, generator=gen) * 0.3
+    assert torch.allclose(tail_estimate(far, negatives, 0.005, 8)[0],
+                          tail_estimate(far, negatives, 0.005, 8, upper=None)[0], atol=0.01)
 
 
 def test_tail_step_by_hand():
     cfg = GloFNDConfig(alpha=0.01, update_rule="tail", band=1.0, step_floor=0.2)
     rule = cfg.rule()
-    # rows: [lambda, scale, visits]; stats: [pinball gradient, q_hat, beta]
+    nan = float("nan")
+    # rows: [lambda, scale, visits]; stats: [pinball gradient, q_hat, beta, top, (k+1)-th]
     rows = torch.tensor([[[1.0, 0.0, 0.0], [0.50, 0.02, 1.0]],
-                         [[0.60, 0.03, 9.0], [0.70, 0.02, 3.0]]])
-    stats = torch.tensor([[[0.01, 0.8, 0.05], [-0.02, 0.55, 0.04]],
-                          [[0.01, 0.45, 0.05], [float("nan"), float("nan"), float("nan")]]])
+                         [[0.60, 0.03, 9.0], [0.70, 0.02, 3.0]],
+                         [[0.90, 0.30, 5.0], [0.90, 0.30, 5.0]]])
+    stats = torch.tensor([[[0.01, 0.8, 0.05, 0.9, 0.7], [-0.02, 0.55, 0.04, 0.6, 0.45]],
+                          [[0.01, 0.45, 0.05, 0.5, 0.40], [nan, nan, nan, nan, nan]],
+                          [[-0.05, 0.96, 0.3, 0.97, 0.5], [0.01, 0.9, 0.3, 0.95, 0.88]]])
     out = rule.step(rows, stats, epoch=3.0)
     # First visit: start at the batch's estimate, take its scale.
     assert out[0, 0].tolist() == pytest.approx([0.8, 0.05, 1.0])
@@ -84,12 +107,16 @@ def test_tail_step_by_hand():
     # shrunk by 0.04^2 / (0.02^2 + 0.04^2) = 0.8 to -0.016.
     assert out[0, 1].tolist() == pytest.approx([0.534, 0.03, 2.0])
     # Tenth visit: w = max(1/10, 0.2) = 0.2; scale 0.034; 0.6 - 0.2 * 0.034 = 0.5932 lies
-    # 0.1932 = 3.9 beta above q_hat: pulled back to 0.45 + 0.1932 * 0.05^2 / (0.1932^2 +
-    # 0.05^2) = 0.4625.
+    # 0.1432 = 2.9 beta above q_hat: pulled back towards it, to 0.45 + x c^2 / (x^2 + c^2).
     x = 0.6 - 0.2 * 0.034 - 0.45
     assert out[1, 0].tolist() == pytest.approx([0.45 + x * 0.0025 / (x * x + 0.0025), 0.034, 10.0])
     # No estimate (no negatives): the row is kept as it was.
     assert torch.equal(out[1, 1], rows[1, 1])
+    # Five exceedances with a wide scale: 0.9 + 0.2 * 0.3 * 5 = 1.2 stops at the top
+    # negative 0.97 (not at the clamp), then the offset 0.01 from q_hat is shrunk a little.
+    assert out[2, 0, 0].item() == pytest.approx(0.96 + 0.01 * 0.09 / (0.0001 + 0.09))
+    # Going down, 0.9 - 0.2 * 0.3 = 0.84 stops at the (k+1)-th largest, 0.88.
+    assert out[2, 1, 0].item() == pytest.approx(0.9 - 0.02 * 0.09 / (0.0004 + 0.09))
 
 
 def test_state_bytes_follow_the_rule_and_round_trip(tmp_path):

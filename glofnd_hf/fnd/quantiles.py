@@ -36,15 +36,21 @@ def masked_quantile(values: torch.Tensor, mask: torch.Tensor, q: float) -> torch
 
 
 def tail_estimate(
-    sim: torch.Tensor, negatives: torch.Tensor, alpha: float, size: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per anchor, the batch's estimate of the (1 - alpha) quantile and the tail scale.
+    sim: torch.Tensor, negatives: torch.Tensor, alpha: float, size: int,
+    upper: float | None = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per anchor, the batch's estimate of the (1 - alpha) quantile and the tail scale,
+    and the top negative and the (k+1)-th largest ``u`` that the estimate starts from.
 
     Peaks over threshold: with ``u`` the (k+1)-th largest of the anchor's n negatives and
     ``beta`` the mean excess of the top k over ``u``, an exponential tail above ``u`` puts the
     quantile at ``u + beta * log(k / (n * alpha))``. This works where the batch holds fewer
     than one expected false negative (alpha * B < 1, the paper's setting), where an in-batch
-    quantile is just the batch maximum. Returns (2, b) tensors; NaN for anchors with fewer
+    quantile is just the batch maximum. Similarities are bounded (``upper``: 1 for cosine
+    similarity), and near the bound an exponential tail would extrapolate past it: the tail
+    is a generalised Pareto that ends at ``upper`` and has the observed mean excess, which
+    is the exponential one when the top lies far below the bound (``upper=None``: always
+    exponential). Returns (2, b) tensors (q_hat, beta, top, u); NaN for anchors with fewer
     than two negatives.
     """
     width = sim.shape[-1]
@@ -57,7 +63,16 @@ def tail_estimate(
     mean_top = head.gather(-1, (k - 1).unsqueeze(-1)).squeeze(-1) / k
     beta = (mean_top - u).clamp(min=1e-6)
     level = k.to(sim.dtype) / n.clamp(min=1).to(sim.dtype)
-    q_hat = u + beta * torch.log((level / alpha).clamp(min=1.0))
+    log_ratio = torch.log((level / alpha).clamp(min=1.0))
+    if upper is None:
+        q_hat = u + beta * log_ratio
+    else:
+        # Generalised Pareto tail ending at ``upper`` with mean excess beta: shape
+        # xi = -beta / (upper - u - beta) <= 0, quantile u + beta (1 - xi) (r^xi - 1) / xi.
+        xi = -beta / (upper - u - beta).clamp(min=1e-6)
+        x = xi * log_ratio
+        expm1_over_x = torch.where(x.abs() < 1e-6, torch.ones_like(x), torch.expm1(x) / x)
+        q_hat = u + beta * (1 - xi) * log_ratio * expm1_over_x
     valid = n >= 2
     nan = torch.full_like(q_hat, float("nan"))
-    return torch.where(valid, q_hat, nan), torch.where(valid, beta, nan)
+    return tuple(torch.where(valid, x, nan) for x in (q_hat, beta, top[..., 0], u))

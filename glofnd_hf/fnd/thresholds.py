@@ -16,7 +16,8 @@ Two rules turn ``g`` into a step:
     tail ``beta / alpha`` is the inverse density at the quantile, so this is a Newton step
     whatever the spread of the similarities. The first visit starts at the batch's tail
     estimate of the quantile ``q_hat`` (exceedances over the batch's top-k, extrapolated to
-    alpha); after each step the offset ``x = lambda - q_hat`` is shrunk to
+    alpha); a step never crosses the batch's top negative going up nor its (k+1)-th going
+    down; after each step the offset ``x = lambda - q_hat`` is shrunk to
     ``x * c^2 / (x^2 + c^2)`` with ``c = band * beta``: small offsets (the batch estimate's
     noise) are kept, so visits average; large ones (a threshold left behind when the
     embeddings moved faster than one visit per epoch can follow) are pulled back to the
@@ -161,22 +162,28 @@ class TailRule(ThresholdRule):
 
     columns = ("lambda", "scale", "visits")
     fill = (1.0, 0.0, 0.0)
-    num_statistics = 3  # pinball gradient, q_hat, beta
+    num_statistics = 5  # pinball gradient, q_hat, beta, top negative, (k+1)-th largest
 
     def statistics(self, sim, negatives, lam):
         cfg = self.config
         grad = pinball_gradient(sim, negatives, lam, cfg.alpha)
-        q_hat, beta = tail_estimate(sim, negatives, cfg.alpha, cfg.tail_size)
-        return torch.stack([grad, q_hat, beta], dim=-1).to(torch.float32)
+        tail = tail_estimate(sim, negatives, cfg.alpha, cfg.tail_size)
+        return torch.stack([grad, *tail], dim=-1).to(torch.float32)
 
     def step(self, rows, stats, epoch):
         cfg = self.config
         lam, scale, visits = rows.unbind(-1)
-        grad, q_hat, beta = stats.to(torch.float32).unbind(-1)
+        grad, q_hat, beta, top, kth = stats.to(torch.float32).unbind(-1)
         first = visits == 0
         weight = torch.clamp(1.0 / (visits + 1.0), min=cfg.step_floor)
         new_scale = torch.where(first, beta, scale + weight * (beta - scale))
         new_lam = lam - weight * new_scale * (grad / cfg.alpha)
+        # A step does not cross the batch's own evidence: up no further than its top negative,
+        # down no further than the (k+1)-th (where the batch already holds > 2 alpha of its
+        # negatives). This binds where a lumpy tail (near-duplicates) makes beta a poor local
+        # scale, and a full step would jump past the quantile to the clamp.
+        new_lam = torch.minimum(torch.maximum(new_lam, torch.minimum(lam, kth)),
+                                torch.maximum(lam, top))
         # Pull towards the batch's own estimate, the more the further off: offsets x well
         # inside band * beta pass almost unchanged (noise is averaged), far ones (a stale
         # threshold after the embeddings moved) shrink like (band * beta)^2 / x.
