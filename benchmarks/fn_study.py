@@ -669,7 +669,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="appended to the output file names (default: '_quick' with --quick)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--table", metavar="JSON", help="only print the table of a results file")
+    parser.add_argument("--merge", nargs=2, metavar=("BASE", "NEW"),
+                        help="replace BASE's runs of the detectors NEW holds (e.g. GloFND re-run "
+                             "with another rule; the other detectors' runs do not depend on "
+                             "it), write fn_study{suffix}.json and its F1 plot, and stop")
     opts = parser.parse_args(argv)
+    if opts.merge:
+        merged = merge_results(*(json.loads(Path(p).read_text()) for p in opts.merge))
+        out = Path(opts.out)
+        with open(out / f"fn_study{opts.suffix or ''}.json", "w") as f:
+            json.dump(merged, f, indent=1)
+        plot_f1(merged, out / f"fn_f1{opts.suffix or ''}.png")
+        print(markdown_table(merged))
+        return merged
     if opts.table:
         with open(opts.table) as f:
             print(markdown_table(json.load(f)))
@@ -737,6 +749,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(markdown_table(results))
     print(f"wrote {out / (stem + '.json')} in {results['total_seconds']} s")
     return results
+
+
+def merge_results(base: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with the runs (and the settings) of every detector ``new`` holds replaced."""
+    merged = json.loads(json.dumps(base))
+    for name, data in new["datasets"].items():
+        merged["datasets"][name]["settings"] = data["settings"]
+        merged["datasets"][name]["runs"].update(data["runs"])
+    merged["merged_from"] = {"base": base.get("environment"), "new": new.get("environment"),
+                             "replaced": sorted({d for data in new["datasets"].values()
+                                                 for d in data["runs"]})}
+    return merged
 
 
 def markdown_table(results: dict[str, Any]) -> str:
