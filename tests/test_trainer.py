@@ -224,3 +224,16 @@ def test_ifnd_trains_through_the_trainer_with_its_options(tmp_path, digits):
     assert any(key.startswith("detector.") for key in state)
     # The bank saw every training pair through the loss's observe hook.
     assert bool(detector.seen[:32].all())
+
+
+def test_tracking_health_is_logged_once_per_epoch(tmp_path, digits):
+    adapter = adapter_for("hf", digits)
+    args = make_args(tmp_path, num_train_epochs=2, loss_type="clip", glofnd_alpha=0.1)
+    trainer = GloFNDTrainer(adapter, args, train_dataset=small_train(digits))
+    trainer.train()
+    health = [e for e in trainer.state.log_history if "tracking_filtered_over_alpha_image" in e]
+    assert [round(e["epoch"]) for e in health] == [1, 2]
+    for entry in health:
+        for side in ("image", "text"):
+            assert 0.0 <= entry[f"tracking_at_bound_{side}"] <= 1.0
+            assert entry[f"tracking_filtered_over_alpha_{side}"] > 0.0
