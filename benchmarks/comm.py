@@ -2,7 +2,7 @@
 
 Each step, every rank all-gathers its image and text embeddings (b x D each, with gradient)
 and, for the per-sample state, its anchors' dataset indices and a few floats per anchor
-(threshold gradients of both sides, in-batch quantiles with init_quantile, and the global
+(the threshold rule's statistics of both sides: 10 for the default tail rule, and the global
 loss's g of both sides). This script measures bytes sent per rank and the time of each
 collective in the same run.
 
@@ -44,7 +44,11 @@ def worker(rank: int, world: int, port: int, opts: argparse.Namespace, queue) ->
     image = torch.randn(b, d, requires_grad=True)
     text = torch.randn(b, d, requires_grad=True)
     index = torch.randint(0, 10**8, (b,))
-    per_anchor = torch.randn(b, 4)  # g image/text + quantile image/text (init_quantile)
+    # The default tail rule's statistics of both sides (pinball gradient, q_hat, beta, top
+    # negative, (k+1)-th largest); the Adam rule sends 2 or 4.
+    from glofnd_hf.fnd import TailRule
+
+    per_anchor = torch.randn(b, 2 * TailRule.num_statistics)
     u_values = torch.randn(b, 2)
 
     def features():
