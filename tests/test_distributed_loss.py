@@ -25,7 +25,8 @@ def single_process(kind, steps=2):
         out.loss.backward()
         optimizer.step()
         losses.append(out.loss.detach())
-    return losses, dict(model.named_parameters()), loss_fn.state_dict()
+    health = loss_fn.finish_epoch()
+    return losses, dict(model.named_parameters()), loss_fn.state_dict(), health
 
 
 def run_torchrun(kind, out):
@@ -42,7 +43,7 @@ def run_torchrun(kind, out):
 @pytest.mark.parametrize("kind", ["clip", "global", "clip_iq"])
 def test_two_processes_match_one_process(tmp_path, kind):
     ranks = run_torchrun(kind, tmp_path / "result")
-    losses, params, state = single_process(kind)
+    losses, params, state, health = single_process(kind)
     for rank in ranks:
         for step, record in enumerate(rank["records"]):
             assert torch.allclose(record["loss"], losses[step], atol=1e-5), (step, kind)
@@ -56,3 +57,8 @@ def test_two_processes_match_one_process(tmp_path, kind):
     assert not torch.equal(state["detector.image.lambda"], torch.ones_like(state["detector.image.lambda"]))
     for key in state:
         assert torch.equal(ranks[0]["state"][key], ranks[1]["state"][key]), key
+    # Tracking health is global: every rank reports what one process reports.
+    assert health and set(health) == set(ranks[0]["health"])
+    for rank in ranks:
+        for key, value in health.items():
+            assert rank["health"][key] == pytest.approx(value, rel=1e-6), key
