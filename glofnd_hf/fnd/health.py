@@ -110,6 +110,7 @@ class TrackingHealth:
             return
         advice = " ".join(self.advice(kind) for kind in dict.fromkeys(kinds))
         logger.warning(
-            "false-negative thresholds do not track the (1 - alpha) quantile in epoch %d "
-            "(alpha %g): %s. %s", epoch, self.alpha, "; ".join(problems), advice,
+            "false-negative thresholds do not track the (1 - alpha) quantile between epoch "
+            "%d and %d (alpha %g): %s. %s", epoch, epoch + 1, self.alpha, "; ".join(problems),
+            advice,
         )
