@@ -102,16 +102,18 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [(s, k) for s, k in dict.fromkeys((r["setting"], r["stream"])
-                                              for r in results["runs"])]
+    panels = list(dict.fromkeys((r["setting"], r["stream"]) for r in results["runs"]))
+    colours = {"reference": "#ff7f0e", "adam": "#1f77b4", "adam+init_quantile": "#2ca02c",
+               "tail": "#d62728", "batch_quantile": "#9467bd"}
     fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.2), squeeze=False)
     for ax, (setting, kind) in zip(axes[0], panels, strict=True):
         for run in results["runs"]:
             if (run["setting"], run["stream"]) != (setting, kind):
                 continue
             xs = [e["epoch"] + 1 for e in run["epochs"]]
-            ax.plot(xs, [max(e["median_error"], 1e-4) for e in run["epochs"]], marker=".",
-                    label=run["rule"])
+            style = "--" if run["rule"] == "adam" else "-"  # equals reference here
+            ax.plot(xs, [max(e["median_error"], 1e-4) for e in run["epochs"]], style,
+                    marker=".", label=run["rule"], color=colours.get(run["rule"]))
             moves = [(e["epoch"] + 1, e["quantile_movement"]) for e in run["epochs"]
                      if e.get("quantile_movement") is not None]
         if kind == "moving" and moves:
@@ -120,7 +122,7 @@ def plot(results: dict, path: Path) -> None:
         ax.set_title(f"{kind} ({setting})")
         ax.set_xlabel("epoch")
     axes[0][0].set_ylabel("median |lambda - exact quantile|")
-    axes[0][-1].legend(fontsize=7)
+    axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -135,11 +137,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output", default=str(RESULTS / "threshold_tracking.json"))
-    parser.add_argument("--table", help="print the table of an earlier result file and stop")
+    parser.add_argument("--table", help="print the table of an earlier result file (and "
+                        "redraw its plot beside it) and stop")
     opts = parser.parse_args(argv)
     if opts.table:
         results = json.loads(Path(opts.table).read_text())
         print(markdown_table(results))
+        plot(results, Path(opts.table).with_suffix(".png"))
         return results
     torch.set_num_threads(opts.threads)
     logging.disable(logging.WARNING)  # the rules' health warnings are what we measure
