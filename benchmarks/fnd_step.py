@@ -46,7 +46,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from _machine import cpu_model, mem_available_bytes
 
-from glofnd_hf.fnd import GloFNDConfig, build_detector
+from glofnd_hf.fnd import GloFNDConfig, GloFNDDetector, build_detector
 from glofnd_hf.losses import ClipLoss, GlobalContrastiveLoss
 
 DETECTORS = ("none", "glofnd", "glofnd_adam", "batch_quantile")
@@ -107,15 +107,20 @@ def draw_indices(num_samples: int, count: int, generator: torch.Generator) -> to
     return distinct[torch.randperm(count, generator=generator)]
 
 
+def _build(name: str, **kwargs):
+    """Detector ``name`` of DETECTORS, a variant's config changes applied."""
+    registered, changes = VARIANTS.get(name, (name, {}))
+    return build_detector(registered, config=GloFNDConfig(**changes), **kwargs)
+
+
 def state_bytes_per_sample() -> tuple[int, int]:
     """(GloFND threshold tables of every timed rule, global-loss u table) bytes per sample,
     from real objects."""
     thr = 0
     for d in DETECTORS:
-        name, changes = VARIANTS.get(d, (d, {}))
-        if name == "glofnd":
-            table = build_detector(name, num_samples=1, config=GloFNDConfig(**changes)).state.table
-            thr += table.data.element_size() * table.data.numel()
+        detector = _build(d, num_samples=1)
+        if isinstance(detector, GloFNDDetector):
+            thr += detector.state.table.data.element_size() * detector.state.table.data.numel()
     loss = GlobalContrastiveLoss(1)
     return thr, loss.u.data.element_size() * loss.u.data.numel()
 
@@ -185,10 +190,7 @@ def measure(args: argparse.Namespace, compute: torch.device, repeats: int, setup
             continue
         t_build = time.perf_counter()
         detectors = {
-            d: build_detector(VARIANTS.get(d, (d, {}))[0], num_samples=n,
-                              config=GloFNDConfig(**VARIANTS.get(d, (d, {}))[1]),
-                              device=state_device, pin_memory=pin)
-            for d in DETECTORS
+            d: _build(d, num_samples=n, device=state_device, pin_memory=pin) for d in DETECTORS
         }
         # One global loss (one u table) for all detectors of this N: the detector is swapped
         # in before each step. ClipLoss keeps no state of its own.

@@ -13,8 +13,8 @@ from .fnd import GloFNDConfig, available_detectors
 from .fnd.thresholds import UpdateRule
 from .losses import GammaSchedule
 
-# Bytes of per-sample state: the thresholds table (2 sides x the update rule's float32
-# columns: lambda, scale, visits for "tail"; lambda, m, v, visits for Adam) + u (2 sides).
+# Bytes of per-sample state besides the thresholds table (whose size the update rule
+# knows): u of the global loss (2 sides), IFND's feature bank.
 GLOBAL_LOSS_BYTES_PER_SAMPLE = 2 * 4
 IFND_BANK_BYTES_PER_SAMPLE = 2 * 1024 + 3 * 8
 # "auto" placement keeps the state on the accelerator up to this size, else in host memory.
@@ -233,9 +233,7 @@ class GloFNDTrainingArguments(TrainingArguments):
         return math.log(self.max_logit_scale)
 
     def state_bytes_per_sample(self) -> int:
-        per = 0
-        if self.detector == "glofnd":
-            per += 2 * 4 * len(self.glofnd_config().rule().columns)
+        per = self.glofnd_config().rule().bytes_per_sample() if self.detector == "glofnd" else 0
         if self.detector == "ifnd":  # float16 feature bank (width unknown here: 1024) + labels
             per += IFND_BANK_BYTES_PER_SAMPLE
         if self.loss_type != "clip":

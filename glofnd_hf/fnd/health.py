@@ -17,10 +17,10 @@ from collections.abc import Callable
 import torch
 
 from . import comm
+from .thresholds import SIDES
 
 logger = logging.getLogger(__name__)
 
-SIDES = ("image", "text")
 # Counter layout: filtered (2 sides), negatives, visited (2 sides), at a bound (2 sides).
 FILTERED, NEGATIVES, VISITED, AT_BOUND = slice(0, 2), 2, slice(3, 5), slice(5, 7)
 RATIO_RANGE = (0.5, 2.0)
@@ -29,8 +29,9 @@ MAX_AT_BOUND = 0.2
 
 class TrackingHealth:
     """Accumulates one epoch of tracking statistics and warns, at most once per epoch, when
-    after ``warmup_epochs`` of updates the filtered fraction leaves ``RATIO_RANGE`` x alpha
-    or more than ``MAX_AT_BOUND`` of the visited thresholds sit at a bound.
+    an epoch starting at or after ``first_checked_epoch`` (the warm-up is over) filters
+    outside ``RATIO_RANGE`` x alpha or has more than ``MAX_AT_BOUND`` of its visited
+    thresholds at a bound.
 
     ``advice(kind)`` names the likely cause and the setting to change for ``kind`` in
     ("low", "high", "bound"); it belongs to the detector, which knows its rule.
@@ -47,7 +48,6 @@ class TrackingHealth:
         self.advice = advice
         self.epoch: int | None = None
         self.counts: torch.Tensor | None = None
-        self.last: dict[str, float] = {}
 
     def record(
         self,
@@ -90,7 +90,6 @@ class TrackingHealth:
             if counts[VISITED.start + s] > 0:
                 share = counts[AT_BOUND.start + s] / counts[VISITED.start + s]
                 summary[f"tracking_at_bound_{side}"] = share
-        self.last = summary
         if summary and epoch >= self.first_checked_epoch:
             self._warn(epoch, summary)
         return summary

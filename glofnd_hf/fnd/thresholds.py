@@ -145,6 +145,11 @@ class ThresholdRule(ABC):
     def __init__(self, config: GloFNDConfig) -> None:
         self.config = config
 
+    @classmethod
+    def bytes_per_sample(cls) -> int:
+        """Per-sample state of both sides: one float32 per column."""
+        return len(SIDES) * len(cls.columns) * 4
+
     @abstractmethod
     def statistics(
         self, sim: torch.Tensor, negatives: torch.Tensor, lam: torch.Tensor
@@ -293,7 +298,7 @@ class ThresholdState:
 
     @property
     def bytes_per_sample(self) -> int:
-        return len(SIDES) * len(self.columns) * self.table.data.element_size()
+        return self.rule.bytes_per_sample()
 
     def to(self, device: torch.device | str) -> ThresholdState:
         self.table.to(device)
