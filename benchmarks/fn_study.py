@@ -300,6 +300,10 @@ class ThresholdSnapshots(TrainerCallback):
                  at_epochs: list[int]) -> None:
         self.study, self.detector, self.alpha = study, detector, alpha
         self.at = set(at_epochs)
+        # The epoch before each snapshot too: its exact quantiles, held for one epoch, are
+        # what a rule that refreshes each threshold once per epoch could at best hold.
+        self.exact_at = self.at | {e - 1 for e in self.at}
+        self._previous_exact: tuple[int, torch.Tensor] | None = None
         self.labels = labels
         self.embedder = ZeroShotEvaluator(train, show_progress=False, batch_size=256)
         self.snapshots: list[dict[str, Any]] = []
@@ -307,7 +311,7 @@ class ThresholdSnapshots(TrainerCallback):
 
     def on_epoch_end(self, args, state, control, model=None, **kwargs):
         epoch = round(state.epoch or 0)
-        if epoch not in self.at:
+        if epoch not in self.exact_at:
             return
         emb = self.embedder.embed(self.study.adapter, model)
         image = F.normalize(emb["images"], dim=-1)
@@ -316,6 +320,9 @@ class ThresholdSnapshots(TrainerCallback):
         n = sims.shape[1]
         negatives = ~torch.eye(n, dtype=torch.bool)
         exact = masked_quantile(sims, negatives, 1.0 - self.alpha)  # (2, N)
+        previous, self._previous_exact = self._previous_exact, (epoch, exact)
+        if epoch not in self.at:
+            return
         state_dict = self.detector.state_dict()
         lam = torch.stack([state_dict[f"{s}.lambda"][:n] for s in SIDES])
         truth = (self.labels.unsqueeze(1) == self.labels.unsqueeze(0)) & negatives
@@ -336,6 +343,11 @@ class ThresholdSnapshots(TrainerCallback):
         snap["lambda_vs_exact_mae"] = float(diff.abs().mean())
         snap["lambda_vs_exact_corr"] = float(np.corrcoef(lam.flatten().numpy(),
                                                          exact.flatten().numpy())[0, 1])
+        if previous is not None and previous[0] == epoch - 1:
+            stale = (previous[1] - exact).flatten()
+            snap["previous_epoch_exact_mae"] = float(stale.abs().mean())
+            snap["previous_epoch_exact_corr"] = float(np.corrcoef(
+                previous[1].flatten().numpy(), exact.flatten().numpy())[0, 1])
         self.snapshots.append(snap)
         self.arrays.append({"epoch": epoch, "lambda": lam[0].numpy().copy(),
                             "exact": exact[0].numpy().copy()})
