@@ -22,6 +22,7 @@ from glofnd_hf.models import (
     infer_family,
     load_dual_encoder,
 )
+from glofnd_hf.models.clip_bpe import clip_bpe_merges, make_clip_tokenizer
 
 TEXTS = ["a red circle", "a blue square on grey", "a photo of a cat", "zzqx glorp!"]
 FAMILIES = ["hf", "open_clip"]
@@ -152,8 +153,8 @@ def test_encode_matches_training_call(adapters, family):
 def test_small_tokenizer_matches_full_clip_bpe():
     """The cut-down vocabulary tokenises the given texts exactly like the full CLIP BPE."""
     small = build_small_clip_tokenizer(TEXTS, num_merges=200, context_length=32)
-    full_merges = M._clip_bpe_merges()
-    full = M._make_clip_tokenizer(full_merges, 77)
+    full_merges = clip_bpe_merges()
+    full = make_clip_tokenizer(full_merges, 77)
     assert len(full.get_vocab()) == 49408  # same vocabulary as CLIP / open_clip
     assert len(small.get_vocab()) < 1000
     for text in TEXTS:
