@@ -13,12 +13,17 @@ from torch import nn
 
 from glofnd_hf import models as M
 from glofnd_hf.models import (
+    TINY_HF_CLIP,
+    TINY_MODEL_NAMES,
+    TINY_OPEN_CLIP,
     DualEncoderOutput,
     HFDualEncoder,
     OpenClipDualEncoder,
     build_small_clip_tokenizer,
     build_tiny_hf_clip,
+    build_tiny_model,
     build_tiny_open_clip,
+    family_of_folder,
     infer_family,
     load_dual_encoder,
 )
@@ -293,3 +298,27 @@ def test_tiny_builders_are_seeded():
     d = build_tiny_hf_clip(seed=2)
     w = c.model.vision_model.embeddings.patch_embedding.weight
     assert not torch.equal(w, d.model.vision_model.embeddings.patch_embedding.weight)
+
+
+def test_family_of_folder_reads_the_layout(saved, tmp_path):
+    assert family_of_folder(saved["hf"]) == "hf"
+    assert family_of_folder(saved["open_clip"]) == "open_clip"
+    for folder in (tmp_path, tmp_path / "missing"):
+        with pytest.raises(ValueError, match="holds no model"):
+            family_of_folder(folder)
+
+
+def test_architecture_description_names_class_and_size(adapters):
+    hf = adapters["hf"].architecture_description()
+    assert hf.startswith("`CLIPModel` (clip), ") and hf.endswith("M parameters")
+    oc = adapters["open_clip"].architecture_description()
+    assert oc.startswith("open_clip `CLIP`, embedding dim 64, ")
+    n = adapters["open_clip"].num_parameters()
+    assert oc.endswith(f"{n / 1e6:.1f}M parameters")
+
+
+def test_build_tiny_model_knows_every_tiny_name():
+    families = {name: build_tiny_model(name, texts=TEXTS).family for name in TINY_MODEL_NAMES}
+    assert families == {TINY_HF_CLIP: "hf", TINY_OPEN_CLIP: "open_clip"}
+    with pytest.raises(ValueError, match="glofnd-tiny-hf-clip"):
+        build_tiny_model("glofnd-tiny-jax")

@@ -83,7 +83,7 @@ def make_clip_tokenizer(merges: Sequence[tuple[str, str]], context_length: int):
 def build_small_clip_tokenizer(
     texts: Iterable[str] | None = None, *, num_merges: int = 1000, context_length: int = 32
 ):
-    """A real CLIP byte-level BPE tokenizer (``transformers.CLIPTokenizer``) with a small vocabulary.
+    """A real CLIP byte-level BPE tokenizer (``transformers.CLIPTokenizer``), small vocabulary.
 
     Keeps the ``num_merges`` most frequent CLIP merges plus every merge CLIP applies to ``texts``,
     in CLIP's rank order, so ``texts`` tokenise exactly as with the full CLIP tokenizer while any

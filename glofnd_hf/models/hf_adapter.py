@@ -168,7 +168,7 @@ class HFDualEncoder(DualEncoderAdapter):
     # -- loading ---------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, **kwargs: Any) -> HFDualEncoder:
-        """``AutoModel`` + ``AutoProcessor`` (falls back to ``AutoTokenizer`` + ``AutoImageProcessor``).
+        """``AutoModel`` + ``AutoProcessor`` (else ``AutoTokenizer`` + ``AutoImageProcessor``).
 
         Keyword arguments go to ``AutoModel.from_pretrained`` except ``context_length`` and
         ``train_crop_scale`` (adapter settings) and ``processor_kwargs`` (for the processor).

@@ -109,9 +109,9 @@ def load_dual_encoder(
         import open_clip
 
         raise OSError(
-            f"could not load {name!r} as a dual encoder. Tried: open_clip (not an hf-hub:/local-dir: "
-            f"name, not one of the {len(open_clip.list_models())} open_clip.list_models() "
-            f"architectures, not a folder with {OPEN_CLIP_CONFIG_NAME}); Hugging Face transformers "
+            f"could not load {name!r} as a dual encoder. Tried: open_clip (not an "
+            f"hf-hub:/local-dir: name, not one of the {len(open_clip.list_models())} "
+            f"open_clip.list_models() architectures, not a folder with {OPEN_CLIP_CONFIG_NAME}); Hugging Face transformers "
             f"(AutoModel/AutoProcessor.from_pretrained failed: {type(e).__name__}: {e})"
         ) from e
 

@@ -119,7 +119,7 @@ class OpenClipDualEncoder(DualEncoderAdapter):
 
     @staticmethod
     def _resolve_model_cfg(model_name: str, kwargs: Mapping[str, Any]) -> dict | None:
-        """The architecture dict as built, i.e. the named config plus ``force_*``/model overrides."""
+        """The architecture dict as built: the named config plus ``force_*``/model overrides."""
         import open_clip as oc
         schema = model_name.split(":", 1)[0] if ":" in model_name else None
         lookup = model_name if schema in ("hf-hub", "local-dir") else model_name.replace("/", "-")

@@ -108,7 +108,7 @@ def tiny_open_clip_config(
     patch_size: int = 4,
     context_length: int = 32,
 ) -> dict[str, Any]:
-    """An open_clip ``model_cfg`` for a tiny ViT + text transformer (open_clip's 49408-token BPE)."""
+    """open_clip ``model_cfg`` of a tiny ViT + text transformer (open_clip's 49408-token BPE)."""
     return {
         "embed_dim": embed_dim,
         "vision_cfg": {
