@@ -114,7 +114,6 @@ def resolve_base_model(model_name_or_path: str | None, pretrained: str | None = 
     return name if _names_hub_model(name) else None
 
 
-
 def default_settings() -> dict[str, Any]:
     """What a default ``GloFNDTrainingArguments()`` holds in its GloFND/loss fields.
 
@@ -190,7 +189,6 @@ def _hyperparameters(args: Any) -> dict[str, Any]:
     else:
         out.pop("max_steps")
     return {k: v for k, v in out.items() if v is not None}
-
 
 
 def card_info_from_trainer(
@@ -281,7 +279,6 @@ def card_info_from_trainer(
                                                              else None),
         glofnd_version=__version__,
     )
-
 
 
 def card_info_from_folder(

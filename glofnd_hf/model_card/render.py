@@ -23,6 +23,7 @@ __all__ = [
     "LIBRARY_NAMES",
     "PIPELINE_TAG",
     "TEMPLATE_ENV",
+    "TEMPLATE_FILE",
     "card_is_unedited",
     "read_template",
     "render_model_card",
