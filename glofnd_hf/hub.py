@@ -18,7 +18,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .model_card import CardInfo, card_info_from_folder, card_is_unedited, write_card
+from .hub_ids import check_hub_repo_id
+from .model_card import (
+    CardInfo,
+    card_info_from_folder,
+    card_is_unedited,
+    normalize_eval_metrics,
+    write_card,
+)
+from .models import OPEN_CLIP_CONFIG_NAME, DualEncoderAdapter
 
 __all__ = [
     "DEFAULT_COMMIT_MESSAGE",
@@ -61,7 +69,7 @@ _OPEN_CLIP_TRAINER_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 
 
 def save_for_hub(
-    adapter: Any,
+    adapter: DualEncoderAdapter,
     output_dir: str | os.PathLike,
     card: CardInfo | None = None,
     **card_fields: Any,
@@ -74,7 +82,6 @@ def save_for_hub(
     ``eval_dataset``, ``eval_split``). Returns the folder.
     """
     from . import __version__
-    from .model_card import _architecture, normalize_eval_metrics
 
     output_dir = Path(output_dir)
     if adapter.family == "open_clip":
@@ -82,7 +89,7 @@ def save_for_hub(
     else:
         adapter.save(output_dir)
     if card is None:
-        fields = {"glofnd_version": __version__, "architecture": _architecture(adapter),
+        fields = {"glofnd_version": __version__, "architecture": adapter.architecture_description(),
                   **card_fields}
         if "eval_metrics" in fields:
             fields["eval_metrics"] = normalize_eval_metrics(fields["eval_metrics"])
@@ -96,8 +103,6 @@ def save_for_hub(
 def ignore_patterns_for(folder: str | os.PathLike, include_training_state: bool = False
                         ) -> list[str]:
     """``ignore_patterns`` for ``upload_folder`` of a model folder."""
-    from .models import OPEN_CLIP_CONFIG_NAME
-
     patterns = list(ALWAYS_IGNORED_PATTERNS)
     if not include_training_state:
         patterns += TRAINING_STATE_PATTERNS
@@ -115,13 +120,6 @@ def files_to_upload(folder: str | os.PathLike, ignore_patterns: Sequence[str],
     paths = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
     return list(filter_repo_objects(paths, allow_patterns=allow_patterns,
                                     ignore_patterns=list(ignore_patterns)))
-
-
-def _check_repo_id(repo_id: str) -> None:
-    import re
-
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id or ""):
-        raise ValueError(f"repo_id must look like ORG/NAME, got {repo_id!r}")
 
 
 def push_to_hub(
@@ -144,13 +142,14 @@ def push_to_hub(
     The model card (``README.md``) is rendered (with ``repo_id`` in its usage snippet) when
     missing or when it is our unedited card, always with ``render_card=True``, never with
     ``render_card=False``; its inputs come from ``glofnd_card.json`` when present, and
-    ``card_fields`` / ``eval_report`` add to them. Training-only files (:data:`TRAINING_STATE_PATTERNS`, and the
-    Trainer's weight copy in open_clip folders) stay local unless ``include_training_state``.
+    ``card_fields`` / ``eval_report`` add to them. Training-only files
+    (:data:`TRAINING_STATE_PATTERNS`, and the Trainer's weight copy in open_clip folders) stay
+    local unless ``include_training_state``.
     ``token``: None uses huggingface_hub's usual sources. Returns the commit URL.
     """
     from huggingface_hub import HfApi
 
-    _check_repo_id(repo_id)
+    check_hub_repo_id(repo_id)
     folder = Path(output_dir)
     if not folder.is_dir():
         raise FileNotFoundError(f"model folder {str(folder)!r} does not exist")

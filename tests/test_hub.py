@@ -17,8 +17,8 @@ from glofnd_hf.eval.zero_shot import ZeroShotEvaluator
 from glofnd_hf.hub import TRAINING_STATE_PATTERNS, files_to_upload, push_to_hub, save_for_hub
 from glofnd_hf.model_card import (
     CITATIONS,
-    _default_arguments,
     card_info_from_trainer,
+    default_settings,
     non_default_settings,
     resolve_base_model,
     set_model_card_info,
@@ -114,8 +114,8 @@ def test_open_clip_folder_reloads_with_local_dir(tmp_path):
 
 def test_default_settings_match_a_default_instance():
     defaults = GloFNDTrainingArguments()
-    assert _default_arguments() == {k: getattr(defaults, k) for k in _default_arguments()}
-    assert "glofnd_alpha" in _default_arguments() and "learning_rate" not in _default_arguments()
+    assert default_settings() == {k: getattr(defaults, k) for k in default_settings()}
+    assert "glofnd_alpha" in default_settings() and "learning_rate" not in default_settings()
     assert non_default_settings(defaults) == []
 
 

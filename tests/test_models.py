@@ -13,15 +13,21 @@ from torch import nn
 
 from glofnd_hf import models as M
 from glofnd_hf.models import (
+    TINY_HF_CLIP,
+    TINY_MODEL_NAMES,
+    TINY_OPEN_CLIP,
     DualEncoderOutput,
     HFDualEncoder,
     OpenClipDualEncoder,
     build_small_clip_tokenizer,
     build_tiny_hf_clip,
+    build_tiny_model,
     build_tiny_open_clip,
+    family_of_folder,
     infer_family,
     load_dual_encoder,
 )
+from glofnd_hf.models.clip_bpe import clip_bpe_merges, make_clip_tokenizer
 
 TEXTS = ["a red circle", "a blue square on grey", "a photo of a cat", "zzqx glorp!"]
 FAMILIES = ["hf", "open_clip"]
@@ -152,8 +158,8 @@ def test_encode_matches_training_call(adapters, family):
 def test_small_tokenizer_matches_full_clip_bpe():
     """The cut-down vocabulary tokenises the given texts exactly like the full CLIP BPE."""
     small = build_small_clip_tokenizer(TEXTS, num_merges=200, context_length=32)
-    full_merges = M._clip_bpe_merges()
-    full = M._make_clip_tokenizer(full_merges, 77)
+    full_merges = clip_bpe_merges()
+    full = make_clip_tokenizer(full_merges, 77)
     assert len(full.get_vocab()) == 49408  # same vocabulary as CLIP / open_clip
     assert len(small.get_vocab()) < 1000
     for text in TEXTS:
@@ -292,3 +298,27 @@ def test_tiny_builders_are_seeded():
     d = build_tiny_hf_clip(seed=2)
     w = c.model.vision_model.embeddings.patch_embedding.weight
     assert not torch.equal(w, d.model.vision_model.embeddings.patch_embedding.weight)
+
+
+def test_family_of_folder_reads_the_layout(saved, tmp_path):
+    assert family_of_folder(saved["hf"]) == "hf"
+    assert family_of_folder(saved["open_clip"]) == "open_clip"
+    for folder in (tmp_path, tmp_path / "missing"):
+        with pytest.raises(ValueError, match="holds no model"):
+            family_of_folder(folder)
+
+
+def test_architecture_description_names_class_and_size(adapters):
+    hf = adapters["hf"].architecture_description()
+    assert hf.startswith("`CLIPModel` (clip), ") and hf.endswith("M parameters")
+    oc = adapters["open_clip"].architecture_description()
+    assert oc.startswith("open_clip `CLIP`, embedding dim 64, ")
+    n = adapters["open_clip"].num_parameters()
+    assert oc.endswith(f"{n / 1e6:.1f}M parameters")
+
+
+def test_build_tiny_model_knows_every_tiny_name():
+    families = {name: build_tiny_model(name, texts=TEXTS).family for name in TINY_MODEL_NAMES}
+    assert families == {TINY_HF_CLIP: "hf", TINY_OPEN_CLIP: "open_clip"}
+    with pytest.raises(ValueError, match="glofnd-tiny-hf-clip"):
+        build_tiny_model("glofnd-tiny-jax")

@@ -1,0 +1,139 @@
+"""What a card says in words: objectives, detectors, datasets, and the papers it cites."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+from ..data.hf import DIGITS_DATASET
+from ..hub_ids import is_hub_repo_id
+
+__all__ = [
+    "CITATIONS",
+    "citations_for",
+    "describe_dataset",
+    "describe_detector",
+    "describe_fn_strategy",
+    "describe_objective",
+    "hub_datasets",
+]
+
+CITATIONS: dict[str, dict[str, str]] = {
+    "glofnd": {
+        "what": "GloFND (the false-negative detection used in training)",
+        "bibtex": """@inproceedings{balmaseda2025glofnd,
+  title         = {Discovering Global False Negatives On the Fly for Self-supervised Contrastive Learning},
+  author        = {Balmaseda, Vicente and Wang, Bokun and Lin, Ching-Long and Yang, Tianbao},
+  booktitle     = {Proceedings of the 42nd International Conference on Machine Learning (ICML)},
+  year          = {2025},
+  eprint        = {2502.20612},
+  archivePrefix = {arXiv}
+}""",
+    },
+    "clip": {
+        "what": "CLIP",
+        "bibtex": """@inproceedings{radford2021clip,
+  title     = {Learning Transferable Visual Models From Natural Language Supervision},
+  author    = {Radford, Alec and Kim, Jong Wook and Hallacy, Chris and Ramesh, Aditya and Goh, Gabriel and Agarwal, Sandhini and Sastry, Girish and Askell, Amanda and Mishkin, Pamela and Clark, Jack and Krueger, Gretchen and Sutskever, Ilya},
+  booktitle = {Proceedings of the 38th International Conference on Machine Learning (ICML)},
+  year      = {2021}
+}""",
+    },
+    "fastclip": {
+        "what": "FastCLIP (the global contrastive loss and temperature scheme)",
+        "bibtex": """@article{wei2024fastclip,
+  title         = {FastCLIP: A Suite of Optimization Techniques to Accelerate CLIP Training with Limited Resources},
+  author        = {Wei, Xiyuan and Ye, Fanjiang and Yonay, Ori and Chen, Xingyu and Sun, Baixi and Tao, Dingwen and Yang, Tianbao},
+  journal       = {arXiv preprint arXiv:2407.01445},
+  year          = {2024},
+  eprint        = {2407.01445},
+  archivePrefix = {arXiv}
+}""",
+    },
+    "sogclr": {
+        "what": "SogCLR (the global contrastive loss with a fixed temperature)",
+        "bibtex": """@inproceedings{yuan2022sogclr,
+  title     = {Provable Stochastic Optimization for Global Contrastive Learning: Small Batch Does Not Harm Performance},
+  author    = {Yuan, Zhuoning and Wu, Yuexin and Qiu, Zi-Hao and Du, Xianzhi and Zhang, Lijun and Zhou, Denny and Yang, Tianbao},
+  booktitle = {Proceedings of the 39th International Conference on Machine Learning (ICML)},
+  year      = {2022}
+}""",
+    },
+}
+
+
+_OBJECTIVES = {
+    "clip": "CLIP InfoNCE (symmetric image-to-text and text-to-image cross-entropy over the "
+    "global batch)",
+    "sogclr": "SogCLR global contrastive loss (moving-average estimate of each sample's "
+    "negative term over the whole data set, fixed temperature)",
+    "fastclip": "FastCLIP global contrastive loss (moving-average estimate of each sample's "
+    "negative term, multiplied by the temperature)",
+}
+
+_FN_STRATEGIES = {
+    "eliminate": "detected false negatives are removed from the negatives",
+    "attract": "detected false negatives are used as extra positives",
+}
+
+
+def describe_objective(loss_type: str | None, missing: str = "a contrastive loss") -> str:
+    """The training objective in words (``missing`` when the loss type is unknown)."""
+    return _OBJECTIVES.get(loss_type or "", loss_type or missing)
+
+
+def describe_detector(name: str) -> str:
+    """What the false-negative detector ``name`` does, in one sentence."""
+    return {
+        "none": "none: every other sample of the batch is a negative",
+        "glofnd": "GloFND: a learned per-sample similarity threshold at the anchor's (1 - alpha) "
+        "quantile over the whole data set; negatives above it are false negatives",
+        "batch_quantile": "in-batch quantile baseline: negatives above the anchor's in-batch "
+        "(1 - alpha) quantile are false negatives",
+        "oracle": "oracle: ground-truth semantic labels mark the false negatives",
+        "ifnd": "IFND: periodic k-means clustering of the embeddings; confidently clustered "
+        "samples that share a pseudo-label are false negatives, a growing fraction over epochs",
+    }.get(name, name)
+
+
+def describe_fn_strategy(strategy: str) -> str:
+    """What happens to the detected false negatives (``fn_strategy``)."""
+    return _FN_STRATEGIES.get(strategy, strategy)
+
+
+def citations_for(loss_type: str | None, detector: str | None,
+                  training_recorded: bool) -> list[dict[str, str]]:
+    """The papers the card cites: GloFND and CLIP always, FastCLIP (and SogCLR) for the global
+    losses."""
+    glofnd = dict(CITATIONS["glofnd"])
+    if training_recorded and detector != "glofnd":
+        glofnd["what"] = "GloFND (the method of glofnd-hf, the training library)"
+    citations = [glofnd, CITATIONS["clip"]]
+    if loss_type in ("fastclip", "sogclr"):
+        citations.append(CITATIONS["fastclip"])
+    if loss_type == "sogclr":
+        citations.append(CITATIONS["sogclr"])
+    return citations
+
+
+def hub_datasets(names: Iterable[str | None]) -> list[str]:
+    """Dataset names usable as Hub metadata (no local folders, no embedded demo data)."""
+    out = []
+    for name in names:
+        if not name or name == DIGITS_DATASET or os.path.exists(str(name)):
+            continue
+        if is_hub_repo_id(str(name), require_namespace=False) and name not in out:
+            out.append(str(name))
+    return out
+
+
+def describe_dataset(name: str | None) -> str:
+    """A data set as the card's text names it (a link for Hub datasets)."""
+    if name == DIGITS_DATASET:
+        return ("the embedded coloured-digits demo pairs (`glofnd-digits`: scikit-learn's "
+                "handwritten digits rendered in colour and captioned)")
+    if not name:
+        return "an image-caption data set"
+    if hub_datasets([name]):
+        return f"[{name}](https://huggingface.co/datasets/{name})"
+    return f"`{name}`"

@@ -1,0 +1,320 @@
+"""The card's inputs (:class:`CardInfo`), collected from a trainer or from a saved folder."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..hub_ids import is_hub_repo_id
+from ..models import family_of_folder
+from .descriptions import describe_dataset, hub_datasets
+from .metrics import normalize_eval_metrics
+
+__all__ = [
+    "CARD_INFO_FILE",
+    "CardInfo",
+    "card_info_from_folder",
+    "card_info_from_trainer",
+    "default_settings",
+    "non_default_settings",
+    "resolve_base_model",
+]
+
+CARD_INFO_FILE = "glofnd_card.json"
+
+# Fields of GloFNDTrainingArguments that are not method settings (or are reported elsewhere).
+_NOT_SETTINGS = {"num_samples", "state_device", "check_inputs", "remove_unused_columns"}
+
+
+@dataclasses.dataclass
+class CardInfo:
+    """Everything a card is rendered from (JSON-serialisable, saved as ``glofnd_card.json``)."""
+
+    family: str  # "hf" or "open_clip"
+    model_name: str | None = None
+    repo_id: str | None = None  # the Hub repository (usage snippet); None: a placeholder
+    base_model: str | None = None
+    datasets: list[str] = dataclasses.field(default_factory=list)
+    train_data_description: str | None = None
+    license: str | None = None
+    architecture: str | None = None
+    tags: list[str] = dataclasses.field(default_factory=list)
+    training_recorded: bool = False
+    loss_type: str | None = None
+    detector: str | None = None
+    fn_strategy: str | None = None
+    non_default_settings: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    loss_config: dict[str, Any] | None = None
+    hyperparameters: dict[str, Any] = dataclasses.field(default_factory=dict)
+    num_samples: int | None = None
+    num_train_pairs: int | None = None
+    epochs: float | None = None
+    global_step: int | None = None
+    eval_metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+    eval_dataset: str | None = None
+    eval_split: str | None = None
+    eval_step: int | None = None
+    glofnd_version: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> CardInfo:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def save(self, folder: str | os.PathLike) -> Path:
+        path = Path(folder) / CARD_INFO_FILE
+        path.write_text(json.dumps(self.to_dict(), indent=2, default=str) + "\n", encoding="utf-8")
+        return path
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike) -> CardInfo:
+        return cls.from_dict(json.loads((Path(folder) / CARD_INFO_FILE).read_text("utf-8")))
+
+
+def _names_hub_model(name: str | None) -> bool:
+    """An ``ORG/NAME`` Hub id that is not also a local path."""
+    return is_hub_repo_id(name) and not os.path.exists(name)
+
+
+def resolve_base_model(model_name_or_path: str | None, pretrained: str | None = None) -> str | None:
+    """The Hub id a model was initialised from, or None (from scratch, local weights, unknown).
+
+    ``hf-hub:ORG/NAME`` -> ``ORG/NAME``; an open_clip architecture with a pretrained tag -> the
+    tag's Hub repository (``open_clip.get_pretrained_cfg(...)["hf_hub"]``); ``ORG/NAME`` that is
+    not a local path -> itself.
+    """
+    if not model_name_or_path:
+        return None
+    name = str(model_name_or_path)
+    if name.startswith("hf-hub:"):
+        repo = name[len("hf-hub:"):].strip("/")
+        return repo if _names_hub_model(repo) else None
+    if name.startswith("local-dir:") or os.path.exists(name):
+        return None
+    if pretrained is not None:
+        if os.path.exists(pretrained):
+            return None
+        try:
+            import open_clip
+
+            hub = (open_clip.get_pretrained_cfg(name, pretrained) or {}).get("hf_hub", "")
+        except Exception:  # noqa: BLE001 - unknown architecture/tag: no base model to name
+            hub = ""
+        hub = hub.strip("/")
+        return hub if _names_hub_model(hub) else None
+    return name if _names_hub_model(name) else None
+
+
+def default_settings() -> dict[str, Any]:
+    """What a default ``GloFNDTrainingArguments()`` holds in its GloFND/loss fields.
+
+    Read from the dataclass fields: building an instance sets up devices, which resets
+    accelerate's state (fatal in the middle of training). ``__post_init__`` only validates these
+    fields, so the values are the same (a test checks this).
+    """
+    return dict(_default_settings())
+
+
+@functools.lru_cache(maxsize=1)
+def _default_settings() -> dict[str, Any]:
+    out = {}
+    for f in _setting_fields():
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
+def _setting_fields() -> list[dataclasses.Field]:
+    from transformers import TrainingArguments
+
+    from ..args import GloFNDTrainingArguments
+
+    base = {f.name for f in dataclasses.fields(TrainingArguments)}
+    return [f for f in dataclasses.fields(GloFNDTrainingArguments)
+            if f.name not in base and f.name not in _NOT_SETTINGS]
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, float) and isinstance(b, float):
+        return a == b or (math.isnan(a) and math.isnan(b))
+    return a == b
+
+
+def non_default_settings(args: Any) -> list[dict[str, Any]]:
+    """GloFND and loss settings of ``args`` that differ from a default
+    ``GloFNDTrainingArguments()``: ``[{"name", "value", "default"}, ...]`` in field order."""
+    defaults = _default_settings()
+    rows = []
+    for name, default in defaults.items():
+        value = getattr(args, name, default)
+        if not _same(value, default):
+            rows.append({"name": name, "value": value, "default": default})
+    return rows
+
+
+def _hyperparameters(args: Any) -> dict[str, Any]:
+    world = int(getattr(args, "world_size", 1) or 1)
+    accum = int(getattr(args, "gradient_accumulation_steps", 1) or 1)
+    per_device = int(getattr(args, "per_device_train_batch_size", 0) or 0)
+    out: dict[str, Any] = {
+        "learning_rate": getattr(args, "learning_rate", None),
+        "per_device_train_batch_size": per_device,
+        "global_batch_size": per_device * world * accum,
+        "gradient_accumulation_steps": accum,
+        "num_processes": world,
+        "num_train_epochs": getattr(args, "num_train_epochs", None),
+        "max_steps": getattr(args, "max_steps", None),
+        "lr_scheduler_type": str(getattr(getattr(args, "lr_scheduler_type", None), "value",
+                                         getattr(args, "lr_scheduler_type", None))),
+        "warmup_steps": getattr(args, "warmup_steps", None),
+        "weight_decay": getattr(args, "weight_decay", None),
+        "optim": str(getattr(getattr(args, "optim", None), "value", getattr(args, "optim", None))),
+        "mixed_precision": "bf16" if getattr(args, "bf16", False) else (
+            "fp16" if getattr(args, "fp16", False) else "no"),
+        "seed": getattr(args, "seed", None),
+    }
+    if out["max_steps"] and out["max_steps"] > 0:
+        out.pop("num_train_epochs")  # max_steps decides
+    else:
+        out.pop("max_steps")
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def card_info_from_trainer(
+    trainer: Any,
+    eval_metrics: Mapping[str, Any] | None = None,
+    *,
+    model_name_or_path: str | None = None,
+    pretrained: str | None = None,
+    base_model: str | None = None,
+    datasets: Sequence[str] | None = None,
+    train_data_description: str | None = None,
+    license: str | None = None,
+    model_name: str | None = None,
+    repo_id: str | None = None,
+    eval_dataset: str | None = None,
+    eval_split: str | None = None,
+    eval_step: int | None = None,
+    tags: Sequence[str] | None = None,
+) -> CardInfo:
+    """The card's inputs from a ``GloFNDTrainer`` (``adapter``, ``args``, ``num_samples``,
+    ``contrastive_loss``, ``state``). ``base_model`` defaults to what
+    ``model_name_or_path``/``pretrained`` or the model's own ``name_or_path`` resolve to."""
+    from .. import __version__
+
+    adapter, args = trainer.adapter, trainer.args
+    if base_model is None:
+        base_model = resolve_base_model(model_name_or_path, pretrained)
+    if base_model is None and model_name_or_path is None:
+        if adapter.family == "hf":
+            base_model = resolve_base_model(getattr(adapter.model, "name_or_path", None))
+        else:
+            base_model = resolve_base_model(getattr(adapter, "model_name", None))
+    evaluator = getattr(trainer, "evaluator", None)
+    eval_data = getattr(evaluator, "dataset", None)
+    if eval_dataset is None:
+        eval_dataset = getattr(evaluator, "dataset_name", None) or getattr(
+            getattr(eval_data, "info", None), "dataset_name", None)
+    if eval_split is None:
+        eval_split = getattr(evaluator, "split", None)
+        if eval_split is None and getattr(eval_data, "split", None) is not None:
+            eval_split = str(eval_data.split)
+    state = getattr(trainer, "state", None)
+    epoch = getattr(state, "epoch", None)
+    step = getattr(state, "global_step", None)
+    train = getattr(trainer, "train_dataset", None)
+    try:
+        num_pairs = len(train) if train is not None else None
+    except TypeError:
+        num_pairs = None
+    datasets = [d for d in (datasets or []) if d]
+    if train_data_description is None:
+        if datasets:
+            train_data_description = "Trained on " + ", ".join(
+                describe_dataset(d) for d in datasets) + "."
+        else:
+            train_data_description = "Trained on an image-caption data set."
+        if num_pairs:
+            train_data_description += f" {num_pairs:,} image-caption pairs."
+    loss = getattr(trainer, "contrastive_loss", None)
+    loss_config = None
+    if loss is not None and hasattr(loss, "config_dict"):
+        loss_config = json.loads(json.dumps(loss.config_dict(), default=str))
+    return CardInfo(
+        family=adapter.family,
+        model_name=model_name,
+        repo_id=repo_id,
+        base_model=base_model,
+        datasets=hub_datasets(datasets),
+        train_data_description=train_data_description,
+        license=license,
+        architecture=adapter.architecture_description(),
+        tags=list(tags or []),
+        training_recorded=True,
+        loss_type=getattr(args, "loss_type", None),
+        detector=getattr(args, "detector", None),
+        fn_strategy=getattr(args, "fn_strategy", None),
+        non_default_settings=json.loads(json.dumps(non_default_settings(args), default=str)),
+        loss_config=loss_config,
+        hyperparameters=_hyperparameters(args),
+        num_samples=getattr(trainer, "num_samples", None),
+        num_train_pairs=num_pairs,
+        epochs=round(float(epoch), 4) if epoch else None,
+        global_step=int(step) if step else None,
+        eval_metrics=normalize_eval_metrics(eval_metrics),
+        eval_dataset=eval_dataset,
+        eval_split=eval_split,
+        eval_step=eval_step if eval_step is not None else (int(step) if step and eval_metrics
+                                                             else None),
+        glofnd_version=__version__,
+    )
+
+
+def card_info_from_folder(
+    folder: str | os.PathLike, eval_report: Mapping[str, Any] | None = None, **overrides: Any
+) -> CardInfo:
+    """The card's inputs for a saved model folder: ``glofnd_card.json`` when present, else
+    what the folder shows (family, ``zero_shot_results.json`` of ``glofnd-train``).
+    ``eval_report``: a ``glofnd-eval`` JSON report whose metrics replace the recorded ones.
+    ``overrides``: :class:`CardInfo` fields (e.g. ``repo_id``, ``license``)."""
+    from .. import __version__
+
+    folder = Path(folder)
+    family = family_of_folder(folder)
+    if (folder / CARD_INFO_FILE).is_file():
+        info = CardInfo.load(folder)
+    else:
+        info = CardInfo(family=family, glofnd_version=__version__)
+        results = folder / "zero_shot_results.json"
+        if results.is_file():
+            data = json.loads(results.read_text("utf-8"))
+            info.eval_metrics = normalize_eval_metrics(data.get("after") or {})
+    info.family = family
+    if eval_report is not None:
+        info.eval_metrics = normalize_eval_metrics(eval_report.get("metrics"))
+        source = eval_report.get("data", {}).get("source")
+        info.eval_dataset = source if isinstance(source, str) else "webdataset shards"
+        info.eval_split = eval_report.get("data", {}).get("split")
+        info.eval_step = None
+    for key, value in overrides.items():
+        if not hasattr(info, key):
+            raise TypeError(f"unknown model card field {key!r}")
+        if key == "datasets" and value is not None:
+            value = hub_datasets(value)
+        elif key == "eval_metrics" and value is not None:
+            value = normalize_eval_metrics(value)
+        if value is not None:
+            setattr(info, key, value)
+    return info
+

@@ -1,0 +1,176 @@
+"""Rendering a card: the template (package data), :func:`render_model_card`, writing it."""
+
+from __future__ import annotations
+
+import json
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .descriptions import (
+    citations_for,
+    describe_dataset,
+    describe_detector,
+    describe_fn_strategy,
+    describe_objective,
+)
+from .info import CARD_INFO_FILE, CardInfo
+from .metrics import clip_benchmark_name, eval_results_from_metrics
+
+__all__ = [
+    "BASE_TAGS",
+    "LIBRARY_NAMES",
+    "PIPELINE_TAG",
+    "TEMPLATE_ENV",
+    "TEMPLATE_FILE",
+    "card_is_unedited",
+    "read_template",
+    "render_model_card",
+    "template_path",
+    "write_card",
+]
+
+BASE_TAGS = ("glofnd", "clip", "contrastive-learning", "zero-shot-image-classification")
+PIPELINE_TAG = "zero-shot-image-classification"
+LIBRARY_NAMES = {"hf": "transformers", "open_clip": "open_clip"}
+#: The template file, package data of this package (``glofnd_hf/model_card/template.md``).
+TEMPLATE_FILE = "template.md"
+#: Environment variable naming a template file to use instead of the packaged one.
+TEMPLATE_ENV = "GLOFND_CARD_TEMPLATE"
+
+
+def template_path() -> Path:
+    """The packaged default template (copy it to write your own; pass that as ``template``)."""
+    return Path(str(resources.files(__package__).joinpath(TEMPLATE_FILE)))
+
+
+def read_template(template: str | os.PathLike | None = None) -> str:
+    """The template's text: ``template`` when given, else the file named by
+    ``$GLOFND_CARD_TEMPLATE``, else the packaged default (read with ``importlib.resources``)."""
+    override = template if template is not None else os.environ.get(TEMPLATE_ENV)
+    if override:
+        return Path(override).read_text(encoding="utf-8")
+    return resources.files(__package__).joinpath(TEMPLATE_FILE).read_text(encoding="utf-8")
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def _model_ref(info: CardInfo) -> str:
+    """How the usage snippets name the model (a placeholder until the repo id is known; local
+    paths are never written into a card)."""
+    repo = info.repo_id or "ORG/NAME"
+    return f"hf-hub:{repo}" if info.family == "open_clip" else repo
+
+
+def render_model_card(info: CardInfo, template: str | os.PathLike | None = None):
+    """A ``huggingface_hub.ModelCard`` for ``info``; ``template``: a template file to use
+    instead of the packaged one (see :func:`read_template`)."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    model_name = info.model_name or (info.repo_id.split("/")[-1] if info.repo_id else None) or (
+        "glofnd-model")
+    library_name = LIBRARY_NAMES.get(info.family, info.family)
+    tags = list(BASE_TAGS) + (["open_clip"] if info.family == "open_clip" else [])
+    if info.detector:
+        tags.append(f"fnd-{info.detector.replace('_', '-')}")
+    tags += [t for t in info.tags if t not in tags]
+    eval_results = eval_results_from_metrics(info.eval_metrics, info.eval_dataset,
+                                             info.eval_split) or None
+    card_data = ModelCardData(
+        model_name=model_name,
+        base_model=info.base_model,
+        datasets=info.datasets or None,
+        license=info.license,
+        library_name=library_name,
+        pipeline_tag=PIPELINE_TAG,
+        tags=tags,
+        eval_results=eval_results,
+    )
+    citations = citations_for(info.loss_type, info.detector, info.training_recorded)
+    eval_rows = [
+        {"name": name, "percent": f"{100 * value:.2f}%",
+         "clip_benchmark": clip_benchmark_name(name) or "-"}
+        for name, value in info.eval_metrics.items()
+    ]
+    family_description = ("Hugging Face transformers (`AutoModel` / `AutoProcessor`)"
+                          if info.family == "hf" else "open_clip (`open_clip_config.json` + "
+                          "`open_clip_model.safetensors`)")
+    start = f"fine-tuned from [{info.base_model}](https://huggingface.co/{info.base_model})" if (
+        info.base_model) else "trained"
+    if info.training_recorded:
+        objective = describe_objective(info.loss_type)
+        # By name, so that any registered detector reads right (describe_detector says more).
+        detection = ("no false-negative detection" if info.detector == "none"
+                     else f"the `{info.detector}` false-negative detector")
+        summary = (f"A CLIP-style image-text dual encoder {start} with {objective} and "
+                   f"{detection}, using glofnd-hf.")
+    else:
+        summary = f"A CLIP-style image-text dual encoder {start} with glofnd-hf."
+    epochs = info.epochs
+    if epochs is not None and float(epochs).is_integer():
+        epochs = int(epochs)
+    detector_description = describe_detector(info.detector) if info.detector else "not recorded"
+    if info.detector not in (None, "none") and info.fn_strategy:
+        detector_description += f"; {describe_fn_strategy(info.fn_strategy)}"
+    eval_description = describe_dataset(info.eval_dataset)
+    settings = [{"name": r["name"], "value": _fmt(r["value"]), "default": _fmt(r["default"])}
+                for r in info.non_default_settings]
+    return ModelCard.from_template(
+        card_data,
+        template_str=read_template(template),
+        model_name=model_name,
+        glofnd_version=info.glofnd_version or "",
+        summary=summary,
+        family_description=family_description,
+        architecture=info.architecture or "not recorded",
+        objective=describe_objective(info.loss_type, missing="not recorded"),
+        detector_description=detector_description,
+        model_ref=_model_ref(info),
+        repo_id=info.repo_id,
+        eval_split=info.eval_split,
+        training_recorded=info.training_recorded,
+        train_data_description=info.train_data_description
+        or "The training data were not recorded with this model.",
+        num_samples=info.num_samples,
+        epochs=epochs,
+        global_step=info.global_step,
+        non_default_settings=settings,
+        loss_config=json.dumps(info.loss_config, indent=2) if info.loss_config else None,
+        hyperparameters={k: _fmt(v) for k, v in info.hyperparameters.items()},
+        eval_rows=eval_rows,
+        eval_dataset_description=eval_description,
+        eval_step=info.eval_step,
+        citations=citations,
+    )
+
+
+def write_card(info: CardInfo, folder: str | os.PathLike,
+               template: str | os.PathLike | None = None) -> Path:
+    """Render ``info`` into ``folder/README.md`` and save it as ``folder/glofnd_card.json``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    card = render_model_card(info, template)
+    path = folder / "README.md"
+    card.save(str(path))
+    info.save(folder)
+    return path
+
+
+def card_is_unedited(folder: str | os.PathLike) -> bool:
+    """True when ``folder/README.md`` is exactly what ``glofnd_card.json`` renders to, i.e. a
+    card we wrote and nobody edited since (safe to render again, e.g. with the repo id)."""
+    folder = Path(folder)
+    readme = folder / "README.md"
+    if not readme.is_file() or not (folder / CARD_INFO_FILE).is_file():
+        return False
+    try:
+        expected = str(render_model_card(CardInfo.load(folder)))
+    except Exception:  # noqa: BLE001 - unreadable card inputs: treat the card as edited
+        return False
+    return readme.read_text(encoding="utf-8") == expected
+

@@ -1,0 +1,117 @@
+"""Loading a dual encoder by name or folder, with the family (hf or open_clip) inferred."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from .base import DualEncoderAdapter
+from .hf_adapter import HFDualEncoder
+from .open_clip_adapter import OPEN_CLIP_CONFIG_NAME, OpenClipDualEncoder
+
+__all__ = ["family_of_folder", "infer_family", "load_dual_encoder"]
+
+_FAMILY_ALIASES = {
+    "hf": "hf",
+    "huggingface": "hf",
+    "transformers": "hf",
+    "open_clip": "open_clip",
+    "openclip": "open_clip",
+    "open-clip": "open_clip",
+}
+
+
+def _looks_like_path(name: str) -> bool:
+    return (
+        name.startswith(("/", "./", "../", "~", ".\\", "..\\"))
+        or "\\" in name
+        or name.count("/") > 1
+        or name in (".", "..")
+    )
+
+
+def family_of_folder(folder: str | os.PathLike) -> str:
+    """``"open_clip"`` for a folder holding ``open_clip_config.json``, ``"hf"`` for one holding
+    ``config.json``; ``ValueError`` for anything else (not a folder, or no model in it)."""
+    path = Path(folder).expanduser()
+    if (path / OPEN_CLIP_CONFIG_NAME).is_file():
+        return "open_clip"
+    if (path / "config.json").is_file():
+        return "hf"
+    raise ValueError(
+        f"{str(folder)!r} holds no model: expected {OPEN_CLIP_CONFIG_NAME} (open_clip) or "
+        "config.json (Hugging Face transformers); cannot load a dual encoder from it"
+    )
+
+
+def infer_family(model_name_or_path: str) -> str:
+    """``"open_clip"`` or ``"hf"`` for a name/folder, without loading anything.
+
+    open_clip: ``hf-hub:``/``local-dir:`` names, ``open_clip.list_models()`` architectures and
+    folders with ``open_clip_config.json``. HF: folders with ``config.json`` and anything else that
+    could be a Hub id. Raises ``FileNotFoundError``/``ValueError`` for unusable paths.
+    """
+    name = str(model_name_or_path)
+    if name.startswith(("hf-hub:", "local-dir:")):
+        return "open_clip"
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return family_of_folder(path)
+    if path.is_file():
+        raise ValueError(
+            f"{name!r} is a file; pass an open_clip architecture name with pretrained={name!r}, "
+            "or a folder"
+        )
+    import open_clip
+
+    known = set(open_clip.list_models())
+    if name in known or name.replace("/", "-") in known:
+        return "open_clip"
+    if _looks_like_path(name):
+        raise FileNotFoundError(
+            f"{name!r} looks like a local path but does not exist (tried: folder with "
+            f"{OPEN_CLIP_CONFIG_NAME} or config.json)"
+        )
+    return "hf"
+
+
+def load_dual_encoder(
+    model_name_or_path: str | Path,
+    *,
+    family: str = "auto",
+    pretrained: str | None = None,
+    **kwargs: Any,
+) -> DualEncoderAdapter:
+    """Load a CLIP-style model as a :class:`DualEncoderAdapter`.
+
+    ``family="auto"``: open_clip for ``hf-hub:``/``local-dir:`` names, open_clip architecture
+    names (``open_clip.list_models()``, with ``pretrained`` = tag or checkpoint file) and folders
+    with ``open_clip_config.json``; Hugging Face ``AutoModel``/``AutoProcessor`` for folders with
+    ``config.json`` and Hub ids. ``kwargs`` go to the family's loader.
+    """
+    name = str(model_name_or_path)
+    fam = _FAMILY_ALIASES.get(family.lower()) if family != "auto" else infer_family(name)
+    if fam is None:
+        raise ValueError(f"unknown family {family!r}; use 'auto', 'hf' or 'open_clip'")
+    if fam == "open_clip":
+        return OpenClipDualEncoder.from_pretrained(name, pretrained=pretrained, **kwargs)
+    if pretrained is not None:
+        raise ValueError(
+            f"pretrained={pretrained!r} only applies to open_clip architectures; {name!r} resolved "
+            "to the Hugging Face family (put the weights' Hub id or folder in model_name_or_path)"
+        )
+    try:
+        return HFDualEncoder.from_pretrained(name, **kwargs)
+    except (OSError, ValueError) as e:
+        if family != "auto":
+            raise
+        import open_clip
+
+        raise OSError(
+            f"could not load {name!r} as a dual encoder. Tried: open_clip (not an "
+            f"hf-hub:/local-dir: name, not one of the {len(open_clip.list_models())} "
+            f"open_clip.list_models() architectures, not a folder with {OPEN_CLIP_CONFIG_NAME}); Hugging Face transformers "
+            f"(AutoModel/AutoProcessor.from_pretrained failed: {type(e).__name__}: {e})"
+        ) from e
+
