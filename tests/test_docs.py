@@ -175,8 +175,9 @@ def shell_commands(block: Block) -> list[list[str]]:
 # Programs
 
 
-class _Parsed(Exception):
-    """Raised by the patched parsers once the arguments parsed: nothing runs after."""
+class _Parsed(BaseException):
+    """Raised by the patched parsers once the arguments parsed: nothing runs after. A
+    BaseException, so that a program's own ``except Exception`` does not swallow it."""
 
 
 @contextlib.contextmanager
@@ -202,7 +203,8 @@ def stop_after_parsing() -> Iterator[None]:
     patch(HfArgumentParser, "parse_args_into_dataclasses", parse_args_into_dataclasses)
     # The docs describe GPU runs (bf16: true); whether this machine has a bf16 GPU is not
     # the docs' concern.
-    patch(training_args, "is_torch_bf16_gpu_available", lambda *a, **k: True)
+    if hasattr(training_args, "is_torch_bf16_gpu_available"):
+        patch(training_args, "is_torch_bf16_gpu_available", lambda *a, **k: True)
     try:
         yield
     finally:
@@ -260,7 +262,7 @@ def parse_with_program(module: Any, entry: Callable[..., Any] | None, prog: str,
             return None
         detail = stderr.getvalue().strip().splitlines()[-1:] or [str(e.code)]
         return f"{prog} {' '.join(args)}: {detail[0]}"
-    except Exception as e:  # noqa: BLE001 (a parser's ValueError, a missing module, ...)
+    except Exception as e:  # a parser's ValueError, a missing module, ...
         return f"{prog} {' '.join(args)}: {type(e).__name__}: {e}"
     finally:
         sys.argv = old_argv
