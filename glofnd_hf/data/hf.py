@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+# DIGITS_DATASET and load_image_text_dataset live elsewhere now; re-exported for old callers.
 from .bad_samples import DATASETS_BAD_SAMPLE_KINDS, BadSampleCounter
 from .digits import DIGITS_DATASET
 from .images import to_rgb
