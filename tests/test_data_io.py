@@ -20,7 +20,7 @@ from glofnd_hf.data.bad_samples import (
     DATASETS_BAD_SAMPLE_KINDS,
     BadSampleCounter,
 )
-from glofnd_hf.data.images import to_rgb
+from glofnd_hf.data.images import defer_image_decoding, to_rgb
 from glofnd_hf.data.loading import MissingSplitError, load_image_text_dataset
 from glofnd_hf.data.webdataset_io import (
     expand_shards,
@@ -103,6 +103,17 @@ def test_to_rgb_rejects_corrupt_and_unknown_cells():
         to_rgb(truncated)
     with pytest.raises(ValueError, match="cannot read an image"):
         to_rgb(3.5)
+
+
+def test_defer_image_decoding_hands_out_stored_bytes():
+    import datasets
+
+    data = datasets.Dataset.from_dict({"image": [{"bytes": png_bytes(), "path": None}]},
+                                      features=datasets.Features({"image": datasets.Image()}))
+    assert isinstance(data[0]["image"], Image.Image)
+    assert defer_image_decoding(data, "image")[0]["image"]["bytes"] == png_bytes()
+    rows = [{"image": b"x"}]
+    assert defer_image_decoding(rows, "image") is rows  # plain iterables pass through
 
 
 # ----------------------------------------------------------------------------- bad samples

@@ -11,10 +11,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-# DIGITS_DATASET and load_image_text_dataset live elsewhere now; re-exported for old callers.
+# DIGITS_DATASET, defer_image_decoding and load_image_text_dataset live elsewhere now;
+# re-exported for old callers.
 from .bad_samples import DATASETS_BAD_SAMPLE_KINDS, BadSampleCounter
 from .digits import DIGITS_DATASET
-from .images import to_rgb
+from .images import defer_image_decoding, to_rgb
 from .loading import load_image_text_dataset
 
 __all__ = [
@@ -89,16 +90,6 @@ def prepare_image_text_dataset(
             f"{largest + 1} (or leave it unset)."
         )
     return dataset, num_samples
-
-
-def defer_image_decoding(dataset, image_column: str):
-    """Let the collator decode images (and survive a corrupt one) instead of ``datasets``."""
-    import datasets
-
-    feature = dataset.features.get(image_column) if dataset.features else None
-    if isinstance(feature, datasets.Image) and feature.decode:
-        dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
-    return dataset
 
 
 class ImageTextCollator:

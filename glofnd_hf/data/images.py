@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-__all__ = ["to_rgb"]
+__all__ = ["defer_image_decoding", "to_rgb"]
 
 
 def _open_loaded(source: Any) -> Image.Image:
@@ -37,3 +37,22 @@ def to_rgb(image: Any) -> Image.Image:
     if isinstance(image, Image.Image):
         return image.convert("RGB") if image.mode != "RGB" else image
     raise ValueError(f"cannot read an image from a {type(image).__name__}")
+
+
+def defer_image_decoding(dataset: Any, image_column: str) -> Any:
+    """A ``datasets`` dataset whose image column yields the stored ``{"bytes", "path"}`` cells
+    instead of decoded images; anything else unchanged.
+
+    The collator then decodes with :func:`to_rgb` (and survives a corrupt image), and the shard
+    writer copies images already in the target format without re-encoding them.
+    """
+    features = getattr(dataset, "features", None)
+    feature = features.get(image_column) if isinstance(features, Mapping) else None
+    if (
+        feature is not None
+        and type(feature).__name__ == "Image"  # datasets.Image, without importing datasets
+        and getattr(feature, "decode", False)
+        and hasattr(dataset, "cast_column")
+    ):
+        return dataset.cast_column(image_column, type(feature)(decode=False))
+    return dataset

@@ -33,6 +33,7 @@ from typing import Any
 import webdataset as wds
 from PIL import Image
 
+from .images import defer_image_decoding
 from .webdataset_io import (
     CAPTION_KEY,
     INDEX_FIELD,
@@ -131,21 +132,6 @@ def _image_bytes(value: Any, image_format: str, quality: int) -> bytes:
     return out.getvalue()
 
 
-def _undecoded_images(dataset: Any, image_column: str) -> Any:
-    """For a ``datasets`` image column, read the stored bytes instead of decoded PIL images,
-    so images already in the target format are copied without re-encoding."""
-    features = getattr(dataset, "features", None)
-    feature = features.get(image_column) if isinstance(features, Mapping) else None
-    if (
-        feature is not None
-        and type(feature).__name__ == "Image"
-        and getattr(feature, "decode", False)
-        and hasattr(dataset, "cast_column")
-    ):
-        return dataset.cast_column(image_column, type(feature)(decode=False))
-    return dataset
-
-
 def _json_default(value: Any) -> Any:
     if hasattr(value, "tolist"):
         return value.tolist()
@@ -222,7 +208,7 @@ def write_shards_from_dataset(
     if on_error not in ("raise", "skip"):
         raise ValueError("on_error must be 'raise' or 'skip'")
     _prepare_output_dir(output_dir, overwrite)
-    dataset = _undecoded_images(dataset, image_column)
+    dataset = defer_image_decoding(dataset, image_column)  # copy stored bytes as is
     pattern = os.path.join(output_dir, "%05d.tar")
     writer: wds.ShardWriter | None = None
     sizes: dict[str, int] = {}
