@@ -29,7 +29,8 @@ from torchvision import transforms
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from glofnd_hf.data.shard_writer import write_shards_from_dataset  # noqa: E402
-from glofnd_hf.data.shards import ShardConfig, build_shard_loader, expand_shards  # noqa: E402
+from glofnd_hf.data.shards import ShardConfig, build_shard_loader  # noqa: E402
+from glofnd_hf.data.webdataset_io import expand_shards  # noqa: E402
 
 WORDS = "a photo of the small large red blue dog cat car tree on in with near old new".split()
 

@@ -37,23 +37,20 @@ def rows(dd):
     return {name: dd[name][:] for name in ("train", "validation")}
 
 
-def test_constants():
-    assert dg.DIGIT_NAMES == [
-        "zero",
-        "one",
-        "two",
-        "three",
-        "four",
-        "five",
-        "six",
-        "seven",
-        "eight",
-        "nine",
-    ]
-    assert len(dg.CLASSIFICATION_TEMPLATES) >= 2
-    for template in dg.CLASSIFICATION_TEMPLATES:
-        assert template.count("{}") == 1
-        assert "seven" in template.format("seven")
+def test_classification_defaults_describe_the_data(dd):
+    column, names, templates = dg.digits_classification_defaults()
+    validation = dd[dg.DIGITS_EVAL_SPLIT]
+    labels = set(validation[column])
+    assert labels == set(range(len(names)))  # every class id names a class, and vice versa
+    prompts = [t.format(n) for n in names for t in templates]
+    assert len(set(prompts)) == len(prompts)  # one placeholder per template, distinct classes
+    # a caption names its digit with the word the classifier prompts with
+    row = validation[0]
+    assert names[row[column]] in _words(row["caption"])
+    # explicit settings win over the digits' defaults
+    assert dg.digits_classification_defaults("label", ["a", "b"], ["{}!"]) == (
+        "label", ["a", "b"], ["{}!"],
+    )
 
 
 def test_splits_columns_and_features(dd):

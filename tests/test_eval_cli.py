@@ -11,6 +11,7 @@ import webdataset as wds
 
 from glofnd_hf.cli.eval import main as eval_main
 from glofnd_hf.data.digits import CLASSIFICATION_TEMPLATES, DIGIT_NAMES, load_digits_pairs
+from glofnd_hf.eval.data import load_shards_for_eval
 from glofnd_hf.eval.metrics import (
     average_template_embeddings,
     retrieval_recall,
@@ -196,6 +197,21 @@ def test_shards_group_captions_by_image_id(tmp_path, model_dir, adapter, digits)
         evaluate(model_dir, shards=str(bad), show_progress=False)
     with pytest.raises(EvalInputError, match="do not exist"):
         evaluate(model_dir, shards=str(tmp_path / "missing-{000..001}.tar"), show_progress=False)
+
+
+@pytest.mark.parametrize("caption_key", ["caption", "text", "txt"])
+def test_shards_evaluate_with_every_caption_key_training_reads(tmp_path, model_dir, digits,
+                                                               caption_key):
+    rows = digits["validation"].select(range(3))
+    path = tmp_path / "eval-000.tar"
+    with wds.TarWriter(str(path)) as sink:
+        for i in range(3):
+            sink.write({"__key__": f"{i:06d}", "png": _png_bytes(rows[i]["image"]),
+                        caption_key: rows[i]["caption"]})
+    data = load_shards_for_eval(str(path))
+    assert data["caption"] == [[c] for c in rows["caption"]]
+    report = evaluate(model_dir, shards=str(path), show_progress=False, device="cpu", ks=(1,))
+    assert report["num_images"] == 3 and report["num_captions"] == 3
 
 
 def test_missing_column_is_a_clear_error(model_dir, list_caption_folder, capsys):

@@ -9,11 +9,18 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from glofnd_hf.eval.metrics import (
+    IMAGE_TO_TEXT,
+    TEXT_TO_IMAGE,
+    accuracy_metric_name,
     average_template_embeddings,
+    clip_benchmark_names,
     format_metrics_table,
+    parse_metric_name,
+    recall_metric_name,
     retrieval_recall,
     zero_shot_classification,
 )
+from glofnd_hf.eval.zero_shot import CLASSIFICATION, RETRIEVAL, resolve_tasks
 
 # --------------------------------------------------------------------------- #
 # brute-force references: full score matrix, full stable descending argsort
@@ -405,3 +412,50 @@ def test_format_metrics_table():
         assert line.startswith(name)
         assert line.endswith(f"{100 * value:.2f}%")
     assert "45.68%" in table and "100.00%" in table
+
+
+# --------------------------------------------------------------------------- #
+# metric names and task defaults
+# --------------------------------------------------------------------------- #
+def test_every_metric_the_scorers_emit_parses_back():
+    torch.manual_seed(0)
+    images, texts = torch.randn(4, 3), torch.randn(4, 3)
+    names = list(retrieval_recall(images, texts, torch.arange(4), ks=(1, 3)))
+    names += list(zero_shot_classification(images, texts[:3], torch.tensor([0, 1, 2, 0]), ks=(2,)))
+    assert names == [recall_metric_name(IMAGE_TO_TEXT, 1), recall_metric_name(IMAGE_TO_TEXT, 3),
+                     recall_metric_name(TEXT_TO_IMAGE, 1), recall_metric_name(TEXT_TO_IMAGE, 3),
+                     accuracy_metric_name(2)]
+    parsed = [parse_metric_name(n) for n in names]
+    assert [(p.direction, p.k) for p in parsed] == [
+        (IMAGE_TO_TEXT, 1), (IMAGE_TO_TEXT, 3), (TEXT_TO_IMAGE, 1), (TEXT_TO_IMAGE, 3), (None, 2)]
+    assert [p.label for p in parsed] == ["Image-to-text recall@1", "Image-to-text recall@3",
+                                         "Text-to-image recall@1", "Text-to-image recall@3",
+                                         "Top-2 accuracy"]
+    assert [p.is_retrieval for p in parsed] == [True] * 4 + [False]
+    assert clip_benchmark_names(dict.fromkeys(names, 0.5)) == dict.fromkeys(
+        ["text_retrieval_recall@1", "text_retrieval_recall@3", "image_retrieval_recall@1",
+         "image_retrieval_recall@3", "acc2"], 0.5)
+
+
+@pytest.mark.parametrize("name", ["loss", "eval_top1_accuracy", "top_accuracy",
+                                  "image_to_text_recall@", "image_to_image_recall@1"])
+def test_other_names_do_not_parse(name):
+    assert parse_metric_name(name) is None
+
+
+def test_unknown_retrieval_direction_is_refused():
+    with pytest.raises(ValueError, match="direction"):
+        recall_metric_name("image_to_image", 1)
+
+
+def test_task_defaults_and_names():
+    assert resolve_tasks(None, "caption", None) == [RETRIEVAL]
+    assert resolve_tasks("auto", "caption", "label") == [RETRIEVAL, CLASSIFICATION]
+    # classification data without captions: no retrieval when the columns say so
+    assert resolve_tasks(None, "caption", "label", columns=["image", "label"]) == [CLASSIFICATION]
+    assert resolve_tasks(None, "caption", None, columns=["image"]) == [RETRIEVAL]
+    assert resolve_tasks(None, None, None) == []
+    assert resolve_tasks(["classification", "retrieval"], None, None) == [RETRIEVAL, CLASSIFICATION]
+    assert resolve_tasks("both", None, None) == [RETRIEVAL, CLASSIFICATION]
+    with pytest.raises(ValueError, match="unknown task"):
+        resolve_tasks(["detection"], "caption", None)

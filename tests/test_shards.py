@@ -14,9 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
+from glofnd_hf.cli.shards import main
 from glofnd_hf.data.shard_writer import (
     add_index_to_shards,
-    main,
     write_shards_from_csv,
     write_shards_from_dataset,
 )

@@ -23,21 +23,38 @@ one of several templates, picked per sample.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import datasets
 import numpy as np
 from PIL import Image
+
+if TYPE_CHECKING:  # imported when building, so that importing the names stays cheap
+    import datasets
 
 __all__ = [
     "ATTRIBUTE_COMBOS",
     "BACKGROUND_COLORS",
     "CLASSIFICATION_TEMPLATES",
+    "DIGITS_DATASET",
+    "DIGITS_EVAL_SPLIT",
+    "DIGITS_LABEL_COLUMN",
     "DIGIT_NAMES",
     "INK_COLORS",
     "POSITIONS",
     "SCALES",
+    "digits_classification_defaults",
     "load_digits_pairs",
 ]
+
+DIGITS_DATASET = "glofnd-digits"
+"""The dataset name (``--dataset_name``, ``glofnd-eval --dataset``) of this embedded demo."""
+
+DIGITS_LABEL_COLUMN = "digit"
+"""The class label column of zero-shot digit classification."""
+
+DIGITS_EVAL_SPLIT = "validation"
+"""The split evaluated by default."""
 
 DIGIT_NAMES: list[str] = [
     "zero",
@@ -86,6 +103,22 @@ ATTRIBUTE_COMBOS: list[tuple[str, str, str, str]] = list(
     itertools.product(INK_COLORS, BACKGROUND_COLORS, POSITIONS, SCALES)
 )
 """All ``(ink, background, position, scale)`` tuples; the index is the attribute id."""
+
+
+
+def digits_classification_defaults(
+    class_label_column: str | None = None,
+    class_names: Sequence[str] | None = None,
+    templates: Sequence[str] | None = None,
+) -> tuple[str, list[str], list[str]]:
+    """``(class_label_column, class_names, templates)`` for zero-shot digit classification:
+    the given values, with the digits' label column, digit words and templates where unset."""
+    return (
+        class_label_column or DIGITS_LABEL_COLUMN,
+        list(class_names or DIGIT_NAMES),
+        list(templates or CLASSIFICATION_TEMPLATES),
+    )
+
 
 _CAPTION_TEMPLATES: list[str] = [
     "a {ink} {digit} on a {bg} background in the {pos}, {scale}.",
@@ -170,6 +203,7 @@ def load_digits_pairs(
         identical across splits and seeds) and ``dataset_index`` (int64, ``0..len-1``
         within each split, in row order).
     """
+    import datasets
     from sklearn.datasets import load_digits
 
     if not 0.0 <= validation_fraction < 1.0:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -10,31 +11,27 @@ import numpy as np
 import torch
 from PIL import Image
 
-DIGITS_DATASET = "glofnd-digits"
-BAD_SAMPLE_KINDS = ("corrupt_image", "missing_caption")
+# DIGITS_DATASET, defer_image_decoding and load_image_text_dataset live elsewhere now;
+# re-exported for old callers.
+from .bad_samples import DATASETS_BAD_SAMPLE_KINDS, BadSampleCounter
+from .digits import DIGITS_DATASET
+from .images import defer_image_decoding, to_rgb
+from .loading import load_image_text_dataset
 
+__all__ = [
+    "BAD_SAMPLE_KINDS",
+    "DIGITS_DATASET",
+    "ImageTextCollator",
+    "defer_image_decoding",
+    "load_image_text_dataset",
+    "prepare_image_text_dataset",
+    "to_rgb",
+]
 
-def load_image_text_dataset(name: str, config_name: str | None = None, split: str | None = None):
-    """The embedded digits demo, a folder saved with ``save_to_disk``, or a Hub dataset."""
-    import os
+#: The kinds in the collator's ``bad_sample_counts``, in order (the trainer reads them here).
+BAD_SAMPLE_KINDS = DATASETS_BAD_SAMPLE_KINDS
 
-    import datasets
-
-    if name == DIGITS_DATASET:
-        from .digits import load_digits_pairs
-
-        data = load_digits_pairs()
-    elif os.path.isdir(name):
-        data = datasets.load_from_disk(name)
-    else:
-        data = datasets.load_dataset(name, config_name)
-    if split is None:
-        return data
-    if isinstance(data, datasets.DatasetDict):
-        if split not in data:
-            raise ValueError(f"dataset {name!r} has no split {split!r}; it has {list(data)}")
-        return data[split]
-    return data
+logger = logging.getLogger(__name__)
 
 
 def prepare_image_text_dataset(
@@ -95,33 +92,6 @@ def prepare_image_text_dataset(
     return dataset, num_samples
 
 
-def to_rgb(image: Any) -> Image.Image:
-    """A PIL RGB image from a PIL image, a datasets Image cell (bytes or path), a path or an array."""
-    if isinstance(image, Image.Image):
-        return image.convert("RGB") if image.mode != "RGB" else image
-    if isinstance(image, Mapping) and image.get("bytes") is not None:
-        import io
-
-        return Image.open(io.BytesIO(image["bytes"])).convert("RGB")
-    if isinstance(image, Mapping) and image.get("path"):
-        return Image.open(image["path"]).convert("RGB")
-    if isinstance(image, str):
-        return Image.open(image).convert("RGB")
-    if isinstance(image, np.ndarray):
-        return Image.fromarray(image).convert("RGB")
-    raise ValueError(f"cannot read an image from a {type(image).__name__}")
-
-
-def defer_image_decoding(dataset, image_column: str):
-    """Let the collator decode images (and survive a corrupt one) instead of ``datasets``."""
-    import datasets
-
-    feature = dataset.features.get(image_column) if dataset.features else None
-    if isinstance(feature, datasets.Image) and feature.decode:
-        dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
-    return dataset
-
-
 class ImageTextCollator:
     """Turns rows of an image-caption dataset into a model batch.
 
@@ -154,8 +124,12 @@ class ImageTextCollator:
         self.index_column = index_column
         self.label_column = label_column
         self._rng = random.Random(seed)
-        self.bad_sample_counts: dict[str, int] = dict.fromkeys(BAD_SAMPLE_KINDS, 0)
-        self._last_warning = 0.0
+        self.bad_samples = BadSampleCounter(kinds=BAD_SAMPLE_KINDS, logger=logger)
+
+    @property
+    def bad_sample_counts(self) -> dict[str, int]:
+        """Rows skipped so far by this process, by kind."""
+        return self.bad_samples.as_dict()
 
     def _caption(self, value: Any) -> str | None:
         if isinstance(value, str):
@@ -174,31 +148,23 @@ class ImageTextCollator:
         except Exception:  # noqa: BLE001 - any undecodable image is skipped alike
             return "corrupt_image"
 
-    def _warn(self, problems: list[str]) -> None:
-        import logging
-        import time
-
-        now = time.monotonic()
-        if now - self._last_warning >= 60.0:
-            self._last_warning = now
-            logging.getLogger(__name__).warning(
-                "skipped %d bad sample(s) in a batch (%s); totals so far: %s",
-                len(problems), ", ".join(sorted(set(problems))), self.bad_sample_counts,
-            )
-
     def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         decoded = [self._decode(r) for r in rows]
         good = [i for i, d in enumerate(decoded) if not isinstance(d, str)]
         problems = [d for d in decoded if isinstance(d, str)]
-        delta = {kind: problems.count(kind) for kind in self.bad_sample_counts}
+        for row, problem in zip(rows, decoded, strict=True):
+            if isinstance(problem, str):
+                self.bad_samples.add(
+                    problem,
+                    f"row with dataset index {row.get(self.index_column)!r}, replaced by a copy "
+                    "of a good row of its batch",
+                )
+        delta = self.bad_samples.take_delta()  # this batch's problems only
         if problems:
-            for kind, count in delta.items():
-                self.bad_sample_counts[kind] += count
             if not good:
                 raise ValueError(
                     f"no usable sample in a batch of {len(rows)}: {sorted(set(problems))}"
                 )
-            self._warn(problems)
             # Stand-ins: copies of good rows (same dataset index, so they are duplicates).
             source = [i if i in good else good[k % len(good)] for k, i in enumerate(range(len(rows)))]
         else:
@@ -214,5 +180,5 @@ class ImageTextCollator:
                 [int(rows[i][self.label_column]) for i in source], dtype=torch.long
             )
         if problems:  # reaches the trainer also from dataloader worker processes
-            batch["bad_sample_counts"] = torch.tensor(list(delta.values()), dtype=torch.long)
+            batch["bad_sample_counts"] = delta
         return batch

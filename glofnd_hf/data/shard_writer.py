@@ -12,7 +12,7 @@ open_clip and :mod:`glofnd_hf.data.shards` for the epoch length) and
 ``glofnd_index.json`` (``{"dataset_size": N, "num_samples": n, ...}`` where ``N``
 is one more than the largest index; the loader takes ``N`` from it).
 
-Console entry (``glofnd-shards``)::
+Console entry (``glofnd-shards``, :mod:`glofnd_hf.cli.shards`)::
 
     glofnd-shards from-dataset SOURCE OUT [--split train] [--image-column image] ...
     glofnd-shards from-csv     CSV OUT --image-column filepath --caption-column title
@@ -21,7 +21,6 @@ Console entry (``glofnd-shards``)::
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -34,24 +33,30 @@ from typing import Any
 import webdataset as wds
 from PIL import Image
 
-from glofnd_hf.data.shards import (
+from .images import defer_image_decoding
+from .webdataset_io import (
+    CAPTION_KEY,
+    INDEX_FIELD,
     INDEX_INFO_FILE,
+    INDEX_KEY,
+    META_KEY,
     SIZES_FILE,
-    _shard_basename,
     expand_shards,
     iter_tar_samples,
+    shard_basename,
 )
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "IMAGE_FORMATS",
     "add_index_to_shards",
-    "main",
     "write_shards_from_csv",
     "write_shards_from_dataset",
 ]
 
-_FORMATS = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}
+#: Image member name (``KEY.<name>``) -> PIL format the writer encodes to.
+IMAGE_FORMATS = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}
 _KEY_WIDTH = 9
 
 
@@ -89,7 +94,7 @@ def _as_index(value: Any, where: str) -> int:
 
 def _image_bytes(value: Any, image_format: str, quality: int) -> bytes:
     """Encode an image cell (PIL image, bytes, path, {"bytes"/"path"} dict, array) as bytes."""
-    target = _FORMATS[image_format]
+    target = IMAGE_FORMATS[image_format]
     if isinstance(value, Mapping):
         if value.get("bytes") is not None:
             value = value["bytes"]
@@ -125,21 +130,6 @@ def _image_bytes(value: Any, image_format: str, quality: int) -> bytes:
         out = io.BytesIO()
         image.convert("RGB").save(out, format=target, **kwargs)
     return out.getvalue()
-
-
-def _undecoded_images(dataset: Any, image_column: str) -> Any:
-    """For a ``datasets`` image column, read the stored bytes instead of decoded PIL images,
-    so images already in the target format are copied without re-encoding."""
-    features = getattr(dataset, "features", None)
-    feature = features.get(image_column) if isinstance(features, Mapping) else None
-    if (
-        feature is not None
-        and type(feature).__name__ == "Image"
-        and getattr(feature, "decode", False)
-        and hasattr(dataset, "cast_column")
-    ):
-        return dataset.cast_column(image_column, type(feature)(decode=False))
-    return dataset
 
 
 def _json_default(value: Any) -> Any:
@@ -211,14 +201,14 @@ def write_shards_from_dataset(
     ``on_error="skip"`` are logged and skipped (their row number is not used).
     Returns ``(brace pattern of the shards, number of samples written)``.
     """
-    if image_format not in _FORMATS:
-        raise ValueError(f"image_format must be one of {sorted(_FORMATS)}")
+    if image_format not in IMAGE_FORMATS:
+        raise ValueError(f"image_format must be one of {sorted(IMAGE_FORMATS)}")
     if samples_per_shard < 1:
         raise ValueError("samples_per_shard must be >= 1")
     if on_error not in ("raise", "skip"):
         raise ValueError("on_error must be 'raise' or 'skip'")
     _prepare_output_dir(output_dir, overwrite)
-    dataset = _undecoded_images(dataset, image_column)
+    dataset = defer_image_decoding(dataset, image_column)  # copy stored bytes as is
     pattern = os.path.join(output_dir, "%05d.tar")
     writer: wds.ShardWriter | None = None
     sizes: dict[str, int] = {}
@@ -246,14 +236,14 @@ def write_shards_from_dataset(
             if not seen.add(index):
                 raise ValueError(f"{where}: duplicate dataset index {index}")
             key = f"{written:0{_KEY_WIDTH}d}"
-            meta = {"dataset_index": index, "key": key}
+            meta = {INDEX_FIELD: index, "key": key}
             meta.update({c: row[c] for c in extra_columns})
             sample = {
                 "__key__": key,
                 image_format: image,
-                "txt": caption.encode("utf-8"),
-                "json": json.dumps(meta, default=_json_default).encode("utf-8"),
-                "idx": str(index).encode("ascii"),
+                CAPTION_KEY: caption.encode("utf-8"),
+                META_KEY: json.dumps(meta, default=_json_default).encode("utf-8"),
+                INDEX_KEY: str(index).encode("ascii"),
             }
             if writer is None:
                 writer = wds.ShardWriter(
@@ -338,7 +328,7 @@ def add_index_to_shards(
     if start_index < 0:
         raise ValueError("start_index must be >= 0")
     urls = sorted(expand_shards(input_pattern))
-    names = [_shard_basename(u) for u in urls]
+    names = [shard_basename(u) for u in urls]
     if len(set(names)) != len(names):
         raise ValueError("input shards have duplicate basenames; they would overwrite each other")
     os.makedirs(output_dir, exist_ok=True)
@@ -369,7 +359,7 @@ def add_index_to_shards(
                     if not seen.add(index):
                         raise ValueError(f"shard {url!r} key {key!r}: duplicate index {index}")
                     out = {k: v for k, v in sample.items() if not k.startswith("__")}
-                    out["idx"] = str(index).encode("ascii")
+                    out[INDEX_KEY] = str(index).encode("ascii")
                     out["__key__"] = key
                     sink.write(out)
                     count += 1
@@ -394,91 +384,9 @@ def add_index_to_shards(
     return _brace_pattern(output_dir, names), total
 
 
-# --------------------------------------------------------------------------- CLI
-
-
-def _load_hf_dataset(source: str, split: str, config_name: str | None):
-    import datasets
-
-    if os.path.isdir(source):
-        ds = datasets.load_from_disk(source)
-        if isinstance(ds, datasets.DatasetDict):
-            if split not in ds:
-                raise SystemExit(f"split {split!r} not in {list(ds)}")
-            ds = ds[split]
-        return ds
-    return datasets.load_dataset(source, config_name, split=split)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    """``glofnd-shards`` console entry point."""
-    parser = argparse.ArgumentParser(
-        prog="glofnd-shards", description="Write WebDataset shards with GloFND dataset indices."
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
+    """Old home of the ``glofnd-shards`` entry point, kept for installs made before it moved
+    to :func:`glofnd_hf.cli.shards.main`; drop once those are reinstalled."""
+    from ..cli.shards import main as cli_main
 
-    def common(p: argparse.ArgumentParser, image: str, caption: str) -> None:
-        p.add_argument("output_dir")
-        p.add_argument("--image-column", default=image)
-        p.add_argument("--caption-column", default=caption)
-        p.add_argument("--index-column", default=None)
-        p.add_argument("--samples-per-shard", type=int, default=1000)
-        p.add_argument("--image-format", default="jpg", choices=sorted(_FORMATS))
-        p.add_argument("--extra-columns", nargs="*", default=[])
-        p.add_argument("--jpeg-quality", type=int, default=95)
-        p.add_argument("--on-error", choices=("raise", "skip"), default="raise")
-        p.add_argument("--overwrite", action="store_true")
-
-    p = sub.add_parser("from-dataset", help="a datasets dir (save_to_disk) or a Hub dataset name")
-    p.add_argument("source")
-    common(p, "image", "caption")
-    p.add_argument("--split", default="train")
-    p.add_argument("--config-name", default=None)
-
-    p = sub.add_parser("from-csv", help="a CSV/TSV of image paths (relative to it) and captions")
-    p.add_argument("csv_path")
-    common(p, "filepath", "title")
-    p.add_argument("--sep", default=",", help="column separator, e.g. $'\\t'")
-
-    p = sub.add_parser("add-index", help="copy existing shards adding KEY.idx")
-    p.add_argument("input_pattern")
-    p.add_argument("output_dir")
-    p.add_argument("--start-index", type=int, default=0)
-    p.add_argument("--index-source", choices=("sequential", "key"), default="sequential")
-    p.add_argument("--overwrite", action="store_true")
-
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.command == "add-index":
-        pattern, n = add_index_to_shards(
-            args.input_pattern,
-            args.output_dir,
-            args.start_index,
-            args.index_source,
-            overwrite=args.overwrite,
-        )
-    else:
-        kwargs = dict(
-            image_column=args.image_column,
-            caption_column=args.caption_column,
-            index_column=args.index_column,
-            samples_per_shard=args.samples_per_shard,
-            image_format=args.image_format,
-            extra_columns=tuple(args.extra_columns),
-            jpeg_quality=args.jpeg_quality,
-            on_error=args.on_error,
-            overwrite=args.overwrite,
-        )
-        if args.command == "from-dataset":
-            ds = _load_hf_dataset(args.source, args.split, args.config_name)
-            pattern, n = write_shards_from_dataset(ds, args.output_dir, **kwargs)
-        else:
-            pattern, n = write_shards_from_csv(
-                args.csv_path, args.output_dir, sep=args.sep, **kwargs
-            )
-    print(json.dumps({"shards": pattern, "num_samples": n}))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    return cli_main(argv)

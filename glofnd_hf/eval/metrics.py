@@ -33,18 +33,107 @@ obtained by counting, not by sorting rows.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "CLIP_BENCHMARK_NAMES",
+    "IMAGE_TO_TEXT",
+    "TEXT_TO_IMAGE",
+    "MetricName",
+    "accuracy_metric_name",
     "average_template_embeddings",
+    "clip_benchmark_names",
     "format_metrics_table",
+    "parse_metric_name",
+    "recall_metric_name",
     "retrieval_recall",
     "zero_shot_classification",
 ]
+
+
+# --------------------------------------------------------------------------- #
+# metric names: built and parsed here only
+# --------------------------------------------------------------------------- #
+#: Retrieval directions: image queries retrieving captions, and caption queries images.
+IMAGE_TO_TEXT = "image_to_text"
+TEXT_TO_IMAGE = "text_to_image"
+
+_METRIC_NAME_RE = re.compile(r"(image_to_text|text_to_image)_recall@(\d+)|top(\d+)_accuracy")
+
+#: Our metric name pattern -> CLIP_benchmark's. Our image-to-text retrieval (image queries,
+#: captions retrieved) is CLIP_benchmark's *text* retrieval, and vice versa.
+CLIP_BENCHMARK_NAMES = {
+    r"image_to_text_recall@(\d+)": r"text_retrieval_recall@\1",
+    r"text_to_image_recall@(\d+)": r"image_retrieval_recall@\1",
+    r"top(\d+)_accuracy": r"acc\1",
+}
+
+
+def recall_metric_name(direction: str, k: int) -> str:
+    """``image_to_text_recall@k`` / ``text_to_image_recall@k``."""
+    if direction not in (IMAGE_TO_TEXT, TEXT_TO_IMAGE):
+        raise ValueError(f"unknown retrieval direction {direction!r}")
+    return f"{direction}_recall@{k}"
+
+
+def accuracy_metric_name(k: int) -> str:
+    """``top{k}_accuracy`` (zero-shot classification)."""
+    return f"top{k}_accuracy"
+
+
+@dataclass(frozen=True)
+class MetricName:
+    """A parsed metric name: ``direction`` is set for retrieval recall, None for accuracy."""
+
+    name: str
+    k: int
+    direction: str | None = None
+
+    @property
+    def is_retrieval(self) -> bool:
+        return self.direction is not None
+
+    @property
+    def label(self) -> str:
+        """Human-readable: ``Image-to-text recall@5``, ``Top-1 accuracy``."""
+        if self.direction is None:
+            return f"Top-{self.k} accuracy"
+        first = "Image-to-text" if self.direction == IMAGE_TO_TEXT else "Text-to-image"
+        return f"{first} recall@{self.k}"
+
+    @property
+    def clip_benchmark_name(self) -> str:
+        """CLIP_benchmark's name (its text retrieval is our image-to-text retrieval)."""
+        for pattern, replacement in CLIP_BENCHMARK_NAMES.items():
+            if re.fullmatch(pattern, self.name):
+                return re.sub(pattern, replacement, self.name)
+        raise AssertionError(f"{self.name!r} matches no CLIP_benchmark pattern")
+
+
+def parse_metric_name(name: str) -> MetricName | None:
+    """The parsed form of one of our metric names (exact match), else None."""
+    match = _METRIC_NAME_RE.fullmatch(name)
+    if match is None:
+        return None
+    if match.group(1):
+        return MetricName(name, int(match.group(2)), match.group(1))
+    return MetricName(name, int(match.group(3)))
+
+
+def clip_benchmark_names(metrics: Mapping[str, float]) -> dict[str, float]:
+    """The same metrics under CLIP_benchmark's names (unknown names are left out)."""
+    out: dict[str, float] = {}
+    for name, value in metrics.items():
+        parsed = parse_metric_name(name)
+        if parsed is not None:
+            out[parsed.clip_benchmark_name] = value
+    return out
 
 
 # --------------------------------------------------------------------------- #
@@ -251,9 +340,9 @@ def retrieval_recall(
 
     out: dict[str, float] = {}
     for k in ks_list:
-        out[f"image_to_text_recall@{k}"] = _recall_from_ranks(i2t_ranks, k, num_texts)
+        out[recall_metric_name(IMAGE_TO_TEXT, k)] = _recall_from_ranks(i2t_ranks, k, num_texts)
     for k in ks_list:
-        out[f"text_to_image_recall@{k}"] = _recall_from_ranks(t2i_ranks, k, num_images)
+        out[recall_metric_name(TEXT_TO_IMAGE, k)] = _recall_from_ranks(t2i_ranks, k, num_images)
     return out
 
 
@@ -293,7 +382,7 @@ def zero_shot_classification(
     ranks = _best_positive_ranks(
         images, classes, torch.arange(num_images, device=device), lab, chunk_size
     )
-    return {f"top{k}_accuracy": _recall_from_ranks(ranks, k, num_classes) for k in ks_list}
+    return {accuracy_metric_name(k): _recall_from_ranks(ranks, k, num_classes) for k in ks_list}
 
 
 def average_template_embeddings(text_embeds: Tensor, num_templates: int | None = None) -> Tensor:

@@ -9,12 +9,13 @@ This is the Python API behind ``glofnd-eval``::
 
 Models go through :func:`glofnd_hf.models.load_dual_encoder`: our training outputs (folders),
 Hugging Face CLIP-family checkpoints (folder or Hub id), open_clip architectures with a
-``pretrained`` tag, ``hf-hub:ORG/NAME`` and ``local-dir:PATH``. Data: a ``datasets`` dataset
-(Hub id, ``save_to_disk`` folder or an in-memory ``Dataset``), WebDataset shards (captions from
-``.txt``; samples whose ``.json`` share an image id are one image with several captions), or
-``glofnd-digits`` (the embedded demo's validation split, with digit classification).
+``pretrained`` tag, ``hf-hub:ORG/NAME`` and ``local-dir:PATH``. Data (:mod:`.data`): a
+``datasets`` dataset (Hub id, ``save_to_disk`` folder or an in-memory ``Dataset``), WebDataset
+shards (captions from ``.txt``, ``.text`` or ``.caption`` as in training; samples whose
+``.json`` share an image id are one image with several captions), or ``glofnd-digits`` (the
+embedded demo's validation split, with digit classification).
 
-Metric names (see :data:`CLIP_BENCHMARK_NAMES` for CLIP_benchmark's):
+Metric names (built and parsed in :mod:`.metrics`, with CLIP_benchmark's):
 ``image_to_text_recall@k``, ``text_to_image_recall@k``, ``top{k}_accuracy``.
 """
 
@@ -24,7 +25,6 @@ import datetime as _dt
 import difflib
 import json
 import os
-import re
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -32,9 +32,10 @@ from typing import Any
 
 import torch
 
-from ..data.hf import DIGITS_DATASET
-from .metrics import format_metrics_table
-from .zero_shot import CLASSIFICATION, RETRIEVAL, TASKS, ZeroShotEvaluator
+from .data import load_eval_data, load_shards_for_eval
+from .errors import EvalInputError
+from .metrics import CLIP_BENCHMARK_NAMES, clip_benchmark_names, format_metrics_table
+from .zero_shot import CLASSIFICATION, RETRIEVAL, ZeroShotEvaluator, resolve_tasks
 
 __all__ = [
     "CLIP_BENCHMARK_NAMES",
@@ -50,37 +51,6 @@ __all__ = [
 ]
 
 RESULTS_FORMAT_VERSION = 1
-SHARD_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
-SHARD_CAPTION_KEY = "txt"
-DEFAULT_SPLITS = ("test", "validation")
-
-
-class EvalInputError(ValueError):
-    """A model name, dataset, column or caption the evaluation cannot use (message says why)."""
-
-
-# -------------------------------------------------------------------------------------------
-# metric names
-# -------------------------------------------------------------------------------------------
-
-#: Our metric name pattern -> CLIP_benchmark's. Our image-to-text retrieval (image queries,
-#: captions retrieved) is CLIP_benchmark's *text* retrieval, and vice versa.
-CLIP_BENCHMARK_NAMES = {
-    r"image_to_text_recall@(\d+)": r"text_retrieval_recall@\1",
-    r"text_to_image_recall@(\d+)": r"image_retrieval_recall@\1",
-    r"top(\d+)_accuracy": r"acc\1",
-}
-
-
-def clip_benchmark_names(metrics: Mapping[str, float]) -> dict[str, float]:
-    """The same metrics under CLIP_benchmark's names (unknown names are left out)."""
-    out: dict[str, float] = {}
-    for name, value in metrics.items():
-        for pattern, replacement in CLIP_BENCHMARK_NAMES.items():
-            if re.fullmatch(pattern, name):
-                out[re.sub(pattern, replacement, name)] = value
-                break
-    return out
 
 
 # -------------------------------------------------------------------------------------------
@@ -130,219 +100,6 @@ def load_eval_model(
     adapter.model.to(torch.device(device or _default_device()))
     adapter.model.eval()
     return adapter
-
-
-# -------------------------------------------------------------------------------------------
-# data
-# -------------------------------------------------------------------------------------------
-
-
-def _list_of_strings_feature():
-    import datasets
-
-    list_type = getattr(datasets, "List", None) or datasets.Sequence
-    return list_type(datasets.Value("string"))
-
-
-def load_shards_for_eval(
-    shards: str | Sequence[str],
-    *,
-    image_id_field: str | None = "image_id",
-    label_field: str | None = None,
-    caption_key: str = SHARD_CAPTION_KEY,
-):
-    """Read WebDataset shards into an in-memory ``datasets.Dataset`` for evaluation.
-
-    Columns: ``image`` (the encoded bytes, ``datasets.Image``), ``caption`` (list of str) and,
-    with ``label_field``, ``label`` (read from each sample's ``.json``). Samples whose ``.json``
-    holds the same ``image_id_field`` value are one image with several captions (the image of
-    the first such sample is kept); samples without it are one image each. Every sample needs
-    a non-empty ``.txt`` caption and an image (``jpg``/``jpeg``/``png``/``webp``).
-    """
-    import datasets
-
-    from ..data.shards import _is_local, _local_path, expand_shards, iter_tar_samples
-
-    try:
-        urls = expand_shards(shards)
-    except ValueError as e:
-        raise EvalInputError(str(e)) from e
-    missing = [u for u in urls if _is_local(u) and not os.path.exists(_local_path(u))]
-    if missing:
-        raise EvalInputError(
-            f"{len(missing)} of {len(urls)} shard(s) do not exist, e.g. {missing[0]!r}"
-        )
-    errors: list[str] = []
-
-    def on_error(url: str, key: str | None, exc: Exception) -> None:
-        errors.append(f"shard {url!r} near key {key!r}: {type(exc).__name__}: {exc}")
-
-    slot_of: dict[Any, int] = {}
-    images: list[dict[str, Any]] = []
-    captions: list[list[str]] = []
-    labels: list[Any] = []
-    for url in urls:
-        for sample in iter_tar_samples(url, on_error):
-            where = f"sample {sample['__key__']!r} of shard {url!r}"
-            raw = sample.get(caption_key)
-            caption = raw.decode("utf-8", errors="replace").strip() if raw is not None else ""
-            if not caption:
-                raise EvalInputError(f"{where} has no caption (empty or missing .{caption_key})")
-            meta: dict[str, Any] = {}
-            if "json" in sample:
-                try:
-                    meta = json.loads(sample["json"].decode("utf-8"))
-                except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                    raise EvalInputError(f"{where} has an unreadable .json: {e}") from e
-                if not isinstance(meta, dict):
-                    meta = {}
-            image_id = meta.get(image_id_field) if image_id_field else None
-            group = ("id", json.dumps(image_id, sort_keys=True)) if image_id is not None else (
-                "sample", url, sample["__key__"])
-            if group in slot_of:
-                captions[slot_of[group]].append(caption)
-                continue
-            image = next((sample[k] for k in SHARD_IMAGE_KEYS if k in sample), None)
-            if image is None:
-                raise EvalInputError(
-                    f"{where} has no image (looked for {', '.join(SHARD_IMAGE_KEYS)})"
-                )
-            if label_field is not None:
-                if label_field not in meta:
-                    raise EvalInputError(f"{where}: its .json has no label field {label_field!r}")
-                labels.append(meta[label_field])
-            slot_of[group] = len(images)
-            images.append({"bytes": image, "path": None})
-            captions.append([caption])
-    if errors:
-        raise EvalInputError("could not read the shards: " + "; ".join(errors[:3]))
-    if not images:
-        raise EvalInputError(f"shards {shards!r} hold no samples")
-    columns: dict[str, list] = {"image": images, "caption": captions}
-    features = {"image": datasets.Image(), "caption": _list_of_strings_feature()}
-    if label_field is not None:
-        columns["label"] = labels
-        kind = "string" if all(isinstance(v, str) for v in labels) else "int64"
-        features["label"] = datasets.Value(kind)
-    return datasets.Dataset.from_dict(columns, features=datasets.Features(features))
-
-
-def _pick_split(data: Any, name: str, split: str | None):
-    import datasets
-
-    if not isinstance(data, (datasets.DatasetDict, dict)):
-        return data, split
-    splits = list(data)
-    if split is not None:
-        if split not in data:
-            raise EvalInputError(f"dataset {name!r} has no split {split!r}; it has {splits}")
-        return data[split], split
-    for candidate in DEFAULT_SPLITS:
-        if candidate in data:
-            return data[candidate], candidate
-    if len(splits) == 1:
-        return data[splits[0]], splits[0]
-    raise EvalInputError(f"dataset {name!r} has splits {splits}: choose one with --split")
-
-
-def load_eval_data(
-    dataset: Any = None,
-    *,
-    shards: str | Sequence[str] | None = None,
-    split: str | None = None,
-    dataset_config: str | None = None,
-    image_column: str = "image",
-    caption_column: str | None = "caption",
-    class_label_column: str | None = None,
-    class_names: Sequence[str] | None = None,
-    templates: Sequence[str] | None = None,
-    image_id_field: str | None = "image_id",
-    max_samples: int | None = None,
-) -> dict[str, Any]:
-    """The evaluation set and what describes it.
-
-    Returns ``{"dataset": datasets.Dataset, "info": {...}}`` plus the effective
-    ``image_column`` / ``caption_column`` / ``class_label_column`` / ``class_names`` /
-    ``templates`` (``glofnd-digits`` fills in digit classification; shards use ``image`` /
-    ``caption`` / ``label``). ``split`` defaults to ``test``, else ``validation``, else the only
-    split (``validation`` for ``glofnd-digits``).
-    """
-    import datasets
-
-    if (dataset is None) == (shards is None):
-        raise EvalInputError("give exactly one of a dataset (--dataset) or shards (--shards)")
-    info: dict[str, Any] = {"config": dataset_config}
-    if shards is not None:
-        data = load_shards_for_eval(shards, image_id_field=image_id_field,
-                                    label_field=class_label_column)
-        info.update(kind="webdataset", source=shards if isinstance(shards, str) else list(shards),
-                    split=None, image_id_field=image_id_field)
-        image_column, caption_column = "image", "caption"
-        class_label_column = "label" if class_label_column else None
-    elif isinstance(dataset, (datasets.Dataset, datasets.DatasetDict)):
-        name = getattr(getattr(dataset, "info", None), "dataset_name", None) or "in-memory"
-        data, split = _pick_split(dataset, name, split)
-        info.update(kind="datasets", source=name, split=split or _split_name(data))
-    else:
-        name = str(dataset)
-        if name == DIGITS_DATASET:
-            from ..data.digits import CLASSIFICATION_TEMPLATES, DIGIT_NAMES
-
-            split = split or "validation"
-            class_label_column = class_label_column or "digit"
-            class_names = class_names or list(DIGIT_NAMES)
-            templates = templates or list(CLASSIFICATION_TEMPLATES)
-            kind = DIGITS_DATASET
-        else:
-            kind = "datasets"
-        try:
-            if kind == "datasets" and split is not None and not os.path.isdir(name):
-                # Hub dataset: fetch only the split that is evaluated.
-                loaded = datasets.load_dataset(name, dataset_config, split=split)
-            else:
-                from ..data.hf import load_image_text_dataset
-
-                loaded = load_image_text_dataset(name, dataset_config, None)
-        except Exception as e:  # noqa: BLE001 - any loading failure is the user's input
-            raise EvalInputError(
-                f"cannot load dataset {name!r} (a Hub dataset id, a folder written by "
-                f"save_to_disk, or {DIGITS_DATASET!r}): {type(e).__name__}: {e}"
-            ) from e
-        data, split = _pick_split(loaded, name, split)
-        info.update(kind=kind, source=name, split=split)
-    if max_samples is not None:
-        if max_samples < 1:
-            raise EvalInputError(f"max_samples must be positive, got {max_samples}")
-        data = data.select(range(min(max_samples, len(data))))
-    info["max_samples"] = max_samples
-    return {
-        "dataset": data, "info": info, "image_column": image_column,
-        "caption_column": caption_column, "class_label_column": class_label_column,
-        "class_names": list(class_names) if class_names else None,
-        "templates": list(templates) if templates else None,
-    }
-
-
-def _split_name(data: Any) -> str | None:
-    split = getattr(data, "split", None)
-    return str(split) if split is not None else None
-
-
-def _resolve_tasks(tasks: Sequence[str] | str | None, data: Mapping[str, Any]) -> list[str]:
-    if tasks is not None and not isinstance(tasks, str):
-        tasks = list(tasks)
-    if tasks in (None, "auto", ["auto"]):
-        columns = data["dataset"].column_names
-        has_classification = bool(data["class_label_column"])
-        out = [] if (has_classification and data["caption_column"] not in columns) else [RETRIEVAL]
-        return out + ([CLASSIFICATION] if has_classification else [])
-    tasks = [tasks] if isinstance(tasks, str) else tasks
-    if "both" in tasks:
-        return list(TASKS)
-    unknown = [t for t in tasks if t not in TASKS]
-    if unknown:
-        raise EvalInputError(f"unknown task(s) {unknown}; choose from {list(TASKS)}, both, auto")
-    return [t for t in TASKS if t in tasks]
 
 
 # -------------------------------------------------------------------------------------------
@@ -404,7 +161,11 @@ def evaluate(
         class_label_column=class_label_column, class_names=class_names, templates=templates,
         image_id_field=image_id_field, max_samples=max_samples,
     )
-    task_list = _resolve_tasks(tasks, data)
+    try:
+        task_list = resolve_tasks(tasks, data["caption_column"], data["class_label_column"],
+                                  columns=data["dataset"].column_names)
+    except ValueError as e:
+        raise EvalInputError(str(e)) from e
     try:
         evaluator = ZeroShotEvaluator(
             data["dataset"], data["image_column"],

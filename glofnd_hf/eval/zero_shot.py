@@ -14,12 +14,50 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..data.hf import to_rgb
-from .metrics import average_template_embeddings, retrieval_recall, zero_shot_classification
+from ..data.images import to_rgb
+from .metrics import (
+    IMAGE_TO_TEXT,
+    average_template_embeddings,
+    recall_metric_name,
+    retrieval_recall,
+    zero_shot_classification,
+)
+
+__all__ = ["CLASSIFICATION", "RETRIEVAL", "TASKS", "ZeroShotEvaluator", "resolve_tasks"]
 
 RETRIEVAL = "retrieval"
 CLASSIFICATION = "classification"
 TASKS = (RETRIEVAL, CLASSIFICATION)
+
+
+def resolve_tasks(
+    tasks: Sequence[str] | str | None,
+    caption_column: str | None,
+    class_label_column: str | None,
+    columns: Sequence[str] | None = None,
+) -> list[str]:
+    """The tasks to run, in :data:`TASKS` order.
+
+    ``None`` / ``"auto"``: classification when a class label column is set; retrieval when a
+    caption column is set, unless classification is possible and ``columns`` (when given)
+    lack the caption column.  ``"both"``: every task.  Raises ``ValueError`` for unknown
+    names.
+    """
+    if tasks is not None and not isinstance(tasks, str):
+        tasks = list(tasks)
+    if tasks in (None, "auto", ["auto"]):
+        classification = bool(class_label_column)
+        retrieval = bool(caption_column) and not (
+            classification and columns is not None and caption_column not in columns
+        )
+        return ([RETRIEVAL] if retrieval else []) + ([CLASSIFICATION] if classification else [])
+    tasks = [tasks] if isinstance(tasks, str) else tasks
+    if "both" in tasks:
+        return list(TASKS)
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise ValueError(f"unknown task(s) {unknown}; choose from {list(TASKS)}, both, auto")
+    return [t for t in TASKS if t in tasks]
 
 
 def _column_values(dataset: Any, column: str) -> list[Any]:
@@ -42,14 +80,15 @@ class ZeroShotEvaluator:
     ``top5_accuracy``; a ``k`` above the number of classes counts as all classes).
     ``primary_metric`` names the one to select checkpoints by.
 
-    ``tasks``: ``"retrieval"`` and/or ``"classification"``; by default retrieval when
-    ``caption_column`` is set and classification when ``class_label_column`` is set. Class
+    ``tasks``: ``"retrieval"`` and/or ``"classification"`` (or ``"both"``); by default
+    (``None`` / ``"auto"``, see :func:`resolve_tasks`) retrieval when ``caption_column`` is set
+    and classification when ``class_label_column`` is set. Class
     names default to the names of a ``datasets.ClassLabel`` label column. Labels may be class
     ids or the class names themselves. Templates hold ``{}`` for the class name.
     ``dataset_name`` / ``split`` only describe the data (JSON results, model cards).
     """
 
-    primary_metric = "image_to_text_recall@1"
+    primary_metric = recall_metric_name(IMAGE_TO_TEXT, 1)
 
     def __init__(
         self,
@@ -69,14 +108,7 @@ class ZeroShotEvaluator:
         dataset_name: str | None = None,
         split: str | None = None,
     ) -> None:
-        if tasks is None:
-            tasks = ([RETRIEVAL] if caption_column else []) + (
-                [CLASSIFICATION] if class_label_column else []
-            )
-        tasks = [tasks] if isinstance(tasks, str) else list(tasks)
-        unknown = [t for t in tasks if t not in TASKS]
-        if unknown:
-            raise ValueError(f"unknown task(s) {unknown}; choose from {list(TASKS)}")
+        tasks = resolve_tasks(tasks, caption_column, class_label_column)
         if not tasks:
             raise ValueError(
                 "nothing to evaluate: set a caption column (retrieval) and/or a class label "

@@ -6,6 +6,8 @@ whether it runs distributed.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 
@@ -16,6 +18,25 @@ def world_size() -> int:
 
 def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def rank_and_world(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
+    """``(rank, world_size)``: the explicit values where given, else those of the initialised
+    process group, else the ``RANK`` / ``WORLD_SIZE`` environment variables (what launchers
+    set before a process group exists, e.g. while DataLoaders are built), else 0 / 1.
+
+    Raises ``ValueError`` unless ``world_size >= 1`` and ``0 <= rank < world_size``.
+    """
+    if rank is None or world_size is None:
+        if dist.is_available() and dist.is_initialized():
+            rank = dist.get_rank() if rank is None else rank
+            world_size = dist.get_world_size() if world_size is None else world_size
+        else:
+            rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+            world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"invalid rank {rank} / world_size {world_size}")
+    return int(rank), int(world_size)
 
 
 def all_gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:

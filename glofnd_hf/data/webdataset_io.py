@@ -1,0 +1,279 @@
+"""WebDataset shard I/O shared by the loader, the shard writer and evaluation.
+
+One place for what a shard looks like on disk and how it is read:
+
+* shard specs: a path, a brace pattern (``/data/{00000..00331}.tar``), a ``::``-joined list
+  of those, any URL webdataset's ``gopen`` opens (``pipe:aws s3 cp s3://b/00001.tar -``,
+  ``file:``, ``http(s):``), or a Python list of any of these (:func:`expand_shards`);
+* local versus remote shards (:func:`is_local`, :func:`local_path`, :func:`shard_basename`);
+* tar iteration into webdataset-style samples (:func:`iter_tar_samples`);
+* the files beside the shards: ``sizes.json`` (``{basename: count}``), img2dataset's
+  ``NNNNN_stats.json`` and ``glofnd_index.json`` (:func:`read_shard_sizes`);
+* the members of a sample: the image (:data:`IMAGE_KEYS`), the caption
+  (:data:`CAPTION_KEYS`), the dataset index (``KEY.idx``, else ``dataset_index`` in
+  ``KEY.json``) and the ``KEY.json`` metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Literal
+from urllib.parse import urlparse
+
+from webdataset.gopen import gopen
+from webdataset.handlers import reraise_exception
+from webdataset.shardlists import expand_urls
+from webdataset.tariterators import base_plus_ext, tar_file_iterator
+
+__all__ = [
+    "CAPTION_KEY",
+    "CAPTION_KEYS",
+    "IMAGE_KEYS",
+    "INDEX_FIELD",
+    "INDEX_INFO_FILE",
+    "INDEX_KEY",
+    "META_KEY",
+    "SIZES_FILE",
+    "expand_shards",
+    "find_image",
+    "is_local",
+    "iter_tar_samples",
+    "local_path",
+    "read_caption",
+    "read_dataset_index",
+    "read_metadata",
+    "read_shard_sizes",
+    "shard_basename",
+]
+
+#: Sample members that may hold the image, in order of preference.
+IMAGE_KEYS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
+#: The caption member the writer writes (UTF-8 text).
+CAPTION_KEY = "txt"
+#: Sample members read as the caption, in order of preference: what the writer and
+#: img2dataset write, and what other tools name it.
+CAPTION_KEYS: tuple[str, ...] = (CAPTION_KEY, "text", "caption")
+#: The dataset index as decimal text (what the loader reads first).
+INDEX_KEY = "idx"
+#: JSON metadata of a sample; may hold :data:`INDEX_FIELD`, an image id, labels.
+META_KEY = "json"
+INDEX_FIELD = "dataset_index"
+
+SIZES_FILE = "sizes.json"
+INDEX_INFO_FILE = "glofnd_index.json"
+
+_INT_RE = re.compile(r"^[+-]?[0-9]+$")
+_TAR_SUFFIX_RE = re.compile(r"\.(tar|tgz)(\.[A-Za-z0-9]+)?$")
+
+
+# --------------------------------------------------------------------------- shard lists
+
+
+def is_local(url: str) -> bool:
+    """True for plain paths and ``file:`` URLs (shards whose neighbours we can list)."""
+    return urlparse(url).scheme in ("", "file")
+
+
+def local_path(url: str) -> str:
+    """The filesystem path of a local shard (``file:`` URLs unwrapped)."""
+    return re.sub(r"^file://?", "/", url) if url.startswith("file:") else url
+
+
+def shard_basename(url: str) -> str:
+    """The shard's file name: the key of ``sizes.json`` and the name the writer copies to."""
+    if is_local(url):
+        return os.path.basename(local_path(url))
+    # pipe:/http: URLs: the last token that looks like a tar file name
+    found = re.findall(r"([^/\s'\"]+\.(?:tar|tgz)(?:\.[A-Za-z0-9]+)?)", url)
+    return found[-1] if found else os.path.basename(url.split()[-1] if url.split() else url)
+
+
+def expand_shards(spec: str | Sequence[str]) -> list[str]:
+    """Expand a shard spec (brace patterns, ``::`` lists, ``${WDS_VAR}``) into a list."""
+    items = [spec] if isinstance(spec, str) else list(spec)
+    urls: list[str] = []
+    for item in items:
+        if not isinstance(item, str):
+            raise TypeError(f"shard spec entries must be str, got {type(item).__name__}")
+        for url in expand_urls(item):
+            url = url.strip()
+            if url:
+                urls.append(os.path.expanduser(url) if is_local(url) else url)
+    if not urls:
+        raise ValueError(f"shard spec {spec!r} expands to no shards")
+    return urls
+
+
+# --------------------------------------------------------------------------- tar reading
+
+
+def iter_tar_samples(
+    url: str, on_error: Callable[[str, str | None, Exception], None]
+) -> Iterator[dict[str, Any]]:
+    """Yield webdataset-style samples (``__key__``, ``__url__``, ``ext: bytes``) of one shard.
+
+    Consecutive members sharing a key (``base_plus_ext``) form a sample.  If reading
+    fails (truncated/corrupt tar, failing ``pipe:``), ``on_error(url, key, exc)`` is
+    called, the incomplete sample is dropped and iteration of this shard stops.
+    """
+    stream = None
+    current: dict[str, Any] | None = None
+    try:
+        stream = gopen(url, "rb")
+        for member in tar_file_iterator(stream, handler=reraise_exception):
+            prefix, suffix = base_plus_ext(member["fname"])
+            if prefix is None:
+                continue
+            if current is None or current["__key__"] != prefix:
+                if current is not None:
+                    yield current
+                current = {"__key__": prefix, "__url__": url}
+            current[suffix.lower()] = member["data"]
+        if current is not None:
+            sample, current = current, None
+            yield sample
+    except Exception as exc:  # noqa: BLE001 - reported, shard skipped
+        on_error(url, None if current is None else current["__key__"], exc)
+    finally:
+        if stream is not None:
+            try:
+                stream.close()
+            except Exception:  # noqa: BLE001 - e.g. pipe exit status after early stop
+                pass
+
+
+# --------------------------------------------------------------------------- sample members
+
+
+def read_caption(sample: Mapping[str, Any], keys: Sequence[str] = CAPTION_KEYS) -> str | None:
+    """The stripped caption of the first caption member present; None if it is missing,
+    empty or not UTF-8 (later keys are not consulted once one is present)."""
+    for key in keys:
+        if key in sample:
+            try:
+                caption = sample[key].decode("utf-8").strip()
+            except UnicodeDecodeError:
+                return None
+            return caption or None
+    return None
+
+
+def find_image(sample: Mapping[str, Any], keys: Sequence[str] = IMAGE_KEYS) -> bytes | None:
+    """The encoded bytes of the first image member present, else None."""
+    return next((sample[key] for key in keys if key in sample), None)
+
+
+def read_metadata(sample: Mapping[str, Any]) -> dict[str, Any]:
+    """The sample's ``.json`` as a dict (``{}`` when absent or not an object).
+
+    Raises ``ValueError`` when the member is not UTF-8 JSON.
+    """
+    raw = sample.get(META_KEY)
+    if raw is None:
+        return {}
+    meta = json.loads(raw.decode("utf-8"))  # UnicodeDecodeError / JSONDecodeError: ValueError
+    return meta if isinstance(meta, dict) else {}
+
+
+def read_dataset_index(
+    sample: Mapping[str, Any], source: Literal["field", "key"] = "field"
+) -> tuple[int | None, str]:
+    """``(index, reason)``: the sample's dataset index, or None and why it has none.
+
+    ``source="field"``: the ``.idx`` member (decimal text), else ``dataset_index`` in the
+    ``.json``.  ``source="key"``: ``int`` of the sample key's basename (img2dataset keys).
+    """
+    if source == "key":
+        key = os.path.basename(sample["__key__"])
+        if _INT_RE.match(key) and key.isascii():
+            return int(key), ""
+        return None, f"key {key!r} is not an integer"
+    raw = sample.get(INDEX_KEY)
+    if raw is not None:
+        try:
+            text = raw.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            return None, "'.idx' entry is not UTF-8 text"
+        if _INT_RE.match(text):
+            return int(text), ""
+        return None, f"'.idx' entry {text[:40]!r} is not an integer"
+    meta = sample.get(META_KEY)
+    if meta is not None:
+        try:
+            value = json.loads(meta).get(INDEX_FIELD)
+        except (ValueError, AttributeError):
+            return None, "no '.idx' entry and '.json' entry is not a JSON object"
+        if value is None:
+            return None, "no '.idx' entry and no 'dataset_index' in '.json'"
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value, ""
+        if isinstance(value, str) and _INT_RE.match(value.strip()):
+            return int(value.strip()), ""
+        return None, f"'dataset_index' {value!r} in '.json' is not an integer"
+    return None, "no '.idx' entry and no '.json' entry with 'dataset_index'"
+
+
+# --------------------------------------------------------------------------- sizes and index files
+
+
+def _load_json(path: str) -> Any:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def read_shard_sizes(
+    urls: Sequence[str], sizes_file: str | None = None
+) -> tuple[dict[str, int | None], dict[str, Any]]:
+    """Per-shard sample counts for ``urls`` (None where unknown) and what was found.
+
+    Lookup per shard: ``sizes_file`` (by basename), ``sizes.json`` in the shard's
+    directory, img2dataset's ``<stem>_stats.json`` (``successes``).  The second
+    return value has ``dirs`` (directories holding sizes/index files),
+    ``sizes_total`` (sum of all entries of the sizes files found),
+    ``index_info`` (``glofnd_index.json`` contents per directory).
+    """
+    files: dict[str, dict[str, int]] = {}  # realpath -> {basename: count}, each read once
+    index_info: dict[str, Any] = {}  # directory -> glofnd_index.json
+    dirs_seen: set[str] = set()
+
+    def load_sizes(path: str) -> dict[str, int]:
+        real = os.path.realpath(path)
+        if real not in files:
+            files[real] = {str(k): int(v) for k, v in _load_json(path).items()}
+        return files[real]
+
+    def scan_dir(directory: str) -> None:
+        if directory in dirs_seen:
+            return
+        dirs_seen.add(directory)
+        if os.path.isfile(os.path.join(directory, SIZES_FILE)):
+            load_sizes(os.path.join(directory, SIZES_FILE))
+        info_path = os.path.join(directory, INDEX_INFO_FILE)
+        if os.path.isfile(info_path):
+            index_info[directory] = _load_json(info_path)
+
+    explicit: dict[str, int] = {}
+    if sizes_file is not None:
+        explicit = load_sizes(sizes_file)
+        scan_dir(os.path.dirname(os.path.realpath(sizes_file)))
+    result: dict[str, int | None] = {}
+    for url in urls:
+        base = shard_basename(url)
+        result[url] = explicit.get(base)
+        if result[url] is not None or not is_local(url):
+            continue
+        directory = os.path.dirname(os.path.realpath(local_path(url)))
+        scan_dir(directory)
+        sizes_path = os.path.realpath(os.path.join(directory, SIZES_FILE))
+        if base in files.get(sizes_path, {}):
+            result[url] = files[sizes_path][base]
+            continue
+        stats = os.path.join(directory, _TAR_SUFFIX_RE.sub("", base) + "_stats.json")
+        if os.path.isfile(stats):
+            result[url] = int(_load_json(stats)["successes"])
+    found_dirs = sorted({os.path.dirname(f) for f in files} | set(index_info))
+    sizes_total = sum(sum(f.values()) for f in files.values()) if files else None
+    return result, {"dirs": found_dirs, "sizes_total": sizes_total, "index_info": index_info}
