@@ -382,11 +382,3 @@ def add_index_to_shards(
         },
     )
     return _brace_pattern(output_dir, names), total
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Old home of the ``glofnd-shards`` entry point, kept for installs made before it moved
-    to :func:`glofnd_hf.cli.shards.main`; drop once those are reinstalled."""
-    from ..cli.shards import main as cli_main
-
-    return cli_main(argv)

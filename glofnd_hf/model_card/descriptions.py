@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 
-from ..data.hf import DIGITS_DATASET
+from ..data.digits import DIGITS_DATASET
 from ..hub_ids import is_hub_repo_id
 
 __all__ = [

@@ -2,33 +2,19 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import Any
 
-from ..data.hf import DIGITS_DATASET
-from ..eval.run import clip_benchmark_names
+from ..data.digits import DIGITS_DATASET
+from ..eval.metrics import parse_metric_name
 
 __all__ = ["clip_benchmark_name", "eval_results_from_metrics", "normalize_eval_metrics"]
-
-_METRIC_RE = re.compile(r"(image_to_text|text_to_image)_recall@(\d+)|top(\d+)_accuracy")
-
-
-def _metric_label(name: str) -> str | None:
-    """Readable label of one of our zero-shot metric names, None for any other name (the one
-    place here that parses metric names)."""
-    m = _METRIC_RE.fullmatch(name)
-    if m is None:
-        return None
-    if m.group(1):
-        direction = "Image-to-text" if m.group(1) == "image_to_text" else "Text-to-image"
-        return f"{direction} recall@{m.group(2)}"
-    return f"Top-{m.group(3)} accuracy"
 
 
 def clip_benchmark_name(name: str) -> str | None:
     """CLIP_benchmark's name of one of our metrics, None when it has none."""
-    return next(iter(clip_benchmark_names({name: 0.0})), None)
+    parsed = parse_metric_name(name)
+    return None if parsed is None else parsed.clip_benchmark_name
 
 
 def normalize_eval_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:
@@ -39,7 +25,7 @@ def normalize_eval_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float
         if key.startswith("eval_before_"):
             continue
         name = key[len("eval_"):] if key.startswith("eval_") else key
-        if _metric_label(name) is not None and isinstance(value, (int, float)):
+        if parse_metric_name(name) is not None and isinstance(value, (int, float)):
             out[name] = float(value)
     return out
 
@@ -58,7 +44,8 @@ def eval_results_from_metrics(
         dataset_name = "glofnd coloured digits"
     results = []
     for name, value in normalize_eval_metrics(metrics).items():
-        retrieval = "recall" in name
+        parsed = parse_metric_name(name)
+        retrieval = parsed.is_retrieval
         results.append(EvalResult(
             task_type="zero-shot-retrieval" if retrieval else "zero-shot-image-classification",
             task_name="Zero-shot image-text retrieval" if retrieval
@@ -67,8 +54,8 @@ def eval_results_from_metrics(
             dataset_name=dataset_name,
             dataset_split=split,
             metric_type=name,
-            metric_name=_metric_label(name) or name,
+            metric_name=parsed.label,
             metric_value=round(float(value), 6),
-            metric_config=clip_benchmark_name(name),
+            metric_config=parsed.clip_benchmark_name,
         ))
     return results

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
+from ..data.images import to_rgb
 from .base import DualEncoderAdapter, DualEncoderOutput
 
 __all__ = ["HFDualEncoder"]
@@ -76,11 +77,6 @@ class _HFProcessorImageTransform:
         return out["pixel_values"][0]
 
 
-class _ToRGB:
-    def __call__(self, image: Image.Image) -> Image.Image:
-        return image.convert("RGB") if image.mode != "RGB" else image
-
-
 class _Scale:
     def __init__(self, factor: float):
         self.factor = factor
@@ -101,7 +97,7 @@ def _hf_train_transform(image_processor: Any, scale: tuple[float, float]) -> Cal
         3: T.InterpolationMode.BICUBIC,
     }.get(resample, T.InterpolationMode.BICUBIC)
     steps: list[Callable] = [
-        _ToRGB(),
+        to_rgb,
         T.RandomResizedCrop(size, scale=scale, interpolation=interp, antialias=True),
         T.ToTensor(),  # -> [0, 1], i.e. rescale by 1/255
     ]
