@@ -152,7 +152,7 @@ def closed_form_global(image, text, scale, kept):
     return torch.stack(out)  # (2, b) of g
 
 
-@pytest.mark.parametrize("temperature", ["fixed", "global_learnable"])
+@pytest.mark.parametrize("temperature", ["fixed", "learnable"])
 def test_global_loss_with_gamma_one_equals_the_closed_form(temperature):
     n, b = 30, 8
     image, text = embeddings(b=b, seed=5)
@@ -183,7 +183,7 @@ def test_global_loss_with_gamma_one_equals_the_closed_form(temperature):
         objective = (1.0 / scale) * (torch.log(g).mean() + 6.5)
     objective.backward()
     want = [image.grad, text.grad, scale.grad if scale.grad is not None else torch.zeros(())]
-    if temperature == "global_learnable":  # the surrogate g/u adds its value 1, times tau
+    if temperature == "learnable":  # the surrogate g/u adds its value 1, times tau
         assert torch.allclose(out.loss, objective + 1.0 / scale.detach(), atol=1e-6)
     for a, bb in zip(got, want, strict=True):
         assert torch.allclose(a, bb, atol=1e-6), (a, bb)

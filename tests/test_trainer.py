@@ -26,8 +26,8 @@ def make_args(tmp_path, **overrides):
     defaults = dict(
         output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, num_train_epochs=1,
         learning_rate=1e-3, logging_steps=1, report_to="none", save_strategy="no", seed=0,
-        use_cpu=True, disable_tqdm=True, dataloader_num_workers=0, glofnd_alpha=0.05,
-        glofnd_lr=0.05, detector="glofnd",
+        use_cpu=True, disable_tqdm=True, dataloader_num_workers=0, fn_alpha=0.05,
+        detector="glofnd", detector_kwargs={"lr": 0.05},
     )
     defaults.update(overrides)
     return GloFNDTrainingArguments(**defaults)
@@ -211,10 +211,10 @@ def test_corrupt_images_and_missing_captions_are_skipped_and_counted(tmp_path, d
 
 def test_ifnd_trains_through_the_trainer_with_its_options(tmp_path, digits):
     adapter = adapter_for("hf", digits)
-    args = make_args(tmp_path, num_train_epochs=3, detector="ifnd", glofnd_alpha=0.1,
-                     glofnd_update_start_epoch=1, glofnd_mask_start_epoch=1,
-                     ifnd_num_clusters=[4, 8], ifnd_cluster_every=1.0,
-                     ifnd_accept_warmup_epochs=1.0)
+    args = make_args(tmp_path, num_train_epochs=3, detector="ifnd", fn_alpha=0.1,
+                     fn_start_epoch=1, detector_kwargs={
+                         "num_clusters": [4, 8], "cluster_every": 1.0,
+                         "accept_warmup_epochs": 1.0, "kmeans_iters": 20})
     trainer = GloFNDTrainer(adapter, args, train_dataset=small_train(digits, 32))
     detector = trainer.contrastive_loss.detector
     assert detector.name == "ifnd" and detector.config.num_clusters == (4, 8)
@@ -228,7 +228,7 @@ def test_ifnd_trains_through_the_trainer_with_its_options(tmp_path, digits):
 
 def test_tracking_health_is_logged_once_per_epoch(tmp_path, digits):
     adapter = adapter_for("hf", digits)
-    args = make_args(tmp_path, num_train_epochs=2, loss_type="clip", glofnd_alpha=0.1)
+    args = make_args(tmp_path, num_train_epochs=2, loss_type="clip", fn_alpha=0.1)
     trainer = GloFNDTrainer(adapter, args, train_dataset=small_train(digits))
     trainer.train()
     health = [e for e in trainer.state.log_history if "tracking_filtered_over_alpha_image" in e]
