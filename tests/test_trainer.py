@@ -27,7 +27,7 @@ def make_args(tmp_path, **overrides):
         output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, num_train_epochs=1,
         learning_rate=1e-3, logging_steps=1, report_to="none", save_strategy="no", seed=0,
         use_cpu=True, disable_tqdm=True, dataloader_num_workers=0, fn_alpha=0.05,
-        detector="glofnd", detector_kwargs={"lr": 0.05},
+        detector="glofnd",
     )
     defaults.update(overrides)
     return GloFNDTrainingArguments(**defaults)

@@ -303,7 +303,7 @@ register(DetectorSpec(
 ))
 register(DetectorSpec(
     name="oracle",
-    description="ground-truth semantic labels mark the false negatives (needs labels)",
+    description="ground-truth semantic labels mark the false negatives",
     detector_class=OracleDetector,
     factory=lambda settings, shared, **_: OracleDetector(shared.mask_start_epoch),
 ))
