@@ -291,3 +291,27 @@ def test_threshold_statistics_describe_the_batch_thresholds():
         for q, name in ((0.1, "p10"), (0.5, "p50"), (0.9, "p90")):
             assert out.stats[f"lambda_{name}_{side}"].item() == pytest.approx(
                 lam[round(q * 10)].item(), abs=1e-6)
+
+
+@pytest.mark.parametrize("multiply_tau,temperature", [(False, "fixed"), (True, "fixed"),
+                                                      (True, "learnable")])
+def test_evaluate_gives_the_objective_and_touches_no_state(multiply_tau, temperature):
+    n, b = 20, 8
+    image, text = embeddings(b=b, seed=9)
+    index = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7])
+    detector = build_detector("glofnd", num_samples=n, config=GloFNDConfig(alpha=0.2))
+    loss = GlobalContrastiveLoss(n, detector, temperature=temperature, multiply_tau=multiply_tau)
+    before = {k: v.clone() for k, v in loss.state_dict().items()}
+    # Indices of another split may lie beyond N: they only tell duplicates apart.
+    out = loss.evaluate(image, text, 5.0, index + 100)
+    after = loss.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    g = closed_form_global(image, text, torch.tensor(5.0, dtype=torch.float64),
+                           [~torch.eye(b, dtype=torch.bool)] * 2)
+    want = torch.log(g).mean()
+    if multiply_tau:
+        want = (want + (6.5 if temperature == "learnable" else 0.0)) / 5.0
+    assert out.loss.item() == pytest.approx(want.item(), rel=1e-6)
+    clip = ClipLoss(build_detector("glofnd", num_samples=n))
+    assert clip.evaluate(image, text, 5.0, index).loss.item() == pytest.approx(
+        ClipLoss()(image, text, 5.0, index).loss.item(), rel=1e-9)
