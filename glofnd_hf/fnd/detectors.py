@@ -6,6 +6,9 @@ attract) is the loss's business; how the batch was gathered is the caller's.
 
 Similarities come as a (2, b, B) float tensor: side 0 holds image anchors against all texts,
 side 1 text anchors against all images.
+
+Each detector is known to the package by one ``registry.register(DetectorSpec(...))`` next to
+its class (the built-in ones at the end of this module and of ``ifnd``).
 """
 
 from __future__ import annotations
