@@ -56,9 +56,9 @@ sys.path.insert(0, str(ROOT))
 from glofnd_hf.args import GloFNDTrainingArguments  # noqa: E402
 from glofnd_hf.data.digits import CLASSIFICATION_TEMPLATES, DIGIT_NAMES, load_digits_pairs  # noqa: E402
 from glofnd_hf.eval.zero_shot import ZeroShotEvaluator  # noqa: E402
-from glofnd_hf.fnd import build_detector, masked_quantile  # noqa: E402
+from glofnd_hf.fnd import masked_quantile  # noqa: E402
 from glofnd_hf.fnd.detectors import Detection, DetectionBatch, FalseNegativeDetector  # noqa: E402
-from glofnd_hf.fnd.ifnd import IFNDConfig  # noqa: E402
+from glofnd_hf.fnd.ifnd_config import IFNDConfig  # noqa: E402
 from glofnd_hf.losses import ClipLoss  # noqa: E402
 from glofnd_hf.models import build_tiny_hf_clip  # noqa: E402
 from glofnd_hf.trainer import GloFNDTrainer  # noqa: E402
@@ -424,6 +424,17 @@ class Study:
             accept_warmup_epochs=max(self.epochs - 1 - self.mask_start, 1.0), seed=self.seed,
         )
 
+    def detector_kwargs(self, detector_name: str) -> dict[str, Any]:
+        """The study's settings of the detectors that have their own."""
+        if detector_name == "glofnd":
+            return {"lr": self.glofnd_lr, "clip_grad_mult": self.glofnd_clip_grad_mult,
+                    "update_rule": self.glofnd_update_rule,
+                    "init_quantile": True,  # Adam rules only: the tail rule always starts there
+                    "update_start_epoch": self.update_start}
+        if detector_name == "ifnd":
+            return asdict(self.ifnd_config())
+        return {}
+
 
 def run_one(study: Study, detector_name: str, out_dir: str) -> dict[str, Any]:
     torch.manual_seed(study.seed)
@@ -434,16 +445,11 @@ def run_one(study: Study, detector_name: str, out_dir: str) -> dict[str, Any]:
         warmup_steps=study.warmup_steps, lr_scheduler_type="cosine", logging_strategy="epoch",
         report_to="none", save_strategy="no", eval_strategy="no", seed=study.seed,
         data_seed=study.seed, use_cpu=True, disable_tqdm=True, dataloader_num_workers=0,
-        detector=detector_name, glofnd_alpha=study.alpha, glofnd_lr=study.glofnd_lr,
-        glofnd_clip_grad_mult=study.glofnd_clip_grad_mult,
-        glofnd_update_rule=study.glofnd_update_rule,
-        glofnd_init_quantile=True,  # Adam rules only: the tail rule always starts there
-        glofnd_update_start_epoch=study.update_start, glofnd_mask_start_epoch=study.mask_start,
-        temperature_init=0.07,
+        detector=detector_name, fn_alpha=study.alpha, fn_start_epoch=study.mask_start,
+        detector_kwargs=study.detector_kwargs(detector_name), temperature_init=0.07,
     )
-    config = args.glofnd_config()
-    config.ifnd = study.ifnd_config()  # read by the ifnd factory; ignored by the others
-    inner = build_detector(detector_name, num_samples=len(study.train), config=config)
+    inner = args.detector_spec().build(args.detector_settings(), args.shared_detector_settings(),
+                                       num_samples=len(study.train))
     recorder = RecordingDetector(inner)
     loss = StudyClipLoss(recorder, "eliminate")
     callbacks = []

@@ -1,179 +1,225 @@
 """Arguments of a GloFND training run: model, data, and the training arguments of the Trainer
-extended with the method's settings. YAML recipe keys equal these field names."""
+extended with the method's settings. YAML recipe keys equal these field names.
+
+Every field carries its ``help``; fields come in sections (``help_sections``: first field of a
+section -> its title) that ``glofnd-train --help`` and ``docs/settings.md`` show. Settings
+shared by every detector are fields (``fn_alpha``, ``fn_start_epoch``); the chosen detector's
+own settings are the ``detector_kwargs`` mapping, checked against the detector's settings
+dataclass in the registry (:mod:`glofnd_hf.fnd.registry`).
+"""
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass, field
-from typing import Literal
+import warnings
+from collections.abc import Mapping
+from dataclasses import MISSING, dataclass, field
+from typing import Any, ClassVar, Literal
 
 from transformers import TrainingArguments
 
-from .fnd import GloFNDConfig, available_detectors
+from .fnd import registry
+from .fnd.registry import DetectorSpec, SharedSettings
 from .fnd.thresholds import UpdateRule
-from .losses import GammaSchedule
+from .losses import U_BYTES_PER_SAMPLE, GammaSchedule, TemperatureScheme, temperature_scheme
 
-# Bytes of per-sample state besides the thresholds table (whose size the update rule
-# knows): u of the global loss (2 sides), IFND's feature bank.
-GLOBAL_LOSS_BYTES_PER_SAMPLE = 2 * 4
-IFND_BANK_BYTES_PER_SAMPLE = 2 * 1024 + 3 * 8
 # "auto" placement keeps the state on the accelerator up to this size, else in host memory.
 AUTO_DEVICE_STATE_LIMIT_BYTES = 2 * 1024**3
 
 
+def arg(default: Any = MISSING, help: str = "", **kwargs: Any) -> Any:  # noqa: A002
+    """A dataclass field with its help text (shown by --help and docs/settings.md)."""
+    return field(default=default, metadata={"help": help}, **kwargs)
+
+
 @dataclass
 class ModelArguments:
-    model_name_or_path: str = field(
-        default="glofnd-tiny-hf-clip",
-        metadata={"help": "HF CLIP-family checkpoint (Hub id or folder), an open_clip model name "
-                  "(with --pretrained), 'hf-hub:ORG/NAME', or 'glofnd-tiny-hf-clip' / "
-                  "'glofnd-tiny-open-clip' (tiny models built offline, for demos and tests)."},
-    )
-    model_family: Literal["auto", "hf", "open_clip"] = "auto"
-    pretrained: str | None = field(
-        default=None, metadata={"help": "open_clip pretrained tag or local checkpoint file."}
-    )
-    tiny_image_size: int = field(default=32, metadata={"help": "image size of the tiny models"})
+    """The dual encoder to train."""
+
+    help_sections: ClassVar[dict[str, str]] = {"model_name_or_path": "Model"}
+
+    model_name_or_path: str = arg(
+        "glofnd-tiny-hf-clip",
+        "HF CLIP-family checkpoint (Hub id or folder), an open_clip model name (with "
+        "--pretrained), 'hf-hub:ORG/NAME', or 'glofnd-tiny-hf-clip' / 'glofnd-tiny-open-clip' "
+        "(tiny models built offline, for demos and tests).")
+    model_family: Literal["auto", "hf", "open_clip"] = arg(
+        "auto", "Library of the model: auto (inferred from the name or folder), hf "
+        "(transformers) or open_clip.")
+    pretrained: str | None = arg(None, "open_clip pretrained tag or local checkpoint file.")
+    tiny_image_size: int = arg(32, "Image size of the tiny models.")
 
 
 @dataclass
 class DataArguments:
-    dataset_name: str | None = field(
-        default=None,
-        metadata={"help": "'glofnd-digits' (the embedded demo data), a Hub dataset id, or a "
-                  "folder written by datasets' save_to_disk."},
-    )
-    dataset_config_name: str | None = None
-    train_split: str = "train"
-    eval_split: str | None = "validation"
-    image_column: str = "image"
-    caption_column: str = "caption"
-    index_column: str = field(
-        default="dataset_index",
-        metadata={"help": "Column with each pair's dataset index in [0, N); created as the row "
-                  "number when the dataset has none."},
-    )
-    label_column: str | None = field(
-        default=None,
-        metadata={"help": "Column of ground-truth semantic labels (oracle detector, studies)."},
-    )
-    class_label_column: str | None = field(
-        default=None, metadata={"help": "Column of class ids for zero-shot classification."}
-    )
-    class_names: list[str] | None = field(
-        default=None, metadata={"help": "Class names for zero-shot classification."}
-    )
-    prompt_templates: list[str] | None = field(
-        default=None, metadata={"help": "Prompt templates with '{}' for the class name."}
-    )
-    train_shards: str | None = field(
-        default=None,
-        metadata={"help": "Webdataset shards to stream instead of a datasets dataset: paths, "
-                  "brace patterns (/data/{00000..00331}.tar), '::'-joined lists, pipe: URLs."},
-    )
-    train_num_samples: int | None = field(
-        default=None, metadata={"help": "Samples per epoch over all ranks (default: sizes.json)."}
-    )
-    shard_resampled: bool = field(
-        default=False, metadata={"help": "Draw shards with replacement (epoch = train_num_samples)."}
-    )
-    shard_shuffle_buffer: int = 1000
-    shard_index_source: Literal["field", "key"] = field(
-        default="field",
-        metadata={"help": "Dataset index from the shard's index field, or from the numeric "
-                  "img2dataset key (then num_samples must exceed the largest key)."},
-    )
-    shard_on_bad_index: Literal["raise", "skip"] = "raise"
-    max_train_samples: int | None = None
-    max_eval_samples: int | None = None
+    """The training and evaluation data."""
+
+    help_sections: ClassVar[dict[str, str]] = {
+        "dataset_name": "Data (datasets)", "train_shards": "Data (webdataset shards)",
+        "max_train_samples": "Data (subsets)",
+    }
+
+    dataset_name: str | None = arg(
+        None, "'glofnd-digits' (the embedded demo data), a Hub dataset id, or a folder "
+        "written by datasets' save_to_disk.")
+    dataset_config_name: str | None = arg(None, "Configuration name of the Hub dataset.")
+    train_split: str = arg("train", "Split to train on.")
+    eval_split: str | None = arg(
+        "validation", "Split for zero-shot evaluation before and after training (None: none).")
+    image_column: str = arg("image", "Column of the images.")
+    caption_column: str = arg(
+        "caption", "Column of the captions (a string, or a list of which one is drawn).")
+    index_column: str = arg(
+        "dataset_index", "Column with each pair's dataset index in [0, N); created as the row "
+        "number when the dataset has none.")
+    label_column: str | None = arg(
+        None, "Column of ground-truth semantic labels (detectors that need labels, studies).")
+    class_label_column: str | None = arg(
+        None, "Column of class ids for zero-shot classification.")
+    class_names: list[str] | None = arg(None, "Class names for zero-shot classification.")
+    prompt_templates: list[str] | None = arg(
+        None, "Prompt templates with '{}' for the class name.")
+    train_shards: str | None = arg(
+        None, "Webdataset shards to stream instead of a datasets dataset: paths, brace "
+        "patterns (/data/{00000..00331}.tar), '::'-joined lists, pipe: URLs.")
+    train_num_samples: int | None = arg(
+        None, "Samples per epoch over all ranks (default: the shards' sizes.json).")
+    shard_resampled: bool = arg(
+        False, "Draw shards with replacement (an epoch is then train_num_samples).")
+    shard_shuffle_buffer: int = arg(1000, "Samples in the streaming shuffle buffer.")
+    shard_index_source: Literal["field", "key"] = arg(
+        "field", "Dataset index from the shard's index field, or from the numeric img2dataset "
+        "key (then num_samples must exceed the largest key).")
+    shard_on_bad_index: Literal["raise", "skip"] = arg(
+        "raise", "A sample without a valid dataset index stops training (raise) or is "
+        "skipped and counted (skip).")
+    max_train_samples: int | None = arg(None, "Train on the first rows only (datasets data).")
+    max_eval_samples: int | None = arg(None, "Evaluate on the first rows only.")
+
+
+@dataclass(frozen=True)
+class RenamedSetting:
+    """A flat setting of earlier versions and where it lives now."""
+
+    old: str
+    new: str
+    """A field of the training arguments, or (``detector`` set) a key of detector_kwargs."""
+    detector: str | None = None
+    position: int | None = None
+    """Set: the old setting is this element of the new (a sequence)."""
+
+    def new_spelling(self) -> str:
+        if self.detector is None:
+            return self.new
+        where = "" if self.position is None else f", element {self.position}"
+        return f"detector_kwargs: {{{self.new}: ...}} (detector: {self.detector}{where})"
+
+
+_GLOFND = "glofnd"
+RENAMED_SETTINGS: tuple[RenamedSetting, ...] = (
+    RenamedSetting("glofnd_alpha", "fn_alpha"),
+    RenamedSetting("glofnd_mask_start_epoch", "fn_start_epoch"),
+    *(RenamedSetting(f"glofnd_{key}", key, _GLOFND) for key in (
+        "update_rule", "tail_size", "band", "step_floor", "lr", "eps", "clip_grad_mult",
+        "init_quantile", "update_start_epoch")),
+    RenamedSetting("glofnd_beta1", "betas", _GLOFND, position=0),
+    RenamedSetting("glofnd_beta2", "betas", _GLOFND, position=1),
+    *(RenamedSetting(f"ifnd_{key}", key, "ifnd") for key in (
+        "num_clusters", "cluster_every", "accept_warmup_epochs")),
+)
+
+
+def _deprecated(renamed_to: str) -> str:
+    return f"Deprecated: use {renamed_to}."
 
 
 @dataclass
 class GloFNDTrainingArguments(TrainingArguments):
-    """``TrainingArguments`` plus GloFND and contrastive-loss settings."""
+    """``TrainingArguments`` plus the contrastive loss and false-negative detection settings.
 
-    detector: str = field(
-        default="glofnd",
-        metadata={"help": "False-negative detector: none, glofnd, batch_quantile, oracle, ifnd."},
-    )
-    fn_strategy: Literal["eliminate", "attract"] = field(
-        default="eliminate", metadata={"help": "What to do with detected false negatives."}
-    )
-    loss_type: Literal["clip", "sogclr", "fastclip"] = field(
-        default="clip",
-        metadata={"help": "clip: CLIP InfoNCE; sogclr: global contrastive loss; fastclip: "
-                  "global contrastive loss times the temperature (FastCLIP)."},
-    )
-    num_samples: int | None = field(
-        default=None,
-        metadata={"help": "N, the size of the dataset index space (default: largest index + 1 "
-                  "of the training data; required for streaming data)."},
-    )
-    glofnd_alpha: float = 1e-3
-    glofnd_update_rule: UpdateRule = field(
-        default="tail",
-        metadata={"help": "How thresholds learn: tail (steps in units of each anchor's tail "
-                  "scale; tracks moving embeddings), adam (Adam, per-sample bias "
-                  "correction), reference (Adam exactly as the GloFND reference code)."},
-    )
-    glofnd_tail_size: int = field(
-        default=8, metadata={"help": "tail rule: top-k negatives that estimate each tail."}
-    )
-    glofnd_band: float = field(
-        default=1.0,
-        metadata={"help": "tail rule: offsets beyond ~band x tail scale from the batch's own "
-                  "quantile estimate are pulled back to it."},
-    )
-    glofnd_step_floor: float = field(
-        default=0.2, metadata={"help": "tail rule: smallest step weight (follows drift)."}
-    )
-    glofnd_lr: float = 0.05
-    glofnd_beta1: float = 0.9
-    glofnd_beta2: float = 0.98
-    glofnd_eps: float = 1e-8
-    glofnd_clip_grad_mult: float | None = None
-    glofnd_init_quantile: bool = False
-    glofnd_update_start_epoch: float = 0.0
-    glofnd_mask_start_epoch: float = 0.0
-    ifnd_num_clusters: list[int] | None = field(
-        default=None,
-        metadata={"help": "IFND: k of each k-means granularity (default: one, k = 1/alpha)."},
-    )
-    ifnd_cluster_every: float = field(default=1.0, metadata={"help": "IFND: epochs between rounds."})
-    ifnd_accept_warmup_epochs: float = field(
-        default=10.0,
-        metadata={"help": "IFND: epochs over which the accepted fraction grows from 0 to 1."},
-    )
-    gamma: float = field(default=0.2, metadata={"help": "Final gamma of the global loss's u."})
-    gamma_schedule: Literal["constant", "cosine"] = "cosine"
-    gamma_decay_epochs: float = 18.0
-    temperature_scheme: Literal["learnable", "fixed", "global_learnable"] = field(
-        default="learnable",
-        metadata={"help": "learnable: the model's logit_scale is trained (global_learnable is "
-                  "the FastCLIP name of the same); fixed: it is frozen."},
-    )
-    temperature_init: float | None = field(
-        default=None, metadata={"help": "Set the temperature (1 / logit_scale) at start."}
-    )
-    temperature_lr: float | None = field(
-        default=None, metadata={"help": "Own learning rate for the temperature."}
-    )
-    rho: float = field(default=6.5, metadata={"help": "FastCLIP-v3 rho (learnable temperature)."})
-    max_logit_scale: float = field(
-        default=100.0, metadata={"help": "logit_scale.exp() is clamped to this after each step."}
-    )
-    state_device: Literal["auto", "device", "cpu"] = field(
-        default="auto",
-        metadata={"help": "Where the per-sample state lives: on the training device, in host "
-                  "memory, or auto (device up to 2 GiB of state, else host)."},
-    )
-    check_inputs: bool = field(
-        default=True,
-        metadata={"help": "Validate indices and finiteness each step (one host sync per step)."},
-    )
-    remove_unused_columns: bool = field(
-        default=False, metadata={"help": "Kept False: the collator reads the raw columns."}
-    )
+    Sections: the contrastive loss (loss_type ... max_logit_scale), false-negative detection
+    (detector ... detector_kwargs), the per-sample state (num_samples ... check_inputs),
+    Trainer defaults changed for this method, and the deprecated flat names of earlier
+    versions (each names its new spelling)."""
+
+    help_sections: ClassVar[dict[str, str]] = {
+        "loss_type": "Contrastive loss", "detector": "False-negative detection",
+        "num_samples": "Per-sample state", "remove_unused_columns": "Trainer defaults changed",
+        "glofnd_alpha": "Deprecated names (each says its new spelling)",
+    }
+
+    # -- Contrastive loss ---------------------------------------------------------------------
+    loss_type: Literal["clip", "sogclr", "fastclip"] = arg(
+        "clip", "clip: CLIP InfoNCE; sogclr: global contrastive loss (fixed temperature); "
+        "fastclip: global contrastive loss times the temperature (FastCLIP).")
+    gamma: float = arg(0.2, "Global losses: final weight of the newest estimate in each "
+                       "sample's moving average u.")
+    gamma_schedule: Literal["constant", "cosine"] = arg(
+        "cosine", "Global losses: gamma is constant, or falls from 1 to gamma over "
+        "gamma_decay_epochs on a half cosine.")
+    gamma_decay_epochs: float = arg(18.0, "Global losses: epochs of the cosine gamma decay.")
+    temperature_scheme: TemperatureScheme = arg(
+        "learnable", "learnable: the model's logit_scale is trained (FastCLIP's "
+        "'global_learnable'); fixed: it is frozen (required by sogclr).")
+    temperature_init: float | None = arg(
+        None, "Set the temperature (1 / logit_scale) at start (default: the model's).")
+    temperature_lr: float | None = arg(
+        None, "Own learning rate for the temperature (default: learning_rate).")
+    rho: float = arg(6.5, "fastclip with a learnable temperature: FastCLIP-v3's rho.")
+    max_logit_scale: float = arg(
+        100.0, "logit_scale.exp() is clamped to this after each step.")
+
+    # -- False-negative detection -------------------------------------------------------------
+    detector: str = arg(
+        "glofnd", "False-negative detector (see 'glofnd-train --help' or docs/settings.md "
+        "for the registered ones).")
+    fn_strategy: Literal["eliminate", "attract"] = arg(
+        "eliminate", "What the loss does with detected false negatives: drop them from the "
+        "negatives (eliminate) or count them as extra positives (attract).")
+    fn_alpha: float = arg(
+        1e-3, "Fraction of the data set taken as false negatives of each anchor (GloFND's "
+        "quantile level, the in-batch quantile's, IFND's k = 1/alpha).")
+    fn_start_epoch: float = arg(
+        0.0, "Epoch from which detected false negatives are acted on (every detector).")
+    detector_kwargs: dict | str | None = arg(
+        help="Settings of the chosen detector as a mapping (YAML) or a JSON string (flag), "
+        "e.g. {update_rule: adam, lr: 0.05} for glofnd; unknown keys are errors naming the "
+        "valid ones. Each detector's settings: docs/settings.md.", default_factory=dict)
+
+    # -- Per-sample state ---------------------------------------------------------------------
+    num_samples: int | None = arg(
+        None, "N, the size of the dataset index space (default: largest index + 1 of the "
+        "training data; required for streaming data without index files).")
+    state_device: Literal["auto", "device", "cpu"] = arg(
+        "auto", "Where the per-sample state lives: on the training device, in host memory, "
+        "or auto (device up to 2 GiB of state, else host).")
+    check_inputs: bool = arg(
+        True, "Validate indices and finiteness each step (one host sync per step).")
+
+    # -- Trainer defaults changed -------------------------------------------------------------
+    remove_unused_columns: bool = arg(
+        False, "Kept False: the collator reads the raw columns.")
+
+    # -- Deprecated names ---------------------------------------------------------------------
+    glofnd_alpha: float | None = arg(None, _deprecated("fn_alpha"))
+    glofnd_mask_start_epoch: float | None = arg(None, _deprecated("fn_start_epoch"))
+    glofnd_update_rule: UpdateRule | None = arg(None, _deprecated("detector_kwargs.update_rule"))
+    glofnd_tail_size: int | None = arg(None, _deprecated("detector_kwargs.tail_size"))
+    glofnd_band: float | None = arg(None, _deprecated("detector_kwargs.band"))
+    glofnd_step_floor: float | None = arg(None, _deprecated("detector_kwargs.step_floor"))
+    glofnd_lr: float | None = arg(None, _deprecated("detector_kwargs.lr"))
+    glofnd_beta1: float | None = arg(None, _deprecated("detector_kwargs.betas[0]"))
+    glofnd_beta2: float | None = arg(None, _deprecated("detector_kwargs.betas[1]"))
+    glofnd_eps: float | None = arg(None, _deprecated("detector_kwargs.eps"))
+    glofnd_clip_grad_mult: float | None = arg(None, _deprecated("detector_kwargs.clip_grad_mult"))
+    glofnd_init_quantile: bool | None = arg(None, _deprecated("detector_kwargs.init_quantile"))
+    glofnd_update_start_epoch: float | None = arg(
+        None, _deprecated("detector_kwargs.update_start_epoch"))
+    ifnd_num_clusters: list[int] | None = arg(None, _deprecated("detector_kwargs.num_clusters"))
+    ifnd_cluster_every: float | None = arg(None, _deprecated("detector_kwargs.cluster_every"))
+    ifnd_accept_warmup_epochs: float | None = arg(
+        None, _deprecated("detector_kwargs.accept_warmup_epochs"))
 
     def __post_init__(self) -> None:
         # Every parameter takes part in the loss: no unused-parameter search under DDP.
@@ -183,12 +229,10 @@ class GloFNDTrainingArguments(TrainingArguments):
         # All ranks gather equally sized batches: drop a ragged last batch when distributed.
         if self.world_size > 1:
             self.dataloader_drop_last = True
-        if self.detector not in available_detectors():
-            raise ValueError(
-                f"unknown detector {self.detector!r}; choose from {available_detectors()}"
-            )
-        if self.temperature_scheme == "global_learnable":
-            self.temperature_scheme = "learnable"
+        spec = self.detector_spec()  # an unknown name fails here, listing the known ones
+        self.detector_kwargs = self._read_detector_kwargs(self.detector_kwargs)
+        self._apply_renamed_settings()
+        self.temperature_scheme = temperature_scheme(self.temperature_scheme)
         if self.loss_type == "sogclr" and self.temperature_scheme != "fixed":
             raise ValueError(
                 "loss_type 'sogclr' uses a fixed temperature: set temperature_scheme: fixed "
@@ -201,29 +245,69 @@ class GloFNDTrainingArguments(TrainingArguments):
         if self.num_samples is not None and self.num_samples <= 0:
             raise ValueError(f"num_samples must be positive, got {self.num_samples}")
         # Fail at start-up, not at the first step.
-        self.glofnd_config()
-        GammaSchedule(self.gamma, self.gamma_schedule, self.gamma_decay_epochs)
+        try:
+            self.detector_settings()
+        except (TypeError, ValueError) as err:
+            raise ValueError(
+                f"invalid settings for the {spec.name!r} detector (detector_kwargs; its alpha is "
+                f"fn_alpha and its mask_start_epoch is fn_start_epoch): {err}"
+            ) from err
+        self.gamma_schedule_obj()
 
-    def glofnd_config(self) -> GloFNDConfig:
-        return GloFNDConfig(
-            alpha=self.glofnd_alpha, update_rule=self.glofnd_update_rule,
-            tail_size=self.glofnd_tail_size, band=self.glofnd_band,
-            step_floor=self.glofnd_step_floor, lr=self.glofnd_lr,
-            betas=(self.glofnd_beta1, self.glofnd_beta2), eps=self.glofnd_eps,
-            clip_grad_mult=self.glofnd_clip_grad_mult, init_quantile=self.glofnd_init_quantile,
-            update_start_epoch=self.glofnd_update_start_epoch,
-            mask_start_epoch=self.glofnd_mask_start_epoch,
-        )
-
-    def detector_options(self) -> dict:
-        """Settings of the chosen detector beyond the shared GloFND config."""
-        if self.detector != "ifnd":
+    @staticmethod
+    def _read_detector_kwargs(value: Mapping[str, Any] | str | None) -> dict[str, Any]:
+        if value is None:
             return {}
-        options = {"cluster_every": self.ifnd_cluster_every,
-                   "accept_warmup_epochs": self.ifnd_accept_warmup_epochs, "seed": self.seed}
-        if self.ifnd_num_clusters:
-            options["num_clusters"] = tuple(self.ifnd_num_clusters)
-        return options
+        if isinstance(value, str):  # a command-line flag: JSON, as transformers' dict fields
+            value = json.loads(value) if value.strip() else {}
+        if not isinstance(value, Mapping):
+            raise ValueError(f"detector_kwargs must be a mapping, got {value!r}")
+        return dict(value)
+
+    def _apply_renamed_settings(self) -> None:
+        """Move values given under deprecated flat names to their new place (with a warning
+        naming it); settings of another detector than the chosen one are ignored, as before."""
+        for renamed in RENAMED_SETTINGS:
+            value = getattr(self, renamed.old)
+            if value is None:
+                continue
+            setattr(self, renamed.old, None)  # one place for each value
+            if renamed.detector is not None and renamed.detector != self.detector:
+                warnings.warn(
+                    f"{renamed.old} is deprecated (now {renamed.new_spelling()}) and has no "
+                    f"effect with detector {self.detector!r}: ignored", FutureWarning,
+                    stacklevel=4)
+                continue
+            warnings.warn(f"{renamed.old} is deprecated: use {renamed.new_spelling()}",
+                          FutureWarning, stacklevel=4)
+            if renamed.detector is None:
+                setattr(self, renamed.new, value)
+            elif renamed.position is not None:
+                default = getattr(self.detector_spec().make_settings(), renamed.new)
+                sequence = list(self.detector_kwargs.get(renamed.new, default))
+                sequence[renamed.position] = value
+                self.detector_kwargs[renamed.new] = sequence
+            elif self.detector_kwargs.get(renamed.new, value) != value:
+                raise ValueError(
+                    f"{renamed.old}={value!r} contradicts detector_kwargs {renamed.new}="
+                    f"{self.detector_kwargs[renamed.new]!r}: set only detector_kwargs"
+                )
+            else:
+                self.detector_kwargs[renamed.new] = value
+
+    # -- what the Trainer reads ---------------------------------------------------------------
+    def detector_spec(self) -> DetectorSpec:
+        """The registry's entry of the chosen detector."""
+        return registry.get(self.detector)
+
+    def shared_detector_settings(self) -> SharedSettings:
+        return SharedSettings(alpha=self.fn_alpha, mask_start_epoch=self.fn_start_epoch,
+                              seed=self.seed)
+
+    def detector_settings(self) -> Any:
+        """The chosen detector's settings dataclass (``detector_kwargs`` + shared settings)."""
+        return self.detector_spec().make_settings(self.detector_kwargs,
+                                                  self.shared_detector_settings())
 
     def gamma_schedule_obj(self) -> GammaSchedule:
         return GammaSchedule(self.gamma, self.gamma_schedule, self.gamma_decay_epochs)
@@ -233,9 +317,8 @@ class GloFNDTrainingArguments(TrainingArguments):
         return math.log(self.max_logit_scale)
 
     def state_bytes_per_sample(self) -> int:
-        per = self.glofnd_config().rule().bytes_per_sample() if self.detector == "glofnd" else 0
-        if self.detector == "ifnd":  # float16 feature bank (width unknown here: 1024) + labels
-            per += IFND_BANK_BYTES_PER_SAMPLE
+        """Per-sample state of the detector and of a global loss's u."""
+        per = self.detector_spec().bytes_per_sample(self.detector_settings())
         if self.loss_type != "clip":
-            per += GLOBAL_LOSS_BYTES_PER_SAMPLE
+            per += U_BYTES_PER_SAMPLE
         return per

@@ -23,7 +23,6 @@ from .data.hf import (
     prepare_image_text_dataset,
 )
 from .data.shards import is_presharded_loader
-from .fnd import build_detector
 from .losses import BimodalContrastiveLoss, ClipLoss, GlobalContrastiveLoss
 from .model_card import ModelCardCallback
 from .models import DualEncoderAdapter
@@ -39,16 +38,16 @@ def build_contrastive_loss(
     """The loss (with its detector) described by the training arguments."""
     state_device = resolve_state_device(args, num_samples, device)
     pin = state_device.type == "cpu" and torch.device(device).type == "cuda"
-    detector = build_detector(
-        args.detector, num_samples=num_samples, config=args.glofnd_config(), device=state_device,
-        pin_memory=pin, options=args.detector_options(),
+    detector = args.detector_spec().build(
+        args.detector_settings(), args.shared_detector_settings(), num_samples=num_samples,
+        device=state_device, pin_memory=pin,
     )
     if args.loss_type == "clip":
         return ClipLoss(detector, args.fn_strategy, check_inputs=args.check_inputs)
-    learnable = args.loss_type == "fastclip" and args.temperature_scheme == "learnable"
     return GlobalContrastiveLoss(
         num_samples, detector, args.fn_strategy, gamma=args.gamma_schedule_obj(),
-        temperature="global_learnable" if learnable else "fixed", rho=args.rho,
+        temperature=args.temperature_scheme if args.loss_type == "fastclip" else "fixed",
+        rho=args.rho,
         multiply_tau=args.loss_type == "fastclip", device=state_device, pin_memory=pin,
         check_inputs=args.check_inputs,
     )
@@ -118,8 +117,10 @@ class GloFNDTrainer(Trainer):
             raise TypeError("GloFNDTrainer needs GloFNDTrainingArguments")
         self.adapter = adapter
         self.evaluator = evaluator
-        if label_column is None and args.detector == "oracle":
-            raise ValueError("the oracle detector needs a label column (label_column=...)")
+        if label_column is None and args.detector_spec().requires_labels:
+            raise ValueError(
+                f"the {args.detector} detector needs a label column (label_column=...)"
+            )
         num_samples = args.num_samples
         self.shard_loader = None
         if is_presharded_loader(train_dataset) and hasattr(train_dataset, "batches_per_epoch"):
@@ -276,13 +277,14 @@ class GloFNDTrainer(Trainer):
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad():
-            # Evaluation must not move the per-sample state: use a stateless copy of the loss.
+            # The training loss type, but evaluation must not move the per-sample state (and
+            # eval indices are not training indices): the loss's stateless evaluation.
             index = inputs.pop("dataset_index")
             inputs.pop("fn_labels", None)
             inputs.pop("bad_sample_counts", None)
             out = self.adapter(model, inputs)
-            loss = ClipLoss(check_inputs=False)(out.image_embeds, out.text_embeds,
-                                               out.logit_scale, index).loss
+            loss = self.contrastive_loss.evaluate(out.image_embeds, out.text_embeds,
+                                                  out.logit_scale, index).loss
         return loss.detach(), None, None
 
     # -- evaluation --------------------------------------------------------------------------

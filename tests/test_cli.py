@@ -20,26 +20,26 @@ def write_config(tmp_path, **values):
 
 
 def test_yaml_keys_are_field_names_and_flags_override(tmp_path):
-    config = write_config(tmp_path, output_dir=str(tmp_path / "o"), glofnd_alpha=0.01,
+    config = write_config(tmp_path, output_dir=str(tmp_path / "o"), fn_alpha=0.01,
                           detector="batch_quantile", dataset_name="glofnd-digits",
                           num_train_epochs=3, use_cpu=True)
-    model, data, args = parse_config_and_flags(TYPES, [config, "--glofnd_alpha", "0.02"])
-    assert args.glofnd_alpha == 0.02
+    model, data, args = parse_config_and_flags(TYPES, [config, "--fn_alpha", "0.02"])
+    assert args.fn_alpha == 0.02
     assert args.detector == "batch_quantile" and args.num_train_epochs == 3
     assert data.dataset_name == "glofnd-digits"
     assert model.model_name_or_path == "glofnd-tiny-hf-clip"
 
 
 def test_unknown_config_key_names_the_closest_field(tmp_path, capsys):
-    config = write_config(tmp_path, output_dir="o", glofnd_alpah=0.01)
+    config = write_config(tmp_path, output_dir="o", fn_alpah=0.01)
     with pytest.raises(SystemExit) as info:
         parse_config_and_flags(TYPES, [config])
-    assert "glofnd_alpah" in str(info.value) and "glofnd_alpha" in str(info.value)
+    assert "fn_alpah" in str(info.value) and "fn_alpha" in str(info.value)
 
 
 def test_bad_values_fail_at_start_up(tmp_path):
-    config = write_config(tmp_path, output_dir="o", glofnd_mask_start_epoch=1,
-                          glofnd_update_start_epoch=2, use_cpu=True)
+    config = write_config(tmp_path, output_dir="o", fn_start_epoch=1,
+                          detector_kwargs={"update_start_epoch": 2}, use_cpu=True)
     with pytest.raises(ValueError, match="mask_start_epoch"):
         parse_config_and_flags(TYPES, [config])
 
@@ -67,8 +67,8 @@ def test_every_accelerate_config_loads():
 def test_demo_training_beats_the_untrained_model(tmp_path):
     """A short run of the demo recipe: retrieval improves by a clear margin (seeded)."""
     results = run([str(RECIPES / "demo.yaml"), "--output_dir", str(tmp_path / "demo"),
-                   "--num_train_epochs", "8", "--glofnd_update_start_epoch", "3",
-                   "--glofnd_mask_start_epoch", "4", "--save_strategy", "no",
+                   "--num_train_epochs", "8", "--detector_kwargs", '{"update_start_epoch": 3}',
+                   "--fn_start_epoch", "4", "--save_strategy", "no",
                    "--disable_tqdm", "true"])
     before, after = results["before"], results["after"]
     for direction in ("image_to_text", "text_to_image"):

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from glofnd_hf.fnd import GloFNDConfig, build_detector
+from glofnd_hf.fnd import GloFNDConfig, SharedSettings, build_detector, registry
 from glofnd_hf.fnd.detectors import DetectionBatch
 from glofnd_hf.fnd.ifnd import IFNDConfig, IFNDDetector
 from glofnd_hf.losses import ClipLoss
@@ -28,9 +28,8 @@ def clustered(n=N, k=K, d=D, seed=0, noise=0.08):
 
 def make(num_clusters=(K,), n=N, alpha=0.01, **kw):
     kw = {"start_epoch": 0.0, "accept_warmup_epochs": 0.0, **kw}
-    cfg = GloFNDConfig(alpha=alpha)
-    cfg.ifnd = IFNDConfig(num_clusters=num_clusters, **kw)
-    return build_detector("ifnd", num_samples=n, config=cfg)
+    settings = IFNDConfig(num_clusters=num_clusters, **kw)
+    return registry.get("ifnd").build(settings, SharedSettings(alpha=alpha), num_samples=n)
 
 
 def batch_for(index, image, text, epoch, labels=None):
@@ -207,15 +206,17 @@ def test_factory_defaults_and_errors():
                                                                      mask_start_epoch=3.0))
     assert isinstance(det, IFNDDetector)
     assert det.num_clusters == (20,) and det.start_epoch == 3.0 and det.mask_start_epoch == 3.0
-    cfg = GloFNDConfig()
-    cfg.ifnd = {"num_clusters": [4, 8], "cluster_every": 2}
-    det = build_detector("ifnd", num_samples=10, config=cfg)
+    assert det.config.seed == 0  # the shared seed
+    det = build_detector("ifnd", num_samples=10, config=GloFNDConfig(),
+                         options={"num_clusters": [4, 8], "cluster_every": 2})
     assert det.num_clusters == (4, 8) and det.config.cluster_every == 2
+    spec = registry.get("ifnd")
+    det = spec.build({"seed": 5}, SharedSettings(seed=3), num_samples=10)
+    assert det.config.seed == 5 and spec.build({}, SharedSettings(seed=3), num_samples=10).seed == 3
     with pytest.raises(ValueError, match="num_samples"):
         build_detector("ifnd", config=GloFNDConfig())
-    cfg.ifnd = {"clusters": 4}
-    with pytest.raises(ValueError, match="unknown IFND settings"):
-        build_detector("ifnd", num_samples=10, config=cfg)
+    with pytest.raises(ValueError, match="unknown setting 'clusters'.*num_clusters"):
+        build_detector("ifnd", num_samples=10, options={"clusters": 4})
     image, text, _ = clustered()
     with pytest.raises(RuntimeError, match="observe"):
         make().detect(*batch_for(torch.arange(8), image, text, 0.0))

@@ -152,7 +152,7 @@ def closed_form_global(image, text, scale, kept):
     return torch.stack(out)  # (2, b) of g
 
 
-@pytest.mark.parametrize("temperature", ["fixed", "global_learnable"])
+@pytest.mark.parametrize("temperature", ["fixed", "learnable"])
 def test_global_loss_with_gamma_one_equals_the_closed_form(temperature):
     n, b = 30, 8
     image, text = embeddings(b=b, seed=5)
@@ -183,7 +183,7 @@ def test_global_loss_with_gamma_one_equals_the_closed_form(temperature):
         objective = (1.0 / scale) * (torch.log(g).mean() + 6.5)
     objective.backward()
     want = [image.grad, text.grad, scale.grad if scale.grad is not None else torch.zeros(())]
-    if temperature == "global_learnable":  # the surrogate g/u adds its value 1, times tau
+    if temperature == "learnable":  # the surrogate g/u adds its value 1, times tau
         assert torch.allclose(out.loss, objective + 1.0 / scale.detach(), atol=1e-6)
     for a, bb in zip(got, want, strict=True):
         assert torch.allclose(a, bb, atol=1e-6), (a, bb)
@@ -291,3 +291,27 @@ def test_threshold_statistics_describe_the_batch_thresholds():
         for q, name in ((0.1, "p10"), (0.5, "p50"), (0.9, "p90")):
             assert out.stats[f"lambda_{name}_{side}"].item() == pytest.approx(
                 lam[round(q * 10)].item(), abs=1e-6)
+
+
+@pytest.mark.parametrize("multiply_tau,temperature", [(False, "fixed"), (True, "fixed"),
+                                                      (True, "learnable")])
+def test_evaluate_gives_the_objective_and_touches_no_state(multiply_tau, temperature):
+    n, b = 20, 8
+    image, text = embeddings(b=b, seed=9)
+    index = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7])
+    detector = build_detector("glofnd", num_samples=n, config=GloFNDConfig(alpha=0.2))
+    loss = GlobalContrastiveLoss(n, detector, temperature=temperature, multiply_tau=multiply_tau)
+    before = {k: v.clone() for k, v in loss.state_dict().items()}
+    # Indices of another split may lie beyond N: they only tell duplicates apart.
+    out = loss.evaluate(image, text, 5.0, index + 100)
+    after = loss.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    g = closed_form_global(image, text, torch.tensor(5.0, dtype=torch.float64),
+                           [~torch.eye(b, dtype=torch.bool)] * 2)
+    want = torch.log(g).mean()
+    if multiply_tau:
+        want = (want + (6.5 if temperature == "learnable" else 0.0)) / 5.0
+    assert out.loss.item() == pytest.approx(want.item(), rel=1e-6)
+    clip = ClipLoss(build_detector("glofnd", num_samples=n))
+    assert clip.evaluate(image, text, 5.0, index).loss.item() == pytest.approx(
+        ClipLoss()(image, text, 5.0, index).loss.item(), rel=1e-9)

@@ -122,9 +122,9 @@ def test_tail_step_by_hand():
 def test_state_bytes_follow_the_rule_and_round_trip(tmp_path):
     tail = GloFNDTrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
     adam = GloFNDTrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True,
-                                   glofnd_update_rule="adam")
+                                   detector_kwargs={"update_rule": "adam"})
     assert tail.state_bytes_per_sample() == 24 and adam.state_bytes_per_sample() == 32
-    detector = build_detector("glofnd", num_samples=N, config=tail.glofnd_config())
+    detector = build_detector("glofnd", num_samples=N, config=tail.detector_settings())
     assert detector.state.bytes_per_sample == 24
     run = make_stream("fixed", N, 2)
     image, text = run.embeds(0.0)
@@ -134,13 +134,13 @@ def test_state_bytes_follow_the_rule_and_round_trip(tmp_path):
         sim = torch.stack([image[index] @ text[index].t(), text[index] @ image[index].t()])
         detector.detect(sim, DetectionBatch(index, index, negatives, epoch=0.0))
     save_file(detector.state_dict(), tmp_path / "state.safetensors")
-    fresh = build_detector("glofnd", num_samples=N, config=tail.glofnd_config())
+    fresh = build_detector("glofnd", num_samples=N, config=tail.detector_settings())
     fresh.load_state_dict(load_file(tmp_path / "state.safetensors"))
     for key, value in detector.state_dict().items():
         assert torch.equal(fresh.state_dict()[key], value), key
     assert set(detector.state_dict()) == {f"{s}.{c}" for s in ("image", "text")
                                           for c in ("lambda", "scale", "visits")}
-    other = build_detector("glofnd", num_samples=N, config=adam.glofnd_config())
+    other = build_detector("glofnd", num_samples=N, config=adam.detector_settings())
     with pytest.raises(ValueError, match="another rule"):
         other.load_state_dict(load_file(tmp_path / "state.safetensors"))
 
@@ -154,7 +154,7 @@ def test_health_warns_once_per_epoch_when_thresholds_do_not_track(streams, caplo
     assert len(epochs) == len(set(epochs)), "at most one warning per epoch"
     assert min(epochs) >= 1, "no warning during the warm-up epoch"
     message = warnings[-1].getMessage()
-    assert "clamp" in message and "glofnd_update_rule: tail" in message
+    assert "clamp" in message and "update_rule: tail" in message
 
 
 def test_health_stays_quiet_when_thresholds_track(streams, caplog):

@@ -26,8 +26,8 @@ def make_args(tmp_path, **overrides):
     defaults = dict(
         output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, num_train_epochs=1,
         learning_rate=1e-3, logging_steps=1, report_to="none", save_strategy="no", seed=0,
-        use_cpu=True, disable_tqdm=True, dataloader_num_workers=0, glofnd_alpha=0.05,
-        glofnd_lr=0.05, detector="glofnd",
+        use_cpu=True, disable_tqdm=True, dataloader_num_workers=0, fn_alpha=0.05,
+        detector="glofnd",
     )
     defaults.update(overrides)
     return GloFNDTrainingArguments(**defaults)
@@ -118,8 +118,8 @@ def test_resume_gives_the_same_state_and_weights(tmp_path, digits):
     def run(out, stop_after=None, resume=None):
         adapter = adapter_for("hf", digits)
         args = make_args(tmp_path, output_dir=str(out), num_train_epochs=2,
-                         save_strategy="epoch", loss_type="fastclip", glofnd_init_quantile=True,
-                         gamma=0.5, gamma_schedule="cosine", gamma_decay_epochs=2)
+                         save_strategy="epoch", loss_type="fastclip",
+                         detector_kwargs={"init_quantile": True}, gamma=0.5, gamma_schedule="cosine", gamma_decay_epochs=2)
         callbacks = [StopAfterEpoch(stop_after)] if stop_after else None
         trainer = GloFNDTrainer(adapter, args, train_dataset=data, callbacks=callbacks)
         trainer.train(resume_from_checkpoint=resume)
@@ -211,10 +211,10 @@ def test_corrupt_images_and_missing_captions_are_skipped_and_counted(tmp_path, d
 
 def test_ifnd_trains_through_the_trainer_with_its_options(tmp_path, digits):
     adapter = adapter_for("hf", digits)
-    args = make_args(tmp_path, num_train_epochs=3, detector="ifnd", glofnd_alpha=0.1,
-                     glofnd_update_start_epoch=1, glofnd_mask_start_epoch=1,
-                     ifnd_num_clusters=[4, 8], ifnd_cluster_every=1.0,
-                     ifnd_accept_warmup_epochs=1.0)
+    args = make_args(tmp_path, num_train_epochs=3, detector="ifnd", fn_alpha=0.1,
+                     fn_start_epoch=1, detector_kwargs={
+                         "num_clusters": [4, 8], "cluster_every": 1.0,
+                         "accept_warmup_epochs": 1.0, "kmeans_iters": 20})
     trainer = GloFNDTrainer(adapter, args, train_dataset=small_train(digits, 32))
     detector = trainer.contrastive_loss.detector
     assert detector.name == "ifnd" and detector.config.num_clusters == (4, 8)
@@ -228,7 +228,7 @@ def test_ifnd_trains_through_the_trainer_with_its_options(tmp_path, digits):
 
 def test_tracking_health_is_logged_once_per_epoch(tmp_path, digits):
     adapter = adapter_for("hf", digits)
-    args = make_args(tmp_path, num_train_epochs=2, loss_type="clip", glofnd_alpha=0.1)
+    args = make_args(tmp_path, num_train_epochs=2, loss_type="clip", fn_alpha=0.1)
     trainer = GloFNDTrainer(adapter, args, train_dataset=small_train(digits))
     trainer.train()
     health = [e for e in trainer.state.log_history if "tracking_filtered_over_alpha_image" in e]
@@ -237,3 +237,41 @@ def test_tracking_health_is_logged_once_per_epoch(tmp_path, digits):
         for side in ("image", "text"):
             assert 0.0 <= entry[f"tracking_at_bound_{side}"] <= 1.0
             assert entry[f"tracking_filtered_over_alpha_{side}"] > 0.0
+
+
+@pytest.mark.parametrize("loss_type", ["clip", "fastclip"])
+def test_eval_loss_is_the_training_objective_and_leaves_the_state(tmp_path, digits, loss_type):
+    adapter = adapter_for("hf", digits)
+    args = make_args(tmp_path, max_steps=2, loss_type=loss_type, per_device_eval_batch_size=8)
+    trainer = GloFNDTrainer(adapter, args, train_dataset=small_train(digits, 16))
+    trainer.train()
+    state = {k: v.clone() for k, v in trainer.contrastive_loss.state_dict().items()}
+    # Eval rows carry indices of another split, beyond the training N = 16.
+    held_out = digits["validation"].select(range(16))
+    metrics = trainer.evaluate(eval_dataset=held_out)
+    after = trainer.contrastive_loss.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in state.items()), "eval moved the state"
+
+    # The same objective computed by hand on the two eval batches.
+    batches = trainer.get_eval_dataloader(held_out)
+    losses = []
+    with torch.no_grad():
+        for inputs in batches:
+            inputs = trainer._prepare_inputs(inputs)
+            inputs.pop("dataset_index")
+            out = adapter(trainer.model, {k: v for k, v in inputs.items()
+                                          if k not in ("fn_labels", "bad_sample_counts")})
+            img = torch.nn.functional.normalize(out.image_embeds.double(), dim=-1)
+            txt = torch.nn.functional.normalize(out.text_embeds.double(), dim=-1)
+            logits = out.logit_scale.double() * (img @ txt.t())
+            if loss_type == "clip":
+                target = torch.arange(len(img))
+                loss = (torch.nn.functional.cross_entropy(logits, target)
+                        + torch.nn.functional.cross_entropy(logits.t(), target)) / 2
+            else:  # tau * (mean log g + rho), g over the other samples of the batch
+                off = ~torch.eye(len(img), dtype=torch.bool)
+                g = [torch.where(off, torch.exp(side - side.diag().unsqueeze(1)), 0).sum(1)
+                     / off.sum(1) for side in (logits, logits.t())]
+                loss = (torch.log(torch.stack(g)).mean() + args.rho) / out.logit_scale.double()
+            losses.append(loss.item())
+    assert metrics["eval_loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-4)

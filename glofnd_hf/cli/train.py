@@ -17,6 +17,7 @@ from ..data.hf import DIGITS_DATASET, load_image_text_dataset
 from ..data.shards import ShardConfig, build_shard_loader
 from ..eval.metrics import format_metrics_table
 from ..eval.zero_shot import ZeroShotEvaluator
+from ..fnd import registry
 from ..model_card import set_model_card_info, write_model_card
 from ..models import DualEncoderAdapter, build_tiny_hf_clip, build_tiny_open_clip, load_dual_encoder
 from ..trainer import GloFNDTrainer
@@ -24,7 +25,22 @@ from .config import parse_config_and_flags
 
 logger = logging.getLogger("glofnd_hf")
 
-TINY_MODELS = ("glofnd-tiny-hf-clip", "glofnd-tiny-open-clip")
+
+def help_overrides() -> dict[str, str]:
+    """--help texts drawn from the detector registry (detectors registered at run time)."""
+    detectors = "; ".join(
+        f"{name}: {registry.get(name).description}"
+        + (" (needs label_column)" if registry.get(name).requires_labels else "")
+        for name in registry.names())
+    settings = "; ".join(
+        f"{name}: {', '.join(registry.get(name).setting_names()) or '(none)'}"
+        for name in registry.names())
+    return {
+        "detector": f"False-negative detector. {detectors}.",
+        "detector_kwargs": "Settings of the chosen detector: a mapping (YAML) or a JSON string "
+        f"(flag), e.g. '{{\"update_rule\": \"adam\"}}' for glofnd. Keys by detector: "
+        f"{settings}. Meanings: docs/settings.md.",
+    }
 
 
 def build_adapter(model_args: ModelArguments, texts: Sequence[str], seed: int) -> DualEncoderAdapter:
@@ -52,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 def run(argv: Sequence[str]) -> dict[str, dict[str, float]]:
     """Train as ``glofnd-train`` does; returns the zero-shot metrics before/after."""
     model_args, data_args, args = parse_config_and_flags(
-        (ModelArguments, DataArguments, GloFNDTrainingArguments), argv
+        (ModelArguments, DataArguments, GloFNDTrainingArguments), argv, help_overrides()
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         level=logging.INFO if args.should_log else logging.WARNING)

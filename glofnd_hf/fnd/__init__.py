@@ -1,5 +1,9 @@
-"""The GloFND method: per-sample thresholds and false-negative detectors (torch only)."""
+"""The GloFND method: per-sample thresholds and false-negative detectors (torch only).
 
+Detectors are known through :mod:`.registry` (``registry.get(name)``, ``registry.names()``).
+"""
+
+from . import registry
 from .detectors import (
     BatchQuantileDetector,
     Detection,
@@ -8,13 +12,12 @@ from .detectors import (
     GloFNDDetector,
     NoDetector,
     OracleDetector,
-    available_detectors,
-    build_detector,
-    register_detector,
 )
 from .health import TrackingHealth
-from .ifnd import IFNDConfig, IFNDDetector  # noqa: F401  (registers "ifnd")
+from .ifnd import IFNDDetector  # registers "ifnd"
+from .ifnd_config import IFNDConfig
 from .quantiles import masked_quantile, tail_estimate
+from .registry import DetectorSpec, NoSettings, SharedSettings, build_detector
 from .table import PerSampleTable, segment_mean
 from .thresholds import (
     UPDATE_RULES,
@@ -27,10 +30,13 @@ from .thresholds import (
     pinball_gradient,
 )
 
+available_detectors = registry.names
+
 __all__ = [
     "UPDATE_RULES", "AdamRule", "BatchQuantileDetector", "Detection", "DetectionBatch",
-    "FalseNegativeDetector", "GloFNDConfig", "GloFNDDetector", "NoDetector", "OracleDetector",
-    "PerSampleTable", "TailRule", "ThresholdRule", "ThresholdState", "TrackingHealth",
+    "DetectorSpec", "FalseNegativeDetector", "GloFNDConfig", "GloFNDDetector", "IFNDConfig",
+    "IFNDDetector", "NoDetector", "NoSettings", "OracleDetector", "PerSampleTable",
+    "SharedSettings", "TailRule", "ThresholdRule", "ThresholdState", "TrackingHealth",
     "adam_step", "available_detectors", "build_detector", "masked_quantile", "pinball_gradient",
-    "register_detector", "segment_mean", "tail_estimate",
+    "registry", "segment_mean", "tail_estimate",
 ]

@@ -6,20 +6,23 @@ attract) is the loss's business; how the batch was gathered is the caller's.
 
 Similarities come as a (2, b, B) float tensor: side 0 holds image anchors against all texts,
 side 1 text anchors against all images.
+
+Each detector is known to the package by one ``registry.register(DetectorSpec(...))`` next to
+its class (the built-in ones at the end of this module and of ``ifnd``).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 
 from . import comm
 from .health import TrackingHealth
 from .quantiles import masked_quantile
+from .registry import DetectorSpec, register
 from .table import segment_mean
 from .thresholds import LAMBDA, SIDES, GloFNDConfig, ThresholdState
 
@@ -214,27 +217,28 @@ class GloFNDDetector(FalseNegativeDetector):
         return rows[start:start + b, :, LAMBDA].t().to(sim.dtype)
 
     def _advice(self, kind: str) -> str:
-        """Likely cause and the setting to change, for the health warning."""
+        """Likely cause and the setting to change (a GloFND setting, ``detector_kwargs`` of
+        the training arguments), for the health warning."""
         cfg = self.config
         if cfg.update_rule != "tail":
             return {
-                "low": "Adam's step is about glofnd_lr in similarity units: thresholds "
+                "low": "Adam's step is about lr in similarity units: thresholds "
                        "starting at 1.0 need many visits (one per epoch) to come down, and "
                        "where the similarities are spread more narrowly than that or move, "
-                       "they overshoot and stay above the quantile. Use glofnd_update_rule: "
-                       f"tail (or glofnd_init_quantile, a smaller glofnd_lr, now {cfg.lr}).",
-                "high": "Thresholds lag below a moving quantile: use glofnd_update_rule: tail, "
-                        "or start updates later (glofnd_update_start_epoch).",
+                       "they overshoot and stay above the quantile. Use update_rule: "
+                       f"tail (or init_quantile, a smaller lr, now {cfg.lr}).",
+                "high": "Thresholds lag below a moving quantile: use update_rule: tail, "
+                        "or start updates later (update_start_epoch).",
                 "bound": "Adam thresholds park at the clamp after one overshoot: use "
-                         f"glofnd_update_rule: tail (or a smaller glofnd_lr, now {cfg.lr}).",
+                         f"update_rule: tail (or a smaller lr, now {cfg.lr}).",
             }[kind]
         return {
             "low": "The embeddings may move faster than one visit per epoch can follow: "
-                   f"raise glofnd_step_floor (now {cfg.step_floor}) or lower glofnd_band "
+                   f"raise step_floor (now {cfg.step_floor}) or lower band "
                    f"(now {cfg.band}).",
             "high": "Thresholds sit below the quantile: if alpha x batch size is well below "
-                    f"1, raise glofnd_tail_size (now {cfg.tail_size}) for a steadier tail "
-                    "estimate, or lower glofnd_step_floor for more averaging.",
+                    f"1, raise tail_size (now {cfg.tail_size}) for a steadier tail "
+                    "estimate, or lower step_floor for more averaging.",
             "bound": "Many anchors have similarities at +-1 (collapsed or duplicated "
                      "embeddings?): check the model's outputs and the data for duplicates.",
         }[kind]
@@ -282,62 +286,37 @@ def _threshold_stats(threshold: torch.Tensor) -> dict[str, torch.Tensor]:
     return stats
 
 
-DetectorFactory = Callable[..., FalseNegativeDetector]
-_REGISTRY: dict[str, DetectorFactory] = {}
+# -- registrations ---------------------------------------------------------------------------
+def glofnd_state_bytes(config: GloFNDConfig) -> int:
+    """The update rule's threshold table (24 bytes per sample for tail, 32 for Adam)."""
+    return config.rule().bytes_per_sample()
 
 
-def register_detector(name: str) -> Callable[[DetectorFactory], DetectorFactory]:
-    """Register a factory ``f(*, num_samples, config, device, pin_memory, options) -> detector``."""
-
-    def decorate(factory: DetectorFactory) -> DetectorFactory:
-        _REGISTRY[name] = factory
-        return factory
-
-    return decorate
-
-
-def available_detectors() -> list[str]:
-    return sorted(_REGISTRY)
-
-
-def build_detector(
-    name: str,
-    *,
-    num_samples: int | None = None,
-    config: GloFNDConfig | None = None,
-    device: torch.device | str = "cpu",
-    pin_memory: bool = False,
-    options: Mapping[str, Any] | None = None,
-) -> FalseNegativeDetector:
-    """Detector by name; ``config`` carries alpha and the start epochs for every detector,
-    ``options`` the settings of one detector (e.g. IFND's clustering)."""
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown detector {name!r}; choose from {available_detectors()}")
-    return _REGISTRY[name](
-        num_samples=num_samples, config=config or GloFNDConfig(), device=device,
-        pin_memory=pin_memory, options=dict(options or {}),
-    )
-
-
-@register_detector("none")
-def _build_none(**_: object) -> FalseNegativeDetector:
-    return NoDetector()
-
-
-@register_detector("batch_quantile")
-def _build_batch_quantile(*, config: GloFNDConfig, **_: object) -> FalseNegativeDetector:
-    return BatchQuantileDetector(config.alpha, config.mask_start_epoch)
-
-
-@register_detector("oracle")
-def _build_oracle(*, config: GloFNDConfig, **_: object) -> FalseNegativeDetector:
-    return OracleDetector(config.mask_start_epoch)
-
-
-@register_detector("glofnd")
-def _build_glofnd(
-    *, num_samples: int | None, config: GloFNDConfig, device, pin_memory: bool, **_: object
-) -> FalseNegativeDetector:
-    if num_samples is None:
-        raise ValueError("the glofnd detector needs num_samples (the size of the index space)")
-    return GloFNDDetector(num_samples, config, device=device, pin_memory=pin_memory)
+register(DetectorSpec(
+    name="none", description="no detection: every other sample of the batch is a negative",
+    detector_class=NoDetector, factory=lambda settings, shared, **_: NoDetector(),
+))
+register(DetectorSpec(
+    name="batch_quantile",
+    description="the in-batch quantile baseline: negatives above the anchor's in-batch "
+    "(1 - alpha) quantile are false negatives",
+    detector_class=BatchQuantileDetector,
+    factory=lambda settings, shared, **_: BatchQuantileDetector(
+        shared.alpha, shared.mask_start_epoch),
+))
+register(DetectorSpec(
+    name="oracle",
+    description="ground-truth semantic labels mark the false negatives",
+    detector_class=OracleDetector,
+    factory=lambda settings, shared, **_: OracleDetector(shared.mask_start_epoch),
+))
+register(DetectorSpec(
+    name="glofnd",
+    description="a learned per-sample similarity threshold at the anchor's "
+    "(1 - alpha) quantile over the whole data set; negatives above it are false negatives",
+    detector_class=GloFNDDetector,
+    factory=lambda config, shared, *, num_samples, device, pin_memory: GloFNDDetector(
+        num_samples, config, device=device, pin_memory=pin_memory),
+    settings=GloFNDConfig, shared_fields=("alpha", "mask_start_epoch"), needs_num_samples=True,
+    state_bytes=glofnd_state_bytes,
+))

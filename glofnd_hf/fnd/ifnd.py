@@ -52,98 +52,25 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
-from typing import Any, Literal
+from dataclasses import asdict, replace
 
-import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import comm
-from .detectors import Detection, DetectionBatch, FalseNegativeDetector, register_detector
+from .clustering import (
+    acceptance_rank,
+    assign_to_centers,
+    broadcast_from_first_rank,
+    kmeans_centers,
+)
+from .detectors import Detection, DetectionBatch, FalseNegativeDetector
+from .ifnd_config import BANK_DTYPES, IFNDConfig
+from .registry import DetectorSpec, SharedSettings, register
 from .table import segment_mean
-from .thresholds import SIDES, GloFNDConfig
+from .thresholds import SIDES
 
 logger = logging.getLogger(__name__)
-
-_DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
-_ASSIGN_CHUNK = 65536
-
-
-@dataclass
-class IFNDConfig:
-    """Settings of the IFND detector (see the module docstring for what each one does)."""
-
-    num_clusters: tuple[int, ...] = ()
-    """k of each granularity. Empty: one granularity with k = round(1 / alpha) of the
-    ``GloFNDConfig`` the factory receives (balanced clusters then hold a fraction alpha of the
-    data, the same budget as GloFND and the in-batch quantile)."""
-    cluster_every: float = 1.0
-    """Epochs between clustering rounds."""
-    start_epoch: float | None = None
-    """First round and start of masking; None: ``GloFNDConfig.mask_start_epoch``."""
-    accept_warmup_epochs: float = 10.0
-    """Epochs over which the accepted fraction grows linearly from 0 to 1 (0: all at once)."""
-    accept_scope: Literal["global", "cluster"] = "global"
-    confidence: Literal["centroid", "margin"] = "centroid"
-    combine: Literal["all", "any"] = "all"
-    features: Literal["mean", "image", "text", "concat"] = "mean"
-    bank_dtype: Literal["float16", "float32", "bfloat16"] = "float16"
-    bank_warmup_epochs: float = 1.0
-    """Epochs of observed features the bank needs before the first round."""
-    kmeans_iters: int = 50
-    kmeans_n_init: int = 1
-    kmeans_algorithm: Literal["auto", "kmeans", "minibatch"] = "auto"
-    minibatch_threshold: int = 200_000
-    """``auto`` uses ``MiniBatchKMeans`` above this many samples."""
-    minibatch_size: int = 4096
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if isinstance(self.num_clusters, int):
-            self.num_clusters = (self.num_clusters,)
-        self.num_clusters = tuple(int(k) for k in self.num_clusters)
-        if any(k < 2 for k in self.num_clusters):
-            raise ValueError(f"every num_clusters entry must be >= 2, got {self.num_clusters}")
-        if len(set(self.num_clusters)) != len(self.num_clusters):
-            raise ValueError(f"num_clusters has repeated entries: {self.num_clusters}")
-        if not self.cluster_every > 0:
-            raise ValueError(f"cluster_every must be positive, got {self.cluster_every}")
-        if self.start_epoch is not None and self.start_epoch < 0:
-            raise ValueError(f"start_epoch must be >= 0, got {self.start_epoch}")
-        if not self.accept_warmup_epochs >= 0:
-            raise ValueError(
-                f"accept_warmup_epochs must be >= 0, got {self.accept_warmup_epochs}"
-            )
-        if not self.bank_warmup_epochs >= 0:
-            raise ValueError(f"bank_warmup_epochs must be >= 0, got {self.bank_warmup_epochs}")
-        choices = {
-            "accept_scope": ("global", "cluster"), "confidence": ("centroid", "margin"),
-            "combine": ("all", "any"), "features": ("mean", "image", "text", "concat"),
-            "bank_dtype": tuple(_DTYPES), "kmeans_algorithm": ("auto", "kmeans", "minibatch"),
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        for name in ("kmeans_iters", "kmeans_n_init", "minibatch_threshold", "minibatch_size"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-
-    @classmethod
-    def from_any(cls, value: IFNDConfig | Mapping[str, Any] | None) -> IFNDConfig:
-        """An ``IFNDConfig`` from itself, a mapping of its fields, or None (defaults)."""
-        if value is None:
-            return cls()
-        if isinstance(value, IFNDConfig):
-            return value
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(value) - known)
-        if unknown:
-            raise ValueError(f"unknown IFND settings {unknown}; known: {sorted(known)}")
-        return cls(**dict(value))
-
 
 class IFNDDetector(FalseNegativeDetector):
     """False negatives = accepted samples sharing a k-means pseudo-label (IFND)."""
@@ -169,12 +96,13 @@ class IFNDDetector(FalseNegativeDetector):
         start = 0.0 if config.start_epoch is None else float(config.start_epoch)
         super().__init__(start)
         self.config = config
+        self.seed = 0 if config.seed is None else int(config.seed)
         self.num_clusters = tuple(num_clusters)
         self.start_epoch = start
         self._num_samples = int(num_samples)
         self.device = torch.device(device)
         self.pin_memory = pin_memory
-        self.dtype = _DTYPES[config.bank_dtype]
+        self.dtype = BANK_DTYPES[config.bank_dtype]
         g, n = len(self.num_clusters), self._num_samples
         self.bank: torch.Tensor | None = None  # (N, D), allocated on the first observe
         self.seen = torch.zeros(n, dtype=torch.bool, device=self.device)
@@ -329,7 +257,7 @@ class IFNDDetector(FalseNegativeDetector):
             confidence = torch.empty(g, n, dtype=torch.float32)
             rank = torch.empty(g, n, dtype=torch.float32)
         if comm.world_size() > 1:
-            labels, confidence, rank = (_broadcast(t) for t in (labels, confidence, rank))
+            labels, confidence, rank = (broadcast_from_first_rank(t) for t in (labels, confidence, rank))
         self.labels = labels.to(self.device)
         self.confidence = confidence.to(self.device)
         self.accept_rank = rank.to(self.device)
@@ -358,29 +286,14 @@ class IFNDDetector(FalseNegativeDetector):
             if k_eff < k:
                 logger.warning("ifnd: only %d samples seen, clustering with k=%d instead of %d",
                                members.numel(), k_eff, k)
-            centers = self._kmeans(x_np, k_eff, seed=self.config.seed + 7919 * self.rounds + level)
-            lab, conf = _assign(x, torch.from_numpy(centers).float(), self.config.confidence)
+            seed = self.seed + 7919 * self.rounds + level
+            centers = kmeans_centers(x_np, k_eff, seed, self.config)
+            lab, conf = assign_to_centers(x, torch.from_numpy(centers).float(),
+                                          self.config.confidence)
             labels[level, members] = lab.to(torch.int32)
             confidence[level, members] = conf
-            rank[level, members] = _acceptance_rank(lab, conf, self.config.accept_scope)
+            rank[level, members] = acceptance_rank(lab, conf, self.config.accept_scope)
         return labels, confidence, rank
-
-    def _kmeans(self, x: np.ndarray, k: int, seed: int) -> np.ndarray:
-        from sklearn.cluster import KMeans, MiniBatchKMeans
-
-        cfg = self.config
-        minibatch = cfg.kmeans_algorithm == "minibatch" or (
-            cfg.kmeans_algorithm == "auto" and x.shape[0] > cfg.minibatch_threshold
-        )
-        if minibatch:
-            km = MiniBatchKMeans(n_clusters=k, max_iter=cfg.kmeans_iters, n_init=cfg.kmeans_n_init,
-                                 batch_size=cfg.minibatch_size, random_state=seed,
-                                 compute_labels=False)
-        else:
-            km = KMeans(n_clusters=k, max_iter=cfg.kmeans_iters, n_init=cfg.kmeans_n_init,
-                        random_state=seed)
-        km.fit(x)
-        return km.cluster_centers_
 
     # -- checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -445,78 +358,33 @@ class IFNDDetector(FalseNegativeDetector):
         cfg = asdict(self.config)
         cfg["num_clusters"] = list(self.num_clusters)
         cfg["start_epoch"] = self.start_epoch
+        cfg["seed"] = self.seed
         return {"detector": self.name, "num_samples": self.num_samples,
                 "mask_start_epoch": self.mask_start_epoch, **cfg}
 
 
-def _assign(
-    x: torch.Tensor, centers: torch.Tensor, confidence: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Nearest centre (Euclidean, as k-means) and the confidence of each row of ``x``."""
-    labels, conf = [], []
-    c_sq = (centers * centers).sum(-1)
-    c_unit = F.normalize(centers, dim=-1)
-    for s in range(0, x.shape[0], _ASSIGN_CHUNK):
-        chunk = x[s:s + _ASSIGN_CHUNK]
-        d2 = ((chunk * chunk).sum(-1, keepdim=True) - 2.0 * chunk @ centers.t() + c_sq).clamp(min=0)
-        if confidence == "margin" and centers.shape[0] > 1:
-            two = d2.topk(2, dim=-1, largest=False)
-            lab = two.indices[:, 0]
-            dist = two.values.sqrt()
-            conf.append(dist[:, 1] - dist[:, 0])
-        else:
-            lab = d2.argmin(-1)
-            if confidence == "margin":
-                conf.append(torch.zeros(chunk.shape[0]))
-            else:
-                conf.append((F.normalize(chunk, dim=-1) * c_unit[lab]).sum(-1))
-        labels.append(lab)
-    return torch.cat(labels), torch.cat(conf)
+def ifnd_state_bytes(config: IFNDConfig) -> int:
+    return config.bytes_per_sample()
 
 
-def _acceptance_rank(labels: torch.Tensor, conf: torch.Tensor, scope: str) -> torch.Tensor:
-    """(position in the confidence order, most confident first, ties by row) / count, over all
-    rows (``global``) or within each label (``cluster``): values in (0, 1]."""
-    n = conf.shape[0]
-    order_conf = np.lexsort((np.arange(n), -conf.numpy().astype(np.float64)))
-    if scope == "global":
-        rank = np.empty(n, dtype=np.float64)
-        rank[order_conf] = (np.arange(n) + 1) / n
-        return torch.from_numpy(rank).float()
-    lab = labels.numpy()
-    # Stable sort by label of the confidence order: within each label, most confident first.
-    order = order_conf[np.argsort(lab[order_conf], kind="stable")]
-    sorted_lab = lab[order]
-    counts = np.bincount(lab)
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    position = np.arange(n) - starts[sorted_lab]
-    rank = np.empty(n, dtype=np.float64)
-    rank[order] = (position + 1) / counts[sorted_lab]
-    return torch.from_numpy(rank).float()
-
-
-def _broadcast(tensor: torch.Tensor) -> torch.Tensor:
-    """Rank 0's ``tensor`` on every rank (through the accelerator for NCCL)."""
-    device = torch.device("cpu")
-    if dist.get_backend() == "nccl":
-        device = torch.device("cuda", torch.cuda.current_device())
-    moved = tensor.to(device).contiguous()
-    dist.broadcast(moved, src=0)
-    return moved.cpu()
-
-
-@register_detector("ifnd")
-def _build_ifnd(
-    *, num_samples: int | None, config: GloFNDConfig, device="cpu", pin_memory: bool = False,
-    options: Mapping[str, Any] | None = None, **_: object,
-) -> FalseNegativeDetector:
-    """IFND settings come from ``options`` (the fields of ``IFNDConfig``; defaults when
-    absent); the start epoch defaults to ``config.mask_start_epoch`` and the number of
-    clusters to round(1 / ``config.alpha``)."""
-    if num_samples is None:
-        raise ValueError("the ifnd detector needs num_samples (the size of the index space)")
-    ifnd = IFNDConfig.from_any(options or getattr(config, "ifnd", None))
-    if ifnd.start_epoch is None:
-        ifnd = IFNDConfig(**{**asdict(ifnd), "start_epoch": float(config.mask_start_epoch)})
-    return IFNDDetector(num_samples, ifnd, alpha=config.alpha, device=device,
+def build_ifnd(
+    config: IFNDConfig, shared: SharedSettings, *, num_samples: int, device: torch.device | str,
+    pin_memory: bool,
+) -> IFNDDetector:
+    """The start epoch defaults to the shared masking start, the seed to the shared (training)
+    seed, the number of clusters to round(1 / alpha)."""
+    if config.start_epoch is None:
+        config = replace(config, start_epoch=float(shared.mask_start_epoch))
+    if config.seed is None:
+        config = replace(config, seed=shared.seed)
+    return IFNDDetector(num_samples, config, alpha=shared.alpha, device=device,
                         pin_memory=pin_memory)
+
+
+register(DetectorSpec(
+    name="ifnd",
+    description="samples that share a k-means pseudo-label (clustering every few "
+    "epochs, confident samples first) are false negatives of each other",
+    detector_class=IFNDDetector, factory=build_ifnd, settings=IFNDConfig,
+    needs_num_samples=True, state_bytes=ifnd_state_bytes,
+))

@@ -40,6 +40,7 @@ from typing import ClassVar, Literal
 import torch
 
 from .quantiles import masked_quantile, tail_estimate
+from .registry import setting
 from .table import PerSampleTable
 
 SIDES = ("image", "text")
@@ -50,35 +51,38 @@ UPDATE_RULES: tuple[str, ...] = ("tail", "adam", "reference")
 
 @dataclass
 class GloFNDConfig:
-    """Hyper-parameters of the threshold update."""
+    """Settings of the GloFND detector: the threshold update and its schedule."""
 
-    alpha: float = 1e-3
-    """Fraction of the data set taken as false negatives of each anchor."""
-    update_rule: UpdateRule = "tail"
-    """"tail": steps in units of each anchor's tail scale (tracks moving embeddings; the
-    default); "adam": Adam with per-sample bias correction; "reference": Adam exactly as
-    the GloFND reference code (bias correction with t = epoch + 1)."""
+    alpha: float = setting(1e-3, "Fraction of the data set taken as false negatives of each "
+                           "anchor (shared by every detector).")
+    update_rule: UpdateRule = setting(
+        "tail", "How thresholds learn: tail (steps in units of each anchor's tail scale; "
+        "tracks moving embeddings), adam (Adam, per-sample bias correction), reference (Adam "
+        "exactly as the GloFND reference code, bias correction with t = epoch + 1).")
     # -- the tail rule --------------------------------------------------------------------
-    tail_size: int = 8
-    """k: the batch's top-k negatives of each anchor estimate its tail (raised to
-    2 * alpha * batch when that is larger)."""
-    band: float = 1.0
-    """Offsets from the batch's own quantile estimate beyond about band x tail scale are
-    pulled back to it (smaller: follows drift faster; larger: averages more)."""
-    step_floor: float = 0.2
-    """Smallest step weight w_t: the 1/t decay stops here so thresholds follow drift."""
+    tail_size: int = setting(8, "tail rule: k, the batch's top-k negatives of each anchor "
+                             "estimate its tail (raised to 2 x alpha x batch when larger).")
+    band: float = setting(1.0, "tail rule: offsets from the batch's own quantile estimate "
+                          "beyond about band x tail scale are pulled back to it (smaller: "
+                          "follows drift faster; larger: averages more).")
+    step_floor: float = setting(0.2, "tail rule: smallest step weight; the 1/t decay stops "
+                                "here so thresholds follow drift.")
     # -- the Adam rules -------------------------------------------------------------------
-    lr: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.98)
-    eps: float = 1e-8
-    clip_grad_mult: float | None = None
-    """Clip the threshold gradient to +-clip_grad_mult * alpha (None: no clipping)."""
-    init_quantile: bool = False
-    """On an anchor's first visit set lambda to its in-batch (1 - alpha) quantile instead of
-    taking an Adam step (the tail rule always starts from the batch's estimate)."""
+    lr: float = setting(0.05, "adam/reference rules: learning rate of the thresholds.")
+    betas: tuple[float, float] = setting((0.9, 0.98), "adam/reference rules: Adam's betas.")
+    eps: float = setting(1e-8, "adam/reference rules: Adam's epsilon.")
+    clip_grad_mult: float | None = setting(
+        None, "adam/reference rules: clip the threshold gradient to +-clip_grad_mult x alpha "
+        "(None: no clipping).")
+    init_quantile: bool = setting(
+        False, "adam/reference rules: on an anchor's first visit set its threshold to the "
+        "in-batch (1 - alpha) quantile instead of taking a step (the tail rule always starts "
+        "from the batch's estimate).")
     # -- schedule -------------------------------------------------------------------------
-    update_start_epoch: float = 0.0
-    mask_start_epoch: float = 0.0
+    update_start_epoch: float = setting(0.0, "Epoch from which the thresholds learn.")
+    mask_start_epoch: float = setting(
+        0.0, "Epoch from which detected false negatives are acted on (shared by every "
+        "detector; not before update_start_epoch).")
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]

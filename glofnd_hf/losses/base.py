@@ -81,6 +81,11 @@ class BimodalContrastiveLoss(ABC):
     ) -> LossOutput:
         """Loss from (2, b, B) similarities (with gradient) and the step's masks."""
 
+    def _objective(self, sim: torch.Tensor, logit_scale: torch.Tensor, masks: Masks) -> LossOutput:
+        """The loss of one batch that reads and writes no per-sample state (``evaluate``).
+        Default: ``_loss``, right for losses that keep none; stateful losses override it."""
+        return self._loss(sim, logit_scale, masks, 0.0)
+
     @property
     def num_samples(self) -> int | None:
         """Size of the index space of any per-sample state (loss or detector)."""
@@ -125,16 +130,7 @@ class BimodalContrastiveLoss(ABC):
         # Similarities and every threshold comparison in float32 (float64 if given),
         # whatever autocast does around us.
         with torch.autocast(device_type=image_embeds.device.type, enabled=False):
-            image = F.normalize(image_embeds.to(dtype), dim=-1)
-            text = F.normalize(text_embeds.to(dtype), dim=-1)
-            if comm.world_size() == 1:
-                # One matmul: the text side is the transpose of the image side.
-                image_side = image @ text.t()
-                sim = torch.stack([image_side, image_side.t()])  # (2, b, B)
-            else:
-                all_image = comm.all_gather_with_grad(image)
-                all_text = comm.all_gather_with_grad(text)
-                sim = torch.stack([image @ all_text.t(), text @ all_image.t()])
+            image, text, sim = self._similarities(image_embeds, text_embeds, dtype)
             if self.check_inputs:
                 self._check_values(image_embeds, text_embeds, logit_scale, sim, index)
             masks, batch = self._masks(sim, index, epoch, labels)
@@ -150,6 +146,43 @@ class BimodalContrastiveLoss(ABC):
         out.stats.update(detection.stats)
         out.stats.update(self._mask_stats(masks, fallback))
         return out
+
+    @torch.no_grad()
+    def evaluate(
+        self,
+        image_embeds: torch.Tensor,
+        text_embeds: torch.Tensor,
+        logit_scale: torch.Tensor | float,
+        index: torch.Tensor | None = None,
+    ) -> LossOutput:
+        """The loss on a batch of another split (``eval_loss``), touching no per-sample state.
+
+        No detector runs (its state is keyed by training indices and must not move), and a
+        global loss estimates its objective from the batch alone instead of reading u.
+        ``index`` only tells duplicates of a pair apart; it is not checked against N.
+        """
+        logit_scale = torch.as_tensor(logit_scale, device=image_embeds.device)
+        self._check_embeddings(image_embeds, text_embeds, logit_scale)
+        dtype = torch.promote_types(image_embeds.dtype, torch.float32)
+        with torch.autocast(device_type=image_embeds.device.type, enabled=False):
+            _, _, sim = self._similarities(image_embeds, text_embeds, dtype)
+            masks, _ = self._masks(sim, index, 0.0, None)
+            return self._objective(sim, logit_scale.to(dtype), masks)
+
+    @staticmethod
+    def _similarities(
+        image_embeds: torch.Tensor, text_embeds: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Normalised local embeddings and the (2, b, B) similarities to the global batch."""
+        image = F.normalize(image_embeds.to(dtype), dim=-1)
+        text = F.normalize(text_embeds.to(dtype), dim=-1)
+        if comm.world_size() == 1:
+            # One matmul: the text side is the transpose of the image side.
+            image_side = image @ text.t()
+            return image, text, torch.stack([image_side, image_side.t()])  # (2, b, B)
+        all_image = comm.all_gather_with_grad(image)
+        all_text = comm.all_gather_with_grad(text)
+        return image, text, torch.stack([image @ all_text.t(), text @ all_image.t()])
 
     def _masks(
         self,
@@ -206,20 +239,7 @@ class BimodalContrastiveLoss(ABC):
 
     # -- input checks --------------------------------------------------------------------
     def _check_shapes(self, image, text, logit_scale, index, labels) -> None:
-        if image.dim() != 2 or text.dim() != 2:
-            raise ValueError(
-                f"embeddings must be 2-D (batch, dim); got image {tuple(image.shape)} and "
-                f"text {tuple(text.shape)}"
-            )
-        if image.shape != text.shape:
-            raise ValueError(
-                f"image and text embeddings must have the same shape (batch size and dim); got "
-                f"{tuple(image.shape)} and {tuple(text.shape)}"
-            )
-        if image.shape[0] == 0:
-            raise ValueError("empty batch")
-        if logit_scale.numel() != 1:
-            raise ValueError(f"logit_scale must be a scalar, got shape {tuple(logit_scale.shape)}")
+        self._check_embeddings(image, text, logit_scale)
         needs_index = self.num_samples is not None
         if index is None and needs_index:
             raise ValueError(f"{type(self).__name__} keeps per-sample state: pass dataset indices")
@@ -235,6 +255,23 @@ class BimodalContrastiveLoss(ABC):
             raise ValueError(f"labels must have shape ({image.shape[0]},), got {tuple(labels.shape)}")
         if self.detector.requires_labels and labels is None:
             raise ValueError(f"detector {self.detector.name!r} needs labels for every pair")
+
+    @staticmethod
+    def _check_embeddings(image, text, logit_scale) -> None:
+        if image.dim() != 2 or text.dim() != 2:
+            raise ValueError(
+                f"embeddings must be 2-D (batch, dim); got image {tuple(image.shape)} and "
+                f"text {tuple(text.shape)}"
+            )
+        if image.shape != text.shape:
+            raise ValueError(
+                f"image and text embeddings must have the same shape (batch size and dim); got "
+                f"{tuple(image.shape)} and {tuple(text.shape)}"
+            )
+        if image.shape[0] == 0:
+            raise ValueError("empty batch")
+        if logit_scale.numel() != 1:
+            raise ValueError(f"logit_scale must be a scalar, got shape {tuple(logit_scale.shape)}")
 
     def _check_values(self, image, text, logit_scale, sim, index) -> None:
         """One combined check, one host synchronisation, before any state is touched."""

@@ -9,6 +9,7 @@ index) of ``g_i`` estimates the global denominator; the gradient of ``log g`` is
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Literal
 
@@ -20,7 +21,22 @@ from ..fnd.table import PerSampleTable, segment_mean
 from ..fnd.thresholds import SIDES
 from .base import BimodalContrastiveLoss, LossOutput, Masks, Strategy
 
-TemperatureScheme = Literal["fixed", "global_learnable"]
+TemperatureScheme = Literal["learnable", "fixed"]
+"""learnable: the temperature is trained (FastCLIP-v3, FastCLIP's "global_learnable");
+fixed: it is not."""
+TEMPERATURE_SCHEMES: tuple[str, ...] = ("learnable", "fixed")
+U_BYTES_PER_SAMPLE = len(SIDES) * 4  # u of both sides, float32
+
+
+def temperature_scheme(name: str) -> TemperatureScheme:
+    """``name`` checked, FastCLIP's older name ``global_learnable`` read as ``learnable``."""
+    if name == "global_learnable":
+        warnings.warn("temperature scheme 'global_learnable' is now called 'learnable'",
+                      FutureWarning, stacklevel=3)
+        return "learnable"
+    if name not in TEMPERATURE_SCHEMES:
+        raise ValueError(f"temperature must be one of {TEMPERATURE_SCHEMES}, got {name!r}")
+    return name  # type: ignore[return-value]
 
 
 @dataclass
@@ -55,9 +71,10 @@ class GlobalContrastiveLoss(BimodalContrastiveLoss):
 
     ``multiply_tau`` (FastCLIP) scales the surrogate by the temperature ``tau = 1 /
     logit_scale`` so its gradients are comparable to InfoNCE's. ``temperature``:
-    ``fixed`` uses the given scale without gradient; ``global_learnable`` (FastCLIP-v3) adds
-    ``tau * (rho + mean log u)``, whose gradient with the surrogate's is the gradient of
-    ``tau * log g + rho * tau`` with respect to the temperature.
+    ``fixed`` uses the given scale without gradient; ``learnable`` (FastCLIP-v3's
+    "global_learnable") adds ``tau * (rho + mean log u)``, whose gradient with the
+    surrogate's is the gradient of ``tau * log g + rho * tau`` with respect to the
+    temperature.
     """
 
     def __init__(
@@ -66,7 +83,7 @@ class GlobalContrastiveLoss(BimodalContrastiveLoss):
         detector: FalseNegativeDetector | None = None,
         strategy: Strategy = "eliminate",
         gamma: GammaSchedule | None = None,
-        temperature: TemperatureScheme = "global_learnable",
+        temperature: TemperatureScheme = "learnable",
         rho: float = 6.5,
         multiply_tau: bool = True,
         eps: float = 1e-14,
@@ -75,11 +92,8 @@ class GlobalContrastiveLoss(BimodalContrastiveLoss):
         check_inputs: bool = True,
     ) -> None:
         super().__init__(detector, strategy, check_inputs)
-        if temperature not in ("fixed", "global_learnable"):
-            raise ValueError(
-                f"temperature must be 'fixed' or 'global_learnable', got {temperature!r}"
-            )
-        if temperature == "global_learnable" and not multiply_tau:
+        temperature = temperature_scheme(temperature)
+        if temperature == "learnable" and not multiply_tau:
             raise ValueError("a learnable temperature needs multiply_tau=True (FastCLIP-v3)")
         detector_n = self.detector.num_samples
         if detector_n is not None and detector_n != num_samples:
@@ -162,9 +176,27 @@ class GlobalContrastiveLoss(BimodalContrastiveLoss):
             return LossOutput(surrogate.mean(), stats)
         tau = 1.0 / logit_scale
         loss = tau.detach() * surrogate.mean()
-        if self.temperature == "global_learnable":
+        if self.temperature == "learnable":
             loss = loss + tau * (self.rho + torch.log(u + self.eps).mean())
         return LossOutput(loss, stats)
+
+    def _objective(self, sim: torch.Tensor, logit_scale: torch.Tensor, masks: Masks) -> LossOutput:
+        """The objective the surrogate minimises, estimated from this batch alone (its own g
+        in place of u): ``mean log g``, times tau for FastCLIP, plus ``tau * rho`` with a
+        learnable temperature. u is neither read nor written."""
+        own_sim = sim[:, torch.arange(sim.shape[1], device=sim.device), masks.positive_column]
+        diff = (sim - own_sim.unsqueeze(-1)) * logit_scale
+        kept = masks.kept_negatives(self.strategy)
+        n_kept = kept.sum(-1).clamp(min=1)
+        g = torch.where(kept, torch.exp(diff), torch.zeros_like(diff)).sum(-1) / n_kept
+        value = torch.log(g + self.eps).mean()
+        if not self.multiply_tau:
+            return LossOutput(value)
+        tau = 1.0 / logit_scale
+        value = tau * value
+        if self.temperature == "learnable":
+            value = value + tau * self.rho
+        return LossOutput(value)
 
     @torch.no_grad()
     def _update_u(self, all_index: torch.Tensor, g: torch.Tensor, epoch: float) -> torch.Tensor:

@@ -47,4 +47,4 @@ def build_loss(kind):
     if kind.startswith("clip"):
         return ClipLoss(detector)
     return GlobalContrastiveLoss(N, detector, gamma=GammaSchedule(0.5, "constant"),
-                                 temperature="global_learnable")
+                                 temperature="learnable")

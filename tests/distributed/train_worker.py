@@ -51,7 +51,7 @@ def run(out_dir, loss_type="clip", stop_at=None, resume=None, save_steps=2, worl
         output_dir=out_dir, per_device_train_batch_size=GLOBAL_BATCH // world,
         num_train_epochs=2, learning_rate=0.05, optim="sgd", report_to="none", use_cpu=True,
         disable_tqdm=True, save_strategy="steps", save_steps=save_steps, seed=0,
-        logging_steps=1, loss_type=loss_type, glofnd_alpha=0.1, glofnd_init_quantile=True,
+        logging_steps=1, loss_type=loss_type, fn_alpha=0.1, detector_kwargs={"init_quantile": True},
         gamma=0.5, gamma_schedule="constant", dataloader_num_workers=0,
     )
     # Deterministic images, so one and two processes see exactly the same pixels. SGD, as
