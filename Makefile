@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.glofnd-installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint format bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -16,11 +16,17 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/glofnd-train recipes/demo.yaml
 
-test: $(STAMP)
+# CI runs this target alone (.ci/run): style first (seconds), then the suite.
+test: lint
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
 	$(BIN)/ruff check glofnd_hf tests benchmarks
+	$(BIN)/ruff format --check glofnd_hf tests benchmarks
+
+format: $(STAMP)
+	$(BIN)/ruff format glofnd_hf tests benchmarks
+	$(BIN)/ruff check --fix glofnd_hf tests benchmarks
 
 clean:
 	rm -rf $(VENV) build *.egg-info outputs

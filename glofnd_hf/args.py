@@ -184,8 +184,10 @@ class GloFNDTrainingArguments(TrainingArguments):
         0.0, "Epoch from which detected false negatives are acted on (every detector).")
     detector_kwargs: dict | str | None = arg(
         help="Settings of the chosen detector as a mapping (YAML) or a JSON string (flag), "
-        "e.g. {update_rule: adam, lr: 0.05} for glofnd; unknown keys are errors naming the "
-        "valid ones. Each detector's settings: docs/settings.md.", default_factory=dict)
+        "e.g. {update_rule: adam, lr: 0.05} for glofnd, or keyed by detector name "
+        "({glofnd: {...}, ifnd: {...}}: only the chosen detector's section applies, every "
+        "section is checked); unknown keys are errors naming the valid ones. Each detector's "
+        "settings: docs/settings.md.", default_factory=dict)
 
     # -- Per-sample state ---------------------------------------------------------------------
     num_samples: int | None = arg(
@@ -231,7 +233,15 @@ class GloFNDTrainingArguments(TrainingArguments):
             self.dataloader_drop_last = True
         spec = self.detector_spec()  # an unknown name fails here, listing the known ones
         self.detector_kwargs = self._read_detector_kwargs(self.detector_kwargs)
+        sections = self._detector_sections(self.detector_kwargs)
+        if sections is not None:
+            self.detector_kwargs = dict(sections.get(self.detector) or {})
         self._apply_renamed_settings()
+        for name, section in (sections or {}).items():  # catch typos in every section
+            try:
+                registry.get(name).make_settings(section, self.shared_detector_settings())
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"detector_kwargs.{name}: {err}") from err
         self.temperature_scheme = temperature_scheme(self.temperature_scheme)
         if self.loss_type == "sogclr" and self.temperature_scheme != "fixed":
             raise ValueError(
@@ -263,6 +273,17 @@ class GloFNDTrainingArguments(TrainingArguments):
         if not isinstance(value, Mapping):
             raise ValueError(f"detector_kwargs must be a mapping, got {value!r}")
         return dict(value)
+
+    @staticmethod
+    def _detector_sections(kwargs: dict[str, Any]) -> dict[str, Any] | None:
+        """``detector_kwargs`` keyed by detector name, or None when it is flat (the chosen
+        detector's settings). Keyed by name, one recipe carries the settings of several
+        detectors and ``--detector`` switches between them: only the chosen section applies."""
+        known = set(registry.names())
+        by_detector = bool(kwargs) and all(
+            key in known and (value is None or isinstance(value, Mapping))
+            for key, value in kwargs.items())
+        return kwargs if by_detector else None
 
     def _apply_renamed_settings(self) -> None:
         """Move values given under deprecated flat names to their new place (with a warning

@@ -16,12 +16,9 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .args import AUTO_DEVICE_STATE_LIMIT_BYTES, GloFNDTrainingArguments
-from .data.hf import (
-    BAD_SAMPLE_KINDS,
-    ImageTextCollator,
-    defer_image_decoding,
-    prepare_image_text_dataset,
-)
+from .data.bad_samples import DATASETS_BAD_SAMPLE_KINDS
+from .data.hf import ImageTextCollator, prepare_image_text_dataset
+from .data.images import defer_image_decoding
 from .data.shards import is_presharded_loader
 from .losses import BimodalContrastiveLoss, ClipLoss, GlobalContrastiveLoss
 from .model_card import ModelCardCallback
@@ -220,7 +217,7 @@ class GloFNDTrainer(Trainer):
         labels = inputs.pop("fn_labels", None)
         bad = inputs.pop("bad_sample_counts", None)  # only in batches that had bad rows
         if bad is not None:
-            for kind, count in zip(BAD_SAMPLE_KINDS, bad.tolist(), strict=True):
+            for kind, count in zip(DATASETS_BAD_SAMPLE_KINDS, bad.tolist(), strict=True):
                 self._bad_samples[kind] = self._bad_samples.get(kind, 0) + count
         outputs = self.adapter(model, inputs)
         result = self.contrastive_loss(

@@ -12,12 +12,14 @@ import webdataset as wds
 from glofnd_hf.cli.eval import main as eval_main
 from glofnd_hf.data.digits import CLASSIFICATION_TEMPLATES, DIGIT_NAMES, load_digits_pairs
 from glofnd_hf.eval.data import load_shards_for_eval
+from glofnd_hf.eval.errors import EvalInputError
 from glofnd_hf.eval.metrics import (
     average_template_embeddings,
+    clip_benchmark_names,
     retrieval_recall,
     zero_shot_classification,
 )
-from glofnd_hf.eval.run import EvalInputError, clip_benchmark_names, evaluate
+from glofnd_hf.eval.run import evaluate
 from glofnd_hf.eval.zero_shot import ZeroShotEvaluator
 from glofnd_hf.models import build_tiny_hf_clip, load_dual_encoder
 

@@ -115,7 +115,7 @@ def test_open_clip_folder_reloads_with_local_dir(tmp_path):
 def test_default_settings_match_a_default_instance():
     defaults = GloFNDTrainingArguments()
     assert default_settings() == {k: getattr(defaults, k) for k in default_settings()}
-    assert "glofnd_alpha" in default_settings() and "learning_rate" not in default_settings()
+    assert "fn_alpha" in default_settings() and "learning_rate" not in default_settings()
     assert non_default_settings(defaults) == []
 
 
@@ -143,7 +143,7 @@ def trained(tmp_path_factory):
     args = GloFNDTrainingArguments(
         output_dir=str(out), per_device_train_batch_size=8, max_steps=4, save_strategy="steps",
         save_steps=2, eval_strategy="steps", eval_steps=4, report_to="none", use_cpu=True,
-        disable_tqdm=True, loss_type="fastclip", glofnd_alpha=0.05, glofnd_init_quantile=True,
+        disable_tqdm=True, loss_type="fastclip", fn_alpha=0.05, detector_kwargs={"init_quantile": True},
         gamma=0.5, gamma_schedule="constant", logging_steps=2, dataloader_num_workers=0,
     )
     trainer = GloFNDTrainer(build_tiny_open_clip(seed=0), args,
@@ -184,10 +184,10 @@ def test_checkpoint_and_final_cards(trained):
     assert tasks == {"zero-shot-retrieval", "zero-shot-image-classification"}
 
     text = card.text
-    for row in ("| `loss_type` | `fastclip` | `clip` |", "| `glofnd_alpha` | `0.05` | `0.001` |",
-                "| `glofnd_init_quantile` | `True` | `False` |", "| `gamma` | `0.5` | `0.2` |"):
+    for row in ("| `loss_type` | `fastclip` | `clip` |", "| `fn_alpha` | `0.05` | `0.001` |",
+                "| `detector_kwargs.init_quantile` | `True` | `False` |", "| `gamma` | `0.5` | `0.2` |"):
         assert row in text
-    assert "`glofnd_lr`" not in text and "`detector`" not in text  # defaults are not listed
+    assert "`detector_kwargs.lr`" not in text and "`glofnd_alpha`" not in text and "`detector`" not in text  # defaults are not listed
     assert "N = 32 samples" in text and "1 epoch" in text
     for key in ("glofnd", "clip", "fastclip"):
         assert CITATIONS[key]["bibtex"] in text

@@ -95,6 +95,33 @@ def test_a_registered_detector_is_accepted_listed_and_trained(tmp_path, fixed_th
     assert [h["all_filtered_anchors_image"] for h in logged] == [8.0, 8.0]
 
 
+def test_a_registered_detector_reaches_the_card_and_the_eval_report(tmp_path, fixed_threshold):
+    from glofnd_hf.eval.run import evaluate, format_report
+    from glofnd_hf.model_card import write_model_card
+
+    out = tmp_path / "model"
+    args = make_args(tmp_path, output_dir=str(out), detector="fixed_threshold",
+                     detector_kwargs={"threshold": 0.5}, per_device_train_batch_size=8,
+                     max_steps=1)
+    digits = load_digits_pairs(seed=0)
+    adapter = build_tiny_hf_clip(seed=0, texts=list(digits["train"]["caption"])
+                                 + list(digits["validation"]["caption"]))
+    trainer = GloFNDTrainer(adapter, args, train_dataset=digits["train"].select(range(16)))
+    trainer.train()
+    trainer.save_model(str(out))
+    write_model_card(trainer, out)
+
+    card = (out / "README.md").read_text()
+    assert FIXED_THRESHOLD.description in card
+    assert "| `detector_kwargs.threshold` | `0.5` | `0.9` |" in card
+    report = evaluate(str(out), dataset="glofnd-digits", max_samples=16, batch_size=16,
+                      show_progress=False)
+    training = report["training"]
+    assert training["detector"] == "fixed_threshold"
+    assert FIXED_THRESHOLD.description in training["detector_description"]
+    assert FIXED_THRESHOLD.description in format_report(report)
+
+
 def test_state_bytes_come_from_the_registry(tmp_path):
     per_rule = {"tail": 24, "adam": 32}
     for rule, size in per_rule.items():
@@ -210,3 +237,17 @@ def test_settings_doc_is_generated_from_the_metadata():
     assert "| `fn_alpha` | `0.001` |" in generated and "### `ifnd`" in generated
     assert SETTINGS_DOC.read_text() == generated, (
         f"docs/settings.md is out of date: regenerate it with `{REGENERATE_COMMAND}`")
+
+
+def test_detector_kwargs_keyed_by_detector_apply_the_chosen_section(tmp_path):
+    per_detector = {"glofnd": {"update_rule": "adam"}, "ifnd": {"num_clusters": [4]}}
+    glofnd = make_args(tmp_path, detector_kwargs=per_detector)
+    assert glofnd.detector_kwargs == {"update_rule": "adam"}
+    assert glofnd.detector_settings().update_rule == "adam"
+    ifnd = make_args(tmp_path, detector="ifnd", detector_kwargs=per_detector)
+    assert ifnd.detector_settings().num_clusters == (4,) or list(
+        ifnd.detector_settings().num_clusters) == [4]
+    assert make_args(tmp_path, detector="none", detector_kwargs=per_detector).detector_kwargs == {}
+    # A typo in a section that is not chosen is still an error, named with its section.
+    with pytest.raises(ValueError, match=r"detector_kwargs\.ifnd: unknown setting 'num_cluster'"):
+        make_args(tmp_path, detector_kwargs={"glofnd": {}, "ifnd": {"num_cluster": [4]}})

@@ -38,7 +38,7 @@ def make(tmp_path, pattern, captions, out="out", **overrides):
     settings = dict(output_dir=str(tmp_path / out), per_device_train_batch_size=8,
                     num_train_epochs=2, learning_rate=1e-3, report_to="none", use_cpu=True,
                     disable_tqdm=True, save_strategy="no", seed=0, num_samples=N,
-                    glofnd_alpha=0.05, logging_steps=2, loss_type="fastclip", gamma=0.5)
+                    fn_alpha=0.05, logging_steps=2, loss_type="fastclip", gamma=0.5)
     settings.update(overrides)
     args = GloFNDTrainingArguments(**settings)
     loader = build_shard_loader(

@@ -15,13 +15,13 @@ import torch
 from PIL import Image
 
 from glofnd_hf.cli.shards import main
+from glofnd_hf.data.bad_samples import BAD_SAMPLE_KINDS
 from glofnd_hf.data.shard_writer import (
     add_index_to_shards,
     write_shards_from_csv,
     write_shards_from_dataset,
 )
 from glofnd_hf.data.shards import (
-    BAD_SAMPLE_KINDS,
     ShardConfig,
     ShardDataset,
     build_shard_loader,

@@ -20,7 +20,8 @@ import json
 import sys
 from collections.abc import Sequence
 
-from ..eval.run import EvalInputError, evaluate, format_report
+from ..eval.errors import EvalInputError
+from ..eval.run import evaluate, format_report
 
 
 def _read_lines(path: str, what: str) -> list[str]:

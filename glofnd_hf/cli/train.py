@@ -13,13 +13,20 @@ import sys
 from collections.abc import Sequence
 
 from ..args import DataArguments, GloFNDTrainingArguments, ModelArguments
-from ..data.hf import DIGITS_DATASET, load_image_text_dataset
+from ..data.digits import DIGITS_DATASET, digits_classification_defaults
+from ..data.loading import load_image_text_dataset
 from ..data.shards import ShardConfig, build_shard_loader
 from ..eval.metrics import format_metrics_table
 from ..eval.zero_shot import ZeroShotEvaluator
 from ..fnd import registry
 from ..model_card import set_model_card_info, write_model_card
-from ..models import DualEncoderAdapter, build_tiny_hf_clip, build_tiny_open_clip, load_dual_encoder
+from ..models import (
+    TINY_HF_CLIP,
+    TINY_MODEL_NAMES,
+    DualEncoderAdapter,
+    build_tiny_model,
+    load_dual_encoder,
+)
 from ..trainer import GloFNDTrainer
 from .config import parse_config_and_flags
 
@@ -45,20 +52,17 @@ def help_overrides() -> dict[str, str]:
 
 def build_adapter(model_args: ModelArguments, texts: Sequence[str], seed: int) -> DualEncoderAdapter:
     name = model_args.model_name_or_path
-    if name == "glofnd-tiny-hf-clip":
-        return build_tiny_hf_clip(image_size=model_args.tiny_image_size, seed=seed, texts=list(texts))
-    if name == "glofnd-tiny-open-clip":
-        return build_tiny_open_clip(image_size=model_args.tiny_image_size, seed=seed)
+    if name in TINY_MODEL_NAMES:
+        return build_tiny_model(name, image_size=model_args.tiny_image_size, seed=seed,
+                                texts=list(texts))
     return load_dual_encoder(name, family=model_args.model_family, pretrained=model_args.pretrained)
 
 
 def _classification_defaults(data_args: DataArguments) -> None:
     if data_args.dataset_name == DIGITS_DATASET:
-        from ..data.digits import CLASSIFICATION_TEMPLATES, DIGIT_NAMES
-
-        data_args.class_label_column = data_args.class_label_column or "digit"
-        data_args.class_names = data_args.class_names or list(DIGIT_NAMES)
-        data_args.prompt_templates = data_args.prompt_templates or list(CLASSIFICATION_TEMPLATES)
+        (data_args.class_label_column, data_args.class_names,
+         data_args.prompt_templates) = digits_classification_defaults(
+            data_args.class_label_column, data_args.class_names, data_args.prompt_templates)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -89,7 +93,7 @@ def run(argv: Sequence[str]) -> dict[str, dict[str, float]]:
             evaluation = evaluation.select(range(min(data_args.max_eval_samples, len(evaluation))))
 
     texts: list[str] = []
-    if model_args.model_name_or_path == "glofnd-tiny-hf-clip":
+    if model_args.model_name_or_path == TINY_HF_CLIP:
         # The tiny tokenizer keeps the merges these texts need.
         for data in (train, evaluation):
             if data is not None and data_args.caption_column in data.column_names:

@@ -11,25 +11,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-# DIGITS_DATASET, defer_image_decoding and load_image_text_dataset live elsewhere now;
-# re-exported for old callers.
 from .bad_samples import DATASETS_BAD_SAMPLE_KINDS, BadSampleCounter
-from .digits import DIGITS_DATASET
-from .images import defer_image_decoding, to_rgb
-from .loading import load_image_text_dataset
+from .images import to_rgb
 
-__all__ = [
-    "BAD_SAMPLE_KINDS",
-    "DIGITS_DATASET",
-    "ImageTextCollator",
-    "defer_image_decoding",
-    "load_image_text_dataset",
-    "prepare_image_text_dataset",
-    "to_rgb",
-]
-
-#: The kinds in the collator's ``bad_sample_counts``, in order (the trainer reads them here).
-BAD_SAMPLE_KINDS = DATASETS_BAD_SAMPLE_KINDS
+__all__ = ["ImageTextCollator", "prepare_image_text_dataset"]
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +109,7 @@ class ImageTextCollator:
         self.index_column = index_column
         self.label_column = label_column
         self._rng = random.Random(seed)
-        self.bad_samples = BadSampleCounter(kinds=BAD_SAMPLE_KINDS, logger=logger)
+        self.bad_samples = BadSampleCounter(kinds=DATASETS_BAD_SAMPLE_KINDS, logger=logger)
 
     @property
     def bad_sample_counts(self) -> dict[str, int]:

@@ -32,21 +32,16 @@ from typing import Any
 
 import torch
 
-from .data import load_eval_data, load_shards_for_eval
+from .data import load_eval_data
 from .errors import EvalInputError
-from .metrics import CLIP_BENCHMARK_NAMES, clip_benchmark_names, format_metrics_table
+from .metrics import clip_benchmark_names, format_metrics_table
 from .zero_shot import CLASSIFICATION, RETRIEVAL, ZeroShotEvaluator, resolve_tasks
 
 __all__ = [
-    "CLIP_BENCHMARK_NAMES",
-    "EvalInputError",
     "RESULTS_FORMAT_VERSION",
-    "clip_benchmark_names",
     "evaluate",
     "format_report",
-    "load_eval_data",
     "load_eval_model",
-    "load_shards_for_eval",
     "save_report",
 ]
 
@@ -224,9 +219,34 @@ def evaluate(
         "timing": {"embed_seconds": round(embed_seconds, 4),
                    "score_seconds": round(score_seconds, 4)},
     }
+    training = training_record(model)
+    if training is not None:
+        report["training"] = training
     if output is not None:
         save_report(report, output)
     return report
+
+
+def training_record(model: Any) -> dict[str, Any] | None:
+    """How a model folder written by glofnd-hf was trained (loss, detector and what it does,
+    non-default settings), read from its ``glofnd_card.json``; None for anything else."""
+    from ..model_card import CARD_INFO_FILE, CardInfo, describe_detector
+
+    if not isinstance(model, (str, os.PathLike)) or not (Path(model) / CARD_INFO_FILE).is_file():
+        return None
+    info = CardInfo.load(model)
+    if not info.training_recorded:
+        return None
+    return {
+        "loss_type": info.loss_type,
+        "detector": info.detector,
+        "detector_description": describe_detector(info.detector) if info.detector else None,
+        "fn_strategy": info.fn_strategy,
+        "non_default_settings": info.non_default_settings,
+        "epochs": info.epochs,
+        "global_step": info.global_step,
+        "glofnd_version": info.glofnd_version,
+    }
 
 
 def save_report(report: Mapping[str, Any], path: str | os.PathLike) -> Path:
@@ -251,6 +271,12 @@ def format_report(report: Mapping[str, Any]) -> str:
         + (f", {data['num_classes']} classes x {data['num_templates']} templates"
            if data.get("num_classes") else ""),
         f"task:   {', '.join(report['task'])}",
+    ]
+    training = report.get("training")
+    if training:
+        lines.append(f"trained: {training['loss_type']} loss, detector "
+                     f"{training['detector_description'] or training['detector']}")
+    lines += [
         "",
         format_metrics_table(report["metrics"]),
     ]

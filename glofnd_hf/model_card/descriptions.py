@@ -6,6 +6,7 @@ import os
 from collections.abc import Iterable
 
 from ..data.digits import DIGITS_DATASET
+from ..fnd import registry
 from ..hub_ids import is_hub_repo_id
 
 __all__ = [
@@ -83,17 +84,12 @@ def describe_objective(loss_type: str | None, missing: str = "a contrastive loss
 
 
 def describe_detector(name: str) -> str:
-    """What the false-negative detector ``name`` does, in one sentence."""
-    return {
-        "none": "none: every other sample of the batch is a negative",
-        "glofnd": "GloFND: a learned per-sample similarity threshold at the anchor's (1 - alpha) "
-        "quantile over the whole data set; negatives above it are false negatives",
-        "batch_quantile": "in-batch quantile baseline: negatives above the anchor's in-batch "
-        "(1 - alpha) quantile are false negatives",
-        "oracle": "oracle: ground-truth semantic labels mark the false negatives",
-        "ifnd": "IFND: periodic k-means clustering of the embeddings; confidently clustered "
-        "samples that share a pseudo-label are false negatives, a growing fraction over epochs",
-    }.get(name, name)
+    """What the false-negative detector ``name`` does, in one sentence (from the registry, so
+    a newly registered detector is described without any edit here)."""
+    try:
+        return f"{name}: {registry.get(name).description}"
+    except ValueError:  # a card written by a version that had other detectors
+        return name
 
 
 def describe_fn_strategy(strategy: str) -> str:

@@ -138,11 +138,13 @@ def _default_settings() -> dict[str, Any]:
 def _setting_fields() -> list[dataclasses.Field]:
     from transformers import TrainingArguments
 
-    from ..args import GloFNDTrainingArguments
+    from ..args import RENAMED_SETTINGS, GloFNDTrainingArguments
 
-    base = {f.name for f in dataclasses.fields(TrainingArguments)}
-    return [f for f in dataclasses.fields(GloFNDTrainingArguments)
-            if f.name not in base and f.name not in _NOT_SETTINGS]
+    # The detector's own settings are listed one by one from detector_kwargs (see
+    # non_default_settings); deprecated flat names never hold a value after validation.
+    skip = ({f.name for f in dataclasses.fields(TrainingArguments)} | _NOT_SETTINGS
+            | {r.old for r in RENAMED_SETTINGS} | {"detector_kwargs"})
+    return [f for f in dataclasses.fields(GloFNDTrainingArguments) if f.name not in skip]
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -160,6 +162,16 @@ def non_default_settings(args: Any) -> list[dict[str, Any]]:
         value = getattr(args, name, default)
         if not _same(value, default):
             rows.append({"name": name, "value": value, "default": default})
+    # The chosen detector's own settings, against that detector's defaults.
+    spec_of = getattr(args, "detector_spec", None)
+    if spec_of is not None:
+        spec = spec_of()
+        chosen, default_settings_ = args.detector_settings(), spec.make_settings()
+        for name in spec.setting_names():
+            value, default = getattr(chosen, name), getattr(default_settings_, name)
+            if not _same(value, default):
+                rows.append({"name": f"detector_kwargs.{name}", "value": value,
+                             "default": default})
     return rows
 
 

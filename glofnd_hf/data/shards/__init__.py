@@ -134,33 +134,18 @@ dataset, which neither calls ``set_epoch`` nor removes ``bad_sample_counts``.
 
 from __future__ import annotations
 
-from ..bad_samples import BAD_SAMPLE_KINDS, BadSampleCounter
-from ..webdataset_io import (
-    INDEX_INFO_FILE,
-    SIZES_FILE,
-    expand_shards,
-    iter_tar_samples,
-    read_shard_sizes,
-)
 from .dataset import ShardConfig, ShardDataset
 from .loader import PRESHARDED_ATTR, ShardDataLoader, build_shard_loader, is_presharded_loader
 from .partition import epoch_batches_per_rank, resampled_shards, shard_partition, worker_quota
 
 __all__ = [
-    "BAD_SAMPLE_KINDS",
-    "BadSampleCounter",
-    "INDEX_INFO_FILE",
     "PRESHARDED_ATTR",
-    "SIZES_FILE",
     "ShardConfig",
     "ShardDataLoader",
     "ShardDataset",
     "build_shard_loader",
     "epoch_batches_per_rank",
-    "expand_shards",
     "is_presharded_loader",
-    "iter_tar_samples",
-    "read_shard_sizes",
     "resampled_shards",
     "shard_partition",
     "worker_quota",
