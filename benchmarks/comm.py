@@ -84,16 +84,25 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     opts = parser.parse_args()
     print(f"torch {torch.__version__}, gloo on CPU, local batch {opts.local_batch}, dim {opts.dim}")
-    print(f"{'procs':>5} {'feature gather':>16} {'state sync':>12} {'bytes ratio':>12} "
-          f"{'feature ms':>11} {'state ms':>9} {'time ratio':>11}")
+    print(
+        f"{'procs':>5} {'feature gather':>16} {'state sync':>12} {'bytes ratio':>12} "
+        f"{'feature ms':>11} {'state ms':>9} {'time ratio':>11}"
+    )
     ctx = mp.get_context("spawn")
     for world in opts.processes:
         queue = ctx.Queue()
-        mp.start_processes(worker, args=(world, free_port(), opts, queue), nprocs=world,
-                           join=True, start_method="spawn")
+        mp.start_processes(
+            worker,
+            args=(world, free_port(), opts, queue),
+            nprocs=world,
+            join=True,
+            start_method="spawn",
+        )
         fb, sb, ft, st = queue.get()
-        print(f"{world:>5} {fb / 1024:>13.0f} KB {sb / 1024:>9.1f} KB {sb / fb:>12.4f} "
-              f"{ft * 1e3:>11.2f} {st * 1e3:>9.2f} {st / ft:>11.3f}")
+        print(
+            f"{world:>5} {fb / 1024:>13.0f} KB {sb / 1024:>9.1f} KB {sb / fb:>12.4f} "
+            f"{ft * 1e3:>11.2f} {st * 1e3:>9.2f} {st / ft:>11.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -85,16 +85,37 @@ def worker(impl: str, data_path: str, repeats: int, chunk_size: int, ks) -> dict
             metrics = retrieval_recall(images, texts, t2i, ks, chunk_size=chunk_size)
         times.append(time.perf_counter() - start)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-    return {"impl": impl, "seconds": min(times), "all_seconds": times,
-            "peak_extra_bytes": max(0, peak - before), "metrics": metrics}
+    return {
+        "impl": impl,
+        "seconds": min(times),
+        "all_seconds": times,
+        "peak_extra_bytes": max(0, peak - before),
+        "metrics": metrics,
+    }
 
 
 def run_worker(impl, data_path, args, chunk_size=1024) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", impl, "--data", data_path,
-           "--repeats", str(args.repeats), "--chunk-sizes", str(chunk_size),
-           "--ks", *map(str, args.ks)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True,
-                         env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--worker",
+        impl,
+        "--data",
+        data_path,
+        "--repeats",
+        str(args.repeats),
+        "--chunk-sizes",
+        str(chunk_size),
+        "--ks",
+        *map(str, args.ks),
+    ]
+    out = subprocess.run(
+        cmd,
+        check=True,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())},
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -108,17 +129,23 @@ def tiny_model_pass(num_images, per_image, batch_size, chunk_size, ks) -> dict:
 
     rng = np.random.default_rng(0)
     words = "a photo of the small large red blue dog cat car tree on in with near old".split()
-    images = [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
-              for _ in range(num_images)]
-    captions = [[" ".join(rng.choice(words, 8)) for _ in range(per_image)]
-                for _ in range(num_images)]
-    data = datasets.Dataset.from_dict({"image": images, "caption": captions},
-                                      features=datasets.Features({
-                                          "image": datasets.Image(),
-                                          "caption": datasets.List(datasets.Value("string"))}))
+    images = [
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+        for _ in range(num_images)
+    ]
+    captions = [
+        [" ".join(rng.choice(words, 8)) for _ in range(per_image)] for _ in range(num_images)
+    ]
+    data = datasets.Dataset.from_dict(
+        {"image": images, "caption": captions},
+        features=datasets.Features(
+            {"image": datasets.Image(), "caption": datasets.List(datasets.Value("string"))}
+        ),
+    )
     adapter = build_tiny_hf_clip(seed=0, texts=words)
-    evaluator = ZeroShotEvaluator(data, batch_size=batch_size, show_progress=False,
-                                  chunk_size=chunk_size, ks=ks)
+    evaluator = ZeroShotEvaluator(
+        data, batch_size=batch_size, show_progress=False, chunk_size=chunk_size, ks=ks
+    )
     start = time.perf_counter()
     embeds = evaluator.embed(adapter)
     embed_s = time.perf_counter() - start
@@ -129,8 +156,13 @@ def tiny_model_pass(num_images, per_image, batch_size, chunk_size, ks) -> dict:
     naive = naive_retrieval_recall(embeds["images"], embeds["texts"], evaluator.text_to_image, ks)
     naive_s = time.perf_counter() - start
     assert naive == metrics, "naive and chunked recall differ on the tiny-model embeddings"
-    return {"images": num_images, "captions": evaluator.num_captions, "embed_seconds": embed_s,
-            "score_seconds": score_s, "naive_score_seconds": naive_s}
+    return {
+        "images": num_images,
+        "captions": evaluator.num_captions,
+        "embed_seconds": embed_s,
+        "score_seconds": score_s,
+        "naive_score_seconds": naive_s,
+    }
 
 
 def main() -> None:
@@ -138,10 +170,19 @@ def main() -> None:
     p.add_argument("--images", type=int, default=5000)
     p.add_argument("--captions-per-image", type=int, default=5)
     p.add_argument("--dim", type=int, default=512)
-    p.add_argument("--noise", type=float, default=12.0,
-                   help="caption noise (scaled by 1/sqrt(dim)): sets how hard retrieval is")
-    p.add_argument("--chunk-sizes", type=int, nargs="+", default=[1024, 256],
-                   help="chunk sizes of the chunked implementation to measure")
+    p.add_argument(
+        "--noise",
+        type=float,
+        default=12.0,
+        help="caption noise (scaled by 1/sqrt(dim)): sets how hard retrieval is",
+    )
+    p.add_argument(
+        "--chunk-sizes",
+        type=int,
+        nargs="+",
+        default=[1024, 256],
+        help="chunk sizes of the chunked implementation to measure",
+    )
     p.add_argument("--ks", type=int, nargs="+", default=[1, 5, 10])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--tiny-model-images", type=int, default=0)
@@ -151,13 +192,16 @@ def main() -> None:
     args = p.parse_args()
 
     if args.worker:
-        print(json.dumps(worker(args.worker, args.data, args.repeats, args.chunk_sizes[0],
-                                args.ks)))
+        print(
+            json.dumps(worker(args.worker, args.data, args.repeats, args.chunk_sizes[0], args.ks))
+        )
         return
 
     images, texts, t2i = synthetic(args.images, args.captions_per_image, args.dim, args.noise)
-    print(f"synthetic set: {len(images)} images x {len(texts)} captions, dim {args.dim}, "
-          f"{torch.get_num_threads()} torch threads; best of {args.repeats} runs")
+    print(
+        f"synthetic set: {len(images)} images x {len(texts)} captions, dim {args.dim}, "
+        f"{torch.get_num_threads()} torch threads; best of {args.repeats} runs"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "embeds.pt")
         torch.save({"images": images, "texts": texts, "t2i": t2i}, path)
@@ -169,12 +213,16 @@ def main() -> None:
             r["name"] = f"chunked ({chunk_size})"
             results.append(r)
     mib = 1024**2
-    print(f"{'implementation':<20} {'scoring s':>10} {'peak extra MiB':>15} "
-          f"{'time vs naive':>14} {'memory vs naive':>16}")
+    print(
+        f"{'implementation':<20} {'scoring s':>10} {'peak extra MiB':>15} "
+        f"{'time vs naive':>14} {'memory vs naive':>16}"
+    )
     for r in results:
-        print(f"{r['name']:<20} {r['seconds']:>10.3f} {r['peak_extra_bytes'] / mib:>15.1f} "
-              f"{r['seconds'] / naive['seconds']:>13.2f}x "
-              f"{r['peak_extra_bytes'] / max(naive['peak_extra_bytes'], 1):>15.2f}x")
+        print(
+            f"{r['name']:<20} {r['seconds']:>10.3f} {r['peak_extra_bytes'] / mib:>15.1f} "
+            f"{r['seconds'] / naive['seconds']:>13.2f}x "
+            f"{r['peak_extra_bytes'] / max(naive['peak_extra_bytes'], 1):>15.2f}x"
+        )
     same = all(r["metrics"] == naive["metrics"] for r in results)
     print(f"identical metrics: {same}")
     print("metrics: " + ", ".join(f"{k}={v:.4f}" for k, v in naive["metrics"].items()))
@@ -182,11 +230,18 @@ def main() -> None:
         raise SystemExit("naive and chunked metrics differ")
 
     if args.tiny_model_images:
-        r = tiny_model_pass(args.tiny_model_images, args.captions_per_image, args.batch_size,
-                            args.chunk_sizes[0], args.ks)
-        print(f"\ntiny HF CLIP, {r['images']} images x {r['captions']} captions: embedding "
-              f"{r['embed_seconds']:.2f} s, scoring {r['score_seconds']:.3f} s (chunked), "
-              f"{r['naive_score_seconds']:.3f} s (naive)")
+        r = tiny_model_pass(
+            args.tiny_model_images,
+            args.captions_per_image,
+            args.batch_size,
+            args.chunk_sizes[0],
+            args.ks,
+        )
+        print(
+            f"\ntiny HF CLIP, {r['images']} images x {r['captions']} captions: embedding "
+            f"{r['embed_seconds']:.2f} s, scoring {r['score_seconds']:.3f} s (chunked), "
+            f"{r['naive_score_seconds']:.3f} s (naive)"
+        )
 
 
 if __name__ == "__main__":

@@ -71,8 +71,12 @@ SIDES = ("image", "text")
 # ----------------------------------------------------------------------------------------
 SHAPES = ("circle", "square", "triangle", "diamond", "cross", "star")
 COLOURS = {
-    "red": (215, 35, 35), "green": (30, 160, 60), "blue": (40, 70, 225),
-    "yellow": (235, 205, 30), "purple": (140, 50, 180), "orange": (240, 130, 20),
+    "red": (215, 35, 35),
+    "green": (30, 160, 60),
+    "blue": (40, 70, 225),
+    "yellow": (235, 205, 30),
+    "purple": (140, 50, 180),
+    "orange": (240, 130, 20),
 }
 SIZES = {"small": 0.22, "large": 0.4}  # radius as a fraction of the canvas side
 SHAPE_CAPTIONS = (
@@ -91,17 +95,36 @@ def _shape_points(shape: str, cx: float, cy: float, r: float, angle: float) -> l
         return [(cx + x * c - y * s, cy + x * s + y * c) for x, y in points]
 
     if shape == "square":
-        return rotate([(-r * 0.8, -r * 0.8), (r * 0.8, -r * 0.8), (r * 0.8, r * 0.8),
-                       (-r * 0.8, r * 0.8)])
+        return rotate(
+            [(-r * 0.8, -r * 0.8), (r * 0.8, -r * 0.8), (r * 0.8, r * 0.8), (-r * 0.8, r * 0.8)]
+        )
     if shape == "triangle":
-        return rotate([(r * math.cos(a), r * math.sin(a))
-                       for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)])
+        return rotate(
+            [
+                (r * math.cos(a), r * math.sin(a))
+                for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)
+            ]
+        )
     if shape == "diamond":
         return rotate([(0, -r), (r * 0.7, 0), (0, r), (-r * 0.7, 0)])
     if shape == "cross":
         w = r * 0.35
-        return rotate([(-w, -r), (w, -r), (w, -w), (r, -w), (r, w), (w, w), (w, r), (-w, r),
-                       (-w, w), (-r, w), (-r, -w), (-w, -w)])
+        return rotate(
+            [
+                (-w, -r),
+                (w, -r),
+                (w, -w),
+                (r, -w),
+                (r, w),
+                (w, w),
+                (w, r),
+                (-w, r),
+                (-w, w),
+                (-r, w),
+                (-r, -w),
+                (-w, -w),
+            ]
+        )
     if shape == "star":
         pts = []
         for i in range(10):
@@ -112,7 +135,9 @@ def _shape_points(shape: str, cx: float, cy: float, r: float, angle: float) -> l
     raise ValueError(shape)
 
 
-def _render_shape(shape: str, colour, size: float, rng: np.random.Generator, side: int) -> Image.Image:
+def _render_shape(
+    shape: str, colour, size: float, rng: np.random.Generator, side: int
+) -> Image.Image:
     scale = 4  # draw large, downsample: anti-aliased edges
     big = side * scale
     grey = int(rng.integers(0, 256))
@@ -131,8 +156,9 @@ def _render_shape(shape: str, colour, size: float, rng: np.random.Generator, sid
     return canvas.resize((side, side), Image.Resampling.LANCZOS)
 
 
-def load_shapes_pairs(per_class: int = 50, val_per_class: int = 8, seed: int = 0,
-                      image_size: int = 32) -> datasets.DatasetDict:
+def load_shapes_pairs(
+    per_class: int = 50, val_per_class: int = 8, seed: int = 0, image_size: int = 32
+) -> datasets.DatasetDict:
     """Shapes x colours x sizes (72 semantic classes), ``per_class`` pairs each, captioned
     from shape, colour and size only. Columns as the digits pairs: image, caption,
     semantic_label, object (shape x colour: the 36 zero-shot classes), dataset_index."""
@@ -148,14 +174,19 @@ def load_shapes_pairs(per_class: int = 50, val_per_class: int = 8, seed: int = 0
                     row = {
                         "image": _render_shape(shape, rgb, size, rng, image_size),
                         "caption": template.format(size=size_name, colour=colour, shape=shape),
-                        "semantic_label": label, "object": s * n_col + c,
+                        "semantic_label": label,
+                        "object": s * n_col + c,
                     }
                     rows["validation" if i < val_per_class else "train"].append(row)
-    features = datasets.Features({
-        "image": datasets.Image(), "caption": datasets.Value("string"),
-        "semantic_label": datasets.Value("int64"), "object": datasets.Value("int64"),
-        "dataset_index": datasets.Value("int64"),
-    })
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "caption": datasets.Value("string"),
+            "semantic_label": datasets.Value("int64"),
+            "object": datasets.Value("int64"),
+            "dataset_index": datasets.Value("int64"),
+        }
+    )
     out = {}
     for split, items in rows.items():
         order = rng.permutation(len(items))
@@ -195,7 +226,9 @@ class EpochCounts:
         elif recall is not None:
             f1 = 0.0  # nothing detected
         return {
-            "precision": precision, "recall": recall, "f1": f1,
+            "precision": precision,
+            "recall": recall,
+            "f1": f1,
             "detected_fraction": self.detected / max(self.negatives, 1.0),
             "filtered_fraction": float(np.mean(self.filtered)) if self.filtered else 0.0,
             "true_fn_fraction": self.true_fn / max(self.negatives, 1.0),
@@ -230,7 +263,7 @@ class RecordingDetector(FalseNegativeDetector):
     def detect(self, sim: torch.Tensor, batch: DetectionBatch) -> Detection:
         out = self.inner.detect(sim, batch)
         c = self.counts(batch.epoch)
-        truth = (batch.anchor_labels.unsqueeze(1) == batch.candidate_labels.unsqueeze(0))
+        truth = batch.anchor_labels.unsqueeze(1) == batch.candidate_labels.unsqueeze(0)
         truth = (truth & batch.negatives).unsqueeze(0).expand(len(SIDES), -1, -1)
         found = out.false_negatives
         if found is None:
@@ -243,8 +276,9 @@ class RecordingDetector(FalseNegativeDetector):
         c.true_fn += float(truth.sum())
         rounds = out.stats.get("ifnd_rounds")
         if rounds is not None and int(rounds) > len(self.ifnd_rounds):
-            self.ifnd_rounds.append({"epoch": batch.epoch,
-                                     "seconds": float(out.stats["ifnd_cluster_seconds"])})
+            self.ifnd_rounds.append(
+                {"epoch": batch.epoch, "seconds": float(out.stats["ifnd_cluster_seconds"])}
+            )
         return out
 
     def state_dict(self):
@@ -266,8 +300,7 @@ class StudyClipLoss(ClipLoss):
     and records the realised filtered fraction. Observing twice (should the base loss call
     ``observe`` too) writes the same rows twice: harmless."""
 
-    def __call__(self, image_embeds, text_embeds, logit_scale, index=None, epoch=0.0,
-                 labels=None):
+    def __call__(self, image_embeds, text_embeds, logit_scale, index=None, epoch=0.0, labels=None):
         if index is not None:
             self.detector.observe(index, image_embeds, text_embeds)
         out = super().__call__(image_embeds, text_embeds, logit_scale, index, epoch, labels)
@@ -296,8 +329,15 @@ class ThresholdSnapshots(TrainerCallback):
       thresholds over the full N x N matrix.
     """
 
-    def __init__(self, study: Study, detector, train, labels: torch.Tensor, alpha: float,
-                 at_epochs: list[int]) -> None:
+    def __init__(
+        self,
+        study: Study,
+        detector,
+        train,
+        labels: torch.Tensor,
+        alpha: float,
+        at_epochs: list[int],
+    ) -> None:
         self.study, self.detector, self.alpha = study, detector, alpha
         self.at = set(at_epochs)
         # The epoch before each snapshot too: its exact quantiles, held for one epoch, are
@@ -329,33 +369,42 @@ class ThresholdSnapshots(TrainerCallback):
         snap: dict[str, Any] = {"epoch": epoch, "full_matrix": {}, "in_batch_pairs": {}}
         for name, thr in (("learned", lam), ("exact", exact)):
             found = (sims > thr.unsqueeze(-1)) & negatives
-            snap["full_matrix"][name] = _prf(float((found & truth).sum()), float(found.sum()),
-                                             2.0 * float(truth.sum()), 2.0 * n * (n - 1))
+            snap["full_matrix"][name] = _prf(
+                float((found & truth).sum()),
+                float(found.sum()),
+                2.0 * float(truth.sum()),
+                2.0 * n * (n - 1),
+            )
         snap["in_batch_pairs"] = self._in_batch(sims, exact, lam, truth)
         diff = (lam - exact).flatten()
         snap["lambda_mean"] = float(lam.mean())
-        snap["lambda_percentiles"] = [float(v) for v in torch.quantile(
-            lam.flatten(), torch.tensor([0.1, 0.5, 0.9]))]
+        snap["lambda_percentiles"] = [
+            float(v) for v in torch.quantile(lam.flatten(), torch.tensor([0.1, 0.5, 0.9]))
+        ]
         snap["exact_mean"] = float(exact.mean())
-        snap["exact_percentiles"] = [float(v) for v in torch.quantile(
-            exact.flatten(), torch.tensor([0.1, 0.5, 0.9]))]
+        snap["exact_percentiles"] = [
+            float(v) for v in torch.quantile(exact.flatten(), torch.tensor([0.1, 0.5, 0.9]))
+        ]
         snap["lambda_minus_exact_mean"] = float(diff.mean())
         snap["lambda_vs_exact_mae"] = float(diff.abs().mean())
-        snap["lambda_vs_exact_corr"] = float(np.corrcoef(lam.flatten().numpy(),
-                                                         exact.flatten().numpy())[0, 1])
+        snap["lambda_vs_exact_corr"] = float(
+            np.corrcoef(lam.flatten().numpy(), exact.flatten().numpy())[0, 1]
+        )
         if previous is not None and previous[0] == epoch - 1:
             stale = (previous[1] - exact).flatten()
             snap["previous_epoch_exact_mae"] = float(stale.abs().mean())
-            snap["previous_epoch_exact_corr"] = float(np.corrcoef(
-                previous[1].flatten().numpy(), exact.flatten().numpy())[0, 1])
+            snap["previous_epoch_exact_corr"] = float(
+                np.corrcoef(previous[1].flatten().numpy(), exact.flatten().numpy())[0, 1]
+            )
         self.snapshots.append(snap)
-        self.arrays.append({"epoch": epoch, "lambda": lam[0].numpy().copy(),
-                            "exact": exact[0].numpy().copy()})
+        self.arrays.append(
+            {"epoch": epoch, "lambda": lam[0].numpy().copy(), "exact": exact[0].numpy().copy()}
+        )
 
     def _in_batch(self, sims, exact, lam, truth) -> dict[str, dict]:
         n, b = sims.shape[1], self.study.batch_size
         order = torch.randperm(n, generator=torch.Generator().manual_seed(len(self.snapshots)))
-        batches = [order[i:i + b] for i in range(0, n - b + 1, b)]
+        batches = [order[i : i + b] for i in range(0, n - b + 1, b)]
         eye = torch.eye(b, dtype=torch.bool)
         neg = ~eye
         rules = ("batch_quantile", "exact_global", "learned_global")
@@ -366,7 +415,8 @@ class ThresholdSnapshots(TrainerCallback):
             tb = truth[idx][:, idx].unsqueeze(0).expand(2, -1, -1)
             thresholds = {
                 "batch_quantile": masked_quantile(sub, neg, 1.0 - self.alpha),
-                "exact_global": exact[:, idx], "learned_global": lam[:, idx],
+                "exact_global": exact[:, idx],
+                "learned_global": lam[:, idx],
             }
             for rule, thr in thresholds.items():
                 found = (sub > thr.unsqueeze(-1)) & neg
@@ -420,17 +470,23 @@ class Study:
 
     def ifnd_config(self) -> IFNDConfig:
         return IFNDConfig(
-            num_clusters=(), cluster_every=1.0, start_epoch=self.mask_start,
-            accept_warmup_epochs=max(self.epochs - 1 - self.mask_start, 1.0), seed=self.seed,
+            num_clusters=(),
+            cluster_every=1.0,
+            start_epoch=self.mask_start,
+            accept_warmup_epochs=max(self.epochs - 1 - self.mask_start, 1.0),
+            seed=self.seed,
         )
 
     def detector_kwargs(self, detector_name: str) -> dict[str, Any]:
         """The study's settings of the detectors that have their own."""
         if detector_name == "glofnd":
-            return {"lr": self.glofnd_lr, "clip_grad_mult": self.glofnd_clip_grad_mult,
-                    "update_rule": self.glofnd_update_rule,
-                    "init_quantile": True,  # Adam rules only: the tail rule always starts there
-                    "update_start_epoch": self.update_start}
+            return {
+                "lr": self.glofnd_lr,
+                "clip_grad_mult": self.glofnd_clip_grad_mult,
+                "update_rule": self.glofnd_update_rule,
+                "init_quantile": True,  # Adam rules only: the tail rule always starts there
+                "update_start_epoch": self.update_start,
+            }
         if detector_name == "ifnd":
             return asdict(self.ifnd_config())
         return {}
@@ -440,16 +496,31 @@ def run_one(study: Study, detector_name: str, out_dir: str) -> dict[str, Any]:
     torch.manual_seed(study.seed)
     study.adapter = build_tiny_hf_clip(seed=study.seed, texts=study.texts())
     args = GloFNDTrainingArguments(
-        output_dir=out_dir, per_device_train_batch_size=study.batch_size,
-        num_train_epochs=study.epochs, learning_rate=study.lr, weight_decay=0.1,
-        warmup_steps=study.warmup_steps, lr_scheduler_type="cosine", logging_strategy="epoch",
-        report_to="none", save_strategy="no", eval_strategy="no", seed=study.seed,
-        data_seed=study.seed, use_cpu=True, disable_tqdm=True, dataloader_num_workers=0,
-        detector=detector_name, fn_alpha=study.alpha, fn_start_epoch=study.mask_start,
-        detector_kwargs=study.detector_kwargs(detector_name), temperature_init=0.07,
+        output_dir=out_dir,
+        per_device_train_batch_size=study.batch_size,
+        num_train_epochs=study.epochs,
+        learning_rate=study.lr,
+        weight_decay=0.1,
+        warmup_steps=study.warmup_steps,
+        lr_scheduler_type="cosine",
+        logging_strategy="epoch",
+        report_to="none",
+        save_strategy="no",
+        eval_strategy="no",
+        seed=study.seed,
+        data_seed=study.seed,
+        use_cpu=True,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        detector=detector_name,
+        fn_alpha=study.alpha,
+        fn_start_epoch=study.mask_start,
+        detector_kwargs=study.detector_kwargs(detector_name),
+        temperature_init=0.07,
     )
-    inner = args.detector_spec().build(args.detector_settings(), args.shared_detector_settings(),
-                                       num_samples=len(study.train))
+    inner = args.detector_spec().build(
+        args.detector_settings(), args.shared_detector_settings(), num_samples=len(study.train)
+    )
     recorder = RecordingDetector(inner)
     loss = StudyClipLoss(recorder, "eliminate")
     callbacks = []
@@ -461,8 +532,12 @@ def run_one(study: Study, detector_name: str, out_dir: str) -> dict[str, Any]:
         snapshots = ThresholdSnapshots(study, inner, study.train, labels, study.alpha, at)
         callbacks.append(snapshots)
     trainer = GloFNDTrainer(
-        study.adapter, args, train_dataset=study.train, loss=loss,
-        label_column="semantic_label", callbacks=callbacks,
+        study.adapter,
+        args,
+        train_dataset=study.train,
+        loss=loss,
+        label_column="semantic_label",
+        callbacks=callbacks,
     )
     for cb in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(cb)
@@ -470,8 +545,12 @@ def run_one(study: Study, detector_name: str, out_dir: str) -> dict[str, Any]:
     trainer.train()
     train_seconds = time.perf_counter() - start
     evaluator = ZeroShotEvaluator(
-        study.validation, class_label_column=study.class_label_column,
-        class_names=study.class_names, templates=study.templates, ks=(1, 5), batch_size=256,
+        study.validation,
+        class_label_column=study.class_label_column,
+        class_names=study.class_names,
+        templates=study.templates,
+        ks=(1, 5),
+        batch_size=256,
         show_progress=False,
     )
     embeds = evaluator.embed(study.adapter, trainer.model)
@@ -479,16 +558,21 @@ def run_one(study: Study, detector_name: str, out_dir: str) -> dict[str, Any]:
     zero_shot.update(class_aware_recall(embeds, study.validation))
     per_epoch = [{"epoch": e, **recorder.epochs[e].summary()} for e in sorted(recorder.epochs)]
     result: dict[str, Any] = {
-        "per_epoch": per_epoch, "final": per_epoch[-1], "zero_shot": zero_shot,
+        "per_epoch": per_epoch,
+        "final": per_epoch[-1],
+        "zero_shot": zero_shot,
         "train_seconds": round(train_seconds, 2),
         # Detection quality over the masking period (all epochs from the mask start on).
         "masking_period": _pooled(recorder, study.mask_start),
     }
     if recorder.ifnd_rounds:
         seconds = [r["seconds"] for r in recorder.ifnd_rounds]
-        result["ifnd_rounds"] = {"count": len(seconds), "mean_seconds": float(np.mean(seconds)),
-                                 "max_seconds": float(np.max(seconds)),
-                                 "k": list(inner.num_clusters)}
+        result["ifnd_rounds"] = {
+            "count": len(seconds),
+            "mean_seconds": float(np.mean(seconds)),
+            "max_seconds": float(np.max(seconds)),
+            "k": list(inner.num_clusters),
+        }
     if snapshots is not None:
         result["threshold_snapshots"] = snapshots.snapshots
         result["_arrays"] = snapshots.arrays
@@ -528,22 +612,48 @@ def ifnd_round_scaling(sizes: list[int], dim: int = 64, k: int = 100) -> list[di
     for n in sizes:
         gen = torch.Generator().manual_seed(0)
         centres = F.normalize(torch.randn(k, dim, generator=gen), dim=-1)
-        x = centres[torch.randint(k, (n,), generator=gen)] + 0.3 * torch.randn(n, dim, generator=gen)
-        det = IFNDDetector(n, IFNDConfig(num_clusters=(k,), start_epoch=0.0,
-                                         accept_warmup_epochs=0.0, bank_warmup_epochs=0.0))
+        x = centres[torch.randint(k, (n,), generator=gen)] + 0.3 * torch.randn(
+            n, dim, generator=gen
+        )
+        det = IFNDDetector(
+            n,
+            IFNDConfig(
+                num_clusters=(k,), start_epoch=0.0, accept_warmup_epochs=0.0, bank_warmup_epochs=0.0
+            ),
+        )
         det.observe(torch.arange(n), x, x)
         index = torch.arange(8)
-        det.detect(torch.zeros(2, 8, 8), DetectionBatch(index, index, torch.ones(8, 8, dtype=torch.bool) & ~torch.eye(8, dtype=torch.bool), 0.0))
-        rows.append({"num_samples": n, "dim": dim, "k": k, "seconds": round(det.round_seconds, 3),
-                     "algorithm": "MiniBatchKMeans" if n > det.config.minibatch_threshold else "KMeans"})
+        det.detect(
+            torch.zeros(2, 8, 8),
+            DetectionBatch(
+                index,
+                index,
+                torch.ones(8, 8, dtype=torch.bool) & ~torch.eye(8, dtype=torch.bool),
+                0.0,
+            ),
+        )
+        rows.append(
+            {
+                "num_samples": n,
+                "dim": dim,
+                "k": k,
+                "seconds": round(det.round_seconds, 3),
+                "algorithm": "MiniBatchKMeans" if n > det.config.minibatch_threshold else "KMeans",
+            }
+        )
     return rows
 
 
 # ----------------------------------------------------------------------------------------
 # Plots and main
 # ----------------------------------------------------------------------------------------
-COLOURS_PLOT = {"none": "#888888", "batch_quantile": "#d62728", "glofnd": "#1f77b4",
-                "ifnd": "#2ca02c", "oracle": "#000000"}
+COLOURS_PLOT = {
+    "none": "#888888",
+    "batch_quantile": "#d62728",
+    "glofnd": "#1f77b4",
+    "ifnd": "#2ca02c",
+    "oracle": "#000000",
+}
 
 
 def plot_f1(results: dict[str, Any], path: Path) -> None:
@@ -588,8 +698,9 @@ def plot_lambda(results: dict[str, Any], arrays: dict[str, list], path: Path) ->
     if not names:
         return
     cols = max(len(arrays[n]) for n in names)
-    fig, axes = plt.subplots(len(names), cols, figsize=(3.6 * cols, 3.0 * len(names)),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(names), cols, figsize=(3.6 * cols, 3.0 * len(names)), squeeze=False
+    )
     for row, name in enumerate(names):
         alpha = results["datasets"][name]["settings"]["alpha"]
         for col, snap in enumerate(arrays[name]):
@@ -597,8 +708,13 @@ def plot_lambda(results: dict[str, Any], arrays: dict[str, list], path: Path) ->
             lo = float(min(snap["lambda"].min(), snap["exact"].min()))
             hi = float(max(snap["lambda"].max(), snap["exact"].max()))
             bins = np.linspace(lo, hi, 40)
-            ax.hist(snap["exact"], bins=bins, alpha=0.5, color="#ff7f0e",
-                    label=f"exact (1-{alpha:g}) quantile")
+            ax.hist(
+                snap["exact"],
+                bins=bins,
+                alpha=0.5,
+                color="#ff7f0e",
+                label=f"exact (1-{alpha:g}) quantile",
+            )
             ax.hist(snap["lambda"], bins=bins, alpha=0.5, color="#1f77b4", label="GloFND lambda")
             ax.set_title(f"{name}, end of epoch {snap['epoch']} (image side)", fontsize=9)
             ax.set_xlabel("threshold")
@@ -609,14 +725,22 @@ def plot_lambda(results: dict[str, Any], arrays: dict[str, list], path: Path) ->
     plt.close(fig)
 
 
-def build_studies(quick: bool, seed: int, only: list[str], glofnd_lr: float = 0.05,
-                  glofnd_clip_grad_mult: float | None = None,
-                  glofnd_update_rule: str = "tail") -> list[Study]:
+def build_studies(
+    quick: bool,
+    seed: int,
+    only: list[str],
+    glofnd_lr: float = 0.05,
+    glofnd_clip_grad_mult: float | None = None,
+    glofnd_update_rule: str = "tail",
+) -> list[Study]:
     """The tail rule learns from the first epoch; the Adam rules start two epochs before
     masking (the reference's practice of a late start)."""
     studies = []
-    rule = dict(glofnd_lr=glofnd_lr, glofnd_clip_grad_mult=glofnd_clip_grad_mult,
-                glofnd_update_rule=glofnd_update_rule)
+    rule = dict(
+        glofnd_lr=glofnd_lr,
+        glofnd_clip_grad_mult=glofnd_clip_grad_mult,
+        glofnd_update_rule=glofnd_update_rule,
+    )
     late_start = glofnd_update_rule != "tail"
     if "digits" in only:
         digits = load_digits_pairs(seed=seed)
@@ -626,40 +750,81 @@ def build_studies(quick: bool, seed: int, only: list[str], glofnd_lr: float = 0.
             # A subset: let the trainer number the rows again (index space = 512).
             train = train.select(range(512)).remove_columns("dataset_index")
             val = val.select(range(128))
-        studies.append(Study("digits", train, val, "digit", list(DIGIT_NAMES),
-                             list(CLASSIFICATION_TEMPLATES), alpha=0.005, epochs=epochs,
-                             mask_start=mask, update_start=update, seed=seed, **rule))
+        studies.append(
+            Study(
+                "digits",
+                train,
+                val,
+                "digit",
+                list(DIGIT_NAMES),
+                list(CLASSIFICATION_TEMPLATES),
+                alpha=0.005,
+                epochs=epochs,
+                mask_start=mask,
+                update_start=update,
+                seed=seed,
+                **rule,
+            )
+        )
     if "shapes" in only:
-        shapes = load_shapes_pairs(per_class=50 if not quick else 12,
-                                   val_per_class=8 if not quick else 3, seed=seed)
+        shapes = load_shapes_pairs(
+            per_class=50 if not quick else 12, val_per_class=8 if not quick else 3, seed=seed
+        )
         epochs, mask, update = (12, 4.0, 2.0 * late_start) if not quick else (3, 1.0, 0.0)
-        studies.append(Study("shapes", shapes["train"], shapes["validation"], "object",
-                             shape_class_names(), list(SHAPE_TEMPLATES), alpha=0.01,
-                             epochs=epochs, mask_start=mask, update_start=update, seed=seed,
-                             **rule))
+        studies.append(
+            Study(
+                "shapes",
+                shapes["train"],
+                shapes["validation"],
+                "object",
+                shape_class_names(),
+                list(SHAPE_TEMPLATES),
+                alpha=0.01,
+                epochs=epochs,
+                mask_start=mask,
+                update_start=update,
+                seed=seed,
+                **rule,
+            )
+        )
     return studies
 
 
 _STUDY_CACHE: dict[tuple, Study] = {}
 
 
-def _job(quick: bool, seed: int, dataset: str, detector: str, threads: int, glofnd_lr: float,
-         glofnd_clip: float | None, glofnd_rule: str,
-         tmp: str) -> tuple[str, str, dict[str, Any], dict[str, Any], float]:
+def _job(
+    quick: bool,
+    seed: int,
+    dataset: str,
+    detector: str,
+    threads: int,
+    glofnd_lr: float,
+    glofnd_clip: float | None,
+    glofnd_rule: str,
+    tmp: str,
+) -> tuple[str, str, dict[str, Any], dict[str, Any], float]:
     """One (data set, detector) run; in a worker process when ``--jobs`` > 1."""
     torch.set_num_threads(threads)
     logging.basicConfig(level=logging.WARNING)
     datasets.disable_progress_bars()
     key = (quick, seed, dataset, glofnd_lr, glofnd_clip, glofnd_rule)
     if key not in _STUDY_CACHE:
-        _STUDY_CACHE[key] = build_studies(quick, seed, [dataset], glofnd_lr, glofnd_clip,
-                                          glofnd_rule)[0]
+        _STUDY_CACHE[key] = build_studies(
+            quick, seed, [dataset], glofnd_lr, glofnd_clip, glofnd_rule
+        )[0]
     study = _STUDY_CACHE[key]
-    settings = {k: v for k, v in asdict(study).items()
-                if k not in ("train", "validation", "adapter", "class_names", "templates")}
-    settings.update(num_train=len(study.train), num_validation=len(study.validation),
-                    num_semantic_classes=len(set(study.train["semantic_label"])),
-                    ifnd=asdict(study.ifnd_config()))
+    settings = {
+        k: v
+        for k, v in asdict(study).items()
+        if k not in ("train", "validation", "adapter", "class_names", "templates")
+    }
+    settings.update(
+        num_train=len(study.train),
+        num_validation=len(study.validation),
+        num_semantic_classes=len(set(study.train["semantic_label"])),
+        ifnd=asdict(study.ifnd_config()),
+    )
     t0 = time.perf_counter()
     run = run_one(study, detector, os.path.join(tmp, f"{dataset}_{detector}"))
     return dataset, detector, settings, run, time.perf_counter() - t0
@@ -671,26 +836,52 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--datasets", default="digits,shapes")
     parser.add_argument("--detectors", default=",".join(DETECTORS))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
-                        help="runs in parallel, one process each (default: 2 cores)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads per run (more than one per core slows CPU "
-                             "training down badly when the cores are shared)")
-    parser.add_argument("--glofnd-lr", type=float, default=0.05,
-                        help="GloFND threshold learning rate (the reference default 0.05)")
-    parser.add_argument("--glofnd-update-rule", default="tail",
-                        choices=["tail", "adam", "reference"],
-                        help="GloFND's threshold rule (Adam rules start 2 epochs before masking)")
-    parser.add_argument("--glofnd-clip-grad-mult", type=float, default=None,
-                        help="clip GloFND's threshold gradient to +-mult x alpha (default: off)")
-    parser.add_argument("--suffix", default=None,
-                        help="appended to the output file names (default: '_quick' with --quick)")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=min(2, os.cpu_count() or 1),
+        help="runs in parallel, one process each (default: 2 cores)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads per run (more than one per core slows CPU "
+        "training down badly when the cores are shared)",
+    )
+    parser.add_argument(
+        "--glofnd-lr",
+        type=float,
+        default=0.05,
+        help="GloFND threshold learning rate (the reference default 0.05)",
+    )
+    parser.add_argument(
+        "--glofnd-update-rule",
+        default="tail",
+        choices=["tail", "adam", "reference"],
+        help="GloFND's threshold rule (Adam rules start 2 epochs before masking)",
+    )
+    parser.add_argument(
+        "--glofnd-clip-grad-mult",
+        type=float,
+        default=None,
+        help="clip GloFND's threshold gradient to +-mult x alpha (default: off)",
+    )
+    parser.add_argument(
+        "--suffix",
+        default=None,
+        help="appended to the output file names (default: '_quick' with --quick)",
+    )
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--table", metavar="JSON", help="only print the table of a results file")
-    parser.add_argument("--merge", nargs=2, metavar=("BASE", "NEW"),
-                        help="replace BASE's runs of the detectors NEW holds (e.g. GloFND re-run "
-                             "with another rule; the other detectors' runs do not depend on "
-                             "it), write fn_study{suffix}.json and its F1 plot, and stop")
+    parser.add_argument(
+        "--merge",
+        nargs=2,
+        metavar=("BASE", "NEW"),
+        help="replace BASE's runs of the detectors NEW holds (e.g. GloFND re-run "
+        "with another rule; the other detectors' runs do not depend on "
+        "it), write fn_study{suffix}.json and its F1 plot, and stop",
+    )
     opts = parser.parse_args(argv)
     if opts.merge:
         merged = merge_results(*(json.loads(Path(p).read_text()) for p in opts.merge))
@@ -717,11 +908,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     started = time.perf_counter()
     results: dict[str, Any] = {
         "description": "tiny HF CLIP from scratch, CLIP InfoNCE, eliminate; same seed and data "
-                       "order for every detector; precision/recall/F1 of the detected false "
-                       "negatives vs same semantic_label, pairs of the batch, both sides",
-        "environment": {"python": platform.python_version(), "torch": torch.__version__,
-                        "threads_per_run": opts.threads, "jobs": opts.jobs,
-                        "cpus": os.cpu_count(), "machine": platform.machine()},
+        "order for every detector; precision/recall/F1 of the detected false "
+        "negatives vs same semantic_label, pairs of the batch, both sides",
+        "environment": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "threads_per_run": opts.threads,
+            "jobs": opts.jobs,
+            "cpus": os.cpu_count(),
+            "machine": platform.machine(),
+        },
         "datasets": {name: {"settings": None, "runs": {}} for name in names},
     }
     arrays: dict[str, list] = {}
@@ -733,15 +929,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         arrays[dataset] = run.pop("_arrays", arrays.get(dataset, []))
         done[(dataset, det)] = run
         fin, zs = run["masking_period"], run["zero_shot"]
-        print(f"[{dataset}] {det:15s} P={_fmt(fin['precision'])} R={_fmt(fin['recall'])} "
-              f"F1={_fmt(fin['f1'])} filtered={fin['filtered_fraction']:.4f} "
-              f"i2t@1={zs['image_to_text_recall@1']:.3f} "
-              f"t2i@1={zs['text_to_image_recall@1']:.3f} top1={zs['top1_accuracy']:.3f} "
-              f"({seconds:.0f} s)", flush=True)
+        print(
+            f"[{dataset}] {det:15s} P={_fmt(fin['precision'])} R={_fmt(fin['recall'])} "
+            f"F1={_fmt(fin['f1'])} filtered={fin['filtered_fraction']:.4f} "
+            f"i2t@1={zs['image_to_text_recall@1']:.3f} "
+            f"t2i@1={zs['text_to_image_recall@1']:.3f} top1={zs['top1_accuracy']:.3f} "
+            f"({seconds:.0f} s)",
+            flush=True,
+        )
 
-    tasks = [(opts.quick, opts.seed, name, det, opts.threads, opts.glofnd_lr,
-              opts.glofnd_clip_grad_mult, opts.glofnd_update_rule) for name in names
-             for det in detectors]
+    tasks = [
+        (
+            opts.quick,
+            opts.seed,
+            name,
+            det,
+            opts.threads,
+            opts.glofnd_lr,
+            opts.glofnd_clip_grad_mult,
+            opts.glofnd_update_rule,
+        )
+        for name in names
+        for det in detectors
+    ]
     with tempfile.TemporaryDirectory() as tmp:
         if opts.jobs <= 1:
             for task in tasks:
@@ -757,8 +967,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name in names:  # fixed order in the file, whatever order the runs finished in
         results["datasets"][name]["runs"] = {d: done[(name, d)] for d in detectors}
     torch.set_num_threads(opts.threads)
-    results["ifnd_round_scaling"] = ifnd_round_scaling([10_000] if opts.quick
-                                                       else [10_000, 100_000, 400_000])
+    results["ifnd_round_scaling"] = ifnd_round_scaling(
+        [10_000] if opts.quick else [10_000, 100_000, 400_000]
+    )
     results["total_seconds"] = round(time.perf_counter() - started, 1)
     with open(out / f"{stem}.json", "w") as f:
         json.dump(results, f, indent=1)
@@ -775,9 +986,11 @@ def merge_results(base: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     for name, data in new["datasets"].items():
         merged["datasets"][name]["settings"] = data["settings"]
         merged["datasets"][name]["runs"].update(data["runs"])
-    merged["merged_from"] = {"base": base.get("environment"), "new": new.get("environment"),
-                             "replaced": sorted({d for data in new["datasets"].values()
-                                                 for d in data["runs"]})}
+    merged["merged_from"] = {
+        "base": base.get("environment"),
+        "new": new.get("environment"),
+        "replaced": sorted({d for data in new["datasets"].values() for d in data["runs"]}),
+    }
     return merged
 
 

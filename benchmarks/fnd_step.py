@@ -81,6 +81,7 @@ class Row:
 
 # -- helpers ------------------------------------------------------------------------------
 
+
 def parse_size(text: str) -> int:
     """'1e6', '10**6', '1000000' -> 1000000."""
     text = text.strip()
@@ -149,8 +150,10 @@ def sync(device: torch.device) -> None:
 
 # -- the measurement (runs in every process of a setup) -------------------------------------
 
-def measure(args: argparse.Namespace, compute: torch.device, repeats: int, setup: str,
-            log) -> list[Row]:
+
+def measure(
+    args: argparse.Namespace, compute: torch.device, repeats: int, setup: str, log
+) -> list[Row]:
     """Time every (N, detector, loss) of one process setup, interleaved round by round.
 
     The states of all N live at once, and each round runs one step of every configuration in
@@ -183,8 +186,10 @@ def measure(args: argparse.Namespace, compute: torch.device, repeats: int, setup
         if world > 1:  # every rank must agree, or the collectives would hang
             dist.all_reduce(skip, op=dist.ReduceOp.MAX)
         if skip.item():
-            note = (f"skipped: needs {need / 2**30:.1f} GiB more host memory "
-                    f"({world} process(es) x {fmt_n(n)} x {thr_bps + u_bps} B)")
+            note = (
+                f"skipped: needs {need / 2**30:.1f} GiB more host memory "
+                f"({world} process(es) x {fmt_n(n)} x {thr_bps + u_bps} B)"
+            )
             rows += [Row(setup, n, d, lo, None, note) for d, lo in combos]
             log(f"[{setup}] N={fmt_n(n)}: {note}")
             continue
@@ -194,13 +199,16 @@ def measure(args: argparse.Namespace, compute: torch.device, repeats: int, setup
         }
         # One global loss (one u table) for all detectors of this N: the detector is swapped
         # in before each step. ClipLoss keeps no state of its own.
-        global_loss = GlobalContrastiveLoss(n, detectors["glofnd"], device=state_device,
-                                            pin_memory=pin)
+        global_loss = GlobalContrastiveLoss(
+            n, detectors["glofnd"], device=state_device, pin_memory=pin
+        )
         for d, lo in combos:
             loss = ClipLoss(detectors[d]) if lo == "clip" else global_loss
             configs.append((n, d, lo, loss, detectors[d]))
-        log(f"[{setup}] N={fmt_n(n)}: state on {state_device}{' (pinned)' if pin else ''}, "
-            f"built in {time.perf_counter() - t_build:.1f} s")
+        log(
+            f"[{setup}] N={fmt_n(n)}: state on {state_device}{' (pinned)' if pin else ''}, "
+            f"built in {time.perf_counter() - t_build:.1f} s"
+        )
     if not configs:
         return rows
 
@@ -208,8 +216,10 @@ def measure(args: argparse.Namespace, compute: torch.device, repeats: int, setup
     steps = args.warmup + repeats
     torch.manual_seed(1234 + rank)
     pool = [
-        (torch.randn(b, dim, device=compute, requires_grad=True),
-         torch.randn(b, dim, device=compute, requires_grad=True))
+        (
+            torch.randn(b, dim, device=compute, requires_grad=True),
+            torch.randn(b, dim, device=compute, requires_grad=True),
+        )
         for _ in range(4)
     ]
     logit_scale = torch.tensor(1.0 / 0.07, device=compute, requires_grad=True)
@@ -217,8 +227,7 @@ def measure(args: argparse.Namespace, compute: torch.device, repeats: int, setup
     # same order of configurations, which the collectives need.
     gen = torch.Generator().manual_seed(20240607)
     index_sets = [
-        [draw_indices(n, global_b, gen)[rank * b:(rank + 1) * b].to(compute)
-         for n, *_ in configs]
+        [draw_indices(n, global_b, gen)[rank * b : (rank + 1) * b].to(compute) for n, *_ in configs]
         for _ in range(steps)
     ]
     orders = [torch.randperm(len(configs), generator=gen).tolist() for _ in range(steps)]
@@ -243,8 +252,10 @@ def measure(args: argparse.Namespace, compute: torch.device, repeats: int, setup
             if s >= args.warmup:
                 times[c].append(elapsed * 1e3)
         if s + 1 == args.warmup or (s + 1 - args.warmup) % 10 == 0 or s + 1 == steps:
-            log(f"[{setup}] round {s + 1}/{steps} ({args.warmup} warm-up), "
-                f"{time.perf_counter() - t_start:.0f} s")
+            log(
+                f"[{setup}] round {s + 1}/{steps} ({args.warmup} warm-up), "
+                f"{time.perf_counter() - t_start:.0f} s"
+            )
 
     for c, (n, d, lo, _, _) in enumerate(configs):
         t = torch.tensor(times[c], dtype=torch.float64, device=compute)
@@ -264,8 +275,10 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue) -
     compute = torch.device("cuda", rank) if cuda else torch.device("cpu")
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world))
     dist.init_process_group(
-        "nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank, world_size=world,
+        "nccl" if cuda else "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
     )
     try:
         setup = f"{world} proc x {args.local_batch} = {world * args.local_batch}"
@@ -281,12 +294,14 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue) -
 def run_distributed(args: argparse.Namespace) -> list[Row]:
     world = args.processes
     if torch.cuda.is_available() and torch.cuda.device_count() < world:
-        print(f"note: {world} processes need {world} GPUs with nccl, found "
-              f"{torch.cuda.device_count()}: multi-process setup skipped", file=sys.stderr)
+        print(
+            f"note: {world} processes need {world} GPUs with nccl, found "
+            f"{torch.cuda.device_count()}: multi-process setup skipped",
+            file=sys.stderr,
+        )
         return []
     queue = mp.get_context("spawn").SimpleQueue()
-    context = mp.spawn(_worker, args=(world, free_port(), args, queue), nprocs=world,
-                       join=False)
+    context = mp.spawn(_worker, args=(world, free_port(), args, queue), nprocs=world, join=False)
     rows = None
     while True:
         if rows is None and not queue.empty():
@@ -300,17 +315,22 @@ def run_distributed(args: argparse.Namespace) -> list[Row]:
 
 # -- report ---------------------------------------------------------------------------------
 
+
 def print_tables(rows: list[Row], args: argparse.Namespace) -> None:
     thr_bps, u_bps = state_bytes_per_sample()
     print("\n### State memory (per process; every rank holds a full copy)\n")
-    print(f"bytes per sample: GloFND thresholds tables {thr_bps} (tail rule: 2 sides x [lambda, "
-          f"scale, visits], Adam rule: 2 sides x [lambda, m, v, visits], float32), global-loss u "
-          f"{u_bps} (2 sides float32), total {thr_bps + u_bps}\n")
+    print(
+        f"bytes per sample: GloFND thresholds tables {thr_bps} (tail rule: 2 sides x [lambda, "
+        f"scale, visits], Adam rule: 2 sides x [lambda, m, v, visits], float32), global-loss u "
+        f"{u_bps} (2 sides float32), total {thr_bps + u_bps}\n"
+    )
     print("| N | thresholds table | u table | total per process |")
     print("|---:|---:|---:|---:|")
     for n in args.sizes:
-        print(f"| {fmt_n(n)} | {_mib(n * thr_bps)} | {_mib(n * u_bps)} | "
-              f"{_mib(n * (thr_bps + u_bps))} |")
+        print(
+            f"| {fmt_n(n)} | {_mib(n * thr_bps)} | {_mib(n * u_bps)} | "
+            f"{_mib(n * (thr_bps + u_bps))} |"
+        )
 
     for setup in dict.fromkeys(r.setup for r in rows):
         part = [r for r in rows if r.setup == setup]
@@ -323,8 +343,10 @@ def print_tables(rows: list[Row], args: argparse.Namespace) -> None:
                 continue
             base = next(x for x in part if x.n == r.n and (x.detector, x.loss) == BASELINE)
             lo, hi = r.quartiles()
-            print(f"| {fmt_n(r.n)} | {r.detector} | {r.loss} | {r.median:.2f} | "
-                  f"{lo:.2f}-{hi:.2f} | {r.median / base.median:.2f} |")
+            print(
+                f"| {fmt_n(r.n)} | {r.detector} | {r.loss} | {r.median:.2f} | "
+                f"{lo:.2f}-{hi:.2f} | {r.median / base.median:.2f} |"
+            )
         measured = sorted({r.n for r in part if r.times_ms})
         if len(measured) >= 2:
             lo_n, hi_n = measured[0], measured[-1]
@@ -349,27 +371,54 @@ def _loadavg() -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", type=parse_size, nargs="+",
-                        default=[10**4, 10**5, 10**6, 10**7, 10**8],
-                        help="data set sizes N (e.g. 1e4 1e6 10**8)")
+    parser.add_argument(
+        "--sizes",
+        type=parse_size,
+        nargs="+",
+        default=[10**4, 10**5, 10**6, 10**7, 10**8],
+        help="data set sizes N (e.g. 1e4 1e6 10**8)",
+    )
     parser.add_argument("--dim", type=int, default=512, help="embedding dimension")
     parser.add_argument("--local-batch", type=int, default=256)
-    parser.add_argument("--processes", type=int, default=4,
-                        help="processes of the distributed setup (<= 1: single process only)")
-    parser.add_argument("--repeats", type=int, default=40,
-                        help="timed steps per configuration, single process")
-    parser.add_argument("--dist-repeats", type=int, default=None,
-                        help="timed steps per configuration, distributed (default: repeats / 2)")
-    parser.add_argument("--warmup", type=int, default=5,
-                        help="untimed rounds (one step of every configuration) before timing")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch threads per process (0: all cores single, cores / processes "
-                             "distributed)")
-    parser.add_argument("--mem-margin-gb", type=float, default=3.0,
-                        help="skip an N whose host state would leave less than this available")
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=4,
+        help="processes of the distributed setup (<= 1: single process only)",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=40, help="timed steps per configuration, single process"
+    )
+    parser.add_argument(
+        "--dist-repeats",
+        type=int,
+        default=None,
+        help="timed steps per configuration, distributed (default: repeats / 2)",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=5,
+        help="untimed rounds (one step of every configuration) before timing",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads per process (0: all cores single, cores / processes distributed)",
+    )
+    parser.add_argument(
+        "--mem-margin-gb",
+        type=float,
+        default=3.0,
+        help="skip an N whose host state would leave less than this available",
+    )
     parser.add_argument("--no-single", action="store_true", help="skip the single-process setup")
-    parser.add_argument("--quick", action="store_true",
-                        help="tiny smoke run: N 1e4 1e5, dim 64, batch 32, 2 processes, 3 steps")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny smoke run: N 1e4 1e5, dim 64, batch 32, 2 processes, 3 steps",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.sizes, args.dim, args.local_batch = [10**4, 10**5], 64, 32
@@ -380,13 +429,17 @@ def main(argv: list[str] | None = None) -> None:
 
     cuda = torch.cuda.is_available()
     compute = torch.device("cuda", 0) if cuda else torch.device("cpu")
-    print(f"machine: {cpu_model()}, {os.cpu_count()} cores"
-          + (f", GPU {torch.cuda.get_device_name(0)}" if cuda else ", no GPU"))
+    print(
+        f"machine: {cpu_model()}, {os.cpu_count()} cores"
+        + (f", GPU {torch.cuda.get_device_name(0)}" if cuda else ", no GPU")
+    )
     print(f"python {platform.python_version()}, torch {torch.__version__}")
     print(f"command: {' '.join([os.path.basename(sys.executable), *sys.argv])}")
-    print(f"settings: sizes {[fmt_n(n) for n in args.sizes]}, dim {args.dim}, local batch "
-          f"{args.local_batch}, processes {args.processes}, repeats {args.repeats} "
-          f"(distributed {args.dist_repeats}), warmup rounds {args.warmup}, epoch {EPOCH}")
+    print(
+        f"settings: sizes {[fmt_n(n) for n in args.sizes]}, dim {args.dim}, local batch "
+        f"{args.local_batch}, processes {args.processes}, repeats {args.repeats} "
+        f"(distributed {args.dist_repeats}), warmup rounds {args.warmup}, epoch {EPOCH}"
+    )
     sys.stdout.flush()
 
     started = time.perf_counter()
@@ -401,8 +454,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.processes > 1:
         rows += run_distributed(args)
     print_tables(rows, args)
-    print(f"\ntotal wall time {time.perf_counter() - started:.0f} s; load average (1, 5, 15 min) "
-          f"at start {load_start}, at end {_loadavg()} (this run itself adds ~1 to ~{cores})")
+    print(
+        f"\ntotal wall time {time.perf_counter() - started:.0f} s; load average (1, 5, 15 min) "
+        f"at start {load_start}, at end {_loadavg()} (this run itself adds ~1 to ~{cores})"
+    )
 
 
 if __name__ == "__main__":

@@ -61,6 +61,7 @@ RESULTS = Path(__file__).resolve().parent / "results" / "memory.json"
 
 # -- peak memory ----------------------------------------------------------------------------
 
+
 def peak_bytes(fn: Callable[[], None], device: torch.device, repeats: int = 1) -> int:
     """Peak bytes allocated by ``fn`` on ``device`` above what was allocated before it; the
     smallest of ``repeats`` runs (CPU GEMM libraries add a few MiB of scratch now and then)."""
@@ -82,8 +83,11 @@ def _peak_bytes(fn: Callable[[], None], device: torch.device) -> int:
         prof.export_chrome_trace(path)
         with open(path) as f:
             events = json.load(f)["traceEvents"]
-    cpu = [e["args"] for e in events
-           if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type") == 0]
+    cpu = [
+        e["args"]
+        for e in events
+        if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type") == 0
+    ]
     return max((a["Total Allocated"] for a in cpu), default=0)
 
 
@@ -93,9 +97,9 @@ def held_bytes(device: torch.device) -> int | None:
 
 # -- loss part ------------------------------------------------------------------------------
 
+
 def make_loss(loss: str, detector: str, device: torch.device):
-    det = build_detector(detector, num_samples=NUM_SAMPLES, config=GloFNDConfig(),
-                         device=device)
+    det = build_detector(detector, num_samples=NUM_SAMPLES, config=GloFNDConfig(), device=device)
     if loss == "clip":
         return ClipLoss(det)
     return GlobalContrastiveLoss(NUM_SAMPLES, det, device=device)
@@ -109,8 +113,9 @@ def hf_clip_loss(image, text, scale, index, epoch):
     return SimpleNamespace(loss=image_text_contrastive_loss(text @ image.t() * scale))
 
 
-def loss_peak(loss, batch: int, dim: int, device: torch.device, gen: torch.Generator,
-              repeats: int) -> dict[str, int]:
+def loss_peak(
+    loss, batch: int, dim: int, device: torch.device, gen: torch.Generator, repeats: int
+) -> dict[str, int]:
     """Peak of one loss forward + backward (after an unmeasured one) above its inputs."""
     image = torch.randn(batch, dim, generator=gen).to(device).requires_grad_()
     text = torch.randn(batch, dim, generator=gen).to(device).requires_grad_()
@@ -123,8 +128,10 @@ def loss_peak(loss, batch: int, dim: int, device: torch.device, gen: torch.Gener
     step(torch.randperm(NUM_SAMPLES, generator=gen)[:batch].to(device))  # warm-up
     index = torch.randperm(NUM_SAMPLES, generator=gen)[:batch].to(device)
     image.grad = text.grad = scale.grad = None
-    return {"peak_bytes": peak_bytes(lambda: step(index), device, repeats),
-            "input_bytes": 2 * batch * dim * image.element_size()}
+    return {
+        "peak_bytes": peak_bytes(lambda: step(index), device, repeats),
+        "input_bytes": 2 * batch * dim * image.element_size(),
+    }
 
 
 def measure_loss(opts: argparse.Namespace) -> list[dict]:
@@ -140,24 +147,33 @@ def measure_loss(opts: argparse.Namespace) -> list[dict]:
             for detector in DETECTORS if loss_name != "hf_clip" else ("none",):
                 row = {"what": "loss", "loss": loss_name, "detector": detector, "batch": batch}
                 if avail is not None and need > avail - opts.mem_margin_gb * 2**30:
-                    row["note"] = (f"skipped: may need {need / 2**30:.1f} GiB, "
-                                   f"{avail / 2**30:.1f} GiB available")
+                    row["note"] = (
+                        f"skipped: may need {need / 2**30:.1f} GiB, "
+                        f"{avail / 2**30:.1f} GiB available"
+                    )
                     log(f"[loss] {loss_name}/{detector} b={batch}: {row['note']}")
                     rows.append(row)
                     continue
-                loss = (hf_clip_loss if loss_name == "hf_clip"
-                        else make_loss(loss_name, detector, device))
+                loss = (
+                    hf_clip_loss
+                    if loss_name == "hf_clip"
+                    else make_loss(loss_name, detector, device)
+                )
                 row.update(loss_peak(loss, batch, dim, device, gen, opts.repeats))
                 rows.append(row)
-                log(f"[loss] {loss_name}/{detector} b={batch}: peak "
-                    f"{row['peak_bytes'] / 2**20:.1f} MiB")
+                log(
+                    f"[loss] {loss_name}/{detector} b={batch}: peak "
+                    f"{row['peak_bytes'] / 2**20:.1f} MiB"
+                )
     return rows
 
 
 # -- full step ------------------------------------------------------------------------------
 
-def step_peak(trainer, model, optimizer, data: dict, device: torch.device,
-              gen: torch.Generator, repeats: int) -> dict[str, int | None]:
+
+def step_peak(
+    trainer, model, optimizer, data: dict, device: torch.device, gen: torch.Generator, repeats: int
+) -> dict[str, int | None]:
     """Peak of one full step (after an unmeasured one) above what is held between steps."""
     batch = data["input_ids"].shape[0]
 
@@ -187,29 +203,43 @@ def measure_step(opts: argparse.Namespace) -> list[dict]:
     for detector in DETECTORS:
         with tempfile.TemporaryDirectory() as output_dir:
             args = GloFNDTrainingArguments(
-                output_dir=output_dir, per_device_train_batch_size=max(opts.batches),
-                learning_rate=1e-4, report_to="none", save_strategy="no", disable_tqdm=True,
-                use_cpu=device.type == "cpu", bf16=device.type == "cuda",
-                detector=detector, loss_type="clip", num_samples=NUM_SAMPLES,
-                state_device="device", check_inputs=True,
+                output_dir=output_dir,
+                per_device_train_batch_size=max(opts.batches),
+                learning_rate=1e-4,
+                report_to="none",
+                save_strategy="no",
+                disable_tqdm=True,
+                use_cpu=device.type == "cpu",
+                bf16=device.type == "cuda",
+                detector=detector,
+                loss_type="clip",
+                num_samples=NUM_SAMPLES,
+                state_device="device",
+                check_inputs=True,
             )
             trainer = GloFNDTrainer(copy_adapter(base), args)
         model, optimizer = prepare(trainer)
         gen = torch.Generator().manual_seed(0)
         oom = False
         for batch in opts.batches:
-            row = {"what": "step", "model": name, "detector": detector, "batch": batch,
-                   "precision": "bf16" if args.bf16 else "fp32"}
+            row = {
+                "what": "step",
+                "model": name,
+                "detector": detector,
+                "batch": batch,
+                "precision": "bf16" if args.bf16 else "fp32",
+            }
             if oom:
                 row["note"] = "skipped after OOM at a smaller batch"
                 rows.append(row)
                 continue
             data = synthetic_batch(trainer.adapter, batch, device)
             try:
-                row.update(step_peak(trainer, model, optimizer, data, device, gen,
-                                     opts.repeats))
-                log(f"[step] {name}/{detector} b={batch}: peak "
-                    f"{row['peak_bytes'] / 2**20:.1f} MiB above held")
+                row.update(step_peak(trainer, model, optimizer, data, device, gen, opts.repeats))
+                log(
+                    f"[step] {name}/{detector} b={batch}: peak "
+                    f"{row['peak_bytes'] / 2**20:.1f} MiB above held"
+                )
             except torch.OutOfMemoryError:
                 oom = True
                 row["note"] = "out of memory"
@@ -226,16 +256,20 @@ def measure_step(opts: argparse.Namespace) -> list[dict]:
 
 # -- state ----------------------------------------------------------------------------------
 
+
 def state_bytes_per_sample(n: int = 1000) -> dict[str, float]:
     """Bytes per sample of the per-sample tables, from the real objects."""
     det = build_detector("glofnd", num_samples=n)
     thr = det.state.table.data
     u = GlobalContrastiveLoss(n).u.data
-    return {"glofnd_thresholds": thr.element_size() * thr.nelement() / n,
-            "global_loss_u": u.element_size() * u.nelement() / n}
+    return {
+        "glofnd_thresholds": thr.element_size() * thr.nelement() / n,
+        "global_loss_u": u.element_size() * u.nelement() / n,
+    }
 
 
 # -- report ---------------------------------------------------------------------------------
+
 
 def _mib(nbytes: float | None) -> str:
     return "" if nbytes is None else f"{nbytes / 2**20:,.1f}"
@@ -248,14 +282,19 @@ def _size(nbytes: float) -> str:
 def print_report(rows: list[dict], bps: dict[str, float]) -> None:
     loss_rows = [r for r in rows if r["what"] == "loss"]
     if loss_rows:
-        print("\n### Loss part: peak MiB above the inputs (embeddings dim "
-              f"{loss_rows[0].get('dim', '')}; forward + backward)\n")
-        print("| loss | batch | none | glofnd | glofnd - none | glofnd / none | transformers "
-              "clip loss |")
+        print(
+            "\n### Loss part: peak MiB above the inputs (embeddings dim "
+            f"{loss_rows[0].get('dim', '')}; forward + backward)\n"
+        )
+        print(
+            "| loss | batch | none | glofnd | glofnd - none | glofnd / none | transformers "
+            "clip loss |"
+        )
         print("|---|---:|---:|---:|---:|---:|---:|")
         hf = {r["batch"]: r.get("peak_bytes") for r in loss_rows if r["loss"] == "hf_clip"}
-        for key in dict.fromkeys((r["loss"], r["batch"]) for r in loss_rows
-                                 if r["loss"] != "hf_clip"):
+        for key in dict.fromkeys(
+            (r["loss"], r["batch"]) for r in loss_rows if r["loss"] != "hf_clip"
+        ):
             pair = {r["detector"]: r for r in loss_rows if (r["loss"], r["batch"]) == key}
             a, b = pair["none"].get("peak_bytes"), pair["glofnd"].get("peak_bytes")
             ref = _mib(hf.get(key[1])) if key[0] == "clip" else ""
@@ -263,27 +302,36 @@ def print_report(rows: list[dict], bps: dict[str, float]) -> None:
                 note = pair["none"].get("note") or pair["glofnd"].get("note")
                 print(f"| {key[0]} | {key[1]} | {_mib(a)} | {_mib(b)} | {note} | | {ref} |")
                 continue
-            print(f"| {key[0]} | {key[1]} | {_mib(a)} | {_mib(b)} | {_mib(b - a)} | "
-                  f"{b / a:.2f} | {ref} |")
+            print(
+                f"| {key[0]} | {key[1]} | {_mib(a)} | {_mib(b)} | {_mib(b - a)} | "
+                f"{b / a:.2f} | {ref} |"
+            )
     step_rows = [r for r in rows if r["what"] == "step"]
     if step_rows:
-        print(f"\n### Full step ({step_rows[0]['model']}, {step_rows[0]['precision']}): peak "
-              "MiB above what is held between steps\n")
+        print(
+            f"\n### Full step ({step_rows[0]['model']}, {step_rows[0]['precision']}): peak "
+            "MiB above what is held between steps\n"
+        )
         print("| batch | none peak | glofnd peak | glofnd - none | held none | held glofnd |")
         print("|---:|---:|---:|---:|---:|---:|")
         for batch in dict.fromkeys(r["batch"] for r in step_rows):
             pair = {r["detector"]: r for r in step_rows if r["batch"] == batch}
             a, b = pair["none"].get("peak_bytes"), pair["glofnd"].get("peak_bytes")
-            diff = _mib(b - a) if a is not None and b is not None else (
-                pair["none"].get("note") or pair["glofnd"].get("note") or "")
+            diff = (
+                _mib(b - a)
+                if a is not None and b is not None
+                else (pair["none"].get("note") or pair["glofnd"].get("note") or "")
+            )
             held = [pair[d].get("held_bytes") for d in DETECTORS]
             held = [_mib(h) if h is not None else "n/a" for h in held]
             print(f"| {batch} | {_mib(a)} | {_mib(b)} | {diff} | {held[0]} | {held[1]} |")
 
     thr, u = bps["glofnd_thresholds"], bps["global_loss_u"]
     print("\n### Per-sample state (allocated once; outside the peaks above)\n")
-    print(f"bytes per sample: GloFND thresholds table {thr:g} (2 sides x [lambda, m, v, "
-          f"visits] float32), global-loss u {u:g} (2 sides float32)\n")
+    print(
+        f"bytes per sample: GloFND thresholds table {thr:g} (2 sides x [lambda, m, v, "
+        f"visits] float32), global-loss u {u:g} (2 sides float32)\n"
+    )
     print("| data set | N | GloFND + CLIP loss | GloFND + global loss (thresholds + u) |")
     print("|---|---:|---:|---:|")
     for name, n in DATASETS.items():
@@ -292,15 +340,28 @@ def print_report(rows: list[dict], bps: dict[str, float]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--what", nargs="+", choices=("loss", "step"), default=None,
-                        help="default: loss on CPU, loss and step on CUDA")
+    parser.add_argument(
+        "--what",
+        nargs="+",
+        choices=("loss", "step"),
+        default=None,
+        help="default: loss on CPU, loss and step on CUDA",
+    )
     parser.add_argument("--batches", type=int, nargs="+", default=[256, 1024, 4096])
     parser.add_argument("--dim", type=int, default=512, help="embedding dim (loss part)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--mem-margin-gb", type=float, default=1.0,
-                        help="CPU: skip a batch whose loss may leave less than this available")
-    parser.add_argument("--repeats", type=int, default=3,
-                        help="measured steps per configuration; the smallest peak is kept")
+    parser.add_argument(
+        "--mem-margin-gb",
+        type=float,
+        default=1.0,
+        help="CPU: skip a batch whose loss may leave less than this available",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="measured steps per configuration; the smallest peak is kept",
+    )
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument("--quick", action="store_true", help="smoke run: batches 64 128")
     opts = parser.parse_args(argv)
@@ -313,21 +374,34 @@ def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     transformers.logging.set_verbosity_error()
 
-    machine = {"cpu": cpu_model(), "cores": os.cpu_count(),
-               "gpu": torch.cuda.get_device_name(0) if cuda else None,
-               "python": platform.python_version(), "torch": torch.__version__,
-               "transformers": transformers.__version__}
+    machine = {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "gpu": torch.cuda.get_device_name(0) if cuda else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
     command = " ".join([os.path.basename(sys.executable), *sys.argv])
-    print(f"machine: {machine['cpu']}, {machine['cores']} cores"
-          + (f", GPU {machine['gpu']}" if cuda else ", no GPU"))
-    print(f"python {machine['python']}, torch {machine['torch']}, transformers "
-          f"{machine['transformers']}")
+    print(
+        f"machine: {machine['cpu']}, {machine['cores']} cores"
+        + (f", GPU {machine['gpu']}" if cuda else ", no GPU")
+    )
+    print(
+        f"python {machine['python']}, torch {machine['torch']}, transformers "
+        f"{machine['transformers']}"
+    )
     print(f"command: {command}")
-    print(f"settings: {opts.what}, batches {opts.batches}, dim {opts.dim}, {opts.repeats} "
-          f"measured steps each (smallest peak kept), device "
-          f"{opts.device}, glofnd N = {NUM_SAMPLES:,}; peak via "
-          + ("torch.cuda.max_memory_allocated" if cuda else
-             "torch.profiler(profile_memory=True), CPU allocator 'Total Allocated'"))
+    print(
+        f"settings: {opts.what}, batches {opts.batches}, dim {opts.dim}, {opts.repeats} "
+        f"measured steps each (smallest peak kept), device "
+        f"{opts.device}, glofnd N = {NUM_SAMPLES:,}; peak via "
+        + (
+            "torch.cuda.max_memory_allocated"
+            if cuda
+            else "torch.profiler(profile_memory=True), CPU allocator 'Total Allocated'"
+        )
+    )
     sys.stdout.flush()
 
     rows = []
@@ -339,12 +413,26 @@ def main(argv: list[str] | None = None) -> None:
     print_report(rows, bps)
 
     opts.output.parent.mkdir(parents=True, exist_ok=True)
-    state = {name: {"num_samples": n, "glofnd_thresholds_bytes": n * bps["glofnd_thresholds"],
-                    "global_loss_u_bytes": n * bps["global_loss_u"]}
-             for name, n in DATASETS.items()}
+    state = {
+        name: {
+            "num_samples": n,
+            "glofnd_thresholds_bytes": n * bps["glofnd_thresholds"],
+            "global_loss_u_bytes": n * bps["global_loss_u"],
+        }
+        for name, n in DATASETS.items()
+    }
     with open(opts.output, "w") as f:
-        json.dump({"machine": machine, "command": command, "rows": rows,
-                   "state_bytes_per_sample": bps, "state_totals": state}, f, indent=1)
+        json.dump(
+            {
+                "machine": machine,
+                "command": command,
+                "rows": rows,
+                "state_bytes_per_sample": bps,
+                "state_totals": state,
+            },
+            f,
+            indent=1,
+        )
     print(f"\nwrote {opts.output}")
 
 

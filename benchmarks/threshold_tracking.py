@@ -42,39 +42,58 @@ SMALL = dict(num_samples=8192, batch_size=512, alpha=0.005, epochs=20)
 PAPER = dict(num_samples=200_000, batch_size=4096, alpha=1e-4, epochs=30)
 
 
-def run_all(kinds: list[str], rules: list[str], paper: bool, paper_rules: list[str],
-            seed: int) -> dict:
-    results: dict = {"settings": {"small": SMALL, "paper": PAPER if paper else None},
-                     "machine": {"cpu": cpu_model(), "threads": torch.get_num_threads(),
-                            "torch": torch.__version__}, "runs": []}
+def run_all(
+    kinds: list[str], rules: list[str], paper: bool, paper_rules: list[str], seed: int
+) -> dict:
+    results: dict = {
+        "settings": {"small": SMALL, "paper": PAPER if paper else None},
+        "machine": {
+            "cpu": cpu_model(),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+        },
+        "runs": [],
+    }
     for kind in kinds:
         stream = make_stream(kind, SMALL["num_samples"], SMALL["epochs"], seed=seed)
         cache: dict = {}
         for rule in rules:
             start = time.perf_counter()
-            run = run_stream(stream, rule, SMALL["alpha"], SMALL["batch_size"], seed=seed,
-                             exact_cache=cache)
-            results["runs"].append({**asdict(run), "setting": "small",
-                                    "seconds": time.perf_counter() - start})
+            run = run_stream(
+                stream, rule, SMALL["alpha"], SMALL["batch_size"], seed=seed, exact_cache=cache
+            )
+            results["runs"].append(
+                {**asdict(run), "setting": "small", "seconds": time.perf_counter() - start}
+            )
             print(_line("small", run), flush=True)
     if paper:
         stream = make_stream("fixed", PAPER["num_samples"], PAPER["epochs"], seed=seed)
         cache = {}
         for rule in paper_rules:
             start = time.perf_counter()
-            run = run_stream(stream, rule, PAPER["alpha"], PAPER["batch_size"], seed=seed,
-                             score_epochs={0, 1, 2, 4, 9, 19}, exact_cache=cache)
-            results["runs"].append({**asdict(run), "setting": "paper",
-                                    "seconds": time.perf_counter() - start})
+            run = run_stream(
+                stream,
+                rule,
+                PAPER["alpha"],
+                PAPER["batch_size"],
+                seed=seed,
+                score_epochs={0, 1, 2, 4, 9, 19},
+                exact_cache=cache,
+            )
+            results["runs"].append(
+                {**asdict(run), "setting": "paper", "seconds": time.perf_counter() - start}
+            )
             print(_line("paper", run), flush=True)
     return results
 
 
 def _line(setting: str, run) -> str:
     last = run.last
-    return (f"{setting:5s} {run.stream:9s} {run.rule:19s} err {last.median_error:.4f} "
-            f"corr {last.correlation:.3f} filtered/alpha {last.filtered_over_alpha:.2f} "
-            f"at bound {last.at_bound:.3f} P {_f(last.precision)} R {_f(last.recall)}")
+    return (
+        f"{setting:5s} {run.stream:9s} {run.rule:19s} err {last.median_error:.4f} "
+        f"corr {last.correlation:.3f} filtered/alpha {last.filtered_over_alpha:.2f} "
+        f"at bound {last.at_bound:.3f} P {_f(last.precision)} R {_f(last.recall)}"
+    )
 
 
 def _f(x: float | None) -> str:
@@ -82,8 +101,11 @@ def _f(x: float | None) -> str:
 
 
 def markdown_table(results: dict) -> str:
-    lines = ["| setting | stream | rule | median error | corr. | filtered / alpha | at clamp "
-             "| P | R | quantile moves / epoch |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| setting | stream | rule | median error | corr. | filtered / alpha | at clamp "
+        "| P | R | quantile moves / epoch |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for run in results["runs"]:
         last = run["epochs"][-1]
         move = last.get("quantile_movement")
@@ -103,8 +125,13 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     panels = list(dict.fromkeys((r["setting"], r["stream"]) for r in results["runs"]))
-    colours = {"reference": "#ff7f0e", "adam": "#1f77b4", "adam+init_quantile": "#2ca02c",
-               "tail": "#d62728", "batch_quantile": "#9467bd"}
+    colours = {
+        "reference": "#ff7f0e",
+        "adam": "#1f77b4",
+        "adam+init_quantile": "#2ca02c",
+        "tail": "#d62728",
+        "batch_quantile": "#9467bd",
+    }
     fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.2), squeeze=False)
     for ax, (setting, kind) in zip(axes[0], panels, strict=True):
         for run in results["runs"]:
@@ -112,10 +139,19 @@ def plot(results: dict, path: Path) -> None:
                 continue
             xs = [e["epoch"] + 1 for e in run["epochs"]]
             style = "--" if run["rule"] == "adam" else "-"  # equals reference here
-            ax.plot(xs, [max(e["median_error"], 1e-4) for e in run["epochs"]], style,
-                    marker=".", label=run["rule"], color=colours.get(run["rule"]))
-            moves = [(e["epoch"] + 1, e["quantile_movement"]) for e in run["epochs"]
-                     if e.get("quantile_movement") is not None]
+            ax.plot(
+                xs,
+                [max(e["median_error"], 1e-4) for e in run["epochs"]],
+                style,
+                marker=".",
+                label=run["rule"],
+                color=colours.get(run["rule"]),
+            )
+            moves = [
+                (e["epoch"] + 1, e["quantile_movement"])
+                for e in run["epochs"]
+                if e.get("quantile_movement") is not None
+            ]
         if kind == "moving" and moves:
             ax.plot(*zip(*moves, strict=True), "k:", label="quantile moves / epoch")
         ax.set_yscale("log")
@@ -132,13 +168,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--streams", nargs="*", default=list(KINDS), choices=KINDS)
     parser.add_argument("--rules", nargs="*", default=list(RULES), choices=list(RULES))
     parser.add_argument("--paper", action="store_true", help="add the N = 2e5 simulation")
-    parser.add_argument("--paper-rules", nargs="*", default=["reference", "adam", "tail",
-                                                             "batch_quantile"])
+    parser.add_argument(
+        "--paper-rules", nargs="*", default=["reference", "adam", "tail", "batch_quantile"]
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output", default=str(RESULTS / "threshold_tracking.json"))
-    parser.add_argument("--table", help="print the table of an earlier result file (and "
-                        "redraw its plot beside it) and stop")
+    parser.add_argument(
+        "--table",
+        help="print the table of an earlier result file (and redraw its plot beside it) and stop",
+    )
     opts = parser.parse_args(argv)
     if opts.table:
         results = json.loads(Path(opts.table).read_text())

@@ -68,8 +68,10 @@ class Stream:
         rows = slice(None) if index is None else index
         image = math.cos(angle) * self.image0[rows] + math.sin(angle) * self.image1[rows]
         text = math.cos(angle) * self.text0[rows] + math.sin(angle) * self.text1[rows]
-        return (F.normalize(self.centre + spread * image, dim=-1),
-                F.normalize(self.centre + spread * text, dim=-1))
+        return (
+            F.normalize(self.centre + spread * image, dim=-1),
+            F.normalize(self.centre + spread * text, dim=-1),
+        )
 
 
 def _clustered(n: int, dim: int, clusters: int, gen: torch.Generator):
@@ -81,8 +83,14 @@ def _clustered(n: int, dim: int, clusters: int, gen: torch.Generator):
     return image, text
 
 
-def make_stream(kind: str, num_samples: int, epochs: int, dim: int = 32,
-                clusters: int | None = None, seed: int = 0) -> Stream:
+def make_stream(
+    kind: str,
+    num_samples: int,
+    epochs: int,
+    dim: int = 32,
+    clusters: int | None = None,
+    seed: int = 0,
+) -> Stream:
     if kind not in KINDS:
         raise ValueError(f"unknown stream kind {kind!r}; choose from {KINDS}")
     gen = torch.Generator().manual_seed(seed)
@@ -94,8 +102,13 @@ def make_stream(kind: str, num_samples: int, epochs: int, dim: int = 32,
     return Stream(kind, num_samples, epochs, spread, image0, text0, image1, text1, centre)
 
 
-def exact_quantiles(anchors: torch.Tensor, candidates: torch.Tensor, anchor_index: torch.Tensor,
-                    alpha: float, chunk: int = 1024) -> torch.Tensor:
+def exact_quantiles(
+    anchors: torch.Tensor,
+    candidates: torch.Tensor,
+    anchor_index: torch.Tensor,
+    alpha: float,
+    chunk: int = 1024,
+) -> torch.Tensor:
     """(1 - alpha) quantile (linear interpolation, as ``torch.quantile``) of each anchor's
     similarity to every candidate but its own pair; only the top of each row is kept."""
     n = candidates.shape[0] - 1
@@ -105,23 +118,29 @@ def exact_quantiles(anchors: torch.Tensor, candidates: torch.Tensor, anchor_inde
     from_top = n - 1 - low  # position of the lower neighbour, counted from the top
     out = []
     for start in range(0, anchors.shape[0], chunk):
-        sim = anchors[start:start + chunk] @ candidates.t()
+        sim = anchors[start : start + chunk] @ candidates.t()
         rows = torch.arange(sim.shape[0])
-        sim[rows, anchor_index[start:start + chunk]] = float("-inf")
+        sim[rows, anchor_index[start : start + chunk]] = float("-inf")
         top = sim.topk(from_top + 1, dim=1).values
         v_low, v_high = top[:, from_top], top[:, max(from_top - 1, 0)]
         out.append(v_low + frac * (v_high - v_low))
     return torch.cat(out)
 
 
-def exact_both(stream: Stream, t: float, alpha: float,
-               index: torch.Tensor | None = None) -> torch.Tensor:
+def exact_both(
+    stream: Stream, t: float, alpha: float, index: torch.Tensor | None = None
+) -> torch.Tensor:
     """(n, 2) exact quantiles [image side, text side] at epoch ``t`` (all samples, or the
     anchors ``index``)."""
     image, text = stream.embeds(t)
     index = torch.arange(stream.num_samples) if index is None else index
-    return torch.stack([exact_quantiles(image[index], text, index, alpha),
-                        exact_quantiles(text[index], image, index, alpha)], dim=-1)
+    return torch.stack(
+        [
+            exact_quantiles(image[index], text, index, alpha),
+            exact_quantiles(text[index], image, index, alpha),
+        ],
+        dim=-1,
+    )
 
 
 # ------------------------------------------------------------------------------------------
@@ -152,8 +171,9 @@ class ThresholdProbe:
 
     def detect(self, sim: torch.Tensor, index: torch.Tensor, epoch: float) -> torch.Tensor:
         negatives = index.unsqueeze(0) != index.unsqueeze(1)
-        batch = DetectionBatch(anchor_index=index, candidate_index=index, negatives=negatives,
-                               epoch=epoch)
+        batch = DetectionBatch(
+            anchor_index=index, candidate_index=index, negatives=negatives, epoch=epoch
+        )
         found = self.detector.detect(sim, batch).false_negatives
         if isinstance(self.detector, GloFNDDetector):
             self.lam[index] = self.detector.state.lambdas(index)
@@ -187,9 +207,16 @@ class Run:
         return self.epochs[-1]
 
 
-def run_stream(stream: Stream, rule: str, alpha: float, batch_size: int, seed: int = 0,
-               score_epochs: set[int] | None = None, exact_cache: dict | None = None,
-               **overrides) -> Run:
+def run_stream(
+    stream: Stream,
+    rule: str,
+    alpha: float,
+    batch_size: int,
+    seed: int = 0,
+    score_epochs: set[int] | None = None,
+    exact_cache: dict | None = None,
+    **overrides,
+) -> Run:
     """Visit every sample once per epoch in shuffled batches; score the thresholds against
     the exact quantiles at the end of each epoch in ``score_epochs`` (default: all), and the
     last epoch's detections against the exact rule's masks."""
@@ -214,7 +241,7 @@ def run_stream(stream: Stream, rule: str, alpha: float, batch_size: int, seed: i
         hits = detected = truth = 0.0
         last_epoch = epoch == epochs - 1
         for step in range(steps):
-            index = perm[step * batch_size:(step + 1) * batch_size]
+            index = perm[step * batch_size : (step + 1) * batch_size]
             t = epoch + step / steps
             image, text = stream.embeds(t, index)
             sim = torch.stack([image @ text.t(), text @ image.t()])
@@ -223,8 +250,11 @@ def run_stream(stream: Stream, rule: str, alpha: float, batch_size: int, seed: i
             filtered += 0.0 if found is None else found.sum().item()
             negatives_seen += 2 * negatives
             if last_epoch and found is not None:
-                exact = (exact_at(0.0)[index] if not stream.moves
-                         else exact_both(stream, t, alpha, index))
+                exact = (
+                    exact_at(0.0)[index]
+                    if not stream.moves
+                    else exact_both(stream, t, alpha, index)
+                )
                 eye = torch.eye(batch_size, dtype=torch.bool)
                 should = (sim > exact.t().unsqueeze(-1)) & ~eye
                 hits += (found & should).sum().item()
@@ -238,9 +268,11 @@ def run_stream(stream: Stream, rule: str, alpha: float, batch_size: int, seed: i
         at_bound = (lam.abs() >= 1.0).float().mean().item()
         correlation = torch.corrcoef(torch.stack([lam.flatten(), exact.flatten()]))[0, 1].item()
         record = EpochRecord(
-            epoch=epoch, median_error=(lam - exact).abs().median().item(),
+            epoch=epoch,
+            median_error=(lam - exact).abs().median().item(),
             correlation=correlation if math.isfinite(correlation) else 0.0,
-            filtered_over_alpha=filtered / negatives_seen / alpha, at_bound=at_bound,
+            filtered_over_alpha=filtered / negatives_seen / alpha,
+            at_bound=at_bound,
         )
         if stream.moves and previous_exact is not None:
             record.quantile_movement = (exact - previous_exact).abs().median().item()

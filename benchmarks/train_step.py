@@ -96,6 +96,7 @@ class Variant:
 
 # -- models ---------------------------------------------------------------------------------
 
+
 def build_adapter(name: str, image_size: int) -> DualEncoderAdapter:
     """The model of the benchmark, randomly initialised, built offline."""
     torch.manual_seed(0)
@@ -107,8 +108,9 @@ def build_adapter(name: str, image_size: int) -> DualEncoderAdapter:
         model = CLIPModel(CLIPConfig())  # ViT-B/32 vision + 12-layer 512-wide text, dim 512
         size = model.config.vision_config.image_size
         processor = CLIPProcessor(
-            image_processor=CLIPImageProcessor(size={"shortest_edge": size},
-                                               crop_size={"height": size, "width": size}),
+            image_processor=CLIPImageProcessor(
+                size={"shortest_edge": size}, crop_size={"height": size, "width": size}
+            ),
             # Only the collator (unused here) would tokenise; token ids are drawn at random.
             tokenizer=build_small_clip_tokenizer(context_length=77),
         )
@@ -124,12 +126,18 @@ def copy_adapter(adapter: DualEncoderAdapter) -> DualEncoderAdapter:
     if isinstance(adapter, HFDualEncoder):
         return HFDualEncoder(model, adapter.processor, context_length=adapter.context_length)
     assert isinstance(adapter, OpenClipDualEncoder)
-    return OpenClipDualEncoder(model, adapter.preprocess_train, adapter.preprocess_val,
-                               adapter.tokenizer, adapter.model_cfg)
+    return OpenClipDualEncoder(
+        model,
+        adapter.preprocess_train,
+        adapter.preprocess_val,
+        adapter.tokenizer,
+        adapter.model_cfg,
+    )
 
 
-def synthetic_batch(adapter: DualEncoderAdapter, batch: int, device: torch.device,
-                    seed: int = 0) -> dict[str, torch.Tensor]:
+def synthetic_batch(
+    adapter: DualEncoderAdapter, batch: int, device: torch.device, seed: int = 0
+) -> dict[str, torch.Tensor]:
     """Random pixels and random token ids (BOS first, EOS last, no padding)."""
     gen = torch.Generator().manual_seed(seed)
     if isinstance(adapter, HFDualEncoder):
@@ -152,11 +160,20 @@ def synthetic_batch(adapter: DualEncoderAdapter, batch: int, device: torch.devic
 
 # -- trainers -------------------------------------------------------------------------------
 
+
 def common_args(opts: argparse.Namespace, output_dir: str) -> dict:
     return dict(
-        output_dir=output_dir, per_device_train_batch_size=opts.batch, learning_rate=1e-4,
-        weight_decay=0.1, report_to="none", save_strategy="no", seed=0, disable_tqdm=True,
-        use_cpu=opts.device.type == "cpu", bf16=opts.bf16, dataloader_num_workers=0,
+        output_dir=output_dir,
+        per_device_train_batch_size=opts.batch,
+        learning_rate=1e-4,
+        weight_decay=0.1,
+        report_to="none",
+        save_strategy="no",
+        seed=0,
+        disable_tqdm=True,
+        use_cpu=opts.device.type == "cpu",
+        bf16=opts.bf16,
+        dataloader_num_workers=0,
     )
 
 
@@ -169,26 +186,33 @@ def prepare(trainer: Trainer) -> tuple[nn.Module, torch.optim.Optimizer]:
     return model, optimizer
 
 
-def build_variants(base: DualEncoderAdapter, opts: argparse.Namespace,
-                   output_dir: str) -> list[Variant]:
+def build_variants(
+    base: DualEncoderAdapter, opts: argparse.Namespace, output_dir: str
+) -> list[Variant]:
     variants = []
     for detector in DETECTORS:
         for check in (True, False):
             args = GloFNDTrainingArguments(
-                **common_args(opts, output_dir), detector=detector, loss_type="clip",
-                check_inputs=check, num_samples=NUM_SAMPLES, state_device="device",
+                **common_args(opts, output_dir),
+                detector=detector,
+                loss_type="clip",
+                check_inputs=check,
+                num_samples=NUM_SAMPLES,
+                state_device="device",
             )
             trainer = GloFNDTrainer(copy_adapter(base), args)
             model, optimizer = prepare(trainer)
             name = f"ours {detector}, check {'on' if check else 'off'}"
-            variants.append(Variant(name, "ours", detector, check, trainer, model, optimizer,
-                                    with_index=True))
+            variants.append(
+                Variant(name, "ours", detector, check, trainer, model, optimizer, with_index=True)
+            )
     if isinstance(base, HFDualEncoder):
         args = TrainingArguments(**common_args(opts, output_dir), remove_unused_columns=False)
         trainer = Trainer(model=copy.deepcopy(base.model), args=args)
         model, optimizer = prepare(trainer)
-        variants.append(Variant(HF_BASELINE, "hf", None, None, trainer, model, optimizer,
-                                with_index=False))
+        variants.append(
+            Variant(HF_BASELINE, "hf", None, None, trainer, model, optimizer, with_index=False)
+        )
     return variants
 
 
@@ -204,12 +228,18 @@ def one_step(v: Variant, inputs: dict) -> None:
     v.optimizer.step()
     v.model.zero_grad()
     trainer.state.global_step += 1
-    trainer.control = trainer.callback_handler.on_step_end(trainer.args, trainer.state,
-                                                           trainer.control)
+    trainer.control = trainer.callback_handler.on_step_end(
+        trainer.args, trainer.state, trainer.control
+    )
 
 
-def loss_head(v: Variant, image: torch.Tensor, text: torch.Tensor, log_scale: torch.Tensor,
-              index: torch.Tensor) -> None:
+def loss_head(
+    v: Variant,
+    image: torch.Tensor,
+    text: torch.Tensor,
+    log_scale: torch.Tensor,
+    index: torch.Tensor,
+) -> None:
     """What runs between the encoders' normalised embeddings and the parameters' gradients,
     forward and backward, on leaf tensors: the only part where the variants differ.
 
@@ -226,7 +256,10 @@ def loss_head(v: Variant, image: torch.Tensor, text: torch.Tensor, log_scale: to
         return
     trainer = v.trainer
     result = trainer.contrastive_loss(
-        F.normalize(image, dim=-1), F.normalize(text, dim=-1), scale, index,
+        F.normalize(image, dim=-1),
+        F.normalize(text, dim=-1),
+        scale,
+        index,
         epoch=trainer.current_epoch(),
     )
     trainer._accumulate_stats(result.stats, scale)  # what compute_loss does in training
@@ -235,8 +268,16 @@ def loss_head(v: Variant, image: torch.Tensor, text: torch.Tensor, log_scale: to
 
 # -- the measurement ------------------------------------------------------------------------
 
-def run_rounds(variants: list[Variant], rounds: int, warmup: int, device: torch.device,
-               gen: torch.Generator, run, progress=None) -> None:
+
+def run_rounds(
+    variants: list[Variant],
+    rounds: int,
+    warmup: int,
+    device: torch.device,
+    gen: torch.Generator,
+    run,
+    progress=None,
+) -> None:
     """``run(variant, round)`` once per variant per round, in a fresh random order each round;
     the rounds after ``warmup`` are timed into ``variant.times_s``."""
     for v in variants:
@@ -264,15 +305,19 @@ def measure(name: str, opts: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as output_dir:
         variants = build_variants(base, opts, output_dir)
     del base
-    log(f"[{name}] {len(variants)} variants built in {time.perf_counter() - t_build:.1f} s, "
-        f"{n_params / 1e6:.1f} M parameters each")
+    log(
+        f"[{name}] {len(variants)} variants built in {time.perf_counter() - t_build:.1f} s, "
+        f"{n_params / 1e6:.1f} M parameters each"
+    )
 
     batch = synthetic_batch(variants[0].trainer.adapter, opts.batch, device)
     rounds = opts.warmup + opts.steps
     gen = torch.Generator().manual_seed(20240607)
     # Fresh distinct dataset indices every round (the same for every variant of the round).
-    indices = [torch.randperm(NUM_SAMPLES, generator=gen)[:opts.batch].to(device)
-               for _ in range(max(rounds, opts.warmup + opts.head_steps))]
+    indices = [
+        torch.randperm(NUM_SAMPLES, generator=gen)[: opts.batch].to(device)
+        for _ in range(max(rounds, opts.warmup + opts.head_steps))
+    ]
 
     def full_step(v: Variant, r: int) -> None:
         extra = {"dataset_index": indices[r]} if v.with_index else {"return_loss": True}
@@ -282,22 +327,38 @@ def measure(name: str, opts: argparse.Namespace) -> dict:
 
     def progress(r: int) -> None:
         if r + 1 == opts.warmup or (r + 1 - opts.warmup) % 10 == 0 or r + 1 == rounds:
-            log(f"[{name}] round {r + 1}/{rounds} ({opts.warmup} warm-up), "
-                f"{time.perf_counter() - t_start:.0f} s")
+            log(
+                f"[{name}] round {r + 1}/{rounds} ({opts.warmup} warm-up), "
+                f"{time.perf_counter() - t_start:.0f} s"
+            )
 
     run_rounds(variants, rounds, opts.warmup, device, gen, full_step, progress)
-    result = {"model": name, "parameters": n_params, "batch": opts.batch,
-              "rows": summarise(variants, opts.batch)}
+    result = {
+        "model": name,
+        "parameters": n_params,
+        "batch": opts.batch,
+        "rows": summarise(variants, opts.batch),
+    }
     if opts.head_steps <= 0:
         return result
 
     # The loss head alone: same variants, same round-robin, more rounds (it is cheap).
     gen_embed = torch.Generator().manual_seed(1)
-    image, text = (F.normalize(torch.randn(opts.batch, dim, generator=gen_embed), dim=-1)
-                   .to(device).requires_grad_() for _ in range(2))
+    image, text = (
+        F.normalize(torch.randn(opts.batch, dim, generator=gen_embed), dim=-1)
+        .to(device)
+        .requires_grad_()
+        for _ in range(2)
+    )
     log_scale = torch.tensor(2.659, device=device, requires_grad=True)  # ln(1 / 0.07)
-    run_rounds(variants, opts.warmup + opts.head_steps, opts.warmup, device, gen,
-               lambda v, r: loss_head(v, image, text, log_scale, indices[r]))
+    run_rounds(
+        variants,
+        opts.warmup + opts.head_steps,
+        opts.warmup,
+        device,
+        gen,
+        lambda v, r: loss_head(v, image, text, log_scale, indices[r]),
+    )
     log(f"[{name}] loss head: {opts.warmup + opts.head_steps} rounds, embedding dim {dim}")
     result["loss_head"] = {"dim": dim, "rows": summarise(variants, opts.batch)}
     return result
@@ -310,13 +371,13 @@ def embed_dim(adapter: DualEncoderAdapter) -> int:
     return int(adapter.model.text_projection.shape[-1])  # open_clip
 
 
-def paired_ratio(base: list[float], other: list[float], rng: random.Random,
-                 resamples: int = 2000) -> tuple[float, float, float]:
+def paired_ratio(
+    base: list[float], other: list[float], rng: random.Random, resamples: int = 2000
+) -> tuple[float, float, float]:
     """Median over rounds of base_time / other_time (relative throughput of ``other``), and a
     percentile-bootstrap 95 % interval of that median."""
     ratios = [b / o for b, o in zip(base, other, strict=True)]
-    boot = sorted(statistics.median(rng.choices(ratios, k=len(ratios)))
-                  for _ in range(resamples))
+    boot = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(resamples))
     return statistics.median(ratios), boot[int(0.025 * resamples)], boot[int(0.975 * resamples)]
 
 
@@ -328,11 +389,16 @@ def summarise(variants: list[Variant], batch: int) -> list[dict]:
     for v in variants:
         q = statistics.quantiles(v.times_s, n=4, method="inclusive")
         row = {
-            "variant": v.name, "family": v.family, "detector": v.detector,
-            "check_inputs": v.check_inputs, "median_ms": v.median_s * 1e3,
-            "p25_ms": q[0] * 1e3, "p75_ms": q[2] * 1e3,
+            "variant": v.name,
+            "family": v.family,
+            "detector": v.detector,
+            "check_inputs": v.check_inputs,
+            "median_ms": v.median_s * 1e3,
+            "p25_ms": q[0] * 1e3,
+            "p75_ms": q[2] * 1e3,
             "p10_ms": statistics.quantiles(v.times_s, n=10, method="inclusive")[0] * 1e3,
-            "samples_per_s": batch / v.median_s, "times_ms": [t * 1e3 for t in v.times_s],
+            "samples_per_s": batch / v.median_s,
+            "times_ms": [t * 1e3 for t in v.times_s],
         }
         if v.family == "ours":
             none = by_name[f"ours none, check {'on' if v.check_inputs else 'off'}"]
@@ -345,51 +411,77 @@ def summarise(variants: list[Variant], batch: int) -> list[dict]:
 
 # -- report ---------------------------------------------------------------------------------
 
+
 def fmt_ratio(r: tuple[float, float, float] | None) -> str:
     return "" if r is None else f"{r[0]:.3f} [{r[1]:.3f}, {r[2]:.3f}]"
 
 
 def print_table(result: dict) -> None:
-    print(f"\n### {result['model']} ({result['parameters'] / 1e6:.1f} M parameters), "
-          f"batch {result['batch']}: full step\n")
+    print(
+        f"\n### {result['model']} ({result['parameters'] / 1e6:.1f} M parameters), "
+        f"batch {result['batch']}: full step\n"
+    )
     _rows(result["rows"], "step", digits=1, throughput=True, hf="hf Trainer")
     head = result.get("loss_head")
     if head:
-        print(f"\n### {result['model']}, batch {result['batch']}: loss head alone "
-              f"(embedding dim {head['dim']}, forward + backward)\n")
+        print(
+            f"\n### {result['model']}, batch {result['batch']}: loss head alone "
+            f"(embedding dim {head['dim']}, forward + backward)\n"
+        )
         _rows(head["rows"], "head", digits=3, throughput=False, hf="hf loss head")
 
 
 def _rows(rows: list[dict], unit: str, digits: int, throughput: bool, hf: str) -> None:
     extra = " samples/s |" if throughput else ""
-    print(f"| variant | median ms/{unit} | p10 ms | p25-p75 ms |{extra} vs ours none (same "
-          f"check) | vs {hf} |")
+    print(
+        f"| variant | median ms/{unit} | p10 ms | p25-p75 ms |{extra} vs ours none (same "
+        f"check) | vs {hf} |"
+    )
     print("|---|---:|---:|---:|" + ("---:|" if throughput else "") + "---:|---:|")
     for row in rows:
         extra = f" {row['samples_per_s']:.0f} |" if throughput else ""
-        print(f"| {row['variant']} | {row['median_ms']:.{digits}f} | {row['p10_ms']:.{digits}f} | "
-              f"{row['p25_ms']:.{digits}f}-{row['p75_ms']:.{digits}f} |{extra} "
-              f"{fmt_ratio(row.get('vs_none'))} | {fmt_ratio(row.get('vs_hf'))} |")
+        print(
+            f"| {row['variant']} | {row['median_ms']:.{digits}f} | {row['p10_ms']:.{digits}f} | "
+            f"{row['p25_ms']:.{digits}f}-{row['p75_ms']:.{digits}f} |{extra} "
+            f"{fmt_ratio(row.get('vs_none'))} | {fmt_ratio(row.get('vs_hf'))} |"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", nargs="+", choices=MODELS, default=None,
-                        help="default: tiny-hf on CPU, vit-b32 and rn50 on CUDA")
-    parser.add_argument("--batch", type=int, default=None,
-                        help="per-device batch (default: 128 on CPU, 256 on CUDA)")
+    parser.add_argument(
+        "--model",
+        nargs="+",
+        choices=MODELS,
+        default=None,
+        help="default: tiny-hf on CPU, vit-b32 and rn50 on CUDA",
+    )
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=None,
+        help="per-device batch (default: 128 on CPU, 256 on CUDA)",
+    )
     parser.add_argument("--steps", type=int, default=40, help="timed rounds")
     parser.add_argument("--warmup", type=int, default=5, help="untimed rounds first")
-    parser.add_argument("--head-steps", type=int, default=200,
-                        help="timed rounds of the loss head alone (0: skip)")
+    parser.add_argument(
+        "--head-steps", type=int, default=200, help="timed rounds of the loss head alone (0: skip)"
+    )
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                        help="auto: bf16 on CUDA, fp32 on CPU")
+    parser.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16"),
+        default="auto",
+        help="auto: bf16 on CUDA, fp32 on CPU",
+    )
     parser.add_argument("--image-size", type=int, default=32, help="image size of tiny-hf")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--output", type=Path, default=RESULTS)
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: tiny-hf, batch 16, 1 warm-up + 3 timed rounds")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: tiny-hf, batch 16, 1 warm-up + 3 timed rounds",
+    )
     opts = parser.parse_args(argv)
 
     cuda = torch.cuda.is_available() if opts.device == "auto" else opts.device == "cuda"
@@ -409,25 +501,40 @@ def main(argv: list[str] | None = None) -> None:
     import open_clip
 
     machine = {
-        "cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name(0) if cuda else None,
-        "python": platform.python_version(), "torch": torch.__version__,
-        "transformers": transformers.__version__, "open_clip": open_clip.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "open_clip": open_clip.__version__,
     }
     settings = {
-        "models": opts.model, "batch": opts.batch, "steps": opts.steps, "warmup": opts.warmup,
-        "device": str(opts.device), "precision": "bf16" if opts.bf16 else "fp32",
-        "num_samples": NUM_SAMPLES, "optimizer": "AdamW (trainer.create_optimizer)",
+        "models": opts.model,
+        "batch": opts.batch,
+        "steps": opts.steps,
+        "warmup": opts.warmup,
+        "device": str(opts.device),
+        "precision": "bf16" if opts.bf16 else "fp32",
+        "num_samples": NUM_SAMPLES,
+        "optimizer": "AdamW (trainer.create_optimizer)",
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
     }
-    print(f"machine: {machine['cpu']}, {machine['cores']} cores, {machine['torch_threads']} "
-          f"torch threads" + (f", GPU {machine['gpu']}" if cuda else ", no GPU"))
-    print(f"python {machine['python']}, torch {machine['torch']}, transformers "
-          f"{machine['transformers']}, open_clip {machine['open_clip']}")
+    print(
+        f"machine: {machine['cpu']}, {machine['cores']} cores, {machine['torch_threads']} "
+        f"torch threads" + (f", GPU {machine['gpu']}" if cuda else ", no GPU")
+    )
+    print(
+        f"python {machine['python']}, torch {machine['torch']}, transformers "
+        f"{machine['transformers']}, open_clip {machine['open_clip']}"
+    )
     print(f"command: {settings['command']}")
-    print(f"settings: models {opts.model}, batch {opts.batch}, {settings['precision']}, "
-          f"{opts.warmup} warm-up + {opts.steps} timed rounds, glofnd N = {NUM_SAMPLES:,} "
-          f"(state on {opts.device})")
+    print(
+        f"settings: models {opts.model}, batch {opts.batch}, {settings['precision']}, "
+        f"{opts.warmup} warm-up + {opts.steps} timed rounds, glofnd N = {NUM_SAMPLES:,} "
+        f"(state on {opts.device})"
+    )
     sys.stdout.flush()
 
     started = time.perf_counter()
@@ -439,8 +546,10 @@ def main(argv: list[str] | None = None) -> None:
         results.append(result)
         if cuda:
             torch.cuda.empty_cache()
-    print("\nvs columns: median over rounds of (baseline step time / variant step time), i.e. "
-          "relative samples/s, with a bootstrap 95 % interval")
+    print(
+        "\nvs columns: median over rounds of (baseline step time / variant step time), i.e. "
+        "relative samples/s, with a bootstrap 95 % interval"
+    )
     print(f"total wall time {time.perf_counter() - started:.0f} s")
 
     opts.output.parent.mkdir(parents=True, exist_ok=True)

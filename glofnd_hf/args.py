@@ -43,10 +43,13 @@ class ModelArguments:
         "glofnd-tiny-hf-clip",
         "HF CLIP-family checkpoint (Hub id or folder), an open_clip model name (with "
         "--pretrained), 'hf-hub:ORG/NAME', or 'glofnd-tiny-hf-clip' / 'glofnd-tiny-open-clip' "
-        "(tiny models built offline, for demos and tests).")
+        "(tiny models built offline, for demos and tests).",
+    )
     model_family: Literal["auto", "hf", "open_clip"] = arg(
-        "auto", "Library of the model: auto (inferred from the name or folder), hf "
-        "(transformers) or open_clip.")
+        "auto",
+        "Library of the model: auto (inferred from the name or folder), hf "
+        "(transformers) or open_clip.",
+    )
     pretrained: str | None = arg(None, "open_clip pretrained tag or local checkpoint file.")
     tiny_image_size: int = arg(32, "Image size of the tiny models.")
 
@@ -56,44 +59,58 @@ class DataArguments:
     """The training and evaluation data."""
 
     help_sections: ClassVar[dict[str, str]] = {
-        "dataset_name": "Data (datasets)", "train_shards": "Data (webdataset shards)",
+        "dataset_name": "Data (datasets)",
+        "train_shards": "Data (webdataset shards)",
         "max_train_samples": "Data (subsets)",
     }
 
     dataset_name: str | None = arg(
-        None, "'glofnd-digits' (the embedded demo data), a Hub dataset id, or a folder "
-        "written by datasets' save_to_disk.")
+        None,
+        "'glofnd-digits' (the embedded demo data), a Hub dataset id, or a folder "
+        "written by datasets' save_to_disk.",
+    )
     dataset_config_name: str | None = arg(None, "Configuration name of the Hub dataset.")
     train_split: str = arg("train", "Split to train on.")
     eval_split: str | None = arg(
-        "validation", "Split for zero-shot evaluation before and after training (None: none).")
+        "validation", "Split for zero-shot evaluation before and after training (None: none)."
+    )
     image_column: str = arg("image", "Column of the images.")
     caption_column: str = arg(
-        "caption", "Column of the captions (a string, or a list of which one is drawn).")
+        "caption", "Column of the captions (a string, or a list of which one is drawn)."
+    )
     index_column: str = arg(
-        "dataset_index", "Column with each pair's dataset index in [0, N); created as the row "
-        "number when the dataset has none.")
+        "dataset_index",
+        "Column with each pair's dataset index in [0, N); created as the row "
+        "number when the dataset has none.",
+    )
     label_column: str | None = arg(
-        None, "Column of ground-truth semantic labels (detectors that need labels, studies).")
-    class_label_column: str | None = arg(
-        None, "Column of class ids for zero-shot classification.")
+        None, "Column of ground-truth semantic labels (detectors that need labels, studies)."
+    )
+    class_label_column: str | None = arg(None, "Column of class ids for zero-shot classification.")
     class_names: list[str] | None = arg(None, "Class names for zero-shot classification.")
-    prompt_templates: list[str] | None = arg(
-        None, "Prompt templates with '{}' for the class name.")
+    prompt_templates: list[str] | None = arg(None, "Prompt templates with '{}' for the class name.")
     train_shards: str | None = arg(
-        None, "Webdataset shards to stream instead of a datasets dataset: paths, brace "
-        "patterns (/data/{00000..00331}.tar), '::'-joined lists, pipe: URLs.")
+        None,
+        "Webdataset shards to stream instead of a datasets dataset: paths, brace "
+        "patterns (/data/{00000..00331}.tar), '::'-joined lists, pipe: URLs.",
+    )
     train_num_samples: int | None = arg(
-        None, "Samples per epoch over all ranks (default: the shards' sizes.json).")
+        None, "Samples per epoch over all ranks (default: the shards' sizes.json)."
+    )
     shard_resampled: bool = arg(
-        False, "Draw shards with replacement (an epoch is then train_num_samples).")
+        False, "Draw shards with replacement (an epoch is then train_num_samples)."
+    )
     shard_shuffle_buffer: int = arg(1000, "Samples in the streaming shuffle buffer.")
     shard_index_source: Literal["field", "key"] = arg(
-        "field", "Dataset index from the shard's index field, or from the numeric img2dataset "
-        "key (then num_samples must exceed the largest key).")
+        "field",
+        "Dataset index from the shard's index field, or from the numeric img2dataset "
+        "key (then num_samples must exceed the largest key).",
+    )
     shard_on_bad_index: Literal["raise", "skip"] = arg(
-        "raise", "A sample without a valid dataset index stops training (raise) or is "
-        "skipped and counted (skip).")
+        "raise",
+        "A sample without a valid dataset index stops training (raise) or is "
+        "skipped and counted (skip).",
+    )
     max_train_samples: int | None = arg(None, "Train on the first rows only (datasets data).")
     max_eval_samples: int | None = arg(None, "Evaluate on the first rows only.")
 
@@ -120,13 +137,26 @@ _GLOFND = "glofnd"
 RENAMED_SETTINGS: tuple[RenamedSetting, ...] = (
     RenamedSetting("glofnd_alpha", "fn_alpha"),
     RenamedSetting("glofnd_mask_start_epoch", "fn_start_epoch"),
-    *(RenamedSetting(f"glofnd_{key}", key, _GLOFND) for key in (
-        "update_rule", "tail_size", "band", "step_floor", "lr", "eps", "clip_grad_mult",
-        "init_quantile", "update_start_epoch")),
+    *(
+        RenamedSetting(f"glofnd_{key}", key, _GLOFND)
+        for key in (
+            "update_rule",
+            "tail_size",
+            "band",
+            "step_floor",
+            "lr",
+            "eps",
+            "clip_grad_mult",
+            "init_quantile",
+            "update_start_epoch",
+        )
+    ),
     RenamedSetting("glofnd_beta1", "betas", _GLOFND, position=0),
     RenamedSetting("glofnd_beta2", "betas", _GLOFND, position=1),
-    *(RenamedSetting(f"ifnd_{key}", key, "ifnd") for key in (
-        "num_clusters", "cluster_every", "accept_warmup_epochs")),
+    *(
+        RenamedSetting(f"ifnd_{key}", key, "ifnd")
+        for key in ("num_clusters", "cluster_every", "accept_warmup_epochs")
+    ),
 )
 
 
@@ -144,64 +174,87 @@ class GloFNDTrainingArguments(TrainingArguments):
     versions (each names its new spelling)."""
 
     help_sections: ClassVar[dict[str, str]] = {
-        "loss_type": "Contrastive loss", "detector": "False-negative detection",
-        "num_samples": "Per-sample state", "remove_unused_columns": "Trainer defaults changed",
+        "loss_type": "Contrastive loss",
+        "detector": "False-negative detection",
+        "num_samples": "Per-sample state",
+        "remove_unused_columns": "Trainer defaults changed",
         "glofnd_alpha": "Deprecated names (each says its new spelling)",
     }
 
     # -- Contrastive loss ---------------------------------------------------------------------
     loss_type: Literal["clip", "sogclr", "fastclip"] = arg(
-        "clip", "clip: CLIP InfoNCE; sogclr: global contrastive loss (fixed temperature); "
-        "fastclip: global contrastive loss times the temperature (FastCLIP).")
-    gamma: float = arg(0.2, "Global losses: final weight of the newest estimate in each "
-                       "sample's moving average u.")
+        "clip",
+        "clip: CLIP InfoNCE; sogclr: global contrastive loss (fixed temperature); "
+        "fastclip: global contrastive loss times the temperature (FastCLIP).",
+    )
+    gamma: float = arg(
+        0.2, "Global losses: final weight of the newest estimate in each sample's moving average u."
+    )
     gamma_schedule: Literal["constant", "cosine"] = arg(
-        "cosine", "Global losses: gamma is constant, or falls from 1 to gamma over "
-        "gamma_decay_epochs on a half cosine.")
+        "cosine",
+        "Global losses: gamma is constant, or falls from 1 to gamma over "
+        "gamma_decay_epochs on a half cosine.",
+    )
     gamma_decay_epochs: float = arg(18.0, "Global losses: epochs of the cosine gamma decay.")
     temperature_scheme: TemperatureScheme = arg(
-        "learnable", "learnable: the model's logit_scale is trained (FastCLIP's "
-        "'global_learnable'); fixed: it is frozen (required by sogclr).")
+        "learnable",
+        "learnable: the model's logit_scale is trained (FastCLIP's "
+        "'global_learnable'); fixed: it is frozen (required by sogclr).",
+    )
     temperature_init: float | None = arg(
-        None, "Set the temperature (1 / logit_scale) at start (default: the model's).")
+        None, "Set the temperature (1 / logit_scale) at start (default: the model's)."
+    )
     temperature_lr: float | None = arg(
-        None, "Own learning rate for the temperature (default: learning_rate).")
+        None, "Own learning rate for the temperature (default: learning_rate)."
+    )
     rho: float = arg(6.5, "fastclip with a learnable temperature: FastCLIP-v3's rho.")
-    max_logit_scale: float = arg(
-        100.0, "logit_scale.exp() is clamped to this after each step.")
+    max_logit_scale: float = arg(100.0, "logit_scale.exp() is clamped to this after each step.")
 
     # -- False-negative detection -------------------------------------------------------------
     detector: str = arg(
-        "glofnd", "False-negative detector (see 'glofnd-train --help' or docs/settings.md "
-        "for the registered ones).")
+        "glofnd",
+        "False-negative detector (see 'glofnd-train --help' or docs/settings.md "
+        "for the registered ones).",
+    )
     fn_strategy: Literal["eliminate", "attract"] = arg(
-        "eliminate", "What the loss does with detected false negatives: drop them from the "
-        "negatives (eliminate) or count them as extra positives (attract).")
+        "eliminate",
+        "What the loss does with detected false negatives: drop them from the "
+        "negatives (eliminate) or count them as extra positives (attract).",
+    )
     fn_alpha: float = arg(
-        1e-3, "Fraction of the data set taken as false negatives of each anchor (GloFND's "
-        "quantile level, the in-batch quantile's, IFND's k = 1/alpha).")
+        1e-3,
+        "Fraction of the data set taken as false negatives of each anchor (GloFND's "
+        "quantile level, the in-batch quantile's, IFND's k = 1/alpha).",
+    )
     fn_start_epoch: float = arg(
-        0.0, "Epoch from which detected false negatives are acted on (every detector).")
+        0.0, "Epoch from which detected false negatives are acted on (every detector)."
+    )
     detector_kwargs: dict | str | None = arg(
         help="Settings of the chosen detector as a mapping (YAML) or a JSON string (flag), "
         "e.g. {update_rule: adam, lr: 0.05} for glofnd, or keyed by detector name "
         "({glofnd: {...}, ifnd: {...}}: only the chosen detector's section applies, every "
         "section is checked); unknown keys are errors naming the valid ones. Each detector's "
-        "settings: docs/settings.md.", default_factory=dict)
+        "settings: docs/settings.md.",
+        default_factory=dict,
+    )
 
     # -- Per-sample state ---------------------------------------------------------------------
     num_samples: int | None = arg(
-        None, "N, the size of the dataset index space (default: largest index + 1 of the "
-        "training data; required for streaming data without index files).")
+        None,
+        "N, the size of the dataset index space (default: largest index + 1 of the "
+        "training data; required for streaming data without index files).",
+    )
     state_device: Literal["auto", "device", "cpu"] = arg(
-        "auto", "Where the per-sample state lives: on the training device, in host memory, "
-        "or auto (device up to 2 GiB of state, else host).")
+        "auto",
+        "Where the per-sample state lives: on the training device, in host memory, "
+        "or auto (device up to 2 GiB of state, else host).",
+    )
     check_inputs: bool = arg(
-        True, "Validate indices and finiteness each step (one host sync per step).")
+        True, "Validate indices and finiteness each step (one host sync per step)."
+    )
 
     # -- Trainer defaults changed -------------------------------------------------------------
-    remove_unused_columns: bool = arg(
-        False, "Kept False: the collator reads the raw columns.")
+    remove_unused_columns: bool = arg(False, "Kept False: the collator reads the raw columns.")
 
     # -- Deprecated names ---------------------------------------------------------------------
     glofnd_alpha: float | None = arg(None, _deprecated("fn_alpha"))
@@ -217,11 +270,13 @@ class GloFNDTrainingArguments(TrainingArguments):
     glofnd_clip_grad_mult: float | None = arg(None, _deprecated("detector_kwargs.clip_grad_mult"))
     glofnd_init_quantile: bool | None = arg(None, _deprecated("detector_kwargs.init_quantile"))
     glofnd_update_start_epoch: float | None = arg(
-        None, _deprecated("detector_kwargs.update_start_epoch"))
+        None, _deprecated("detector_kwargs.update_start_epoch")
+    )
     ifnd_num_clusters: list[int] | None = arg(None, _deprecated("detector_kwargs.num_clusters"))
     ifnd_cluster_every: float | None = arg(None, _deprecated("detector_kwargs.cluster_every"))
     ifnd_accept_warmup_epochs: float | None = arg(
-        None, _deprecated("detector_kwargs.accept_warmup_epochs"))
+        None, _deprecated("detector_kwargs.accept_warmup_epochs")
+    )
 
     def __post_init__(self) -> None:
         # Every parameter takes part in the loss: no unused-parameter search under DDP.
@@ -282,7 +337,8 @@ class GloFNDTrainingArguments(TrainingArguments):
         known = set(registry.names())
         by_detector = bool(kwargs) and all(
             key in known and (value is None or isinstance(value, Mapping))
-            for key, value in kwargs.items())
+            for key, value in kwargs.items()
+        )
         return kwargs if by_detector else None
 
     def _apply_renamed_settings(self) -> None:
@@ -296,11 +352,16 @@ class GloFNDTrainingArguments(TrainingArguments):
             if renamed.detector is not None and renamed.detector != self.detector:
                 warnings.warn(
                     f"{renamed.old} is deprecated (now {renamed.new_spelling()}) and has no "
-                    f"effect with detector {self.detector!r}: ignored", FutureWarning,
-                    stacklevel=4)
+                    f"effect with detector {self.detector!r}: ignored",
+                    FutureWarning,
+                    stacklevel=4,
+                )
                 continue
-            warnings.warn(f"{renamed.old} is deprecated: use {renamed.new_spelling()}",
-                          FutureWarning, stacklevel=4)
+            warnings.warn(
+                f"{renamed.old} is deprecated: use {renamed.new_spelling()}",
+                FutureWarning,
+                stacklevel=4,
+            )
             if renamed.detector is None:
                 setattr(self, renamed.new, value)
             elif renamed.position is not None:
@@ -322,13 +383,15 @@ class GloFNDTrainingArguments(TrainingArguments):
         return registry.get(self.detector)
 
     def shared_detector_settings(self) -> SharedSettings:
-        return SharedSettings(alpha=self.fn_alpha, mask_start_epoch=self.fn_start_epoch,
-                              seed=self.seed)
+        return SharedSettings(
+            alpha=self.fn_alpha, mask_start_epoch=self.fn_start_epoch, seed=self.seed
+        )
 
     def detector_settings(self) -> Any:
         """The chosen detector's settings dataclass (``detector_kwargs`` + shared settings)."""
-        return self.detector_spec().make_settings(self.detector_kwargs,
-                                                  self.shared_detector_settings())
+        return self.detector_spec().make_settings(
+            self.detector_kwargs, self.shared_detector_settings()
+        )
 
     def gamma_schedule_obj(self) -> GammaSchedule:
         return GammaSchedule(self.gamma, self.gamma_schedule, self.gamma_decay_epochs)

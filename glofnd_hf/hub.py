@@ -89,8 +89,11 @@ def save_for_hub(
     else:
         adapter.save(output_dir)
     if card is None:
-        fields = {"glofnd_version": __version__, "architecture": adapter.architecture_description(),
-                  **card_fields}
+        fields = {
+            "glofnd_version": __version__,
+            "architecture": adapter.architecture_description(),
+            **card_fields,
+        }
         if "eval_metrics" in fields:
             fields["eval_metrics"] = normalize_eval_metrics(fields["eval_metrics"])
         card = CardInfo(family=adapter.family, **fields)
@@ -100,8 +103,9 @@ def save_for_hub(
     return output_dir
 
 
-def ignore_patterns_for(folder: str | os.PathLike, include_training_state: bool = False
-                        ) -> list[str]:
+def ignore_patterns_for(
+    folder: str | os.PathLike, include_training_state: bool = False
+) -> list[str]:
     """``ignore_patterns`` for ``upload_folder`` of a model folder."""
     patterns = list(ALWAYS_IGNORED_PATTERNS)
     if not include_training_state:
@@ -111,15 +115,21 @@ def ignore_patterns_for(folder: str | os.PathLike, include_training_state: bool 
     return patterns
 
 
-def files_to_upload(folder: str | os.PathLike, ignore_patterns: Sequence[str],
-                    allow_patterns: Sequence[str] | None = None) -> list[str]:
+def files_to_upload(
+    folder: str | os.PathLike,
+    ignore_patterns: Sequence[str],
+    allow_patterns: Sequence[str] | None = None,
+) -> list[str]:
     """Relative paths (``/``-separated) of the files ``upload_folder`` would send."""
     from huggingface_hub.utils import filter_repo_objects
 
     folder = Path(folder)
     paths = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
-    return list(filter_repo_objects(paths, allow_patterns=allow_patterns,
-                                    ignore_patterns=list(ignore_patterns)))
+    return list(
+        filter_repo_objects(
+            paths, allow_patterns=allow_patterns, ignore_patterns=list(ignore_patterns)
+        )
+    )
 
 
 def push_to_hub(
@@ -172,12 +182,15 @@ def push_to_hub(
     api = HfApi(token=token)
     repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     commit = api.upload_folder(
-        repo_id=repo_id, folder_path=str(folder), repo_type="model",
-        commit_message=commit_message, ignore_patterns=ignore, revision=revision,
+        repo_id=repo_id,
+        folder_path=str(folder),
+        repo_type="model",
+        commit_message=commit_message,
+        ignore_patterns=ignore,
+        revision=revision,
         create_pr=create_pr,
     )
     url = str(getattr(commit, "commit_url", None) or getattr(repo_url, "url", None) or repo_url)
     if verbose:
         print(f"pushed to {getattr(repo_url, 'url', repo_id)} ({url})")
     return url
-

@@ -36,16 +36,24 @@ def build_contrastive_loss(
     state_device = resolve_state_device(args, num_samples, device)
     pin = state_device.type == "cpu" and torch.device(device).type == "cuda"
     detector = args.detector_spec().build(
-        args.detector_settings(), args.shared_detector_settings(), num_samples=num_samples,
-        device=state_device, pin_memory=pin,
+        args.detector_settings(),
+        args.shared_detector_settings(),
+        num_samples=num_samples,
+        device=state_device,
+        pin_memory=pin,
     )
     if args.loss_type == "clip":
         return ClipLoss(detector, args.fn_strategy, check_inputs=args.check_inputs)
     return GlobalContrastiveLoss(
-        num_samples, detector, args.fn_strategy, gamma=args.gamma_schedule_obj(),
+        num_samples,
+        detector,
+        args.fn_strategy,
+        gamma=args.gamma_schedule_obj(),
         temperature=args.temperature_scheme if args.loss_type == "fastclip" else "fixed",
         rho=args.rho,
-        multiply_tau=args.loss_type == "fastclip", device=state_device, pin_memory=pin,
+        multiply_tau=args.loss_type == "fastclip",
+        device=state_device,
+        pin_memory=pin,
         check_inputs=args.check_inputs,
     )
 
@@ -127,26 +135,40 @@ class GloFNDTrainer(Trainer):
             train_dataset = train_dataset.dataset
             num_samples = num_samples or getattr(train_dataset, "dataset_size", None)
             args.ignore_data_skip = True
-        elif train_dataset is not None and hasattr(train_dataset, "column_names") and hasattr(
-            train_dataset, "__len__"
+        elif (
+            train_dataset is not None
+            and hasattr(train_dataset, "column_names")
+            and hasattr(train_dataset, "__len__")
         ):
             train_dataset, num_samples = prepare_image_text_dataset(
-                train_dataset, image_column, caption_column, index_column, args.num_samples,
+                train_dataset,
+                image_column,
+                caption_column,
+                index_column,
+                args.num_samples,
                 extra_columns=[label_column] if label_column else [],
             )
             train_dataset = defer_image_decoding(train_dataset, image_column)
         if data_collator is None:
             data_collator = ImageTextCollator(
-                adapter.image_transform(train=True), adapter.tokenize, image_column,
-                caption_column, index_column, label_column, seed=args.seed,
+                adapter.image_transform(train=True),
+                adapter.tokenize,
+                image_column,
+                caption_column,
+                index_column,
+                label_column,
+                seed=args.seed,
             )
         self._prepare_temperature(args)
         kwargs.setdefault("processing_class", getattr(adapter, "processor", None))
         if evaluator is not None and kwargs.get("eval_dataset") is None:
             kwargs["eval_dataset"] = getattr(evaluator, "dataset", None)
         super().__init__(
-            model=adapter.model, args=args, train_dataset=train_dataset,
-            data_collator=data_collator, **kwargs,
+            model=adapter.model,
+            args=args,
+            train_dataset=train_dataset,
+            data_collator=data_collator,
+            **kwargs,
         )
         # Our loss is a mean over anchors: let the Trainer scale it for gradient accumulation.
         self.model_accepts_loss_kwargs = False
@@ -161,7 +183,9 @@ class GloFNDTrainer(Trainer):
         self.num_samples = loss.num_samples if loss.num_samples is not None else num_samples
         self._stat_sums: dict[tuple[str, ...], tuple[torch.Tensor, int]] = {}
         self._bad_samples: dict[str, int] = {}
-        self.add_callback(_ClampLogitScale(adapter.logit_scale_parameter(), args.max_log_logit_scale))
+        self.add_callback(
+            _ClampLogitScale(adapter.logit_scale_parameter(), args.max_log_logit_scale)
+        )
         self.add_callback(ModelCardCallback(self))  # a model card in every checkpoint
         self.add_callback(_EpochSummary(self))
 
@@ -208,8 +232,11 @@ class GloFNDTrainer(Trainer):
         samples seen (steps x global batch / N) for streaming data."""
         if self.shard_loader is None and hasattr(self.train_dataset, "__len__"):
             return float(self.state.epoch or 0.0)
-        global_batch = (self.args.per_device_train_batch_size * self.args.world_size
-                        * self.args.gradient_accumulation_steps)
+        global_batch = (
+            self.args.per_device_train_batch_size
+            * self.args.world_size
+            * self.args.gradient_accumulation_steps
+        )
         return self.state.global_step * global_batch / float(self.num_samples)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -221,8 +248,12 @@ class GloFNDTrainer(Trainer):
                 self._bad_samples[kind] = self._bad_samples.get(kind, 0) + count
         outputs = self.adapter(model, inputs)
         result = self.contrastive_loss(
-            outputs.image_embeds, outputs.text_embeds, outputs.logit_scale, index,
-            epoch=self.current_epoch(), labels=labels,
+            outputs.image_embeds,
+            outputs.text_embeds,
+            outputs.logit_scale,
+            index,
+            epoch=self.current_epoch(),
+            labels=labels,
         )
         if model.training:
             self._accumulate_stats(result.stats, outputs.logit_scale)
@@ -233,8 +264,12 @@ class GloFNDTrainer(Trainer):
         # (no host sync) until the Trainer logs.
         stats = {**stats, "temperature": 1.0 / logit_scale.detach().float()}
         device = logit_scale.device
-        vector = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device).reshape(())
-                              for v in stats.values()]).detach()
+        vector = torch.stack(
+            [
+                torch.as_tensor(v, dtype=torch.float32, device=device).reshape(())
+                for v in stats.values()
+            ]
+        ).detach()
         names = tuple(stats)
         if names in self._stat_sums:
             total, count = self._stat_sums[names]
@@ -251,8 +286,9 @@ class GloFNDTrainer(Trainer):
             for group, (total, count) in self._stat_sums.items():
                 where = torch.tensor([position[n] for n in group], device=self.args.device)
                 sums.index_add_(0, where, total.to(self.args.device))
-                counts.index_add_(0, where, torch.full((len(group),), float(count),
-                                                       device=self.args.device))
+                counts.index_add_(
+                    0, where, torch.full((len(group),), float(count), device=self.args.device)
+                )
             if self.args.world_size > 1:  # statistics of the whole global batch
                 sums = self.accelerator.reduce(sums, reduction="sum")
                 counts = self.accelerator.reduce(counts, reduction="sum")
@@ -280,8 +316,9 @@ class GloFNDTrainer(Trainer):
             inputs.pop("fn_labels", None)
             inputs.pop("bad_sample_counts", None)
             out = self.adapter(model, inputs)
-            loss = self.contrastive_loss.evaluate(out.image_embeds, out.text_embeds,
-                                                  out.logit_scale, index).loss
+            loss = self.contrastive_loss.evaluate(
+                out.image_embeds, out.text_embeds, out.logit_scale, index
+            ).loss
         return loss.detach(), None, None
 
     # -- evaluation --------------------------------------------------------------------------
@@ -292,7 +329,9 @@ class GloFNDTrainer(Trainer):
         metrics = {f"{metric_key_prefix}_{k}": float(v) for k, v in raw.items()}
         metrics["epoch"] = self.state.epoch or 0.0
         self.log(metrics)
-        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        self.control = self.callback_handler.on_evaluate(
+            self.args, self.state, self.control, metrics
+        )
         return metrics
 
     # -- saving and resuming -----------------------------------------------------------------
@@ -317,8 +356,10 @@ class GloFNDTrainer(Trainer):
     def save_fnd_state(self, output_dir: str) -> None:
         """Write the per-sample state (thresholds, moments, visits, u) to ``output_dir``."""
         state = self.contrastive_loss.state_dict()
-        meta = {"config": json.dumps(self.contrastive_loss.config_dict(), default=str),
-                "num_samples": str(self.num_samples)}
+        meta = {
+            "config": json.dumps(self.contrastive_loss.config_dict(), default=str),
+            "num_samples": str(self.num_samples),
+        }
         os.makedirs(output_dir, exist_ok=True)
         save_file(state, os.path.join(output_dir, STATE_FILE), metadata=meta)
 

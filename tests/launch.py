@@ -14,8 +14,14 @@ def free_port() -> int:
 
 def run_process_group(cmd, env, timeout: float) -> subprocess.CompletedProcess:
     """Run ``cmd`` in its own session; on timeout kill the launcher *and* its workers."""
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

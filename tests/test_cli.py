@@ -20,9 +20,15 @@ def write_config(tmp_path, **values):
 
 
 def test_yaml_keys_are_field_names_and_flags_override(tmp_path):
-    config = write_config(tmp_path, output_dir=str(tmp_path / "o"), fn_alpha=0.01,
-                          detector="batch_quantile", dataset_name="glofnd-digits",
-                          num_train_epochs=3, use_cpu=True)
+    config = write_config(
+        tmp_path,
+        output_dir=str(tmp_path / "o"),
+        fn_alpha=0.01,
+        detector="batch_quantile",
+        dataset_name="glofnd-digits",
+        num_train_epochs=3,
+        use_cpu=True,
+    )
     model, data, args = parse_config_and_flags(TYPES, [config, "--fn_alpha", "0.02"])
     assert args.fn_alpha == 0.02
     assert args.detector == "batch_quantile" and args.num_train_epochs == 3
@@ -38,8 +44,13 @@ def test_unknown_config_key_names_the_closest_field(tmp_path, capsys):
 
 
 def test_bad_values_fail_at_start_up(tmp_path):
-    config = write_config(tmp_path, output_dir="o", fn_start_epoch=1,
-                          detector_kwargs={"update_start_epoch": 2}, use_cpu=True)
+    config = write_config(
+        tmp_path,
+        output_dir="o",
+        fn_start_epoch=1,
+        detector_kwargs={"update_start_epoch": 2},
+        use_cpu=True,
+    )
     with pytest.raises(ValueError, match="mask_start_epoch"):
         parse_config_and_flags(TYPES, [config])
 
@@ -48,8 +59,9 @@ def test_every_recipe_parses():
     recipes = sorted(RECIPES.glob("*.yaml"))
     assert len(recipes) >= 2
     for recipe in recipes:
-        model, data, args = parse_config_and_flags(TYPES, [str(recipe), "--use_cpu", "true",
-                                                           "--bf16", "false"])
+        model, data, args = parse_config_and_flags(
+            TYPES, [str(recipe), "--use_cpu", "true", "--bf16", "false"]
+        )
         assert data.dataset_name or data.train_shards, recipe
 
 
@@ -57,8 +69,13 @@ def test_every_accelerate_config_loads():
     from accelerate.commands.config.config_args import load_config_from_file
 
     configs = sorted((RECIPES / "accelerate").glob("*.yaml"))
-    assert {c.stem for c in configs} >= {"cpu_2proc", "single_gpu", "multi_gpu", "multi_node",
-                                          "fsdp"}
+    assert {c.stem for c in configs} >= {
+        "cpu_2proc",
+        "single_gpu",
+        "multi_gpu",
+        "multi_node",
+        "fsdp",
+    }
     for config in configs:
         loaded = load_config_from_file(str(config))
         assert loaded.num_processes >= 1, config
@@ -66,10 +83,23 @@ def test_every_accelerate_config_loads():
 
 def test_demo_training_beats_the_untrained_model(tmp_path):
     """A short run of the demo recipe: retrieval improves by a clear margin (seeded)."""
-    results = run([str(RECIPES / "demo.yaml"), "--output_dir", str(tmp_path / "demo"),
-                   "--num_train_epochs", "8", "--detector_kwargs", '{"update_start_epoch": 3}',
-                   "--fn_start_epoch", "4", "--save_strategy", "no",
-                   "--disable_tqdm", "true"])
+    results = run(
+        [
+            str(RECIPES / "demo.yaml"),
+            "--output_dir",
+            str(tmp_path / "demo"),
+            "--num_train_epochs",
+            "8",
+            "--detector_kwargs",
+            '{"update_start_epoch": 3}',
+            "--fn_start_epoch",
+            "4",
+            "--save_strategy",
+            "no",
+            "--disable_tqdm",
+            "true",
+        ]
+    )
     before, after = results["before"], results["after"]
     for direction in ("image_to_text", "text_to_image"):
         gain = after[f"eval_{direction}_recall@5"] - before[f"eval_before_{direction}_recall@5"]

@@ -54,8 +54,12 @@ def test_shard_paths_local_and_remote(tmp_path):
     assert shard_basename("file:///data/00001.tar") == "00001.tar"
     assert shard_basename("pipe:aws s3 cp 's3://b/p/00007.tar.gz' -") == "00007.tar.gz"
     urls = expand_shards(f"{tmp_path}/{{0..2}}.tar::pipe:cat {tmp_path}/x.tar")
-    assert urls == [f"{tmp_path}/0.tar", f"{tmp_path}/1.tar", f"{tmp_path}/2.tar",
-                    f"pipe:cat {tmp_path}/x.tar"]
+    assert urls == [
+        f"{tmp_path}/0.tar",
+        f"{tmp_path}/1.tar",
+        f"{tmp_path}/2.tar",
+        f"pipe:cat {tmp_path}/x.tar",
+    ]
     with pytest.raises(ValueError, match="no shards"):
         expand_shards([])
 
@@ -88,8 +92,14 @@ def test_to_rgb_reads_every_cell_kind(tmp_path, mode):
     path = tmp_path / "x.png"
     path.write_bytes(data)
     array = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-    cells = [data, {"bytes": data, "path": None}, {"bytes": None, "path": str(path)}, str(path),
-             Image.open(io.BytesIO(data)), array]
+    cells = [
+        data,
+        {"bytes": data, "path": None},
+        {"bytes": None, "path": str(path)},
+        str(path),
+        Image.open(io.BytesIO(data)),
+        array,
+    ]
     for cell in cells:
         image = to_rgb(cell)
         assert image.mode == "RGB" and np.array_equal(np.asarray(image), array), type(cell)
@@ -108,8 +118,10 @@ def test_to_rgb_rejects_corrupt_and_unknown_cells():
 def test_defer_image_decoding_hands_out_stored_bytes():
     import datasets
 
-    data = datasets.Dataset.from_dict({"image": [{"bytes": png_bytes(), "path": None}]},
-                                      features=datasets.Features({"image": datasets.Image()}))
+    data = datasets.Dataset.from_dict(
+        {"image": [{"bytes": png_bytes(), "path": None}]},
+        features=datasets.Features({"image": datasets.Image()}),
+    )
     assert isinstance(data[0]["image"], Image.Image)
     assert defer_image_decoding(data, "image")[0]["image"]["bytes"] == png_bytes()
     rows = [{"image": b"x"}]
@@ -150,9 +162,11 @@ def test_collator_counts_with_the_shared_counter():
         return {"input_ids": torch.tensor([[len(t)] for t in texts])}
 
     collator = ImageTextCollator(transform, tokenize)
-    rows = [{"image": png_bytes(), "caption": "ok", "dataset_index": 0},
-            {"image": b"broken", "caption": "ok", "dataset_index": 1},
-            {"image": png_bytes(), "caption": " ", "dataset_index": 2}]
+    rows = [
+        {"image": png_bytes(), "caption": "ok", "dataset_index": 0},
+        {"image": b"broken", "caption": "ok", "dataset_index": 1},
+        {"image": png_bytes(), "caption": " ", "dataset_index": 2},
+    ]
     batch = collator(rows)
     assert batch["bad_sample_counts"].tolist() == [1, 1]
     assert batch["dataset_index"].tolist() == [0, 0, 0]  # stand-ins copy the good row
@@ -167,8 +181,9 @@ def test_loader_picks_splits_of_folders_and_names_missing_ones(tmp_path):
     import datasets
 
     folder = str(tmp_path / "saved")
-    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"caption": ["a", "b"]})}
-                         ).save_to_disk(folder)
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_dict({"caption": ["a", "b"]})}
+    ).save_to_disk(folder)
     assert load_image_text_dataset(folder, split="train")["caption"] == ["a", "b"]
     assert isinstance(load_image_text_dataset(folder), datasets.DatasetDict)
     with pytest.raises(MissingSplitError, match="no split 'test'") as info:
@@ -180,13 +195,25 @@ def test_glofnd_shards_runs_as_a_module_and_names_a_missing_split(tmp_path):
     import datasets
 
     folder = str(tmp_path / "saved")
-    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"caption": ["a"]})}
-                         ).save_to_disk(folder)
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"caption": ["a"]})}).save_to_disk(
+        folder
+    )
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
     result = subprocess.run(
-        [sys.executable, "-m", "glofnd_hf.cli.shards", "from-dataset", folder,
-         str(tmp_path / "out"), "--split", "test"],
-        capture_output=True, text=True, env=env, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "glofnd_hf.cli.shards",
+            "from-dataset",
+            folder,
+            str(tmp_path / "out"),
+            "--split",
+            "test",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert result.returncode == 1 and "split 'test' not in ['train']" in result.stderr
 

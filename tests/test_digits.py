@@ -49,7 +49,9 @@ def test_classification_defaults_describe_the_data(dd):
     assert names[row[column]] in _words(row["caption"])
     # explicit settings win over the digits' defaults
     assert dg.digits_classification_defaults("label", ["a", "b"], ["{}!"]) == (
-        "label", ["a", "b"], ["{}!"],
+        "label",
+        ["a", "b"],
+        ["{}!"],
     )
 
 

@@ -31,10 +31,22 @@ def single_process(kind, steps=2):
 
 def run_torchrun(kind, out):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-           str(HERE / "distributed" / "loss_worker.py"),
-           "--loss", kind, "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        str(HERE / "distributed" / "loss_worker.py"),
+        "--loss",
+        kind,
+        "--out",
+        str(out),
+    ]
     proc = run_process_group(cmd, env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [torch.load(f"{out}.rank{r}", weights_only=False) for r in range(2)]
@@ -54,7 +66,9 @@ def test_two_processes_match_one_process(tmp_path, kind):
         for key, value in state.items():
             assert torch.allclose(rank["state"][key], value, atol=1e-5), key
     # The state actually moved, and identically on both ranks.
-    assert not torch.equal(state["detector.image.lambda"], torch.ones_like(state["detector.image.lambda"]))
+    assert not torch.equal(
+        state["detector.image.lambda"], torch.ones_like(state["detector.image.lambda"])
+    )
     for key in state:
         assert torch.equal(ranks[0]["state"][key], ranks[1]["state"][key]), key
     # Tracking health is global: every rank reports what one process reports.

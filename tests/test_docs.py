@@ -101,8 +101,9 @@ def parse_blocks(text: str, path: str = "<doc>") -> list[Block]:
         while k < len(lines) and not lines[k].strip().startswith(fence[:3]):
             body.append(lines[k])
             k += 1
-        blocks.append(Block(path, i + 1, lang, "\n".join(body),
-                            skip_match.group(1) if skip_match else None))
+        blocks.append(
+            Block(path, i + 1, lang, "\n".join(body), skip_match.group(1) if skip_match else None)
+        )
         i = k + 1
     return blocks
 
@@ -230,19 +231,25 @@ def _load_script(path: Path) -> tuple[Any, Callable[..., Any] | None]:
     return module, getattr(module, "main", None)
 
 
-def parse_with_program(module: Any, entry: Callable[..., Any] | None, prog: str,
-                       args: list[str]) -> str | None:
+def parse_with_program(
+    module: Any, entry: Callable[..., Any] | None, prog: str, args: list[str]
+) -> str | None:
     """Parse ``args`` as the program would; a message when they do not parse, else None."""
     stderr, stdout = io.StringIO(), io.StringIO()
     builder = getattr(module, "build_parser", None)
     old_argv = sys.argv
     sys.argv = [prog, *args]
     try:
-        with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(stdout), \
-                stop_after_parsing():
+        with (
+            contextlib.redirect_stderr(stderr),
+            contextlib.redirect_stdout(stdout),
+            stop_after_parsing(),
+        ):
             parser = builder() if callable(builder) else None
-            if isinstance(parser, argparse.ArgumentParser) and type(parser).__name__ != \
-                    "HfArgumentParser":
+            if (
+                isinstance(parser, argparse.ArgumentParser)
+                and type(parser).__name__ != "HfArgumentParser"
+            ):
                 parser.parse_args(args)
             elif entry is None:
                 return f"{prog}: no build_parser() and no main() to parse arguments with"
@@ -261,8 +268,10 @@ def parse_with_program(module: Any, entry: Callable[..., Any] | None, prog: str,
         return f"{prog} {' '.join(args)}: {type(e).__name__}: {e}"
     finally:
         sys.argv = old_argv
-    return (f"{prog}: argument parsing was not intercepted (the program ran to the end); "
-            "give its module a build_parser()")
+    return (
+        f"{prog}: argument parsing was not intercepted (the program ran to the end); "
+        "give its module a build_parser()"
+    )
 
 
 def _module_program(module_name: str, args: list[str]) -> str | None:
@@ -309,8 +318,10 @@ def _check_accelerate(args: list[str]) -> list[str]:
     elif script.endswith(".py"):
         problem = _check_script(script, script_args)
     else:
-        problem = (f"accelerate launch runs `python {script}`: use `-m MODULE` (e.g. -m "
-                   "glofnd_hf.cli.train) or `--no_python` for a console script")
+        problem = (
+            f"accelerate launch runs `python {script}`: use `-m MODULE` (e.g. -m "
+            "glofnd_hf.cli.train) or `--no_python` for a console script"
+        )
     return problems + ([problem] if problem else [])
 
 
@@ -346,8 +357,10 @@ def check_command(argv: list[str]) -> list[str]:
     elif prog == "make":
         targets = [a for a in args if not a.startswith("-") and "=" not in a]
         known = _makefile_targets()
-        problem = "; ".join(f"make: no target {t!r} in the Makefile"
-                            for t in targets if t not in known) or None
+        problem = (
+            "; ".join(f"make: no target {t!r} in the Makefile" for t in targets if t not in known)
+            or None
+        )
     else:
         problem = None  # not ours
     return problems + ([problem] if problem else [])
@@ -395,8 +408,11 @@ def check_python(source: str) -> list[str]:
                 continue
             for alias in node.names:
                 try:
-                    obj = getattr(module, alias.name) if hasattr(module, alias.name) else \
-                        importlib.import_module(f"{node.module}.{alias.name}")
+                    obj = (
+                        getattr(module, alias.name)
+                        if hasattr(module, alias.name)
+                        else importlib.import_module(f"{node.module}.{alias.name}")
+                    )
                 except ImportError:
                     problems.append(f"cannot import {alias.name!r} from {node.module}")
                     continue
@@ -409,8 +425,12 @@ def check_python(source: str) -> list[str]:
                     except ImportError as e:
                         problems.append(f"import {alias.name}: {e}")
     for node in ast.walk(tree):
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) \
-                and node.func.id in bound and callable(bound[node.func.id]):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id in bound
+            and callable(bound[node.func.id])
+        ):
             try:
                 signature = inspect.signature(bound[node.func.id])
             except (TypeError, ValueError):
@@ -498,8 +518,12 @@ def check_links(page: Path, text: str | None = None) -> list[str]:
 
 
 def _all_blocks() -> list[Block]:
-    return [b for doc in DOC_FILES for b in parse_blocks(doc.read_text(), str(doc.relative_to(ROOT)))
-            if b.lang in SHELL_LANGS | {"python", "py", "yaml", "yml", "json"}]
+    return [
+        b
+        for doc in DOC_FILES
+        for b in parse_blocks(doc.read_text(), str(doc.relative_to(ROOT)))
+        if b.lang in SHELL_LANGS | {"python", "py", "yaml", "yml", "json"}
+    ]
 
 
 @pytest.fixture
@@ -538,10 +562,16 @@ def test_every_page_is_on_the_maps() -> None:
     pages = {p.name for p in (ROOT / "docs").glob("*.md")}
     readme = ROOT / "README.md"
     index = ROOT / "docs" / "index.md"
-    linked_from_readme = {Path(t.partition("#")[0]).name for t in LINK_RE.findall(readme.read_text())
-                          if t.startswith("docs/")}
-    linked_from_index = {Path(t.partition("#")[0]).name for t in LINK_RE.findall(index.read_text())
-                         if "/" not in t and not t.startswith("#")}
+    linked_from_readme = {
+        Path(t.partition("#")[0]).name
+        for t in LINK_RE.findall(readme.read_text())
+        if t.startswith("docs/")
+    }
+    linked_from_index = {
+        Path(t.partition("#")[0]).name
+        for t in LINK_RE.findall(index.read_text())
+        if "/" not in t and not t.startswith("#")
+    }
     assert pages - {"index.md"} <= linked_from_readme, "pages missing from README's docs map"
     assert pages - {"index.md"} <= linked_from_index, "pages missing from docs/index.md"
 
@@ -567,23 +597,32 @@ def test_checker_rejects_a_bogus_flag(tmp_path: Path, in_root: None) -> None:
     assert len(problems) == 1 and "no_such_flag" in problems[0]
 
 
-@pytest.mark.parametrize("command, expected", [
-    ("glofnd-train --no_such_flag 1", "no_such_flag"),
-    ("glofnd-train recipes/no_such_recipe.yaml", "no_such_recipe"),
-    ("glofnd-eval --model m --dataset d --no-such-flag", "unrecognized"),
-    ("glofnd-eval --model m", "required"),
-    ("python -m glofnd_hf.cli.eval --model m --dataset d --task nonsense", "invalid choice"),
-    ("glofnd-push out --repo-id o/n --no-such", "unrecognized"),
-    ("glofnd-shards add-index", "required"),
-    ("glofnd-nothing --help", "not a console script"),
-    ("accelerate launch glofnd-train recipes/demo.yaml", "-m MODULE"),
-    ("accelerate launch --config_file recipes/accelerate/none.yaml -m glofnd_hf.cli.train "
-     "recipes/demo.yaml", "none.yaml does not exist"),
-    ("accelerate launch -m glofnd_hf.cli.train recipes/demo.yaml --detector_typo x", "detector_typo"),
-    (".venv/bin/python benchmarks/fn_study.py --no-such-option", "unrecognized"),
-    ("python benchmarks/no_such_script.py", "does not exist"),
-    ("make no-such-target", "no target"),
-])
+@pytest.mark.parametrize(
+    "command, expected",
+    [
+        ("glofnd-train --no_such_flag 1", "no_such_flag"),
+        ("glofnd-train recipes/no_such_recipe.yaml", "no_such_recipe"),
+        ("glofnd-eval --model m --dataset d --no-such-flag", "unrecognized"),
+        ("glofnd-eval --model m", "required"),
+        ("python -m glofnd_hf.cli.eval --model m --dataset d --task nonsense", "invalid choice"),
+        ("glofnd-push out --repo-id o/n --no-such", "unrecognized"),
+        ("glofnd-shards add-index", "required"),
+        ("glofnd-nothing --help", "not a console script"),
+        ("accelerate launch glofnd-train recipes/demo.yaml", "-m MODULE"),
+        (
+            "accelerate launch --config_file recipes/accelerate/none.yaml -m glofnd_hf.cli.train "
+            "recipes/demo.yaml",
+            "none.yaml does not exist",
+        ),
+        (
+            "accelerate launch -m glofnd_hf.cli.train recipes/demo.yaml --detector_typo x",
+            "detector_typo",
+        ),
+        (".venv/bin/python benchmarks/fn_study.py --no-such-option", "unrecognized"),
+        ("python benchmarks/no_such_script.py", "does not exist"),
+        ("make no-such-target", "no target"),
+    ],
+)
 def test_checker_rejects(command: str, expected: str, tmp_path: Path, in_root: None) -> None:
     problems = _problems(f"```bash\n{command}\n```\n", tmp_path)
     assert problems and expected in " ".join(problems), problems
@@ -593,28 +632,52 @@ def test_checker_python_yaml_json_and_markers(tmp_path: Path, in_root: None) -> 
     def one(lang: str, body: str, marker: str = "") -> list[str]:
         return _problems(f"{marker}\n```{lang}\n{body}\n```\n", tmp_path)
 
-    assert one("python", "from glofnd_hf.args import GloFNDTrainingArguments\n"
-                         "GloFNDTrainingArguments(output_dir='o', detector='glofnd')") == []
+    assert (
+        one(
+            "python",
+            "from glofnd_hf.args import GloFNDTrainingArguments\n"
+            "GloFNDTrainingArguments(output_dir='o', detector='glofnd')",
+        )
+        == []
+    )
     assert one("python", "from glofnd_hf.args import NoSuchName")
     assert one("python", "import glofnd_hf.no_such_module")
-    assert one("python", "from glofnd_hf.args import GloFNDTrainingArguments\n"
-                         "GloFNDTrainingArguments(output_dir='o', no_such_field=1)")
+    assert one(
+        "python",
+        "from glofnd_hf.args import GloFNDTrainingArguments\n"
+        "GloFNDTrainingArguments(output_dir='o', no_such_field=1)",
+    )
     assert one("python", "def broken(:")
     assert one("yaml", "detector: glofnd\nper_device_train_batch_size: 8") == []
     assert one("yaml", "detectr: glofnd")
     assert one("json", '{"a": 1,}')
-    assert one("bash", "glofnd-train --no_such_flag 1",
-               "<!-- docs-test: skip: shows a mistake on purpose -->") == []
+    assert (
+        one(
+            "bash",
+            "glofnd-train --no_such_flag 1",
+            "<!-- docs-test: skip: shows a mistake on purpose -->",
+        )
+        == []
+    )
     assert one("bash", "glofnd-train --no_such_flag 1", "<!-- docs-test: skip -->")
 
 
 def test_shell_parsing() -> None:
-    block = Block("x", 1, "bash", "# comment\nFOO=1 glofnd-train a.yaml \\\n    --x 1  # tail\n"
-                  "make demo && make test\n", None)
-    assert shell_commands(block) == [["glofnd-train", "a.yaml", "--x", "1"], ["make", "demo"],
-                                     ["make", "test"]]
-    console = Block("x", 1, "console", "$ glofnd-eval --model m \\\n  --dataset d\noutput line\n",
-                    None)
+    block = Block(
+        "x",
+        1,
+        "bash",
+        "# comment\nFOO=1 glofnd-train a.yaml \\\n    --x 1  # tail\nmake demo && make test\n",
+        None,
+    )
+    assert shell_commands(block) == [
+        ["glofnd-train", "a.yaml", "--x", "1"],
+        ["make", "demo"],
+        ["make", "test"],
+    ]
+    console = Block(
+        "x", 1, "console", "$ glofnd-eval --model m \\\n  --dataset d\noutput line\n", None
+    )
     assert shell_commands(console) == [["glofnd-eval", "--model", "m", "--dataset", "d"]]
 
 

@@ -52,15 +52,21 @@ def embed_images(adapter, images, batch_size=64):
     out = []
     with torch.no_grad():
         for s in range(0, len(images), batch_size):
-            pixels = torch.stack([transform(im.convert("RGB")) for im in images[s:s + batch_size]])
+            pixels = torch.stack(
+                [transform(im.convert("RGB")) for im in images[s : s + batch_size]]
+            )
             out.append(adapter.encode_images(adapter.model, pixels).float())
     return torch.cat(out)
 
 
 def embed_texts(adapter, texts, batch_size=64):
     with torch.no_grad():
-        return torch.cat([adapter.encode_texts(adapter.model, texts[s:s + batch_size]).float()
-                          for s in range(0, len(texts), batch_size)])
+        return torch.cat(
+            [
+                adapter.encode_texts(adapter.model, texts[s : s + batch_size]).float()
+                for s in range(0, len(texts), batch_size)
+            ]
+        )
 
 
 def assert_metrics_equal(got, expected):
@@ -69,19 +75,43 @@ def assert_metrics_equal(got, expected):
         assert got[name] == pytest.approx(value, abs=1e-12), name
 
 
-def test_cli_on_digits_writes_json_equal_to_direct_metrics(tmp_path, model_dir, adapter, digits,
-                                                           capsys):
+def test_cli_on_digits_writes_json_equal_to_direct_metrics(
+    tmp_path, model_dir, adapter, digits, capsys
+):
     out = tmp_path / "res" / "results.json"
-    code = eval_main(["--model", model_dir, "--dataset", "glofnd-digits", "--max-samples",
-                      str(N_DIGITS), "--output", str(out), "--device", "cpu", "--no-progress"])
+    code = eval_main(
+        [
+            "--model",
+            model_dir,
+            "--dataset",
+            "glofnd-digits",
+            "--max-samples",
+            str(N_DIGITS),
+            "--output",
+            str(out),
+            "--device",
+            "cpu",
+            "--no-progress",
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "text_to_image_recall@1" in printed and "top5_accuracy" in printed
     assert f"{N_DIGITS} images" in printed
 
     report = json.loads(out.read_text())
-    for key in ("model", "data", "task", "metrics", "glofnd_hf_version", "ks", "num_images",
-                "num_captions", "metrics_clip_benchmark", "classification_ks"):
+    for key in (
+        "model",
+        "data",
+        "task",
+        "metrics",
+        "glofnd_hf_version",
+        "ks",
+        "num_images",
+        "num_captions",
+        "metrics_clip_benchmark",
+        "classification_ks",
+    ):
         assert key in report, key
     import glofnd_hf
 
@@ -96,14 +126,17 @@ def test_cli_on_digits_writes_json_equal_to_direct_metrics(tmp_path, model_dir, 
     assert report["ks"] == [1, 5, 10] and report["classification_ks"] == [1, 5]
     assert report["num_images"] == report["num_captions"] == N_DIGITS
     metrics = report["metrics"]
-    expected_names = {f"{d}_recall@{k}" for d in ("image_to_text", "text_to_image")
-                      for k in (1, 5, 10)} | {"top1_accuracy", "top5_accuracy"}
+    expected_names = {
+        f"{d}_recall@{k}" for d in ("image_to_text", "text_to_image") for k in (1, 5, 10)
+    } | {"top1_accuracy", "top5_accuracy"}
     assert set(metrics) == expected_names
     assert all(0.0 <= v <= 1.0 and math.isfinite(v) for v in metrics.values())
     for d in ("image_to_text", "text_to_image"):  # recall grows with k
         assert metrics[f"{d}_recall@1"] <= metrics[f"{d}_recall@5"] <= metrics[f"{d}_recall@10"]
-    assert report["metrics_clip_benchmark"]["image_retrieval_recall@5"] == metrics[
-        "text_to_image_recall@5"]
+    assert (
+        report["metrics_clip_benchmark"]["image_retrieval_recall@5"]
+        == metrics["text_to_image_recall@5"]
+    )
 
     # the same numbers from embeddings computed here
     rows = digits["validation"].select(range(N_DIGITS))
@@ -111,10 +144,12 @@ def test_cli_on_digits_writes_json_equal_to_direct_metrics(tmp_path, model_dir, 
     texts = embed_texts(adapter, list(rows["caption"]))
     direct = retrieval_recall(images, texts, torch.arange(N_DIGITS), ks=(1, 5, 10))
     prompts = [t.format(c) for c in DIGIT_NAMES for t in CLASSIFICATION_TEMPLATES]
-    classes = average_template_embeddings(embed_texts(adapter, prompts),
-                                          len(CLASSIFICATION_TEMPLATES))
-    direct.update(zero_shot_classification(images, classes, torch.tensor(list(rows["digit"])),
-                                           ks=(1, 5)))
+    classes = average_template_embeddings(
+        embed_texts(adapter, prompts), len(CLASSIFICATION_TEMPLATES)
+    )
+    direct.update(
+        zero_shot_classification(images, classes, torch.tensor(list(rows["digit"])), ks=(1, 5))
+    )
     assert_metrics_equal(metrics, direct)
 
 
@@ -127,9 +162,13 @@ def list_caption_folder(tmp_path_factory, digits):
         captions.append(group)
     data = datasets.Dataset.from_dict(
         {"picture": list(rows["image"]), "captions": captions, "label": list(rows["digit"])},
-        features=datasets.Features({"picture": datasets.Image(),
-                                    "captions": datasets.List(datasets.Value("string")),
-                                    "label": datasets.ClassLabel(names=DIGIT_NAMES)}),
+        features=datasets.Features(
+            {
+                "picture": datasets.Image(),
+                "captions": datasets.List(datasets.Value("string")),
+                "label": datasets.ClassLabel(names=DIGIT_NAMES),
+            }
+        ),
     )
     folder = tmp_path_factory.mktemp("list_captions")
     datasets.DatasetDict({"test": data, "train": data.select(range(2))}).save_to_disk(folder)
@@ -138,9 +177,17 @@ def list_caption_folder(tmp_path_factory, digits):
 
 def test_api_dataset_with_list_captions(model_dir, adapter, list_caption_folder):
     folder, data = list_caption_folder
-    report = evaluate(model_dir, dataset=folder, image_column="picture",
-                      caption_column="captions", class_label_column="label", ks=(1, 2, 100),
-                      classification_ks=(1, 3), show_progress=False, device="cpu")
+    report = evaluate(
+        model_dir,
+        dataset=folder,
+        image_column="picture",
+        caption_column="captions",
+        class_label_column="label",
+        ks=(1, 2, 100),
+        classification_ks=(1, 3),
+        show_progress=False,
+        device="cpu",
+    )
     assert report["data"]["split"] == "test"  # the default split
     assert report["num_images"] == 12
     assert report["num_captions"] == sum(len(c) for c in data["captions"]) == 24
@@ -150,16 +197,24 @@ def test_api_dataset_with_list_captions(model_dir, adapter, list_caption_folder)
     direct = retrieval_recall(images, embed_texts(adapter, flat), owners, ks=(1, 2, 100))
     # class names come from the ClassLabel feature; default template
     classes = embed_texts(adapter, [f"a photo of {n}." for n in DIGIT_NAMES])
-    direct.update(zero_shot_classification(images, classes, torch.tensor(list(data["label"])),
-                                           ks=(1, 3)))
+    direct.update(
+        zero_shot_classification(images, classes, torch.tensor(list(data["label"])), ks=(1, 3))
+    )
     assert_metrics_equal(report["metrics"], direct)
     assert report["metrics"]["image_to_text_recall@100"] == 1.0  # k clamped to all captions
 
 
 def test_api_takes_a_loaded_adapter_and_an_in_memory_dataset(adapter, list_caption_folder):
     _, data = list_caption_folder
-    report = evaluate(adapter, dataset=data, image_column="picture", caption_column="captions",
-                      tasks="retrieval", ks=(1,), show_progress=False)
+    report = evaluate(
+        adapter,
+        dataset=data,
+        image_column="picture",
+        caption_column="captions",
+        tasks="retrieval",
+        ks=(1,),
+        show_progress=False,
+    )
     assert report["task"] == ["zero_shot_retrieval"]
     assert set(report["metrics"]) == {"image_to_text_recall@1", "text_to_image_recall@1"}
 
@@ -178,10 +233,15 @@ def test_shards_group_captions_by_image_id(tmp_path, model_dir, adapter, digits)
     with wds.TarWriter(str(path)) as sink:
         for key, (img, caption) in enumerate(plan):
             meta = {"image_id": f"img{img}"} if img < 2 else {"other": 1}
-            sink.write({"__key__": f"{key:06d}", "png": _png_bytes(rows[img]["image"]),
-                        "txt": f"{rows[img]['caption']} {caption}", "json": meta})
-    report = evaluate(model_dir, shards=str(path), show_progress=False, device="cpu",
-                      ks=(1, 2))
+            sink.write(
+                {
+                    "__key__": f"{key:06d}",
+                    "png": _png_bytes(rows[img]["image"]),
+                    "txt": f"{rows[img]['caption']} {caption}",
+                    "json": meta,
+                }
+            )
+    report = evaluate(model_dir, shards=str(path), show_progress=False, device="cpu", ks=(1, 2))
     assert report["data"]["kind"] == "webdataset"
     assert report["num_images"] == 4 and report["num_captions"] == 7
     groups = [[f"{rows[i]['caption']} {c}" for j, c in plan if j == i] for i in range(4)]
@@ -202,14 +262,20 @@ def test_shards_group_captions_by_image_id(tmp_path, model_dir, adapter, digits)
 
 
 @pytest.mark.parametrize("caption_key", ["caption", "text", "txt"])
-def test_shards_evaluate_with_every_caption_key_training_reads(tmp_path, model_dir, digits,
-                                                               caption_key):
+def test_shards_evaluate_with_every_caption_key_training_reads(
+    tmp_path, model_dir, digits, caption_key
+):
     rows = digits["validation"].select(range(3))
     path = tmp_path / "eval-000.tar"
     with wds.TarWriter(str(path)) as sink:
         for i in range(3):
-            sink.write({"__key__": f"{i:06d}", "png": _png_bytes(rows[i]["image"]),
-                        caption_key: rows[i]["caption"]})
+            sink.write(
+                {
+                    "__key__": f"{i:06d}",
+                    "png": _png_bytes(rows[i]["image"]),
+                    caption_key: rows[i]["caption"],
+                }
+            )
     data = load_shards_for_eval(str(path))
     assert data["caption"] == [[c] for c in rows["caption"]]
     report = evaluate(model_dir, shards=str(path), show_progress=False, device="cpu", ks=(1,))
@@ -219,8 +285,13 @@ def test_shards_evaluate_with_every_caption_key_training_reads(tmp_path, model_d
 def test_missing_column_is_a_clear_error(model_dir, list_caption_folder, capsys):
     folder, _ = list_caption_folder
     with pytest.raises(EvalInputError) as info:
-        evaluate(model_dir, dataset=folder, image_column="picture", caption_column="text",
-                 show_progress=False)
+        evaluate(
+            model_dir,
+            dataset=folder,
+            image_column="picture",
+            caption_column="text",
+            show_progress=False,
+        )
     message = str(info.value)
     assert "'text'" in message and "picture" in message and "captions" in message
     with pytest.raises(SystemExit) as exit_info:
@@ -229,16 +300,23 @@ def test_missing_column_is_a_clear_error(model_dir, list_caption_folder, capsys)
     err = capsys.readouterr().err
     assert "glofnd-eval: error:" in err and "no image column 'image'" in err
     with pytest.raises(EvalInputError, match="no split 'validation'"):
-        evaluate(model_dir, dataset=folder, split="validation", image_column="picture",
-                 caption_column="captions", show_progress=False)
+        evaluate(
+            model_dir,
+            dataset=folder,
+            split="validation",
+            image_column="picture",
+            caption_column="captions",
+            show_progress=False,
+        )
 
 
 def test_empty_caption_list_is_a_clear_error(digits):
     rows = digits["validation"].select(range(3))
     data = datasets.Dataset.from_dict(
         {"image": list(rows["image"]), "caption": [["one"], [], ["three"]]},
-        features=datasets.Features({"image": datasets.Image(),
-                                    "caption": datasets.List(datasets.Value("string"))}),
+        features=datasets.Features(
+            {"image": datasets.Image(), "caption": datasets.List(datasets.Value("string"))}
+        ),
     )
     with pytest.raises(ValueError, match="row 1 has an empty caption list"):
         ZeroShotEvaluator(data, show_progress=False)
@@ -249,12 +327,21 @@ def test_empty_caption_list_is_a_clear_error(digits):
 def test_unknown_model_is_a_clear_error(capsys):
     data = "glofnd-digits"
     with pytest.raises(EvalInputError) as info:
-        evaluate("glofnd-test-org/no-such-model", dataset=data, max_samples=2,
-                 show_progress=False)
+        evaluate("glofnd-test-org/no-such-model", dataset=data, max_samples=2, show_progress=False)
     assert "no-such-model" in str(info.value) and "open_clip" in str(info.value)
     with pytest.raises(SystemExit) as exit_info:
-        eval_main(["--model", "ViT-B-99", "--pretrained", "laion2b_s34b_b79k", "--dataset", data,
-                   "--max-samples", "2"])
+        eval_main(
+            [
+                "--model",
+                "ViT-B-99",
+                "--pretrained",
+                "laion2b_s34b_b79k",
+                "--dataset",
+                data,
+                "--max-samples",
+                "2",
+            ]
+        )
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "unknown open_clip architecture 'ViT-B-99'" in err and "ViT-B-" in err
@@ -265,14 +352,27 @@ def test_classification_needs_labels_and_good_templates(model_dir, digits):
     with pytest.raises(EvalInputError, match="class label column"):
         evaluate(model_dir, dataset=data, tasks="classification", show_progress=False)
     with pytest.raises(EvalInputError, match="placeholder"):
-        evaluate(model_dir, dataset=data, class_label_column="digit", class_names=DIGIT_NAMES,
-                 templates=["no placeholder"], show_progress=False)
+        evaluate(
+            model_dir,
+            dataset=data,
+            class_label_column="digit",
+            class_names=DIGIT_NAMES,
+            templates=["no placeholder"],
+            show_progress=False,
+        )
     with pytest.raises(EvalInputError, match="class_names"):
         evaluate(model_dir, dataset=data, class_label_column="digit", show_progress=False)
 
 
 def test_clip_benchmark_names():
-    ours = {"image_to_text_recall@5": 0.1, "text_to_image_recall@1": 0.2, "top5_accuracy": 0.3,
-            "other": 1.0}
-    assert clip_benchmark_names(ours) == {"text_retrieval_recall@5": 0.1,
-                                          "image_retrieval_recall@1": 0.2, "acc5": 0.3}
+    ours = {
+        "image_to_text_recall@5": 0.1,
+        "text_to_image_recall@1": 0.2,
+        "top5_accuracy": 0.3,
+        "other": 1.0,
+    }
+    assert clip_benchmark_names(ours) == {
+        "text_retrieval_recall@5": 0.1,
+        "image_retrieval_recall@1": 0.2,
+        "acc5": 0.3,
+    }

@@ -422,23 +422,51 @@ def test_every_metric_the_scorers_emit_parses_back():
     images, texts = torch.randn(4, 3), torch.randn(4, 3)
     names = list(retrieval_recall(images, texts, torch.arange(4), ks=(1, 3)))
     names += list(zero_shot_classification(images, texts[:3], torch.tensor([0, 1, 2, 0]), ks=(2,)))
-    assert names == [recall_metric_name(IMAGE_TO_TEXT, 1), recall_metric_name(IMAGE_TO_TEXT, 3),
-                     recall_metric_name(TEXT_TO_IMAGE, 1), recall_metric_name(TEXT_TO_IMAGE, 3),
-                     accuracy_metric_name(2)]
+    assert names == [
+        recall_metric_name(IMAGE_TO_TEXT, 1),
+        recall_metric_name(IMAGE_TO_TEXT, 3),
+        recall_metric_name(TEXT_TO_IMAGE, 1),
+        recall_metric_name(TEXT_TO_IMAGE, 3),
+        accuracy_metric_name(2),
+    ]
     parsed = [parse_metric_name(n) for n in names]
     assert [(p.direction, p.k) for p in parsed] == [
-        (IMAGE_TO_TEXT, 1), (IMAGE_TO_TEXT, 3), (TEXT_TO_IMAGE, 1), (TEXT_TO_IMAGE, 3), (None, 2)]
-    assert [p.label for p in parsed] == ["Image-to-text recall@1", "Image-to-text recall@3",
-                                         "Text-to-image recall@1", "Text-to-image recall@3",
-                                         "Top-2 accuracy"]
+        (IMAGE_TO_TEXT, 1),
+        (IMAGE_TO_TEXT, 3),
+        (TEXT_TO_IMAGE, 1),
+        (TEXT_TO_IMAGE, 3),
+        (None, 2),
+    ]
+    assert [p.label for p in parsed] == [
+        "Image-to-text recall@1",
+        "Image-to-text recall@3",
+        "Text-to-image recall@1",
+        "Text-to-image recall@3",
+        "Top-2 accuracy",
+    ]
     assert [p.is_retrieval for p in parsed] == [True] * 4 + [False]
     assert clip_benchmark_names(dict.fromkeys(names, 0.5)) == dict.fromkeys(
-        ["text_retrieval_recall@1", "text_retrieval_recall@3", "image_retrieval_recall@1",
-         "image_retrieval_recall@3", "acc2"], 0.5)
+        [
+            "text_retrieval_recall@1",
+            "text_retrieval_recall@3",
+            "image_retrieval_recall@1",
+            "image_retrieval_recall@3",
+            "acc2",
+        ],
+        0.5,
+    )
 
 
-@pytest.mark.parametrize("name", ["loss", "eval_top1_accuracy", "top_accuracy",
-                                  "image_to_text_recall@", "image_to_image_recall@1"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "loss",
+        "eval_top1_accuracy",
+        "top_accuracy",
+        "image_to_text_recall@",
+        "image_to_image_recall@1",
+    ],
+)
 def test_other_names_do_not_parse(name):
     assert parse_metric_name(name) is None
 

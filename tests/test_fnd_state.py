@@ -47,11 +47,13 @@ def test_masked_quantile_matches_torch_quantile(q):
 
 def test_segment_mean_averages_duplicates_and_keeps_unique_values_exactly():
     index = torch.tensor([5, 2, 5, 7, 2, 5])
-    values = torch.tensor([[1.0, 10.0], [2.0, 20.0], [3.0, 30.0], [0.1, 0.2], [4.0, 40.0],
-                           [5.0, 50.0]])
+    values = torch.tensor(
+        [[1.0, 10.0], [2.0, 20.0], [3.0, 30.0], [0.1, 0.2], [4.0, 40.0], [5.0, 50.0]]
+    )
     got = segment_mean(index, values)
-    expected = torch.tensor([[3.0, 30.0], [3.0, 30.0], [3.0, 30.0], [0.1, 0.2], [3.0, 30.0],
-                             [3.0, 30.0]])
+    expected = torch.tensor(
+        [[3.0, 30.0], [3.0, 30.0], [3.0, 30.0], [0.1, 0.2], [3.0, 30.0], [3.0, 30.0]]
+    )
     assert torch.equal(got[3], values[3])
     assert torch.allclose(got, expected)
 
@@ -76,8 +78,9 @@ def test_adam_rules_are_adam_on_the_pinball_gradient(rule):
 
 
 def test_gradient_clipping_and_init_quantile():
-    cfg = GloFNDConfig(alpha=0.01, lr=0.05, clip_grad_mult=2.0, init_quantile=True,
-                       update_rule="adam")
+    cfg = GloFNDConfig(
+        alpha=0.01, lr=0.05, clip_grad_mult=2.0, init_quantile=True, update_rule="adam"
+    )
     rows = torch.tensor([[[1.0, 0.0, 0.0, 0.0], [0.3, 0.0, 0.0, 1.0]]])
     grad = torch.tensor([[-0.5, -0.5]])
     quantile = torch.tensor([[0.42, 0.9]])
@@ -90,11 +93,20 @@ def test_gradient_clipping_and_init_quantile():
 
 
 def test_config_rejects_bad_values():
-    for kwargs in [dict(alpha=0.0), dict(alpha=1.5), dict(lr=-1), dict(betas=(0.9, 1.0)),
-                   dict(update_start_epoch=3, mask_start_epoch=2),
-                   dict(update_rule="sometimes"), dict(clip_grad_mult=0.0),
-                   dict(tail_size=0), dict(tail_size=2.5), dict(band=0.0), dict(step_floor=0.0),
-                   dict(step_floor=1.5)]:
+    for kwargs in [
+        dict(alpha=0.0),
+        dict(alpha=1.5),
+        dict(lr=-1),
+        dict(betas=(0.9, 1.0)),
+        dict(update_start_epoch=3, mask_start_epoch=2),
+        dict(update_rule="sometimes"),
+        dict(clip_grad_mult=0.0),
+        dict(tail_size=0),
+        dict(tail_size=2.5),
+        dict(band=0.0),
+        dict(step_floor=0.0),
+        dict(step_floor=1.5),
+    ]:
         with pytest.raises(ValueError):
             GloFNDConfig(**kwargs)
 
@@ -113,7 +125,7 @@ def test_thresholds_converge_to_the_global_quantile_on_both_sides(rule, epochs):
     for epoch in range(epochs):
         perm = torch.randperm(n, generator=gen)
         for start in range(0, n, batch):
-            idx = perm[start:start + batch]
+            idx = perm[start : start + batch]
             loss(image[idx], text[idx], 10.0, idx, epoch=epoch)
     state = detector.state_dict()
     eye = torch.eye(n, dtype=torch.bool)
@@ -169,8 +181,9 @@ def test_duplicate_indices_update_deterministically_as_one_averaged_step():
     assert results[0]["image.visits"][3].item() == 1.0
     sim = image @ text.t()
     negatives = index[None, :] != index[:, None]
-    grads = [cfg.alpha - ((sim[i] > 0.0) & negatives[i]).sum() / negatives[i].sum()
-             for i in (0, 2, 5)]
+    grads = [
+        cfg.alpha - ((sim[i] > 0.0) & negatives[i]).sum() / negatives[i].sum() for i in (0, 2, 5)
+    ]
     assert len({g.item() for g in grads}) > 1
     g = torch.stack(grads).float().mean().reshape(1, 1).expand(1, 2)
     expected = adam_step(torch.tensor([[[0.0, 0, 0, 0]] * 2]), g, None, cfg, 0)

@@ -29,21 +29,28 @@ from glofnd_hf.trainer import STATE_FILE, GloFNDTrainer
 
 SECRET = "hf_glofndTestSecretToken0123456789abcdef"
 TEXTS = ["a red circle", "a blue square", "a green seven on a black background"]
-METRICS = {"eval_image_to_text_recall@1": 0.25, "eval_text_to_image_recall@5": 0.5,
-           "eval_top1_accuracy": 0.125, "eval_loss": 3.0, "epoch": 1.0}
+METRICS = {
+    "eval_image_to_text_recall@1": 0.25,
+    "eval_text_to_image_recall@5": 0.5,
+    "eval_top1_accuracy": 0.125,
+    "eval_loss": 3.0,
+    "epoch": 1.0,
+}
 
 
 def _images(n=2):
     torch.manual_seed(0)
-    return [Image.fromarray((torch.rand(32, 32, 3) * 255).to(torch.uint8).numpy())
-            for _ in range(n)]
+    return [
+        Image.fromarray((torch.rand(32, 32, 3) * 255).to(torch.uint8).numpy()) for _ in range(n)
+    ]
 
 
 def _embed(adapter, images, texts):
     pixels = torch.stack([adapter.image_transform(False)(im) for im in images])
     with torch.no_grad():
-        return adapter.encode_images(adapter.model, pixels), adapter.encode_texts(adapter.model,
-                                                                                   texts)
+        return adapter.encode_images(adapter.model, pixels), adapter.encode_texts(
+            adapter.model, texts
+        )
 
 
 def test_hf_folder_reloads_with_auto_classes_and_pipeline(tmp_path):
@@ -51,22 +58,32 @@ def test_hf_folder_reloads_with_auto_classes_and_pipeline(tmp_path):
 
     adapter = build_tiny_hf_clip(seed=0, texts=TEXTS)
     adapter.model.eval()
-    folder = save_for_hub(adapter, tmp_path / "hf", repo_id="org/tiny-hf", license="mit",
-                          base_model="openai/clip-vit-base-patch32",
-                          eval_metrics=METRICS, eval_dataset="org/eval-set", eval_split="test")
+    folder = save_for_hub(
+        adapter,
+        tmp_path / "hf",
+        repo_id="org/tiny-hf",
+        license="mit",
+        base_model="openai/clip-vit-base-patch32",
+        eval_metrics=METRICS,
+        eval_dataset="org/eval-set",
+        eval_split="test",
+    )
     images = _images()
     ref_img, ref_txt = _embed(adapter, images, TEXTS)
 
     model = AutoModel.from_pretrained(folder).eval()
     processor = AutoProcessor.from_pretrained(folder)
-    inputs = processor(text=TEXTS, images=images, return_tensors="pt", padding="max_length",
-                       max_length=32)
+    inputs = processor(
+        text=TEXTS, images=images, return_tensors="pt", padding="max_length", max_length=32
+    )
     with torch.no_grad():
         out = model(**inputs)
-    torch.testing.assert_close(torch.nn.functional.normalize(out.image_embeds, dim=-1), ref_img,
-                               atol=1e-5, rtol=0)
-    torch.testing.assert_close(torch.nn.functional.normalize(out.text_embeds, dim=-1), ref_txt,
-                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        torch.nn.functional.normalize(out.image_embeds, dim=-1), ref_img, atol=1e-5, rtol=0
+    )
+    torch.testing.assert_close(
+        torch.nn.functional.normalize(out.text_embeds, dim=-1), ref_txt, atol=1e-5, rtol=0
+    )
     pipe = pipeline("zero-shot-image-classification", model=str(folder))
     result = pipe(images[0], candidate_labels=["circle", "square"])
     assert sorted(r["label"] for r in result) == ["circle", "square"]
@@ -123,7 +140,8 @@ def test_resolve_base_model(tmp_path):
     assert resolve_base_model("openai/clip-vit-base-patch32") == "openai/clip-vit-base-patch32"
     assert resolve_base_model("hf-hub:laion/CLIP-x") == "laion/CLIP-x"
     assert resolve_base_model("ViT-B-32", "laion2b_s34b_b79k") == (
-        "laion/CLIP-ViT-B-32-laion2B-s34B-b79K")
+        "laion/CLIP-ViT-B-32-laion2B-s34B-b79K"
+    )
     assert resolve_base_model("ViT-B-32") is None  # from scratch
     assert resolve_base_model(str(tmp_path)) is None  # local folder
     assert resolve_base_model("glofnd-tiny-hf-clip") is None
@@ -136,20 +154,44 @@ def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     digits = load_digits_pairs(seed=0)
     evaluator = ZeroShotEvaluator(
-        digits["validation"].select(range(24)), class_label_column="digit",
-        class_names=[str(i) for i in range(10)], show_progress=False,
-        dataset_name="glofnd-digits", split="validation",
+        digits["validation"].select(range(24)),
+        class_label_column="digit",
+        class_names=[str(i) for i in range(10)],
+        show_progress=False,
+        dataset_name="glofnd-digits",
+        split="validation",
     )
     args = GloFNDTrainingArguments(
-        output_dir=str(out), per_device_train_batch_size=8, max_steps=4, save_strategy="steps",
-        save_steps=2, eval_strategy="steps", eval_steps=4, report_to="none", use_cpu=True,
-        disable_tqdm=True, loss_type="fastclip", fn_alpha=0.05, detector_kwargs={"init_quantile": True},
-        gamma=0.5, gamma_schedule="constant", logging_steps=2, dataloader_num_workers=0,
+        output_dir=str(out),
+        per_device_train_batch_size=8,
+        max_steps=4,
+        save_strategy="steps",
+        save_steps=2,
+        eval_strategy="steps",
+        eval_steps=4,
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        loss_type="fastclip",
+        fn_alpha=0.05,
+        detector_kwargs={"init_quantile": True},
+        gamma=0.5,
+        gamma_schedule="constant",
+        logging_steps=2,
+        dataloader_num_workers=0,
     )
-    trainer = GloFNDTrainer(build_tiny_open_clip(seed=0), args,
-                            train_dataset=digits["train"].select(range(32)), evaluator=evaluator)
-    set_model_card_info(trainer, model_name_or_path="hf-hub:org/base-clip",
-                        datasets=["glofnd-digits", "org/pairs"], license="apache-2.0")
+    trainer = GloFNDTrainer(
+        build_tiny_open_clip(seed=0),
+        args,
+        train_dataset=digits["train"].select(range(32)),
+        evaluator=evaluator,
+    )
+    set_model_card_info(
+        trainer,
+        model_name_or_path="hf-hub:org/base-clip",
+        datasets=["glofnd-digits", "org/pairs"],
+        license="apache-2.0",
+    )
     trainer.train()
     trainer.save_model(str(out))
     final = trainer.evaluate()
@@ -176,18 +218,29 @@ def test_checkpoint_and_final_cards(trained):
     index = meta["model-index"][0]
     assert index["name"] == out.name
     reported = {m["type"]: m["value"] for r in index["results"] for m in r["metrics"]}
-    expected = {k.removeprefix("eval_"): v for k, v in final.items()
-                if k.startswith("eval_") and ("recall@" in k or "accuracy" in k)}
+    expected = {
+        k.removeprefix("eval_"): v
+        for k, v in final.items()
+        if k.startswith("eval_") and ("recall@" in k or "accuracy" in k)
+    }
     assert len(expected) == 8
     assert reported == pytest.approx(expected, abs=1e-6)
     tasks = {r["task"]["type"] for r in index["results"]}
     assert tasks == {"zero-shot-retrieval", "zero-shot-image-classification"}
 
     text = card.text
-    for row in ("| `loss_type` | `fastclip` | `clip` |", "| `fn_alpha` | `0.05` | `0.001` |",
-                "| `detector_kwargs.init_quantile` | `True` | `False` |", "| `gamma` | `0.5` | `0.2` |"):
+    for row in (
+        "| `loss_type` | `fastclip` | `clip` |",
+        "| `fn_alpha` | `0.05` | `0.001` |",
+        "| `detector_kwargs.init_quantile` | `True` | `False` |",
+        "| `gamma` | `0.5` | `0.2` |",
+    ):
         assert row in text
-    assert "`detector_kwargs.lr`" not in text and "`glofnd_alpha`" not in text and "`detector`" not in text  # defaults are not listed
+    assert (
+        "`detector_kwargs.lr`" not in text
+        and "`glofnd_alpha`" not in text
+        and "`detector`" not in text
+    )  # defaults are not listed
     assert "N = 32 samples" in text and "1 epoch" in text
     for key in ("glofnd", "clip", "fastclip"):
         assert CITATIONS[key]["bibtex"] in text
@@ -244,8 +297,12 @@ def test_push_uploads_the_model_without_training_state(trained, tmp_path, monkey
 
     push_to_hub(folder, "org/glofnd-tiny", private=True, commit_message="first")
     (kind, repo, create_kwargs), (kind2, repo2, upload) = fake.calls
-    assert (kind, repo, kind2, repo2) == ("create_repo", "org/glofnd-tiny", "upload_folder",
-                                          "org/glofnd-tiny")
+    assert (kind, repo, kind2, repo2) == (
+        "create_repo",
+        "org/glofnd-tiny",
+        "upload_folder",
+        "org/glofnd-tiny",
+    )
     assert create_kwargs["exist_ok"] is True and create_kwargs["private"] is True
     assert upload["folder_path"] == str(folder) and upload["commit_message"] == "first"
     assert upload.get("allow_patterns") is None
@@ -254,9 +311,16 @@ def test_push_uploads_the_model_without_training_state(trained, tmp_path, monkey
     assert {"checkpoint-*/**", "model.safetensors"} <= ignored  # trainer copy of open_clip weights
     sent = files_to_upload(folder, upload["ignore_patterns"])
     assert {"README.md", "open_clip_config.json", "open_clip_model.safetensors"} <= set(sent)
-    for name in (STATE_FILE, "optimizer.pt", "scheduler.pt", "rng_state.pth",
-                 "trainer_state.json", "training_args.bin", "model.safetensors",
-                 "checkpoint-9/x.bin"):
+    for name in (
+        STATE_FILE,
+        "optimizer.pt",
+        "scheduler.pt",
+        "rng_state.pth",
+        "trainer_state.json",
+        "training_args.bin",
+        "model.safetensors",
+        "checkpoint-9/x.bin",
+    ):
         assert name not in sent, name
     # the card was missing: rendered with the repo id, from what the folder shows
     card = ModelCard.load(folder / "README.md")
@@ -266,8 +330,7 @@ def test_push_uploads_the_model_without_training_state(trained, tmp_path, monkey
 
     # with the training state, via the CLI
     fake.calls.clear()
-    assert push_main([str(folder), "--repo-id", "org/glofnd-tiny",
-                      "--include-training-state"]) == 0
+    assert push_main([str(folder), "--repo-id", "org/glofnd-tiny", "--include-training-state"]) == 0
     upload = fake.calls[1][2]
     assert STATE_FILE not in upload["ignore_patterns"]
     assert STATE_FILE in files_to_upload(folder, upload["ignore_patterns"])
@@ -315,13 +378,26 @@ def test_push_cli_puts_an_eval_report_into_the_card(trained, tmp_path, monkeypat
     _, out, _ = trained
     folder = tmp_path / "final"
     shutil.copytree(out, folder, ignore=shutil.ignore_patterns("checkpoint-*"))
-    report = {"metrics": {"text_to_image_recall@1": 0.75, "top5_accuracy": 0.5},
-              "data": {"source": "org/coco-karpathy", "split": "test"}}
+    report = {
+        "metrics": {"text_to_image_recall@1": 0.75, "top5_accuracy": 0.5},
+        "data": {"source": "org/coco-karpathy", "split": "test"},
+    }
     (tmp_path / "results.json").write_text(json.dumps(report))
     fake = FakeHub()
     fake.install(monkeypatch)
-    assert push_main([str(folder), "--repo-id", "org/final", "--eval-results",
-                      str(tmp_path / "results.json"), "--private"]) == 0
+    assert (
+        push_main(
+            [
+                str(folder),
+                "--repo-id",
+                "org/final",
+                "--eval-results",
+                str(tmp_path / "results.json"),
+                "--private",
+            ]
+        )
+        == 0
+    )
     card = ModelCard.load(folder / "README.md")
     results = {r.metric_type: r for r in card.data.eval_results}
     assert set(results) == {"text_to_image_recall@1", "top5_accuracy"}

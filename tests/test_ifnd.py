@@ -49,7 +49,7 @@ def run_epochs(det, image, text, epochs, batch=40, start=0.0, seed=1):
     for e in range(epochs):
         order = torch.randperm(n, generator=gen)
         for s in range(steps):
-            index = order[s * batch:(s + 1) * batch]
+            index = order[s * batch : (s + 1) * batch]
             epoch = start + e + s / steps
             det.observe(index, image[index], text[index])
             out.append(det.detect(*batch_for(index, image, text, epoch)))
@@ -91,8 +91,8 @@ def test_granularities_intersection_and_union():
         found[combine] = fn
     oracle = batch.anchor_labels.unsqueeze(1) == batch.candidate_labels.unsqueeze(0)
     oracle &= batch.negatives
-    assert torch.all(found["all"] <= oracle)   # finer split inside true clusters
-    assert torch.all(found["any"] >= oracle)   # k = K recovers the clusters
+    assert torch.all(found["all"] <= oracle)  # finer split inside true clusters
+    assert torch.all(found["any"] >= oracle)  # k = K recovers the clusters
     assert found["all"].sum() < oracle.sum()
 
 
@@ -105,8 +105,9 @@ def test_clip_loss_with_ifnd_matches_oracle(strategy):
     img, txt = image[index].clone(), text[index].clone()
     det.observe(index, img, txt)  # what the loss's observe hook does
     out = ClipLoss(det, strategy)(img, txt, 10.0, index, epoch=1.0)
-    ref = ClipLoss(build_detector("oracle"), strategy)(img, txt, 10.0, index, epoch=1.0,
-                                                     labels=labels[index])
+    ref = ClipLoss(build_detector("oracle"), strategy)(
+        img, txt, 10.0, index, epoch=1.0, labels=labels[index]
+    )
     plain = ClipLoss()(img, txt, 10.0, index, epoch=1.0)
     assert torch.allclose(out.loss, ref.loss)
     assert not torch.allclose(out.loss, plain.loss)
@@ -190,25 +191,41 @@ def test_state_dict_round_trip(tmp_path):
         make(n=N + 1, num_clusters=(K, 9)).load_state_dict(load_file(str(path)))
 
 
-@pytest.mark.parametrize("bad", [
-    {"num_clusters": (1,)}, {"num_clusters": (4, 4)}, {"cluster_every": 0},
-    {"start_epoch": -1.0}, {"accept_warmup_epochs": -1.0}, {"accept_scope": "batch"},
-    {"confidence": "entropy"}, {"combine": "majority"}, {"features": "both"},
-    {"bank_dtype": "int8"}, {"kmeans_iters": 0}, {"kmeans_algorithm": "faiss"},
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"num_clusters": (1,)},
+        {"num_clusters": (4, 4)},
+        {"cluster_every": 0},
+        {"start_epoch": -1.0},
+        {"accept_warmup_epochs": -1.0},
+        {"accept_scope": "batch"},
+        {"confidence": "entropy"},
+        {"combine": "majority"},
+        {"features": "both"},
+        {"bank_dtype": "int8"},
+        {"kmeans_iters": 0},
+        {"kmeans_algorithm": "faiss"},
+    ],
+)
 def test_bad_config(bad):
     with pytest.raises(ValueError):
         IFNDConfig(**bad)
 
 
 def test_factory_defaults_and_errors():
-    det = build_detector("ifnd", num_samples=100, config=GloFNDConfig(alpha=0.05,
-                                                                     mask_start_epoch=3.0))
+    det = build_detector(
+        "ifnd", num_samples=100, config=GloFNDConfig(alpha=0.05, mask_start_epoch=3.0)
+    )
     assert isinstance(det, IFNDDetector)
     assert det.num_clusters == (20,) and det.start_epoch == 3.0 and det.mask_start_epoch == 3.0
     assert det.config.seed == 0  # the shared seed
-    det = build_detector("ifnd", num_samples=10, config=GloFNDConfig(),
-                         options={"num_clusters": [4, 8], "cluster_every": 2})
+    det = build_detector(
+        "ifnd",
+        num_samples=10,
+        config=GloFNDConfig(),
+        options={"num_clusters": [4, 8], "cluster_every": 2},
+    )
     assert det.num_clusters == (4, 8) and det.config.cluster_every == 2
     spec = registry.get("ifnd")
     det = spec.build({"seed": 5}, SharedSettings(seed=3), num_samples=10)
@@ -227,8 +244,7 @@ def test_factory_defaults_and_errors():
 def _two_rank_worker(rank, world, init_file, out):
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         image, text, _ = clustered()
         det = make(num_clusters=(K, 9), seed=rank)  # a different seed must not matter

@@ -10,13 +10,15 @@ from transformers.models.clip import modeling_clip
 from glofnd_hf.fnd import GloFNDConfig, build_detector
 from glofnd_hf.losses import ClipLoss, GammaSchedule, GlobalContrastiveLoss
 
-hf_clip_loss = getattr(modeling_clip, "clip_loss", None) or modeling_clip.image_text_contrastive_loss
+hf_clip_loss = (
+    getattr(modeling_clip, "clip_loss", None) or modeling_clip.image_text_contrastive_loss
+)
 
 
 def embeddings(b=12, d=16, seed=0, dtype=torch.float64):
     gen = torch.Generator().manual_seed(seed)
     image = torch.randn(b, d, generator=gen, dtype=dtype)
-    text = (image + 0.8 * torch.randn(b, d, generator=gen, dtype=dtype))
+    text = image + 0.8 * torch.randn(b, d, generator=gen, dtype=dtype)
     return image.requires_grad_(), text.requires_grad_()
 
 
@@ -76,7 +78,8 @@ def test_glofnd_masks_exactly_the_negatives_above_the_updated_threshold(strategy
         n_detected += fn.sum().item()
         total = total + reference_rows(sim, 5.0, index, fn, strategy).mean() / 2
         assert out.stats[f"filtered_fraction_{['image', 'text'][side]}"].item() == pytest.approx(
-            fn.sum().item() / 90)
+            fn.sum().item() / 90
+        )
     assert n_detected > 0
     assert out.loss.item() == pytest.approx(total.item(), abs=1e-10)
 
@@ -101,8 +104,9 @@ def test_batch_quantile_and_oracle_filter_what_they_should():
     oracle = ClipLoss(build_detector("oracle"))
     out = oracle(image, text, 5.0, index, labels=labels)
     fn = (labels[:, None] == labels[None, :]) & ~eye
-    expected = sum(reference_rows(s, 5.0, index, fn, "eliminate").mean() / 2
-                   for s in (u @ v.t(), v @ u.t()))
+    expected = sum(
+        reference_rows(s, 5.0, index, fn, "eliminate").mean() / 2 for s in (u @ v.t(), v @ u.t())
+    )
     assert out.loss.item() == pytest.approx(expected.item(), abs=1e-10)
     with pytest.raises(ValueError, match="labels"):
         oracle(image, text, 5.0, index)
@@ -113,8 +117,9 @@ def test_repeated_index_copies_are_not_negatives_of_each_other():
     index = torch.tensor([0, 1, 0, 2, 3, 1])
     out = ClipLoss()(image, text, 4.0, index)
     u, v = F.normalize(image.detach(), dim=-1), F.normalize(text.detach(), dim=-1)
-    expected = sum(reference_rows(s, 4.0, index, None, "eliminate").mean() / 2
-                   for s in (u @ v.t(), v @ u.t()))
+    expected = sum(
+        reference_rows(s, 4.0, index, None, "eliminate").mean() / 2 for s in (u @ v.t(), v @ u.t())
+    )
     assert out.loss.item() == pytest.approx(expected.item(), abs=1e-10)
     plain = ClipLoss()(image, text, 4.0, torch.arange(6))
     assert not math.isclose(out.loss.item(), plain.loss.item())
@@ -130,8 +135,13 @@ def test_anchor_with_every_negative_filtered_gives_a_finite_loss(loss_type):
         loss = ClipLoss(detector)
     else:
         loss = GlobalContrastiveLoss(6, detector, gamma=GammaSchedule(0.5, "constant"))
-    out = loss(image, text, torch.tensor(20.0, dtype=torch.float64, requires_grad=True),
-               torch.arange(6), epoch=0)
+    out = loss(
+        image,
+        text,
+        torch.tensor(20.0, dtype=torch.float64, requires_grad=True),
+        torch.arange(6),
+        epoch=0,
+    )
     out.loss.backward()
     assert torch.isfinite(out.loss)
     assert torch.isfinite(image.grad).all() and torch.isfinite(text.grad).all()
@@ -158,12 +168,16 @@ def test_global_loss_with_gamma_one_equals_the_closed_form(temperature):
     image, text = embeddings(b=b, seed=5)
     index = torch.tensor([3, 14, 15, 9, 26, 5, 21, 7])
     scale = torch.tensor(6.0, dtype=torch.float64, requires_grad=True)
-    loss = GlobalContrastiveLoss(n, gamma=GammaSchedule(1.0, "constant"),
-                                 temperature=temperature, rho=6.5)
+    loss = GlobalContrastiveLoss(
+        n, gamma=GammaSchedule(1.0, "constant"), temperature=temperature, rho=6.5
+    )
     out = loss(image, text, scale, index, epoch=0)
     out.loss.backward()
-    got = [image.grad.clone(), text.grad.clone(), scale.grad.clone() if scale.grad is not None
-           else torch.zeros(())]
+    got = [
+        image.grad.clone(),
+        text.grad.clone(),
+        scale.grad.clone() if scale.grad is not None else torch.zeros(()),
+    ]
     image.grad = text.grad = scale.grad = None
 
     kept = [~torch.eye(b, dtype=torch.bool)] * 2
@@ -174,7 +188,9 @@ def test_global_loss_with_gamma_one_equals_the_closed_form(temperature):
     assert torch.allclose(u_state["text.u"][index].double(), g[1].detach(), rtol=1e-5)
     untouched = torch.ones(n, dtype=torch.bool)
     untouched[index] = False
-    assert torch.all(u_state["image.u"][untouched] == 0) and torch.all(u_state["text.u"][untouched] == 0)
+    assert torch.all(u_state["image.u"][untouched] == 0) and torch.all(
+        u_state["text.u"][untouched] == 0
+    )
     # With u = g the surrogate's gradient is that of tau * mean log g (+ rho * tau).
     if temperature == "fixed":  # the temperature gets no gradient
         g_fixed = closed_form_global(image, text, scale.detach(), kept)
@@ -193,7 +209,9 @@ def test_global_loss_normaliser_counts_kept_negatives_and_u_moves_with_gamma():
     n, b = 16, 6
     image, text = embeddings(b=b, seed=6)
     index = torch.arange(b)
-    detector = build_detector("glofnd", num_samples=n, config=GloFNDConfig(alpha=0.3, lr=1e-6, update_rule="adam"))
+    detector = build_detector(
+        "glofnd", num_samples=n, config=GloFNDConfig(alpha=0.3, lr=1e-6, update_rule="adam")
+    )
     detector.state.table.data[:, :, 0] = 0.0
     loss = GlobalContrastiveLoss(n, detector, gamma=GammaSchedule(0.25, "constant"))
     loss(image, text, 5.0, index, epoch=0)  # first visit: u = g
@@ -226,7 +244,9 @@ def test_similarities_are_compared_in_float32_under_autocast():
     image, text = embeddings(b=16, seed=7, dtype=torch.float32)
     image, text = image.detach().bfloat16(), text.detach().bfloat16()
     index = torch.arange(16)
-    detector = build_detector("glofnd", num_samples=16, config=GloFNDConfig(alpha=0.2, lr=1e-6, update_rule="adam"))
+    detector = build_detector(
+        "glofnd", num_samples=16, config=GloFNDConfig(alpha=0.2, lr=1e-6, update_rule="adam")
+    )
     detector.state.table.data[:, :, 0] = 0.05
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = ClipLoss(detector)(image, text, 5.0, index)
@@ -281,7 +301,9 @@ def test_loss_state_dict_round_trip_and_mismatch():
 def test_threshold_statistics_describe_the_batch_thresholds():
     image, text = embeddings(b=11, seed=11)
     index = torch.arange(11)
-    detector = build_detector("glofnd", num_samples=11, config=GloFNDConfig(alpha=0.1, lr=1e-6, update_rule="adam"))
+    detector = build_detector(
+        "glofnd", num_samples=11, config=GloFNDConfig(alpha=0.1, lr=1e-6, update_rule="adam")
+    )
     detector.state.table.data[:, 0, 0] = torch.linspace(-0.5, 0.5, 11)
     detector.state.table.data[:, 1, 0] = torch.linspace(0.0, 1.0, 11).flip(0)
     out = ClipLoss(detector)(image, text, 5.0, index)
@@ -290,11 +312,13 @@ def test_threshold_statistics_describe_the_batch_thresholds():
         assert out.stats[f"lambda_mean_{side}"].item() == pytest.approx(lam.mean().item(), abs=1e-6)
         for q, name in ((0.1, "p10"), (0.5, "p50"), (0.9, "p90")):
             assert out.stats[f"lambda_{name}_{side}"].item() == pytest.approx(
-                lam[round(q * 10)].item(), abs=1e-6)
+                lam[round(q * 10)].item(), abs=1e-6
+            )
 
 
-@pytest.mark.parametrize("multiply_tau,temperature", [(False, "fixed"), (True, "fixed"),
-                                                      (True, "learnable")])
+@pytest.mark.parametrize(
+    "multiply_tau,temperature", [(False, "fixed"), (True, "fixed"), (True, "learnable")]
+)
 def test_evaluate_gives_the_objective_and_touches_no_state(multiply_tau, temperature):
     n, b = 20, 8
     image, text = embeddings(b=b, seed=9)
@@ -306,12 +330,14 @@ def test_evaluate_gives_the_objective_and_touches_no_state(multiply_tau, tempera
     out = loss.evaluate(image, text, 5.0, index + 100)
     after = loss.state_dict()
     assert all(torch.equal(after[k], v) for k, v in before.items())
-    g = closed_form_global(image, text, torch.tensor(5.0, dtype=torch.float64),
-                           [~torch.eye(b, dtype=torch.bool)] * 2)
+    g = closed_form_global(
+        image, text, torch.tensor(5.0, dtype=torch.float64), [~torch.eye(b, dtype=torch.bool)] * 2
+    )
     want = torch.log(g).mean()
     if multiply_tau:
         want = (want + (6.5 if temperature == "learnable" else 0.0)) / 5.0
     assert out.loss.item() == pytest.approx(want.item(), rel=1e-6)
     clip = ClipLoss(build_detector("glofnd", num_samples=n))
     assert clip.evaluate(image, text, 5.0, index).loss.item() == pytest.approx(
-        ClipLoss()(image, text, 5.0, index).loss.item(), rel=1e-9)
+        ClipLoss()(image, text, 5.0, index).loss.item(), rel=1e-9
+    )

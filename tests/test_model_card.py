@@ -79,13 +79,23 @@ def test_base_model_and_datasets_use_the_repo_id_check(tmp_path, monkeypatch):
     (tmp_path / "org" / "local").mkdir(parents=True)
     assert resolve_base_model("org/local") is None  # a local folder, not a Hub id
     assert hub_datasets(["org/ds", "mnist", "org/local", "a/b/c", None, "org/ds"]) == [
-        "org/ds", "mnist"]
+        "org/ds",
+        "mnist",
+    ]
 
 
 def test_normalize_eval_metrics_keeps_only_our_metrics():
-    metrics = {"eval_text_to_image_recall@1": 0.5, "eval_image_to_text_recall@10": 0.9,
-               "eval_top5_accuracy": 0.25, "eval_before_top1_accuracy": 0.1, "eval_loss": 1.0,
-               "epoch": 2.0, "eval_top1_accuracy": "n/a"}
-    assert normalize_eval_metrics(metrics) == {"text_to_image_recall@1": 0.5,
-                                               "image_to_text_recall@10": 0.9,
-                                               "top5_accuracy": 0.25}
+    metrics = {
+        "eval_text_to_image_recall@1": 0.5,
+        "eval_image_to_text_recall@10": 0.9,
+        "eval_top5_accuracy": 0.25,
+        "eval_before_top1_accuracy": 0.1,
+        "eval_loss": 1.0,
+        "epoch": 2.0,
+        "eval_top1_accuracy": "n/a",
+    }
+    assert normalize_eval_metrics(metrics) == {
+        "text_to_image_recall@1": 0.5,
+        "image_to_text_recall@10": 0.9,
+        "top5_accuracy": 0.25,
+    }

@@ -18,8 +18,10 @@ def test_every_public_name_resolves_to_its_defining_module():
 
 def test_import_is_light():
     # The public names load on first use: a bare import pulls in neither transformers nor torch.
-    code = ("import sys, glofnd_hf; "
-            "print(sorted(m for m in ('torch', 'transformers', 'open_clip') if m in sys.modules))")
+    code = (
+        "import sys, glofnd_hf; "
+        "print(sorted(m for m in ('torch', 'transformers', 'open_clip') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 

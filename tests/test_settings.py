@@ -52,7 +52,8 @@ FIXED_THRESHOLD = DetectorSpec(
     description="negatives above a fixed similarity are false negatives",
     detector_class=FixedThresholdDetector,
     factory=lambda settings, shared, **_: FixedThresholdDetector(
-        settings.threshold, shared.mask_start_epoch),
+        settings.threshold, shared.mask_start_epoch
+    ),
     settings=FixedThresholdSettings,
 )
 
@@ -65,8 +66,14 @@ def fixed_threshold():
 
 
 def make_args(tmp_path, **overrides):
-    values = dict(output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True,
-                  disable_tqdm=True, save_strategy="no", dataloader_num_workers=0)
+    values = dict(
+        output_dir=str(tmp_path / "out"),
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        save_strategy="no",
+        dataloader_num_workers=0,
+    )
     return GloFNDTrainingArguments(**{**values, **overrides})
 
 
@@ -83,8 +90,14 @@ def test_a_registered_detector_is_accepted_listed_and_trained(tmp_path, fixed_th
     assert "fixed_threshold: threshold" in shown
 
     # Every negative above -1: every anchor falls back to its unfiltered row.
-    args = make_args(tmp_path, detector="fixed_threshold", detector_kwargs={"threshold": -1.0},
-                     per_device_train_batch_size=8, max_steps=2, logging_steps=1)
+    args = make_args(
+        tmp_path,
+        detector="fixed_threshold",
+        detector_kwargs={"threshold": -1.0},
+        per_device_train_batch_size=8,
+        max_steps=2,
+        logging_steps=1,
+    )
     digits = load_digits_pairs(seed=0)["train"].select(range(16))
     adapter = build_tiny_hf_clip(seed=0, texts=list(digits["caption"]))
     trainer = GloFNDTrainer(adapter, args, train_dataset=digits)
@@ -100,12 +113,18 @@ def test_a_registered_detector_reaches_the_card_and_the_eval_report(tmp_path, fi
     from glofnd_hf.model_card import write_model_card
 
     out = tmp_path / "model"
-    args = make_args(tmp_path, output_dir=str(out), detector="fixed_threshold",
-                     detector_kwargs={"threshold": 0.5}, per_device_train_batch_size=8,
-                     max_steps=1)
+    args = make_args(
+        tmp_path,
+        output_dir=str(out),
+        detector="fixed_threshold",
+        detector_kwargs={"threshold": 0.5},
+        per_device_train_batch_size=8,
+        max_steps=1,
+    )
     digits = load_digits_pairs(seed=0)
-    adapter = build_tiny_hf_clip(seed=0, texts=list(digits["train"]["caption"])
-                                 + list(digits["validation"]["caption"]))
+    adapter = build_tiny_hf_clip(
+        seed=0, texts=list(digits["train"]["caption"]) + list(digits["validation"]["caption"])
+    )
     trainer = GloFNDTrainer(adapter, args, train_dataset=digits["train"].select(range(16)))
     trainer.train()
     trainer.save_model(str(out))
@@ -114,8 +133,9 @@ def test_a_registered_detector_reaches_the_card_and_the_eval_report(tmp_path, fi
     card = (out / "README.md").read_text()
     assert FIXED_THRESHOLD.description in card
     assert "| `detector_kwargs.threshold` | `0.5` | `0.9` |" in card
-    report = evaluate(str(out), dataset="glofnd-digits", max_samples=16, batch_size=16,
-                      show_progress=False)
+    report = evaluate(
+        str(out), dataset="glofnd-digits", max_samples=16, batch_size=16, show_progress=False
+    )
     training = report["training"]
     assert training["detector"] == "fixed_threshold"
     assert FIXED_THRESHOLD.description in training["detector_description"]
@@ -127,8 +147,12 @@ def test_state_bytes_come_from_the_registry(tmp_path):
     for rule, size in per_rule.items():
         args = make_args(tmp_path, detector_kwargs={"update_rule": rule})
         assert args.state_bytes_per_sample() == size
-        assert make_args(tmp_path, detector_kwargs={"update_rule": rule},
-                         loss_type="fastclip").state_bytes_per_sample() == size + 8
+        assert (
+            make_args(
+                tmp_path, detector_kwargs={"update_rule": rule}, loss_type="fastclip"
+            ).state_bytes_per_sample()
+            == size + 8
+        )
     assert make_args(tmp_path, detector="none").state_bytes_per_sample() == 0
     ifnd = make_args(tmp_path, detector="ifnd", detector_kwargs={"bank_dtype": "float32"})
     half = make_args(tmp_path, detector="ifnd")
@@ -136,13 +160,22 @@ def test_state_bytes_come_from_the_registry(tmp_path):
 
 
 def test_every_ifnd_setting_reaches_the_detector(tmp_path):
-    args = make_args(tmp_path, detector="ifnd", fn_alpha=0.1, fn_start_epoch=2, seed=7,
-                     detector_kwargs={"num_clusters": [4, 8], "combine": "any",
-                                      "kmeans_iters": 5, "bank_dtype": "float32"})
+    args = make_args(
+        tmp_path,
+        detector="ifnd",
+        fn_alpha=0.1,
+        fn_start_epoch=2,
+        seed=7,
+        detector_kwargs={
+            "num_clusters": [4, 8],
+            "combine": "any",
+            "kmeans_iters": 5,
+            "bank_dtype": "float32",
+        },
+    )
     spec = args.detector_spec()
     assert len(spec.setting_names()) == 16
-    detector = spec.build(args.detector_settings(), args.shared_detector_settings(),
-                          num_samples=20)
+    detector = spec.build(args.detector_settings(), args.shared_detector_settings(), num_samples=20)
     assert detector.num_clusters == (4, 8) and detector.config.combine == "any"
     assert detector.config.kmeans_iters == 5 and detector.dtype == torch.float32
     assert detector.start_epoch == 2.0 and detector.seed == 7  # shared start, training seed
@@ -163,12 +196,22 @@ def test_detector_kwargs_from_a_flag_and_shared_keys_refused(tmp_path):
 
 def test_deprecated_names_warn_and_move_to_their_new_place(tmp_path):
     with pytest.warns(FutureWarning) as caught:
-        args = make_args(tmp_path, glofnd_alpha=0.05, glofnd_mask_start_epoch=2,
-                         glofnd_update_start_epoch=1, glofnd_update_rule="adam", glofnd_lr=0.1,
-                         glofnd_beta2=0.99, glofnd_init_quantile=True)
+        args = make_args(
+            tmp_path,
+            glofnd_alpha=0.05,
+            glofnd_mask_start_epoch=2,
+            glofnd_update_start_epoch=1,
+            glofnd_update_rule="adam",
+            glofnd_lr=0.1,
+            glofnd_beta2=0.99,
+            glofnd_init_quantile=True,
+        )
     messages = " ".join(str(w.message) for w in caught)
-    for old, new in (("glofnd_alpha", "use fn_alpha"), ("glofnd_mask_start_epoch",
-                     "use fn_start_epoch"), ("glofnd_lr", "detector_kwargs: {lr: ...}")):
+    for old, new in (
+        ("glofnd_alpha", "use fn_alpha"),
+        ("glofnd_mask_start_epoch", "use fn_start_epoch"),
+        ("glofnd_lr", "detector_kwargs: {lr: ...}"),
+    ):
         assert old in messages and new in messages
     assert args.fn_alpha == 0.05 and args.fn_start_epoch == 2 and args.glofnd_alpha is None
     config = args.detector_settings()
@@ -226,8 +269,12 @@ def test_help_shows_the_sections(capsys):
     with pytest.raises(SystemExit):
         run(["--help"])
     out = capsys.readouterr().out
-    for title in ("Contrastive loss:", "False-negative detection:", "Per-sample state:",
-                  "Data (webdataset shards):"):
+    for title in (
+        "Contrastive loss:",
+        "False-negative detection:",
+        "Per-sample state:",
+        "Data (webdataset shards):",
+    ):
         assert title in out
     assert "Deprecated: use fn_alpha." in " ".join(out.split())
 
@@ -236,7 +283,8 @@ def test_settings_doc_is_generated_from_the_metadata():
     generated = settings_reference()
     assert "| `fn_alpha` | `0.001` |" in generated and "### `ifnd`" in generated
     assert SETTINGS_DOC.read_text() == generated, (
-        f"docs/settings.md is out of date: regenerate it with `{REGENERATE_COMMAND}`")
+        f"docs/settings.md is out of date: regenerate it with `{REGENERATE_COMMAND}`"
+    )
 
 
 def test_detector_kwargs_keyed_by_detector_apply_the_chosen_section(tmp_path):
@@ -246,7 +294,8 @@ def test_detector_kwargs_keyed_by_detector_apply_the_chosen_section(tmp_path):
     assert glofnd.detector_settings().update_rule == "adam"
     ifnd = make_args(tmp_path, detector="ifnd", detector_kwargs=per_detector)
     assert ifnd.detector_settings().num_clusters == (4,) or list(
-        ifnd.detector_settings().num_clusters) == [4]
+        ifnd.detector_settings().num_clusters
+    ) == [4]
     assert make_args(tmp_path, detector="none", detector_kwargs=per_detector).detector_kwargs == {}
     # A typo in a section that is not chosen is still an error, named with its section.
     with pytest.raises(ValueError, match=r"detector_kwargs\.ifnd: unknown setting 'num_cluster'"):

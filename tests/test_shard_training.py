@@ -21,8 +21,9 @@ def shards(tmp_path_factory):
     rows = load_digits_pairs(seed=0)["train"].select(range(64))
     rows = rows.map(lambda r: {"dataset_index": r["dataset_index"] + 100})
     out = tmp_path_factory.mktemp("shards")
-    pattern, count = write_shards_from_dataset(rows, str(out), index_column="dataset_index",
-                                               samples_per_shard=16)
+    pattern, count = write_shards_from_dataset(
+        rows, str(out), index_column="dataset_index", samples_per_shard=16
+    )
     assert count == 64
     return pattern, list(rows["caption"])
 
@@ -35,16 +36,37 @@ class Recording(GloFNDTrainer):
 
 def make(tmp_path, pattern, captions, out="out", **overrides):
     adapter = build_tiny_hf_clip(seed=0, texts=captions)
-    settings = dict(output_dir=str(tmp_path / out), per_device_train_batch_size=8,
-                    num_train_epochs=2, learning_rate=1e-3, report_to="none", use_cpu=True,
-                    disable_tqdm=True, save_strategy="no", seed=0, num_samples=N,
-                    fn_alpha=0.05, logging_steps=2, loss_type="fastclip", gamma=0.5)
+    settings = dict(
+        output_dir=str(tmp_path / out),
+        per_device_train_batch_size=8,
+        num_train_epochs=2,
+        learning_rate=1e-3,
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        save_strategy="no",
+        seed=0,
+        num_samples=N,
+        fn_alpha=0.05,
+        logging_steps=2,
+        loss_type="fastclip",
+        gamma=0.5,
+    )
     settings.update(overrides)
     args = GloFNDTrainingArguments(**settings)
     loader = build_shard_loader(
-        ShardConfig(shards=pattern, batch_size=8, dataset_size=N, num_workers=0,
-                    shuffle_buffer=16, seed=0, rank=0, world_size=1),
-        adapter.image_transform(train=False), adapter.tokenize,
+        ShardConfig(
+            shards=pattern,
+            batch_size=8,
+            dataset_size=N,
+            num_workers=0,
+            shuffle_buffer=16,
+            seed=0,
+            rank=0,
+            world_size=1,
+        ),
+        adapter.image_transform(train=False),
+        adapter.tokenize,
     )
     return adapter, args, loader
 
@@ -78,8 +100,9 @@ def test_mid_epoch_resume_continues_the_same_stream(tmp_path, shards):
     straight = Recording(adapter, args, train_dataset=loader)
     straight.train()
 
-    adapter1, args1, loader1 = make(tmp_path, pattern, captions, out="split", save_steps=3,
-                                    save_strategy="steps")
+    adapter1, args1, loader1 = make(
+        tmp_path, pattern, captions, out="split", save_steps=3, save_strategy="steps"
+    )
     first = Recording(adapter1, args1, train_dataset=loader1, callbacks=[StopAt(11)])
     first.train()
     checkpoint = tmp_path / "split" / "checkpoint-11"  # epoch 1, 3 batches into it
@@ -92,6 +115,7 @@ def test_mid_epoch_resume_continues_the_same_stream(tmp_path, shards):
     a, b = straight.contrastive_loss.state_dict(), resumed.contrastive_loss.state_dict()
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-5), key
-    for (name, p), q in zip(adapter.model.named_parameters(), adapter2.model.parameters(),
-                            strict=True):
+    for (name, p), q in zip(
+        adapter.model.named_parameters(), adapter2.model.parameters(), strict=True
+    ):
         assert torch.allclose(p, q, atol=1e-5), name

@@ -19,13 +19,21 @@ HEALTH_LOGGER = "glofnd_hf.fnd.health"
 
 @pytest.fixture(scope="module")
 def streams():
-    return {kind: make_stream(kind, N, EPOCHS, seed=0)
-            for kind in ("fixed", "narrow", "settling", "moving")}
+    return {
+        kind: make_stream(kind, N, EPOCHS, seed=0)
+        for kind in ("fixed", "narrow", "settling", "moving")
+    }
 
 
-@pytest.mark.parametrize("kind,max_error", [
-    ("fixed", 0.02), ("narrow", 0.005), ("settling", 0.02), ("moving", 0.04),
-])
+@pytest.mark.parametrize(
+    "kind,max_error",
+    [
+        ("fixed", 0.02),
+        ("narrow", 0.005),
+        ("settling", 0.02),
+        ("moving", 0.04),
+    ],
+)
 def test_tail_rule_tracks_the_exact_quantile_on_every_stream(streams, kind, max_error):
     """From the first epoch, without a start epoch: small error, filtered fraction near
     alpha, nothing parked at the clamp, detections agree with the exact rule."""
@@ -84,8 +92,11 @@ def test_tail_estimate_stays_below_the_bound_of_cosine_similarity():
     assert (q_bounded < 1.0).all() and (q_bounded >= top - 0.02).all()
     # Far below the bound the two agree.
     far = torch.rand(1, 64, 127, generator=gen) * 0.3
-    assert torch.allclose(tail_estimate(far, negatives, 0.005, 8)[0],
-                          tail_estimate(far, negatives, 0.005, 8, upper=None)[0], atol=0.01)
+    assert torch.allclose(
+        tail_estimate(far, negatives, 0.005, 8)[0],
+        tail_estimate(far, negatives, 0.005, 8, upper=None)[0],
+        atol=0.01,
+    )
 
 
 def test_tail_step_by_hand():
@@ -93,12 +104,20 @@ def test_tail_step_by_hand():
     rule = cfg.rule()
     nan = float("nan")
     # rows: [lambda, scale, visits]; stats: [pinball gradient, q_hat, beta, top, (k+1)-th]
-    rows = torch.tensor([[[1.0, 0.0, 0.0], [0.50, 0.02, 1.0]],
-                         [[0.60, 0.03, 9.0], [0.70, 0.02, 3.0]],
-                         [[0.90, 0.30, 5.0], [0.90, 0.30, 5.0]]])
-    stats = torch.tensor([[[0.01, 0.8, 0.05, 0.9, 0.7], [-0.02, 0.55, 0.04, 0.6, 0.45]],
-                          [[0.01, 0.45, 0.05, 0.5, 0.40], [nan, nan, nan, nan, nan]],
-                          [[-0.05, 0.96, 0.3, 0.97, 0.5], [0.01, 0.9, 0.3, 0.95, 0.88]]])
+    rows = torch.tensor(
+        [
+            [[1.0, 0.0, 0.0], [0.50, 0.02, 1.0]],
+            [[0.60, 0.03, 9.0], [0.70, 0.02, 3.0]],
+            [[0.90, 0.30, 5.0], [0.90, 0.30, 5.0]],
+        ]
+    )
+    stats = torch.tensor(
+        [
+            [[0.01, 0.8, 0.05, 0.9, 0.7], [-0.02, 0.55, 0.04, 0.6, 0.45]],
+            [[0.01, 0.45, 0.05, 0.5, 0.40], [nan, nan, nan, nan, nan]],
+            [[-0.05, 0.96, 0.3, 0.97, 0.5], [0.01, 0.9, 0.3, 0.95, 0.88]],
+        ]
+    )
     out = rule.step(rows, stats, epoch=3.0)
     # First visit: start at the batch's estimate, take its scale.
     assert out[0, 0].tolist() == pytest.approx([0.8, 0.05, 1.0])
@@ -121,8 +140,12 @@ def test_tail_step_by_hand():
 
 def test_state_bytes_follow_the_rule_and_round_trip(tmp_path):
     tail = GloFNDTrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
-    adam = GloFNDTrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True,
-                                   detector_kwargs={"update_rule": "adam"})
+    adam = GloFNDTrainingArguments(
+        output_dir=str(tmp_path),
+        report_to="none",
+        use_cpu=True,
+        detector_kwargs={"update_rule": "adam"},
+    )
     assert tail.state_bytes_per_sample() == 24 and adam.state_bytes_per_sample() == 32
     detector = build_detector("glofnd", num_samples=N, config=tail.detector_settings())
     assert detector.state.bytes_per_sample == 24
@@ -138,8 +161,9 @@ def test_state_bytes_follow_the_rule_and_round_trip(tmp_path):
     fresh.load_state_dict(load_file(tmp_path / "state.safetensors"))
     for key, value in detector.state_dict().items():
         assert torch.equal(fresh.state_dict()[key], value), key
-    assert set(detector.state_dict()) == {f"{s}.{c}" for s in ("image", "text")
-                                          for c in ("lambda", "scale", "visits")}
+    assert set(detector.state_dict()) == {
+        f"{s}.{c}" for s in ("image", "text") for c in ("lambda", "scale", "visits")
+    }
     other = build_detector("glofnd", num_samples=N, config=adam.detector_settings())
     with pytest.raises(ValueError, match="another rule"):
         other.load_state_dict(load_file(tmp_path / "state.safetensors"))
@@ -172,11 +196,13 @@ def test_health_summary_reports_each_finished_epoch():
     assert detector.detect(sim, batch).stats.get("tracking_at_bound_image") is None
     batch.epoch = 1.0  # the first step of epoch 1 reports epoch 0
     stats = detector.detect(sim, batch).stats
-    filtered = ((sim > detector.state.lambdas(index).t().unsqueeze(-1))
-                & batch.negatives).sum(dim=(1, 2)).float() / batch.negatives.sum()
+    filtered = ((sim > detector.state.lambdas(index).t().unsqueeze(-1)) & batch.negatives).sum(
+        dim=(1, 2)
+    ).float() / batch.negatives.sum()
     assert stats["tracking_at_bound_image"].item() == 0.0
     assert stats["tracking_filtered_over_alpha_image"].item() > 0
     summary = detector.finish_epoch()  # epoch 1, closed by the caller
     assert summary["tracking_filtered_over_alpha_text"] == pytest.approx(
-        filtered[1].item() / 0.1, rel=1e-5)
+        filtered[1].item() / 0.1, rel=1e-5
+    )
     assert detector.finish_epoch() == {}  # nothing recorded since

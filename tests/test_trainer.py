@@ -24,9 +24,18 @@ def small_train(digits, n=48):
 
 def make_args(tmp_path, **overrides):
     defaults = dict(
-        output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, num_train_epochs=1,
-        learning_rate=1e-3, logging_steps=1, report_to="none", save_strategy="no", seed=0,
-        use_cpu=True, disable_tqdm=True, dataloader_num_workers=0, fn_alpha=0.05,
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=8,
+        num_train_epochs=1,
+        learning_rate=1e-3,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        seed=0,
+        use_cpu=True,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        fn_alpha=0.05,
         detector="glofnd",
     )
     defaults.update(overrides)
@@ -74,8 +83,15 @@ def test_tiny_models_train_and_move_only_touched_thresholds(tmp_path, digits, fa
 
 def test_global_loss_with_learnable_temperature_trains(tmp_path, digits):
     adapter = adapter_for("hf", digits)
-    args = make_args(tmp_path, max_steps=2, loss_type="fastclip", temperature_lr=1e-2,
-                     temperature_init=0.07, gamma=0.5, gamma_schedule="constant")
+    args = make_args(
+        tmp_path,
+        max_steps=2,
+        loss_type="fastclip",
+        temperature_lr=1e-2,
+        temperature_init=0.07,
+        gamma=0.5,
+        gamma_schedule="constant",
+    )
     trainer = GloFNDTrainer(adapter, args, train_dataset=small_train(digits))
     scale = adapter.logit_scale_parameter()
     assert scale.item() == pytest.approx(math.log(1 / 0.07), rel=1e-5)
@@ -92,8 +108,14 @@ def test_global_loss_with_learnable_temperature_trains(tmp_path, digits):
 
 def test_logit_scale_is_clamped_and_not_weight_decayed(tmp_path, digits):
     adapter = adapter_for("hf", digits)
-    args = make_args(tmp_path, max_steps=1, learning_rate=10.0, weight_decay=0.5,
-                     detector="none", max_logit_scale=20.0)
+    args = make_args(
+        tmp_path,
+        max_steps=1,
+        learning_rate=10.0,
+        weight_decay=0.5,
+        detector="none",
+        max_logit_scale=20.0,
+    )
     with torch.no_grad():
         adapter.logit_scale_parameter().fill_(math.log(19.9))
     trainer = GloFNDTrainer(adapter, args, train_dataset=small_train(digits, 16))
@@ -105,8 +127,9 @@ def test_logit_scale_is_clamped_and_not_weight_decayed(tmp_path, digits):
 
 def test_fixed_temperature_is_frozen(tmp_path, digits):
     adapter = adapter_for("hf", digits)
-    args = make_args(tmp_path, max_steps=2, temperature_scheme="fixed", temperature_init=0.1,
-                     loss_type="sogclr")
+    args = make_args(
+        tmp_path, max_steps=2, temperature_scheme="fixed", temperature_init=0.1, loss_type="sogclr"
+    )
     trainer = GloFNDTrainer(adapter, args, train_dataset=small_train(digits, 16))
     trainer.train()
     assert adapter.logit_scale_parameter().item() == pytest.approx(math.log(10.0), rel=1e-6)
@@ -117,9 +140,17 @@ def test_resume_gives_the_same_state_and_weights(tmp_path, digits):
 
     def run(out, stop_after=None, resume=None):
         adapter = adapter_for("hf", digits)
-        args = make_args(tmp_path, output_dir=str(out), num_train_epochs=2,
-                         save_strategy="epoch", loss_type="fastclip",
-                         detector_kwargs={"init_quantile": True}, gamma=0.5, gamma_schedule="cosine", gamma_decay_epochs=2)
+        args = make_args(
+            tmp_path,
+            output_dir=str(out),
+            num_train_epochs=2,
+            save_strategy="epoch",
+            loss_type="fastclip",
+            detector_kwargs={"init_quantile": True},
+            gamma=0.5,
+            gamma_schedule="cosine",
+            gamma_decay_epochs=2,
+        )
         callbacks = [StopAfterEpoch(stop_after)] if stop_after else None
         trainer = GloFNDTrainer(adapter, args, train_dataset=data, callbacks=callbacks)
         trainer.train(resume_from_checkpoint=resume)
@@ -137,8 +168,9 @@ def test_resume_gives_the_same_state_and_weights(tmp_path, digits):
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-5), key
     assert not torch.equal(a["detector.image.lambda"], torch.ones_like(a["detector.image.lambda"]))
-    for (name, p), q in zip(straight_adapter.model.named_parameters(),
-                            resumed_adapter.model.parameters(), strict=True):
+    for (name, p), q in zip(
+        straight_adapter.model.named_parameters(), resumed_adapter.model.parameters(), strict=True
+    ):
         assert torch.allclose(p, q, atol=1e-5), name
 
 
@@ -159,9 +191,14 @@ def test_saved_model_reloads_with_the_same_embeddings(tmp_path, digits, family):
     adapter.model.eval()
     with torch.no_grad():
         for got, want in [
-            (reloaded.encode_images(reloaded.model, pixels), adapter.encode_images(adapter.model, pixels)),
-            (reloaded.encode_texts(reloaded.model, rows["caption"]),
-             adapter.encode_texts(adapter.model, rows["caption"])),
+            (
+                reloaded.encode_images(reloaded.model, pixels),
+                adapter.encode_images(adapter.model, pixels),
+            ),
+            (
+                reloaded.encode_texts(reloaded.model, rows["caption"]),
+                adapter.encode_texts(adapter.model, rows["caption"]),
+            ),
         ]:
             assert torch.allclose(got, want, atol=1e-5)
 
@@ -211,10 +248,19 @@ def test_corrupt_images_and_missing_captions_are_skipped_and_counted(tmp_path, d
 
 def test_ifnd_trains_through_the_trainer_with_its_options(tmp_path, digits):
     adapter = adapter_for("hf", digits)
-    args = make_args(tmp_path, num_train_epochs=3, detector="ifnd", fn_alpha=0.1,
-                     fn_start_epoch=1, detector_kwargs={
-                         "num_clusters": [4, 8], "cluster_every": 1.0,
-                         "accept_warmup_epochs": 1.0, "kmeans_iters": 20})
+    args = make_args(
+        tmp_path,
+        num_train_epochs=3,
+        detector="ifnd",
+        fn_alpha=0.1,
+        fn_start_epoch=1,
+        detector_kwargs={
+            "num_clusters": [4, 8],
+            "cluster_every": 1.0,
+            "accept_warmup_epochs": 1.0,
+            "kmeans_iters": 20,
+        },
+    )
     trainer = GloFNDTrainer(adapter, args, train_dataset=small_train(digits, 32))
     detector = trainer.contrastive_loss.detector
     assert detector.name == "ifnd" and detector.config.num_clusters == (4, 8)
@@ -259,19 +305,26 @@ def test_eval_loss_is_the_training_objective_and_leaves_the_state(tmp_path, digi
         for inputs in batches:
             inputs = trainer._prepare_inputs(inputs)
             inputs.pop("dataset_index")
-            out = adapter(trainer.model, {k: v for k, v in inputs.items()
-                                          if k not in ("fn_labels", "bad_sample_counts")})
+            out = adapter(
+                trainer.model,
+                {k: v for k, v in inputs.items() if k not in ("fn_labels", "bad_sample_counts")},
+            )
             img = torch.nn.functional.normalize(out.image_embeds.double(), dim=-1)
             txt = torch.nn.functional.normalize(out.text_embeds.double(), dim=-1)
             logits = out.logit_scale.double() * (img @ txt.t())
             if loss_type == "clip":
                 target = torch.arange(len(img))
-                loss = (torch.nn.functional.cross_entropy(logits, target)
-                        + torch.nn.functional.cross_entropy(logits.t(), target)) / 2
+                loss = (
+                    torch.nn.functional.cross_entropy(logits, target)
+                    + torch.nn.functional.cross_entropy(logits.t(), target)
+                ) / 2
             else:  # tau * (mean log g + rho), g over the other samples of the batch
                 off = ~torch.eye(len(img), dtype=torch.bool)
-                g = [torch.where(off, torch.exp(side - side.diag().unsqueeze(1)), 0).sum(1)
-                     / off.sum(1) for side in (logits, logits.t())]
+                g = [
+                    torch.where(off, torch.exp(side - side.diag().unsqueeze(1)), 0).sum(1)
+                    / off.sum(1)
+                    for side in (logits, logits.t())
+                ]
                 loss = (torch.log(torch.stack(g)).mean() + args.rho) / out.logit_scale.double()
             losses.append(loss.item())
     assert metrics["eval_loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-4)

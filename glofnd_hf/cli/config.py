@@ -26,11 +26,17 @@ REGENERATE_COMMAND = "python -m glofnd_hf.cli.config > docs/settings.md"
 def own_fields(dataclass_type: type) -> list[dataclasses.Field]:
     """Fields a dataclass adds to ``TrainingArguments`` or redefines (all fields of any other
     dataclass), in field order."""
-    base = ({f.name for f in dataclasses.fields(TrainingArguments)}
-            if issubclass(dataclass_type, TrainingArguments) else set())
+    base = (
+        {f.name for f in dataclasses.fields(TrainingArguments)}
+        if issubclass(dataclass_type, TrainingArguments)
+        else set()
+    )
     redefined = set(vars(dataclass_type).get("__annotations__", {}))
-    fields = [f for f in dataclasses.fields(dataclass_type)
-              if f.init and (f.name not in base or f.name in redefined)]
+    fields = [
+        f
+        for f in dataclasses.fields(dataclass_type)
+        if f.init and (f.name not in base or f.name in redefined)
+    ]
     # A redefined field keeps its base position: list the class's own order.
     order = list(vars(dataclass_type).get("__annotations__", {}))
     return sorted(fields, key=lambda f: order.index(f.name) if f.name in order else -1)
@@ -73,8 +79,9 @@ def build_parser(
 ) -> SectionedArgumentParser:
     """The parser of ``dataclass_types``; ``help_overrides`` replace the help of some fields
     (texts known only at run time, such as the registered detectors)."""
-    parser = SectionedArgumentParser(dataclass_types,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = SectionedArgumentParser(
+        dataclass_types, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     for action in parser._actions:
         if help_overrides and action.dest in help_overrides:
             action.help = help_overrides[action.dest]
@@ -143,11 +150,16 @@ def _cell(text: str) -> str:
     return " ".join(text.split()).replace("|", "\\|")
 
 
-def fields_table(fields: Sequence[dataclasses.Field], types: Mapping[str, Any] | None = None) -> str:
+def fields_table(
+    fields: Sequence[dataclasses.Field], types: Mapping[str, Any] | None = None
+) -> str:
     """A Markdown table of fields: name, default, type (when ``types`` are given), help."""
     with_type = types is not None
-    head = "| setting | default | type | meaning |\n|---|---|---|---|" if with_type else (
-        "| setting | default | meaning |\n|---|---|---|")
+    head = (
+        "| setting | default | type | meaning |\n|---|---|---|---|"
+        if with_type
+        else ("| setting | default | meaning |\n|---|---|---|")
+    )
     rows = []
     for f in fields:
         help_text = _cell(f.metadata.get("help", ""))
@@ -194,10 +206,15 @@ def settings_reference() -> str:
         spec = registry.get(name)
         fields = spec.setting_fields()
         labels = " Needs a label column (`label_column`)." if spec.requires_labels else ""
-        body = (fields_table(fields, get_type_hints(spec.settings)) if fields
-                else "No settings of its own.")
-        parts.append(f"### `{name}`\n\n{spec.description[0].upper()}{spec.description[1:]}."
-                     f"{labels}\n\n{body}")
+        body = (
+            fields_table(fields, get_type_hints(spec.settings))
+            if fields
+            else "No settings of its own."
+        )
+        parts.append(
+            f"### `{name}`\n\n{spec.description[0].upper()}{spec.description[1:]}."
+            f"{labels}\n\n{body}"
+        )
     return "\n\n".join(parts) + "\n"
 
 

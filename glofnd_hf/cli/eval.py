@@ -44,46 +44,71 @@ def build_parser() -> argparse.ArgumentParser:
         "(top-k accuracy) of a CLIP-style model.",
     )
     m = p.add_argument_group("model")
-    m.add_argument("--model", required=True,
-                   help="training output folder, Hugging Face CLIP-family checkpoint (folder or "
-                   "Hub id), open_clip architecture (with --pretrained), hf-hub:ORG/NAME or "
-                   "local-dir:PATH")
-    m.add_argument("--pretrained", default=None,
-                   help="open_clip pretrained tag or checkpoint file (e.g. laion2b_s34b_b79k)")
+    m.add_argument(
+        "--model",
+        required=True,
+        help="training output folder, Hugging Face CLIP-family checkpoint (folder or "
+        "Hub id), open_clip architecture (with --pretrained), hf-hub:ORG/NAME or "
+        "local-dir:PATH",
+    )
+    m.add_argument(
+        "--pretrained",
+        default=None,
+        help="open_clip pretrained tag or checkpoint file (e.g. laion2b_s34b_b79k)",
+    )
     m.add_argument("--family", default="auto", choices=["auto", "hf", "open_clip"])
     d = p.add_argument_group("data (one of --dataset / --shards)")
     src = d.add_mutually_exclusive_group(required=True)
-    src.add_argument("--dataset", default=None,
-                     help="Hub dataset id, save_to_disk folder, or glofnd-digits")
-    src.add_argument("--shards", default=None,
-                     help="WebDataset shards: path, brace pattern or '::'-joined list")
+    src.add_argument(
+        "--dataset", default=None, help="Hub dataset id, save_to_disk folder, or glofnd-digits"
+    )
+    src.add_argument(
+        "--shards", default=None, help="WebDataset shards: path, brace pattern or '::'-joined list"
+    )
     d.add_argument("--dataset-config", default=None)
-    d.add_argument("--split", default=None,
-                   help="default: test, else validation, else the only split")
+    d.add_argument(
+        "--split", default=None, help="default: test, else validation, else the only split"
+    )
     d.add_argument("--image-column", default="image")
-    d.add_argument("--caption-column", default="caption",
-                   help="one caption or a list of captions per row")
-    d.add_argument("--class-label-column", default=None,
-                   help="class ids or names per row (shards: a field of each sample's .json)")
-    d.add_argument("--image-id-field", default="image_id",
-                   help="shards: .json field grouping captions of the same image")
+    d.add_argument(
+        "--caption-column", default="caption", help="one caption or a list of captions per row"
+    )
+    d.add_argument(
+        "--class-label-column",
+        default=None,
+        help="class ids or names per row (shards: a field of each sample's .json)",
+    )
+    d.add_argument(
+        "--image-id-field",
+        default="image_id",
+        help="shards: .json field grouping captions of the same image",
+    )
     d.add_argument("--max-samples", type=int, default=None, help="evaluate the first N images")
     c = p.add_argument_group("zero-shot classification")
     names = c.add_mutually_exclusive_group()
     names.add_argument("--class-names", nargs="+", default=None)
     names.add_argument("--class-names-file", default=None, help="one name a line, or JSON list")
     tmpl = c.add_mutually_exclusive_group()
-    tmpl.add_argument("--templates", nargs="+", default=None,
-                      help="prompt templates with {} for the class name")
+    tmpl.add_argument(
+        "--templates", nargs="+", default=None, help="prompt templates with {} for the class name"
+    )
     tmpl.add_argument("--templates-file", default=None, help="one template a line, or JSON list")
     r = p.add_argument_group("run")
-    r.add_argument("--task", nargs="+", default=["auto"],
-                   choices=["auto", "retrieval", "classification", "both"])
+    r.add_argument(
+        "--task",
+        nargs="+",
+        default=["auto"],
+        choices=["auto", "retrieval", "classification", "both"],
+    )
     r.add_argument("--ks", nargs="+", type=int, default=[1, 5, 10], help="retrieval recall@k")
     r.add_argument("--classification-ks", nargs="+", type=int, default=[1, 5])
     r.add_argument("--batch-size", type=int, default=64)
-    r.add_argument("--chunk-size", type=int, default=1024,
-                   help="queries scored at once (bounds the score buffer)")
+    r.add_argument(
+        "--chunk-size",
+        type=int,
+        default=1024,
+        help="queries scored at once (bounds the score buffer)",
+    )
     r.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     r.add_argument("--output", default=None, help="write the JSON report here")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -95,18 +120,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         class_names = args.class_names or (
-            _read_lines(args.class_names_file, "class names") if args.class_names_file else None)
+            _read_lines(args.class_names_file, "class names") if args.class_names_file else None
+        )
         templates = args.templates or (
-            _read_lines(args.templates_file, "templates") if args.templates_file else None)
+            _read_lines(args.templates_file, "templates") if args.templates_file else None
+        )
         report = evaluate(
-            args.model, pretrained=args.pretrained, family=args.family, dataset=args.dataset,
-            shards=args.shards, split=args.split, dataset_config=args.dataset_config,
-            image_column=args.image_column, caption_column=args.caption_column,
-            class_label_column=args.class_label_column, class_names=class_names,
-            templates=templates, tasks=args.task, ks=args.ks,
-            classification_ks=args.classification_ks, batch_size=args.batch_size,
-            chunk_size=args.chunk_size, device=args.device, max_samples=args.max_samples,
-            image_id_field=args.image_id_field or None, output=args.output,
+            args.model,
+            pretrained=args.pretrained,
+            family=args.family,
+            dataset=args.dataset,
+            shards=args.shards,
+            split=args.split,
+            dataset_config=args.dataset_config,
+            image_column=args.image_column,
+            caption_column=args.caption_column,
+            class_label_column=args.class_label_column,
+            class_names=class_names,
+            templates=templates,
+            tasks=args.task,
+            ks=args.ks,
+            classification_ks=args.classification_ks,
+            batch_size=args.batch_size,
+            chunk_size=args.chunk_size,
+            device=args.device,
+            max_samples=args.max_samples,
+            image_id_field=args.image_id_field or None,
+            output=args.output,
             show_progress=not args.no_progress,
         )
     except EvalInputError as e:

@@ -26,20 +26,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repo-id", required=True, help="ORG/NAME of the model repository")
     p.add_argument("--private", action="store_true", help="create the repository private")
     p.add_argument("--commit-message", default=DEFAULT_COMMIT_MESSAGE)
-    p.add_argument("--include-training-state", action="store_true",
-                   help="also upload glofnd_state.safetensors, optimizer, scheduler, RNG states")
+    p.add_argument(
+        "--include-training-state",
+        action="store_true",
+        help="also upload glofnd_state.safetensors, optimizer, scheduler, RNG states",
+    )
     card = p.add_mutually_exclusive_group()
-    card.add_argument("--render-card", action="store_true",
-                      help="render README.md again even if the folder has one")
-    card.add_argument("--keep-card", action="store_true",
-                      help="upload README.md as it is (default: render it when missing, or "
-                      "again with the repo id when it is our unedited card)")
-    p.add_argument("--eval-results", default=None,
-                   help="a glofnd-eval JSON report to put in the card (implies --render-card)")
+    card.add_argument(
+        "--render-card",
+        action="store_true",
+        help="render README.md again even if the folder has one",
+    )
+    card.add_argument(
+        "--keep-card",
+        action="store_true",
+        help="upload README.md as it is (default: render it when missing, or "
+        "again with the repo id when it is our unedited card)",
+    )
+    p.add_argument(
+        "--eval-results",
+        default=None,
+        help="a glofnd-eval JSON report to put in the card (implies --render-card)",
+    )
     p.add_argument("--license", default=None, help="license id for the card metadata")
     p.add_argument("--base-model", default=None, help="Hub id of the model fine-tuned from")
-    p.add_argument("--dataset", action="append", default=None, dest="datasets",
-                   help="Hub id of a training dataset (repeatable)")
+    p.add_argument(
+        "--dataset",
+        action="append",
+        default=None,
+        dest="datasets",
+        help="Hub id of a training dataset (repeatable)",
+    )
     p.add_argument("--revision", default=None, help="branch to push to")
     p.add_argument("--create-pr", action="store_true", help="open a pull request instead")
     return p
@@ -56,20 +73,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (OSError, json.JSONDecodeError) as e:
             parser.exit(2, f"glofnd-push: error: cannot read {args.eval_results!r}: {e}\n")
         if not isinstance(eval_report, dict) or "metrics" not in eval_report:
-            parser.exit(2, f"glofnd-push: error: {args.eval_results!r} is not a glofnd-eval "
-                        "report (no 'metrics')\n")
-    card_fields = {"license": args.license, "base_model": args.base_model,
-                   "datasets": args.datasets}
-    rerender = args.render_card or eval_report is not None or any(
-        v is not None for v in card_fields.values())
+            parser.exit(
+                2,
+                f"glofnd-push: error: {args.eval_results!r} is not a glofnd-eval "
+                "report (no 'metrics')\n",
+            )
+    card_fields = {
+        "license": args.license,
+        "base_model": args.base_model,
+        "datasets": args.datasets,
+    }
+    rerender = (
+        args.render_card
+        or eval_report is not None
+        or any(v is not None for v in card_fields.values())
+    )
     try:
         push_to_hub(
-            args.output_dir, args.repo_id, private=args.private,
+            args.output_dir,
+            args.repo_id,
+            private=args.private,
             commit_message=args.commit_message,
             include_training_state=args.include_training_state,
             render_card=False if args.keep_card else (True if rerender else None),
             card_fields={k: v for k, v in card_fields.items() if v is not None},
-            eval_report=eval_report, revision=args.revision, create_pr=args.create_pr,
+            eval_report=eval_report,
+            revision=args.revision,
+            create_pr=args.create_pr,
         )
     except (ValueError, FileNotFoundError) as e:
         parser.exit(2, f"glofnd-push: error: {e}\n")

@@ -38,31 +38,38 @@ def help_overrides() -> dict[str, str]:
     detectors = "; ".join(
         f"{name}: {registry.get(name).description}"
         + (" (needs label_column)" if registry.get(name).requires_labels else "")
-        for name in registry.names())
+        for name in registry.names()
+    )
     settings = "; ".join(
         f"{name}: {', '.join(registry.get(name).setting_names()) or '(none)'}"
-        for name in registry.names())
+        for name in registry.names()
+    )
     return {
         "detector": f"False-negative detector. {detectors}.",
         "detector_kwargs": "Settings of the chosen detector: a mapping (YAML) or a JSON string "
-        f"(flag), e.g. '{{\"update_rule\": \"adam\"}}' for glofnd. Keys by detector: "
+        f'(flag), e.g. \'{{"update_rule": "adam"}}\' for glofnd. Keys by detector: '
         f"{settings}. Meanings: docs/settings.md.",
     }
 
 
-def build_adapter(model_args: ModelArguments, texts: Sequence[str], seed: int) -> DualEncoderAdapter:
+def build_adapter(
+    model_args: ModelArguments, texts: Sequence[str], seed: int
+) -> DualEncoderAdapter:
     name = model_args.model_name_or_path
     if name in TINY_MODEL_NAMES:
-        return build_tiny_model(name, image_size=model_args.tiny_image_size, seed=seed,
-                                texts=list(texts))
+        return build_tiny_model(
+            name, image_size=model_args.tiny_image_size, seed=seed, texts=list(texts)
+        )
     return load_dual_encoder(name, family=model_args.model_family, pretrained=model_args.pretrained)
 
 
 def _classification_defaults(data_args: DataArguments) -> None:
     if data_args.dataset_name == DIGITS_DATASET:
-        (data_args.class_label_column, data_args.class_names,
-         data_args.prompt_templates) = digits_classification_defaults(
-            data_args.class_label_column, data_args.class_names, data_args.prompt_templates)
+        (data_args.class_label_column, data_args.class_names, data_args.prompt_templates) = (
+            digits_classification_defaults(
+                data_args.class_label_column, data_args.class_names, data_args.prompt_templates
+            )
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -74,21 +81,25 @@ def run(argv: Sequence[str]) -> dict[str, dict[str, float]]:
     model_args, data_args, args = parse_config_and_flags(
         (ModelArguments, DataArguments, GloFNDTrainingArguments), argv, help_overrides()
     )
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        level=logging.INFO if args.should_log else logging.WARNING)
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=logging.INFO if args.should_log else logging.WARNING,
+    )
     if data_args.dataset_name is None and data_args.train_shards is None:
         raise SystemExit("error: set dataset_name (e.g. glofnd-digits) or train_shards")
     _classification_defaults(data_args)
     train = None
     if data_args.train_shards is None:
-        train = load_image_text_dataset(data_args.dataset_name, data_args.dataset_config_name,
-                                        data_args.train_split)
+        train = load_image_text_dataset(
+            data_args.dataset_name, data_args.dataset_config_name, data_args.train_split
+        )
         if data_args.max_train_samples is not None:
             train = train.select(range(min(data_args.max_train_samples, len(train))))
     evaluation = None
     if data_args.eval_split and data_args.dataset_name is not None:
-        evaluation = load_image_text_dataset(data_args.dataset_name, data_args.dataset_config_name,
-                                             data_args.eval_split)
+        evaluation = load_image_text_dataset(
+            data_args.dataset_name, data_args.dataset_config_name, data_args.eval_split
+        )
         if data_args.max_eval_samples is not None:
             evaluation = evaluation.select(range(min(data_args.max_eval_samples, len(evaluation))))
 
@@ -105,32 +116,47 @@ def run(argv: Sequence[str]) -> dict[str, dict[str, float]]:
     if data_args.train_shards is not None:
         train = build_shard_loader(
             ShardConfig(
-                shards=data_args.train_shards, batch_size=args.per_device_train_batch_size,
-                dataset_size=args.num_samples, train_num_samples=data_args.train_num_samples,
-                resampled=data_args.shard_resampled, shuffle_buffer=data_args.shard_shuffle_buffer,
-                seed=args.seed, num_workers=args.dataloader_num_workers,
+                shards=data_args.train_shards,
+                batch_size=args.per_device_train_batch_size,
+                dataset_size=args.num_samples,
+                train_num_samples=data_args.train_num_samples,
+                resampled=data_args.shard_resampled,
+                shuffle_buffer=data_args.shard_shuffle_buffer,
+                seed=args.seed,
+                num_workers=args.dataloader_num_workers,
                 index_source=data_args.shard_index_source,
                 on_bad_index=data_args.shard_on_bad_index,
                 pin_memory=args.dataloader_pin_memory and args.device.type == "cuda",
             ),
-            adapter.image_transform(train=True), adapter.tokenize,
+            adapter.image_transform(train=True),
+            adapter.tokenize,
         )
 
     evaluator = None
     if evaluation is not None:
         evaluator = ZeroShotEvaluator(
-            evaluation, data_args.image_column, data_args.caption_column,
-            data_args.class_label_column, data_args.class_names, data_args.prompt_templates,
+            evaluation,
+            data_args.image_column,
+            data_args.caption_column,
+            data_args.class_label_column,
+            data_args.class_names,
+            data_args.prompt_templates,
             batch_size=args.per_device_eval_batch_size,
             show_progress=not args.disable_tqdm,
         )
     trainer = GloFNDTrainer(
-        adapter, args, train_dataset=train, evaluator=evaluator,
-        image_column=data_args.image_column, caption_column=data_args.caption_column,
-        index_column=data_args.index_column, label_column=data_args.label_column,
+        adapter,
+        args,
+        train_dataset=train,
+        evaluator=evaluator,
+        image_column=data_args.image_column,
+        caption_column=data_args.caption_column,
+        index_column=data_args.index_column,
+        label_column=data_args.label_column,
     )
     set_model_card_info(
-        trainer, model_name_or_path=model_args.model_name_or_path,
+        trainer,
+        model_name_or_path=model_args.model_name_or_path,
         pretrained=model_args.pretrained,
         datasets=[data_args.dataset_name] if data_args.dataset_name else None,
         eval_dataset=data_args.dataset_name if evaluator is not None else None,
@@ -157,8 +183,11 @@ def run(argv: Sequence[str]) -> dict[str, dict[str, float]]:
 def _print_table(title: str, metrics: dict[str, float], trainer: GloFNDTrainer) -> None:
     if not trainer.is_world_process_zero():
         return
-    shown = {k.split("_", 2)[-1] if k.startswith("eval_before_") else k.removeprefix("eval_"): v
-             for k, v in metrics.items() if k != "epoch"}
+    shown = {
+        k.split("_", 2)[-1] if k.startswith("eval_before_") else k.removeprefix("eval_"): v
+        for k, v in metrics.items()
+        if k != "epoch"
+    }
     print(f"\nZero-shot results on the evaluation split, {title}:")
     print(format_metrics_table(shown))
 

@@ -105,7 +105,6 @@ ATTRIBUTE_COMBOS: list[tuple[str, str, str, str]] = list(
 """All ``(ink, background, position, scale)`` tuples; the index is the attribute id."""
 
 
-
 def digits_classification_defaults(
     class_label_column: str | None = None,
     class_names: Sequence[str] | None = None,

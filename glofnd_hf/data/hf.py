@@ -35,13 +35,17 @@ def prepare_image_text_dataset(
     outside [0, N) and an N smaller than the data.
     """
     columns = list(dataset.column_names)
-    for role, column in [("image", image_column), ("caption", caption_column),
-                         *[("extra", c) for c in extra_columns]]:
+    for role, column in [
+        ("image", image_column),
+        ("caption", caption_column),
+        *[("extra", c) for c in extra_columns],
+    ]:
         if column not in columns:
             raise ValueError(
                 f"{what} has no {role} column {column!r}; its columns are {columns}. "
-                f"Set --{role}_column to the right name." if role != "extra" else
-                f"{what} has no column {column!r}; its columns are {columns}."
+                f"Set --{role}_column to the right name."
+                if role != "extra"
+                else f"{what} has no column {column!r}; its columns are {columns}."
             )
     if len(dataset) == 0:
         raise ValueError(f"{what} is empty")
@@ -57,7 +61,9 @@ def prepare_image_text_dataset(
                 f"{values.dtype} (e.g. {raw[0]!r})"
             )
         if values.min() < 0:
-            raise ValueError(f"index column {index_column!r} holds negative values ({values.min()})")
+            raise ValueError(
+                f"index column {index_column!r} holds negative values ({values.min()})"
+            )
         uniques, counts = np.unique(values, return_counts=True)
         if len(uniques) != len(values):
             dup = uniques[counts > 1][:5].tolist()
@@ -151,7 +157,9 @@ class ImageTextCollator:
                     f"no usable sample in a batch of {len(rows)}: {sorted(set(problems))}"
                 )
             # Stand-ins: copies of good rows (same dataset index, so they are duplicates).
-            source = [i if i in good else good[k % len(good)] for k, i in enumerate(range(len(rows)))]
+            source = [
+                i if i in good else good[k % len(good)] for k, i in enumerate(range(len(rows)))
+            ]
         else:
             source = list(range(len(rows)))
         pixels = torch.stack([decoded[i][0] for i in source])

@@ -91,8 +91,11 @@ def load_shards_for_eval(
             except ValueError as e:
                 raise EvalInputError(f"{where} has an unreadable .json: {e}") from e
             image_id = meta.get(image_id_field) if image_id_field else None
-            group = ("id", json.dumps(image_id, sort_keys=True)) if image_id is not None else (
-                "sample", url, sample["__key__"])
+            group = (
+                ("id", json.dumps(image_id, sort_keys=True))
+                if image_id is not None
+                else ("sample", url, sample["__key__"])
+            )
             if group in slot_of:
                 captions[slot_of[group]].append(caption)
                 continue
@@ -172,10 +175,15 @@ def load_eval_data(
         raise EvalInputError("give exactly one of a dataset (--dataset) or shards (--shards)")
     info: dict[str, Any] = {"config": dataset_config}
     if shards is not None:
-        data = load_shards_for_eval(shards, image_id_field=image_id_field,
-                                    label_field=class_label_column)
-        info.update(kind="webdataset", source=shards if isinstance(shards, str) else list(shards),
-                    split=None, image_id_field=image_id_field)
+        data = load_shards_for_eval(
+            shards, image_id_field=image_id_field, label_field=class_label_column
+        )
+        info.update(
+            kind="webdataset",
+            source=shards if isinstance(shards, str) else list(shards),
+            split=None,
+            image_id_field=image_id_field,
+        )
         image_column, caption_column = "image", "caption"
         class_label_column = "label" if class_label_column else None
     elif isinstance(dataset, (datasets.Dataset, datasets.DatasetDict)):
@@ -208,8 +216,11 @@ def load_eval_data(
         data = data.select(range(min(max_samples, len(data))))
     info["max_samples"] = max_samples
     return {
-        "dataset": data, "info": info, "image_column": image_column,
-        "caption_column": caption_column, "class_label_column": class_label_column,
+        "dataset": data,
+        "info": info,
+        "image_column": image_column,
+        "caption_column": caption_column,
+        "class_label_column": class_label_column,
         "class_names": list(class_names) if class_names else None,
         "templates": list(templates) if templates else None,
     }

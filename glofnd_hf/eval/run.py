@@ -151,31 +151,52 @@ def evaluate(
     from ..models import DualEncoderAdapter
 
     data = load_eval_data(
-        dataset, shards=shards, split=split, dataset_config=dataset_config,
-        image_column=image_column, caption_column=caption_column,
-        class_label_column=class_label_column, class_names=class_names, templates=templates,
-        image_id_field=image_id_field, max_samples=max_samples,
+        dataset,
+        shards=shards,
+        split=split,
+        dataset_config=dataset_config,
+        image_column=image_column,
+        caption_column=caption_column,
+        class_label_column=class_label_column,
+        class_names=class_names,
+        templates=templates,
+        image_id_field=image_id_field,
+        max_samples=max_samples,
     )
     try:
-        task_list = resolve_tasks(tasks, data["caption_column"], data["class_label_column"],
-                                  columns=data["dataset"].column_names)
+        task_list = resolve_tasks(
+            tasks,
+            data["caption_column"],
+            data["class_label_column"],
+            columns=data["dataset"].column_names,
+        )
     except ValueError as e:
         raise EvalInputError(str(e)) from e
     try:
         evaluator = ZeroShotEvaluator(
-            data["dataset"], data["image_column"],
+            data["dataset"],
+            data["image_column"],
             data["caption_column"] if RETRIEVAL in task_list else None,
             data["class_label_column"] if CLASSIFICATION in task_list else None,
-            data["class_names"], data["templates"], ks=ks, batch_size=batch_size,
-            show_progress=show_progress, tasks=task_list, classification_ks=classification_ks,
-            chunk_size=chunk_size, dataset_name=str(data["info"]["source"]),
+            data["class_names"],
+            data["templates"],
+            ks=ks,
+            batch_size=batch_size,
+            show_progress=show_progress,
+            tasks=task_list,
+            classification_ks=classification_ks,
+            chunk_size=chunk_size,
+            dataset_name=str(data["info"]["source"]),
             split=data["info"]["split"],
         )
     except ValueError as e:
         raise EvalInputError(str(e)) from e
 
     if isinstance(model, DualEncoderAdapter):
-        adapter, model_name = model, getattr(model, "model_name", None) or type(model.model).__name__
+        adapter, model_name = (
+            model,
+            getattr(model, "model_name", None) or type(model.model).__name__,
+        )
     else:
         adapter, model_name = load_eval_model(model, pretrained, family, device), str(model)
 
@@ -193,8 +214,11 @@ def evaluate(
         class_label_column=evaluator.class_label_column if CLASSIFICATION in task_list else None,
     )
     if CLASSIFICATION in task_list:
-        info.update(num_classes=len(evaluator.class_names or []),
-                    num_templates=len(evaluator.templates), templates=evaluator.templates)
+        info.update(
+            num_classes=len(evaluator.class_names or []),
+            num_templates=len(evaluator.templates),
+            templates=evaluator.templates,
+        )
     report: dict[str, Any] = {
         "format_version": RESULTS_FORMAT_VERSION,
         "glofnd_hf_version": __version__,
@@ -210,14 +234,17 @@ def evaluate(
         "data": info,
         "ks": list(evaluator.ks) if RETRIEVAL in task_list else [],
         "classification_ks": list(evaluator.classification_ks)
-        if CLASSIFICATION in task_list else [],
+        if CLASSIFICATION in task_list
+        else [],
         "num_images": evaluator.num_images,
         "num_captions": evaluator.num_captions,
         "metrics": metrics,
         "metrics_clip_benchmark": clip_benchmark_names(metrics),
         "device": str(adapter.device),
-        "timing": {"embed_seconds": round(embed_seconds, 4),
-                   "score_seconds": round(score_seconds, 4)},
+        "timing": {
+            "embed_seconds": round(embed_seconds, 4),
+            "score_seconds": round(score_seconds, 4),
+        },
     }
     training = training_record(model)
     if training is not None:
@@ -266,16 +293,22 @@ def format_report(report: Mapping[str, Any]) -> str:
     source = data["source"] if isinstance(data["source"], str) else ", ".join(data["source"])
     lines = [
         f"model:  {name} [{model['family']}, {model['num_parameters']:,} parameters]",
-        f"data:   {source}" + (f" [{data['split']}]" if data.get("split") else "")
+        f"data:   {source}"
+        + (f" [{data['split']}]" if data.get("split") else "")
         + f", {report['num_images']} images, {report['num_captions']} captions"
-        + (f", {data['num_classes']} classes x {data['num_templates']} templates"
-           if data.get("num_classes") else ""),
+        + (
+            f", {data['num_classes']} classes x {data['num_templates']} templates"
+            if data.get("num_classes")
+            else ""
+        ),
         f"task:   {', '.join(report['task'])}",
     ]
     training = report.get("training")
     if training:
-        lines.append(f"trained: {training['loss_type']} loss, detector "
-                     f"{training['detector_description'] or training['detector']}")
+        lines.append(
+            f"trained: {training['loss_type']} loss, detector "
+            f"{training['detector_description'] or training['detector']}"
+        )
     lines += [
         "",
         format_metrics_table(report["metrics"]),

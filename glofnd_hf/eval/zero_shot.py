@@ -219,8 +219,13 @@ class ZeroShotEvaluator:
 
     # -- embedding ---------------------------------------------------------------------------
     def _bar(self, total: int, desc: str):
-        return tqdm(total=total, desc=desc, unit="img" if "image" in desc else "txt",
-                    disable=not self.show_progress, leave=False)
+        return tqdm(
+            total=total,
+            desc=desc,
+            unit="img" if "image" in desc else "txt",
+            disable=not self.show_progress,
+            leave=False,
+        )
 
     @torch.no_grad()
     def embed(self, adapter: Any, model: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
@@ -236,7 +241,7 @@ class ZeroShotEvaluator:
             n = len(self.dataset)
             with self._bar(n, "embedding images") as bar:
                 for start in range(0, n, self.batch_size):
-                    rows = self.dataset[start:start + self.batch_size][self.image_column]
+                    rows = self.dataset[start : start + self.batch_size][self.image_column]
                     pixels = torch.stack([transform(to_rgb(im)) for im in rows]).to(device)
                     images.append(adapter.encode_images(model, pixels).float().cpu())
                     bar.update(len(rows))
@@ -252,12 +257,13 @@ class ZeroShotEvaluator:
             model.train(was_training)
         return out
 
-    def _embed_texts(self, adapter: Any, model: torch.nn.Module, texts: list[str],
-                     desc: str) -> torch.Tensor:
+    def _embed_texts(
+        self, adapter: Any, model: torch.nn.Module, texts: list[str], desc: str
+    ) -> torch.Tensor:
         chunks = []
         with self._bar(len(texts), desc) as bar:
             for start in range(0, len(texts), self.batch_size):
-                chunk = texts[start:start + self.batch_size]
+                chunk = texts[start : start + self.batch_size]
                 chunks.append(adapter.encode_texts(model, chunk).float().cpu())
                 bar.update(len(chunk))
         return torch.cat(chunks)
@@ -267,13 +273,25 @@ class ZeroShotEvaluator:
         """The metrics of embeddings from :meth:`embed`."""
         metrics: dict[str, float] = {}
         if RETRIEVAL in self.tasks:
-            metrics.update(retrieval_recall(embeds["images"], embeds["texts"], self.text_to_image,
-                                            self.ks, chunk_size=self.chunk_size))
+            metrics.update(
+                retrieval_recall(
+                    embeds["images"],
+                    embeds["texts"],
+                    self.text_to_image,
+                    self.ks,
+                    chunk_size=self.chunk_size,
+                )
+            )
         if CLASSIFICATION in self.tasks:
-            metrics.update(zero_shot_classification(
-                embeds["images"], embeds["classes"], self.labels, ks=self.classification_ks,
-                chunk_size=self.chunk_size,
-            ))
+            metrics.update(
+                zero_shot_classification(
+                    embeds["images"],
+                    embeds["classes"],
+                    self.labels,
+                    ks=self.classification_ks,
+                    chunk_size=self.chunk_size,
+                )
+            )
         return metrics
 
     def __call__(self, adapter: Any, model: torch.nn.Module | None = None) -> dict[str, float]:

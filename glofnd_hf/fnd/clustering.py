@@ -21,12 +21,21 @@ def kmeans_centers(x: np.ndarray, k: int, seed: int, config: IFNDConfig) -> np.n
         config.kmeans_algorithm == "auto" and x.shape[0] > config.minibatch_threshold
     )
     if minibatch:
-        km = MiniBatchKMeans(n_clusters=k, max_iter=config.kmeans_iters,
-                             n_init=config.kmeans_n_init, batch_size=config.minibatch_size,
-                             random_state=seed, compute_labels=False)
+        km = MiniBatchKMeans(
+            n_clusters=k,
+            max_iter=config.kmeans_iters,
+            n_init=config.kmeans_n_init,
+            batch_size=config.minibatch_size,
+            random_state=seed,
+            compute_labels=False,
+        )
     else:
-        km = KMeans(n_clusters=k, max_iter=config.kmeans_iters, n_init=config.kmeans_n_init,
-                    random_state=seed)
+        km = KMeans(
+            n_clusters=k,
+            max_iter=config.kmeans_iters,
+            n_init=config.kmeans_n_init,
+            random_state=seed,
+        )
     km.fit(x)
     return km.cluster_centers_
 
@@ -39,7 +48,7 @@ def assign_to_centers(
     c_sq = (centers * centers).sum(-1)
     c_unit = F.normalize(centers, dim=-1)
     for s in range(0, x.shape[0], ASSIGN_CHUNK):
-        chunk = x[s:s + ASSIGN_CHUNK]
+        chunk = x[s : s + ASSIGN_CHUNK]
         d2 = ((chunk * chunk).sum(-1, keepdim=True) - 2.0 * chunk @ centers.t() + c_sq).clamp(min=0)
         if confidence == "margin" and centers.shape[0] > 1:
             two = d2.topk(2, dim=-1, largest=False)

@@ -168,7 +168,8 @@ class GloFNDDetector(FalseNegativeDetector):
             num_samples, device=device, pin_memory=pin_memory, rule=self.rule
         )
         self.health = TrackingHealth(
-            config.alpha, max(config.update_start_epoch, config.mask_start_epoch) + 1.0,
+            config.alpha,
+            max(config.update_start_epoch, config.mask_start_epoch) + 1.0,
             self._advice,
         )
 
@@ -182,8 +183,11 @@ class GloFNDDetector(FalseNegativeDetector):
         found = None
         stats: dict[str, torch.Tensor] = {}
         if self.masking(batch.epoch):
-            lam = updated if updated is not None else self.state.lambdas(
-                batch.anchor_index, sim.device).t()  # (2, b)
+            lam = (
+                updated
+                if updated is not None
+                else self.state.lambdas(batch.anchor_index, sim.device).t()
+            )  # (2, b)
             found = (sim > lam.unsqueeze(-1).to(sim.dtype)) & batch.negatives
             stats = _threshold_stats(lam)
         finished = self.health.record(batch.epoch, found, batch.negatives, updated)
@@ -207,14 +211,14 @@ class GloFNDDetector(FalseNegativeDetector):
         b = batch.anchor_index.shape[0]
         start = comm.rank() * b if distributed else 0
         rows = self.state.table.gather(index, sim.device)  # (B, 2, C), read once
-        lam = rows[start:start + b, :, LAMBDA].t().to(sim.dtype)  # (2, b)
+        lam = rows[start : start + b, :, LAMBDA].t().to(sim.dtype)  # (2, b)
         local = self.rule.statistics(sim, batch.negatives, lam)  # (2, b, k)
         local = local.transpose(0, 1).reshape(b, -1)  # (b, 2k): one row per anchor
         # Every rank gets every anchor's values (O(global batch)) and applies the same update.
         gathered = segment_mean(index, comm.all_gather_no_grad(local.contiguous()))
         stats = gathered.view(index.shape[0], len(SIDES), -1)
         rows = self.state.apply_update(index, stats, batch.epoch, rows)
-        return rows[start:start + b, :, LAMBDA].t().to(sim.dtype)
+        return rows[start : start + b, :, LAMBDA].t().to(sim.dtype)
 
     def _advice(self, kind: str) -> str:
         """Likely cause and the setting to change (a GloFND setting, ``detector_kwargs`` of
@@ -223,24 +227,24 @@ class GloFNDDetector(FalseNegativeDetector):
         if cfg.update_rule != "tail":
             return {
                 "low": "Adam's step is about lr in similarity units: thresholds "
-                       "starting at 1.0 need many visits (one per epoch) to come down, and "
-                       "where the similarities are spread more narrowly than that or move, "
-                       "they overshoot and stay above the quantile. Use update_rule: "
-                       f"tail (or init_quantile, a smaller lr, now {cfg.lr}).",
+                "starting at 1.0 need many visits (one per epoch) to come down, and "
+                "where the similarities are spread more narrowly than that or move, "
+                "they overshoot and stay above the quantile. Use update_rule: "
+                f"tail (or init_quantile, a smaller lr, now {cfg.lr}).",
                 "high": "Thresholds lag below a moving quantile: use update_rule: tail, "
-                        "or start updates later (update_start_epoch).",
+                "or start updates later (update_start_epoch).",
                 "bound": "Adam thresholds park at the clamp after one overshoot: use "
-                         f"update_rule: tail (or a smaller lr, now {cfg.lr}).",
+                f"update_rule: tail (or a smaller lr, now {cfg.lr}).",
             }[kind]
         return {
             "low": "The embeddings may move faster than one visit per epoch can follow: "
-                   f"raise step_floor (now {cfg.step_floor}) or lower band "
-                   f"(now {cfg.band}).",
+            f"raise step_floor (now {cfg.step_floor}) or lower band "
+            f"(now {cfg.band}).",
             "high": "Thresholds sit below the quantile: if alpha x batch size is well below "
-                    f"1, raise tail_size (now {cfg.tail_size}) for a steadier tail "
-                    "estimate, or lower step_floor for more averaging.",
+            f"1, raise tail_size (now {cfg.tail_size}) for a steadier tail "
+            "estimate, or lower step_floor for more averaging.",
             "bound": "Many anchors have similarities at +-1 (collapsed or duplicated "
-                     "embeddings?): check the model's outputs and the data for duplicates.",
+            "embeddings?): check the model's outputs and the data for duplicates.",
         }[kind]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -256,15 +260,23 @@ class GloFNDDetector(FalseNegativeDetector):
     def config_dict(self) -> dict:
         cfg = self.config
         out = {
-            "detector": self.name, "num_samples": self.num_samples, "alpha": cfg.alpha,
+            "detector": self.name,
+            "num_samples": self.num_samples,
+            "alpha": cfg.alpha,
             "update_rule": cfg.update_rule,
-            "update_start_epoch": cfg.update_start_epoch, "mask_start_epoch": cfg.mask_start_epoch,
+            "update_start_epoch": cfg.update_start_epoch,
+            "mask_start_epoch": cfg.mask_start_epoch,
         }
         if cfg.update_rule == "tail":
             out.update(tail_size=cfg.tail_size, band=cfg.band, step_floor=cfg.step_floor)
         else:
-            out.update(lr=cfg.lr, betas=list(cfg.betas), eps=cfg.eps,
-                       clip_grad_mult=cfg.clip_grad_mult, init_quantile=cfg.init_quantile)
+            out.update(
+                lr=cfg.lr,
+                betas=list(cfg.betas),
+                eps=cfg.eps,
+                clip_grad_mult=cfg.clip_grad_mult,
+                init_quantile=cfg.init_quantile,
+            )
         return out
 
 
@@ -292,31 +304,45 @@ def glofnd_state_bytes(config: GloFNDConfig) -> int:
     return config.rule().bytes_per_sample()
 
 
-register(DetectorSpec(
-    name="none", description="no detection: every other sample of the batch is a negative",
-    detector_class=NoDetector, factory=lambda settings, shared, **_: NoDetector(),
-))
-register(DetectorSpec(
-    name="batch_quantile",
-    description="the in-batch quantile baseline: negatives above the anchor's in-batch "
-    "(1 - alpha) quantile are false negatives",
-    detector_class=BatchQuantileDetector,
-    factory=lambda settings, shared, **_: BatchQuantileDetector(
-        shared.alpha, shared.mask_start_epoch),
-))
-register(DetectorSpec(
-    name="oracle",
-    description="ground-truth semantic labels mark the false negatives",
-    detector_class=OracleDetector,
-    factory=lambda settings, shared, **_: OracleDetector(shared.mask_start_epoch),
-))
-register(DetectorSpec(
-    name="glofnd",
-    description="a learned per-sample similarity threshold at the anchor's "
-    "(1 - alpha) quantile over the whole data set; negatives above it are false negatives",
-    detector_class=GloFNDDetector,
-    factory=lambda config, shared, *, num_samples, device, pin_memory: GloFNDDetector(
-        num_samples, config, device=device, pin_memory=pin_memory),
-    settings=GloFNDConfig, shared_fields=("alpha", "mask_start_epoch"), needs_num_samples=True,
-    state_bytes=glofnd_state_bytes,
-))
+register(
+    DetectorSpec(
+        name="none",
+        description="no detection: every other sample of the batch is a negative",
+        detector_class=NoDetector,
+        factory=lambda settings, shared, **_: NoDetector(),
+    )
+)
+register(
+    DetectorSpec(
+        name="batch_quantile",
+        description="the in-batch quantile baseline: negatives above the anchor's in-batch "
+        "(1 - alpha) quantile are false negatives",
+        detector_class=BatchQuantileDetector,
+        factory=lambda settings, shared, **_: BatchQuantileDetector(
+            shared.alpha, shared.mask_start_epoch
+        ),
+    )
+)
+register(
+    DetectorSpec(
+        name="oracle",
+        description="ground-truth semantic labels mark the false negatives",
+        detector_class=OracleDetector,
+        factory=lambda settings, shared, **_: OracleDetector(shared.mask_start_epoch),
+    )
+)
+register(
+    DetectorSpec(
+        name="glofnd",
+        description="a learned per-sample similarity threshold at the anchor's "
+        "(1 - alpha) quantile over the whole data set; negatives above it are false negatives",
+        detector_class=GloFNDDetector,
+        factory=lambda config, shared, *, num_samples, device, pin_memory: GloFNDDetector(
+            num_samples, config, device=device, pin_memory=pin_memory
+        ),
+        settings=GloFNDConfig,
+        shared_fields=("alpha", "mask_start_epoch"),
+        needs_num_samples=True,
+        state_bytes=glofnd_state_bytes,
+    )
+)

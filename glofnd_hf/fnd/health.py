@@ -110,6 +110,10 @@ class TrackingHealth:
         advice = " ".join(self.advice(kind) for kind in dict.fromkeys(kinds))
         logger.warning(
             "false-negative thresholds do not track the (1 - alpha) quantile between epoch "
-            "%d and %d (alpha %g): %s. %s", epoch, epoch + 1, self.alpha, "; ".join(problems),
+            "%d and %d (alpha %g): %s. %s",
+            epoch,
+            epoch + 1,
+            self.alpha,
+            "; ".join(problems),
             advice,
         )

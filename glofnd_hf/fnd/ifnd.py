@@ -72,6 +72,7 @@ from .thresholds import SIDES
 
 logger = logging.getLogger(__name__)
 
+
 class IFNDDetector(FalseNegativeDetector):
     """False negatives = accepted samples sharing a k-means pseudo-label (IFND)."""
 
@@ -107,8 +108,7 @@ class IFNDDetector(FalseNegativeDetector):
         self.bank: torch.Tensor | None = None  # (N, D), allocated on the first observe
         self.seen = torch.zeros(n, dtype=torch.bool, device=self.device)
         self.labels = torch.full((g, n), -1, dtype=torch.int32, device=self.device)
-        self.confidence = torch.full((g, n), float("nan"), dtype=torch.float32,
-                                     device=self.device)
+        self.confidence = torch.full((g, n), float("nan"), dtype=torch.float32, device=self.device)
         self.accept_rank = torch.full((g, n), math.inf, dtype=torch.float32, device=self.device)
         self.last_round_epoch = math.nan
         self.first_epoch = math.nan  # epoch of the first step with an observed bank
@@ -136,8 +136,10 @@ class IFNDDetector(FalseNegativeDetector):
     ) -> None:
         """Write this process's embeddings into the bank (gathered over ranks, so every rank
         keeps the same bank). Call it once per training step, before ``detect``."""
-        if index.dim() != 1 or image_embeds.shape[0] != index.shape[0] or (
-            image_embeds.shape != text_embeds.shape
+        if (
+            index.dim() != 1
+            or image_embeds.shape[0] != index.shape[0]
+            or (image_embeds.shape != text_embeds.shape)
         ):
             raise ValueError(
                 f"observe needs index (b,) and two (b, D) embeddings, got {tuple(index.shape)}, "
@@ -149,8 +151,9 @@ class IFNDDetector(FalseNegativeDetector):
         index = comm.all_gather_no_grad(index.contiguous())
         feats = comm.all_gather_no_grad(feats.contiguous())
         if self.bank is None:
-            self.bank = torch.zeros(self._num_samples, feats.shape[1], dtype=self.dtype,
-                                    device=self.device)
+            self.bank = torch.zeros(
+                self._num_samples, feats.shape[1], dtype=self.dtype, device=self.device
+            )
             if self.pin_memory and self.device.type == "cpu" and torch.cuda.is_available():
                 self.bank = self.bank.pin_memory()
         elif feats.shape[1] != self.bank.shape[1]:
@@ -229,7 +232,9 @@ class IFNDDetector(FalseNegativeDetector):
         ac = self._lookup(self.accept_rank, candidate_index) <= frac
         result = None
         for g in range(len(self.num_clusters)):
-            same = (la[g].unsqueeze(1) == lc[g].unsqueeze(0)) & aa[g].unsqueeze(1) & ac[g].unsqueeze(0)
+            same = (
+                (la[g].unsqueeze(1) == lc[g].unsqueeze(0)) & aa[g].unsqueeze(1) & ac[g].unsqueeze(0)
+            )
             if result is None:
                 result = same
             elif self.config.combine == "all":
@@ -257,7 +262,9 @@ class IFNDDetector(FalseNegativeDetector):
             confidence = torch.empty(g, n, dtype=torch.float32)
             rank = torch.empty(g, n, dtype=torch.float32)
         if comm.world_size() > 1:
-            labels, confidence, rank = (broadcast_from_first_rank(t) for t in (labels, confidence, rank))
+            labels, confidence, rank = (
+                broadcast_from_first_rank(t) for t in (labels, confidence, rank)
+            )
         self.labels = labels.to(self.device)
         self.confidence = confidence.to(self.device)
         self.accept_rank = rank.to(self.device)
@@ -266,7 +273,11 @@ class IFNDDetector(FalseNegativeDetector):
         self.round_seconds = time.perf_counter() - start
         logger.info(
             "ifnd: clustering round %d at epoch %.3f over %d samples (k=%s) took %.2f s",
-            self.rounds, epoch, int(self.seen.sum()), list(self.num_clusters), self.round_seconds,
+            self.rounds,
+            epoch,
+            int(self.seen.sum()),
+            list(self.num_clusters),
+            self.round_seconds,
         )
 
     def _cluster_local(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -284,12 +295,17 @@ class IFNDDetector(FalseNegativeDetector):
         for level, k in enumerate(self.num_clusters):
             k_eff = min(k, members.numel())
             if k_eff < k:
-                logger.warning("ifnd: only %d samples seen, clustering with k=%d instead of %d",
-                               members.numel(), k_eff, k)
+                logger.warning(
+                    "ifnd: only %d samples seen, clustering with k=%d instead of %d",
+                    members.numel(),
+                    k_eff,
+                    k,
+                )
             seed = self.seed + 7919 * self.rounds + level
             centers = kmeans_centers(x_np, k_eff, seed, self.config)
-            lab, conf = assign_to_centers(x, torch.from_numpy(centers).float(),
-                                          self.config.confidence)
+            lab, conf = assign_to_centers(
+                x, torch.from_numpy(centers).float(), self.config.confidence
+            )
             labels[level, members] = lab.to(torch.int32)
             confidence[level, members] = conf
             rank[level, members] = acceptance_rank(lab, conf, self.config.accept_scope)
@@ -297,8 +313,11 @@ class IFNDDetector(FalseNegativeDetector):
 
     # -- checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
-        bank = self.bank if self.bank is not None else torch.zeros(self._num_samples, 0,
-                                                                   dtype=self.dtype)
+        bank = (
+            self.bank
+            if self.bank is not None
+            else torch.zeros(self._num_samples, 0, dtype=self.dtype)
+        )
         return {
             "bank": bank.detach().cpu().clone(),
             "seen": self.seen.cpu().clone(),
@@ -329,7 +348,9 @@ class IFNDDetector(FalseNegativeDetector):
             )
         for key in ("labels", "confidence", "accept_rank"):
             if tuple(state[key].shape) != (g, n):
-                raise ValueError(f"ifnd {key} has shape {tuple(state[key].shape)}, expected {(g, n)}")
+                raise ValueError(
+                    f"ifnd {key} has shape {tuple(state[key].shape)}, expected {(g, n)}"
+                )
         if tuple(state["seen"].shape) != (n,):
             raise ValueError(f"ifnd seen has shape {tuple(state['seen'].shape)}, expected ({n},)")
         bank = state["bank"]
@@ -359,8 +380,12 @@ class IFNDDetector(FalseNegativeDetector):
         cfg["num_clusters"] = list(self.num_clusters)
         cfg["start_epoch"] = self.start_epoch
         cfg["seed"] = self.seed
-        return {"detector": self.name, "num_samples": self.num_samples,
-                "mask_start_epoch": self.mask_start_epoch, **cfg}
+        return {
+            "detector": self.name,
+            "num_samples": self.num_samples,
+            "mask_start_epoch": self.mask_start_epoch,
+            **cfg,
+        }
 
 
 def ifnd_state_bytes(config: IFNDConfig) -> int:
@@ -368,7 +393,11 @@ def ifnd_state_bytes(config: IFNDConfig) -> int:
 
 
 def build_ifnd(
-    config: IFNDConfig, shared: SharedSettings, *, num_samples: int, device: torch.device | str,
+    config: IFNDConfig,
+    shared: SharedSettings,
+    *,
+    num_samples: int,
+    device: torch.device | str,
     pin_memory: bool,
 ) -> IFNDDetector:
     """The start epoch defaults to the shared masking start, the seed to the shared (training)
@@ -377,14 +406,20 @@ def build_ifnd(
         config = replace(config, start_epoch=float(shared.mask_start_epoch))
     if config.seed is None:
         config = replace(config, seed=shared.seed)
-    return IFNDDetector(num_samples, config, alpha=shared.alpha, device=device,
-                        pin_memory=pin_memory)
+    return IFNDDetector(
+        num_samples, config, alpha=shared.alpha, device=device, pin_memory=pin_memory
+    )
 
 
-register(DetectorSpec(
-    name="ifnd",
-    description="samples that share a k-means pseudo-label (clustering every few "
-    "epochs, confident samples first) are false negatives of each other",
-    detector_class=IFNDDetector, factory=build_ifnd, settings=IFNDConfig,
-    needs_num_samples=True, state_bytes=ifnd_state_bytes,
-))
+register(
+    DetectorSpec(
+        name="ifnd",
+        description="samples that share a k-means pseudo-label (clustering every few "
+        "epochs, confident samples first) are false negatives of each other",
+        detector_class=IFNDDetector,
+        factory=build_ifnd,
+        settings=IFNDConfig,
+        needs_num_samples=True,
+        state_bytes=ifnd_state_bytes,
+    )
+)

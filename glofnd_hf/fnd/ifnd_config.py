@@ -20,42 +20,58 @@ class IFNDConfig:
 
     # -- clustering rounds ------------------------------------------------------------------
     num_clusters: tuple[int, ...] = setting(
-        (), "k of each k-means granularity. Empty: one granularity with k = round(1 / alpha) "
-        "(balanced clusters then hold a fraction alpha of the data, the budget of GloFND).")
+        (),
+        "k of each k-means granularity. Empty: one granularity with k = round(1 / alpha) "
+        "(balanced clusters then hold a fraction alpha of the data, the budget of GloFND).",
+    )
     cluster_every: float = setting(1.0, "Epochs between clustering rounds.")
     start_epoch: float | None = setting(
-        None, "First round and start of masking; None: the shared mask start epoch.")
+        None, "First round and start of masking; None: the shared mask start epoch."
+    )
     bank_warmup_epochs: float = setting(
-        1.0, "Epochs of observed features the bank needs before the first round.")
+        1.0, "Epochs of observed features the bank needs before the first round."
+    )
     # -- acceptance -------------------------------------------------------------------------
     accept_warmup_epochs: float = setting(
-        10.0, "Epochs over which the accepted fraction grows linearly from 0 to 1 (0: all "
-        "at once).")
+        10.0, "Epochs over which the accepted fraction grows linearly from 0 to 1 (0: all at once)."
+    )
     accept_scope: Literal["global", "cluster"] = setting(
-        "global", "Rank confidences over the whole data set (global) or within each cluster.")
+        "global", "Rank confidences over the whole data set (global) or within each cluster."
+    )
     confidence: Literal["centroid", "margin"] = setting(
-        "centroid", "Confidence of an assignment: cosine to the centroid (centroid) or the gap "
-        "between the two nearest centroid distances (margin).")
+        "centroid",
+        "Confidence of an assignment: cosine to the centroid (centroid) or the gap "
+        "between the two nearest centroid distances (margin).",
+    )
     combine: Literal["all", "any"] = setting(
-        "all", "With several granularities a pair is a false negative when it shares the "
-        "pseudo-label at every one (all: precision first) or at some (any: recall first).")
+        "all",
+        "With several granularities a pair is a false negative when it shares the "
+        "pseudo-label at every one (all: precision first) or at some (any: recall first).",
+    )
     # -- the feature bank -------------------------------------------------------------------
     features: Literal["mean", "image", "text", "concat"] = setting(
-        "mean", "What represents a sample: the normalised mean of its image and text "
-        "embeddings, one of them, or both concatenated (twice the memory).")
+        "mean",
+        "What represents a sample: the normalised mean of its image and text "
+        "embeddings, one of them, or both concatenated (twice the memory).",
+    )
     bank_dtype: Literal["float16", "float32", "bfloat16"] = setting(
-        "float16", "Storage type of the feature bank.")
+        "float16", "Storage type of the feature bank."
+    )
     # -- k-means ----------------------------------------------------------------------------
     kmeans_iters: int = setting(50, "k-means iterations per round.")
     kmeans_n_init: int = setting(1, "k-means restarts per round.")
     kmeans_algorithm: Literal["auto", "kmeans", "minibatch"] = setting(
-        "auto", "scikit-learn's KMeans, MiniBatchKMeans, or auto (MiniBatchKMeans above "
-        "minibatch_threshold samples).")
+        "auto",
+        "scikit-learn's KMeans, MiniBatchKMeans, or auto (MiniBatchKMeans above "
+        "minibatch_threshold samples).",
+    )
     minibatch_threshold: int = setting(
-        200_000, "auto uses MiniBatchKMeans above this many samples.")
+        200_000, "auto uses MiniBatchKMeans above this many samples."
+    )
     minibatch_size: int = setting(4096, "Batch size of MiniBatchKMeans.")
     seed: int | None = setting(
-        None, "k-means seed; None: the training seed (0 outside the Trainer).")
+        None, "k-means seed; None: the training seed (0 outside the Trainer)."
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.num_clusters, int):
@@ -70,15 +86,16 @@ class IFNDConfig:
         if self.start_epoch is not None and self.start_epoch < 0:
             raise ValueError(f"start_epoch must be >= 0, got {self.start_epoch}")
         if not self.accept_warmup_epochs >= 0:
-            raise ValueError(
-                f"accept_warmup_epochs must be >= 0, got {self.accept_warmup_epochs}"
-            )
+            raise ValueError(f"accept_warmup_epochs must be >= 0, got {self.accept_warmup_epochs}")
         if not self.bank_warmup_epochs >= 0:
             raise ValueError(f"bank_warmup_epochs must be >= 0, got {self.bank_warmup_epochs}")
         choices = {
-            "accept_scope": ("global", "cluster"), "confidence": ("centroid", "margin"),
-            "combine": ("all", "any"), "features": ("mean", "image", "text", "concat"),
-            "bank_dtype": tuple(BANK_DTYPES), "kmeans_algorithm": ("auto", "kmeans", "minibatch"),
+            "accept_scope": ("global", "cluster"),
+            "confidence": ("centroid", "margin"),
+            "combine": ("all", "any"),
+            "features": ("mean", "image", "text", "concat"),
+            "bank_dtype": tuple(BANK_DTYPES),
+            "kmeans_algorithm": ("auto", "kmeans", "minibatch"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

@@ -26,8 +26,9 @@ def masked_quantile(values: torch.Tensor, mask: torch.Tensor, q: float) -> torch
         ordered = top
     else:
         ordered = filled.sort(dim=-1).values  # valid entries in the last `count` positions
-        low, high = (width - count + low).clamp(0, width - 1), (width - count + high).clamp(
-            0, width - 1
+        low, high = (
+            (width - count + low).clamp(0, width - 1),
+            (width - count + high).clamp(0, width - 1),
         )
     v_low = ordered.gather(-1, low.unsqueeze(-1)).squeeze(-1)
     v_high = ordered.gather(-1, high.unsqueeze(-1)).squeeze(-1)
@@ -36,7 +37,10 @@ def masked_quantile(values: torch.Tensor, mask: torch.Tensor, q: float) -> torch
 
 
 def tail_estimate(
-    sim: torch.Tensor, negatives: torch.Tensor, alpha: float, size: int,
+    sim: torch.Tensor,
+    negatives: torch.Tensor,
+    alpha: float,
+    size: int,
     upper: float | None = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per anchor, the batch's estimate of the (1 - alpha) quantile and the tail scale,

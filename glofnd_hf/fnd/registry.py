@@ -100,8 +100,11 @@ class DetectorSpec:
 
     def setting_fields(self) -> tuple[dataclasses.Field, ...]:
         """The detector's own settings: what ``detector_kwargs`` may set."""
-        return tuple(f for f in dataclasses.fields(self.settings)
-                     if f.init and f.name not in self.shared_fields)
+        return tuple(
+            f
+            for f in dataclasses.fields(self.settings)
+            if f.init and f.name not in self.shared_fields
+        )
 
     def setting_names(self) -> list[str]:
         return [f.name for f in self.setting_fields()]
@@ -149,8 +152,9 @@ class DetectorSpec:
             raise ValueError(
                 f"the {self.name} detector needs num_samples (the size of the index space)"
             )
-        return self.factory(settings, shared, num_samples=num_samples, device=device,
-                            pin_memory=pin_memory)
+        return self.factory(
+            settings, shared, num_samples=num_samples, device=device, pin_memory=pin_memory
+        )
 
 
 _SPECS: dict[str, DetectorSpec] = {}
@@ -204,5 +208,6 @@ def build_detector(
     if config is not None:
         shared = SharedSettings(alpha=config.alpha, mask_start_epoch=config.mask_start_epoch)
     settings = config if isinstance(config, spec.settings) else options
-    return spec.build(settings, shared, num_samples=num_samples, device=device,
-                      pin_memory=pin_memory)
+    return spec.build(
+        settings, shared, num_samples=num_samples, device=device, pin_memory=pin_memory
+    )

@@ -53,36 +53,54 @@ UPDATE_RULES: tuple[str, ...] = ("tail", "adam", "reference")
 class GloFNDConfig:
     """Settings of the GloFND detector: the threshold update and its schedule."""
 
-    alpha: float = setting(1e-3, "Fraction of the data set taken as false negatives of each "
-                           "anchor (shared by every detector).")
+    alpha: float = setting(
+        1e-3,
+        "Fraction of the data set taken as false negatives of each "
+        "anchor (shared by every detector).",
+    )
     update_rule: UpdateRule = setting(
-        "tail", "How thresholds learn: tail (steps in units of each anchor's tail scale; "
+        "tail",
+        "How thresholds learn: tail (steps in units of each anchor's tail scale; "
         "tracks moving embeddings), adam (Adam, per-sample bias correction), reference (Adam "
-        "exactly as the GloFND reference code, bias correction with t = epoch + 1).")
+        "exactly as the GloFND reference code, bias correction with t = epoch + 1).",
+    )
     # -- the tail rule --------------------------------------------------------------------
-    tail_size: int = setting(8, "tail rule: k, the batch's top-k negatives of each anchor "
-                             "estimate its tail (raised to 2 x alpha x batch when larger).")
-    band: float = setting(1.0, "tail rule: offsets from the batch's own quantile estimate "
-                          "beyond about band x tail scale are pulled back to it (smaller: "
-                          "follows drift faster; larger: averages more).")
-    step_floor: float = setting(0.2, "tail rule: smallest step weight; the 1/t decay stops "
-                                "here so thresholds follow drift.")
+    tail_size: int = setting(
+        8,
+        "tail rule: k, the batch's top-k negatives of each anchor "
+        "estimate its tail (raised to 2 x alpha x batch when larger).",
+    )
+    band: float = setting(
+        1.0,
+        "tail rule: offsets from the batch's own quantile estimate "
+        "beyond about band x tail scale are pulled back to it (smaller: "
+        "follows drift faster; larger: averages more).",
+    )
+    step_floor: float = setting(
+        0.2, "tail rule: smallest step weight; the 1/t decay stops here so thresholds follow drift."
+    )
     # -- the Adam rules -------------------------------------------------------------------
     lr: float = setting(0.05, "adam/reference rules: learning rate of the thresholds.")
     betas: tuple[float, float] = setting((0.9, 0.98), "adam/reference rules: Adam's betas.")
     eps: float = setting(1e-8, "adam/reference rules: Adam's epsilon.")
     clip_grad_mult: float | None = setting(
-        None, "adam/reference rules: clip the threshold gradient to +-clip_grad_mult x alpha "
-        "(None: no clipping).")
+        None,
+        "adam/reference rules: clip the threshold gradient to +-clip_grad_mult x alpha "
+        "(None: no clipping).",
+    )
     init_quantile: bool = setting(
-        False, "adam/reference rules: on an anchor's first visit set its threshold to the "
+        False,
+        "adam/reference rules: on an anchor's first visit set its threshold to the "
         "in-batch (1 - alpha) quantile instead of taking a step (the tail rule always starts "
-        "from the batch's estimate).")
+        "from the batch's estimate).",
+    )
     # -- schedule -------------------------------------------------------------------------
     update_start_epoch: float = setting(0.0, "Epoch from which the thresholds learn.")
     mask_start_epoch: float = setting(
-        0.0, "Epoch from which detected false negatives are acted on (shared by every "
-        "detector; not before update_start_epoch).")
+        0.0,
+        "Epoch from which detected false negatives are acted on (shared by every "
+        "detector; not before update_start_epoch).",
+    )
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
@@ -92,8 +110,11 @@ class GloFNDConfig:
             raise ValueError(
                 f"update_rule must be one of {list(UPDATE_RULES)}, got {self.update_rule!r}"
             )
-        if isinstance(self.tail_size, bool) or int(self.tail_size) != self.tail_size \
-                or self.tail_size < 1:
+        if (
+            isinstance(self.tail_size, bool)
+            or int(self.tail_size) != self.tail_size
+            or self.tail_size < 1
+        ):
             raise ValueError(f"tail_size must be a positive integer, got {self.tail_size}")
         self.tail_size = int(self.tail_size)
         if not self.band > 0:
@@ -191,8 +212,9 @@ class TailRule(ThresholdRule):
         # down no further than the (k+1)-th (where the batch already holds > 2 alpha of its
         # negatives). This binds where a lumpy tail (near-duplicates) makes beta a poor local
         # scale, and a full step would jump past the quantile to the clamp.
-        new_lam = torch.minimum(torch.maximum(new_lam, torch.minimum(lam, kth)),
-                                torch.maximum(lam, top))
+        new_lam = torch.minimum(
+            torch.maximum(new_lam, torch.minimum(lam, kth)), torch.maximum(lam, top)
+        )
         # Pull towards the batch's own estimate, the more the further off: offsets x well
         # inside band * beta pass almost unchanged (noise is averaged), far ones (a stale
         # threshold after the embeddings moved) shrink like (band * beta)^2 / x.
@@ -288,8 +310,11 @@ class ThresholdState:
         self.rule = rule or GloFNDConfig().rule()
         self.columns = self.rule.columns
         self.table = PerSampleTable(
-            num_samples, (len(SIDES), len(self.columns)), fill=list(self.rule.fill),
-            device=device, pin_memory=pin_memory,
+            num_samples,
+            (len(SIDES), len(self.columns)),
+            fill=list(self.rule.fill),
+            device=device,
+            pin_memory=pin_memory,
         )
 
     @property

@@ -12,7 +12,15 @@ from .global_loss import (
 )
 
 __all__ = [
-    "TEMPERATURE_SCHEMES", "U_BYTES_PER_SAMPLE", "BimodalContrastiveLoss", "ClipLoss",
-    "GammaSchedule", "GlobalContrastiveLoss", "LossOutput", "Masks", "Strategy",
-    "TemperatureScheme", "temperature_scheme",
+    "TEMPERATURE_SCHEMES",
+    "U_BYTES_PER_SAMPLE",
+    "BimodalContrastiveLoss",
+    "ClipLoss",
+    "GammaSchedule",
+    "GlobalContrastiveLoss",
+    "LossOutput",
+    "Masks",
+    "Strategy",
+    "TemperatureScheme",
+    "temperature_scheme",
 ]

@@ -33,8 +33,8 @@ class Masks:
     """(b, B) / (2, b, B) boolean masks for one step (True = member of the set)."""
 
     positive_column: torch.Tensor  # (b,) column of each anchor's own pair
-    own: torch.Tensor              # (b, B) the anchor's own pair
-    negatives: torch.Tensor        # (b, B) true negatives as far as indices tell
+    own: torch.Tensor  # (b, B) the anchor's own pair
+    negatives: torch.Tensor  # (b, B) true negatives as far as indices tell
     false_negatives: torch.Tensor | None  # (2, b, B) detected, subset of negatives
     candidate_index: torch.Tensor | None = None  # (B,) dataset indices of the global batch
 
@@ -99,7 +99,7 @@ class BimodalContrastiveLoss(ABC):
         unknown = [k for k in state if not k.startswith(prefix)]
         if unknown:
             raise ValueError(f"unexpected loss state keys {unknown}")
-        self.detector.load_state_dict({k[len(prefix):]: v for k, v in state.items()})
+        self.detector.load_state_dict({k[len(prefix) :]: v for k, v in state.items()})
 
     def to(self, device: torch.device | str) -> BimodalContrastiveLoss:
         self.detector.to(device)
@@ -111,8 +111,11 @@ class BimodalContrastiveLoss(ABC):
         return self.detector.finish_epoch()
 
     def config_dict(self) -> dict:
-        return {"loss": type(self).__name__, "strategy": self.strategy,
-                **self.detector.config_dict()}
+        return {
+            "loss": type(self).__name__,
+            "strategy": self.strategy,
+            **self.detector.config_dict(),
+        }
 
     # -- the shared pipeline -------------------------------------------------------------
     def __call__(
@@ -207,8 +210,11 @@ class BimodalContrastiveLoss(ABC):
             negatives = candidate_index.unsqueeze(0) != anchor_index.unsqueeze(1)
         candidate_labels = None if labels is None else comm.all_gather_no_grad(labels.to(device))
         batch = DetectionBatch(
-            anchor_index=anchor_index, candidate_index=candidate_index, negatives=negatives,
-            epoch=float(epoch), anchor_labels=None if labels is None else labels.to(device),
+            anchor_index=anchor_index,
+            candidate_index=candidate_index,
+            negatives=negatives,
+            epoch=float(epoch),
+            anchor_labels=None if labels is None else labels.to(device),
             candidate_labels=candidate_labels,
         )
         return Masks(positive_column, own, negatives, None, candidate_index), batch
@@ -252,7 +258,9 @@ class BimodalContrastiveLoss(ABC):
             if index.dtype.is_floating_point or index.dtype == torch.bool:
                 raise ValueError(f"index must be an integer tensor, got {index.dtype}")
         if labels is not None and (labels.dim() != 1 or labels.shape[0] != image.shape[0]):
-            raise ValueError(f"labels must have shape ({image.shape[0]},), got {tuple(labels.shape)}")
+            raise ValueError(
+                f"labels must have shape ({image.shape[0]},), got {tuple(labels.shape)}"
+            )
         if self.detector.requires_labels and labels is None:
             raise ValueError(f"detector {self.detector.name!r} needs labels for every pair")
 
@@ -276,8 +284,10 @@ class BimodalContrastiveLoss(ABC):
     def _check_values(self, image, text, logit_scale, sim, index) -> None:
         """One combined check, one host synchronisation, before any state is touched."""
         flags = [
-            ~torch.isfinite(image).all(), ~torch.isfinite(text).all(),
-            ~torch.isfinite(logit_scale).all(), ~torch.isfinite(sim).all(),
+            ~torch.isfinite(image).all(),
+            ~torch.isfinite(text).all(),
+            ~torch.isfinite(logit_scale).all(),
+            ~torch.isfinite(sim).all(),
         ]
         n = self.num_samples
         if index is not None and n is not None:

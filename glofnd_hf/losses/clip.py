@@ -40,5 +40,10 @@ class ClipLoss(BimodalContrastiveLoss):
             lse = torch.logsumexp(logits.masked_fill(~in_denominator, float("-inf")), dim=-1)
             pos_sum = torch.where(positives, logits, torch.zeros_like(logits)).sum(-1)
             per_anchor = lse - pos_sum / positives.sum(-1)  # (2, b)
-        return LossOutput(per_anchor.mean(), {"loss_image": per_anchor[0].mean().detach(),
-                                              "loss_text": per_anchor[1].mean().detach()})
+        return LossOutput(
+            per_anchor.mean(),
+            {
+                "loss_image": per_anchor[0].mean().detach(),
+                "loss_text": per_anchor[1].mean().detach(),
+            },
+        )

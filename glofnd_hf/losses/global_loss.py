@@ -31,8 +31,11 @@ U_BYTES_PER_SAMPLE = len(SIDES) * 4  # u of both sides, float32
 def temperature_scheme(name: str) -> TemperatureScheme:
     """``name`` checked, FastCLIP's older name ``global_learnable`` read as ``learnable``."""
     if name == "global_learnable":
-        warnings.warn("temperature scheme 'global_learnable' is now called 'learnable'",
-                      FutureWarning, stacklevel=3)
+        warnings.warn(
+            "temperature scheme 'global_learnable' is now called 'learnable'",
+            FutureWarning,
+            stacklevel=3,
+        )
         return "learnable"
     if name not in TEMPERATURE_SCHEMES:
         raise ValueError(f"temperature must be one of {TEMPERATURE_SCHEMES}, got {name!r}")
@@ -139,10 +142,14 @@ class GlobalContrastiveLoss(BimodalContrastiveLoss):
 
     def config_dict(self) -> dict:
         return {
-            **super().config_dict(), "num_samples": self.num_samples,
-            "gamma": self.gamma.final, "gamma_schedule": self.gamma.kind,
-            "gamma_decay_epochs": self.gamma.decay_epochs, "temperature": self.temperature,
-            "rho": self.rho, "multiply_tau": self.multiply_tau,
+            **super().config_dict(),
+            "num_samples": self.num_samples,
+            "gamma": self.gamma.final,
+            "gamma_schedule": self.gamma.kind,
+            "gamma_decay_epochs": self.gamma.decay_epochs,
+            "temperature": self.temperature,
+            "rho": self.rho,
+            "multiply_tau": self.multiply_tau,
         }
 
     def _loss(
@@ -170,8 +177,11 @@ class GlobalContrastiveLoss(BimodalContrastiveLoss):
             pos_sim = pos_sim / positives.sum(-1)
             surrogate = surrogate + (own_sim - pos_sim) * logit_scale.detach()
 
-        stats = {"gamma": torch.full((), self.gamma(epoch), device=sim.device),
-                 "u_mean_image": u[0].mean(), "u_mean_text": u[1].mean()}
+        stats = {
+            "gamma": torch.full((), self.gamma(epoch), device=sim.device),
+            "u_mean_image": u[0].mean(),
+            "u_mean_text": u[1].mean(),
+        }
         if not self.multiply_tau:
             return LossOutput(surrogate.mean(), stats)
         tau = 1.0 / logit_scale
@@ -213,4 +223,4 @@ class GlobalContrastiveLoss(BimodalContrastiveLoss):
         new = torch.where(old > 0, (1.0 - gamma) * old + gamma * all_g, all_g)
         self.u.scatter(all_index, new)
         start = comm.rank() * b
-        return new[start:start + b].t()
+        return new[start : start + b].t()

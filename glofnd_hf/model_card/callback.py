@@ -54,8 +54,9 @@ class ModelCardCallback(TrainerCallback):
         folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
         if not folder.is_dir():
             return
-        info = card_info_from_trainer(self.trainer, self.metrics_at(state.global_step),
-                                      **self.card_kwargs)
+        info = card_info_from_trainer(
+            self.trainer, self.metrics_at(state.global_step), **self.card_kwargs
+        )
         info.model_name = info.model_name or f"{Path(args.output_dir).name}-{folder.name}"
         write_card(info, folder)
 

@@ -97,8 +97,9 @@ def describe_fn_strategy(strategy: str) -> str:
     return _FN_STRATEGIES.get(strategy, strategy)
 
 
-def citations_for(loss_type: str | None, detector: str | None,
-                  training_recorded: bool) -> list[dict[str, str]]:
+def citations_for(
+    loss_type: str | None, detector: str | None, training_recorded: bool
+) -> list[dict[str, str]]:
     """The papers the card cites: GloFND and CLIP always, FastCLIP (and SogCLR) for the global
     losses."""
     glofnd = dict(CITATIONS["glofnd"])
@@ -126,8 +127,10 @@ def hub_datasets(names: Iterable[str | None]) -> list[str]:
 def describe_dataset(name: str | None) -> str:
     """A data set as the card's text names it (a link for Hub datasets)."""
     if name == DIGITS_DATASET:
-        return ("the embedded coloured-digits demo pairs (`glofnd-digits`: scikit-learn's "
-                "handwritten digits rendered in colour and captioned)")
+        return (
+            "the embedded coloured-digits demo pairs (`glofnd-digits`: scikit-learn's "
+            "handwritten digits rendered in colour and captioned)"
+        )
     if not name:
         return "an image-caption data set"
     if hub_datasets([name]):

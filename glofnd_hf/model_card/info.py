@@ -96,7 +96,7 @@ def resolve_base_model(model_name_or_path: str | None, pretrained: str | None = 
         return None
     name = str(model_name_or_path)
     if name.startswith("hf-hub:"):
-        repo = name[len("hf-hub:"):].strip("/")
+        repo = name[len("hf-hub:") :].strip("/")
         return repo if _names_hub_model(repo) else None
     if name.startswith("local-dir:") or os.path.exists(name):
         return None
@@ -142,8 +142,12 @@ def _setting_fields() -> list[dataclasses.Field]:
 
     # The detector's own settings are listed one by one from detector_kwargs (see
     # non_default_settings); deprecated flat names never hold a value after validation.
-    skip = ({f.name for f in dataclasses.fields(TrainingArguments)} | _NOT_SETTINGS
-            | {r.old for r in RENAMED_SETTINGS} | {"detector_kwargs"})
+    skip = (
+        {f.name for f in dataclasses.fields(TrainingArguments)}
+        | _NOT_SETTINGS
+        | {r.old for r in RENAMED_SETTINGS}
+        | {"detector_kwargs"}
+    )
     return [f for f in dataclasses.fields(GloFNDTrainingArguments) if f.name not in skip]
 
 
@@ -170,8 +174,7 @@ def non_default_settings(args: Any) -> list[dict[str, Any]]:
         for name in spec.setting_names():
             value, default = getattr(chosen, name), getattr(default_settings_, name)
             if not _same(value, default):
-                rows.append({"name": f"detector_kwargs.{name}", "value": value,
-                             "default": default})
+                rows.append({"name": f"detector_kwargs.{name}", "value": value, "default": default})
     return rows
 
 
@@ -187,13 +190,19 @@ def _hyperparameters(args: Any) -> dict[str, Any]:
         "num_processes": world,
         "num_train_epochs": getattr(args, "num_train_epochs", None),
         "max_steps": getattr(args, "max_steps", None),
-        "lr_scheduler_type": str(getattr(getattr(args, "lr_scheduler_type", None), "value",
-                                         getattr(args, "lr_scheduler_type", None))),
+        "lr_scheduler_type": str(
+            getattr(
+                getattr(args, "lr_scheduler_type", None),
+                "value",
+                getattr(args, "lr_scheduler_type", None),
+            )
+        ),
         "warmup_steps": getattr(args, "warmup_steps", None),
         "weight_decay": getattr(args, "weight_decay", None),
         "optim": str(getattr(getattr(args, "optim", None), "value", getattr(args, "optim", None))),
-        "mixed_precision": "bf16" if getattr(args, "bf16", False) else (
-            "fp16" if getattr(args, "fp16", False) else "no"),
+        "mixed_precision": "bf16"
+        if getattr(args, "bf16", False)
+        else ("fp16" if getattr(args, "fp16", False) else "no"),
         "seed": getattr(args, "seed", None),
     }
     if out["max_steps"] and out["max_steps"] > 0:
@@ -237,7 +246,8 @@ def card_info_from_trainer(
     eval_data = getattr(evaluator, "dataset", None)
     if eval_dataset is None:
         eval_dataset = getattr(evaluator, "dataset_name", None) or getattr(
-            getattr(eval_data, "info", None), "dataset_name", None)
+            getattr(eval_data, "info", None), "dataset_name", None
+        )
     if eval_split is None:
         eval_split = getattr(evaluator, "split", None)
         if eval_split is None and getattr(eval_data, "split", None) is not None:
@@ -253,8 +263,9 @@ def card_info_from_trainer(
     datasets = [d for d in (datasets or []) if d]
     if train_data_description is None:
         if datasets:
-            train_data_description = "Trained on " + ", ".join(
-                describe_dataset(d) for d in datasets) + "."
+            train_data_description = (
+                "Trained on " + ", ".join(describe_dataset(d) for d in datasets) + "."
+            )
         else:
             train_data_description = "Trained on an image-caption data set."
         if num_pairs:
@@ -287,8 +298,9 @@ def card_info_from_trainer(
         eval_metrics=normalize_eval_metrics(eval_metrics),
         eval_dataset=eval_dataset,
         eval_split=eval_split,
-        eval_step=eval_step if eval_step is not None else (int(step) if step and eval_metrics
-                                                             else None),
+        eval_step=eval_step
+        if eval_step is not None
+        else (int(step) if step and eval_metrics else None),
         glofnd_version=__version__,
     )
 
@@ -329,4 +341,3 @@ def card_info_from_folder(
         if value is not None:
             setattr(info, key, value)
     return info
-

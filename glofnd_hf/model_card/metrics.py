@@ -24,7 +24,7 @@ def normalize_eval_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float
     for key, value in (metrics or {}).items():
         if key.startswith("eval_before_"):
             continue
-        name = key[len("eval_"):] if key.startswith("eval_") else key
+        name = key[len("eval_") :] if key.startswith("eval_") else key
         if parse_metric_name(name) is not None and isinstance(value, (int, float)):
             out[name] = float(value)
     return out
@@ -46,16 +46,19 @@ def eval_results_from_metrics(
     for name, value in normalize_eval_metrics(metrics).items():
         parsed = parse_metric_name(name)
         retrieval = parsed.is_retrieval
-        results.append(EvalResult(
-            task_type="zero-shot-retrieval" if retrieval else "zero-shot-image-classification",
-            task_name="Zero-shot image-text retrieval" if retrieval
-            else "Zero-shot image classification",
-            dataset_type=dataset_type,
-            dataset_name=dataset_name,
-            dataset_split=split,
-            metric_type=name,
-            metric_name=parsed.label,
-            metric_value=round(float(value), 6),
-            metric_config=parsed.clip_benchmark_name,
-        ))
+        results.append(
+            EvalResult(
+                task_type="zero-shot-retrieval" if retrieval else "zero-shot-image-classification",
+                task_name="Zero-shot image-text retrieval"
+                if retrieval
+                else "Zero-shot image classification",
+                dataset_type=dataset_type,
+                dataset_name=dataset_name,
+                dataset_split=split,
+                metric_type=name,
+                metric_name=parsed.label,
+                metric_value=round(float(value), 6),
+                metric_config=parsed.clip_benchmark_name,
+            )
+        )
     return results

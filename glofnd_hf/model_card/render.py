@@ -72,15 +72,19 @@ def render_model_card(info: CardInfo, template: str | os.PathLike | None = None)
     instead of the packaged one (see :func:`read_template`)."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    model_name = info.model_name or (info.repo_id.split("/")[-1] if info.repo_id else None) or (
-        "glofnd-model")
+    model_name = (
+        info.model_name
+        or (info.repo_id.split("/")[-1] if info.repo_id else None)
+        or ("glofnd-model")
+    )
     library_name = LIBRARY_NAMES.get(info.family, info.family)
     tags = list(BASE_TAGS) + (["open_clip"] if info.family == "open_clip" else [])
     if info.detector:
         tags.append(f"fnd-{info.detector.replace('_', '-')}")
     tags += [t for t in info.tags if t not in tags]
-    eval_results = eval_results_from_metrics(info.eval_metrics, info.eval_dataset,
-                                             info.eval_split) or None
+    eval_results = (
+        eval_results_from_metrics(info.eval_metrics, info.eval_dataset, info.eval_split) or None
+    )
     card_data = ModelCardData(
         model_name=model_name,
         base_model=info.base_model,
@@ -93,22 +97,35 @@ def render_model_card(info: CardInfo, template: str | os.PathLike | None = None)
     )
     citations = citations_for(info.loss_type, info.detector, info.training_recorded)
     eval_rows = [
-        {"name": name, "percent": f"{100 * value:.2f}%",
-         "clip_benchmark": clip_benchmark_name(name) or "-"}
+        {
+            "name": name,
+            "percent": f"{100 * value:.2f}%",
+            "clip_benchmark": clip_benchmark_name(name) or "-",
+        }
         for name, value in info.eval_metrics.items()
     ]
-    family_description = ("Hugging Face transformers (`AutoModel` / `AutoProcessor`)"
-                          if info.family == "hf" else "open_clip (`open_clip_config.json` + "
-                          "`open_clip_model.safetensors`)")
-    start = f"fine-tuned from [{info.base_model}](https://huggingface.co/{info.base_model})" if (
-        info.base_model) else "trained"
+    family_description = (
+        "Hugging Face transformers (`AutoModel` / `AutoProcessor`)"
+        if info.family == "hf"
+        else "open_clip (`open_clip_config.json` + `open_clip_model.safetensors`)"
+    )
+    start = (
+        f"fine-tuned from [{info.base_model}](https://huggingface.co/{info.base_model})"
+        if (info.base_model)
+        else "trained"
+    )
     if info.training_recorded:
         objective = describe_objective(info.loss_type)
         # By name, so that any registered detector reads right (describe_detector says more).
-        detection = ("no false-negative detection" if info.detector == "none"
-                     else f"the `{info.detector}` false-negative detector")
-        summary = (f"A CLIP-style image-text dual encoder {start} with {objective} and "
-                   f"{detection}, using glofnd-hf.")
+        detection = (
+            "no false-negative detection"
+            if info.detector == "none"
+            else f"the `{info.detector}` false-negative detector"
+        )
+        summary = (
+            f"A CLIP-style image-text dual encoder {start} with {objective} and "
+            f"{detection}, using glofnd-hf."
+        )
     else:
         summary = f"A CLIP-style image-text dual encoder {start} with glofnd-hf."
     epochs = info.epochs
@@ -118,8 +135,10 @@ def render_model_card(info: CardInfo, template: str | os.PathLike | None = None)
     if info.detector not in (None, "none") and info.fn_strategy:
         detector_description += f"; {describe_fn_strategy(info.fn_strategy)}"
     eval_description = describe_dataset(info.eval_dataset)
-    settings = [{"name": r["name"], "value": _fmt(r["value"]), "default": _fmt(r["default"])}
-                for r in info.non_default_settings]
+    settings = [
+        {"name": r["name"], "value": _fmt(r["value"]), "default": _fmt(r["default"])}
+        for r in info.non_default_settings
+    ]
     return ModelCard.from_template(
         card_data,
         template_str=read_template(template),
@@ -149,8 +168,9 @@ def render_model_card(info: CardInfo, template: str | os.PathLike | None = None)
     )
 
 
-def write_card(info: CardInfo, folder: str | os.PathLike,
-               template: str | os.PathLike | None = None) -> Path:
+def write_card(
+    info: CardInfo, folder: str | os.PathLike, template: str | os.PathLike | None = None
+) -> Path:
     """Render ``info`` into ``folder/README.md`` and save it as ``folder/glofnd_card.json``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -173,4 +193,3 @@ def card_is_unedited(folder: str | os.PathLike) -> bool:
     except Exception:  # noqa: BLE001 - unreadable card inputs: treat the card as edited
         return False
     return readme.read_text(encoding="utf-8") == expected
-

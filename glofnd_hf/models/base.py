@@ -115,5 +115,7 @@ class DualEncoderAdapter(ABC):
 
     def __repr__(self) -> str:
         n = self.num_parameters()
-        return (f"{type(self).__name__}(family={self.family!r}, "
-                f"model={type(self.model).__name__}, params={n:,})")
+        return (
+            f"{type(self).__name__}(family={self.family!r}, "
+            f"model={type(self.model).__name__}, params={n:,})"
+        )

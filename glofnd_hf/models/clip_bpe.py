@@ -103,4 +103,3 @@ def build_small_clip_tokenizer(
                     keep |= _bpe_ranks_used(word, ranks)
     merges = [all_merges[i] for i in sorted(keep)]
     return make_clip_tokenizer(merges, context_length)
-

@@ -246,8 +246,11 @@ class HFDualEncoder(DualEncoderAdapter):
 
     def architecture_description(self) -> str:
         kind = getattr(getattr(self.model, "config", None), "model_type", None)
-        return (f"`{type(self.model).__name__}`" + (f" ({kind})" if kind else "")
-                + f", {self._size_description()}")
+        return (
+            f"`{type(self.model).__name__}`"
+            + (f" ({kind})" if kind else "")
+            + f", {self._size_description()}"
+        )
 
     def save(self, output_dir: str | Path) -> None:
         output_dir = Path(output_dir)
@@ -258,4 +261,3 @@ class HFDualEncoder(DualEncoderAdapter):
         else:  # processor assembled from separate parts
             self.image_processor.save_pretrained(output_dir)
             self.tokenizer.save_pretrained(output_dir)
-

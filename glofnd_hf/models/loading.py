@@ -114,4 +114,3 @@ def load_dual_encoder(
             f"open_clip.list_models() architectures, not a folder with {OPEN_CLIP_CONFIG_NAME}); Hugging Face transformers "
             f"(AutoModel/AutoProcessor.from_pretrained failed: {type(e).__name__}: {e})"
         ) from e
-

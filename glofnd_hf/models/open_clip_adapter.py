@@ -101,6 +101,7 @@ class OpenClipDualEncoder(DualEncoderAdapter):
         ``open_clip_config.json``.
         """
         import open_clip as oc
+
         if os.path.isdir(model_name) and (Path(model_name) / OPEN_CLIP_CONFIG_NAME).is_file():
             model_name = f"local-dir:{model_name}"
         model, preprocess_train, preprocess_val = oc.create_model_and_transforms(
@@ -121,6 +122,7 @@ class OpenClipDualEncoder(DualEncoderAdapter):
     def _resolve_model_cfg(model_name: str, kwargs: Mapping[str, Any]) -> dict | None:
         """The architecture dict as built: the named config plus ``force_*``/model overrides."""
         import open_clip as oc
+
         schema = model_name.split(":", 1)[0] if ":" in model_name else None
         lookup = model_name if schema in ("hf-hub", "local-dir") else model_name.replace("/", "-")
         try:
@@ -193,10 +195,12 @@ class OpenClipDualEncoder(DualEncoderAdapter):
 
     def architecture_description(self) -> str:
         embed = (self.model_cfg or {}).get("embed_dim")
-        return (f"open_clip `{type(self.model).__name__}`"
-                + (f" `{self.model_name}`" if self.model_name else "")
-                + (f", embedding dim {embed}" if embed else "")
-                + f", {self._size_description()}")
+        return (
+            f"open_clip `{type(self.model).__name__}`"
+            + (f" `{self.model_name}`" if self.model_name else "")
+            + (f", embedding dim {embed}" if embed else "")
+            + f", {self._size_description()}"
+        )
 
     def open_clip_config(self) -> dict[str, Any]:
         """The content of ``open_clip_config.json`` (``model_cfg`` + ``preprocess_cfg``)."""
@@ -206,6 +210,7 @@ class OpenClipDualEncoder(DualEncoderAdapter):
                 "when constructing it so that save() can write open_clip_config.json"
             )
         import open_clip as oc
+
         pp = dict(oc.get_model_preprocess_cfg(self.model))
         return {"model_cfg": _jsonable(self.model_cfg), "preprocess_cfg": _jsonable(pp)}
 
@@ -232,4 +237,3 @@ class OpenClipDualEncoder(DualEncoderAdapter):
             self.tokenizer.save_pretrained(str(output_dir))
         with open(output_dir / OPEN_CLIP_CONFIG_NAME, "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2)
-

@@ -41,10 +41,12 @@ def fixed_global_batch(step):
 def build_loss(kind):
     # "_iq": the Adam rule starting at the in-batch quantile; otherwise the default tail rule.
     adam = kind.endswith("_iq")
-    config = GloFNDConfig(alpha=0.1, lr=0.05, init_quantile=adam,
-                          update_rule="adam" if adam else "tail")
+    config = GloFNDConfig(
+        alpha=0.1, lr=0.05, init_quantile=adam, update_rule="adam" if adam else "tail"
+    )
     detector = build_detector("glofnd", num_samples=N, config=config)
     if kind.startswith("clip"):
         return ClipLoss(detector)
-    return GlobalContrastiveLoss(N, detector, gamma=GammaSchedule(0.5, "constant"),
-                                 temperature="learnable")
+    return GlobalContrastiveLoss(
+        N, detector, gamma=GammaSchedule(0.5, "constant"), temperature="learnable"
+    )

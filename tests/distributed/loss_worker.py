@@ -44,7 +44,13 @@ for step in range(opts.steps):
     dist.all_gather(digests, digest)
     records.append({"loss": loss / world, "digests": torch.stack(digests)})
 params = {n: p.detach().clone() for n, p in model.module.named_parameters()}
-torch.save({"records": records, "params": params, "state": loss_fn.state_dict(),
-            "health": loss_fn.finish_epoch()},
-           f"{opts.out}.rank{rank}")
+torch.save(
+    {
+        "records": records,
+        "params": params,
+        "state": loss_fn.state_dict(),
+        "health": loss_fn.finish_epoch(),
+    },
+    f"{opts.out}.rank{rank}",
+)
 dist.destroy_process_group()

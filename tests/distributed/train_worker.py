@@ -27,8 +27,10 @@ class StateDigest(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         values = self.trainer.contrastive_loss.state_dict().values()
-        digest = torch.stack([v.double().sum() for v in values] +
-                             [(v.double() * torch.arange(len(v))).sum() for v in values])
+        digest = torch.stack(
+            [v.double().sum() for v in values]
+            + [(v.double() * torch.arange(len(v))).sum() for v in values]
+        )
         if dist.is_initialized():
             parts = [torch.zeros_like(digest) for _ in range(dist.get_world_size())]
             dist.all_gather(parts, digest)
@@ -48,11 +50,24 @@ def run(out_dir, loss_type="clip", stop_at=None, resume=None, save_steps=2, worl
     data = load_digits_pairs(seed=0)["train"].select(range(32))
     adapter = build_tiny_hf_clip(seed=0, texts=list(data["caption"]))
     args = GloFNDTrainingArguments(
-        output_dir=out_dir, per_device_train_batch_size=GLOBAL_BATCH // world,
-        num_train_epochs=2, learning_rate=0.05, optim="sgd", report_to="none", use_cpu=True,
-        disable_tqdm=True, save_strategy="steps", save_steps=save_steps, seed=0,
-        logging_steps=1, loss_type=loss_type, fn_alpha=0.1, detector_kwargs={"init_quantile": True},
-        gamma=0.5, gamma_schedule="constant", dataloader_num_workers=0,
+        output_dir=out_dir,
+        per_device_train_batch_size=GLOBAL_BATCH // world,
+        num_train_epochs=2,
+        learning_rate=0.05,
+        optim="sgd",
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        save_strategy="steps",
+        save_steps=save_steps,
+        seed=0,
+        logging_steps=1,
+        loss_type=loss_type,
+        fn_alpha=0.1,
+        detector_kwargs={"init_quantile": True},
+        gamma=0.5,
+        gamma_schedule="constant",
+        dataloader_num_workers=0,
     )
     # Deterministic images, so one and two processes see exactly the same pixels. SGD, as
     # Adam would blow float noise in zero-gradient parameters (attention key biases) up.
@@ -67,8 +82,12 @@ def run(out_dir, loss_type="clip", stop_at=None, resume=None, save_steps=2, worl
     world_size = trainer.args.world_size
     if world_size > 1:
         trainer.accelerator.end_training()  # tear the process group down cleanly
-    return {"params": params, "state": trainer.contrastive_loss.state_dict(),
-            "digests": digest.digests, "world": world_size}
+    return {
+        "params": params,
+        "state": trainer.contrastive_loss.state_dict(),
+        "digests": digest.digests,
+        "world": world_size,
+    }
 
 
 if __name__ == "__main__":

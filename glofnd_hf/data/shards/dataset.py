@@ -158,6 +158,7 @@ class ShardDataset(IterableDataset):
         self._epoch = _SharedInt(0)
         self._skip = _SharedInt(0)
         self._counter: BadSampleCounter | None = None
+
     # ------------------------------------------------------------------ setup helpers
 
     def _infer_dataset_size(self, sizes: dict[str, int | None], found: dict[str, Any]) -> int:
@@ -359,5 +360,3 @@ class ShardDataset(IterableDataset):
             out["attention_mask"] = torch.as_tensor(tokens["attention_mask"]).long()
         out["dataset_index"] = torch.tensor(indices, dtype=torch.long)
         return out
-
-
