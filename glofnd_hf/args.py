@@ -14,23 +14,18 @@ import json
 import math
 import warnings
 from collections.abc import Mapping
-from dataclasses import MISSING, dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 from transformers import TrainingArguments
 
 from .fnd import registry
-from .fnd.registry import DetectorSpec, SharedSettings
+from .fnd.registry import DetectorSpec, SharedSettings, setting
 from .fnd.thresholds import UpdateRule
 from .losses import U_BYTES_PER_SAMPLE, GammaSchedule, TemperatureScheme, temperature_scheme
 
 # "auto" placement keeps the state on the accelerator up to this size, else in host memory.
 AUTO_DEVICE_STATE_LIMIT_BYTES = 2 * 1024**3
-
-
-def arg(default: Any = MISSING, help: str = "", **kwargs: Any) -> Any:  # noqa: A002
-    """A dataclass field with its help text (shown by --help and docs/settings.md)."""
-    return field(default=default, metadata={"help": help}, **kwargs)
 
 
 @dataclass
@@ -39,19 +34,19 @@ class ModelArguments:
 
     help_sections: ClassVar[dict[str, str]] = {"model_name_or_path": "Model"}
 
-    model_name_or_path: str = arg(
+    model_name_or_path: str = setting(
         "glofnd-tiny-hf-clip",
         "HF CLIP-family checkpoint (Hub id or folder), an open_clip model name (with "
         "--pretrained), 'hf-hub:ORG/NAME', or 'glofnd-tiny-hf-clip' / 'glofnd-tiny-open-clip' "
         "(tiny models built offline, for demos and tests).",
     )
-    model_family: Literal["auto", "hf", "open_clip"] = arg(
+    model_family: Literal["auto", "hf", "open_clip"] = setting(
         "auto",
         "Library of the model: auto (inferred from the name or folder), hf "
         "(transformers) or open_clip.",
     )
-    pretrained: str | None = arg(None, "open_clip pretrained tag or local checkpoint file.")
-    tiny_image_size: int = arg(32, "Image size of the tiny models.")
+    pretrained: str | None = setting(None, "open_clip pretrained tag or local checkpoint file.")
+    tiny_image_size: int = setting(32, "Image size of the tiny models.")
 
 
 @dataclass
@@ -64,55 +59,59 @@ class DataArguments:
         "max_train_samples": "Data (subsets)",
     }
 
-    dataset_name: str | None = arg(
+    dataset_name: str | None = setting(
         None,
         "'glofnd-digits' (the embedded demo data), a Hub dataset id, or a folder "
         "written by datasets' save_to_disk.",
     )
-    dataset_config_name: str | None = arg(None, "Configuration name of the Hub dataset.")
-    train_split: str = arg("train", "Split to train on.")
-    eval_split: str | None = arg(
+    dataset_config_name: str | None = setting(None, "Configuration name of the Hub dataset.")
+    train_split: str = setting("train", "Split to train on.")
+    eval_split: str | None = setting(
         "validation", "Split for zero-shot evaluation before and after training (None: none)."
     )
-    image_column: str = arg("image", "Column of the images.")
-    caption_column: str = arg(
+    image_column: str = setting("image", "Column of the images.")
+    caption_column: str = setting(
         "caption", "Column of the captions (a string, or a list of which one is drawn)."
     )
-    index_column: str = arg(
+    index_column: str = setting(
         "dataset_index",
         "Column with each pair's dataset index in [0, N); created as the row "
         "number when the dataset has none.",
     )
-    label_column: str | None = arg(
+    label_column: str | None = setting(
         None, "Column of ground-truth semantic labels (detectors that need labels, studies)."
     )
-    class_label_column: str | None = arg(None, "Column of class ids for zero-shot classification.")
-    class_names: list[str] | None = arg(None, "Class names for zero-shot classification.")
-    prompt_templates: list[str] | None = arg(None, "Prompt templates with '{}' for the class name.")
-    train_shards: str | None = arg(
+    class_label_column: str | None = setting(
+        None, "Column of class ids for zero-shot classification."
+    )
+    class_names: list[str] | None = setting(None, "Class names for zero-shot classification.")
+    prompt_templates: list[str] | None = setting(
+        None, "Prompt templates with '{}' for the class name."
+    )
+    train_shards: str | None = setting(
         None,
         "Webdataset shards to stream instead of a datasets dataset: paths, brace "
         "patterns (/data/{00000..00331}.tar), '::'-joined lists, pipe: URLs.",
     )
-    train_num_samples: int | None = arg(
+    train_num_samples: int | None = setting(
         None, "Samples per epoch over all ranks (default: the shards' sizes.json)."
     )
-    shard_resampled: bool = arg(
+    shard_resampled: bool = setting(
         False, "Draw shards with replacement (an epoch is then train_num_samples)."
     )
-    shard_shuffle_buffer: int = arg(1000, "Samples in the streaming shuffle buffer.")
-    shard_index_source: Literal["field", "key"] = arg(
+    shard_shuffle_buffer: int = setting(1000, "Samples in the streaming shuffle buffer.")
+    shard_index_source: Literal["field", "key"] = setting(
         "field",
         "Dataset index from the shard's index field, or from the numeric img2dataset "
         "key (then num_samples must exceed the largest key).",
     )
-    shard_on_bad_index: Literal["raise", "skip"] = arg(
+    shard_on_bad_index: Literal["raise", "skip"] = setting(
         "raise",
         "A sample without a valid dataset index stops training (raise) or is "
         "skipped and counted (skip).",
     )
-    max_train_samples: int | None = arg(None, "Train on the first rows only (datasets data).")
-    max_eval_samples: int | None = arg(None, "Evaluate on the first rows only.")
+    max_train_samples: int | None = setting(None, "Train on the first rows only (datasets data).")
+    max_eval_samples: int | None = setting(None, "Evaluate on the first rows only.")
 
 
 @dataclass(frozen=True)
@@ -182,54 +181,54 @@ class GloFNDTrainingArguments(TrainingArguments):
     }
 
     # -- Contrastive loss ---------------------------------------------------------------------
-    loss_type: Literal["clip", "sogclr", "fastclip"] = arg(
+    loss_type: Literal["clip", "sogclr", "fastclip"] = setting(
         "clip",
         "clip: CLIP InfoNCE; sogclr: global contrastive loss (fixed temperature); "
         "fastclip: global contrastive loss times the temperature (FastCLIP).",
     )
-    gamma: float = arg(
+    gamma: float = setting(
         0.2, "Global losses: final weight of the newest estimate in each sample's moving average u."
     )
-    gamma_schedule: Literal["constant", "cosine"] = arg(
+    gamma_schedule: Literal["constant", "cosine"] = setting(
         "cosine",
         "Global losses: gamma is constant, or falls from 1 to gamma over "
         "gamma_decay_epochs on a half cosine.",
     )
-    gamma_decay_epochs: float = arg(18.0, "Global losses: epochs of the cosine gamma decay.")
-    temperature_scheme: TemperatureScheme = arg(
+    gamma_decay_epochs: float = setting(18.0, "Global losses: epochs of the cosine gamma decay.")
+    temperature_scheme: TemperatureScheme = setting(
         "learnable",
         "learnable: the model's logit_scale is trained (FastCLIP's "
         "'global_learnable'); fixed: it is frozen (required by sogclr).",
     )
-    temperature_init: float | None = arg(
+    temperature_init: float | None = setting(
         None, "Set the temperature (1 / logit_scale) at start (default: the model's)."
     )
-    temperature_lr: float | None = arg(
+    temperature_lr: float | None = setting(
         None, "Own learning rate for the temperature (default: learning_rate)."
     )
-    rho: float = arg(6.5, "fastclip with a learnable temperature: FastCLIP-v3's rho.")
-    max_logit_scale: float = arg(100.0, "logit_scale.exp() is clamped to this after each step.")
+    rho: float = setting(6.5, "fastclip with a learnable temperature: FastCLIP-v3's rho.")
+    max_logit_scale: float = setting(100.0, "logit_scale.exp() is clamped to this after each step.")
 
     # -- False-negative detection -------------------------------------------------------------
-    detector: str = arg(
+    detector: str = setting(
         "glofnd",
         "False-negative detector (see 'glofnd-train --help' or docs/settings.md "
         "for the registered ones).",
     )
-    fn_strategy: Literal["eliminate", "attract"] = arg(
+    fn_strategy: Literal["eliminate", "attract"] = setting(
         "eliminate",
         "What the loss does with detected false negatives: drop them from the "
         "negatives (eliminate) or count them as extra positives (attract).",
     )
-    fn_alpha: float = arg(
+    fn_alpha: float = setting(
         1e-3,
         "Fraction of the data set taken as false negatives of each anchor (GloFND's "
         "quantile level, the in-batch quantile's, IFND's k = 1/alpha).",
     )
-    fn_start_epoch: float = arg(
+    fn_start_epoch: float = setting(
         0.0, "Epoch from which detected false negatives are acted on (every detector)."
     )
-    detector_kwargs: dict | str | None = arg(
+    detector_kwargs: dict | str | None = setting(
         help="Settings of the chosen detector as a mapping (YAML) or a JSON string (flag), "
         "e.g. {update_rule: adam, lr: 0.05} for glofnd, or keyed by detector name "
         "({glofnd: {...}, ifnd: {...}}: only the chosen detector's section applies, every "
@@ -239,42 +238,46 @@ class GloFNDTrainingArguments(TrainingArguments):
     )
 
     # -- Per-sample state ---------------------------------------------------------------------
-    num_samples: int | None = arg(
+    num_samples: int | None = setting(
         None,
         "N, the size of the dataset index space (default: largest index + 1 of the "
         "training data; required for streaming data without index files).",
     )
-    state_device: Literal["auto", "device", "cpu"] = arg(
+    state_device: Literal["auto", "device", "cpu"] = setting(
         "auto",
         "Where the per-sample state lives: on the training device, in host memory, "
         "or auto (device up to 2 GiB of state, else host).",
     )
-    check_inputs: bool = arg(
+    check_inputs: bool = setting(
         True, "Validate indices and finiteness each step (one host sync per step)."
     )
 
     # -- Trainer defaults changed -------------------------------------------------------------
-    remove_unused_columns: bool = arg(False, "Kept False: the collator reads the raw columns.")
+    remove_unused_columns: bool = setting(False, "Kept False: the collator reads the raw columns.")
 
     # -- Deprecated names ---------------------------------------------------------------------
-    glofnd_alpha: float | None = arg(None, _deprecated("fn_alpha"))
-    glofnd_mask_start_epoch: float | None = arg(None, _deprecated("fn_start_epoch"))
-    glofnd_update_rule: UpdateRule | None = arg(None, _deprecated("detector_kwargs.update_rule"))
-    glofnd_tail_size: int | None = arg(None, _deprecated("detector_kwargs.tail_size"))
-    glofnd_band: float | None = arg(None, _deprecated("detector_kwargs.band"))
-    glofnd_step_floor: float | None = arg(None, _deprecated("detector_kwargs.step_floor"))
-    glofnd_lr: float | None = arg(None, _deprecated("detector_kwargs.lr"))
-    glofnd_beta1: float | None = arg(None, _deprecated("detector_kwargs.betas[0]"))
-    glofnd_beta2: float | None = arg(None, _deprecated("detector_kwargs.betas[1]"))
-    glofnd_eps: float | None = arg(None, _deprecated("detector_kwargs.eps"))
-    glofnd_clip_grad_mult: float | None = arg(None, _deprecated("detector_kwargs.clip_grad_mult"))
-    glofnd_init_quantile: bool | None = arg(None, _deprecated("detector_kwargs.init_quantile"))
-    glofnd_update_start_epoch: float | None = arg(
+    glofnd_alpha: float | None = setting(None, _deprecated("fn_alpha"))
+    glofnd_mask_start_epoch: float | None = setting(None, _deprecated("fn_start_epoch"))
+    glofnd_update_rule: UpdateRule | None = setting(
+        None, _deprecated("detector_kwargs.update_rule")
+    )
+    glofnd_tail_size: int | None = setting(None, _deprecated("detector_kwargs.tail_size"))
+    glofnd_band: float | None = setting(None, _deprecated("detector_kwargs.band"))
+    glofnd_step_floor: float | None = setting(None, _deprecated("detector_kwargs.step_floor"))
+    glofnd_lr: float | None = setting(None, _deprecated("detector_kwargs.lr"))
+    glofnd_beta1: float | None = setting(None, _deprecated("detector_kwargs.betas[0]"))
+    glofnd_beta2: float | None = setting(None, _deprecated("detector_kwargs.betas[1]"))
+    glofnd_eps: float | None = setting(None, _deprecated("detector_kwargs.eps"))
+    glofnd_clip_grad_mult: float | None = setting(
+        None, _deprecated("detector_kwargs.clip_grad_mult")
+    )
+    glofnd_init_quantile: bool | None = setting(None, _deprecated("detector_kwargs.init_quantile"))
+    glofnd_update_start_epoch: float | None = setting(
         None, _deprecated("detector_kwargs.update_start_epoch")
     )
-    ifnd_num_clusters: list[int] | None = arg(None, _deprecated("detector_kwargs.num_clusters"))
-    ifnd_cluster_every: float | None = arg(None, _deprecated("detector_kwargs.cluster_every"))
-    ifnd_accept_warmup_epochs: float | None = arg(
+    ifnd_num_clusters: list[int] | None = setting(None, _deprecated("detector_kwargs.num_clusters"))
+    ifnd_cluster_every: float | None = setting(None, _deprecated("detector_kwargs.cluster_every"))
+    ifnd_accept_warmup_epochs: float | None = setting(
         None, _deprecated("detector_kwargs.accept_warmup_epochs")
     )
 

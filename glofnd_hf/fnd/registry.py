@@ -26,9 +26,10 @@ if TYPE_CHECKING:
     from .detectors import FalseNegativeDetector
 
 
-def setting(default: Any, help_text: str) -> Any:
-    """A settings-dataclass field with its help (read by --help and docs/settings.md)."""
-    return dataclasses.field(default=default, metadata={"help": help_text})
+def setting(default: Any = dataclasses.MISSING, help: str = "", **kwargs: Any) -> Any:  # noqa: A002
+    """A dataclass field with its help text (read by --help and docs/settings.md); every
+    settings dataclass of the package (training arguments, detectors' settings) uses it."""
+    return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
 
 
 @dataclass(frozen=True)
