@@ -12,7 +12,8 @@ same optimiser settings and the same precision:
 
 * ``ours`` -- ``GloFNDTrainer`` with the CLIP loss and detector ``none``, ``glofnd``
   (N = 10^6 per-sample state on the training device) or ``batch_quantile``, each with
-  ``check_inputs`` on (one host sync per step) and off;
+  ``check_inputs`` on (one host sync per step) and off; on CUDA (or ``--host-state``) also
+  ``glofnd`` with its state in pinned host memory (``state_device: cpu``), check off;
 * ``hf`` -- the same model in a plain ``transformers.Trainer``: ``CLIPModel`` forward with
   ``return_loss=True``, the Trainer takes the model's ``loss`` (HF models only).
 
@@ -206,6 +207,23 @@ def build_variants(
             variants.append(
                 Variant(name, "ours", detector, check, trainer, model, optimizer, with_index=True)
             )
+    if opts.host_state:
+        # GloFND with its state in (pinned) host memory, as state_device: cpu (or auto above
+        # 2 GiB) places it: rows travel to the device and back every step.
+        args = GloFNDTrainingArguments(
+            **common_args(opts, output_dir),
+            detector="glofnd",
+            loss_type="clip",
+            check_inputs=False,
+            num_samples=NUM_SAMPLES,
+            state_device="cpu",
+        )
+        trainer = GloFNDTrainer(copy_adapter(base), args)
+        model, optimizer = prepare(trainer)
+        name = "ours glofnd host state, check off"
+        variants.append(
+            Variant(name, "ours", "glofnd", False, trainer, model, optimizer, with_index=True)
+        )
     if isinstance(base, HFDualEncoder):
         args = TrainingArguments(**common_args(opts, output_dir), remove_unused_columns=False)
         trainer = Trainer(model=copy.deepcopy(base.model), args=args)
@@ -469,6 +487,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument(
+        "--host-state",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="add GloFND with its state in pinned host memory (default: on CUDA only)",
+    )
+    parser.add_argument(
         "--precision",
         choices=("auto", "fp32", "bf16"),
         default="auto",
@@ -492,6 +516,7 @@ def main(argv: list[str] | None = None) -> None:
     opts.model = opts.model or (["vit-b32", "rn50"] if cuda else ["tiny-hf"])
     opts.batch = opts.batch or (256 if cuda else 128)
     opts.bf16 = opts.precision == "bf16" or (opts.precision == "auto" and cuda)
+    opts.host_state = cuda if opts.host_state is None else opts.host_state
     if opts.threads:
         torch.set_num_threads(opts.threads)
     # glofnd_hf.fnd.comm and transformers emit deprecation notices irrelevant here.
