@@ -204,6 +204,10 @@ class _StagedOutput:
                     os.remove(os.path.join(self.output_dir, name))
         for name in sorted(os.listdir(self.path)):
             os.replace(os.path.join(self.path, name), os.path.join(self.output_dir, name))
+        for name in os.listdir(self.output_dir):  # left behind by runs that were killed
+            path = os.path.join(self.output_dir, name)
+            if name.startswith(_STAGING) and path != self.path:
+                shutil.rmtree(path, ignore_errors=True)
 
 
 _STAGING = ".glofnd-shards-staging-"
