@@ -23,6 +23,7 @@ from .fnd import registry
 from .fnd.registry import DetectorSpec, SharedSettings, setting
 from .fnd.thresholds import UpdateRule
 from .losses import U_BYTES_PER_SAMPLE, GammaSchedule, TemperatureScheme, temperature_scheme
+from .secret_args import SecretsNotPickled
 
 # "auto" placement keeps the state on the accelerator up to this size, else in host memory.
 AUTO_DEVICE_STATE_LIMIT_BYTES = 2 * 1024**3
@@ -164,8 +165,11 @@ def _deprecated(renamed_to: str) -> str:
 
 
 @dataclass
-class GloFNDTrainingArguments(TrainingArguments):
+class GloFNDTrainingArguments(SecretsNotPickled, TrainingArguments):
     """``TrainingArguments`` plus the contrastive loss and false-negative detection settings.
+
+    Pickled (the Trainer's ``training_args.bin``), the arguments hold no access token
+    (``hub_token`` and other secret-named settings are None there; ``secret_args``).
 
     Sections: the contrastive loss (loss_type ... max_logit_scale), false-negative detection
     (detector ... detector_kwargs), the per-sample state (num_samples ... check_inputs),
@@ -178,6 +182,10 @@ class GloFNDTrainingArguments(TrainingArguments):
         "num_samples": "Per-sample state",
         "remove_unused_columns": "Trainer defaults changed",
         "glofnd_alpha": "Deprecated names (each says its new spelling)",
+    }
+    # Older spellings of values still accepted (with a warning) though the type omits them.
+    value_aliases: ClassVar[dict[str, tuple[str, ...]]] = {
+        "temperature_scheme": ("global_learnable",)
     }
 
     # -- Contrastive loss ---------------------------------------------------------------------

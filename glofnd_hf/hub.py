@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,11 +29,14 @@ from .model_card import (
     write_card,
 )
 from .models import OPEN_CLIP_CONFIG_NAME, DualEncoderAdapter
+from .secret_args import find_secrets, known_tokens
 
 __all__ = [
     "DEFAULT_COMMIT_MESSAGE",
     "TRAINING_STATE_PATTERNS",
     "ALWAYS_IGNORED_PATTERNS",
+    "SecretInUploadError",
+    "check_no_secrets",
     "files_to_upload",
     "ignore_patterns_for",
     "push_to_hub",
@@ -132,6 +137,30 @@ def files_to_upload(
     )
 
 
+class SecretInUploadError(ValueError):
+    """A file to upload holds an access token (nothing was uploaded)."""
+
+
+def check_no_secrets(
+    folder: str | os.PathLike, files: Sequence[str], token: str | None = None
+) -> None:
+    """Raise :class:`SecretInUploadError` naming the first of ``files`` (relative to
+    ``folder``) that holds an access token: pickled training arguments with ``hub_token``
+    set (written by older versions), a Hugging Face token, or this session's token."""
+    tokens = known_tokens([token])
+    flagged = [
+        (name, found) for name in files if (found := find_secrets(Path(folder) / name, tokens))
+    ]
+    if flagged:
+        name, found = flagged[0]
+        others = f" (and {len(flagged) - 1} more file(s))" if len(flagged) > 1 else ""
+        raise SecretInUploadError(
+            f"refusing to upload {name}{others}: it holds {' and '.join(found)}. Nothing was "
+            f"uploaded; delete or fix the file (an old training_args.bin: leave out "
+            f"--include-training-state)"
+        )
+
+
 def push_to_hub(
     output_dir: str | os.PathLike,
     repo_id: str,
@@ -152,12 +181,15 @@ def push_to_hub(
     The model card (``README.md``) is rendered (with ``repo_id`` in its usage snippet) when
     missing or when it is our unedited card, always with ``render_card=True``, never with
     ``render_card=False``; its inputs come from ``glofnd_card.json`` when present, and
-    ``card_fields`` / ``eval_report`` add to them. Training-only files
-    (:data:`TRAINING_STATE_PATTERNS`, and the Trainer's weight copy in open_clip folders) stay
-    local unless ``include_training_state``.
+    ``card_fields`` / ``eval_report`` add to them. The card is rendered into a staging folder
+    and uploaded from there: the local folder is updated (``README.md``,
+    ``glofnd_card.json``) only after a successful upload, so a failed push leaves it as it
+    was. Training-only files (:data:`TRAINING_STATE_PATTERNS`, and the Trainer's weight copy
+    in open_clip folders) stay local unless ``include_training_state``; no file that holds
+    an access token is uploaded (:class:`SecretInUploadError`, before anything is sent).
     ``token``: None uses huggingface_hub's usual sources. Returns the commit URL.
     """
-    from huggingface_hub import HfApi
+    from huggingface_hub import CommitOperationAdd, HfApi
 
     check_hub_repo_id(repo_id)
     folder = Path(output_dir)
@@ -167,29 +199,41 @@ def push_to_hub(
     if render_card is None:
         # Missing, or ours and unedited (then it gets the repo id in its usage snippet).
         render_card = not readme.is_file() or card_is_unedited(folder)
-    if render_card:
-        fields = {"repo_id": repo_id, **(card_fields or {})}
-        info = card_info_from_folder(folder, eval_report=eval_report, **fields)
-        write_card(info, folder)
+    with tempfile.TemporaryDirectory(prefix="glofnd-push-") as staging:
+        staged: dict[str, Path] = {}  # path in the repo -> staged file (the rendered card)
+        if render_card:
+            fields = {"repo_id": repo_id, **(card_fields or {})}
+            info = card_info_from_folder(folder, eval_report=eval_report, **fields)
+            write_card(info, staging)
+            staged = {p.name: p for p in Path(staging).iterdir() if p.is_file()}
+        else:
+            card_info_from_folder(folder)  # checks that the folder holds a model
+        ignore = ignore_patterns_for(folder, include_training_state)
+        files = sorted(set(files_to_upload(folder, ignore)) | set(staged))
+        check_no_secrets(folder, [f for f in files if f not in staged], token)
+        check_no_secrets(staging, list(staged), token)
         if verbose:
-            print(f"wrote the model card {readme}")
-    else:
-        card_info_from_folder(folder)  # checks that the folder holds a model
-    ignore = ignore_patterns_for(folder, include_training_state)
-    files = files_to_upload(folder, ignore)
-    if verbose:
-        print(f"uploading {len(files)} file(s) from {folder} to {repo_id}: {', '.join(files)}")
-    api = HfApi(token=token)
-    repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    commit = api.upload_folder(
-        repo_id=repo_id,
-        folder_path=str(folder),
-        repo_type="model",
-        commit_message=commit_message,
-        ignore_patterns=ignore,
-        revision=revision,
-        create_pr=create_pr,
-    )
+            print(f"uploading {len(files)} file(s) from {folder} to {repo_id}: {', '.join(files)}")
+        api = HfApi(token=token)
+        repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        operations = [
+            CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(staged.get(f, folder / f)))
+            for f in files
+        ]
+        commit = api.create_commit(
+            repo_id=repo_id,
+            operations=operations,
+            commit_message=commit_message,
+            repo_type="model",
+            revision=revision,
+            create_pr=create_pr,
+        )
+        for name, path in staged.items():  # the push succeeded: the folder shows what was sent
+            temporary = folder / f".{name}.glofnd-tmp"
+            shutil.copyfile(path, temporary)
+            os.replace(temporary, folder / name)
+    if verbose and staged:
+        print(f"wrote the model card {readme}")
     url = str(getattr(commit, "commit_url", None) or getattr(repo_url, "url", None) or repo_url)
     if verbose:
         print(f"pushed to {getattr(repo_url, 'url', repo_id)} ({url})")

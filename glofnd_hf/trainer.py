@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
@@ -23,6 +23,7 @@ from .data.shards import is_presharded_loader
 from .losses import BimodalContrastiveLoss, ClipLoss, GlobalContrastiveLoss
 from .model_card import ModelCardCallback
 from .models import DualEncoderAdapter
+from .state_file import load_state_file
 
 logger = logging.getLogger(__name__)
 
@@ -372,7 +373,7 @@ class GloFNDTrainer(Trainer):
                     f"cannot be restored"
                 )
             return
-        self.contrastive_loss.load_state_dict(load_file(path))
+        load_state_file(path, self.contrastive_loss, self.num_samples)  # checked, or refused
         logger.info("restored the per-sample state from %s", path)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:

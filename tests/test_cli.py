@@ -38,7 +38,7 @@ def test_yaml_keys_are_field_names_and_flags_override(tmp_path):
 
 def test_unknown_config_key_names_the_closest_field(tmp_path, capsys):
     config = write_config(tmp_path, output_dir="o", fn_alpah=0.01)
-    with pytest.raises(SystemExit) as info:
+    with pytest.raises(ValueError) as info:
         parse_config_and_flags(TYPES, [config])
     assert "fn_alpah" in str(info.value) and "fn_alpha" in str(info.value)
 

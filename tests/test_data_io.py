@@ -215,7 +215,11 @@ def test_glofnd_shards_runs_as_a_module_and_names_a_missing_split(tmp_path):
         env=env,
         timeout=300,
     )
-    assert result.returncode == 1 and "split 'test' not in ['train']" in result.stderr
+    assert result.returncode == 2
+    assert result.stderr.endswith(
+        "glofnd-shards: error: split 'test' not in ['train'] [--debug shows the traceback]\n"
+    )
+    assert not (tmp_path / "out").exists()
 
 
 # ----------------------------------------------------------------------------- rank / world

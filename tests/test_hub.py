@@ -14,7 +14,13 @@ from glofnd_hf.args import GloFNDTrainingArguments
 from glofnd_hf.cli.push import main as push_main
 from glofnd_hf.data.digits import load_digits_pairs
 from glofnd_hf.eval.zero_shot import ZeroShotEvaluator
-from glofnd_hf.hub import TRAINING_STATE_PATTERNS, files_to_upload, push_to_hub, save_for_hub
+from glofnd_hf.hub import (
+    TRAINING_STATE_PATTERNS,
+    files_to_upload,
+    ignore_patterns_for,
+    push_to_hub,
+    save_for_hub,
+)
 from glofnd_hf.model_card import (
     CITATIONS,
     card_info_from_trainer,
@@ -257,9 +263,13 @@ def test_checkpoint_and_final_cards(trained):
 
 
 class FakeHub:
-    def __init__(self):
+    """Records create_repo / create_commit calls (with the bytes of every uploaded file);
+    ``fail`` makes create_commit raise it instead."""
+
+    def __init__(self, fail: Exception | None = None):
         self.calls = []
         self.tokens = []
+        self.fail = fail
 
     def install(self, monkeypatch):
         hub = self
@@ -269,12 +279,15 @@ class FakeHub:
             hub.calls.append(("create_repo", repo_id, kwargs))
             return f"https://huggingface.co/{repo_id}"
 
-        def upload_folder(api, **kwargs):
-            hub.calls.append(("upload_folder", kwargs["repo_id"], kwargs))
+        def create_commit(api, repo_id, operations, **kwargs):
+            if hub.fail is not None:
+                raise hub.fail
+            sent = {op.path_in_repo: Path(op.path_or_fileobj).read_bytes() for op in operations}
+            hub.calls.append(("create_commit", repo_id, {**kwargs, "files": sent}))
             return None
 
         monkeypatch.setattr(HfApi, "create_repo", create_repo)
-        monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+        monkeypatch.setattr(HfApi, "create_commit", create_commit)
 
 
 def _all_written_text(folder: Path) -> str:
@@ -300,17 +313,18 @@ def test_push_uploads_the_model_without_training_state(trained, tmp_path, monkey
     assert (kind, repo, kind2, repo2) == (
         "create_repo",
         "org/glofnd-tiny",
-        "upload_folder",
+        "create_commit",
         "org/glofnd-tiny",
     )
     assert create_kwargs["exist_ok"] is True and create_kwargs["private"] is True
-    assert upload["folder_path"] == str(folder) and upload["commit_message"] == "first"
-    assert upload.get("allow_patterns") is None
-    ignored = set(upload["ignore_patterns"])
+    assert upload["commit_message"] == "first"
+    ignored = set(ignore_patterns_for(folder))
     assert set(TRAINING_STATE_PATTERNS) <= ignored
     assert {"checkpoint-*/**", "model.safetensors"} <= ignored  # trainer copy of open_clip weights
-    sent = files_to_upload(folder, upload["ignore_patterns"])
-    assert {"README.md", "open_clip_config.json", "open_clip_model.safetensors"} <= set(sent)
+    sent = set(upload["files"])
+    assert sent == set(files_to_upload(folder, sorted(ignored)))
+    assert {"README.md", "open_clip_config.json", "open_clip_model.safetensors"} <= sent
+    assert upload["files"]["README.md"] == (folder / "README.md").read_bytes()
     for name in (
         STATE_FILE,
         "optimizer.pt",
@@ -332,8 +346,7 @@ def test_push_uploads_the_model_without_training_state(trained, tmp_path, monkey
     fake.calls.clear()
     assert push_main([str(folder), "--repo-id", "org/glofnd-tiny", "--include-training-state"]) == 0
     upload = fake.calls[1][2]
-    assert STATE_FILE not in upload["ignore_patterns"]
-    assert STATE_FILE in files_to_upload(folder, upload["ignore_patterns"])
+    assert STATE_FILE in upload["files"] and "training_args.bin" in upload["files"]
     assert fake.calls[0][2]["private"] is False
 
     printed += capsys.readouterr().out

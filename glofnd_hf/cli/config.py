@@ -20,6 +20,8 @@ from typing import Any, Literal, get_type_hints
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
+from ..fnd.setting_types import SettingTypeError, check_dataclass_values
+
 REGENERATE_COMMAND = "python -m glofnd_hf.cli.config > docs/settings.md"
 
 
@@ -88,21 +90,34 @@ def build_parser(
     return parser
 
 
-def parse_config_and_flags(
-    dataclass_types: Sequence[type],
-    argv: Sequence[str] | None,
-    help_overrides: Mapping[str, str] | None = None,
-) -> tuple[Any, ...]:
-    argv = list(argv or [])
-    config: dict[str, Any] = {}
-    if argv and not argv[0].startswith("-"):
-        path = Path(argv.pop(0))
-        if not path.is_file():
-            raise SystemExit(f"error: config file {path} does not exist")
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise SystemExit(f"error: {path} must hold a mapping of field names to values")
-        config = loaded
+class ConfigError(ValueError):
+    """A configuration file or value that cannot be used (the message says which and why)."""
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The mapping of field names to values in a YAML configuration file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        where = getattr(err, "problem_mark", None)
+        line = f" (line {where.line + 1})" if where is not None else ""
+        problem = getattr(err, "problem", None) or err
+        raise ConfigError(f"{path} is not valid YAML{line}: {problem}") from err
+    loaded = loaded or {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path} must hold a mapping of field names to values")
+    return loaded
+
+
+def check_config_values(
+    dataclass_types: Sequence[type], config: Mapping[str, Any], source: str = "config"
+) -> dict[str, Any]:
+    """``config`` with every value checked against its field's type (and converted as a
+    command-line flag would be: ``"1e-3"`` for a float); raises :class:`ConfigError` naming
+    the first unknown key (with the closest field) or the field and the expected type."""
     known = {f.name for cls in dataclass_types for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(config) - known)
     if unknown:
@@ -110,7 +125,32 @@ def parse_config_and_flags(
         for key in unknown:
             close = difflib.get_close_matches(key, sorted(known), n=1)
             hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-        raise SystemExit(f"error: unknown key(s) in the config file: {', '.join(hints)}")
+        raise ConfigError(f"unknown key(s) in {source}: {', '.join(hints)}")
+    checked = dict(config)
+    for cls in dataclass_types:
+        own = {f.name for f in dataclasses.fields(cls) if f.init} & set(config)
+        try:
+            checked.update(check_dataclass_values(cls, {k: config[k] for k in own}))
+        except SettingTypeError as err:
+            raise ConfigError(f"{source}: {err}") from err
+    return checked
+
+
+def parse_config_and_flags(
+    dataclass_types: Sequence[type],
+    argv: Sequence[str] | None,
+    help_overrides: Mapping[str, str] | None = None,
+) -> tuple[Any, ...]:
+    """The dataclasses from ``[CONFIG.yaml] [--flag value ...]``: every YAML value is checked
+    against its field's type here, before anything is built (flags are checked by the
+    parser); raises :class:`ConfigError` (a ``ValueError``) naming the field."""
+    argv = list(argv or [])
+    config: dict[str, Any] = {}
+    source = "the command line"
+    if argv and not argv[0].startswith("-"):
+        source = argv[0]
+        config = read_config_file(argv.pop(0))
+    config = check_config_values(dataclass_types, config, source)
     parser = build_parser(dataclass_types, help_overrides)
     # YAML values become the parser's defaults, so command-line flags override them.
     parser.set_defaults(**config)

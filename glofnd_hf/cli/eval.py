@@ -22,6 +22,7 @@ from collections.abc import Sequence
 
 from ..eval.errors import EvalInputError
 from ..eval.run import evaluate, format_report
+from .errors import DEBUG_FLAG, DEBUG_HELP, run_cli
 
 
 def _read_lines(path: str, what: str) -> list[str]:
@@ -112,12 +113,18 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     r.add_argument("--output", default=None, help="write the JSON report here")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
+    r.add_argument(DEBUG_FLAG, action="store_true", help=DEBUG_HELP)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """``glofnd-eval``: an input, file or Hub problem exits with status 2 and one line."""
+    return run_cli("glofnd-eval", _main, argv)
+
+
+def _main(argv: list[str]) -> int:
     parser = build_parser()
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
     try:
         class_names = args.class_names or (
             _read_lines(args.class_names_file, "class names") if args.class_names_file else None
@@ -149,8 +156,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             output=args.output,
             show_progress=not args.no_progress,
         )
-    except EvalInputError as e:
-        parser.exit(2, f"glofnd-eval: error: {e}\n")
+    except EvalInputError:
+        raise  # run_cli: one line and exit status 2
     print(format_report(report))
     if args.output:
         print(f"\nwrote {args.output}")

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from ..hub import DEFAULT_COMMIT_MESSAGE, push_to_hub
+from .errors import DEBUG_FLAG, DEBUG_HELP, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,12 +60,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--revision", default=None, help="branch to push to")
     p.add_argument("--create-pr", action="store_true", help="open a pull request instead")
+    p.add_argument(DEBUG_FLAG, action="store_true", help=DEBUG_HELP)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """``glofnd-push``: a bad folder, a file holding a token, or a Hub or network failure
+    exits with status 2 and one line; the local folder is then left as it was."""
+    return run_cli("glofnd-push", _main, argv)
+
+
+def _main(argv: list[str]) -> int:
     parser = build_parser()
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
     eval_report = None
     if args.eval_results:
         try:
@@ -88,21 +96,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         or eval_report is not None
         or any(v is not None for v in card_fields.values())
     )
-    try:
-        push_to_hub(
-            args.output_dir,
-            args.repo_id,
-            private=args.private,
-            commit_message=args.commit_message,
-            include_training_state=args.include_training_state,
-            render_card=False if args.keep_card else (True if rerender else None),
-            card_fields={k: v for k, v in card_fields.items() if v is not None},
-            eval_report=eval_report,
-            revision=args.revision,
-            create_pr=args.create_pr,
-        )
-    except (ValueError, FileNotFoundError) as e:
-        parser.exit(2, f"glofnd-push: error: {e}\n")
+    push_to_hub(
+        args.output_dir,
+        args.repo_id,
+        private=args.private,
+        commit_message=args.commit_message,
+        include_training_state=args.include_training_state,
+        render_card=False if args.keep_card else (True if rerender else None),
+        card_fields={k: v for k, v in card_fields.items() if v is not None},
+        eval_report=eval_report,
+        revision=args.revision,
+        create_pr=args.create_pr,
+    )
     return 0
 
 

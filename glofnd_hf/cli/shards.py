@@ -24,8 +24,14 @@ from ..data.shard_writer import (
     write_shards_from_csv,
     write_shards_from_dataset,
 )
+from .errors import DEBUG_FLAG, DEBUG_HELP, UsageError, run_cli
 
 __all__ = ["build_parser", "main"]
+
+OVERWRITE_HELP = (
+    "write into a folder that is not empty, replacing the shards, sizes.json and "
+    "glofnd_index.json there (only once every shard was written)"
+)
 
 
 def _add_writer_options(p: argparse.ArgumentParser, image: str, caption: str) -> None:
@@ -38,13 +44,14 @@ def _add_writer_options(p: argparse.ArgumentParser, image: str, caption: str) ->
     p.add_argument("--extra-columns", nargs="*", default=[])
     p.add_argument("--jpeg-quality", type=int, default=95)
     p.add_argument("--on-error", choices=("raise", "skip"), default="raise")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="glofnd-shards", description="Write WebDataset shards with GloFND dataset indices."
     )
+    parser.add_argument(DEBUG_FLAG, action="store_true", help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("from-dataset", help="a datasets dir (save_to_disk) or a Hub dataset name")
@@ -63,12 +70,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output_dir")
     p.add_argument("--start-index", type=int, default=0)
     p.add_argument("--index-source", choices=("sequential", "key"), default="sequential")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``glofnd-shards`` console entry point."""
+    """``glofnd-shards`` console entry point: an unreadable input, a non-empty output folder
+    (without ``--overwrite``) or a Hub problem exits with status 2 and one line."""
+    return run_cli("glofnd-shards", _main, argv)
+
+
+def _main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "add-index":
@@ -95,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             try:
                 ds = load_image_text_dataset(args.source, args.config_name, args.split)
             except MissingSplitError as e:
-                raise SystemExit(f"split {e.split!r} not in {e.available}") from e
+                raise UsageError(f"split {e.split!r} not in {e.available}") from e
             pattern, n = write_shards_from_dataset(ds, args.output_dir, **kwargs)
         else:
             pattern, n = write_shards_from_csv(

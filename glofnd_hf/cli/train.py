@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from ..args import DataArguments, GloFNDTrainingArguments, ModelArguments
 from ..data.digits import DIGITS_DATASET, digits_classification_defaults
+from ..data.hf import usable_captions
 from ..data.loading import load_image_text_dataset
 from ..data.shards import ShardConfig, build_shard_loader
 from ..eval.metrics import format_metrics_table
@@ -29,6 +30,7 @@ from ..models import (
 )
 from ..trainer import GloFNDTrainer
 from .config import parse_config_and_flags
+from .errors import UsageError, run_cli
 
 logger = logging.getLogger("glofnd_hf")
 
@@ -72,8 +74,15 @@ def _classification_defaults(data_args: DataArguments) -> None:
         )
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    run(sys.argv[1:] if argv is None else argv)
+def main(argv: Sequence[str] | None = None) -> int:
+    """``glofnd-train``: a configuration, data or Hub problem exits with status 2 and one
+    line (``--debug``: with the traceback)."""
+    return run_cli("glofnd-train", _train, argv)
+
+
+def _train(argv: list[str]) -> int:
+    run(argv)
+    return 0
 
 
 def run(argv: Sequence[str]) -> dict[str, dict[str, float]]:
@@ -86,7 +95,7 @@ def run(argv: Sequence[str]) -> dict[str, dict[str, float]]:
         level=logging.INFO if args.should_log else logging.WARNING,
     )
     if data_args.dataset_name is None and data_args.train_shards is None:
-        raise SystemExit("error: set dataset_name (e.g. glofnd-digits) or train_shards")
+        raise UsageError("set dataset_name (e.g. glofnd-digits) or train_shards")
     _classification_defaults(data_args)
     train = None
     if data_args.train_shards is None:
@@ -109,7 +118,7 @@ def run(argv: Sequence[str]) -> dict[str, dict[str, float]]:
         for data in (train, evaluation):
             if data is not None and data_args.caption_column in data.column_names:
                 for value in data.with_format(None)[data_args.caption_column]:
-                    texts.extend([value] if isinstance(value, str) else list(value))
+                    texts.extend(usable_captions(value))  # rows without one are skipped later
         for template in data_args.prompt_templates or []:
             texts.extend(template.format(c) for c in data_args.class_names or [])
     adapter = build_adapter(model_args, texts, args.seed)
@@ -193,4 +202,4 @@ def _print_table(title: str, metrics: dict[str, float], trainer: GloFNDTrainer) 
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

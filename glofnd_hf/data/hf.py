@@ -14,9 +14,19 @@ from PIL import Image
 from .bad_samples import DATASETS_BAD_SAMPLE_KINDS, BadSampleCounter
 from .images import to_rgb
 
-__all__ = ["ImageTextCollator", "prepare_image_text_dataset"]
+__all__ = ["ImageTextCollator", "prepare_image_text_dataset", "usable_captions"]
 
 logger = logging.getLogger(__name__)
+
+
+def usable_captions(value: Any) -> list[str]:
+    """The non-empty captions of a caption cell: a string, or a list of which any may be
+    missing (None), empty or blank. ``[]`` means the row has no caption to train on."""
+    if isinstance(value, str):
+        return [value] if value.strip() else []
+    if isinstance(value, Sequence) and not isinstance(value, (bytes, bytearray)):
+        return [v for v in value if isinstance(v, str) and v.strip()]
+    return []
 
 
 def prepare_image_text_dataset(
@@ -123,12 +133,10 @@ class ImageTextCollator:
         return self.bad_samples.as_dict()
 
     def _caption(self, value: Any) -> str | None:
-        if isinstance(value, str):
-            return value if value.strip() else None
-        if isinstance(value, Sequence) and not isinstance(value, (bytes, bytearray)):
-            options = [v for v in value if isinstance(v, str) and v.strip()]
-            return self._rng.choice(options) if options else None
-        return None
+        options = usable_captions(value)
+        if not options:
+            return None
+        return options[0] if isinstance(value, str) else self._rng.choice(options)
 
     def _decode(self, row: Mapping[str, Any]) -> tuple[torch.Tensor, str] | str:
         caption = self._caption(row[self.caption_column])

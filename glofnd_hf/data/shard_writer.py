@@ -27,6 +27,8 @@ import json
 import logging
 import os
 import re
+import shutil
+import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -156,18 +158,62 @@ def _brace_pattern(output_dir: str, names: Sequence[str]) -> str:
     return "::".join(paths)
 
 
-def _prepare_output_dir(output_dir: str, overwrite: bool) -> None:
-    os.makedirs(output_dir, exist_ok=True)
-    existing = [n for n in os.listdir(output_dir) if n.endswith(".tar") or n == SIZES_FILE]
-    if existing and not overwrite:
-        raise FileExistsError(
-            f"{output_dir} already holds shards/{SIZES_FILE} ({sorted(existing)[:3]}...); "
-            "pass overwrite=True"
-        )
-    if overwrite:
-        for n in existing:
-            if re.fullmatch(r"[0-9]+\.tar", n):
-                os.remove(os.path.join(output_dir, n))
+class _StagedOutput:
+    """Shards and index files written into a hidden staging folder inside ``output_dir`` and
+    moved into place only when everything was written: a run that fails (bad row, unreadable
+    input shard, interruption) leaves ``output_dir`` as it was.
+
+    ``output_dir`` must be empty (or not exist) unless ``overwrite``; then, on success, the
+    shards (``*.tar``, ``*.tar.gz``, ``*.tgz``), ``sizes.json`` and ``glofnd_index.json``
+    already there are replaced, and other files are left alone.
+    """
+
+    def __init__(self, output_dir: str, overwrite: bool) -> None:
+        self.output_dir = output_dir
+        self.overwrite = overwrite
+        self.created = not os.path.exists(output_dir)
+        if not self.created:
+            if not os.path.isdir(output_dir):
+                raise NotADirectoryError(f"output folder {output_dir} is a file")
+            existing = sorted(n for n in os.listdir(output_dir) if not n.startswith(_STAGING))
+            if existing and not overwrite:
+                shown = ", ".join(existing[:3]) + (", ..." if len(existing) > 3 else "")
+                raise FileExistsError(
+                    f"output folder {output_dir} is not empty (it holds {shown}): choose a new "
+                    "folder, or pass --overwrite (overwrite=True) to replace the shards there"
+                )
+        os.makedirs(output_dir, exist_ok=True)
+        self.path = tempfile.mkdtemp(prefix=_STAGING, dir=output_dir)
+
+    def __enter__(self) -> _StagedOutput:
+        return self
+
+    def __exit__(self, kind, value, traceback) -> None:
+        if kind is None:
+            self._commit()
+        shutil.rmtree(self.path, ignore_errors=True)
+        if kind is not None and self.created and not os.listdir(self.output_dir):
+            os.rmdir(self.output_dir)
+
+    def _commit(self) -> None:
+        if self.overwrite:
+            for name in os.listdir(self.output_dir):
+                if _REPLACED_RE.fullmatch(name) and os.path.isfile(
+                    os.path.join(self.output_dir, name)
+                ):
+                    os.remove(os.path.join(self.output_dir, name))
+        for name in sorted(os.listdir(self.path)):
+            os.replace(os.path.join(self.path, name), os.path.join(self.output_dir, name))
+        for name in os.listdir(self.output_dir):  # left behind by runs that were killed
+            path = os.path.join(self.output_dir, name)
+            if name.startswith(_STAGING) and path != self.path:
+                shutil.rmtree(path, ignore_errors=True)
+
+
+_STAGING = ".glofnd-shards-staging-"
+_REPLACED_RE = re.compile(
+    rf"(.+\.(tar|tar\.gz|tgz)|{re.escape(SIZES_FILE)}|{re.escape(INDEX_INFO_FILE)})"
+)
 
 
 def _write_metadata(
@@ -207,7 +253,41 @@ def write_shards_from_dataset(
         raise ValueError("samples_per_shard must be >= 1")
     if on_error not in ("raise", "skip"):
         raise ValueError("on_error must be 'raise' or 'skip'")
-    _prepare_output_dir(output_dir, overwrite)
+    with _StagedOutput(output_dir, overwrite) as staged:
+        sizes, written, skipped, largest = _write_rows(
+            dataset,
+            staged.path,
+            image_column,
+            caption_column,
+            index_column,
+            samples_per_shard,
+            image_format,
+            extra_columns,
+            jpeg_quality,
+            on_error,
+        )
+        _write_metadata(
+            staged.path,
+            sizes,
+            largest + 1,
+            {"index_source": "field", "index_column": index_column, "skipped_rows": skipped},
+        )
+    return _brace_pattern(output_dir, sorted(sizes)), written
+
+
+def _write_rows(
+    dataset: Iterable[Mapping[str, Any]],
+    output_dir: str,
+    image_column: str,
+    caption_column: str,
+    index_column: str | None,
+    samples_per_shard: int,
+    image_format: str,
+    extra_columns: Sequence[str],
+    jpeg_quality: int,
+    on_error: str,
+) -> tuple[dict[str, int], int, int, int]:
+    """Shards of the rows in ``output_dir``: ``(sizes, written, skipped, largest index)``."""
     dataset = defer_image_decoding(dataset, image_column)  # copy stored bytes as is
     pattern = os.path.join(output_dir, "%05d.tar")
     writer: wds.ShardWriter | None = None
@@ -262,13 +342,7 @@ def write_shards_from_dataset(
             writer.close()
     if written == 0:
         raise ValueError("no samples written (empty dataset or every row skipped)")
-    _write_metadata(
-        output_dir,
-        sizes,
-        seen.max_index + 1,
-        {"index_source": "field", "index_column": index_column, "skipped_rows": skipped},
-    )
-    return _brace_pattern(output_dir, sorted(sizes)), written
+    return sizes, written, skipped, seen.max_index
 
 
 def write_shards_from_csv(
@@ -331,21 +405,21 @@ def add_index_to_shards(
     names = [shard_basename(u) for u in urls]
     if len(set(names)) != len(names):
         raise ValueError("input shards have duplicate basenames; they would overwrite each other")
-    os.makedirs(output_dir, exist_ok=True)
-    if not overwrite and any(os.path.exists(os.path.join(output_dir, n)) for n in names):
-        raise FileExistsError(f"{output_dir} already holds some of the output shards")
 
     def fail(url: str, key: str | None, exc: Exception) -> None:
-        raise ValueError(f"cannot read shard {url!r} (near key {key!r}): {exc}") from exc
+        raise ValueError(
+            f"cannot read shard {url!r} (near key {key!r}): {type(exc).__name__}: {exc}; "
+            "nothing was written"
+        ) from exc
 
     seen = _IndexSet()
     sizes: dict[str, int] = {}
     next_index = start_index
-    for url, name in zip(urls, names, strict=True):
-        tmp = os.path.join(output_dir, name + ".tmp")
-        count = 0
-        try:
-            with wds.TarWriter(tmp, encoder=False, compress=name.endswith("gz")) as sink:
+    with _StagedOutput(output_dir, overwrite) as staged:
+        for url, name in zip(urls, names, strict=True):
+            count = 0
+            target = os.path.join(staged.path, name)
+            with wds.TarWriter(target, encoder=False, compress=name.endswith("gz")) as sink:
                 for sample in iter_tar_samples(url, fail):
                     key = sample["__key__"]
                     if index_source == "key":
@@ -363,22 +437,17 @@ def add_index_to_shards(
                     out["__key__"] = key
                     sink.write(out)
                     count += 1
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
-        os.replace(tmp, os.path.join(output_dir, name))
-        sizes[name] = count
-    total = sum(sizes.values())
-    if total == 0:
-        raise ValueError(f"no samples found in {input_pattern!r}")
-    _write_metadata(
-        output_dir,
-        sizes,
-        seen.max_index + 1,
-        {
-            "index_source": "key" if index_source == "key" else "field",
-            "start_index": start_index if index_source == "sequential" else None,
-        },
-    )
+            sizes[name] = count
+        total = sum(sizes.values())
+        if total == 0:
+            raise ValueError(f"no samples found in {input_pattern!r}")
+        _write_metadata(
+            staged.path,
+            sizes,
+            seen.max_index + 1,
+            {
+                "index_source": "key" if index_source == "key" else "field",
+                "start_index": start_index if index_source == "sequential" else None,
+            },
+        )
     return _brace_pattern(output_dir, names), total

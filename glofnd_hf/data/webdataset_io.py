@@ -19,14 +19,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import tarfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 from urllib.parse import urlparse
 
 from webdataset.gopen import gopen
-from webdataset.handlers import reraise_exception
 from webdataset.shardlists import expand_urls
-from webdataset.tariterators import base_plus_ext, tar_file_iterator
+from webdataset.tariterators import base_plus_ext
 
 __all__ = [
     "CAPTION_KEY",
@@ -37,6 +37,7 @@ __all__ = [
     "INDEX_KEY",
     "META_KEY",
     "SIZES_FILE",
+    "TruncatedShardError",
     "expand_shards",
     "find_image",
     "is_local",
@@ -66,6 +67,7 @@ SIZES_FILE = "sizes.json"
 INDEX_INFO_FILE = "glofnd_index.json"
 
 _INT_RE = re.compile(r"^[+-]?[0-9]+$")
+_META_RE = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata members, skipped
 _TAR_SUFFIX_RE = re.compile(r"\.(tar|tgz)(\.[A-Za-z0-9]+)?$")
 
 
@@ -110,28 +112,126 @@ def expand_shards(spec: str | Sequence[str]) -> list[str]:
 # --------------------------------------------------------------------------- tar reading
 
 
+class TruncatedShardError(ValueError):
+    """A tar shard that ends before its end-of-archive marker (cut or corrupt)."""
+
+
+class _CountingReader:
+    """A read-only stream that counts the bytes read and where the last non-NUL byte was,
+    so that the end of a tar archive can be checked after ``tarfile`` stopped reading."""
+
+    def __init__(self, raw: Any) -> None:
+        self.raw = raw
+        self.count = 0
+        self.data_end = 0  # position just after the last non-NUL byte read
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.raw.read() if size is None or size < 0 else self.raw.read(size)
+        if data:
+            stripped = len(data.rstrip(b"\0"))
+            if stripped:
+                self.data_end = self.count + stripped
+            self.count += len(data)
+        return data
+
+    def drain(self, chunk: int = 1 << 20) -> None:
+        while self.read(chunk):
+            pass
+
+
+def _decompressed(raw: Any) -> Any:
+    """``raw``, decompressed when it starts with a gzip, bzip2 or xz signature (what
+    tarfile's ``r|*`` accepts), as a stream whose ``read`` returns the tar bytes."""
+    import bz2
+    import gzip
+    import lzma
+
+    head = raw.read(6)
+    stream = _Prefixed(head, raw)
+    if head.startswith(b"\x1f\x8b"):
+        return gzip.GzipFile(fileobj=stream, mode="rb")
+    if head.startswith(b"BZh"):
+        return bz2.BZ2File(stream, mode="rb")
+    if head.startswith(b"\xfd7zXZ\x00"):
+        return lzma.LZMAFile(stream, mode="rb")
+    return stream
+
+
+class _Prefixed:
+    """``prefix`` followed by the rest of ``raw`` (the bytes read to sniff compression)."""
+
+    def __init__(self, prefix: bytes, raw: Any) -> None:
+        self.prefix = prefix
+        self.raw = raw
+
+    def read(self, size: int = -1) -> bytes:
+        if self.prefix:
+            if size is None or size < 0:
+                data, self.prefix = self.prefix + self.raw.read(), b""
+                return data
+            data, self.prefix = self.prefix[:size], self.prefix[size:]
+            if len(data) < size:
+                data += self.raw.read(size - len(data))
+            return data
+        return self.raw.read() if size is None or size < 0 else self.raw.read(size)
+
+
+def _tar_members(stream: Any) -> Iterator[tuple[str, bytes]]:
+    """``(name, data)`` of the regular files of a tar stream, then a check that the archive
+    ended with its end-of-archive marker: ``tarfile`` stops silently when the data ends at a
+    header (a cut at a 512-byte boundary, or within a header) or at an unreadable header;
+    such a shard raises :class:`TruncatedShardError`."""
+    reader = _CountingReader(_decompressed(stream))
+    tar = tarfile.open(fileobj=reader, mode="r|")
+    for info in tar:
+        if not info.isreg() or info.name is None:
+            continue
+        if _META_RE.match(info.name):
+            continue
+        member = tar.extractfile(info)
+        data = member.read() if member is not None else b""
+        if len(data) != info.size:
+            raise TruncatedShardError(f"member {info.name!r} is cut short")
+        yield info.name, data
+        tar.members = []  # stream mode: do not keep every member's header
+    end = tar.offset  # where the next header would start: the end-of-archive marker
+    reader.drain()
+    if reader.count < end + tarfile.BLOCKSIZE:
+        raise TruncatedShardError(
+            f"the archive ends at byte {reader.count} without its end-of-archive marker "
+            f"(after {end} bytes of complete members): the shard is truncated"
+        )
+    if reader.data_end > end:
+        raise TruncatedShardError(
+            f"unreadable tar header at byte {end}: the shard is corrupt (data follows "
+            f"up to byte {reader.data_end})"
+        )
+
+
 def iter_tar_samples(
     url: str, on_error: Callable[[str, str | None, Exception], None]
 ) -> Iterator[dict[str, Any]]:
     """Yield webdataset-style samples (``__key__``, ``__url__``, ``ext: bytes``) of one shard.
 
     Consecutive members sharing a key (``base_plus_ext``) form a sample.  If reading
-    fails (truncated/corrupt tar, failing ``pipe:``), ``on_error(url, key, exc)`` is
-    called, the incomplete sample is dropped and iteration of this shard stops.
+    fails (truncated/corrupt tar wherever it is cut, a failing ``pipe:``),
+    ``on_error(url, key, exc)`` is called, the incomplete sample is dropped and iteration
+    of this shard stops.  The last sample is yielded only once the archive's end was found
+    intact: a cut between two members of one sample does not pass it on incomplete.
     """
     stream = None
     current: dict[str, Any] | None = None
     try:
         stream = gopen(url, "rb")
-        for member in tar_file_iterator(stream, handler=reraise_exception):
-            prefix, suffix = base_plus_ext(member["fname"])
+        for name, data in _tar_members(stream):
+            prefix, suffix = base_plus_ext(name)
             if prefix is None:
                 continue
             if current is None or current["__key__"] != prefix:
                 if current is not None:
                     yield current
                 current = {"__key__": prefix, "__url__": url}
-            current[suffix.lower()] = member["data"]
+            current[suffix.lower()] = data
         if current is not None:
             sample, current = current, None
             yield sample

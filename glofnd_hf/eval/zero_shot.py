@@ -177,24 +177,29 @@ class ZeroShotEvaluator:
         return len(self.captions)
 
     def _flatten_captions(self) -> tuple[list[str], torch.Tensor]:
+        """Every caption with its image; a row whose caption is missing, empty or blank
+        (or a list of captions that is empty or holds such a caption) is an error that
+        names the rows: retrieval scores would silently change without them."""
         captions: list[str] = []
         owners: list[int] = []
-        for i, value in enumerate(_column_values(self.dataset, self.caption_column)):
-            group = [value] if isinstance(value, str) else list(value or [])
-            if not group:
-                raise ValueError(
-                    f"evaluation row {i} has an empty caption list in column "
-                    f"{self.caption_column!r} (got {value!r}); every image needs at least one "
-                    "caption"
-                )
-            bad = [c for c in group if not isinstance(c, str) or not c.strip()]
-            if bad:
-                raise ValueError(
-                    f"evaluation row {i} has an empty or non-string caption in column "
-                    f"{self.caption_column!r}: {bad[0]!r}"
-                )
-            captions.extend(group)
-            owners.extend([i] * len(group))
+        bad: list[tuple[int, Any]] = []
+        values = _column_values(self.dataset, self.caption_column)
+        for i, value in enumerate(values):
+            group = list(value) if isinstance(value, (list, tuple)) else [value]
+            usable = [c for c in group if isinstance(c, str) and c.strip()]
+            if not usable or len(usable) != len(group):
+                bad.append((i, value))
+                continue
+            captions.extend(usable)
+            owners.extend([i] * len(usable))
+        if bad:
+            shown = ", ".join(f"row {i}: {value!r}" for i, value in bad[:3])
+            more = ", ..." if len(bad) > 3 else ""
+            raise ValueError(
+                f"{len(bad)} of {len(values)} evaluation rows have a missing or empty caption "
+                f"in column {self.caption_column!r} ({shown}{more}): every image needs "
+                "non-empty captions; drop or fix these rows, or evaluate classification only"
+            )
         return captions, torch.tensor(owners, dtype=torch.long)
 
     def _labels(self) -> torch.Tensor:

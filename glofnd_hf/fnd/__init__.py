@@ -18,7 +18,7 @@ from .ifnd import IFNDDetector  # registers "ifnd"
 from .ifnd_config import IFNDConfig
 from .quantiles import masked_quantile, tail_estimate
 from .registry import DetectorSpec, NoSettings, SharedSettings, build_detector
-from .table import PerSampleTable, segment_mean
+from .table import PerSampleTable, StateError, ValueRange, check_state_tensor, segment_mean
 from .thresholds import (
     UPDATE_RULES,
     AdamRule,
@@ -49,13 +49,16 @@ __all__ = [
     "OracleDetector",
     "PerSampleTable",
     "SharedSettings",
+    "StateError",
     "TailRule",
     "ThresholdRule",
     "ThresholdState",
     "TrackingHealth",
+    "ValueRange",
     "adam_step",
     "available_detectors",
     "build_detector",
+    "check_state_tensor",
     "masked_quantile",
     "pinball_gradient",
     "registry",

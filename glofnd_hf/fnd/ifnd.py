@@ -67,7 +67,7 @@ from .clustering import (
 from .detectors import Detection, DetectionBatch, FalseNegativeDetector
 from .ifnd_config import BANK_DTYPES, IFNDConfig
 from .registry import DetectorSpec, SharedSettings, register
-from .table import segment_mean
+from .table import COUNT, NON_NEGATIVE, StateError, ValueRange, check_state_tensor, segment_mean
 from .thresholds import SIDES
 
 logger = logging.getLogger(__name__)
@@ -338,21 +338,7 @@ class IFNDDetector(FalseNegativeDetector):
                 f"ifnd state keys differ: missing {sorted(expected - set(state))}, "
                 f"unexpected {sorted(set(state) - expected)}"
             )
-        n, g = self._num_samples, len(self.num_clusters)
-        if state["bank"].dim() != 2 or state["bank"].shape[0] != n:
-            raise ValueError(f"ifnd bank has shape {tuple(state['bank'].shape)}, expected ({n}, D)")
-        if tuple(state["num_clusters"].tolist()) != self.num_clusters:
-            raise ValueError(
-                f"checkpoint clustered with k={state['num_clusters'].tolist()}, the configuration "
-                f"says {list(self.num_clusters)}"
-            )
-        for key in ("labels", "confidence", "accept_rank"):
-            if tuple(state[key].shape) != (g, n):
-                raise ValueError(
-                    f"ifnd {key} has shape {tuple(state[key].shape)}, expected {(g, n)}"
-                )
-        if tuple(state["seen"].shape) != (n,):
-            raise ValueError(f"ifnd seen has shape {tuple(state['seen'].shape)}, expected ({n},)")
+        self._check_state(state)
         bank = state["bank"]
         self.bank = None if bank.shape[1] == 0 else bank.to(self.device, self.dtype).clone()
         self.seen = state["seen"].to(self.device, torch.bool).clone()
@@ -364,6 +350,47 @@ class IFNDDetector(FalseNegativeDetector):
         self.rounds = int(state["rounds"][0])
         self.round_seconds = float(state["round_seconds"][0])
         self._observed = bool(self.seen.any())
+
+    def _check_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Every entry of a stored state: shape, dtype and values (nothing is cast)."""
+        n, g = self._num_samples, len(self.num_clusters)
+        scalar = (1,)
+        check_state_tensor("num_clusters", state["num_clusters"], None, torch.int64, None)
+        if tuple(state["num_clusters"].tolist()) != self.num_clusters:
+            raise ValueError(
+                f"checkpoint clustered with k={state['num_clusters'].tolist()}, the configuration "
+                f"says {list(self.num_clusters)}"
+            )
+        bank = state["bank"]
+        if not isinstance(bank, torch.Tensor) or bank.dim() != 2 or bank.shape[0] != n:
+            shape = tuple(bank.shape) if isinstance(bank, torch.Tensor) else None
+            raise StateError("bank", f"has shape {shape}, expected ({n}, D)")
+        check_state_tensor("bank", bank, None, tuple(BANK_DTYPES.values()))
+        check_state_tensor("seen", state["seen"], (n,), torch.bool, None)
+        labels = state["labels"]
+        check_state_tensor("labels", labels, (g, n), torch.int32, ValueRange(low=-1, integer=True))
+        for level, k in enumerate(self.num_clusters):
+            check_state_tensor(
+                f"labels[{level}]", labels[level], (n,), torch.int32, ValueRange(-1, k - 1, True)
+            )
+        check_state_tensor("confidence", state["confidence"], (g, n), torch.float32, None)
+        check_state_tensor("accept_rank", state["accept_rank"], (g, n), torch.float32, None)
+        # A sample without a label (never clustered) has NaN confidence and infinite rank.
+        labelled = labels >= 0
+        confidence = torch.where(labelled, state["confidence"], 0.0)
+        rank = torch.where(labelled, state["accept_rank"], 1.0)
+        check_state_tensor("confidence", confidence, (g, n), torch.float32)
+        check_state_tensor("accept_rank", rank, (g, n), torch.float32, ValueRange(0.0, 1.0))
+        rounds = state["rounds"]
+        check_state_tensor("rounds", rounds, scalar, torch.int64, COUNT)
+        check_state_tensor(
+            "round_seconds", state["round_seconds"], scalar, torch.float64, NON_NEGATIVE
+        )
+        epoch = ValueRange(low=0.0, nan_ok=True)
+        check_state_tensor("first_epoch", state["first_epoch"], scalar, torch.float64, epoch)
+        check_state_tensor(
+            "last_round_epoch", state["last_round_epoch"], scalar, torch.float64, epoch
+        )
 
     def to(self, device: torch.device | str) -> IFNDDetector:
         self.device = torch.device(device)

@@ -19,7 +19,7 @@ class IFNDConfig:
     """Settings of the IFND detector."""
 
     # -- clustering rounds ------------------------------------------------------------------
-    num_clusters: tuple[int, ...] = setting(
+    num_clusters: int | tuple[int, ...] = setting(
         (),
         "k of each k-means granularity. Empty: one granularity with k = round(1 / alpha) "
         "(balanced clusters then hold a fraction alpha of the data, the budget of GloFND).",

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .setting_types import check_dataclass_values
+
 if TYPE_CHECKING:
     from .detectors import FalseNegativeDetector
 
@@ -114,7 +116,8 @@ class DetectorSpec:
         self, kwargs: Mapping[str, Any] | None = None, shared: SharedSettings | None = None
     ) -> Any:
         """The settings dataclass from a mapping of its fields (defaults for the others);
-        raises ValueError naming an unknown key and the valid ones."""
+        raises ValueError naming an unknown key and the valid ones, or a value of the wrong
+        type and the expected one."""
         kwargs = dict(kwargs or {})
         shared = shared or SharedSettings()
         valid = self.setting_names()
@@ -129,6 +132,7 @@ class DetectorSpec:
                     f"unknown setting {key!r} for the {self.name!r} detector; its settings are: "
                     f"{', '.join(valid) if valid else '(none)'}"
                 )
+        kwargs = check_dataclass_values(self.settings, kwargs)  # types, before any use
         kwargs.update({name: getattr(shared, name) for name in self.shared_fields})
         return self.settings(**kwargs)
 

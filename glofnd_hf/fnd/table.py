@@ -3,7 +3,9 @@ duplicate indices that every update in this package goes through."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -56,6 +58,101 @@ class PerSampleTable:
     def to(self, device: torch.device | str) -> PerSampleTable:
         self.data = self.data.to(device)
         return self
+
+
+class StateError(ValueError):
+    """Stored per-sample state that cannot be loaded: the message names the entry (and the
+    first bad sample) and what was expected."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"state entry {key!r}: {problem}")
+        self.key = key
+        self.problem = problem
+
+    def within(self, prefix: str) -> StateError:
+        """The same error for the entry's name as stored under ``prefix``."""
+        return StateError(prefix + self.key, self.problem)
+
+
+@dataclass(frozen=True)
+class ValueRange:
+    """Valid values of a stored state entry: finite, within [low, high], integers only when
+    ``integer``; NaN only when ``nan_ok`` (an unset marker)."""
+
+    low: float = -math.inf
+    high: float = math.inf
+    integer: bool = False
+    nan_ok: bool = False
+
+    def describe(self) -> str:
+        kind = "an integer" if self.integer else "a finite number"
+        if self.low == -math.inf and self.high == math.inf:
+            text = kind
+        elif self.high == math.inf:
+            text = f"{kind} >= {self.low:g}"
+        elif self.low == -math.inf:
+            text = f"{kind} <= {self.high:g}"
+        else:
+            text = f"{kind} in [{self.low:g}, {self.high:g}]"
+        return text + (" (or NaN)" if self.nan_ok else "")
+
+    def invalid(self, values: torch.Tensor) -> torch.Tensor:
+        """Boolean mask of the entries outside this range (+-inf always is)."""
+        bad = ~((values >= self.low) & (values <= self.high))  # NaN fails both comparisons
+        if values.is_floating_point():
+            bad |= torch.isinf(values)
+            if self.integer:
+                bad |= values != torch.round(values)
+            if self.nan_ok:
+                bad &= ~torch.isnan(values)
+        return bad
+
+
+FINITE = ValueRange()
+NON_NEGATIVE = ValueRange(low=0.0)
+COUNT = ValueRange(low=0.0, integer=True)
+
+
+def check_state_tensor(
+    key: str,
+    value: object,
+    shape: Sequence[int] | None,
+    dtypes: Sequence[torch.dtype] | torch.dtype = torch.float32,
+    valid: ValueRange | None = FINITE,
+    shape_hint: str = "was it saved for a data set of another size?",
+) -> None:
+    """Raise :class:`StateError` unless ``value`` is a tensor of ``shape`` (None: any),
+    one of ``dtypes`` (nothing is cast silently) and every entry is ``valid`` (None: no
+    value check). The message names the first bad sample and its value."""
+    dtypes = (dtypes,) if isinstance(dtypes, torch.dtype) else tuple(dtypes)
+    if not isinstance(value, torch.Tensor):
+        raise StateError(key, f"is a {type(value).__name__}, expected a tensor")
+    if shape is not None and tuple(value.shape) != tuple(shape):
+        raise StateError(
+            key, f"has shape {tuple(value.shape)}, expected {tuple(shape)}: {shape_hint}"
+        )
+    if value.dtype not in dtypes:
+        expected = " or ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise StateError(
+            key, f"has dtype {str(value.dtype).removeprefix('torch.')}, expected {expected}"
+        )
+    if valid is None or value.dtype == torch.bool or value.numel() == 0:
+        return
+    bad = valid.invalid(value)
+    if bool(bad.any()):
+        first = bad.reshape(-1).to(torch.uint8).argmax()  # no list of every bad entry
+        position = tuple(int(i) for i in torch.unravel_index(first, value.shape))
+        if value.numel() == 1:
+            where = "it"
+        elif value.dim() == 1:
+            where = f"sample {position[0]}"
+        else:
+            where = f"position {list(position)}"
+        raise StateError(
+            key,
+            f"{where} holds {value[position].item()!r}, expected {valid.describe()} "
+            f"({int(bad.sum())} invalid entr{'y' if int(bad.sum()) == 1 else 'ies'})",
+        )
 
 
 def segment_mean(index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:

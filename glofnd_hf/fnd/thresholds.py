@@ -41,12 +41,13 @@ import torch
 
 from .quantiles import masked_quantile, tail_estimate
 from .registry import setting
-from .table import PerSampleTable
+from .table import COUNT, FINITE, NON_NEGATIVE, PerSampleTable, ValueRange, check_state_tensor
 
 SIDES = ("image", "text")
 LAMBDA = 0  # every rule keeps the threshold in column 0 and the visit count last
 UpdateRule = Literal["tail", "adam", "reference"]
 UPDATE_RULES: tuple[str, ...] = ("tail", "adam", "reference")
+THRESHOLD_RANGE = ValueRange(-1.0, 1.0)  # thresholds are cosine similarities (clamped)
 
 
 @dataclass
@@ -165,6 +166,8 @@ class ThresholdRule(ABC):
 
     columns: ClassVar[tuple[str, ...]]
     fill: ClassVar[tuple[float, ...]]
+    valid: ClassVar[tuple[ValueRange, ...]]
+    """Valid values of each column (checked when a stored state is loaded)."""
     num_statistics: ClassVar[int]
 
     def __init__(self, config: GloFNDConfig) -> None:
@@ -192,6 +195,7 @@ class TailRule(ThresholdRule):
 
     columns = ("lambda", "scale", "visits")
     fill = (1.0, 0.0, 0.0)
+    valid = (THRESHOLD_RANGE, NON_NEGATIVE, COUNT)
     num_statistics = 5  # pinball gradient, q_hat, beta, top negative, (k+1)-th largest
 
     def statistics(self, sim, negatives, lam):
@@ -232,6 +236,7 @@ class AdamRule(ThresholdRule):
 
     columns = ("lambda", "exp_avg", "exp_avg_sq", "visits")
     fill = (1.0, 0.0, 0.0, 0.0)
+    valid = (THRESHOLD_RANGE, FINITE, NON_NEGATIVE, COUNT)
 
     def __init__(self, config: GloFNDConfig) -> None:
         super().__init__(config)
@@ -346,6 +351,8 @@ class ThresholdState:
         }
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load a :meth:`state_dict`, every entry checked first (nothing is changed when one
+        is bad): shape (N,), dtype float32, values in the rule's column ranges."""
         expected = {f"{side}.{column}" for side in SIDES for column in self.columns}
         missing, unexpected = expected - state.keys(), state.keys() - expected
         if missing or unexpected:
@@ -355,11 +362,10 @@ class ThresholdState:
                 f"{', '.join(self.columns)} per side for update_rule "
                 f"{self.rule.config.update_rule!r}: was it saved with another rule?)"
             )
-        for key, value in state.items():
-            if tuple(value.shape) != (self.num_samples,):
-                raise ValueError(
-                    f"threshold state {key!r} has shape {tuple(value.shape)}, expected "
-                    f"({self.num_samples},): was it saved for a data set of another size?"
+        for side in SIDES:
+            for column, valid in zip(self.columns, self.rule.valid, strict=True):
+                check_state_tensor(
+                    f"{side}.{column}", state[f"{side}.{column}"], (self.num_samples,), valid=valid
                 )
         for s, side in enumerate(SIDES):
             for c, column in enumerate(self.columns):

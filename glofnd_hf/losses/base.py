@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from ..fnd import comm
 from ..fnd.detectors import DetectionBatch, FalseNegativeDetector, NoDetector
+from ..fnd.table import StateError
 from ..fnd.thresholds import SIDES
 
 Strategy = Literal["eliminate", "attract"]
@@ -99,7 +100,10 @@ class BimodalContrastiveLoss(ABC):
         unknown = [k for k in state if not k.startswith(prefix)]
         if unknown:
             raise ValueError(f"unexpected loss state keys {unknown}")
-        self.detector.load_state_dict({k[len(prefix) :]: v for k, v in state.items()})
+        try:
+            self.detector.load_state_dict({k[len(prefix) :]: v for k, v in state.items()})
+        except StateError as err:  # name the entry as it is stored
+            raise err.within(prefix) from err
 
     def to(self, device: torch.device | str) -> BimodalContrastiveLoss:
         self.detector.to(device)

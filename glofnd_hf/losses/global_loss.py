@@ -17,7 +17,7 @@ import torch
 
 from ..fnd import comm
 from ..fnd.detectors import FalseNegativeDetector
-from ..fnd.table import PerSampleTable, segment_mean
+from ..fnd.table import NON_NEGATIVE, PerSampleTable, check_state_tensor, segment_mean
 from ..fnd.thresholds import SIDES
 from .base import BimodalContrastiveLoss, LossOutput, Masks, Strategy
 
@@ -67,6 +67,12 @@ class GammaSchedule:
             return self.final
         progress = max(epoch, 0.0) / self.decay_epochs
         return self.final + (1.0 - self.final) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def check_u_state(key: str, value: torch.Tensor, num_samples: int) -> None:
+    """A stored u: (N,) float32, finite and >= 0 (0: never visited; a moving average of
+    positive g otherwise)."""
+    check_state_tensor(key, value, (num_samples,), valid=NON_NEGATIVE)
 
 
 class GlobalContrastiveLoss(BimodalContrastiveLoss):
@@ -126,14 +132,11 @@ class GlobalContrastiveLoss(BimodalContrastiveLoss):
         missing = own - state.keys()
         if missing:
             raise ValueError(f"global loss state misses {sorted(missing)}")
-        for s, side in enumerate(SIDES):
-            value = state[f"{side}.u"]
-            if tuple(value.shape) != (self.num_samples,):
-                raise ValueError(
-                    f"{side}.u has shape {tuple(value.shape)}, expected ({self.num_samples},)"
-                )
-            self.u.data[:, s].copy_(value)
+        for side in SIDES:
+            check_u_state(f"{side}.u", state[f"{side}.u"], self.num_samples)
         super().load_state_dict({k: v for k, v in state.items() if k not in own})
+        for s, side in enumerate(SIDES):  # after the detector's state passed its checks
+            self.u.data[:, s].copy_(state[f"{side}.u"])
 
     def to(self, device: torch.device | str) -> GlobalContrastiveLoss:
         super().to(device)

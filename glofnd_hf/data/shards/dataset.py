@@ -322,8 +322,8 @@ class ShardDataset(IterableDataset):
                 if index is None:
                     if cfg.on_bad_index == "raise":
                         raise ValueError(
-                            f"bad dataset index in {where}: {reason} "
-                            "(use on_bad_index='skip' to skip such samples)"
+                            f"bad dataset index in {where}: {reason} (set shard_on_bad_index: "
+                            "skip to skip and count such samples; ShardConfig.on_bad_index)"
                         )
                     counter.add("bad_index", f"{where}: {reason}")
                     continue

@@ -1,0 +1,48 @@
+"""Reading a checkpoint's per-sample state file (``glofnd_state.safetensors``) with every
+problem reported as one :class:`StateFileError` that names the file and the first bad entry:
+unreadable or truncated files, another N, and entries the loss or detector refuses (dtype,
+shape, non-finite or out-of-range values). Nothing is changed when the file is refused."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+__all__ = ["StateFileError", "load_state_file"]
+
+
+class StateFileError(ValueError):
+    """A per-sample state file that cannot be restored (the message says which and why)."""
+
+
+def read_state_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and metadata of a safetensors file; a file that is not one (truncated,
+    corrupt, empty) raises :class:`StateFileError` instead of safetensors' own error."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            return {key: f.get_tensor(key) for key in f.keys()}, metadata  # noqa: SIM118
+    except (SafetensorError, OSError, RuntimeError) as err:
+        raise StateFileError(
+            f"{path} is not a readable safetensors file (truncated or corrupt?): "
+            f"{type(err).__name__}: {err}"
+        ) from err
+
+
+def load_state_file(path: str | os.PathLike, loss, num_samples: int | None) -> None:
+    """Restore ``loss``'s per-sample state (``loss.load_state_dict``) from ``path``, after
+    checking that the file was written for ``num_samples`` (N) samples."""
+    state, metadata = read_state_file(path)
+    stored_n = metadata.get("num_samples")
+    if stored_n is not None and num_samples is not None and stored_n != str(num_samples):
+        raise StateFileError(
+            f"{path}: holds the state of N={stored_n} samples, this run has N={num_samples} "
+            "(another data set, or another num_samples?)"
+        )
+    try:
+        loss.load_state_dict(state)
+    except ValueError as err:  # StateError names the entry; others name keys or settings
+        raise StateFileError(f"{path}: {err}") from err
