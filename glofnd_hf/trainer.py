@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import shutil
 from collections.abc import Callable
 from typing import Any
 
@@ -16,6 +17,14 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .args import AUTO_DEVICE_STATE_LIMIT_BYTES, GloFNDTrainingArguments
+from .checkpoints import (
+    STATE_FILE,
+    checkpoint_problems,
+    find_checkpoints,
+    resolve_resume_checkpoint,
+    sync_folder,
+    write_atomically,
+)
 from .data.bad_samples import DATASETS_BAD_SAMPLE_KINDS
 from .data.hf import ImageTextCollator, prepare_image_text_dataset
 from .data.images import defer_image_decoding
@@ -26,8 +35,6 @@ from .models import DualEncoderAdapter
 from .state_file import load_state_file
 
 logger = logging.getLogger(__name__)
-
-STATE_FILE = "glofnd_state.safetensors"
 
 
 def build_contrastive_loss(
@@ -81,6 +88,34 @@ class _ClampLogitScale(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         with torch.no_grad():
             self.parameter.clamp_(0.0, self.upper)
+
+
+class _DataEpoch(TrainerCallback):
+    """Epoch bookkeeping of the data path.
+
+    At each epoch start the collator learns the epoch (a part of every sample's random seed,
+    also in DataLoader workers). With a shard loader, ``state.epoch`` after each step is set
+    to what an uninterrupted run logs: the Trainer counts the batches of a resumed epoch from
+    zero, since the loader (not the Trainer) skips the batches done before the checkpoint.
+    """
+
+    def __init__(self, trainer: GloFNDTrainer) -> None:
+        self.trainer = trainer
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        collator = self.trainer.data_collator
+        if hasattr(collator, "set_epoch"):
+            # state.epoch is e + (batches done) / (batches per epoch) < e + 1 within epoch e
+            collator.set_epoch(math.floor(state.epoch or 0.0))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        loader = self.trainer.shard_loader
+        if loader is not None and state.global_step > 0:
+            batches = loader.batches_per_epoch
+            per_epoch = self.trainer.shard_steps_per_epoch()
+            epoch, steps = divmod(state.global_step - 1, per_epoch)
+            done = min((steps + 1) * args.gradient_accumulation_steps, batches)
+            state.epoch = epoch + done / batches  # the Trainer's formula, uninterrupted
 
 
 class _EpochSummary(TrainerCallback):
@@ -189,6 +224,9 @@ class GloFNDTrainer(Trainer):
         )
         self.add_callback(ModelCardCallback(self))  # a model card in every checkpoint
         self.add_callback(_EpochSummary(self))
+        self.add_callback(_DataEpoch(self))
+        self._shard_resume: tuple[int, int] | None = None
+        self._state_written_to: str | None = None
 
     # -- temperature -------------------------------------------------------------------------
     def _temperature_parameters(self) -> list[torch.nn.Parameter]:
@@ -336,15 +374,13 @@ class GloFNDTrainer(Trainer):
         return metrics
 
     # -- saving and resuming -----------------------------------------------------------------
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        super().save_model(output_dir, _internal_call)
-        output_dir = output_dir or self.args.output_dir
-        # Checkpoints carry the per-sample state; the final model folder stays a clean model.
-        is_checkpoint = os.path.basename(os.path.normpath(output_dir)).startswith(
-            PREFIX_CHECKPOINT_DIR
-        )
-        if self.args.should_save and is_checkpoint:
-            self.save_fnd_state(output_dir)
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
+        """``Trainer.train``; ``resume_from_checkpoint`` may also be ``"last"`` (as ``True``):
+        the newest complete checkpoint of ``output_dir``. A folder that is not a complete
+        checkpoint is refused with what it lacks (:mod:`glofnd_hf.checkpoints`)."""
+        quiet = None if self.is_world_process_zero() else (lambda message: None)
+        checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir, quiet)
+        return super().train(checkpoint, *args, **kwargs)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         output_dir = output_dir or self.args.output_dir
@@ -354,15 +390,81 @@ class GloFNDTrainer(Trainer):
         if self.adapter.family == "open_clip" and self.args.should_save:
             self.adapter.save(output_dir, safe_serialization=True)
 
+    def _checkpoint_dir(self, trial: Any) -> tuple[str, str]:
+        run_dir = self._get_output_dir(trial=trial)
+        return run_dir, os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+
+    def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
+        """The Trainer's checkpoint, then the per-sample state, written last and atomically:
+        a folder holding it is complete (the final model folder never gets it). Old
+        checkpoints are rotated out only after that, so a crash at any point leaves the
+        previous complete checkpoint in place."""
+        run_dir, output_dir = self._checkpoint_dir(trial)
+        if self.args.should_save:
+            # Written again (a resumed run passing the same step): not complete until the end.
+            for name in (STATE_FILE, STATE_FILE + ".tmp"):
+                if os.path.exists(os.path.join(output_dir, name)):
+                    os.remove(os.path.join(output_dir, name))
+        limit = self.args.save_total_limit
+        self.args.save_total_limit = None  # no rotation inside: the new one is not complete yet
+        self._state_written_to = None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        if self.args.should_save:
+            if self._state_written_to != output_dir:
+                self._finish_checkpoint(output_dir)
+            self._rotate_complete_checkpoints(run_dir, output_dir)
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        # Pushed checkpoints are complete ones: finish the folder before the upload.
+        if self.args.should_save and self._state_written_to != checkpoint_folder:
+            self._finish_checkpoint(checkpoint_folder)
+        super()._push_from_checkpoint(checkpoint_folder)
+
+    def _finish_checkpoint(self, output_dir: str) -> None:
+        sync_folder(output_dir)
+        self.save_fnd_state(output_dir)
+        self._state_written_to = output_dir
+
+    def _rotate_complete_checkpoints(self, run_dir: str, current: str) -> None:
+        """``save_total_limit``, counting complete checkpoints only: keep the newest ones (the
+        current one and the best one always), delete the other complete ones and the
+        incomplete ones older than the current one (left by a crash)."""
+        limit = self.args.save_total_limit
+        if limit is None or limit <= 0:
+            return
+        checkpoints = find_checkpoints(run_dir)  # newest first
+        protected = {os.path.abspath(current)}
+        if self.state.best_model_checkpoint is not None:
+            protected.add(os.path.abspath(self.state.best_model_checkpoint))
+        kept = set(protected)
+        for _, path in checkpoints:
+            if len(kept) >= max(limit, len(protected)):
+                break
+            if not checkpoint_problems(path):
+                kept.add(os.path.abspath(path))
+        for step, path in checkpoints:
+            if os.path.abspath(path) in kept:
+                continue
+            if step < self.state.global_step or not checkpoint_problems(path):
+                logger.info("deleting checkpoint %s (save_total_limit=%d)", path, limit)
+                shutil.rmtree(path, ignore_errors=True)
+
     def save_fnd_state(self, output_dir: str) -> None:
-        """Write the per-sample state (thresholds, moments, visits, u) to ``output_dir``."""
+        """Write the per-sample state (thresholds, moments, visits, u) to ``output_dir``,
+        atomically (a temporary file renamed into place)."""
         state = self.contrastive_loss.state_dict()
         meta = {
             "config": json.dumps(self.contrastive_loss.config_dict(), default=str),
             "num_samples": str(self.num_samples),
         }
         os.makedirs(output_dir, exist_ok=True)
-        save_file(state, os.path.join(output_dir, STATE_FILE), metadata=meta)
+        write_atomically(
+            os.path.join(output_dir, STATE_FILE),
+            lambda path: save_file(state, path, metadata=meta),
+        )
 
     def load_fnd_state(self, checkpoint: str) -> None:
         path = os.path.join(checkpoint, STATE_FILE)
@@ -376,12 +478,29 @@ class GloFNDTrainer(Trainer):
         load_state_file(path, self.contrastive_loss, self.num_samples)  # checked, or refused
         logger.info("restored the per-sample state from %s", path)
 
+    def shard_steps_per_epoch(self) -> int:
+        """Optimizer steps per epoch of the shard loader (the Trainer's count)."""
+        gas = self.args.gradient_accumulation_steps
+        return -(-self.shard_loader.batches_per_epoch // gas)
+
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
+        self._shard_resume = None
         if checkpoint is not None:
             self.load_fnd_state(checkpoint)
             if self.shard_loader is not None:
                 # The Trainer state is restored by now: continue the epoch where it stopped.
-                done = self.state.global_step * self.args.gradient_accumulation_steps
-                epoch, skip = divmod(done, self.shard_loader.batches_per_epoch)
+                epoch, steps = divmod(self.state.global_step, self.shard_steps_per_epoch())
+                skip = steps * self.args.gradient_accumulation_steps
                 self.shard_loader.resume_at(epoch, skip)
+                self._shard_resume = (epoch, skip) if skip else None
+
+    def _run_epoch(self, *args: Any, **kwargs: Any):
+        # transformers >= 5 (one call per epoch). The shard loader skips the batches of a
+        # resumed epoch itself, so the Trainer sees an epoch of B - skip batches: its last
+        # (possibly partial) accumulation group must end there.
+        resume = self._shard_resume
+        if resume is not None and kwargs.get("epoch") == resume[0] and "steps_in_epoch" in kwargs:
+            kwargs["steps_in_epoch"] = kwargs["steps_in_epoch"] - resume[1]
+        self._shard_resume = None
+        return super()._run_epoch(*args, **kwargs)

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from ..args import DataArguments, GloFNDTrainingArguments, ModelArguments
+from ..checkpoints import resolve_resume_checkpoint
 from ..data.digits import DIGITS_DATASET, digits_classification_defaults
 from ..data.hf import usable_captions
 from ..data.loading import load_image_text_dataset
@@ -51,6 +52,9 @@ def help_overrides() -> dict[str, str]:
         "detector_kwargs": "Settings of the chosen detector: a mapping (YAML) or a JSON string "
         f'(flag), e.g. \'{{"update_rule": "adam"}}\' for glofnd. Keys by detector: '
         f"{settings}. Meanings: docs/settings.md.",
+        "resume_from_checkpoint": "Continue an interrupted run: a checkpoint folder, or 'last' "
+        "(also 'true') for the newest complete checkpoint in output_dir (incomplete ones, cut "
+        "short by a crash, are skipped and named).",
     }
 
 
@@ -96,6 +100,10 @@ def run(argv: Sequence[str]) -> dict[str, dict[str, float]]:
     )
     if data_args.dataset_name is None and data_args.train_shards is None:
         raise UsageError("set dataset_name (e.g. glofnd-digits) or train_shards")
+    # Before any model or data loads: 'last' becomes a folder, an incomplete one is refused.
+    args.resume_from_checkpoint = resolve_resume_checkpoint(
+        args.resume_from_checkpoint, args.output_dir, None if args.should_log else _silent
+    )
     _classification_defaults(data_args)
     train = None
     if data_args.train_shards is None:
@@ -187,6 +195,10 @@ def run(argv: Sequence[str]) -> dict[str, dict[str, float]]:
     if args.world_size > 1:
         trainer.accelerator.end_training()  # destroy the process group before exit
     return results
+
+
+def _silent(message: str) -> None:
+    """Resume notices are printed by the main process only."""
 
 
 def _print_table(title: str, metrics: dict[str, float], trainer: GloFNDTrainer) -> None:

@@ -13,6 +13,7 @@ from PIL import Image
 
 from .bad_samples import DATASETS_BAD_SAMPLE_KINDS, BadSampleCounter
 from .images import to_rgb
+from .randomness import SampleRandomness, SharedInt, sample_seed
 
 __all__ = ["ImageTextCollator", "prepare_image_text_dataset", "usable_captions"]
 
@@ -100,6 +101,11 @@ class ImageTextCollator:
     ``attention_mask``), ``dataset_index`` and, when a label column is set, ``fn_labels``.
     A caption cell may hold a list of captions; training then draws one per visit.
 
+    Randomness (the training transform's augmentation, the caption drawn from a list) is a
+    pure function of ``(seed, epoch, dataset index)`` (:mod:`~glofnd_hf.data.randomness`):
+    the same in any DataLoader worker and after resuming from any step. ``set_epoch`` (the
+    Trainer calls it at each epoch start) selects the epoch, also in persistent workers.
+
     A row whose image cannot be decoded or whose caption is missing is replaced by a copy of
     another good row of the same batch: the batch keeps its size (distributed gathers need
     equal batches) and the copy carries the same dataset index, which the losses treat as a
@@ -124,7 +130,8 @@ class ImageTextCollator:
         self.caption_column = caption_column
         self.index_column = index_column
         self.label_column = label_column
-        self._rng = random.Random(seed)
+        self.seed = 0 if seed is None else int(seed)
+        self._epoch = SharedInt(0)
         self.bad_samples = BadSampleCounter(kinds=DATASETS_BAD_SAMPLE_KINDS, logger=logger)
 
     @property
@@ -132,13 +139,25 @@ class ImageTextCollator:
         """Rows skipped so far by this process, by kind."""
         return self.bad_samples.as_dict()
 
+    @property
+    def epoch(self) -> int:
+        return self._epoch.get()
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch the next rows belong to (part of every sample's random seed)."""
+        self._epoch.set(int(epoch))
+
     def _caption(self, value: Any) -> str | None:
         options = usable_captions(value)
         if not options:
             return None
-        return options[0] if isinstance(value, str) else self._rng.choice(options)
+        # One of several captions: drawn from the generators seeded for this sample.
+        return options[0] if isinstance(value, str) else random.choice(options)
 
-    def _decode(self, row: Mapping[str, Any]) -> tuple[torch.Tensor, str] | str:
+    def _decode(
+        self, row: Mapping[str, Any], randomness: SampleRandomness
+    ) -> tuple[torch.Tensor, str] | str:
+        randomness.seed(sample_seed(self.seed, self._epoch.get(), int(row[self.index_column])))
         caption = self._caption(row[self.caption_column])
         if caption is None:
             return "missing_caption"
@@ -148,7 +167,8 @@ class ImageTextCollator:
             return "corrupt_image"
 
     def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
-        decoded = [self._decode(r) for r in rows]
+        with SampleRandomness() as randomness:  # the caller's RNG states come back after
+            decoded = [self._decode(r, randomness) for r in rows]
         good = [i for i, d in enumerate(decoded) if not isinstance(d, str)]
         problems = [d for d in decoded if isinstance(d, str)]
         for row, problem in zip(rows, decoded, strict=True):

@@ -123,8 +123,12 @@ beginning of its shard order (samples already seen in that epoch are seen
 again).  ``set_epoch(epoch, skip_batches=k)`` continues exactly where a run
 stopped after ``k`` batches of that epoch: each worker regenerates and discards
 its share of the first ``k`` batches (decode cost, no transfer) and every rank
-then yields ``B - k`` batches - the same batches the uninterrupted run would
-have produced, possibly in a different order within a round of ``W``.  For a
+then yields ``B - k`` batches - the same batches, in the same order, as the
+uninterrupted run (after ``k`` batches DataLoader worker ``j`` serves the stream of
+worker ``(k + j) % W``, whose turn comes next).  Image augmentation is seeded per
+sample by ``(seed, epoch, dataset index, pass)`` (:mod:`glofnd_hf.data.randomness`),
+so neither the worker nor a resume changes it; worker seeds are drawn from the
+loader's own generator, never from the global torch RNG.  For a
 run stopped after ``n`` batches in total: ``epoch, k = divmod(n, B)`` with
 ``B = loader.batches_per_epoch``.  With the HF Trainer, set
 ``ignore_data_skip=True`` and call ``set_epoch(epoch, skip_batches=k)`` yourself:

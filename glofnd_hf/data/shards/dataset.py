@@ -7,8 +7,6 @@ Semantics (partition, epoch length, dataset index, bad data, resume) are describ
 from __future__ import annotations
 
 import logging
-import multiprocessing.context
-import multiprocessing.sharedctypes
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -20,6 +18,7 @@ from torch.utils.data import IterableDataset
 from ...fnd.comm import rank_and_world
 from ..bad_samples import BadSampleCounter
 from ..images import to_rgb
+from ..randomness import SampleRandomness, SharedInt, sample_seed
 from ..webdataset_io import (
     CAPTION_KEYS,
     IMAGE_KEYS,
@@ -77,33 +76,6 @@ class ShardConfig:
     prefetch_factor: int | None = 2
 
 
-class _SharedInt:
-    """An int in shared memory (seen by forked/spawned DataLoader workers, persistent ones
-    included); degrades to a plain int when pickled outside process spawning."""
-
-    def __init__(self, value: int = 0):
-        self._raw = multiprocessing.sharedctypes.RawValue("q", int(value))
-        self._plain: int | None = None
-
-    def get(self) -> int:
-        return self._plain if self._raw is None else int(self._raw.value)
-
-    def set(self, value: int) -> None:
-        if self._raw is None:
-            self._plain = int(value)
-        else:
-            self._raw.value = int(value)
-
-    def __getstate__(self):
-        if self._raw is not None and multiprocessing.context.get_spawning_popen() is not None:
-            return {"raw": self._raw, "plain": None}
-        return {"raw": None, "plain": self.get()}
-
-    def __setstate__(self, state):
-        self._raw = state["raw"]
-        self._plain = state["plain"]
-
-
 class ShardDataset(IterableDataset):
     """IterableDataset yielding collated batches (see :mod:`glofnd_hf.data.shards`).
 
@@ -155,8 +127,8 @@ class ShardDataset(IterableDataset):
             )
         if not config.resampled:
             self._check_enough_shards(max(1, config.num_workers))
-        self._epoch = _SharedInt(0)
-        self._skip = _SharedInt(0)
+        self._epoch = SharedInt(0)
+        self._skip = SharedInt(0)
         self._counter: BadSampleCounter | None = None
 
     # ------------------------------------------------------------------ setup helpers
@@ -223,16 +195,30 @@ class ShardDataset(IterableDataset):
 
     # ------------------------------------------------------------------ iteration
 
-    def _worker(self) -> tuple[int, int]:
+    def _worker(self, skip: int = 0) -> tuple[int, int]:
+        """The logical worker (whose shards, shuffle and quota this process serves) and the
+        number of workers. Rank batch ``i`` of an epoch comes from logical worker
+        ``i % W``; the DataLoader asks its workers in turn starting from worker 0, so after
+        ``skip`` batches worker ``j`` serves logical worker ``(skip + j) % W``: the
+        remaining batches then come in the uninterrupted run's order."""
         info = torch.utils.data.get_worker_info()
-        return (0, 1) if info is None else (info.id, info.num_workers)
+        if info is None:
+            return 0, 1
+        return (info.id + skip) % info.num_workers, info.num_workers
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        randomness = SampleRandomness()  # seeds each sample's augmentation
+        try:
+            yield from self._batches(randomness)
+        finally:
+            randomness.release()  # the consumer's RNG states, whatever happened
+
+    def _batches(self, randomness: SampleRandomness) -> Iterator[dict[str, torch.Tensor]]:
         cfg = self.config
-        worker_id, num_workers = self._worker()
+        epoch, skip = self._epoch.get(), self._skip.get()
+        worker_id, num_workers = self._worker(skip)
         if not cfg.resampled:
             self._check_enough_shards(num_workers)
-        epoch, skip = self._epoch.get(), self._skip.get()
         quota = worker_quota(self.batches_per_epoch, num_workers, worker_id)
         to_skip = min(quota, worker_skip_batches(skip, num_workers, worker_id))
         if self._counter is None:
@@ -281,6 +267,9 @@ class ShardDataset(IterableDataset):
             rng = seeded_rng(cfg.seed, epoch, self.rank, worker_id, pass_id, 2)
             raw = self._raw_samples(shards, counter)
             for image_bytes, caption, index, where in buffer_shuffle(raw, cfg.shuffle_buffer, rng):
+                # Augmentation drawn from (seed, epoch, dataset index, pass): the same after
+                # a resume and under any number of workers.
+                randomness.seed(sample_seed(cfg.seed, epoch, index, pass_id))
                 pixels = self._decode(image_bytes, where, counter)
                 if pixels is None:
                     continue
@@ -291,6 +280,7 @@ class ShardDataset(IterableDataset):
                 if produced >= to_skip:  # batches before to_skip: resume fast-forward
                     out = self._collate(batch)
                     out["bad_sample_counts"] = counter.take_delta()
+                    randomness.release()  # the consumer sees its own RNG states
                     yield out
                 batch = []
                 produced += 1

@@ -33,6 +33,10 @@ class ShardDataLoader(DataLoader):
     glofnd_presharded = True
 
     def __init__(self, dataset: ShardDataset, **kwargs: Any):
+        # Worker seeds from a generator of our own: iterating the loader leaves the global
+        # torch RNG alone (a resumed Trainer restores it exactly). Nothing in the stream
+        # depends on worker seeds (augmentation is seeded per sample).
+        kwargs.setdefault("generator", torch.Generator().manual_seed(dataset.config.seed))
         super().__init__(dataset, batch_size=None, **kwargs)
         self._resume: tuple[int, int] | None = None
         self._epoch_set_explicitly = False
