@@ -67,6 +67,7 @@ ALWAYS_IGNORED_PATTERNS = (
     ".git/**",
     "**/.DS_Store",
     "*.lock",
+    "*.tmp",  # a half-written file left by a crash (state files are written via a .tmp)
 )
 # open_clip folders written by GloFNDTrainer also hold the Trainer's own copy of the weights
 # (used by resume_from_checkpoint); the Hub layout is open_clip_model.safetensors.
