@@ -22,7 +22,15 @@ from transformers import TrainingArguments
 from .fnd import registry
 from .fnd.registry import DetectorSpec, SharedSettings, setting
 from .fnd.thresholds import UpdateRule
-from .losses import U_BYTES_PER_SAMPLE, GammaSchedule, TemperatureScheme, temperature_scheme
+from .losses import (
+    TEMPERATURE_GRADIENTS,
+    U_BYTES_PER_SAMPLE,
+    GammaGranularity,
+    GammaSchedule,
+    TemperatureGradient,
+    TemperatureScheme,
+    temperature_scheme,
+)
 from .secret_args import SecretsNotPickled
 
 # "auto" placement keeps the state on the accelerator up to this size, else in host memory.
@@ -203,6 +211,11 @@ class GloFNDTrainingArguments(SecretsNotPickled, TrainingArguments):
         "gamma_decay_epochs on a half cosine.",
     )
     gamma_decay_epochs: float = setting(18.0, "Global losses: epochs of the cosine gamma decay.")
+    gamma_granularity: GammaGranularity = setting(
+        "epoch",
+        "Global losses, cosine gamma: epoch: evaluated at the integer epoch and held through it "
+        "(FastCLIP's code); step: evaluated at each step's fractional epoch.",
+    )
     temperature_scheme: TemperatureScheme = setting(
         "learnable",
         "learnable: the model's logit_scale is trained (FastCLIP's "
@@ -215,6 +228,14 @@ class GloFNDTrainingArguments(SecretsNotPickled, TrainingArguments):
         None, "Own learning rate for the temperature (default: learning_rate)."
     )
     rho: float = setting(6.5, "fastclip with a learnable temperature: FastCLIP-v3's rho.")
+    temperature_gradient: TemperatureGradient = setting(
+        "fastclip",
+        "fastclip with a learnable temperature: how the two sides weigh in its gradient. "
+        "fastclip: the surrogate terms of the two sides summed, the rho and log u terms "
+        "averaged, as FastCLIP's code (with which its rho = 6.5 was chosen); mean: all "
+        "averaged (the gradient of the objective tau * (mean log g + rho)). The loss value "
+        "and the embeddings' gradients are the same either way.",
+    )
     max_logit_scale: float = setting(100.0, "logit_scale.exp() is clamped to this after each step.")
 
     # -- False-negative detection -------------------------------------------------------------
@@ -314,6 +335,11 @@ class GloFNDTrainingArguments(SecretsNotPickled, TrainingArguments):
                 "loss_type 'sogclr' uses a fixed temperature: set temperature_scheme: fixed "
                 "(or use loss_type 'fastclip' for a learnable one)"
             )
+        if self.temperature_gradient not in TEMPERATURE_GRADIENTS:
+            raise ValueError(
+                f"temperature_gradient must be one of {TEMPERATURE_GRADIENTS}, "
+                f"got {self.temperature_gradient!r}"
+            )
         if self.temperature_init is not None and not 0 < self.temperature_init:
             raise ValueError(f"temperature_init must be positive, got {self.temperature_init}")
         if self.max_logit_scale <= 0:
@@ -405,7 +431,9 @@ class GloFNDTrainingArguments(SecretsNotPickled, TrainingArguments):
         )
 
     def gamma_schedule_obj(self) -> GammaSchedule:
-        return GammaSchedule(self.gamma, self.gamma_schedule, self.gamma_decay_epochs)
+        return GammaSchedule(
+            self.gamma, self.gamma_schedule, self.gamma_decay_epochs, self.gamma_granularity
+        )
 
     @property
     def max_log_logit_scale(self) -> float:

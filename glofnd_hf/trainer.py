@@ -60,6 +60,7 @@ def build_contrastive_loss(
         temperature=args.temperature_scheme if args.loss_type == "fastclip" else "fixed",
         rho=args.rho,
         multiply_tau=args.loss_type == "fastclip",
+        temperature_gradient=args.temperature_gradient,
         device=state_device,
         pin_memory=pin,
         check_inputs=args.check_inputs,

@@ -162,14 +162,21 @@ def closed_form_global(image, text, scale, kept):
     return torch.stack(out)  # (2, b) of g
 
 
-@pytest.mark.parametrize("temperature", ["fixed", "learnable"])
-def test_global_loss_with_gamma_one_equals_the_closed_form(temperature):
+@pytest.mark.parametrize(
+    "temperature,weighting",
+    [("fixed", "fastclip"), ("learnable", "fastclip"), ("learnable", "mean")],
+)
+def test_global_loss_with_gamma_one_equals_the_closed_form(temperature, weighting):
     n, b = 30, 8
     image, text = embeddings(b=b, seed=5)
     index = torch.tensor([3, 14, 15, 9, 26, 5, 21, 7])
     scale = torch.tensor(6.0, dtype=torch.float64, requires_grad=True)
     loss = GlobalContrastiveLoss(
-        n, gamma=GammaSchedule(1.0, "constant"), temperature=temperature, rho=6.5
+        n,
+        gamma=GammaSchedule(1.0, "constant"),
+        temperature=temperature,
+        rho=6.5,
+        temperature_gradient=weighting,
     )
     out = loss(image, text, scale, index, epoch=0)
     out.loss.backward()
@@ -197,6 +204,13 @@ def test_global_loss_with_gamma_one_equals_the_closed_form(temperature):
         objective = (1.0 / scale.detach()) * torch.log(g_fixed).mean()
     else:
         objective = (1.0 / scale) * (torch.log(g).mean() + 6.5)
+    if weighting == "fastclip" and temperature == "learnable":
+        # FastCLIP's code sums the surrogate over the two sides for the temperature: its share
+        # of the scale's gradient (tau held, through g only) counts twice. The embeddings'
+        # gradients are unchanged, so the extra term reaches the scale alone.
+        g_scale_only = closed_form_global(image.detach(), text.detach(), scale, kept)
+        extra = torch.log(g_scale_only).mean() / scale.detach()
+        objective = objective + (extra - extra.detach())  # a gradient, no value
     objective.backward()
     want = [image.grad, text.grad, scale.grad if scale.grad is not None else torch.zeros(())]
     if temperature == "learnable":  # the surrogate g/u adds its value 1, times tau

@@ -3,24 +3,32 @@
 from .base import BimodalContrastiveLoss, LossOutput, Masks, Strategy
 from .clip import ClipLoss
 from .global_loss import (
+    GAMMA_GRANULARITIES,
+    TEMPERATURE_GRADIENTS,
     TEMPERATURE_SCHEMES,
     U_BYTES_PER_SAMPLE,
+    GammaGranularity,
     GammaSchedule,
     GlobalContrastiveLoss,
+    TemperatureGradient,
     TemperatureScheme,
     temperature_scheme,
 )
 
 __all__ = [
+    "GAMMA_GRANULARITIES",
+    "TEMPERATURE_GRADIENTS",
     "TEMPERATURE_SCHEMES",
     "U_BYTES_PER_SAMPLE",
     "BimodalContrastiveLoss",
     "ClipLoss",
+    "GammaGranularity",
     "GammaSchedule",
     "GlobalContrastiveLoss",
     "LossOutput",
     "Masks",
     "Strategy",
+    "TemperatureGradient",
     "TemperatureScheme",
     "temperature_scheme",
 ]

@@ -4,6 +4,18 @@ For each anchor and side, ``g_i`` is the mean over the kept negatives j of
 ``exp((s_ij - s_ii) * logit_scale)``. A per-sample moving average ``u_i`` (keyed by dataset
 index) of ``g_i`` estimates the global denominator; the gradient of ``log g`` is estimated by
 ``grad(g_i) / u_i``, so the surrogate loss is ``g_i / (u_i + eps)`` with ``u`` held fixed.
+
+Two details follow the FastCLIP reference code (Wei et al., 2024, github.com/Optimization-AI/
+fast_clip), with which FastCLIP-v3's ``rho`` and gamma settings were chosen:
+
+* the learnable temperature's gradient counts the surrogate of the two sides (image-to-text
+  and text-to-image) summed, the ``rho`` and ``log u`` terms averaged
+  (``temperature_gradient="fastclip"``); ``"mean"`` averages all of them, which is the
+  gradient of the objective ``tau * (mean log g + rho)``. The loss value and the gradients of
+  the embeddings are the same either way;
+* the cosine gamma schedule is evaluated at the integer epoch and held through it
+  (``GammaSchedule(granularity="epoch")``); ``"step"`` evaluates it at each step's fractional
+  epoch.
 """
 
 from __future__ import annotations
@@ -25,6 +37,14 @@ TemperatureScheme = Literal["learnable", "fixed"]
 """learnable: the temperature is trained (FastCLIP-v3, FastCLIP's "global_learnable");
 fixed: it is not."""
 TEMPERATURE_SCHEMES: tuple[str, ...] = ("learnable", "fixed")
+TemperatureGradient = Literal["fastclip", "mean"]
+"""How the two sides weigh in a learnable temperature's gradient. fastclip: the surrogate
+terms summed over the sides, rho and log u averaged (FastCLIP's code); mean: all averaged."""
+TEMPERATURE_GRADIENTS: tuple[str, ...] = ("fastclip", "mean")
+GammaGranularity = Literal["epoch", "step"]
+"""When the gamma schedule moves. epoch: evaluated at the integer epoch, held through it
+(FastCLIP's code); step: evaluated at each step's fractional epoch."""
+GAMMA_GRANULARITIES: tuple[str, ...] = ("epoch", "step")
 U_BYTES_PER_SAMPLE = len(SIDES) * 4  # u of both sides, float32
 
 
@@ -47,12 +67,17 @@ class GammaSchedule:
     """Weight of the newest estimate in the moving average ``u``.
 
     ``constant``: always ``final``. ``cosine``: from 1.0 at epoch 0 down to ``final`` at
-    ``decay_epochs`` on a half cosine, then ``final``.
+    ``decay_epochs`` on a half cosine, then ``final``. ``granularity``: ``epoch`` evaluates the
+    cosine at the integer epoch ``floor(epoch)`` and holds it through the epoch, as FastCLIP's
+    code (which sets gamma once at each epoch start); ``step`` evaluates it at the fractional
+    epoch of each step, so gamma is lower within an epoch (by up to about
+    ``(1 - final) * pi / (2 * decay_epochs)``, 0.07 for the defaults).
     """
 
     final: float = 0.2
     kind: Literal["constant", "cosine"] = "cosine"
     decay_epochs: float = 18.0
+    granularity: GammaGranularity = "epoch"
 
     def __post_init__(self) -> None:
         if not 0.0 < self.final <= 1.0:
@@ -61,8 +86,14 @@ class GammaSchedule:
             raise ValueError(f"gamma schedule must be 'constant' or 'cosine', got {self.kind!r}")
         if self.kind == "cosine" and self.decay_epochs <= 0:
             raise ValueError(f"gamma decay_epochs must be positive, got {self.decay_epochs}")
+        if self.granularity not in GAMMA_GRANULARITIES:
+            raise ValueError(
+                f"gamma granularity must be one of {GAMMA_GRANULARITIES}, got {self.granularity!r}"
+            )
 
     def __call__(self, epoch: float) -> float:
+        if self.granularity == "epoch":
+            epoch = math.floor(epoch)
         if self.kind == "constant" or epoch >= self.decay_epochs:
             return self.final
         progress = max(epoch, 0.0) / self.decay_epochs
@@ -82,8 +113,17 @@ class GlobalContrastiveLoss(BimodalContrastiveLoss):
     logit_scale`` so its gradients are comparable to InfoNCE's. ``temperature``:
     ``fixed`` uses the given scale without gradient; ``learnable`` (FastCLIP-v3's
     "global_learnable") adds ``tau * (rho + mean log u)``, whose gradient with the
-    surrogate's is the gradient of ``tau * log g + rho * tau`` with respect to the
+    surrogate's estimates the gradient of ``tau * log g + rho * tau`` with respect to the
     temperature.
+
+    ``temperature_gradient`` (learnable only) weighs the two sides in that gradient. With
+    ``S`` the surrogate's share (``tau.detach() * mean g / u`` differentiated through the
+    logit scale inside g) and ``C`` the rest (``tau * (rho + mean log u)``): ``"mean"`` gives
+    ``S + C``, where the surrogate of each side is averaged like everything else, the
+    gradient of the objective above; ``"fastclip"`` (the default) gives ``2 S + C``, the
+    surrogate terms of the two sides summed and the ``rho`` and ``log u`` terms averaged, as
+    FastCLIP's code computes it (with which its ``rho`` was chosen). The loss value and the
+    embeddings' gradients do not depend on it.
     """
 
     def __init__(
@@ -99,11 +139,17 @@ class GlobalContrastiveLoss(BimodalContrastiveLoss):
         device: torch.device | str = "cpu",
         pin_memory: bool = False,
         check_inputs: bool = True,
+        temperature_gradient: TemperatureGradient = "fastclip",
     ) -> None:
         super().__init__(detector, strategy, check_inputs)
         temperature = temperature_scheme(temperature)
         if temperature == "learnable" and not multiply_tau:
             raise ValueError("a learnable temperature needs multiply_tau=True (FastCLIP-v3)")
+        if temperature_gradient not in TEMPERATURE_GRADIENTS:
+            raise ValueError(
+                f"temperature_gradient must be one of {TEMPERATURE_GRADIENTS}, "
+                f"got {temperature_gradient!r}"
+            )
         detector_n = self.detector.num_samples
         if detector_n is not None and detector_n != num_samples:
             raise ValueError(
@@ -113,6 +159,7 @@ class GlobalContrastiveLoss(BimodalContrastiveLoss):
         self.temperature: TemperatureScheme = temperature
         self.rho = float(rho)
         self.multiply_tau = multiply_tau
+        self.temperature_gradient: TemperatureGradient = temperature_gradient
         self.eps = eps
         # u of both sides; 0 marks "never visited" (g > 0 always once visited).
         self.u = PerSampleTable(num_samples, (len(SIDES),), 0.0, device, pin_memory)
@@ -150,9 +197,11 @@ class GlobalContrastiveLoss(BimodalContrastiveLoss):
             "gamma": self.gamma.final,
             "gamma_schedule": self.gamma.kind,
             "gamma_decay_epochs": self.gamma.decay_epochs,
+            "gamma_granularity": self.gamma.granularity,
             "temperature": self.temperature,
             "rho": self.rho,
             "multiply_tau": self.multiply_tau,
+            "temperature_gradient": self.temperature_gradient,
         }
 
     def _loss(
@@ -166,7 +215,7 @@ class GlobalContrastiveLoss(BimodalContrastiveLoss):
         if self.temperature == "fixed":
             logit_scale = logit_scale.detach()
         own_sim = sim[:, torch.arange(sim.shape[1], device=sim.device), masks.positive_column]
-        diff = (sim - own_sim.unsqueeze(-1)) * logit_scale
+        diff = (sim - own_sim.unsqueeze(-1)) * self._surrogate_scale(logit_scale)
         kept = masks.kept_negatives(self.strategy)
         n_kept = kept.sum(-1).clamp(min=1)
         g = torch.where(kept, torch.exp(diff), torch.zeros_like(diff)).sum(-1) / n_kept  # (2, b)
@@ -192,6 +241,18 @@ class GlobalContrastiveLoss(BimodalContrastiveLoss):
         if self.temperature == "learnable":
             loss = loss + tau * (self.rho + torch.log(u + self.eps).mean())
         return LossOutput(loss, stats)
+
+    def _surrogate_scale(self, logit_scale: torch.Tensor) -> torch.Tensor:
+        """The logit scale as the surrogate sees it: its value, with the gradient that flows back
+        through it multiplied by the number of sides for ``temperature_gradient="fastclip"``.
+
+        The surrogate is averaged over the two sides, so this turns its share of the
+        temperature's gradient into the sum over the sides (FastCLIP's code) and leaves the
+        value and every other gradient as they are."""
+        if self.temperature_gradient == "mean" or not logit_scale.requires_grad:
+            return logit_scale
+        weight = float(len(SIDES))
+        return logit_scale + (weight - 1.0) * (logit_scale - logit_scale.detach())
 
     def _objective(self, sim: torch.Tensor, logit_scale: torch.Tensor, masks: Masks) -> LossOutput:
         """The objective the surrogate minimises, estimated from this batch alone (its own g
