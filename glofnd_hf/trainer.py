@@ -268,9 +268,10 @@ class GloFNDTrainer(Trainer):
         return super().get_train_dataloader()
 
     def current_epoch(self) -> float:
-        """Epoch driving start epochs and schedules: exact for map-style data, derived from
-        samples seen (steps x global batch / N) for streaming data."""
-        if self.shard_loader is None and hasattr(self.train_dataset, "__len__"):
+        """Epoch driving start epochs and schedules: passes over the training data. Exact for
+        map-style data and for the shard loader (whose epoch is a pass over its samples, kept
+        in ``state.epoch`` after every step); other streaming data: samples seen / N."""
+        if self.shard_loader is not None or hasattr(self.train_dataset, "__len__"):
             return float(self.state.epoch or 0.0)
         global_batch = (
             self.args.per_device_train_batch_size
