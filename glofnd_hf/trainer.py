@@ -16,7 +16,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .args import AUTO_DEVICE_STATE_LIMIT_BYTES, GloFNDTrainingArguments
-from .data.bad_samples import DATASETS_BAD_SAMPLE_KINDS
+from .data.bad_samples import BAD_SAMPLE_KINDS, DATASETS_BAD_SAMPLE_KINDS
 from .data.hf import ImageTextCollator, prepare_image_text_dataset
 from .data.images import defer_image_decoding
 from .data.shards import is_presharded_loader
@@ -289,18 +289,39 @@ class GloFNDTrainer(Trainer):
                 counts.index_add_(
                     0, where, torch.full((len(group),), float(count), device=self.args.device)
                 )
-            if self.args.world_size > 1:  # statistics of the whole global batch
+            if self.args.world_size > 1:
+                # The loss's statistics are global already (the same on every rank); a
+                # custom loss's local ones are averaged over the ranks.
                 sums = self.accelerator.reduce(sums, reduction="sum")
                 counts = self.accelerator.reduce(counts, reduction="sum")
             for key, value in zip(names, (sums / counts).tolist(), strict=True):
                 logs[key] = round(value, 6)
             self._stat_sums.clear()
-            for kind, count in self.bad_sample_counts().items():
+            for kind, count in self._global_bad_sample_counts().items():
                 logs[f"bad_samples_{kind}"] = count
         super().log(logs, start_time)
 
+    def _global_bad_sample_counts(self) -> dict[str, int]:
+        """:meth:`bad_sample_counts` summed over the processes (a collective when
+        distributed: every rank logs)."""
+        local = self.bad_sample_counts()
+        if self.args.world_size <= 1:
+            return local
+        # Counts and "this rank reports the kind", in one fixed order on every rank.
+        vector = torch.tensor(
+            [float(local.get(kind, 0)) for kind in BAD_SAMPLE_KINDS]
+            + [float(kind in local) for kind in BAD_SAMPLE_KINDS],
+            device=self.args.device,
+        )
+        vector = self.accelerator.reduce(vector, reduction="sum").tolist()
+        n = len(BAD_SAMPLE_KINDS)
+        return {
+            kind: int(vector[i]) for i, kind in enumerate(BAD_SAMPLE_KINDS) if vector[n + i] > 0
+        }
+
     def bad_sample_counts(self) -> dict[str, int]:
-        """Training samples skipped so far, by kind (this process)."""
+        """Training samples skipped so far, by kind (this process; the logged
+        ``bad_samples_<kind>`` are summed over the processes)."""
         counts = dict(self._bad_samples)
         if self.shard_loader is not None:
             for kind, count in self.shard_loader.bad_sample_counts.items():

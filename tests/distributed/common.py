@@ -28,23 +28,34 @@ def projection():
     return Projection()
 
 
-def fixed_global_batch(step):
+def stats_as_floats(stats):
+    """A loss's statistics as plain floats (what the trainer logs, before rounding)."""
+    return {k: float(v) for k, v in stats.items()}
+
+
+def fixed_global_batch(step, kind=""):
     gen = torch.Generator().manual_seed(100 + step)
     image = torch.randn(GLOBAL_BATCH, DIM, generator=gen)
     text = image + 0.5 * torch.randn(GLOBAL_BATCH, DIM, generator=gen)
     index = torch.randperm(N, generator=gen)[:GLOBAL_BATCH]
     index[5] = index[12]  # a duplicate across the two ranks' halves
     labels = index % 5
+    if kind.endswith("_oracle"):
+        # One label for all: every negative is a false negative, every anchor falls back.
+        labels = torch.zeros_like(labels)
     return image, text, index, labels
 
 
 def build_loss(kind):
     # "_iq": the Adam rule starting at the in-batch quantile; otherwise the default tail rule.
+    # "_bq": the in-batch quantile baseline detector instead of GloFND.
     adam = kind.endswith("_iq")
     config = GloFNDConfig(
         alpha=0.1, lr=0.05, init_quantile=adam, update_rule="adam" if adam else "tail"
     )
-    detector = build_detector("glofnd", num_samples=N, config=config)
+    # "_oracle": the label oracle (with one label for the whole batch).
+    name = {"_bq": "batch_quantile", "_oracle": "oracle"}.get(kind[kind.rfind("_") :], "glofnd")
+    detector = build_detector(name, num_samples=N, config=config)
     if kind.startswith("clip"):
         return ClipLoss(detector)
     return GlobalContrastiveLoss(
