@@ -188,6 +188,7 @@ class GloFNDTrainer(Trainer):
         )
         self.add_callback(ModelCardCallback(self))  # a model card in every checkpoint
         self.add_callback(_EpochSummary(self))
+        self._check_metric_for_best_model()
 
     # -- temperature -------------------------------------------------------------------------
     def _temperature_parameters(self) -> list[torch.nn.Parameter]:
@@ -342,7 +343,28 @@ class GloFNDTrainer(Trainer):
             ).loss
         return loss.detach(), None, None
 
-    # -- evaluation --------------------------------------------------------------------------
+    # -- evaluation and the best model ---------------------------------------------------------
+    def _check_metric_for_best_model(self) -> None:
+        """``metric_for_best_model`` must name a metric the zero-shot evaluator reports (with
+        or without ``eval_``): said now, not at the first evaluation hours into training."""
+        name = self.args.metric_for_best_model
+        names = getattr(self.evaluator, "metric_names", None)
+        if name is None or not callable(names):
+            return
+        known = names()
+        if name.removeprefix("eval_") not in known:
+            raise ValueError(
+                f"metric_for_best_model {name!r} is not a metric of the zero-shot evaluation; "
+                f"it reports {', '.join(known)} (each also as eval_<name>; greater is better)"
+            )
+
+    def _load_best_model(self) -> None:
+        """``load_best_model_at_end``: the best checkpoint's weights (the Trainer) and its
+        per-sample state, so that training continued from the returned model continues
+        from the state that was trained with it."""
+        super()._load_best_model()
+        self.load_fnd_state(self.state.best_model_checkpoint)
+
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
         if self.evaluator is None or eval_dataset is not None:
             return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)

@@ -25,6 +25,8 @@ from . import distributed
 from .metrics import (
     DEFAULT_TIE_RULE,
     IMAGE_TO_TEXT,
+    TEXT_TO_IMAGE,
+    accuracy_metric_name,
     average_template_embeddings,
     check_tie_rule,
     recall_metric_name,
@@ -187,6 +189,17 @@ class ZeroShotEvaluator:
         else:
             self.captions, self.text_to_image = [], torch.zeros(0, dtype=torch.long)
         self.labels = self._labels() if CLASSIFICATION in self.tasks else None
+
+    def metric_names(self) -> list[str]:
+        """The names of the metrics a call returns (the trainer logs them with ``eval_``:
+        what ``metric_for_best_model`` may name)."""
+        names: list[str] = []
+        if RETRIEVAL in self.tasks:
+            for direction in (IMAGE_TO_TEXT, TEXT_TO_IMAGE):
+                names += [recall_metric_name(direction, k) for k in self.ks]
+        if CLASSIFICATION in self.tasks:
+            names += [accuracy_metric_name(k) for k in self.classification_ks]
+        return list(dict.fromkeys(names))
 
     # -- data --------------------------------------------------------------------------------
     @property

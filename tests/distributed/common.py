@@ -61,3 +61,43 @@ def build_loss(kind):
     return GlobalContrastiveLoss(
         N, detector, gamma=GammaSchedule(0.5, "constant"), temperature="learnable"
     )
+
+
+EVAL_IMAGES = 70  # 5 batches of 16 (the last one short): 2 and 3 batches on two ranks
+EVAL_BATCH = 16
+
+
+def save_eval_inputs(folder):
+    """A tiny CLIP and the first validation images of the digits, saved for the workers
+    (loading them is much faster than building them)."""
+    from glofnd_hf.data.digits import CLASSIFICATION_TEMPLATES, DIGIT_NAMES, load_digits_pairs
+    from glofnd_hf.models import build_tiny_hf_clip
+
+    data = load_digits_pairs(seed=0)["validation"].select(range(EVAL_IMAGES))
+    texts = list(data["caption"])
+    texts += [t.format(n) for n in DIGIT_NAMES for t in CLASSIFICATION_TEMPLATES]
+    build_tiny_hf_clip(seed=0, texts=texts).save(f"{folder}/model")
+    data.save_to_disk(f"{folder}/data")
+
+
+def eval_setup(folder):
+    """The saved tiny CLIP and a zero-shot evaluator (retrieval and digit classification)
+    over the saved images."""
+    import datasets
+
+    from glofnd_hf.data.digits import CLASSIFICATION_TEMPLATES, DIGIT_NAMES
+    from glofnd_hf.eval.zero_shot import ZeroShotEvaluator
+    from glofnd_hf.models import load_dual_encoder
+
+    adapter = load_dual_encoder(f"{folder}/model")
+    adapter.model.eval()
+    evaluator = ZeroShotEvaluator(
+        datasets.load_from_disk(f"{folder}/data"),
+        caption_column="caption",
+        class_label_column="digit",
+        class_names=DIGIT_NAMES,
+        templates=CLASSIFICATION_TEMPLATES,
+        batch_size=EVAL_BATCH,
+        show_progress=True,
+    )
+    return adapter, evaluator
