@@ -8,7 +8,9 @@ Both are measured in the same run, on the same model and data, against one proce
   share of whole batches, embeddings gathered, scored once on the main process, metrics
   broadcast (what ``ZeroShotEvaluator`` does under ``torch.distributed``);
 * ``main``: the same processes, the main one embeds and scores everything
-  (``distributed=False``) while the others wait for the metrics in a broadcast.
+  (``distributed=False``) while the others wait for the metrics in a broadcast;
+* ``every``: the same processes, each one evaluating everything alone (what the evaluator
+  did in multi-process runs before it shared the work).
 
 Model: a small randomly initialised Hugging Face CLIP (``--image-size``, ``--width``,
 ``--layers``); data: the first ``--images`` validation images of the embedded digits, with
@@ -40,7 +42,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _machine import cpu_model  # noqa: E402
 
-MODES = ("split", "main")
+MODES = ("split", "main", "every")
+LABELS = {
+    "split": "shared (split + gather)",
+    "main": "main process alone",
+    "every": "each process alone (before)",
+}
 
 
 def save_inputs(folder: str, opts: argparse.Namespace) -> None:
@@ -111,6 +118,10 @@ def worker(rank: int, world: int, port: int, folder: str, opts, queue) -> None:
     def run(mode: str) -> dict:
         if mode == "split":
             return shared(adapter)
+        if mode == "every":
+            metrics = alone(adapter)
+            dist.barrier()  # done when the slowest process is
+            return metrics
         return broadcast_from_main(alone(adapter) if rank == 0 else None)
 
     for mode in MODES:  # warm-up
@@ -180,8 +191,7 @@ def main() -> None:
         times, metrics = queue.get()
         for mode in MODES:
             assert metrics[mode] == reference, f"{mode}: metrics differ from one process"
-            label = "shared (split + gather)" if mode == "split" else "main process alone"
-            rows.append((f"{opts.processes} processes, {label}", times[mode]))
+            rows.append((f"{opts.processes} processes, {LABELS[mode]}", times[mode]))
     print(f"load average at end {os.getloadavg()[0]:.2f}; every mode gave the same metrics")
     print(f"{'setup':<44} {'median':>10}  [quartiles]")
     for label, values in rows:

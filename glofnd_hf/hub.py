@@ -23,6 +23,7 @@ from .model_card import (
     CardInfo,
     card_info_from_folder,
     card_is_unedited,
+    is_local_path,
     normalize_eval_metrics,
     write_card,
 )
@@ -149,10 +150,12 @@ def push_to_hub(
 ) -> str:
     """Create ``repo_id`` (if needed) and upload the model folder ``output_dir``.
 
-    The model card (``README.md``) is rendered (with ``repo_id`` in its usage snippet) when
-    missing or when it is our unedited card, always with ``render_card=True``, never with
-    ``render_card=False``; its inputs come from ``glofnd_card.json`` when present, and
-    ``card_fields`` / ``eval_report`` add to them. Training-only files
+    The model card (``README.md``) is rendered when missing or when it is our unedited card,
+    always with ``render_card=True``, never with ``render_card=False``; its title, model-index
+    name and usage snippets then name ``repo_id``. Its inputs come from ``glofnd_card.json``
+    when present, and ``card_fields`` / ``eval_report`` add to them (``eval_dataset_name`` /
+    ``eval_dataset_type`` name the evaluation data in the model-index; a local path never
+    goes into a card). Training-only files
     (:data:`TRAINING_STATE_PATTERNS`, and the Trainer's weight copy in open_clip folders) stay
     local unless ``include_training_state``.
     ``token``: None uses huggingface_hub's usual sources. Returns the commit URL.
@@ -167,8 +170,14 @@ def push_to_hub(
     if render_card is None:
         # Missing, or ours and unedited (then it gets the repo id in its usage snippet).
         render_card = not readme.is_file() or card_is_unedited(folder)
+    dataset_type = (card_fields or {}).get("eval_dataset_type")
+    if dataset_type and is_local_path(dataset_type):
+        raise ValueError(
+            f"the evaluation dataset type {dataset_type!r} is a local path: give the Hub id of "
+            "the data set (or a short name), which the card's model-index records"
+        )
     if render_card:
-        fields = {"repo_id": repo_id, **(card_fields or {})}
+        fields = {"repo_id": repo_id, "model_name": repo_id, **(card_fields or {})}
         info = card_info_from_folder(folder, eval_report=eval_report, **fields)
         write_card(info, folder)
         if verbose:
