@@ -23,11 +23,12 @@ def worker_env(**extra: str) -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(path), **extra}
 
 
-def run_process_group(cmd, env, timeout: float) -> subprocess.CompletedProcess:
+def run_process_group(cmd, env, timeout: float, cwd=None) -> subprocess.CompletedProcess:
     """Run ``cmd`` in its own session; on timeout kill the launcher *and* its workers."""
     proc = subprocess.Popen(
         cmd,
         env=env,
+        cwd=cwd,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -18,7 +18,14 @@ import torch.distributed as dist
 
 from ..fnd import comm
 
-__all__ = ["BatchPlan", "broadcast_from_main", "gather_rows", "rank_and_world", "share_batches"]
+__all__ = [
+    "BatchPlan",
+    "any_process",
+    "broadcast_from_main",
+    "gather_rows",
+    "rank_and_world",
+    "share_batches",
+]
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -81,3 +88,9 @@ def broadcast_from_main(value: Any) -> Any:
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def any_process(flag: bool) -> bool:
+    """True on every process when ``flag`` is True on any (one tiny all-reduce)."""
+    value = torch.tensor([float(flag)], device=_collective_device())
+    return bool(comm.all_reduce_sum(value).item() > 0)

@@ -307,18 +307,26 @@ class ZeroShotEvaluator:
         alone; distributed, this process's contiguous share, then gathered in order."""
         rank, world = self._world()
         plan = distributed.share_batches(n, self.batch_size, rank, world)
-        parts = []
-        with self._bar(plan.local_items, desc) as bar:
-            for start, stop in plan.local:
-                parts.append(encode(start, stop))
-                bar.update(stop - start)
-            # Every process runs as many forward passes (sharded models need them in step).
-            for start, stop in plan.padding:
-                width = encode(start, stop).shape[1]
-        local = torch.cat(parts) if parts else torch.zeros(0, width)
+        parts: list[torch.Tensor] = []
+        error: Exception | None = None
+        try:
+            with self._bar(plan.local_items, desc) as bar:
+                for start, stop in plan.local:
+                    parts.append(encode(start, stop))
+                    bar.update(stop - start)
+                # Every process runs as many forward passes (sharded models need them in step).
+                for start, stop in plan.padding:
+                    parts.append(encode(start, stop)[:0])
+        except Exception as e:  # noqa: BLE001 - re-raised below, on every process
+            if world == 1:
+                raise
+            error = e
         if world == 1:
-            return local
-        return distributed.gather_rows(local, plan.rows_per_rank)
+            return torch.cat(parts)
+        # A failure on one process stops them all (instead of leaving them in the gather).
+        if distributed.any_process(error is not None):
+            raise error or RuntimeError(f"{desc} failed on another process (see its error)")
+        return distributed.gather_rows(torch.cat(parts), plan.rows_per_rank)
 
     # -- scoring -----------------------------------------------------------------------------
     def score(self, embeds: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -356,4 +364,13 @@ class ZeroShotEvaluator:
         rank, world = self._world()
         if world == 1:
             return self.score(embeds)
-        return distributed.broadcast_from_main(self.score(embeds) if rank == 0 else None)
+        result: dict[str, float] | Exception | None = None
+        if rank == 0:
+            try:
+                result = self.score(embeds)
+            except Exception as e:  # noqa: BLE001 - raised on every process
+                result = e
+        result = distributed.broadcast_from_main(result)
+        if isinstance(result, Exception):
+            raise result
+        return result
