@@ -25,6 +25,7 @@ from .model_card import (
     CardInfo,
     card_info_from_folder,
     card_is_unedited,
+    is_local_path,
     normalize_eval_metrics,
     write_card,
 )
@@ -179,15 +180,17 @@ def push_to_hub(
 ) -> str:
     """Create ``repo_id`` (if needed) and upload the model folder ``output_dir``.
 
-    The model card (``README.md``) is rendered (with ``repo_id`` in its usage snippet) when
-    missing or when it is our unedited card, always with ``render_card=True``, never with
-    ``render_card=False``; its inputs come from ``glofnd_card.json`` when present, and
-    ``card_fields`` / ``eval_report`` add to them. The card is rendered into a staging folder
-    and uploaded from there: the local folder is updated (``README.md``,
-    ``glofnd_card.json``) only after a successful upload, so a failed push leaves it as it
-    was. Training-only files (:data:`TRAINING_STATE_PATTERNS`, and the Trainer's weight copy
-    in open_clip folders) stay local unless ``include_training_state``; no file that holds
-    an access token is uploaded (:class:`SecretInUploadError`, before anything is sent).
+    The model card (``README.md``) is rendered when missing or when it is our unedited card,
+    always with ``render_card=True``, never with ``render_card=False``; its title, model-index
+    name and usage snippets then name ``repo_id``. Its inputs come from ``glofnd_card.json``
+    when present, and ``card_fields`` / ``eval_report`` add to them (``eval_dataset_name`` /
+    ``eval_dataset_type`` name the evaluation data in the model-index; a local path never
+    goes into a card). The card is rendered into a staging folder and uploaded from there:
+    the local folder is updated (``README.md``, ``glofnd_card.json``) only after a successful
+    upload, so a failed push leaves it as it was. Training-only files
+    (:data:`TRAINING_STATE_PATTERNS`, and the Trainer's weight copy in open_clip folders) stay
+    local unless ``include_training_state``; no file that holds an access token is uploaded
+    (:class:`SecretInUploadError`, before anything is sent).
     ``token``: None uses huggingface_hub's usual sources. Returns the commit URL.
     """
     from huggingface_hub import CommitOperationAdd, HfApi
@@ -200,10 +203,16 @@ def push_to_hub(
     if render_card is None:
         # Missing, or ours and unedited (then it gets the repo id in its usage snippet).
         render_card = not readme.is_file() or card_is_unedited(folder)
+    dataset_type = (card_fields or {}).get("eval_dataset_type")
+    if dataset_type and is_local_path(dataset_type):
+        raise ValueError(
+            f"the evaluation dataset type {dataset_type!r} is a local path: give the Hub id of "
+            "the data set (or a short name), which the card's model-index records"
+        )
     with tempfile.TemporaryDirectory(prefix="glofnd-push-") as staging:
         staged: dict[str, Path] = {}  # path in the repo -> staged file (the rendered card)
         if render_card:
-            fields = {"repo_id": repo_id, **(card_fields or {})}
+            fields = {"repo_id": repo_id, "model_name": repo_id, **(card_fields or {})}
             info = card_info_from_folder(folder, eval_report=eval_report, **fields)
             write_card(info, staging)
             staged = {p.name: p for p in Path(staging).iterdir() if p.is_file()}

@@ -25,7 +25,7 @@ from .checkpoints import (
     sync_folder,
     write_atomically,
 )
-from .data.bad_samples import DATASETS_BAD_SAMPLE_KINDS
+from .data.bad_samples import BAD_SAMPLE_KINDS, DATASETS_BAD_SAMPLE_KINDS
 from .data.hf import ImageTextCollator, prepare_image_text_dataset
 from .data.images import defer_image_decoding
 from .data.shards import is_presharded_loader
@@ -228,6 +228,7 @@ class GloFNDTrainer(Trainer):
         self.add_callback(_DataEpoch(self))
         self._shard_resume: tuple[int, int] | None = None
         self._state_written_to: str | None = None
+        self._check_metric_for_best_model()
 
     # -- temperature -------------------------------------------------------------------------
     def _temperature_parameters(self) -> list[torch.nn.Parameter]:
@@ -330,18 +331,39 @@ class GloFNDTrainer(Trainer):
                 counts.index_add_(
                     0, where, torch.full((len(group),), float(count), device=self.args.device)
                 )
-            if self.args.world_size > 1:  # statistics of the whole global batch
+            if self.args.world_size > 1:
+                # The loss's statistics are global already (the same on every rank); a
+                # custom loss's local ones are averaged over the ranks.
                 sums = self.accelerator.reduce(sums, reduction="sum")
                 counts = self.accelerator.reduce(counts, reduction="sum")
             for key, value in zip(names, (sums / counts).tolist(), strict=True):
                 logs[key] = round(value, 6)
             self._stat_sums.clear()
-            for kind, count in self.bad_sample_counts().items():
+            for kind, count in self._global_bad_sample_counts().items():
                 logs[f"bad_samples_{kind}"] = count
         super().log(logs, start_time)
 
+    def _global_bad_sample_counts(self) -> dict[str, int]:
+        """:meth:`bad_sample_counts` summed over the processes (a collective when
+        distributed: every rank logs)."""
+        local = self.bad_sample_counts()
+        if self.args.world_size <= 1:
+            return local
+        # Counts and "this rank reports the kind", in one fixed order on every rank.
+        vector = torch.tensor(
+            [float(local.get(kind, 0)) for kind in BAD_SAMPLE_KINDS]
+            + [float(kind in local) for kind in BAD_SAMPLE_KINDS],
+            device=self.args.device,
+        )
+        vector = self.accelerator.reduce(vector, reduction="sum").tolist()
+        n = len(BAD_SAMPLE_KINDS)
+        return {
+            kind: int(vector[i]) for i, kind in enumerate(BAD_SAMPLE_KINDS) if vector[n + i] > 0
+        }
+
     def bad_sample_counts(self) -> dict[str, int]:
-        """Training samples skipped so far, by kind (this process)."""
+        """Training samples skipped so far, by kind (this process; the logged
+        ``bad_samples_<kind>`` are summed over the processes)."""
         counts = dict(self._bad_samples)
         if self.shard_loader is not None:
             for kind, count in self.shard_loader.bad_sample_counts.items():
@@ -362,7 +384,28 @@ class GloFNDTrainer(Trainer):
             ).loss
         return loss.detach(), None, None
 
-    # -- evaluation --------------------------------------------------------------------------
+    # -- evaluation and the best model ---------------------------------------------------------
+    def _check_metric_for_best_model(self) -> None:
+        """``metric_for_best_model`` must name a metric the zero-shot evaluator reports (with
+        or without ``eval_``): said now, not at the first evaluation hours into training."""
+        name = self.args.metric_for_best_model
+        names = getattr(self.evaluator, "metric_names", None)
+        if name is None or not callable(names):
+            return
+        known = names()
+        if name.removeprefix("eval_") not in known:
+            raise ValueError(
+                f"metric_for_best_model {name!r} is not a metric of the zero-shot evaluation; "
+                f"it reports {', '.join(known)} (each also as eval_<name>; greater is better)"
+            )
+
+    def _load_best_model(self) -> None:
+        """``load_best_model_at_end``: the best checkpoint's weights (the Trainer) and its
+        per-sample state, so that training continued from the returned model continues
+        from the state that was trained with it."""
+        super()._load_best_model()
+        self.load_fnd_state(self.state.best_model_checkpoint)
+
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
         if self.evaluator is None or eval_dataset is not None:
             return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)

@@ -4,6 +4,10 @@ import os
 import signal
 import socket
 import subprocess
+from pathlib import Path
+
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
 
 
 def free_port() -> int:
@@ -12,11 +16,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_process_group(cmd, env, timeout: float) -> subprocess.CompletedProcess:
+def worker_env(**extra: str) -> dict[str, str]:
+    """The environment of launched workers: one thread each, and this checkout's package
+    and test helpers first on the path (not whatever copy the virtual environment holds)."""
+    path = [str(TESTS), str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(path), **extra}
+
+
+def run_process_group(cmd, env, timeout: float, cwd=None) -> subprocess.CompletedProcess:
     """Run ``cmd`` in its own session; on timeout kill the launcher *and* its workers."""
     proc = subprocess.Popen(
         cmd,
         env=env,
+        cwd=cwd,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

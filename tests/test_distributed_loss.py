@@ -1,13 +1,12 @@
 """Two processes (gloo) over a fixed global batch == one process over the same batch."""
 
-import os
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from distributed.common import build_loss, fixed_global_batch, projection
-from launch import free_port, run_process_group
+from distributed.common import build_loss, fixed_global_batch, projection, stats_as_floats
+from launch import free_port, run_process_group, worker_env
 
 HERE = Path(__file__).resolve().parent
 
@@ -17,20 +16,21 @@ def single_process(kind, steps=2):
     model = projection()
     loss_fn = build_loss(kind)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    losses = []
+    losses, stats = [], []
     for step in range(steps):
-        image, text, index, labels = fixed_global_batch(step)
+        image, text, index, labels = fixed_global_batch(step, kind)
         out = loss_fn(*model(image, text), index, epoch=float(step), labels=labels)
         optimizer.zero_grad()
         out.loss.backward()
         optimizer.step()
         losses.append(out.loss.detach())
+        stats.append(stats_as_floats(out.stats))
     health = loss_fn.finish_epoch()
-    return losses, dict(model.named_parameters()), loss_fn.state_dict(), health
+    return losses, stats, dict(model.named_parameters()), loss_fn.state_dict(), health
 
 
 def run_torchrun(kind, out):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
+    env = worker_env()
     cmd = [
         sys.executable,
         "-m",
@@ -52,19 +52,40 @@ def run_torchrun(kind, out):
     return [torch.load(f"{out}.rank{r}", weights_only=False) for r in range(2)]
 
 
-@pytest.mark.parametrize("kind", ["clip", "global", "clip_iq"])
+def assert_same_stats(got, expected, where, tolerance=1e-6):
+    """Every statistic of one process over the global batch, key by key."""
+    assert set(got) == set(expected), (where, set(got) ^ set(expected))
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, rel=tolerance, abs=tolerance), (where, key)
+
+
+@pytest.mark.parametrize("kind", ["clip", "global", "clip_iq", "global_bq", "global_oracle"])
 def test_two_processes_match_one_process(tmp_path, kind):
     ranks = run_torchrun(kind, tmp_path / "result")
-    losses, params, state, health = single_process(kind)
+    losses, stats, params, state, health = single_process(kind)
+    # The statistics are those of the global batch: percentiles over its anchors, counts and
+    # fractions over its totals (the same on both ranks).
+    if kind.endswith("_oracle"):
+        assert stats[0]["all_filtered_anchors_image"] == 16  # each rank alone has 8
+    else:
+        assert all(step["filtered_fraction_text"] > 0 for step in stats)
     for rank in ranks:
         for step, record in enumerate(rank["records"]):
             assert torch.allclose(record["loss"], losses[step], atol=1e-5), (step, kind)
+            # Step 0 starts from the same parameters: the statistics agree to 1e-6. Later
+            # steps also carry the float noise of DDP's gradient averaging (as loss and
+            # parameters do), which exp() in u amplifies: 1e-5.
+            assert_same_stats(
+                record["stats"], stats[step], (kind, step), 1e-6 if step == 0 else 1e-5
+            )
             # After every step both ranks hold the same state (digest per rank).
             assert torch.equal(record["digests"][0], record["digests"][1]), step
         for name, value in params.items():
             assert torch.allclose(rank["params"][name], value.detach(), atol=1e-5), name
         for key, value in state.items():
             assert torch.allclose(rank["state"][key], value, atol=1e-5), key
+    if not kind.endswith(("clip", "global", "_iq")):
+        return  # only GloFND keeps state and reports tracking health
     # The state actually moved, and identically on both ranks.
     assert not torch.equal(
         state["detector.image.lambda"], torch.ones_like(state["detector.image.lambda"])

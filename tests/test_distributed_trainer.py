@@ -1,20 +1,19 @@
 """GloFNDTrainer under `accelerate launch --num_processes 2` (CPU, gloo) against one process."""
 
-import os
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 from distributed.train_worker import run
-from launch import free_port, run_process_group
+from launch import free_port, run_process_group, worker_env
 
 HERE = Path(__file__).resolve().parent
 
 
 def launch_two(tmp_path, name, *extra):
     out = tmp_path / f"{name}.pt"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
+    env = worker_env()
     config = HERE.parent / "recipes" / "accelerate" / "cpu_2proc.yaml"
     cmd = [
         sys.executable,
@@ -43,6 +42,36 @@ def assert_same_run(a, b):
         assert torch.allclose(value, b["params"][name], atol=1e-5), name
 
 
+# Run-time figures, not statistics of the batch.
+NOT_COMPARED = {"train_runtime", "train_samples_per_second", "train_steps_per_second"}
+
+
+def assert_same_logs(one, two, tolerance=1e-6):
+    """The logs of two processes are those of one process over the same global batches: the
+    same entries, key by key."""
+    assert len(one) == len(two)
+    for step, (a, b) in enumerate(zip(one, two, strict=True)):
+        assert set(a) == set(b), (step, set(a) ^ set(b))
+        for key in sorted(set(a) - NOT_COMPARED):
+            expected = pytest.approx(a[key], rel=tolerance, abs=tolerance)
+            assert b[key] == expected, (step, key, a, b)
+
+
+def test_two_processes_log_what_one_process_logs(tmp_path):
+    """Every logged statistic is the global batch's: percentiles over its anchors, counts and
+    fractions over its totals, tracking health over the epoch, bad samples summed over the
+    processes. With a learning rate of 0 the model stays put, so the per-sample state moves
+    identically and every entry agrees to 1e-6 at every step (training proper, whose float
+    noise exp() amplifies, is compared below)."""
+    two = launch_two(tmp_path, "two", "--loss-type", "fastclip", "--learning-rate", "0")
+    one = run(str(tmp_path / "one"), "fastclip", learning_rate=0.0)
+    logged = [entry for entry in one["logs"] if "loss" in entry]
+    assert len(logged) == 8 and "lambda_p90_text" in logged[0]
+    assert any(entry["filtered_fraction_text"] > 0 for entry in logged)
+    assert any("tracking_filtered_over_alpha_text" in entry for entry in one["logs"])
+    assert_same_logs(one["logs"], two["logs"])
+
+
 @pytest.mark.parametrize("loss_type", ["fastclip"])
 def test_two_processes_train_like_one_and_checkpoints_cross_over(tmp_path, loss_type):
     two = launch_two(tmp_path, "two", "--loss-type", loss_type)
@@ -53,6 +82,8 @@ def test_two_processes_train_like_one_and_checkpoints_cross_over(tmp_path, loss_
         assert torch.equal(digest[0], digest[1])
     one = run(str(tmp_path / "one"), loss_type)
     assert_same_run(one, two)
+    # The same logs, up to the float noise of DDP's gradient averaging.
+    assert_same_logs(one["logs"], two["logs"], tolerance=1e-5)
     assert not torch.equal(
         one["state"]["detector.image.lambda"],
         torch.ones_like(one["state"]["detector.image.lambda"]),

@@ -204,6 +204,46 @@ def test_api_dataset_with_list_captions(model_dir, adapter, list_caption_folder)
     assert report["metrics"]["image_to_text_recall@100"] == 1.0  # k clamped to all captions
 
 
+def test_cli_ties_rule_is_applied_and_recorded(
+    tmp_path, model_dir, adapter, list_caption_folder, capsys
+):
+    """Duplicate captions ("an image" under several images): --ties clip-benchmark scores with
+    torch.topk exactly as CLIP_benchmark does, the default stays the lower-index rule, and
+    the report says which rule it used."""
+    folder, data = list_caption_folder
+    reports = {}
+    for rule in ("lower-index", "clip-benchmark"):
+        out = tmp_path / f"{rule}.json"
+        argv = ["--model", model_dir, "--dataset", folder, "--image-column", "picture"]
+        argv += ["--caption-column", "captions", "--task", "retrieval", "--ks", "1", "2"]
+        argv += ["--device", "cpu", "--no-progress", "--output", str(out)]
+        if rule != "lower-index":
+            argv += ["--ties", rule]
+        assert eval_main(argv) == 0
+        reports[rule] = json.loads(out.read_text())
+        assert reports[rule]["ties"] == rule
+    assert "(ties: clip-benchmark)" in capsys.readouterr().out
+    owners = torch.tensor([i for i, c in enumerate(data["captions"]) for _ in c])
+    flat = [c for group in data["captions"] for c in group]
+    images = embed_images(adapter, list(data["picture"]))
+    texts = embed_texts(adapter, flat)
+    assert_metrics_equal(
+        reports["lower-index"]["metrics"], retrieval_recall(images, texts, owners, ks=(1, 2))
+    )
+    # CLIP_benchmark's recall: topk over the rows of texts @ images.T and of its transpose.
+    scores = (
+        torch.nn.functional.normalize(texts, dim=-1)
+        @ torch.nn.functional.normalize(images, dim=-1).t()
+    )
+    positive = owners[:, None] == torch.arange(len(images))[None, :]
+    for k in (1, 2):
+        t2i = positive.gather(1, torch.topk(scores, k, dim=1).indices).any(1)
+        i2t = positive.t().gather(1, torch.topk(scores.t(), k, dim=1).indices).any(1)
+        got = reports["clip-benchmark"]["metrics"]
+        assert got[f"text_to_image_recall@{k}"] == float(t2i.double().mean())
+        assert got[f"image_to_text_recall@{k}"] == float(i2t.double().mean())
+
+
 def test_api_takes_a_loaded_adapter_and_an_in_memory_dataset(adapter, list_caption_folder):
     _, data = list_caption_folder
     report = evaluate(

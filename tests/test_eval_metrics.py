@@ -9,8 +9,10 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from glofnd_hf.eval.metrics import (
+    DEFAULT_TIE_RULE,
     IMAGE_TO_TEXT,
     TEXT_TO_IMAGE,
+    TIE_RULES,
     accuracy_metric_name,
     average_template_embeddings,
     clip_benchmark_names,
@@ -487,3 +489,97 @@ def test_task_defaults_and_names():
     assert resolve_tasks("both", None, None) == [RETRIEVAL, CLASSIFICATION]
     with pytest.raises(ValueError, match="unknown task"):
         resolve_tasks(["detection"], "caption", None)
+
+
+# --------------------------------------------------------------------------- #
+# the clip-benchmark tie rule: torch.topk's choice
+# --------------------------------------------------------------------------- #
+
+
+def topk_retrieval(image_embeds, text_embeds, text_to_image, ks):
+    """CLIP_benchmark's computation, written out directly: the caption x image score matrix,
+    one ``torch.topk`` per k over its rows (caption queries) and over the rows of its
+    transpose (image queries)."""
+    images = F.normalize(image_embeds.float(), dim=-1)
+    texts = F.normalize(text_embeds.float(), dim=-1)
+    scores = texts @ images.t()
+    positive = torch.zeros(scores.shape, dtype=torch.bool)
+    positive[torch.arange(len(texts)), text_to_image] = True
+    out = {}
+    for k in ks:
+        top = torch.topk(scores.t(), k, dim=1).indices
+        out[f"image_to_text_recall@{k}"] = float(positive.t().gather(1, top).any(1).double().mean())
+    for k in ks:
+        top = torch.topk(scores, k, dim=1).indices
+        out[f"text_to_image_recall@{k}"] = float(positive.gather(1, top).any(1).double().mean())
+    return out
+
+
+def duplicate_caption_data(seed=0, num_images=60, dim=16):
+    """Images and captions where many captions are the same caption (the same embedding:
+    "a photo of a dog" under several images) and some images repeat: exact ties straddle
+    the k-th place for many queries. Sign vectors / 4 make every score exact."""
+    g = torch.Generator().manual_seed(seed)
+    pool = (torch.randint(0, 2, (8, dim), generator=g).float() * 2 - 1) / 4.0
+    images = pool[torch.randint(0, len(pool), (num_images,), generator=g)]
+    per_image = torch.randint(1, 4, (num_images,), generator=g)
+    t2i = torch.repeat_interleave(torch.arange(num_images), per_image)
+    # Each caption is one of the pool's vectors: mostly its image's own, else another.
+    other = pool[torch.randint(0, len(pool), (t2i.numel(),), generator=g)]
+    own = torch.rand(t2i.numel(), generator=g) < 0.7
+    texts = torch.where(own[:, None], images[t2i], other)
+    return images, texts, t2i
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1000])
+def test_clip_benchmark_ties_reproduce_topk_and_differ_from_the_default(chunk):
+    images, texts, t2i = duplicate_caption_data()
+    assert len(torch.unique(texts, dim=0)) < len(texts) / 10  # duplicate captions
+    ks = (1, 2, 5, 10)
+    default = retrieval_recall(images, texts, t2i, ks=ks, chunk_size=chunk)
+    clip_benchmark = retrieval_recall(
+        images, texts, t2i, ks=ks, chunk_size=chunk, ties="clip-benchmark"
+    )
+    # The default is the stable order (lower index first), the other exactly torch.topk.
+    assert default == pytest.approx(reference_retrieval(images, texts, t2i, ks), abs=1e-12)
+    assert clip_benchmark == topk_retrieval(images, texts, t2i, ks)
+    # With duplicate captions the two rules give different numbers.
+    assert clip_benchmark != default
+    assert set(clip_benchmark) == set(default)
+
+
+def test_the_tie_rules_agree_without_ties():
+    images, texts, t2i = make_gaussian_data(0)
+    ks = (1, 5, 10)
+    default = retrieval_recall(images, texts, t2i, ks=ks)
+    assert retrieval_recall(images, texts, t2i, ks=ks, ties="clip-benchmark") == default
+    assert default == topk_retrieval(images, texts, t2i, ks)
+
+
+def test_clip_benchmark_ties_in_classification_follow_topk():
+    images, classes, _ = duplicate_caption_data(seed=1, num_images=50)
+    classes = classes[:12]  # duplicate class embeddings among them
+    labels = torch.randint(
+        0, len(classes), (len(images),), generator=torch.Generator().manual_seed(3)
+    )
+    ks = (1, 2, 5)
+    got = zero_shot_classification(images, classes, labels, ks=ks, ties="clip-benchmark")
+    # CLIP_benchmark: logits = 100 * image_features @ classifier, one topk for the largest k.
+    logits = (100.0 * F.normalize(images, dim=-1)) @ F.normalize(classes, dim=-1).t()
+    top = torch.topk(logits, max(ks), dim=1).indices
+    correct = top == labels[:, None]
+    want = {f"top{k}_accuracy": float(correct[:, :k].any(1).double().mean()) for k in ks}
+    assert got == want
+    default = zero_shot_classification(images, classes, labels, ks=ks)
+    assert default == pytest.approx(reference_classification(images, classes, labels, ks))
+
+
+def test_unknown_tie_rule_is_refused():
+    images, texts, t2i = make_gaussian_data(0)
+    assert DEFAULT_TIE_RULE == "lower-index" and "clip-benchmark" in TIE_RULES
+    with pytest.raises(ValueError, match="ties must be one of"):
+        retrieval_recall(images, texts, t2i, ties="random")
+    with pytest.raises(ValueError, match="ties must be one of"):
+        zero_shot_classification(
+            images, texts[:3], torch.zeros(len(images), dtype=torch.long), ties="x"
+        )

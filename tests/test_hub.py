@@ -363,10 +363,19 @@ def test_push_rerenders_only_unedited_cards(trained, tmp_path, monkeypatch):
     shutil.copytree(out, folder, ignore=shutil.ignore_patterns("checkpoint-*"))
     fake = FakeHub()
     fake.install(monkeypatch)
+    assert ModelCard.load(folder / "README.md").data.model_name == out.name  # before
     push_to_hub(folder, "org/final", token=SECRET, verbose=False)
     assert fake.tokens == [SECRET]
     text = (folder / "README.md").read_text()
     assert "hf-hub:org/final" in text and "model-index" in text  # results kept
+    # Title, usage snippets and model-index name all say ORG/NAME, not the folder's name.
+    pushed = ModelCard.load(folder / "README.md")
+    assert pushed.data.model_name == "org/final"
+    assert metadata_load(folder / "README.md")["model-index"][0]["name"] == "org/final"
+    assert "\n# org/final\n" in text
+    assert f"# {out.name}" not in text
+    assert 'create_model_and_transforms("hf-hub:org/final")' in text
+    assert "glofnd-eval --model hf-hub:org/final" in text
     assert SECRET not in _all_written_text(folder)
     info = json.loads((folder / "glofnd_card.json").read_text())
     assert info["repo_id"] == "org/final"
@@ -416,3 +425,58 @@ def test_push_cli_puts_an_eval_report_into_the_card(trained, tmp_path, monkeypat
     assert set(results) == {"text_to_image_recall@1", "top5_accuracy"}
     assert results["text_to_image_recall@1"].dataset_type == "org/coco-karpathy"
     assert fake.calls[0][2]["private"] is True
+
+
+def test_a_local_evaluation_set_never_names_its_path(trained, tmp_path, monkeypatch):
+    """A glofnd-eval report on a local copy of the data: the card warns, names it neutrally
+    (or as --dataset-name / --dataset-type say) and records split and config; no path."""
+    import shutil
+
+    _, out, _ = trained
+    local = tmp_path / "private" / "coco_val_copy"
+    local.mkdir(parents=True)
+    report = {
+        "metrics": {"text_to_image_recall@1": 0.75},
+        "data": {"kind": "datasets", "source": str(local), "split": "test", "config": "2014"},
+    }
+    (tmp_path / "results.json").write_text(json.dumps(report))
+    fake = FakeHub()
+    fake.install(monkeypatch)
+    for extra, name, kind in (
+        ([], "local evaluation data", "local"),
+        (["--dataset-name", "COCO 5k", "--dataset-type", "org/coco-karpathy"], "COCO 5k", None),
+    ):
+        folder = tmp_path / f"final{len(extra)}"
+        shutil.copytree(out, folder, ignore=shutil.ignore_patterns("checkpoint-*"))
+        argv = [str(folder), "--repo-id", "org/final", "--eval-results"]
+        argv += [str(tmp_path / "results.json"), *extra]
+        with pytest.warns(UserWarning, match="not a Hub dataset id"):
+            assert push_main(argv) == 0
+        for written in (folder / "README.md", folder / "glofnd_card.json"):
+            assert str(tmp_path) not in written.read_text(), written
+        (result,) = ModelCard.load(folder / "README.md").data.eval_results
+        assert result.dataset_name == name
+        assert result.dataset_type == (kind or "org/coco-karpathy")
+        assert (result.dataset_split, result.dataset_config) == ("test", "2014")
+        text = (folder / "README.md").read_text()
+        assert "(`2014` configuration), `test` split" in text
+    # A path is never accepted as the dataset type (a Hub id is kept: see above).
+    with pytest.raises(ValueError, match="local path"):
+        push_to_hub(tmp_path / "final0", "org/final", card_fields={"eval_dataset_type": str(local)})
+
+
+def test_local_training_and_evaluation_data_stay_out_of_trainer_cards(trained, tmp_path):
+    from glofnd_hf.model_card import card_info_from_trainer, render_model_card
+
+    trainer, _, final = trained
+    local = tmp_path / "my_pairs"
+    local.mkdir()
+    with pytest.warns(UserWarning, match="not a Hub dataset id"):
+        info = card_info_from_trainer(
+            trainer, final, datasets=[str(local), "org/pairs"], eval_dataset=str(local)
+        )
+    assert info.datasets == ["org/pairs"] and info.eval_dataset is None
+    assert info.eval_dataset_name == "local evaluation data"
+    text = str(render_model_card(info))
+    assert str(tmp_path) not in text and "my_pairs" not in text
+    assert "a local image-caption data set" in text

@@ -99,3 +99,45 @@ def test_normalize_eval_metrics_keeps_only_our_metrics():
         "image_to_text_recall@10": 0.9,
         "top5_accuracy": 0.25,
     }
+
+
+def test_evaluation_data_names_in_the_model_index(tmp_path):
+    from glofnd_hf.model_card import eval_dataset_fields, eval_results_from_metrics, is_local_path
+
+    for local in (str(tmp_path), "/data/coco", "./val", "~/val", "a/b/c", "https://x.org/a.tar"):
+        assert is_local_path(local), local
+    for hub in ("org/coco-karpathy", "mnist"):
+        assert not is_local_path(hub), hub
+    # A Hub id is kept; a local path is dropped with a warning and named neutrally.
+    assert eval_dataset_fields("org/coco") == {
+        "eval_dataset": "org/coco",
+        "eval_dataset_name": None,
+        "eval_dataset_type": None,
+    }
+    with pytest.warns(UserWarning, match="not a Hub dataset id"):
+        fields = eval_dataset_fields(str(tmp_path))
+    assert fields == {
+        "eval_dataset": None,
+        "eval_dataset_name": "local evaluation data",
+        "eval_dataset_type": "local",
+    }
+    (result,) = eval_results_from_metrics(
+        {"top1_accuracy": 0.5}, "org/coco", "test", config="2014", dataset_name="COCO"
+    )
+    assert (result.dataset_type, result.dataset_name) == ("org/coco", "COCO")
+    assert (result.dataset_split, result.dataset_config) == ("test", "2014")
+
+
+def test_a_card_info_with_an_old_local_path_renders_without_it(tmp_path):
+    info = CardInfo(
+        family="hf",
+        model_name="tiny",
+        eval_metrics={"top1_accuracy": 0.5},
+        eval_dataset=str(tmp_path),  # as written by an older version
+        eval_split="test",
+    )
+    with pytest.warns(UserWarning, match="not a Hub dataset id"):
+        card = render_model_card(info)
+    assert str(tmp_path) not in str(card)
+    (result,) = card.data.eval_results
+    assert result.dataset_name == "local evaluation data" and result.dataset_split == "test"

@@ -21,6 +21,7 @@ import sys
 from collections.abc import Sequence
 
 from ..eval.errors import EvalInputError
+from ..eval.metrics import DEFAULT_TIE_RULE, TIE_RULES
 from ..eval.run import evaluate, format_report
 from .errors import DEBUG_FLAG, DEBUG_HELP, run_cli
 
@@ -110,6 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=1024,
         help="queries scored at once (bounds the score buffer)",
     )
+    r.add_argument(
+        "--ties",
+        default=DEFAULT_TIE_RULE,
+        choices=TIE_RULES,
+        help="how candidates with equal scores rank: lower-index (default: the lower index "
+        "first, the same on every device) or clip-benchmark (whatever torch.topk picks on "
+        "the model's device, as CLIP_benchmark does: to match its published numbers)",
+    )
     r.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     r.add_argument("--output", default=None, help="write the JSON report here")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -155,6 +164,7 @@ def _main(argv: list[str]) -> int:
             image_id_field=args.image_id_field or None,
             output=args.output,
             show_progress=not args.no_progress,
+            ties=args.ties,
         )
     except EvalInputError:
         raise  # run_cli: one line and exit status 2

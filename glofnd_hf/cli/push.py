@@ -58,6 +58,18 @@ def build_parser() -> argparse.ArgumentParser:
         dest="datasets",
         help="Hub id of a training dataset (repeatable)",
     )
+    p.add_argument(
+        "--dataset-name",
+        default=None,
+        help="name of the evaluation data set in the card's model-index (e.g. 'Flickr30k'); "
+        "default: its Hub id, or 'local evaluation data' for a local folder",
+    )
+    p.add_argument(
+        "--dataset-type",
+        default=None,
+        help="Hub id of the evaluation data set for the card's model-index (e.g. "
+        "nlphuji/flickr_1k_test_image_text_retrieval), when the report names a local copy",
+    )
     p.add_argument("--revision", default=None, help="branch to push to")
     p.add_argument("--create-pr", action="store_true", help="open a pull request instead")
     p.add_argument(DEBUG_FLAG, action="store_true", help=DEBUG_HELP)
@@ -90,6 +102,8 @@ def _main(argv: list[str]) -> int:
         "license": args.license,
         "base_model": args.base_model,
         "datasets": args.datasets,
+        "eval_dataset_name": args.dataset_name,
+        "eval_dataset_type": args.dataset_type,
     }
     rerender = (
         args.render_card

@@ -178,6 +178,7 @@ def run(argv: Sequence[str]) -> dict[str, dict[str, float]]:
         datasets=[data_args.dataset_name] if data_args.dataset_name else None,
         eval_dataset=data_args.dataset_name if evaluator is not None else None,
         eval_split=data_args.eval_split if evaluator is not None else None,
+        eval_dataset_config=data_args.dataset_config_name if evaluator is not None else None,
     )
     results: dict[str, dict[str, float]] = {}
     if evaluator is not None and args.do_eval and args.resume_from_checkpoint is None:

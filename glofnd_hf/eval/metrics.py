@@ -22,6 +22,20 @@ query is therefore::
 
 and the query hits at ``k`` iff ``rank < k``. When a query has several positives
 (an image with several captions) its rank is that of its best-ranked positive.
+This is the default rule, ``ties="lower-index"``: it does not depend on the device
+or on the order in which a kernel visits candidates.
+
+``ties="clip-benchmark"`` instead reproduces CLIP_benchmark's outcome: the top ``k``
+candidates are whatever ``torch.topk`` selects among equal scores (an implementation
+detail of its kernel, which differs between CPU and CUDA and need not prefer low
+indices). As CLIP_benchmark does, scores are dot products of caption rows with images
+(``texts @ images.T``, image queries read its transpose), ``torch.topk`` runs once per
+``k`` on rows of that matrix, and classification logits are
+``(100 * images) @ classes.T`` with one ``topk`` for the largest ``k``. Both rules
+agree wherever no tie straddles the ``k``-th place; with duplicate captions (or
+images) they can differ by a few queries in a thousand. Published CLIP_benchmark
+numbers are matched by the second rule on the device they were computed on
+(``topk_device``).
 
 Memory
 ------
@@ -43,11 +57,14 @@ from torch import Tensor
 
 __all__ = [
     "CLIP_BENCHMARK_NAMES",
+    "DEFAULT_TIE_RULE",
     "IMAGE_TO_TEXT",
     "TEXT_TO_IMAGE",
+    "TIE_RULES",
     "MetricName",
     "accuracy_metric_name",
     "average_template_embeddings",
+    "check_tie_rule",
     "clip_benchmark_names",
     "format_metrics_table",
     "parse_metric_name",
@@ -73,6 +90,18 @@ CLIP_BENCHMARK_NAMES = {
     r"text_to_image_recall@(\d+)": r"image_retrieval_recall@\1",
     r"top(\d+)_accuracy": r"acc\1",
 }
+
+
+#: How candidates with equal scores are ordered (see the module docstring).
+TIE_RULES = ("lower-index", "clip-benchmark")
+DEFAULT_TIE_RULE = "lower-index"
+
+
+def check_tie_rule(ties: str) -> str:
+    """``ties`` if it is one of :data:`TIE_RULES`, else ``ValueError``."""
+    if ties not in TIE_RULES:
+        raise ValueError(f"ties must be one of {list(TIE_RULES)}, got {ties!r}")
+    return ties
 
 
 def recall_metric_name(direction: str, k: int) -> str:
@@ -280,6 +309,50 @@ def _recall_from_ranks(ranks: Tensor, k: int, num_candidates: int) -> float:
 
 
 # --------------------------------------------------------------------------- #
+# the clip-benchmark tie rule: whatever torch.topk selects
+# --------------------------------------------------------------------------- #
+def _topk_retrieval_hits(
+    images: Tensor,
+    texts: Tensor,
+    t2i: Tensor,
+    ks: list[int],
+    chunk_size: int,
+    topk_device: torch.device,
+) -> tuple[dict[int, Tensor], dict[int, Tensor]]:
+    """Per-query hits (bool, on the CPU) at each ``k`` for image queries and caption
+    queries, selected by ``torch.topk`` on rows of the caption-major score matrix
+    ``texts @ images.T`` (its columns for image queries), ``chunk_size`` rows or columns
+    at a time, one ``topk`` per ``k`` as CLIP_benchmark calls it."""
+    num_images, num_texts = images.shape[0], texts.shape[0]
+    t2i_hits = {k: torch.empty(num_texts, dtype=torch.bool) for k in ks}
+    i2t_hits = {k: torch.empty(num_images, dtype=torch.bool) for k in ks}
+    own_image = t2i.to(topk_device)
+    for start in range(0, num_texts, chunk_size):
+        stop = min(start + chunk_size, num_texts)
+        rows = (texts[start:stop] @ images.t()).to(topk_device)  # [n, I]
+        for k in ks:
+            top = torch.topk(rows, min(k, num_images), dim=1).indices
+            hit = (top == own_image[start:stop, None]).any(dim=1)
+            t2i_hits[k][start:stop] = hit.cpu()
+        del rows
+    for start in range(0, num_images, chunk_size):
+        stop = min(start + chunk_size, num_images)
+        # Columns start:stop of texts @ images.T, read as rows (image queries).
+        rows = (texts @ images[start:stop].t()).to(topk_device).t()  # [n, T]
+        query = torch.arange(start, stop, device=topk_device)
+        for k in ks:
+            top = torch.topk(rows, min(k, num_texts), dim=1).indices
+            hit = (own_image[top] == query[:, None]).any(dim=1)
+            i2t_hits[k][start:stop] = hit.cpu()
+        del rows
+    return i2t_hits, t2i_hits
+
+
+def _mean(hits: Tensor) -> float:
+    return float(hits.to(torch.float64).mean())
+
+
+# --------------------------------------------------------------------------- #
 # public API
 # --------------------------------------------------------------------------- #
 def retrieval_recall(
@@ -288,6 +361,8 @@ def retrieval_recall(
     text_to_image: Tensor,
     ks: Sequence[int] = (1, 5, 10),
     chunk_size: int = 1024,
+    ties: str = DEFAULT_TIE_RULE,
+    topk_device: str | torch.device | None = None,
 ) -> dict[str, float]:
     """Image<->text retrieval recall@k (CLIP-benchmark definitions).
 
@@ -299,11 +374,15 @@ def retrieval_recall(
         ks: cut-offs; a ``k`` above the number of candidates is clamped to it.
         chunk_size: number of queries scored at once (bounds peak memory to
             ``chunk_size x num_candidates`` scores).
+        ties: ``"lower-index"`` (equal scores: the lower candidate index ranks first)
+            or ``"clip-benchmark"`` (``torch.topk``'s choice, as CLIP_benchmark); see
+            the module docstring.
+        topk_device: where ``torch.topk`` runs under ``"clip-benchmark"`` (its choice
+            among ties depends on the device); default: the embeddings' device.
 
     Returns:
         ``{"image_to_text_recall@k": ..., "text_to_image_recall@k": ...}`` for each
-        ``k`` (floats in ``[0, 1]``). Ties follow the module-level tie rule
-        (equal scores: lower candidate index ranks first).
+        ``k`` (floats in ``[0, 1]``).
 
     Raises:
         ValueError: on bad shapes, non-finite values, out-of-range indices, or an
@@ -316,6 +395,7 @@ def retrieval_recall(
     t2i = _check_index(text_to_image, "text_to_image", num_texts, num_images, "number of images")
     ks_list = _check_ks(ks)
     chunk_size = _check_chunk_size(chunk_size)
+    check_tie_rule(ties)
 
     device = image_embeds.device
     t2i = t2i.to(device)
@@ -331,6 +411,15 @@ def retrieval_recall(
 
     images = _normalise(image_embeds)
     texts = _normalise(text_embeds)
+    out: dict[str, float] = {}
+    if ties == "clip-benchmark":
+        where = torch.device(topk_device) if topk_device is not None else device
+        i2t_hits, t2i_hits = _topk_retrieval_hits(images, texts, t2i, ks_list, chunk_size, where)
+        for k in ks_list:
+            out[recall_metric_name(IMAGE_TO_TEXT, k)] = _mean(i2t_hits[k])
+        for k in ks_list:
+            out[recall_metric_name(TEXT_TO_IMAGE, k)] = _mean(t2i_hits[k])
+        return out
     text_ids = torch.arange(num_texts, device=device)
 
     # Image queries over texts: positives are all of the image's captions.
@@ -338,7 +427,6 @@ def retrieval_recall(
     # Text queries over images: the single positive is the caption's own image.
     t2i_ranks = _best_positive_ranks(texts, images, text_ids, t2i, chunk_size)
 
-    out: dict[str, float] = {}
     for k in ks_list:
         out[recall_metric_name(IMAGE_TO_TEXT, k)] = _recall_from_ranks(i2t_ranks, k, num_texts)
     for k in ks_list:
@@ -352,6 +440,8 @@ def zero_shot_classification(
     labels: Tensor,
     ks: Sequence[int] = (1, 5),
     chunk_size: int = 1024,
+    ties: str = DEFAULT_TIE_RULE,
+    topk_device: str | torch.device | None = None,
 ) -> dict[str, float]:
     """Zero-shot top-k accuracy of images against class (prompt) embeddings.
 
@@ -362,10 +452,10 @@ def zero_shot_classification(
         labels: ``[I]`` integer class index per image, in ``[0, C)``.
         ks: cut-offs; a ``k`` above ``C`` is clamped to ``C``.
         chunk_size: number of images scored at once.
+        ties, topk_device: the tie rule, as for :func:`retrieval_recall`.
 
     Returns:
-        ``{"top{k}_accuracy": ...}`` for each ``k`` (floats in ``[0, 1]``), using the
-        module-level tie rule.
+        ``{"top{k}_accuracy": ...}`` for each ``k`` (floats in ``[0, 1]``).
     """
     _check_embeddings(image_embeds, "image_embeds")
     _check_embeddings(class_embeds, "class_embeds")
@@ -374,11 +464,26 @@ def zero_shot_classification(
     lab = _check_index(labels, "labels", num_images, num_classes, "number of classes")
     ks_list = _check_ks(ks)
     chunk_size = _check_chunk_size(chunk_size)
+    check_tie_rule(ties)
 
     device = image_embeds.device
     lab = lab.to(device)
     images = _normalise(image_embeds)
     classes = _normalise(class_embeds)
+    if ties == "clip-benchmark":
+        # CLIP_benchmark: logits = 100 * image_features @ classifier, one topk for the
+        # largest k, hits at k among its first k columns.
+        where = torch.device(topk_device) if topk_device is not None else device
+        k_max = min(max(ks_list), num_classes)
+        hits = {k: torch.empty(num_images, dtype=torch.bool) for k in ks_list}
+        for start in range(0, num_images, chunk_size):
+            stop = min(start + chunk_size, num_images)
+            logits = ((100.0 * images[start:stop]) @ classes.t()).to(where)
+            top = torch.topk(logits, k_max, dim=1).indices
+            correct = top == lab[start:stop, None].to(where)
+            for k in ks_list:
+                hits[k][start:stop] = correct[:, : min(k, num_classes)].any(dim=1).cpu()
+        return {accuracy_metric_name(k): _mean(hits[k]) for k in ks_list}
     ranks = _best_positive_ranks(
         images, classes, torch.arange(num_images, device=device), lab, chunk_size
     )

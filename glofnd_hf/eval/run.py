@@ -34,7 +34,7 @@ import torch
 
 from .data import load_eval_data
 from .errors import EvalInputError
-from .metrics import clip_benchmark_names, format_metrics_table
+from .metrics import DEFAULT_TIE_RULE, check_tie_rule, clip_benchmark_names, format_metrics_table
 from .zero_shot import CLASSIFICATION, RETRIEVAL, ZeroShotEvaluator, resolve_tasks
 
 __all__ = [
@@ -126,6 +126,7 @@ def evaluate(
     image_id_field: str | None = "image_id",
     output: str | os.PathLike | None = None,
     show_progress: bool = True,
+    ties: str = DEFAULT_TIE_RULE,
 ) -> dict[str, Any]:
     """Zero-shot retrieval and/or classification of one model on one evaluation set.
 
@@ -133,6 +134,9 @@ def evaluate(
     ``DualEncoderAdapter`` (used on its current device). Data: see :func:`load_eval_data`.
     ``tasks``: ``"retrieval"``, ``"classification"``, both, or ``None``/``"auto"``
     (retrieval, plus classification when a class label column is known).
+    ``ties``: how equal scores rank (:data:`~glofnd_hf.eval.metrics.TIE_RULES`):
+    ``"lower-index"`` (default) or ``"clip-benchmark"`` (``torch.topk``'s choice on the model's
+    device, which reproduces CLIP_benchmark's numbers); recorded in the report.
 
     Returns the report (also written to ``output`` as JSON when given)::
 
@@ -141,7 +145,7 @@ def evaluate(
          "model": {"name", "pretrained", "family", "class", "num_parameters"},
          "data": {"kind", "source", "split", "config", "image_column", "caption_column",
                   "class_label_column", "num_classes", "num_templates", "max_samples", ...},
-         "ks": [1, 5, 10], "classification_ks": [1, 5],
+         "ks": [1, 5, 10], "classification_ks": [1, 5], "ties": "lower-index",
          "num_images": I, "num_captions": T,
          "metrics": {"image_to_text_recall@1": ..., ..., "top1_accuracy": ...},
          "metrics_clip_benchmark": {"text_retrieval_recall@1": ..., ..., "acc1": ...},
@@ -150,6 +154,10 @@ def evaluate(
     from .. import __version__
     from ..models import DualEncoderAdapter
 
+    try:
+        check_tie_rule(ties)
+    except ValueError as e:
+        raise EvalInputError(str(e)) from e
     data = load_eval_data(
         dataset,
         shards=shards,
@@ -188,6 +196,7 @@ def evaluate(
             chunk_size=chunk_size,
             dataset_name=str(data["info"]["source"]),
             split=data["info"]["split"],
+            ties=ties,
         )
     except ValueError as e:
         raise EvalInputError(str(e)) from e
@@ -236,6 +245,7 @@ def evaluate(
         "classification_ks": list(evaluator.classification_ks)
         if CLASSIFICATION in task_list
         else [],
+        "ties": evaluator.ties,
         "num_images": evaluator.num_images,
         "num_captions": evaluator.num_captions,
         "metrics": metrics,
@@ -301,7 +311,12 @@ def format_report(report: Mapping[str, Any]) -> str:
             if data.get("num_classes")
             else ""
         ),
-        f"task:   {', '.join(report['task'])}",
+        f"task:   {', '.join(report['task'])}"
+        + (
+            f" (ties: {report['ties']})"
+            if report.get("ties", DEFAULT_TIE_RULE) != DEFAULT_TIE_RULE
+            else ""
+        ),
     ]
     training = report.get("training")
     if training:

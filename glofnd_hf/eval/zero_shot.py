@@ -4,6 +4,12 @@ The evaluator embeds a dataset with any ``DualEncoderAdapter`` and scores it wit
 chunked metrics of ``eval.metrics``. It is a plain callable, usable on its own, inside
 ``GloFNDTrainer.evaluate`` (which prefixes ``eval_``) and behind ``glofnd-eval``
 (``eval.run``).
+
+Under ``torch.distributed`` (e.g. inside a multi-process training run) every process must
+call it: each embeds its own share of the batches (whole batches, the same ones a single
+process forms, so the embeddings are those of one process), the embeddings are gathered,
+the main process scores them once and every process receives the same metrics. Progress
+bars show on the main process only.
 """
 
 from __future__ import annotations
@@ -15,9 +21,14 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.images import to_rgb
+from . import distributed
 from .metrics import (
+    DEFAULT_TIE_RULE,
     IMAGE_TO_TEXT,
+    TEXT_TO_IMAGE,
+    accuracy_metric_name,
     average_template_embeddings,
+    check_tie_rule,
     recall_metric_name,
     retrieval_recall,
     zero_shot_classification,
@@ -86,6 +97,12 @@ class ZeroShotEvaluator:
     names default to the names of a ``datasets.ClassLabel`` label column. Labels may be class
     ids or the class names themselves. Templates hold ``{}`` for the class name.
     ``dataset_name`` / ``split`` only describe the data (JSON results, model cards).
+    ``ties``: how equal scores are ranked, ``"lower-index"`` (default) or
+    ``"clip-benchmark"`` (``torch.topk``'s choice, on the model's device, as CLIP_benchmark;
+    see :mod:`glofnd_hf.eval.metrics`).
+    ``distributed``: under an initialised ``torch.distributed`` group with several processes,
+    split the embedding work across them (every process must call the evaluator); False:
+    each caller evaluates everything alone.
     """
 
     primary_metric = recall_metric_name(IMAGE_TO_TEXT, 1)
@@ -107,7 +124,10 @@ class ZeroShotEvaluator:
         chunk_size: int = 1024,
         dataset_name: str | None = None,
         split: str | None = None,
+        ties: str = DEFAULT_TIE_RULE,
+        distributed: bool = True,
     ) -> None:
+        check_tie_rule(ties)
         tasks = resolve_tasks(tasks, caption_column, class_label_column)
         if not tasks:
             raise ValueError(
@@ -161,11 +181,25 @@ class ZeroShotEvaluator:
         self.show_progress = show_progress
         self.dataset_name = dataset_name
         self.split = split
+        self.ties = ties
+        self.distributed = distributed
+        self.topk_device: torch.device | None = None  # the model's, set by embed()
         if RETRIEVAL in self.tasks:
             self.captions, self.text_to_image = self._flatten_captions()
         else:
             self.captions, self.text_to_image = [], torch.zeros(0, dtype=torch.long)
         self.labels = self._labels() if CLASSIFICATION in self.tasks else None
+
+    def metric_names(self) -> list[str]:
+        """The names of the metrics a call returns (the trainer logs them with ``eval_``:
+        what ``metric_for_best_model`` may name)."""
+        names: list[str] = []
+        if RETRIEVAL in self.tasks:
+            for direction in (IMAGE_TO_TEXT, TEXT_TO_IMAGE):
+                names += [recall_metric_name(direction, k) for k in self.ks]
+        if CLASSIFICATION in self.tasks:
+            names += [accuracy_metric_name(k) for k in self.classification_ks]
+        return list(dict.fromkeys(names))
 
     # -- data --------------------------------------------------------------------------------
     @property
@@ -223,34 +257,37 @@ class ZeroShotEvaluator:
         return torch.tensor(values, dtype=torch.long)
 
     # -- embedding ---------------------------------------------------------------------------
+    def _world(self) -> tuple[int, int]:
+        """``(rank, world_size)`` of the processes sharing the work (``(0, 1)``: alone)."""
+        return distributed.rank_and_world() if self.distributed else (0, 1)
+
     def _bar(self, total: int, desc: str):
         return tqdm(
             total=total,
             desc=desc,
             unit="img" if "image" in desc else "txt",
-            disable=not self.show_progress,
+            disable=not self.show_progress or self._world()[0] != 0,
             leave=False,
         )
 
     @torch.no_grad()
     def embed(self, adapter: Any, model: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
         """Normalised float32 CPU embeddings: ``images`` [I, D], ``texts`` [T, D] (retrieval),
-        ``classes`` [C, D] (classification, template-averaged)."""
+        ``classes`` [C, D] (classification, template-averaged). Distributed: a collective,
+        and every process gets all of them."""
         model = adapter.unwrap(model)
         was_training = model.training
         model.eval()
+        self.topk_device = adapter.device
         try:
             transform = adapter.image_transform(train=False)
-            device = adapter.device
-            images = []
-            n = len(self.dataset)
-            with self._bar(n, "embedding images") as bar:
-                for start in range(0, n, self.batch_size):
-                    rows = self.dataset[start : start + self.batch_size][self.image_column]
-                    pixels = torch.stack([transform(to_rgb(im)) for im in rows]).to(device)
-                    images.append(adapter.encode_images(model, pixels).float().cpu())
-                    bar.update(len(rows))
-            out = {"images": torch.cat(images)}
+
+            def encode_images(start: int, stop: int) -> torch.Tensor:
+                rows = self.dataset[start:stop][self.image_column]
+                pixels = torch.stack([transform(to_rgb(im)) for im in rows]).to(adapter.device)
+                return adapter.encode_images(model, pixels).float().cpu()
+
+            out = {"images": self._embed(len(self.dataset), encode_images, "embedding images")}
             if RETRIEVAL in self.tasks:
                 out["texts"] = self._embed_texts(adapter, model, self.captions, "embedding texts")
             if CLASSIFICATION in self.tasks:
@@ -265,18 +302,42 @@ class ZeroShotEvaluator:
     def _embed_texts(
         self, adapter: Any, model: torch.nn.Module, texts: list[str], desc: str
     ) -> torch.Tensor:
-        chunks = []
-        with self._bar(len(texts), desc) as bar:
-            for start in range(0, len(texts), self.batch_size):
-                chunk = texts[start : start + self.batch_size]
-                chunks.append(adapter.encode_texts(model, chunk).float().cpu())
-                bar.update(len(chunk))
-        return torch.cat(chunks)
+        def encode(start: int, stop: int) -> torch.Tensor:
+            return adapter.encode_texts(model, texts[start:stop]).float().cpu()
+
+        return self._embed(len(texts), encode, desc)
+
+    def _embed(self, n: int, encode, desc: str) -> torch.Tensor:
+        """``encode(start, stop)`` over the ``batch_size`` batches of ``n`` items: all of them
+        alone; distributed, this process's contiguous share, then gathered in order."""
+        rank, world = self._world()
+        plan = distributed.share_batches(n, self.batch_size, rank, world)
+        parts: list[torch.Tensor] = []
+        error: Exception | None = None
+        try:
+            with self._bar(plan.local_items, desc) as bar:
+                for start, stop in plan.local:
+                    parts.append(encode(start, stop))
+                    bar.update(stop - start)
+                # Every process runs as many forward passes (sharded models need them in step).
+                for start, stop in plan.padding:
+                    parts.append(encode(start, stop)[:0])
+        except Exception as e:  # noqa: BLE001 - re-raised below, on every process
+            if world == 1:
+                raise
+            error = e
+        if world == 1:
+            return torch.cat(parts)
+        # A failure on one process stops them all (instead of leaving them in the gather).
+        if distributed.any_process(error is not None):
+            raise error or RuntimeError(f"{desc} failed on another process (see its error)")
+        return distributed.gather_rows(torch.cat(parts), plan.rows_per_rank)
 
     # -- scoring -----------------------------------------------------------------------------
     def score(self, embeds: dict[str, torch.Tensor]) -> dict[str, float]:
-        """The metrics of embeddings from :meth:`embed`."""
+        """The metrics of embeddings from :meth:`embed` (computed here, in this process)."""
         metrics: dict[str, float] = {}
+        ties = {"ties": self.ties, "topk_device": self.topk_device}
         if RETRIEVAL in self.tasks:
             metrics.update(
                 retrieval_recall(
@@ -285,6 +346,7 @@ class ZeroShotEvaluator:
                     self.text_to_image,
                     self.ks,
                     chunk_size=self.chunk_size,
+                    **ties,
                 )
             )
         if CLASSIFICATION in self.tasks:
@@ -295,9 +357,25 @@ class ZeroShotEvaluator:
                     self.labels,
                     ks=self.classification_ks,
                     chunk_size=self.chunk_size,
+                    **ties,
                 )
             )
         return metrics
 
     def __call__(self, adapter: Any, model: torch.nn.Module | None = None) -> dict[str, float]:
-        return self.score(self.embed(adapter, model))
+        """Embed and score. Distributed: every process calls it; the main process scores
+        and every process returns its metrics."""
+        embeds = self.embed(adapter, model)
+        rank, world = self._world()
+        if world == 1:
+            return self.score(embeds)
+        result: dict[str, float] | Exception | None = None
+        if rank == 0:
+            try:
+                result = self.score(embeds)
+            except Exception as e:  # noqa: BLE001 - raised on every process
+                result = e
+        result = distributed.broadcast_from_main(result)
+        if isinstance(result, Exception):
+            raise result
+        return result

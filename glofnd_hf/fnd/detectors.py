@@ -47,6 +47,8 @@ class Detection:
     false_negatives: torch.Tensor | None
     """(2, b, B) bool, a subset of the negatives; None when nothing is detected."""
     stats: dict[str, torch.Tensor] = field(default_factory=dict)
+    """0-d tensors describing the whole global batch, the same on every rank (what one
+    process over the global batch would report); the trainer logs them as they are."""
 
 
 class FalseNegativeDetector(ABC):
@@ -120,7 +122,9 @@ class BatchQuantileDetector(FalseNegativeDetector):
             return Detection(None)
         threshold = masked_quantile(sim, batch.negatives, 1.0 - self.alpha)
         found = (sim > threshold.unsqueeze(-1)) & batch.negatives
-        return Detection(found, _threshold_stats(threshold))
+        # The statistics cover the global batch's anchors: gather the (2, b) thresholds.
+        everyone = comm.all_gather_no_grad(threshold.t().contiguous()).t()
+        return Detection(found, _threshold_stats(everyone))
 
     def config_dict(self) -> dict:
         return {**super().config_dict(), "alpha": self.alpha}
@@ -179,17 +183,21 @@ class GloFNDDetector(FalseNegativeDetector):
 
     def detect(self, sim: torch.Tensor, batch: DetectionBatch) -> Detection:
         cfg = self.config
-        updated = self._update(sim, batch) if batch.epoch >= cfg.update_start_epoch else None
+        updated = everyone = None
+        if batch.epoch >= cfg.update_start_epoch:
+            updated, everyone = self._update(sim, batch)
         found = None
         stats: dict[str, torch.Tensor] = {}
         if self.masking(batch.epoch):
-            lam = (
-                updated
-                if updated is not None
-                else self.state.lambdas(batch.anchor_index, sim.device).t()
-            )  # (2, b)
+            lam = updated  # (2, b)
+            if lam is None:
+                # The state is the same on every rank: the global batch's thresholds need
+                # no communication.
+                everyone = self.state.lambdas(batch.candidate_index, sim.device).t()  # (2, B)
+                b, start = batch.anchor_index.shape[0], self._local_start(batch)
+                lam = everyone[:, start : start + b]
             found = (sim > lam.unsqueeze(-1).to(sim.dtype)) & batch.negatives
-            stats = _threshold_stats(lam)
+            stats = _threshold_stats(everyone)
         finished = self.health.record(batch.epoch, found, batch.negatives, updated)
         stats.update({k: torch.tensor(v, device=sim.device) for k, v in finished.items()})
         return Detection(found, stats)
@@ -197,10 +205,17 @@ class GloFNDDetector(FalseNegativeDetector):
     def finish_epoch(self) -> dict[str, float]:
         return self.health.finish_epoch()
 
+    @staticmethod
+    def _local_start(batch: DetectionBatch) -> int:
+        """Where this process's anchors start in the global batch."""
+        return comm.rank() * batch.anchor_index.shape[0] if comm.world_size() > 1 else 0
+
     @torch.no_grad()
-    def _update(self, sim: torch.Tensor, batch: DetectionBatch) -> torch.Tensor:
+    def _update(
+        self, sim: torch.Tensor, batch: DetectionBatch
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Threshold step for every anchor of the global batch; returns the (2, b) updated
-        thresholds of this process's anchors.
+        thresholds of this process's anchors and the (2, B) ones of the global batch.
 
         Every rank reads the rows of the whole global batch once (its own anchors are the
         slice at its rank), computes the rule's statistics for its own anchors, all-gathers
@@ -218,7 +233,8 @@ class GloFNDDetector(FalseNegativeDetector):
         gathered = segment_mean(index, comm.all_gather_no_grad(local.contiguous()))
         stats = gathered.view(index.shape[0], len(SIDES), -1)
         rows = self.state.apply_update(index, stats, batch.epoch, rows)
-        return rows[start : start + b, :, LAMBDA].t().to(sim.dtype)
+        everyone = rows[:, :, LAMBDA].t().to(sim.dtype)
+        return everyone[:, start : start + b], everyone
 
     def _advice(self, kind: str) -> str:
         """Likely cause and the setting to change (a GloFND setting, ``detector_kwargs`` of
@@ -281,9 +297,9 @@ class GloFNDDetector(FalseNegativeDetector):
 
 
 def _threshold_stats(threshold: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Mean and a few percentiles of the (2, b) thresholds of this batch's anchors.
+    """Mean and a few percentiles of the (2, B) thresholds of the global batch's anchors.
 
-    Over the b local anchors only (never over N), on the device: no synchronisation.
+    Over the batch's anchors (never over N), on the device: no synchronisation.
     """
     threshold = torch.nan_to_num(threshold.detach().float(), nan=1.0)
     # Order statistics of the b values: no quantile kernel, and basic indexing only (an

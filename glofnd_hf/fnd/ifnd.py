@@ -187,7 +187,9 @@ class IFNDDetector(FalseNegativeDetector):
             return Detection(None, stats)
         found = self._same_accepted_label(batch.anchor_index, batch.candidate_index, frac)
         found = found.to(sim.device) & batch.negatives
-        stats["ifnd_accepted_anchors"] = self._accepted(batch.anchor_index, frac).float().mean()
+        # Over the global batch's anchors (the tables are the same on every rank).
+        accepted = self._accepted(batch.candidate_index, frac)
+        stats["ifnd_accepted_anchors"] = accepted.float().mean()
         return Detection(found.unsqueeze(0).expand(len(SIDES), -1, -1), stats)
 
     # -- pieces ------------------------------------------------------------------------------

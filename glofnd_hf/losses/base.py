@@ -150,8 +150,11 @@ class BimodalContrastiveLoss(ABC):
                     masks.negatives, detection.false_negatives
                 )
             out = self._loss(sim, logit_scale.to(dtype), masks, epoch)
+        # Every statistic is one of the global batch, the same on every rank: the loss's
+        # local means and the mask counts cross ranks together (one small all-reduce), the
+        # detector's are global already.
+        out.stats = self._global_stats(out.stats, masks, fallback)
         out.stats.update(detection.stats)
-        out.stats.update(self._mask_stats(masks, fallback))
         return out
 
     @torch.no_grad()
@@ -234,17 +237,42 @@ class BimodalContrastiveLoss(ABC):
         return kept, all_filtered
 
     @staticmethod
-    def _mask_stats(masks: Masks, fallback: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        stats: dict[str, torch.Tensor] = {}
+    def _global_stats(
+        loss_stats: dict[str, torch.Tensor], masks: Masks, fallback: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
+        """The loss's statistics (means over this process's anchors) as means over the global
+        batch, and the mask statistics over the global batch: ``filtered_fraction_<side>``
+        (detected false negatives / negatives, global totals) and, when detecting,
+        ``all_filtered_anchors_<side>`` (anchors whose negatives were all detected, counted
+        over the global batch). One all-reduce of a few numbers when distributed, none alone.
+        """
+        device = masks.own.device
+        names = list(loss_stats)
         fn = masks.false_negatives
-        n_neg = masks.negatives.sum().clamp(min=1).float()
+        zero = torch.zeros((), device=device)
+        parts = [
+            torch.as_tensor(v, device=device).detach().float().reshape(())
+            for v in loss_stats.values()
+        ]
+        n_sides = len(SIDES)
+        for s in range(n_sides):
+            parts.append(zero if fn is None else fn[s].sum().float())
+        parts.append(masks.negatives.sum().float())
+        if fallback is not None:
+            parts.extend(fallback[s].sum().float() for s in range(n_sides))
+        values = torch.stack(parts)
+        world = comm.world_size()
+        if world > 1:
+            values = comm.all_reduce_sum(values)
+            # Every rank holds b anchors: the mean of the ranks' means is the global mean.
+            values[: len(names)] /= world
+        stats = dict(zip(names, values[: len(names)].unbind(), strict=True))
+        counts = values[len(names) :]
+        n_neg = counts[n_sides].clamp(min=1)
         for s, side in enumerate(SIDES):
-            if fn is None:
-                stats[f"filtered_fraction_{side}"] = torch.zeros((), device=masks.own.device)
-            else:
-                stats[f"filtered_fraction_{side}"] = fn[s].sum().float() / n_neg
+            stats[f"filtered_fraction_{side}"] = counts[s] / n_neg
             if fallback is not None:
-                stats[f"all_filtered_anchors_{side}"] = fallback[s].sum().float()
+                stats[f"all_filtered_anchors_{side}"] = counts[n_sides + 1 + s]
         return stats
 
     # -- input checks --------------------------------------------------------------------

@@ -23,13 +23,20 @@ rendered again (e.g. with the repository id in the usage snippet).
 """
 
 from .callback import ModelCardCallback, model_card_callback, set_model_card_info, write_model_card
-from .descriptions import CITATIONS, describe_detector
+from .descriptions import (
+    CITATIONS,
+    LOCAL_EVAL_DATASET_NAME,
+    LOCAL_EVAL_DATASET_TYPE,
+    describe_detector,
+    is_local_path,
+)
 from .info import (
     CARD_INFO_FILE,
     CardInfo,
     card_info_from_folder,
     card_info_from_trainer,
     default_settings,
+    eval_dataset_fields,
     non_default_settings,
     resolve_base_model,
 )
@@ -39,6 +46,8 @@ from .render import card_is_unedited, read_template, render_model_card, template
 __all__ = [
     "CARD_INFO_FILE",
     "CITATIONS",
+    "LOCAL_EVAL_DATASET_NAME",
+    "LOCAL_EVAL_DATASET_TYPE",
     "CardInfo",
     "ModelCardCallback",
     "card_info_from_folder",
@@ -46,7 +55,9 @@ __all__ = [
     "card_is_unedited",
     "default_settings",
     "describe_detector",
+    "eval_dataset_fields",
     "eval_results_from_metrics",
+    "is_local_path",
     "model_card_callback",
     "non_default_settings",
     "normalize_eval_metrics",

@@ -24,11 +24,13 @@ __all__ = [
 class ModelCardCallback(TrainerCallback):
     """Writes ``README.md`` (and ``glofnd_card.json``) into every checkpoint folder.
 
-    Collects the latest zero-shot metrics in ``on_evaluate``; a checkpoint's card lists them
-    only when they were computed at the checkpoint's step (the Trainer evaluates before saving
-    when both fall on the same step). ``card_kwargs`` go to :func:`card_info_from_trainer`
-    (``model_name_or_path``, ``pretrained``, ``datasets``, ``license``, ...); change them later
-    with :func:`set_model_card_info`.
+    Collects the zero-shot metrics of every evaluation in ``on_evaluate``; a checkpoint's card
+    lists them only when they were computed at the checkpoint's step (the Trainer evaluates
+    before saving when both fall on the same step). When training ends with the best
+    checkpoint loaded (``load_best_model_at_end``), :attr:`model_step` is that checkpoint's
+    step, and the final card reports the metrics of that step. ``card_kwargs`` go to
+    :func:`card_info_from_trainer` (``model_name_or_path``, ``pretrained``, ``datasets``,
+    ``license``, ...); change them later with :func:`set_model_card_info`.
     """
 
     def __init__(self, trainer: Any, **card_kwargs: Any) -> None:
@@ -36,15 +38,26 @@ class ModelCardCallback(TrainerCallback):
         self.card_kwargs = dict(card_kwargs)
         self.eval_metrics: dict[str, float] = {}
         self.eval_step: int | None = None
+        self.history: dict[int, dict[str, float]] = {}
+        self.model_step: int | None = None
+        """The step the trainer's weights come from when it is not the last one (the best
+        checkpoint loaded at the end), else None."""
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         found = normalize_eval_metrics(metrics)
         if found:
             self.eval_metrics = found
             self.eval_step = state.global_step
+            self.history[state.global_step] = found
+
+    def on_train_end(self, args, state, control, **kwargs):
+        best = getattr(state, "best_model_checkpoint", None)
+        if args.load_best_model_at_end and best:
+            _, _, step = os.path.basename(os.path.normpath(best)).rpartition("-")
+            self.model_step = int(step) if step.isdigit() else None
 
     def metrics_at(self, step: int | None) -> dict[str, float]:
-        return dict(self.eval_metrics) if self.eval_metrics and self.eval_step == step else {}
+        return dict(self.history.get(step, {})) if step is not None else {}
 
     def on_save(self, args, state, control, **kwargs):
         if not args.should_save:
@@ -90,7 +103,8 @@ def write_model_card(
     """Write ``README.md`` + ``glofnd_card.json`` for the final model in ``output_dir``.
 
     ``eval_metrics``: the evaluator's metrics (``eval_`` prefixes are fine); default: the
-    metrics the trainer's :class:`ModelCardCallback` collected at the current step.
+    metrics the trainer's :class:`ModelCardCallback` collected at the current step (at the
+    best checkpoint's step when ``load_best_model_at_end`` loaded it).
     ``card_kwargs``: see :func:`card_info_from_trainer` (they extend those given to
     :func:`set_model_card_info`). Only the main process writes; returns the card's path there.
     """
@@ -101,7 +115,12 @@ def write_model_card(
     kwargs = dict(callback.card_kwargs) if callback is not None else {}
     kwargs.update({k: v for k, v in card_kwargs.items() if v is not None})
     if eval_metrics is None and callback is not None:
-        eval_metrics = callback.metrics_at(getattr(trainer.state, "global_step", None))
+        # The metrics of the weights the trainer holds: the best checkpoint's when it was
+        # loaded at the end, else those of the last step.
+        step = callback.model_step or getattr(trainer.state, "global_step", None)
+        eval_metrics = callback.metrics_at(step)
+        if eval_metrics and "eval_step" not in kwargs:
+            kwargs["eval_step"] = step
     info = card_info_from_trainer(trainer, eval_metrics, **kwargs)
     info.model_name = info.model_name or Path(os.path.abspath(output_dir)).name
     return write_card(info, output_dir)

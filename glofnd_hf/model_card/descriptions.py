@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterable
 
 from ..data.digits import DIGITS_DATASET
@@ -16,8 +17,17 @@ __all__ = [
     "describe_detector",
     "describe_fn_strategy",
     "describe_objective",
+    "eval_dataset_id",
     "hub_datasets",
+    "is_local_path",
+    "LOCAL_EVAL_DATASET_NAME",
+    "LOCAL_EVAL_DATASET_TYPE",
 ]
+
+#: How a card names evaluation data that lives only on the machine that evaluated it (a
+#: local folder, shards): the model-index ``dataset.name`` / ``dataset.type``.
+LOCAL_EVAL_DATASET_NAME = "local evaluation data"
+LOCAL_EVAL_DATASET_TYPE = "local"
 
 CITATIONS: dict[str, dict[str, str]] = {
     "glofnd": {
@@ -113,11 +123,42 @@ def citations_for(
     return citations
 
 
+def is_local_path(name: str) -> bool:
+    """``name`` is (or can only be) a path on this machine, not a Hub id: it exists, or it is
+    absolute, starts with ``.`` or ``~``, or has more than one ``/`` (a URL included)."""
+    name = str(name)
+    if os.path.exists(name) or os.path.isabs(name) or name.startswith((".", "~")):
+        return True
+    return name.count("/") > 1 or "\\" in name or "://" in name
+
+
+def eval_dataset_id(name: str | None, what: str = "evaluation data set") -> str | None:
+    """``name`` as the card may record it (a Hub dataset id, or the embedded digits), or None
+    with a warning when it is a local path (or shards): a card never holds one. The card
+    then names the data :data:`LOCAL_EVAL_DATASET_NAME`."""
+    if not name:
+        return None
+    name = str(name)
+    if name == DIGITS_DATASET or (
+        not is_local_path(name) and is_hub_repo_id(name, require_namespace=False)
+    ):
+        return name
+    warnings.warn(
+        f"the {what} {name!r} is not a Hub dataset id (a local path or shards): the model "
+        "card calls it "
+        f"{LOCAL_EVAL_DATASET_NAME!r} (pass the Hub id, or name it with glofnd-push "
+        "--dataset-name NAME --dataset-type HUB_ID)",
+        UserWarning,
+        stacklevel=3,
+    )
+    return None
+
+
 def hub_datasets(names: Iterable[str | None]) -> list[str]:
     """Dataset names usable as Hub metadata (no local folders, no embedded demo data)."""
     out = []
     for name in names:
-        if not name or name == DIGITS_DATASET or os.path.exists(str(name)):
+        if not name or name == DIGITS_DATASET or is_local_path(str(name)):
             continue
         if is_hub_repo_id(str(name), require_namespace=False) and name not in out:
             out.append(str(name))
@@ -135,4 +176,6 @@ def describe_dataset(name: str | None) -> str:
         return "an image-caption data set"
     if hub_datasets([name]):
         return f"[{name}](https://huggingface.co/datasets/{name})"
+    if is_local_path(name):
+        return "a local image-caption data set"  # never a path of the training machine
     return f"`{name}`"

@@ -13,7 +13,13 @@ from typing import Any
 
 from ..hub_ids import is_hub_repo_id
 from ..models import family_of_folder
-from .descriptions import describe_dataset, hub_datasets
+from .descriptions import (
+    LOCAL_EVAL_DATASET_NAME,
+    LOCAL_EVAL_DATASET_TYPE,
+    describe_dataset,
+    eval_dataset_id,
+    hub_datasets,
+)
 from .metrics import normalize_eval_metrics
 
 __all__ = [
@@ -21,6 +27,7 @@ __all__ = [
     "CardInfo",
     "card_info_from_folder",
     "card_info_from_trainer",
+    "eval_dataset_fields",
     "default_settings",
     "non_default_settings",
     "resolve_base_model",
@@ -57,8 +64,11 @@ class CardInfo:
     epochs: float | None = None
     global_step: int | None = None
     eval_metrics: dict[str, float] = dataclasses.field(default_factory=dict)
-    eval_dataset: str | None = None
+    eval_dataset: str | None = None  # a Hub dataset id (or glofnd-digits), never a path
     eval_split: str | None = None
+    eval_dataset_config: str | None = None
+    eval_dataset_name: str | None = None  # model-index dataset.name (default: eval_dataset)
+    eval_dataset_type: str | None = None  # model-index dataset.type (default: eval_dataset)
     eval_step: int | None = None
     glofnd_version: str | None = None
 
@@ -212,6 +222,23 @@ def _hyperparameters(args: Any) -> dict[str, Any]:
     return {k: v for k, v in out.items() if v is not None}
 
 
+def eval_dataset_fields(
+    dataset: str | None,
+    name: str | None = None,
+    dataset_type: str | None = None,
+    what: str = "evaluation data set",
+) -> dict[str, str | None]:
+    """``eval_dataset`` / ``eval_dataset_name`` / ``eval_dataset_type`` of a card for the
+    evaluation data ``dataset``: a Hub id is kept; a local path (or shards) is dropped with a
+    warning, and the data is called :data:`LOCAL_EVAL_DATASET_NAME` unless ``name`` /
+    ``dataset_type`` say what it is."""
+    kept = eval_dataset_id(dataset, what)
+    if dataset and kept is None:
+        name = name or LOCAL_EVAL_DATASET_NAME
+        dataset_type = dataset_type or LOCAL_EVAL_DATASET_TYPE
+    return {"eval_dataset": kept, "eval_dataset_name": name, "eval_dataset_type": dataset_type}
+
+
 def card_info_from_trainer(
     trainer: Any,
     eval_metrics: Mapping[str, Any] | None = None,
@@ -226,6 +253,9 @@ def card_info_from_trainer(
     repo_id: str | None = None,
     eval_dataset: str | None = None,
     eval_split: str | None = None,
+    eval_dataset_config: str | None = None,
+    eval_dataset_name: str | None = None,
+    eval_dataset_type: str | None = None,
     eval_step: int | None = None,
     tags: Sequence[str] | None = None,
 ) -> CardInfo:
@@ -296,8 +326,9 @@ def card_info_from_trainer(
         epochs=round(float(epoch), 4) if epoch else None,
         global_step=int(step) if step else None,
         eval_metrics=normalize_eval_metrics(eval_metrics),
-        eval_dataset=eval_dataset,
         eval_split=eval_split,
+        eval_dataset_config=eval_dataset_config,
+        **eval_dataset_fields(eval_dataset, eval_dataset_name, eval_dataset_type),
         eval_step=eval_step
         if eval_step is not None
         else (int(step) if step and eval_metrics else None),
@@ -327,15 +358,26 @@ def card_info_from_folder(
     info.family = family
     if eval_report is not None:
         info.eval_metrics = normalize_eval_metrics(eval_report.get("metrics"))
-        source = eval_report.get("data", {}).get("source")
-        info.eval_dataset = source if isinstance(source, str) else "webdataset shards"
-        info.eval_split = eval_report.get("data", {}).get("split")
+        data = eval_report.get("data", {})
+        source = data.get("source")
+        if data.get("kind") == "webdataset" or not isinstance(source, str):
+            source = f"shards {source!r}"  # never a Hub dataset: named neutrally
+        fields = eval_dataset_fields(source, None, None, what="evaluation data of the report")
+        for key, value in fields.items():
+            setattr(info, key, value)
+        info.eval_split = data.get("split")
+        info.eval_dataset_config = data.get("config")
         info.eval_step = None
     for key, value in overrides.items():
         if not hasattr(info, key):
             raise TypeError(f"unknown model card field {key!r}")
         if key == "datasets" and value is not None:
             value = hub_datasets(value)
+        elif key == "eval_dataset" and value is not None:
+            for field, kept in eval_dataset_fields(value).items():
+                if field == "eval_dataset" or overrides.get(field) is None:
+                    setattr(info, field, kept)
+            continue
         elif key == "eval_metrics" and value is not None:
             value = normalize_eval_metrics(value)
         if value is not None:

@@ -34,14 +34,22 @@ def eval_results_from_metrics(
     metrics: Mapping[str, float],
     dataset: str | None = None,
     split: str | None = None,
+    *,
+    config: str | None = None,
+    dataset_name: str | None = None,
+    dataset_type: str | None = None,
 ):
-    """``huggingface_hub.EvalResult`` entries (model-index) for our zero-shot metrics."""
+    """``huggingface_hub.EvalResult`` entries (model-index) for our zero-shot metrics.
+
+    ``dataset``: the Hub id of the evaluation data (``dataset.type``, and ``dataset.name``
+    unless ``dataset_name`` is given); ``dataset_type`` overrides the type; ``split`` and
+    ``config`` are recorded as ``dataset.split`` / ``dataset.config``."""
     from huggingface_hub import EvalResult
 
-    dataset_type = dataset or "unknown"
-    dataset_name = dataset or "evaluation data"
-    if dataset == DIGITS_DATASET:
-        dataset_name = "glofnd coloured digits"
+    dataset_type = dataset_type or dataset or "unknown"
+    if dataset_name is None:
+        dataset_name = "glofnd coloured digits" if dataset == DIGITS_DATASET else dataset
+    dataset_name = dataset_name or "evaluation data"
     results = []
     for name, value in normalize_eval_metrics(metrics).items():
         parsed = parse_metric_name(name)
@@ -55,6 +63,7 @@ def eval_results_from_metrics(
                 dataset_type=dataset_type,
                 dataset_name=dataset_name,
                 dataset_split=split,
+                dataset_config=config,
                 metric_type=name,
                 metric_name=parsed.label,
                 metric_value=round(float(value), 6),

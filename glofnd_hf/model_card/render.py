@@ -15,7 +15,7 @@ from .descriptions import (
     describe_fn_strategy,
     describe_objective,
 )
-from .info import CARD_INFO_FILE, CardInfo
+from .info import CARD_INFO_FILE, CardInfo, eval_dataset_fields
 from .metrics import clip_benchmark_name, eval_results_from_metrics
 
 __all__ = [
@@ -82,8 +82,18 @@ def render_model_card(info: CardInfo, template: str | os.PathLike | None = None)
     if info.detector:
         tags.append(f"fnd-{info.detector.replace('_', '-')}")
     tags += [t for t in info.tags if t not in tags]
+    # A card never names a local path: one recorded by an older version is dropped here.
+    dataset = eval_dataset_fields(info.eval_dataset, info.eval_dataset_name, info.eval_dataset_type)
     eval_results = (
-        eval_results_from_metrics(info.eval_metrics, info.eval_dataset, info.eval_split) or None
+        eval_results_from_metrics(
+            info.eval_metrics,
+            dataset["eval_dataset"],
+            info.eval_split,
+            config=info.eval_dataset_config,
+            dataset_name=dataset["eval_dataset_name"],
+            dataset_type=dataset["eval_dataset_type"],
+        )
+        or None
     )
     card_data = ModelCardData(
         model_name=model_name,
@@ -134,7 +144,11 @@ def render_model_card(info: CardInfo, template: str | os.PathLike | None = None)
     detector_description = describe_detector(info.detector) if info.detector else "not recorded"
     if info.detector not in (None, "none") and info.fn_strategy:
         detector_description += f"; {describe_fn_strategy(info.fn_strategy)}"
-    eval_description = describe_dataset(info.eval_dataset)
+    eval_description = (
+        describe_dataset(dataset["eval_dataset"])
+        if dataset["eval_dataset"] or not dataset["eval_dataset_name"]
+        else f"`{dataset['eval_dataset_name']}`"
+    )
     settings = [
         {"name": r["name"], "value": _fmt(r["value"]), "default": _fmt(r["default"])}
         for r in info.non_default_settings
@@ -152,6 +166,7 @@ def render_model_card(info: CardInfo, template: str | os.PathLike | None = None)
         model_ref=_model_ref(info),
         repo_id=info.repo_id,
         eval_split=info.eval_split,
+        eval_config=info.eval_dataset_config,
         training_recorded=info.training_recorded,
         train_data_description=info.train_data_description
         or "The training data were not recorded with this model.",

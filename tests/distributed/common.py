@@ -28,25 +28,76 @@ def projection():
     return Projection()
 
 
-def fixed_global_batch(step):
+def stats_as_floats(stats):
+    """A loss's statistics as plain floats (what the trainer logs, before rounding)."""
+    return {k: float(v) for k, v in stats.items()}
+
+
+def fixed_global_batch(step, kind=""):
     gen = torch.Generator().manual_seed(100 + step)
     image = torch.randn(GLOBAL_BATCH, DIM, generator=gen)
     text = image + 0.5 * torch.randn(GLOBAL_BATCH, DIM, generator=gen)
     index = torch.randperm(N, generator=gen)[:GLOBAL_BATCH]
     index[5] = index[12]  # a duplicate across the two ranks' halves
     labels = index % 5
+    if kind.endswith("_oracle"):
+        # One label for all: every negative is a false negative, every anchor falls back.
+        labels = torch.zeros_like(labels)
     return image, text, index, labels
 
 
 def build_loss(kind):
     # "_iq": the Adam rule starting at the in-batch quantile; otherwise the default tail rule.
+    # "_bq": the in-batch quantile baseline detector instead of GloFND.
     adam = kind.endswith("_iq")
     config = GloFNDConfig(
         alpha=0.1, lr=0.05, init_quantile=adam, update_rule="adam" if adam else "tail"
     )
-    detector = build_detector("glofnd", num_samples=N, config=config)
+    # "_oracle": the label oracle (with one label for the whole batch).
+    name = {"_bq": "batch_quantile", "_oracle": "oracle"}.get(kind[kind.rfind("_") :], "glofnd")
+    detector = build_detector(name, num_samples=N, config=config)
     if kind.startswith("clip"):
         return ClipLoss(detector)
     return GlobalContrastiveLoss(
         N, detector, gamma=GammaSchedule(0.5, "constant"), temperature="learnable"
     )
+
+
+EVAL_IMAGES = 70  # 5 batches of 16 (the last one short): 2 and 3 batches on two ranks
+EVAL_BATCH = 16
+
+
+def save_eval_inputs(folder):
+    """A tiny CLIP and the first validation images of the digits, saved for the workers
+    (loading them is much faster than building them)."""
+    from glofnd_hf.data.digits import CLASSIFICATION_TEMPLATES, DIGIT_NAMES, load_digits_pairs
+    from glofnd_hf.models import build_tiny_hf_clip
+
+    data = load_digits_pairs(seed=0)["validation"].select(range(EVAL_IMAGES))
+    texts = list(data["caption"])
+    texts += [t.format(n) for n in DIGIT_NAMES for t in CLASSIFICATION_TEMPLATES]
+    build_tiny_hf_clip(seed=0, texts=texts).save(f"{folder}/model")
+    data.save_to_disk(f"{folder}/data")
+
+
+def eval_setup(folder):
+    """The saved tiny CLIP and a zero-shot evaluator (retrieval and digit classification)
+    over the saved images."""
+    import datasets
+
+    from glofnd_hf.data.digits import CLASSIFICATION_TEMPLATES, DIGIT_NAMES
+    from glofnd_hf.eval.zero_shot import ZeroShotEvaluator
+    from glofnd_hf.models import load_dual_encoder
+
+    adapter = load_dual_encoder(f"{folder}/model")
+    adapter.model.eval()
+    evaluator = ZeroShotEvaluator(
+        datasets.load_from_disk(f"{folder}/data"),
+        caption_column="caption",
+        class_label_column="digit",
+        class_names=DIGIT_NAMES,
+        templates=CLASSIFICATION_TEMPLATES,
+        batch_size=EVAL_BATCH,
+        show_progress=True,
+    )
+    return adapter, evaluator

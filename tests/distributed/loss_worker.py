@@ -1,6 +1,6 @@
 """Run by torchrun in tests: one step of a loss on this rank's slice of a fixed global batch.
 
-Writes loss, the gradient of a tiny projection after DDP averaging, and the per-sample state.
+Writes loss, the statistics, the gradient of a tiny projection after DDP averaging, and the per-sample state.
 """
 
 import argparse
@@ -11,7 +11,12 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
-from distributed.common import build_loss, fixed_global_batch, projection  # noqa: E402
+from distributed.common import (  # noqa: E402
+    build_loss,
+    fixed_global_batch,
+    projection,
+    stats_as_floats,
+)
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--loss", required=True)
@@ -27,7 +32,7 @@ loss_fn = build_loss(opts.loss)
 optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
 records = []
 for step in range(opts.steps):
-    image, text, index, labels = fixed_global_batch(step)
+    image, text, index, labels = fixed_global_batch(step, opts.loss)
     b = image.shape[0] // world
     sl = slice(rank * b, (rank + 1) * b)
     img_emb, txt_emb, scale = model(image[sl], text[sl])
@@ -42,7 +47,9 @@ for step in range(opts.steps):
     digest = torch.stack([v.double().sum() for v in state.values()])
     digests = [torch.zeros_like(digest) for _ in range(world)]
     dist.all_gather(digests, digest)
-    records.append({"loss": loss / world, "digests": torch.stack(digests)})
+    records.append(
+        {"loss": loss / world, "digests": torch.stack(digests), "stats": stats_as_floats(out.stats)}
+    )
 params = {n: p.detach().clone() for n, p in model.module.named_parameters()}
 torch.save(
     {

@@ -1,7 +1,8 @@
 """A tiny GloFNDTrainer run, alone or under ``accelerate launch`` (tests only).
 
 After every step the per-sample state is hashed on each rank and compared across ranks.
-Rank 0 writes the final parameters, the state and the per-step digests to ``--out``.
+Rank 0 writes the final parameters, the state, the per-step digests and the logs to
+``--out``.
 """
 
 import argparse
@@ -40,7 +41,15 @@ class StateDigest(TrainerCallback):
         self.digests.append(digest)
 
 
-def run(out_dir, loss_type="clip", stop_at=None, resume=None, save_steps=2, world=1):
+def run(
+    out_dir,
+    loss_type="clip",
+    stop_at=None,
+    resume=None,
+    save_steps=2,
+    world=1,
+    learning_rate=0.05,
+):
     from glofnd_hf.args import GloFNDTrainingArguments
     from glofnd_hf.data.digits import load_digits_pairs
     from glofnd_hf.data.hf import ImageTextCollator
@@ -53,7 +62,7 @@ def run(out_dir, loss_type="clip", stop_at=None, resume=None, save_steps=2, worl
         output_dir=out_dir,
         per_device_train_batch_size=GLOBAL_BATCH // world,
         num_train_epochs=2,
-        learning_rate=0.05,
+        learning_rate=learning_rate,
         optim="sgd",
         report_to="none",
         use_cpu=True,
@@ -86,6 +95,7 @@ def run(out_dir, loss_type="clip", stop_at=None, resume=None, save_steps=2, worl
         "params": params,
         "state": trainer.contrastive_loss.state_dict(),
         "digests": digest.digests,
+        "logs": trainer.state.log_history,
         "world": world_size,
     }
 
@@ -97,8 +107,16 @@ if __name__ == "__main__":
     parser.add_argument("--loss-type", default="clip")
     parser.add_argument("--stop-at", type=int)
     parser.add_argument("--resume")
+    parser.add_argument("--learning-rate", type=float, default=0.05)
     opts = parser.parse_args()
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    result = run(opts.output_dir, opts.loss_type, opts.stop_at, opts.resume, world=world)
+    result = run(
+        opts.output_dir,
+        opts.loss_type,
+        opts.stop_at,
+        opts.resume,
+        world=world,
+        learning_rate=opts.learning_rate,
+    )
     if int(os.environ.get("RANK", "0")) == 0:
         torch.save(result, opts.out)
