@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from cpu_args import cpu_args
 from safetensors.torch import load_file
 from transformers import EarlyStoppingCallback
 
-from glofnd_hf.args import GloFNDTrainingArguments
 from glofnd_hf.data.digits import CLASSIFICATION_TEMPLATES, DIGIT_NAMES, load_digits_pairs
 from glofnd_hf.eval.zero_shot import ZeroShotEvaluator
 from glofnd_hf.model_card import write_model_card
@@ -49,13 +49,11 @@ class ScriptedEvaluator:
 
 def make_args(tmp_path, **overrides):
     settings = dict(
-        output_dir=str(tmp_path / "out"),
         per_device_train_batch_size=8,
         max_steps=8,
         learning_rate=0.05,
         optim="sgd",
         logging_steps=1,
-        report_to="none",
         eval_strategy="steps",
         eval_steps=2,
         save_strategy="steps",
@@ -63,13 +61,9 @@ def make_args(tmp_path, **overrides):
         load_best_model_at_end=True,
         metric_for_best_model="text_to_image_recall@5",
         seed=0,
-        use_cpu=True,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
         fn_alpha=0.1,
     )
-    settings.update(overrides)
-    return GloFNDTrainingArguments(**settings)
+    return cpu_args(tmp_path, **{**settings, **overrides})
 
 
 def weights(folder):

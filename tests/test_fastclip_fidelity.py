@@ -17,8 +17,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from cpu_args import cpu_args
 
-from glofnd_hf.args import GloFNDTrainingArguments
 from glofnd_hf.data.digits import load_digits_pairs
 from glofnd_hf.losses import GammaSchedule, GlobalContrastiveLoss
 from glofnd_hf.models import build_tiny_hf_clip
@@ -237,16 +237,7 @@ def test_the_loss_moves_u_with_the_scheduled_gamma(granularity, gamma):
 
 # -- settings and a Trainer run -----------------------------------------------------------------
 def make_args(tmp_path, **overrides):
-    values = dict(
-        output_dir=str(tmp_path / "out"),
-        report_to="none",
-        use_cpu=True,
-        disable_tqdm=True,
-        save_strategy="no",
-        dataloader_num_workers=0,
-        loss_type="fastclip",
-    )
-    return GloFNDTrainingArguments(**{**values, **overrides})
+    return cpu_args(tmp_path, **{"loss_type": "fastclip", **overrides})
 
 
 def test_settings_default_to_the_reference_and_reach_the_loss(tmp_path):

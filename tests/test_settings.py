@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cpu_args import cpu_args
 
 from glofnd_hf.args import (
     RENAMED_SETTINGS,
@@ -66,15 +67,7 @@ def fixed_threshold():
 
 
 def make_args(tmp_path, **overrides):
-    values = dict(
-        output_dir=str(tmp_path / "out"),
-        report_to="none",
-        use_cpu=True,
-        disable_tqdm=True,
-        save_strategy="no",
-        dataloader_num_workers=0,
-    )
-    return GloFNDTrainingArguments(**{**values, **overrides})
+    return cpu_args(tmp_path, **overrides)
 
 
 def test_a_registered_detector_is_accepted_listed_and_trained(tmp_path, fixed_threshold, capsys):

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 from callbacks import StopAfterEpoch
+from cpu_args import cpu_args
 from safetensors.torch import load_file
 
-from glofnd_hf.args import GloFNDTrainingArguments
 from glofnd_hf.data.digits import load_digits_pairs
 from glofnd_hf.models import build_tiny_hf_clip, build_tiny_open_clip, load_dual_encoder
 from glofnd_hf.trainer import STATE_FILE, GloFNDTrainer
@@ -24,22 +24,15 @@ def small_train(digits, n=48):
 
 def make_args(tmp_path, **overrides):
     defaults = dict(
-        output_dir=str(tmp_path / "out"),
         per_device_train_batch_size=8,
         num_train_epochs=1,
         learning_rate=1e-3,
         logging_steps=1,
-        report_to="none",
-        save_strategy="no",
         seed=0,
-        use_cpu=True,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
         fn_alpha=0.05,
         detector="glofnd",
     )
-    defaults.update(overrides)
-    return GloFNDTrainingArguments(**defaults)
+    return cpu_args(tmp_path, **{**defaults, **overrides})
 
 
 class RecordingTrainer(GloFNDTrainer):
