@@ -162,36 +162,38 @@ def crash_and_resume(server, config, out, kills, expect_skipped=()):
     return logs
 
 
-def test_datasets_no_workers_mid_epoch_and_during_the_state_write(server, tmp_path):
-    config = datasets_config(0)
+def assert_resumes_exactly(server, config, tmp_path, kills, expect_skipped, steps) -> Path:
+    """An uninterrupted reference run, then the same run killed at each of ``kills`` and
+    resumed; both must end the same after ``steps`` steps. Returns the crashed run's folder."""
     code, log = server.train(config, tmp_path / "reference")
     assert code == 0, log[-3000:]
+    crashed = tmp_path / "crashed"
+    crash_and_resume(server, config, crashed, kills, expect_skipped)
+    assert_same_run(tmp_path / "reference", crashed, steps)
+    return crashed
+
+
+def test_datasets_no_workers_mid_epoch_and_during_the_state_write(server, tmp_path):
+    config = datasets_config(0)
     # killed after step 2 (resume at step 1: mid-epoch), then inside the state write of
     # checkpoint 5 (resume at step 4, mid-epoch of the second epoch)
-    crash_and_resume(
-        server,
-        config,
-        tmp_path / "crashed",
-        ["step:2", "state:5"],
-        [f"checkpoint-5 (lacks {STATE_FILE})"],
+    assert_resumes_exactly(
+        server, config, tmp_path, ["step:2", "state:5"], [f"checkpoint-5 (lacks {STATE_FILE})"], 6
     )
-    assert_same_run(tmp_path / "reference", tmp_path / "crashed", 6)
 
 
 def test_datasets_two_workers_at_the_epoch_boundary_and_mid_checkpoint(server, tmp_path):
     config = datasets_config(2)
-    code, log = server.train(config, tmp_path / "reference")
-    assert code == 0, log[-3000:]
     # killed right after the epoch-end checkpoint 3, then inside checkpoint 5 before its
     # trainer_state.json (resume at 4)
-    crash_and_resume(
+    assert_resumes_exactly(
         server,
         config,
-        tmp_path / "crashed",
+        tmp_path,
         ["saved:3", "trainer_state:5"],
         [CUT_BEFORE_TRAINER_STATE.format(5)],
+        6,
     )
-    assert_same_run(tmp_path / "reference", tmp_path / "crashed", 6)
 
 
 def test_shards_accumulating_gradients_mid_epoch_mid_checkpoint_and_at_epoch_ends(
@@ -205,33 +207,23 @@ def test_shards_accumulating_gradients_mid_epoch_mid_checkpoint_and_at_epoch_end
         "num_train_epochs": 3,
         "save_total_limit": 2,
     }
-    code, log = server.train(config, tmp_path / "reference")
-    assert code == 0, log[-3000:]
-    crashed = tmp_path / "crashed"
     # after step 2 (resume at 1: the epoch's last, one-batch step is left), inside checkpoint
     # 3 (resume at 2: an epoch boundary), right after the epoch-end checkpoint 4
-    crash_and_resume(
+    crashed = assert_resumes_exactly(
         server,
         config,
-        crashed,
+        tmp_path,
         ["step:2", "trainer_state:3", "saved:4"],
         [CUT_BEFORE_TRAINER_STATE.format(3)],
+        6,
     )
-    assert_same_run(tmp_path / "reference", crashed, 6)
     # save_total_limit counts complete checkpoints; the crash's leftovers are gone
     assert sorted(p.name for p in crashed.glob("checkpoint-*")) == ["checkpoint-5", "checkpoint-6"]
 
 
 def test_shards_two_workers_mid_epoch_after_an_odd_number_of_batches(server, tmp_path, shards):
     config = shards_config(shards, 2)
-    code, log = server.train(config, tmp_path / "reference")
-    assert code == 0, log[-3000:]
     # resume at step 1 and at step 5: one batch into an epoch, the workers' turn rotates
-    crash_and_resume(
-        server,
-        config,
-        tmp_path / "crashed",
-        ["step:2", "state:6"],
-        [f"checkpoint-6 (lacks {STATE_FILE})"],
+    assert_resumes_exactly(
+        server, config, tmp_path, ["step:2", "state:6"], [f"checkpoint-6 (lacks {STATE_FILE})"], 8
     )
-    assert_same_run(tmp_path / "reference", tmp_path / "crashed", 8)
