@@ -23,6 +23,15 @@ class Projection(torch.nn.Module):
         return self.image(image), self.text(text), self.logit_scale.exp()
 
 
+def shut_down_process_group() -> None:
+    """Leave the group together: gloo aborts a process (SIGABRT, "terminate called without an
+    active exception") when one rank tears its pairs down while the other still uses them."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def projection():
     torch.manual_seed(0)
     return Projection()

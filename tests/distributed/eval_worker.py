@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
-from distributed.common import eval_setup  # noqa: E402
+from distributed.common import eval_setup, shut_down_process_group  # noqa: E402
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--inputs", required=True)
@@ -32,4 +32,4 @@ torch.save(
     f"{opts.out}.rank{rank}",
 )
 bar.close()
-dist.destroy_process_group()
+shut_down_process_group()

@@ -15,6 +15,7 @@ from distributed.common import (  # noqa: E402
     build_loss,
     fixed_global_batch,
     projection,
+    shut_down_process_group,
     stats_as_floats,
 )
 
@@ -60,4 +61,5 @@ torch.save(
     },
     f"{opts.out}.rank{rank}",
 )
-dist.destroy_process_group()
+del model, optimizer  # DDP's reducer holds the group: release it before the group goes
+shut_down_process_group()
