@@ -2,7 +2,7 @@
 
 Each step, every rank all-gathers its image and text embeddings (b x D each, with gradient)
 and, for the per-sample state, its anchors' dataset indices and a few floats per anchor
-(the threshold rule's statistics of both sides: 10 for the default tail rule, and the global
+(the threshold rule's statistics of both sides: 12 for the default tail rule, and the global
 loss's g of both sides). This script measures bytes sent per rank and the time of each
 collective in the same run.
 
@@ -45,7 +45,7 @@ def worker(rank: int, world: int, port: int, opts: argparse.Namespace, queue) ->
     text = torch.randn(b, d, requires_grad=True)
     index = torch.randint(0, 10**8, (b,))
     # The default tail rule's statistics of both sides (pinball gradient, q_hat, beta, top
-    # negative, (k+1)-th largest); the Adam rule sends 2 or 4.
+    # negative, (k+1)-th largest, q_hat's noise); the Adam rule sends 2 or 4.
     from glofnd_hf.fnd import TailRule
 
     per_anchor = torch.randn(b, 2 * TailRule.num_statistics)

@@ -106,6 +106,8 @@ def test_config_rejects_bad_values():
         dict(band=0.0),
         dict(step_floor=0.0),
         dict(step_floor=1.5),
+        dict(drift_rate=0.0),
+        dict(drift_rate=2.0),
     ]:
         with pytest.raises(ValueError):
             GloFNDConfig(**kwargs)

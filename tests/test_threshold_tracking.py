@@ -100,42 +100,104 @@ def test_tail_estimate_stays_below_the_bound_of_cosine_similarity():
 
 
 def test_tail_step_by_hand():
-    cfg = GloFNDConfig(alpha=0.01, update_rule="tail", band=1.0, step_floor=0.2)
+    cfg = GloFNDConfig(alpha=0.01, update_rule="tail", band=1.0, step_floor=0.2, drift_rate=0.3)
     rule = cfg.rule()
     nan = float("nan")
-    # rows: [lambda, scale, visits]; stats: [pinball gradient, q_hat, beta, top, (k+1)-th]
+    # rows: [lambda, scale, centre, innovation, visits];
+    # stats: [pinball gradient, q_hat, beta, top, (k+1)-th, q_hat's variance / beta^2]
     rows = torch.tensor(
         [
-            [[1.0, 0.0, 0.0], [0.50, 0.02, 1.0]],
-            [[0.60, 0.03, 9.0], [0.70, 0.02, 3.0]],
-            [[0.90, 0.30, 5.0], [0.90, 0.30, 5.0]],
+            [[1.0, 0.0, 1.0, 1.0, 0.0], [0.50, 0.02, 0.54, 1.0, 1.0]],
+            [[0.60, 0.03, 0.60, 1.2, 9.0], [0.70, 0.02, 0.70, 1.0, 3.0]],
+            [[0.90, 0.30, 0.96, 1.0, 5.0], [0.90, 0.30, 0.90, 1.0, 5.0]],
         ]
     )
     stats = torch.tensor(
         [
-            [[0.01, 0.8, 0.05, 0.9, 0.7], [-0.02, 0.55, 0.04, 0.6, 0.45]],
-            [[0.01, 0.45, 0.05, 0.5, 0.40], [nan, nan, nan, nan, nan]],
-            [[-0.05, 0.96, 0.3, 0.97, 0.5], [0.01, 0.9, 0.3, 0.95, 0.88]],
+            [[0.01, 0.8, 0.05, 0.9, 0.7, 0.5], [-0.02, 0.55, 0.04, 0.6, 0.45, 0.25]],
+            [[0.01, 0.45, 0.05, 0.5, 0.40, 0.5], [nan] * 6],
+            [[-0.05, 0.96, 0.3, 0.97, 0.5, 0.2], [0.01, 0.9, 0.3, 0.95, 0.88, 0.2]],
         ]
     )
     out = rule.step(rows, stats, epoch=3.0)
-    # First visit: start at the batch's estimate, take its scale.
-    assert out[0, 0].tolist() == pytest.approx([0.8, 0.05, 1.0])
-    # Second visit: w = 1/2; scale 0.02 -> 0.03; step -w * scale * g / alpha = +0.03 to 0.53.
-    # The offset from q_hat, 0.53 - 0.55 = -0.02, is about half of band * beta = 0.04:
-    # shrunk by 0.04^2 / (0.02^2 + 0.04^2) = 0.8 to -0.016.
-    assert out[0, 1].tolist() == pytest.approx([0.534, 0.03, 2.0])
-    # Tenth visit: w = max(1/10, 0.2) = 0.2; scale 0.034; 0.6 - 0.2 * 0.034 = 0.5932 lies
-    # 0.1432 = 2.9 beta above q_hat: pulled back towards it, to 0.45 + x c^2 / (x^2 + c^2).
-    x = 0.6 - 0.2 * 0.034 - 0.45
-    assert out[1, 0].tolist() == pytest.approx([0.45 + x * 0.0025 / (x * x + 0.0025), 0.034, 10.0])
+    # First visit: start at the batch's estimate, take its scale; the centre starts there.
+    assert out[0, 0].tolist() == pytest.approx([0.8, 0.05, 0.8, 1.0, 1.0])
+    # Second visit, w = 1/2: scale 0.02 -> 0.03. Innovation 0.55 - 0.54 = 0.01 against the
+    # estimate's noise 0.25 * 0.04^2: ratio 0.25, running mean 1 + 0.3 (0.25 - 1) = 0.775,
+    # no drift, so the centre's gain is 1/t = 1/2: 0.545. The step -w * scale * g / alpha =
+    # +0.03 gives 0.53, 0.015 below the centre, shrunk by 0.03^2 / (0.015^2 + 0.03^2) = 0.8.
+    assert out[0, 1].tolist() == pytest.approx([0.545 - 0.012, 0.03, 0.545, 0.775, 2.0])
+    # Tenth visit: the estimate fell by 0.15 = 3 beta, ratio 0.15^2 / (0.5 * 0.05^2) = 18,
+    # running mean 1.2 + 0.3 (18 - 1.2) = 6.24: drift, gain 1 - 1 / 6.24 (not 1/10).
+    gain = 1 - 1 / 6.24
+    centre = 0.6 - 0.15 * gain
+    x = 0.6 - 0.2 * 0.034 - centre  # w = max(1/10, 0.2), scale 0.034
+    expected = [centre + x * 0.034**2 / (x * x + 0.034**2), 0.034, centre, 6.24, 10.0]
+    assert out[1, 0].tolist() == pytest.approx(expected)
     # No estimate (no negatives): the row is kept as it was.
     assert torch.equal(out[1, 1], rows[1, 1])
     # Five exceedances with a wide scale: 0.9 + 0.2 * 0.3 * 5 = 1.2 stops at the top
-    # negative 0.97 (not at the clamp), then the offset 0.01 from q_hat is shrunk a little.
+    # negative 0.97 (not at the clamp), then the offset 0.01 from the centre is shrunk a
+    # little.
     assert out[2, 0, 0].item() == pytest.approx(0.96 + 0.01 * 0.09 / (0.0001 + 0.09))
     # Going down, 0.9 - 0.2 * 0.3 = 0.84 stops at the (k+1)-th largest, 0.88.
     assert out[2, 1, 0].item() == pytest.approx(0.9 - 0.02 * 0.09 / (0.0004 + 0.09))
+
+
+def test_tail_statistics_carry_the_estimates_noise():
+    """The sixth statistic is q_hat's variance in units of beta^2: (1 + L^2) / k with
+    L = (q_hat - u) / beta the extrapolation from the batch's top k to alpha."""
+    gen = torch.Generator().manual_seed(0)
+    sim = torch.rand(2, 6, 200, generator=gen) * 0.5
+    negatives = torch.ones(6, 200, dtype=torch.bool)
+    cfg = GloFNDConfig(alpha=0.005, tail_size=8)
+    stats = cfg.rule().statistics(sim, negatives, torch.full((2, 6), 0.4))
+    q_hat, beta, _, u = tail_estimate(sim, negatives, 0.005, 8)
+    extrapolation = (q_hat - u) / beta
+    assert torch.allclose(stats[..., 5], (1 + extrapolation**2) / 8)
+    assert (extrapolation > 0.5).all()  # alpha is below the batch's top-8 level: a real test
+
+
+def test_centre_averages_noise_and_follows_a_jump():
+    """Without drift the centre averages the batch estimates (its spread falls well below
+    one estimate's); after the embeddings jump, the innovations dwarf the noise and it moves
+    most of the way at once, where a plain running mean would move 1/t of it."""
+    rule = GloFNDConfig(alpha=0.01).rule()
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.tensor([[1.0, 0.0, 1.0, 1.0, 0.0]]).repeat(500, 2, 1)
+    beta, noise = 0.02, 0.5  # q_hat's standard deviation: beta * sqrt(noise)
+    for _ in range(30):
+        q_hat = 0.5 + beta * noise**0.5 * torch.randn(500, 2, generator=gen)
+        stats = torch.stack(
+            [
+                torch.zeros_like(q_hat),
+                q_hat,
+                *(torch.full_like(q_hat, v) for v in (beta,)),
+                q_hat + beta,
+                q_hat - 2 * beta,
+                torch.full_like(q_hat, noise),
+            ],
+            dim=-1,
+        )
+        rows = rule.step(rows, stats, epoch=0.0)
+    centre = rows[..., 2]
+    # One estimate's spread is beta * sqrt(noise) = 0.0141; the centre's is 0.0078 (the
+    # drift test's own noise keeps its gain near 0.3 rather than 1/t).
+    assert (centre - 0.5).std().item() < 0.6 * beta * noise**0.5
+    q_hat = torch.full((500, 2), 0.3)
+    stats = torch.stack(
+        [
+            torch.zeros_like(q_hat),
+            q_hat,
+            torch.full_like(q_hat, beta),
+            q_hat + beta,
+            q_hat - 2 * beta,
+            torch.full_like(q_hat, noise),
+        ],
+        dim=-1,
+    )
+    moved = rule.step(rows, stats, epoch=0.0)[..., 2]
+    assert ((0.5 - moved) / 0.2).median().item() > 0.9  # not the 1/31 of a plain mean
 
 
 def test_state_bytes_follow_the_rule_and_round_trip(tmp_path):
@@ -146,9 +208,9 @@ def test_state_bytes_follow_the_rule_and_round_trip(tmp_path):
         use_cpu=True,
         detector_kwargs={"update_rule": "adam"},
     )
-    assert tail.state_bytes_per_sample() == 24 and adam.state_bytes_per_sample() == 32
+    assert tail.state_bytes_per_sample() == 40 and adam.state_bytes_per_sample() == 32
     detector = build_detector("glofnd", num_samples=N, config=tail.detector_settings())
-    assert detector.state.bytes_per_sample == 24
+    assert detector.state.bytes_per_sample == 40
     run = make_stream("fixed", N, 2)
     image, text = run.embeds(0.0)
     for start in range(0, N, BATCH):
@@ -162,11 +224,33 @@ def test_state_bytes_follow_the_rule_and_round_trip(tmp_path):
     for key, value in detector.state_dict().items():
         assert torch.equal(fresh.state_dict()[key], value), key
     assert set(detector.state_dict()) == {
-        f"{s}.{c}" for s in ("image", "text") for c in ("lambda", "scale", "visits")
+        f"{s}.{c}"
+        for s in ("image", "text")
+        for c in ("lambda", "scale", "centre", "innovation", "visits")
     }
     other = build_detector("glofnd", num_samples=N, config=adam.detector_settings())
     with pytest.raises(ValueError, match="another rule"):
         other.load_state_dict(load_file(tmp_path / "state.safetensors"))
+
+
+def test_state_of_the_earlier_tail_rule_still_loads():
+    """0.2.0.dev0 stored lambda, scale and visits: the centre starts at the threshold."""
+    state = {
+        f"{side}.{column}": (torch.rand(N) * 9).floor() if column == "visits" else torch.rand(N) / 2
+        for side in ("image", "text")
+        for column in ("lambda", "scale", "visits")
+    }
+    detector = build_detector("glofnd", num_samples=N, config=GloFNDConfig(alpha=ALPHA))
+    detector.load_state_dict(state)
+    loaded = detector.state_dict()
+    for side in ("image", "text"):
+        for column in ("lambda", "scale", "visits"):
+            assert torch.equal(loaded[f"{side}.{column}"], state[f"{side}.{column}"])
+        assert torch.equal(loaded[f"{side}.centre"], state[f"{side}.lambda"])
+        assert torch.equal(loaded[f"{side}.innovation"], torch.ones(N))
+    del state["text.scale"]
+    with pytest.raises(ValueError, match="missing.*text.scale"):
+        detector.load_state_dict(state)
 
 
 def test_health_warns_once_per_epoch_when_thresholds_do_not_track(streams, caplog):

@@ -254,8 +254,8 @@ class GloFNDDetector(FalseNegativeDetector):
             }[kind]
         return {
             "low": "The embeddings may move faster than one visit per epoch can follow: "
-            f"raise step_floor (now {cfg.step_floor}) or lower band "
-            f"(now {cfg.band}).",
+            f"raise drift_rate (now {cfg.drift_rate}) or step_floor (now "
+            f"{cfg.step_floor}), or lower band (now {cfg.band}).",
             "high": "Thresholds sit below the quantile: if alpha x batch size is well below "
             f"1, raise tail_size (now {cfg.tail_size}) for a steadier tail "
             "estimate, or lower step_floor for more averaging.",
@@ -284,7 +284,12 @@ class GloFNDDetector(FalseNegativeDetector):
             "mask_start_epoch": cfg.mask_start_epoch,
         }
         if cfg.update_rule == "tail":
-            out.update(tail_size=cfg.tail_size, band=cfg.band, step_floor=cfg.step_floor)
+            out.update(
+                tail_size=cfg.tail_size,
+                band=cfg.band,
+                step_floor=cfg.step_floor,
+                drift_rate=cfg.drift_rate,
+            )
         else:
             out.update(
                 lr=cfg.lr,
@@ -316,7 +321,7 @@ def _threshold_stats(threshold: torch.Tensor) -> dict[str, torch.Tensor]:
 
 # -- registrations ---------------------------------------------------------------------------
 def glofnd_state_bytes(config: GloFNDConfig) -> int:
-    """The update rule's threshold table (24 bytes per sample for tail, 32 for Adam)."""
+    """The update rule's threshold table (40 bytes per sample for tail, 32 for Adam)."""
     return config.rule().bytes_per_sample()
 
 

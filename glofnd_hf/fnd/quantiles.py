@@ -42,7 +42,8 @@ def tail_estimate(
     alpha: float,
     size: int,
     upper: float | None = 1.0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    with_size: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """Per anchor, the batch's estimate of the (1 - alpha) quantile and the tail scale,
     and the top negative and the (k+1)-th largest ``u`` that the estimate starts from.
 
@@ -54,8 +55,8 @@ def tail_estimate(
     similarity), and near the bound an exponential tail would extrapolate past it: the tail
     is a generalised Pareto that ends at ``upper`` and has the observed mean excess, which
     is the exponential one when the top lies far below the bound (``upper=None``: always
-    exponential). Returns (2, b) tensors (q_hat, beta, top, u); NaN for anchors with fewer
-    than two negatives.
+    exponential). Returns (2, b) tensors (q_hat, beta, top, u), and the number k of
+    exceedances used when ``with_size``; NaN for anchors with fewer than two negatives.
     """
     width = sim.shape[-1]
     n = negatives.sum(-1).expand(sim.shape[:-1])  # (2, b)
@@ -79,4 +80,5 @@ def tail_estimate(
         q_hat = u + beta * (1 - xi) * log_ratio * expm1_over_x
     valid = n >= 2
     nan = torch.full_like(q_hat, float("nan"))
-    return tuple(torch.where(valid, x, nan) for x in (q_hat, beta, top[..., 0], u))
+    values = tuple(torch.where(valid, x, nan) for x in (q_hat, beta, top[..., 0], u))
+    return (*values, k.to(sim.dtype)) if with_size else values

@@ -17,11 +17,13 @@ Two rules turn ``g`` into a step:
     whatever the spread of the similarities. The first visit starts at the batch's tail
     estimate of the quantile ``q_hat`` (exceedances over the batch's top-k, extrapolated to
     alpha); a step never crosses the batch's top negative going up nor its (k+1)-th going
-    down; after each step the offset ``x = lambda - q_hat`` is shrunk to
-    ``x * c^2 / (x^2 + c^2)`` with ``c = band * beta``: small offsets (the batch estimate's
-    noise) are kept, so visits average; large ones (a threshold left behind when the
-    embeddings moved faster than one visit per epoch can follow) are pulled back to the
-    batch's estimate instead of leaving the threshold parked at a bound.
+    down. The threshold is then held near a *centre*, a running mean of the visits' q_hat
+    whose gain rises from about 0.3 towards 1 when the estimates move by more than their own
+    noise (a test kept per anchor): the offset ``x = lambda - centre`` is shrunk to
+    ``x * c^2 / (x^2 + c^2)`` with ``c = band * beta``. Small offsets pass, so visits
+    average; large ones (a threshold left behind when the embeddings moved faster than one
+    visit per epoch can follow) are pulled back instead of leaving the threshold parked at a
+    bound.
 ``adam`` / ``reference``
     Adam on ``g`` with learning rate ``lr`` (the reference implementation). ``reference``
     corrects Adam's bias with ``t = epoch + 1`` exactly as the reference code does; ``adam``
@@ -80,6 +82,11 @@ class GloFNDConfig:
     step_floor: float = setting(
         0.2, "tail rule: smallest step weight; the 1/t decay stops here so thresholds follow drift."
     )
+    drift_rate: float = setting(
+        0.3,
+        "tail rule: rate of the running test that tells moving embeddings from batch noise "
+        "(larger: reacts to drift sooner, averages less).",
+    )
     # -- the Adam rules -------------------------------------------------------------------
     lr: float = setting(0.05, "adam/reference rules: learning rate of the thresholds.")
     betas: tuple[float, float] = setting((0.9, 0.98), "adam/reference rules: Adam's betas.")
@@ -122,6 +129,8 @@ class GloFNDConfig:
             raise ValueError(f"band must be positive, got {self.band}")
         if not 0.0 < self.step_floor <= 1.0:
             raise ValueError(f"step_floor must lie in (0, 1], got {self.step_floor}")
+        if not 0.0 < self.drift_rate <= 1.0:
+            raise ValueError(f"drift_rate must lie in (0, 1], got {self.drift_rate}")
         if self.lr <= 0:
             raise ValueError(f"threshold lr must be positive, got {self.lr}")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
@@ -178,6 +187,11 @@ class ThresholdRule(ABC):
         """Per-sample state of both sides: one float32 per column."""
         return len(SIDES) * len(cls.columns) * 4
 
+    def upgrade(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A stored state of an earlier version of this rule, completed to today's columns
+        (the state as it is when nothing is missing)."""
+        return state
+
     @abstractmethod
     def statistics(
         self, sim: torch.Tensor, negatives: torch.Tensor, lam: torch.Tensor
@@ -191,26 +205,59 @@ class ThresholdRule(ABC):
 
 
 class TailRule(ThresholdRule):
-    """Steps in units of the anchor's tail scale, kept near the batch's own estimate."""
+    """Steps in units of the anchor's tail scale, kept near a running mean of the batches'
+    own estimates that follows drift and averages noise."""
 
-    columns = ("lambda", "scale", "visits")
-    fill = (1.0, 0.0, 0.0)
-    valid = (THRESHOLD_RANGE, NON_NEGATIVE, COUNT)
-    num_statistics = 5  # pinball gradient, q_hat, beta, top negative, (k+1)-th largest
+    columns = ("lambda", "scale", "centre", "innovation", "visits")
+    fill = (1.0, 0.0, 1.0, 1.0, 0.0)
+    valid = (THRESHOLD_RANGE, NON_NEGATIVE, THRESHOLD_RANGE, NON_NEGATIVE, COUNT)
+    # pinball gradient, q_hat, beta, top negative, (k+1)-th largest, q_hat's relative variance
+    num_statistics = 6
+
+    def upgrade(self, state):
+        # Checkpoints of 0.2.0.dev0 have lambda, scale and visits only: the centre starts at
+        # the threshold, with no evidence of drift.
+        new = {}
+        for side in SIDES:
+            lam = state.get(f"{side}.lambda")
+            if lam is not None and f"{side}.centre" not in state:
+                new[f"{side}.centre"] = lam.clone()
+            if lam is not None and f"{side}.innovation" not in state:
+                new[f"{side}.innovation"] = torch.ones_like(lam)
+        return {**state, **new}
 
     def statistics(self, sim, negatives, lam):
         cfg = self.config
         grad = pinball_gradient(sim, negatives, lam, cfg.alpha)
-        tail = tail_estimate(sim, negatives, cfg.alpha, cfg.tail_size)
-        return torch.stack([grad, *tail], dim=-1).to(torch.float32)
+        q_hat, beta, top, kth, k = tail_estimate(
+            sim, negatives, cfg.alpha, cfg.tail_size, with_size=True
+        )
+        # Variance of q_hat = u + beta * L in units of beta^2 for an exponential tail fitted
+        # to k exceedances: u and beta each carry about 1/k, and beta's is multiplied by L^2.
+        extrapolation = ((q_hat - kth) / beta).clamp(min=0.0)
+        noise = (1.0 + extrapolation * extrapolation) / k
+        return torch.stack([grad, q_hat, beta, top, kth, noise], dim=-1).to(torch.float32)
 
     def step(self, rows, stats, epoch):
         cfg = self.config
-        lam, scale, visits = rows.unbind(-1)
-        grad, q_hat, beta, top, kth = stats.to(torch.float32).unbind(-1)
+        lam, scale, centre, innovation, visits = rows.unbind(-1)
+        grad, q_hat, beta, top, kth, noise = stats.to(torch.float32).unbind(-1)
         first = visits == 0
-        weight = torch.clamp(1.0 / (visits + 1.0), min=cfg.step_floor)
+        visit = visits + 1.0
+        weight = torch.clamp(1.0 / visit, min=cfg.step_floor)
         new_scale = torch.where(first, beta, scale + weight * (beta - scale))
+        # The centre: a running mean of the batch estimates q_hat whose gain 1 - 1/innovation
+        # (at least 1/t) follows a test of drift against noise. `innovation` is an
+        # exponential mean of the squared innovation (q_hat - centre) over q_hat's own
+        # noise: near 1 while the embeddings stand still (the gain stays small, about 0.3 as
+        # the test is itself noisy, so visits average), far above 1 after they moved (the
+        # gain nears 1, the centre forgets).
+        delta = q_hat - centre
+        ratio = delta * delta / (noise * beta * beta).clamp(min=1e-12)
+        new_innovation = innovation + cfg.drift_rate * (ratio - innovation)
+        gain = torch.maximum(1.0 / visit, 1.0 - 1.0 / new_innovation.clamp(min=1.0))
+        new_centre = torch.where(first, q_hat, centre + gain * delta)
+        new_innovation = torch.where(first, torch.ones_like(innovation), new_innovation)
         new_lam = lam - weight * new_scale * (grad / cfg.alpha)
         # A step does not cross the batch's own evidence: up no further than its top negative,
         # down no further than the (k+1)-th (where the batch already holds > 2 alpha of its
@@ -219,14 +266,16 @@ class TailRule(ThresholdRule):
         new_lam = torch.minimum(
             torch.maximum(new_lam, torch.minimum(lam, kth)), torch.maximum(lam, top)
         )
-        # Pull towards the batch's own estimate, the more the further off: offsets x well
-        # inside band * beta pass almost unchanged (noise is averaged), far ones (a stale
-        # threshold after the embeddings moved) shrink like (band * beta)^2 / x.
-        offset = new_lam - q_hat
-        width_sq = (cfg.band * beta) ** 2
-        new_lam = q_hat + offset * width_sq / (offset * offset + width_sq)
+        # Pull towards the centre, the more the further off: offsets x well inside
+        # band * scale pass almost unchanged, far ones (a stale threshold after the
+        # embeddings moved) shrink like (band * scale)^2 / x.
+        offset = new_lam - new_centre
+        width_sq = (cfg.band * new_scale) ** 2
+        new_lam = new_centre + offset * width_sq / (offset * offset + width_sq)
         new_lam = torch.where(first, q_hat, new_lam).clamp(-1.0, 1.0)
-        new = torch.stack([new_lam, new_scale, visits + 1], dim=-1)
+        new = torch.stack(
+            [new_lam, new_scale, new_centre.clamp(-1.0, 1.0), new_innovation, visit], dim=-1
+        )
         # Anchors without a tail estimate (fewer than two negatives) keep their row.
         return torch.where(torch.isfinite(q_hat).unsqueeze(-1), new, rows)
 
@@ -301,7 +350,7 @@ class ThresholdState:
 
     Stored as one (N, 2, C) float32 table (side x the rule's columns) so that a step reads
     and writes every quantity of the touched anchors with a single gather and a single
-    scatter: 24 bytes per sample with the tail rule, 32 with Adam. Host memory is fine for
+    scatter: 40 bytes per sample with the tail rule, 32 with Adam. Host memory is fine for
     large N.
     """
 
@@ -353,6 +402,7 @@ class ThresholdState:
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Load a :meth:`state_dict`, every entry checked first (nothing is changed when one
         is bad): shape (N,), dtype float32, values in the rule's column ranges."""
+        state = self.rule.upgrade(state)
         expected = {f"{side}.{column}" for side in SIDES for column in self.columns}
         missing, unexpected = expected - state.keys(), state.keys() - expected
         if missing or unexpected:
