@@ -21,7 +21,7 @@ REPORT_FORMAT_VERSION = 1
 def _candidate(
     row: int, similarity: float, describe: Callable[[int], dict[str, Any]], anchor_label: Any
 ) -> dict[str, Any]:
-    entry = {**describe(row), "similarity": round(similarity, 6)}
+    entry = {**describe(row), "similarity": similarity}
     if anchor_label is not None:
         entry["same_label"] = entry.get("label") == anchor_label
     return entry
@@ -40,9 +40,11 @@ def anchor_entry(
     out: dict[str, Any] = {**anchor, "sides": {}}
     for s, (side, found) in enumerate(zip(SIDES, sides, strict=True)):
         out["sides"][side] = {
-            "threshold": round(found.threshold, 6),
+            # Exact float32 values (not rounded): a listed similarity is above or at/below
+            # its threshold in the JSON as it was in the comparison.
+            "threshold": found.threshold,
             "visits": None if visits is None else int(visits[s]),
-            "positive_similarity": round(found.positive_similarity, 6),
+            "positive_similarity": found.positive_similarity,
             "num_negatives": found.num_negatives,
             "num_detected": found.num_detected,
             "detected": [_candidate(r, v, describe, label) for r, v in found.detected],
