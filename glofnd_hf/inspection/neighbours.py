@@ -123,11 +123,14 @@ def scan_anchors(
     alpha: float,
     thresholds: torch.Tensor | None = None,
     labels: torch.Tensor | None = None,
-    chunk_size: int = 512,
+    chunk_size: int | None = None,
 ) -> AnchorScan:
     """Counts for the anchors at ``rows`` against every row, ``chunk_size`` anchors at a time
-    (memory: chunk_size x R). ``thresholds``: (R, 2) per row, or None to use each anchor's
-    exact (1 - alpha) quantile (the in-batch quantile rule applied to the whole data set)."""
+    (memory: a few chunk_size x R tensors; default: about 2^25 similarities per chunk, at most
+    512 anchors). ``thresholds``: (R, 2) per row, or None to use each anchor's exact
+    (1 - alpha) quantile (the in-batch quantile rule applied to the whole data set)."""
+    if chunk_size is None:
+        chunk_size = max(1, min(512, 2**25 // max(1, len(index))))
     parts: dict[str, list[torch.Tensor]] = {}
     for start in range(0, len(rows), chunk_size):
         chunk = rows[start : start + chunk_size]

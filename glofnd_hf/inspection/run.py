@@ -182,9 +182,9 @@ def inspect_checkpoint(
             "scan_seconds": round(scan_seconds, 3),
         },
     }
+    report["timing"]["before_output_seconds"] = round(time.perf_counter() - started, 3)
     if output is not None:
         write_outputs(report, scan, data, output, png=png)
-    report["timing"]["total_seconds"] = round(time.perf_counter() - started, 3)
     return report
 
 
