@@ -24,6 +24,7 @@ from ..data.webdataset_io import (
     iter_tar_samples,
     local_path,
     read_caption,
+    read_dataset_index,
     read_metadata,
 )
 from .errors import EvalInputError
@@ -47,6 +48,7 @@ def load_shards_for_eval(
     image_id_field: str | None = "image_id",
     label_field: str | None = None,
     caption_keys: Sequence[str] = CAPTION_KEYS,
+    index_source: str | None = None,
 ):
     """Read WebDataset shards into an in-memory ``datasets.Dataset`` for evaluation.
 
@@ -56,6 +58,10 @@ def load_shards_for_eval(
     the first such sample is kept); samples without it are one image each. Every sample needs
     a non-empty UTF-8 caption (the first of ``caption_keys`` present, as in training) and an
     image (``jpg``/``jpeg``/``png``/``webp``).
+
+    ``index_source`` (``"field"`` or ``"key"``, as the training loader's): every sample is one
+    row with its training dataset index in a ``dataset_index`` column (no grouping by image
+    id), for tools that look up per-sample training state; a sample without one is an error.
     """
     import datasets
 
@@ -77,6 +83,7 @@ def load_shards_for_eval(
     images: list[dict[str, Any]] = []
     captions: list[list[str]] = []
     labels: list[Any] = []
+    indices: list[int] = []
     for url in urls:
         for sample in iter_tar_samples(url, on_error):
             where = f"sample {sample['__key__']!r} of shard {url!r}"
@@ -90,7 +97,11 @@ def load_shards_for_eval(
                 meta = read_metadata(sample)
             except ValueError as e:
                 raise EvalInputError(f"{where} has an unreadable .json: {e}") from e
-            image_id = meta.get(image_id_field) if image_id_field else None
+            image_id = meta.get(image_id_field) if image_id_field and not index_source else None
+            if index_source is not None:
+                index, reason = read_dataset_index(sample, index_source)  # type: ignore[arg-type]
+                if index is None:
+                    raise EvalInputError(f"{where} has no dataset index: {reason}")
             group = (
                 ("id", json.dumps(image_id, sort_keys=True))
                 if image_id is not None
@@ -106,6 +117,8 @@ def load_shards_for_eval(
                 if label_field not in meta:
                     raise EvalInputError(f"{where}: its .json has no label field {label_field!r}")
                 labels.append(meta[label_field])
+            if index_source is not None:
+                indices.append(index)
             slot_of[group] = len(images)
             images.append({"bytes": image, "path": None})
             captions.append([caption])
@@ -119,6 +132,9 @@ def load_shards_for_eval(
         columns["label"] = labels
         kind = "string" if all(isinstance(v, str) for v in labels) else "int64"
         features["label"] = datasets.Value(kind)
+    if index_source is not None:
+        columns["dataset_index"] = indices
+        features["dataset_index"] = datasets.Value("int64")
     return datasets.Dataset.from_dict(columns, features=datasets.Features(features))
 
 
