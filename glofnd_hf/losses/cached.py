@@ -157,4 +157,3 @@ def cached_contrastive_step(
     return CachedStepResult(
         LossOutput(out.loss.detach(), out.stats), scale_leaf.detach().to(scale.dtype)
     )
-
