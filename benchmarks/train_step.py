@@ -41,7 +41,8 @@ Defaults: on CPU the tiny HF CLIP (image 32, batch 128, fp32); on CUDA ViT-B/32-
 
     python benchmarks/train_step.py --threads 1        # CPU: tiny-hf, batch 128
     python benchmarks/train_step.py --model vit-b32 rn50 --batch 256   # on a GPU
-    python benchmarks/train_step.py --batch 4096 --chunk 256 --detectors glofnd --no-hf
+    python benchmarks/train_step.py --batch 4096 --chunk 256 --detectors glofnd --no-hf \
+        --check-inputs on --head-steps 0 --warmup 1 --steps 5
 """
 
 from __future__ import annotations
@@ -199,7 +200,7 @@ def build_variants(
     base: DualEncoderAdapter, opts: argparse.Namespace, output_dir: str
 ) -> list[Variant]:
     variants = []
-    configs = [(d, check, None) for d in opts.detectors for check in (True, False)]
+    configs = [(d, check, None) for d in opts.detectors for check in opts.checks]
     if opts.chunk:
         configs += [(d, True, opts.chunk) for d in opts.detectors]
     for detector, check, chunk in configs:
@@ -523,6 +524,13 @@ def main(argv: list[str] | None = None) -> None:
         "--detectors", nargs="+", choices=DETECTORS, default=list(DETECTORS), help="ours: which"
     )
     parser.add_argument(
+        "--check-inputs",
+        nargs="+",
+        choices=("on", "off"),
+        default=["on", "off"],
+        help="ours (plain loss): check_inputs on, off or both (the cached loss: on)",
+    )
+    parser.add_argument(
         "--hf",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -564,6 +572,9 @@ def main(argv: list[str] | None = None) -> None:
     opts.model = opts.model or (["vit-b32", "rn50"] if cuda else ["tiny-hf"])
     opts.batch = opts.batch or (256 if cuda else 128)
     opts.chunk = max(1, opts.batch // 4) if opts.chunk is None else opts.chunk
+    opts.checks = [c == "on" for c in opts.check_inputs]
+    if opts.chunk and True not in opts.checks:
+        parser.error("the cached loss is compared with the plain loss with --check-inputs on")
     opts.bf16 = opts.precision == "bf16" or (opts.precision == "auto" and cuda)
     opts.host_state = cuda if opts.host_state is None else opts.host_state
     if opts.threads:
