@@ -133,9 +133,12 @@ def cached_contrastive_step(
         out = loss(image_leaf, text_leaf, scale_leaf, index, epoch=epoch, labels=labels)
         out.loss.backward()  # a float32 graph with no parameters in it: no loss scale needed
     after_loss = RandomState.capture(device)  # anything the loss drew stays drawn
+    result = LossOutput(out.loss.detach(), out.stats)
+    logit_scale = scale_leaf.detach().to(scale.dtype)
     image_grads = (image_leaf.grad * loss_weight).split(sizes)
     text_grads = (text_leaf.grad * loss_weight).split(sizes)
     scale_grad = None if scale_leaf.grad is None else scale_leaf.grad * loss_weight
+    del out, image_leaf, text_leaf, scale_leaf
 
     for i in range(num_chunks):
         last = i == num_chunks - 1
@@ -154,6 +157,4 @@ def cached_contrastive_step(
             backward(surrogate)
             del image, text, surrogate
     after_loss.restore()
-    return CachedStepResult(
-        LossOutput(out.loss.detach(), out.stats), scale_leaf.detach().to(scale.dtype)
-    )
+    return CachedStepResult(result, logit_scale)
