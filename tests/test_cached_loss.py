@@ -146,6 +146,33 @@ def test_without_replaying_the_random_state_dropout_breaks_the_gradients(monkeyp
     assert not torch.allclose(weight, ref_model.image[0].weight.grad, atol=1e-3)
 
 
+class Bf16Forward(torch.nn.Module):
+    """The forward under bfloat16 autocast, as accelerate wraps a model's forward."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, image, text):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return self.inner(image, text)
+
+
+def test_cached_step_under_bf16_autocast_equals_one_backward():
+    """Both passes under the same autocast: the bfloat16 embeddings' gradients are the float32
+    loss gradients cast down, as in one backward."""
+    torch.manual_seed(0)
+    ref_model = Bf16Forward(DropoutEncoder())
+    model = copy.deepcopy(ref_model)
+    ref_loss, loss = make_loss("global"), make_loss("global")
+    image, text, index, labels = global_batch()
+    bounds = chunk_bounds(BATCH, CHUNK)
+    ref_out = reference_step(ref_model, ref_loss, image, text, index, labels, 7, bounds)
+    result = cached_step(model, loss, image, text, index, labels, 7)
+    assert copy.deepcopy(model).eval()(image, text)[0].dtype == torch.bfloat16
+    assert_same_step(ref_model, model, ref_loss, loss, ref_out, result)
+
+
 @pytest.mark.parametrize("detector", registry.names())
 def test_every_detector_equals_the_plain_loss_without_dropout(detector):
     """A deterministic forward (eval mode): the cached step is the plain full-batch step."""
