@@ -328,6 +328,8 @@ class GloFNDTrainer(Trainer):
         return (result.loss, outputs) if return_outputs else result.loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        """The Trainer's step; with ``contrastive_chunk_size`` below the batch, the cached loss
+        (:func:`glofnd_hf.losses.cached_contrastive_step`), which does its own backward."""
         chunk = self.args.contrastive_chunk_size
         batch = len(inputs["input_ids"])
         if chunk is None or chunk >= batch:
