@@ -10,7 +10,9 @@ Two measurements, each for batch 256 / 1024 / 4096 (``--batches``):
 * ``step`` -- a full ``GloFNDTrainer`` step (``training_step`` + AdamW step + ``zero_grad``)
   on synthetic data: ViT-B/32-sized ``CLIPModel`` in bf16 on CUDA, the tiny HF CLIP on CPU.
   The peak is above what is held between steps (weights, AdamW moments, per-sample state),
-  which is reported beside it. Default on CUDA (with ``loss``).
+  which is reported beside it. Default on CUDA (with ``loss``). Beside the plain steps, the
+  cached loss (``contrastive_chunk_size: --chunk``, GloFND) at every batch above the chunk:
+  its peak is set by a chunk's activations plus the loss on the whole batch.
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``,
 minus the allocation before the step. On CPU neither RSS (the allocator keeps freed pages)
@@ -28,6 +30,7 @@ CC3M and LAION-400M. Writes ``benchmarks/results/memory.json``.
 
     python benchmarks/memory.py                       # CPU: loss part, 256/1024/4096
     python benchmarks/memory.py --what loss step      # on a GPU
+    python benchmarks/memory.py --what step --batches 256 1024 4096 --chunk 256  # cached vs plain
 """
 
 from __future__ import annotations
@@ -188,8 +191,18 @@ def step_peak(
     return {"held_bytes": held, "peak_bytes": peak_bytes(step, device, repeats)}
 
 
+def step_variants(opts: argparse.Namespace) -> list[tuple[str, int | None]]:
+    """(detector, chunk size) of each trainer: the plain loss with each detector, and the
+    cached loss with GloFND in chunks of ``--chunk`` (0: none)."""
+    variants: list[tuple[str, int | None]] = [(d, None) for d in DETECTORS]
+    if opts.chunk:
+        variants.append(("glofnd", opts.chunk))
+    return variants
+
+
 def measure_step(opts: argparse.Namespace) -> list[dict]:
-    """GloFNDTrainer step (training_step + AdamW + zero_grad), none vs glofnd."""
+    """GloFNDTrainer step (training_step + AdamW + zero_grad), none vs glofnd, plain and
+    cached."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from train_step import build_adapter, copy_adapter, prepare, synthetic_batch
 
@@ -200,7 +213,7 @@ def measure_step(opts: argparse.Namespace) -> list[dict]:
     name = "vit-b32" if device.type == "cuda" else "tiny-hf"
     base = build_adapter(name, image_size=32)
     rows = []
-    for detector in DETECTORS:
+    for detector, chunk in step_variants(opts):
         with tempfile.TemporaryDirectory() as output_dir:
             args = GloFNDTrainingArguments(
                 output_dir=output_dir,
@@ -216,16 +229,20 @@ def measure_step(opts: argparse.Namespace) -> list[dict]:
                 num_samples=NUM_SAMPLES,
                 state_device="device",
                 check_inputs=True,
+                contrastive_chunk_size=chunk,
             )
             trainer = GloFNDTrainer(copy_adapter(base), args)
         model, optimizer = prepare(trainer)
         gen = torch.Generator().manual_seed(0)
         oom = False
         for batch in opts.batches:
+            if chunk is not None and batch <= chunk:
+                continue  # the plain loss
             row = {
                 "what": "step",
                 "model": name,
                 "detector": detector,
+                "chunk": chunk,
                 "batch": batch,
                 "precision": "bf16" if args.bf16 else "fp32",
             }
@@ -237,13 +254,13 @@ def measure_step(opts: argparse.Namespace) -> list[dict]:
             try:
                 row.update(step_peak(trainer, model, optimizer, data, device, gen, opts.repeats))
                 log(
-                    f"[step] {name}/{detector} b={batch}: peak "
+                    f"[step] {name}/{detector}{_cached(chunk)} b={batch}: peak "
                     f"{row['peak_bytes'] / 2**20:.1f} MiB above held"
                 )
             except torch.OutOfMemoryError:
                 oom = True
                 row["note"] = "out of memory"
-                log(f"[step] {name}/{detector} b={batch}: out of memory")
+                log(f"[step] {name}/{detector}{_cached(chunk)} b={batch}: out of memory")
             rows.append(row)
             del data
             if device.type == "cuda":
@@ -252,6 +269,10 @@ def measure_step(opts: argparse.Namespace) -> list[dict]:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows
+
+
+def _cached(chunk: int | None) -> str:
+    return "" if chunk is None else f" cached M={chunk}"
 
 
 # -- state ----------------------------------------------------------------------------------
@@ -306,7 +327,8 @@ def print_report(rows: list[dict], bps: dict[str, float]) -> None:
                 f"| {key[0]} | {key[1]} | {_mib(a)} | {_mib(b)} | {_mib(b - a)} | "
                 f"{b / a:.2f} | {ref} |"
             )
-    step_rows = [r for r in rows if r["what"] == "step"]
+    all_step_rows = [r for r in rows if r["what"] == "step"]
+    step_rows = [r for r in all_step_rows if r.get("chunk") is None]
     if step_rows:
         print(
             f"\n### Full step ({step_rows[0]['model']}, {step_rows[0]['precision']}): peak "
@@ -325,6 +347,7 @@ def print_report(rows: list[dict], bps: dict[str, float]) -> None:
             held = [pair[d].get("held_bytes") for d in DETECTORS]
             held = [_mib(h) if h is not None else "n/a" for h in held]
             print(f"| {batch} | {_mib(a)} | {_mib(b)} | {diff} | {held[0]} | {held[1]} |")
+    print_cached_report(all_step_rows)
 
     thr, u = bps["glofnd_thresholds"], bps["global_loss_u"]
     print("\n### Per-sample state (allocated once; outside the peaks above)\n")
@@ -338,6 +361,38 @@ def print_report(rows: list[dict], bps: dict[str, float]) -> None:
         print(f"| {name} | {n:,} | {_size(n * thr)} | {_size(n * (thr + u))} |")
 
 
+def print_cached_report(step_rows: list[dict]) -> None:
+    """The cached loss against the plain one (GloFND both): at the same global batch, and
+    against a plain step at the chunk's batch (the memory the cached step aims at)."""
+    cached = [r for r in step_rows if r.get("chunk") is not None]
+    if not cached:
+        return
+    plain = {
+        r["batch"]: r for r in step_rows if r.get("chunk") is None and r["detector"] == "glofnd"
+    }
+    print(
+        f"\n### Cached loss (contrastive_chunk_size M, glofnd; {cached[0]['model']}, "
+        f"{cached[0]['precision']}): peak MiB above what is held between steps\n"
+    )
+    print(
+        "| batch | M | plain peak | cached peak | cached / plain | plain at batch M | cached / plain at M |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for row in cached:
+        same = plain.get(row["batch"], {}).get("peak_bytes")
+        small = plain.get(row["chunk"], {}).get("peak_bytes")
+        peak = row.get("peak_bytes")
+        print(
+            f"| {row['batch']} | {row['chunk']} | {_mib(same) or plain.get(row['batch'], {}).get('note', '')} "
+            f"| {_mib(peak) or row.get('note', '')} | {_ratio(peak, same)} | {_mib(small)} "
+            f"| {_ratio(peak, small)} |"
+        )
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return "" if a is None or not b else f"{a / b:.2f}"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
@@ -349,6 +404,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--batches", type=int, nargs="+", default=[256, 1024, 4096])
     parser.add_argument("--dim", type=int, default=512, help="embedding dim (loss part)")
+    parser.add_argument(
+        "--chunk",
+        type=int,
+        default=256,
+        help="full step: also the cached loss in chunks of this many pairs (0: not)",
+    )
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument(
         "--mem-margin-gb",
@@ -371,6 +432,7 @@ def main(argv: list[str] | None = None) -> None:
     opts.what = opts.what or (["loss", "step"] if cuda else ["loss"])
     if opts.quick:
         opts.batches = [64, 128]
+        opts.chunk = min(opts.chunk, 32)
     warnings.filterwarnings("ignore", category=FutureWarning)
     transformers.logging.set_verbosity_error()
 
@@ -393,7 +455,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(f"command: {command}")
     print(
-        f"settings: {opts.what}, batches {opts.batches}, dim {opts.dim}, {opts.repeats} "
+        f"settings: {opts.what}, batches {opts.batches}, dim {opts.dim}, cached chunk "
+        f"{opts.chunk or 'off'} (step), {opts.repeats} "
         f"measured steps each (smallest peak kept), device "
         f"{opts.device}, glofnd N = {NUM_SAMPLES:,}; peak via "
         + (

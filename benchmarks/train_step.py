@@ -15,7 +15,13 @@ same optimiser settings and the same precision:
   ``check_inputs`` on (one host sync per step) and off; on CUDA (or ``--host-state``) also
   ``glofnd`` with its state in pinned host memory (``state_device: cpu``), check off;
 * ``hf`` -- the same model in a plain ``transformers.Trainer``: ``CLIPModel`` forward with
-  ``return_loss=True``, the Trainer takes the model's ``loss`` (HF models only).
+  ``return_loss=True``, the Trainer takes the model's ``loss`` (HF models only);
+* ``cached`` -- ``GloFNDTrainer`` with the cached loss (``contrastive_chunk_size: --chunk``,
+  default a quarter of the batch; 0: off), check on, for each detector: the same global
+  batch, encoded in chunks twice. Its ``vs plain`` column compares it with the plain loss
+  of the same detector.
+
+``--detectors`` narrows the detectors (e.g. ``glofnd`` alone at large batches on a CPU).
 
 Each trainer is built once; the model given to ``training_step`` is the one accelerate
 prepares (on CUDA with bf16 that wraps the forward in autocast, as ``Trainer.train`` does).
@@ -35,6 +41,8 @@ Defaults: on CPU the tiny HF CLIP (image 32, batch 128, fp32); on CUDA ViT-B/32-
 
     python benchmarks/train_step.py --threads 1        # CPU: tiny-hf, batch 128
     python benchmarks/train_step.py --model vit-b32 rn50 --batch 256   # on a GPU
+    python benchmarks/train_step.py --batch 4096 --chunk 256 --detectors glofnd --no-hf \
+        --check-inputs on --head-steps 0 --warmup 1 --steps 5
 """
 
 from __future__ import annotations
@@ -88,6 +96,7 @@ class Variant:
     model: nn.Module
     optimizer: torch.optim.Optimizer
     with_index: bool
+    chunk: int | None = None
     times_s: list[float] = field(default_factory=list)
 
     @property
@@ -191,22 +200,26 @@ def build_variants(
     base: DualEncoderAdapter, opts: argparse.Namespace, output_dir: str
 ) -> list[Variant]:
     variants = []
-    for detector in DETECTORS:
-        for check in (True, False):
-            args = GloFNDTrainingArguments(
-                **common_args(opts, output_dir),
-                detector=detector,
-                loss_type="clip",
-                check_inputs=check,
-                num_samples=NUM_SAMPLES,
-                state_device="device",
-            )
-            trainer = GloFNDTrainer(copy_adapter(base), args)
-            model, optimizer = prepare(trainer)
-            name = f"ours {detector}, check {'on' if check else 'off'}"
-            variants.append(
-                Variant(name, "ours", detector, check, trainer, model, optimizer, with_index=True)
-            )
+    configs = [(d, check, None) for d in opts.detectors for check in opts.checks]
+    if opts.chunk:
+        configs += [(d, True, opts.chunk) for d in opts.detectors]
+    for detector, check, chunk in configs:
+        args = GloFNDTrainingArguments(
+            **common_args(opts, output_dir),
+            detector=detector,
+            loss_type="clip",
+            check_inputs=check,
+            num_samples=NUM_SAMPLES,
+            state_device="device",
+            contrastive_chunk_size=chunk,
+        )
+        trainer = GloFNDTrainer(copy_adapter(base), args)
+        model, optimizer = prepare(trainer)
+        cached = "" if chunk is None else f" cached M={chunk}"
+        name = f"ours {detector}{cached}, check {'on' if check else 'off'}"
+        variants.append(
+            Variant(name, "ours", detector, check, trainer, model, optimizer, True, chunk)
+        )
     if opts.host_state:
         # GloFND with its state in (pinned) host memory, as state_device: cpu (or auto above
         # 2 GiB) places it: rows travel to the device and back every step.
@@ -224,7 +237,7 @@ def build_variants(
         variants.append(
             Variant(name, "ours", "glofnd", False, trainer, model, optimizer, with_index=True)
         )
-    if isinstance(base, HFDualEncoder):
+    if isinstance(base, HFDualEncoder) and opts.hf:
         args = TrainingArguments(**common_args(opts, output_dir), remove_unused_columns=False)
         trainer = Trainer(model=copy.deepcopy(base.model), args=args)
         model, optimizer = prepare(trainer)
@@ -369,6 +382,7 @@ def measure(name: str, opts: argparse.Namespace) -> dict:
         for _ in range(2)
     )
     log_scale = torch.tensor(2.659, device=device, requires_grad=True)  # ln(1 / 0.07)
+    variants = [v for v in variants if v.chunk is None]  # the cached head is the same head
     run_rounds(
         variants,
         opts.warmup + opts.head_steps,
@@ -418,9 +432,16 @@ def summarise(variants: list[Variant], batch: int) -> list[dict]:
             "samples_per_s": batch / v.median_s,
             "times_ms": [t * 1e3 for t in v.times_s],
         }
-        if v.family == "ours":
-            none = by_name[f"ours none, check {'on' if v.check_inputs else 'off'}"]
+        none = by_name.get(f"ours none, check {'on' if v.check_inputs else 'off'}")
+        if v.family == "ours" and none is not None:
             row["vs_none"] = paired_ratio(none.times_s, v.times_s, rng)
+        if v.chunk is not None:
+            plain = by_name[f"ours {v.detector}, check on"]
+            row["chunk"] = v.chunk
+            row["vs_plain"] = paired_ratio(plain.times_s, v.times_s, rng)
+            row["time_vs_plain"] = statistics.median(
+                o / p for o, p in zip(v.times_s, plain.times_s, strict=True)
+            )
         if hf is not None:
             row["vs_hf"] = paired_ratio(hf.times_s, v.times_s, rng)
         rows.append(row)
@@ -440,6 +461,19 @@ def print_table(result: dict) -> None:
         f"batch {result['batch']}: full step\n"
     )
     _rows(result["rows"], "step", digits=1, throughput=True, hf="hf Trainer")
+    cached = [r for r in result["rows"] if r.get("chunk") is not None]
+    if cached:
+        print(
+            f"\n### {result['model']}, batch {result['batch']}: cached loss against the plain "
+            "loss (same detector, same global batch, check on)\n"
+        )
+        print("| variant | median ms/step | step time / plain (median of rounds) | vs plain |")
+        print("|---|---:|---:|---:|")
+        for row in cached:
+            print(
+                f"| {row['variant']} | {row['median_ms']:.1f} | {row['time_vs_plain']:.2f} | "
+                f"{fmt_ratio(row['vs_plain'])} |"
+            )
     head = result.get("loss_head")
     if head:
         print(
@@ -480,6 +514,28 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="per-device batch (default: 128 on CPU, 256 on CUDA)",
     )
+    parser.add_argument(
+        "--chunk",
+        type=int,
+        default=None,
+        help="also the cached loss in chunks of this many pairs (default: batch // 4; 0: off)",
+    )
+    parser.add_argument(
+        "--detectors", nargs="+", choices=DETECTORS, default=list(DETECTORS), help="ours: which"
+    )
+    parser.add_argument(
+        "--check-inputs",
+        nargs="+",
+        choices=("on", "off"),
+        default=["on", "off"],
+        help="ours (plain loss): check_inputs on, off or both (the cached loss: on)",
+    )
+    parser.add_argument(
+        "--hf",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the plain transformers.Trainer baseline (HF models)",
+    )
     parser.add_argument("--steps", type=int, default=40, help="timed rounds")
     parser.add_argument("--warmup", type=int, default=5, help="untimed rounds first")
     parser.add_argument(
@@ -515,6 +571,10 @@ def main(argv: list[str] | None = None) -> None:
         opts.head_steps = 3
     opts.model = opts.model or (["vit-b32", "rn50"] if cuda else ["tiny-hf"])
     opts.batch = opts.batch or (256 if cuda else 128)
+    opts.chunk = max(1, opts.batch // 4) if opts.chunk is None else opts.chunk
+    opts.checks = [c == "on" for c in opts.check_inputs]
+    if opts.chunk and True not in opts.checks:
+        parser.error("the cached loss is compared with the plain loss with --check-inputs on")
     opts.bf16 = opts.precision == "bf16" or (opts.precision == "auto" and cuda)
     opts.host_state = cuda if opts.host_state is None else opts.host_state
     if opts.threads:
@@ -540,6 +600,8 @@ def main(argv: list[str] | None = None) -> None:
         "batch": opts.batch,
         "steps": opts.steps,
         "warmup": opts.warmup,
+        "chunk": opts.chunk,
+        "detectors": opts.detectors,
         "device": str(opts.device),
         "precision": "bf16" if opts.bf16 else "fp32",
         "num_samples": NUM_SAMPLES,
@@ -557,7 +619,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"command: {settings['command']}")
     print(
         f"settings: models {opts.model}, batch {opts.batch}, {settings['precision']}, "
-        f"{opts.warmup} warm-up + {opts.steps} timed rounds, glofnd N = {NUM_SAMPLES:,} "
+        f"{opts.warmup} warm-up + {opts.steps} timed rounds, cached chunk {opts.chunk or 'off'}, "
+        f"glofnd N = {NUM_SAMPLES:,} "
         f"(state on {opts.device})"
     )
     sys.stdout.flush()

@@ -237,6 +237,15 @@ class GloFNDTrainingArguments(SecretsNotPickled, TrainingArguments):
         "and the embeddings' gradients are the same either way.",
     )
     max_logit_scale: float = setting(100.0, "logit_scale.exp() is clamped to this after each step.")
+    contrastive_chunk_size: int | None = setting(
+        None,
+        "Cached (GradCache-style) loss: encode each process's batch in chunks of this many "
+        "pairs, first without gradients, run the loss and the detector once on the whole "
+        "batch, then encode each chunk again and back-propagate the cached gradients. Peak "
+        "memory of a chunk's activations, negatives of the whole batch; gradients equal the "
+        "plain loss's (random state replayed per chunk); costs one more forward. None, or "
+        "at least per_device_train_batch_size: the plain loss.",
+    )
 
     # -- False-negative detection -------------------------------------------------------------
     detector: str = setting(
@@ -344,6 +353,11 @@ class GloFNDTrainingArguments(SecretsNotPickled, TrainingArguments):
             raise ValueError(f"temperature_init must be positive, got {self.temperature_init}")
         if self.max_logit_scale <= 0:
             raise ValueError("max_logit_scale must be positive")
+        if self.contrastive_chunk_size is not None and self.contrastive_chunk_size < 1:
+            raise ValueError(
+                f"contrastive_chunk_size must be positive (or None), got "
+                f"{self.contrastive_chunk_size}"
+            )
         if self.num_samples is not None and self.num_samples <= 0:
             raise ValueError(f"num_samples must be positive, got {self.num_samples}")
         # Fail at start-up, not at the first step.

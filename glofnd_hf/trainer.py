@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from accelerate.utils import DistributedType
 from safetensors.torch import save_file
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -29,7 +30,13 @@ from .data.bad_samples import BAD_SAMPLE_KINDS, DATASETS_BAD_SAMPLE_KINDS
 from .data.hf import ImageTextCollator, prepare_image_text_dataset
 from .data.images import defer_image_decoding
 from .data.shards import is_presharded_loader
-from .losses import BimodalContrastiveLoss, ClipLoss, GlobalContrastiveLoss
+from .losses import (
+    BimodalContrastiveLoss,
+    ClipLoss,
+    GlobalContrastiveLoss,
+    cached_contrastive_step,
+    chunk_bounds,
+)
 from .model_card import ModelCardCallback
 from .models import DualEncoderAdapter
 from .state_file import load_state_file
@@ -131,6 +138,14 @@ class _EpochSummary(TrainerCallback):
             self.trainer.log({k: round(v, 6) for k, v in summary.items()})
 
 
+def _rows(inputs: dict[str, Any], start: int, end: int, batch: int) -> dict[str, Any]:
+    """Rows ``start:end`` of every per-pair tensor of a batch; other entries as they are."""
+    return {
+        k: v[start:end] if isinstance(v, torch.Tensor) and v.dim() and len(v) == batch else v
+        for k, v in inputs.items()
+    }
+
+
 class GloFNDTrainer(Trainer):
     """Trains a dual encoder with a contrastive loss and GloFND (or another detector).
 
@@ -229,6 +244,11 @@ class GloFNDTrainer(Trainer):
         self._shard_resume: tuple[int, int] | None = None
         self._state_written_to: str | None = None
         self._check_metric_for_best_model()
+        if args.contrastive_chunk_size is not None and (
+            self.accelerator.distributed_type == DistributedType.DEEPSPEED
+        ):
+            # DeepSpeed owns the backward and allows one per micro-batch.
+            raise ValueError("contrastive_chunk_size does not work with DeepSpeed")
 
     # -- temperature -------------------------------------------------------------------------
     def _temperature_parameters(self) -> list[torch.nn.Parameter]:
@@ -281,13 +301,19 @@ class GloFNDTrainer(Trainer):
         )
         return self.state.global_step * global_batch / float(self.num_samples)
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    def _take_loss_inputs(self, inputs: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Pop what the loss (not the model) reads: dataset indices and labels; count the
+        batch's bad samples."""
         index = inputs.pop("dataset_index")
         labels = inputs.pop("fn_labels", None)
         bad = inputs.pop("bad_sample_counts", None)  # only in batches that had bad rows
         if bad is not None:
             for kind, count in zip(DATASETS_BAD_SAMPLE_KINDS, bad.tolist(), strict=True):
                 self._bad_samples[kind] = self._bad_samples.get(kind, 0) + count
+        return index, labels
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        index, labels = self._take_loss_inputs(inputs)
         outputs = self.adapter(model, inputs)
         result = self.contrastive_loss(
             outputs.image_embeds,
@@ -300,6 +326,43 @@ class GloFNDTrainer(Trainer):
         if model.training:
             self._accumulate_stats(result.stats, outputs.logit_scale)
         return (result.loss, outputs) if return_outputs else result.loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """The Trainer's step; with ``contrastive_chunk_size`` below the batch, the cached loss
+        (:func:`glofnd_hf.losses.cached_contrastive_step`), which does its own backward."""
+        chunk = self.args.contrastive_chunk_size
+        batch = len(inputs["input_ids"])
+        if chunk is None or chunk >= batch:
+            return super().training_step(model, inputs, num_items_in_batch)
+        # The cached loss: the Trainer's training step (train mode, input placement, the loss
+        # scaled for gradient accumulation), with forward and backward done chunk by chunk.
+        model.train()
+        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
+            self.optimizer.train()
+        inputs = self._prepare_inputs(inputs)
+        index, labels = self._take_loss_inputs(inputs)
+        bounds = chunk_bounds(batch, chunk)
+
+        def encode(i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            start, end = bounds[i]
+            out = self.adapter(model, _rows(inputs, start, end, batch))
+            return out.image_embeds, out.text_embeds, out.logit_scale
+
+        with self.compute_loss_context_manager():
+            result = cached_contrastive_step(
+                self.contrastive_loss,
+                encode,
+                len(bounds),
+                index,
+                epoch=self.current_epoch(),
+                labels=labels,
+                backward=self.accelerator.backward,
+                no_sync=lambda: self.accelerator.no_sync(model),
+                loss_weight=1.0 / self.current_gradient_accumulation_steps,
+                module=model,
+            )
+        self._accumulate_stats(result.output.stats, result.logit_scale)
+        return result.output.loss / self.current_gradient_accumulation_steps
 
     def _accumulate_stats(self, stats: dict[str, torch.Tensor], logit_scale: torch.Tensor) -> None:
         # One stacked running sum per set of statistic names, on the device: nothing is read

@@ -29,7 +29,7 @@ def single_process(kind, steps=2):
     return losses, stats, dict(model.named_parameters()), loss_fn.state_dict(), health
 
 
-def run_torchrun(kind, out):
+def run_torchrun(kind, out, *extra):
     env = worker_env()
     cmd = [
         sys.executable,
@@ -46,6 +46,7 @@ def run_torchrun(kind, out):
         kind,
         "--out",
         str(out),
+        *extra,
     ]
     proc = run_process_group(cmd, env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -59,9 +60,25 @@ def assert_same_stats(got, expected, where, tolerance=1e-6):
         assert got[key] == pytest.approx(value, rel=tolerance, abs=tolerance), (where, key)
 
 
-@pytest.mark.parametrize("kind", ["clip", "global", "clip_iq", "global_bq", "global_oracle"])
-def test_two_processes_match_one_process(tmp_path, kind):
-    ranks = run_torchrun(kind, tmp_path / "result")
+CACHED = ("--chunk", "3")  # chunks of 3, 3 and 2 pairs of each rank's 8
+
+
+@pytest.mark.parametrize(
+    "kind, extra",
+    [
+        ("clip", ()),
+        ("global", ()),
+        ("clip_iq", ()),
+        ("global_bq", ()),
+        ("global_oracle", ()),
+        pytest.param("clip_iq", CACHED, id="clip_iq-cached"),
+        pytest.param("global", CACHED, id="global-cached"),
+    ],
+)
+def test_two_processes_match_one_process(tmp_path, kind, extra):
+    """Also with the cached loss on each rank (gradients synchronised with the last chunk
+    only) against the plain loss in one process."""
+    ranks = run_torchrun(kind, tmp_path / "result", *extra)
     losses, stats, params, state, health = single_process(kind)
     # The statistics are those of the global batch: percentiles over its anchors, counts and
     # fractions over its totals (the same on both ranks).

@@ -104,3 +104,14 @@ def test_two_processes_train_like_one_and_checkpoints_cross_over(tmp_path, loss_
         str(tmp_path / "one" / "checkpoint-4"),
     )
     assert_same_run(one, resumed_two)
+
+
+def test_two_processes_with_the_cached_loss_train_like_one_plain_process(tmp_path):
+    """The cached loss in chunks of 2 of each rank's 4 pairs (DDP reducing with the last chunk
+    only) trains as the plain loss in one process: parameters, state and logs."""
+    two = launch_two(tmp_path, "two", "--loss-type", "fastclip", "--chunk", "2")
+    for digest in two["digests"]:
+        assert torch.equal(digest[0], digest[1])
+    one = run(str(tmp_path / "one"), "fastclip")
+    assert_same_run(one, two)
+    assert_same_logs(one["logs"], two["logs"], tolerance=1e-5)

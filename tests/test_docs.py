@@ -227,7 +227,12 @@ def _load_script(path: Path) -> tuple[Any, Callable[..., Any] | None]:
         spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
-        spec.loader.exec_module(module)
+        # `python DIR/x.py` puts DIR first on the path: the script's sibling imports resolve.
+        sys.path.insert(0, str(path.parent))
+        try:
+            spec.loader.exec_module(module)
+        finally:
+            sys.path.remove(str(path.parent))
     return module, getattr(module, "main", None)
 
 

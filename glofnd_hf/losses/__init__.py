@@ -1,6 +1,7 @@
 """Bimodal contrastive losses that take a false-negative detector."""
 
 from .base import BimodalContrastiveLoss, LossOutput, Masks, Strategy
+from .cached import CachedStepResult, cached_contrastive_step, chunk_bounds
 from .clip import ClipLoss
 from .global_loss import (
     GAMMA_GRANULARITIES,
@@ -21,6 +22,7 @@ __all__ = [
     "TEMPERATURE_SCHEMES",
     "U_BYTES_PER_SAMPLE",
     "BimodalContrastiveLoss",
+    "CachedStepResult",
     "ClipLoss",
     "GammaGranularity",
     "GammaSchedule",
@@ -30,5 +32,7 @@ __all__ = [
     "Strategy",
     "TemperatureGradient",
     "TemperatureScheme",
+    "cached_contrastive_step",
+    "chunk_bounds",
     "temperature_scheme",
 ]

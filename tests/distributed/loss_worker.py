@@ -10,6 +10,8 @@ import sys
 import torch
 import torch.distributed as dist
 
+from glofnd_hf.losses import cached_contrastive_step, chunk_bounds
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
 from distributed.common import (  # noqa: E402
     build_loss,
@@ -23,7 +25,29 @@ parser = argparse.ArgumentParser()
 parser.add_argument("--loss", required=True)
 parser.add_argument("--out", required=True)
 parser.add_argument("--steps", type=int, default=2)
+parser.add_argument("--chunk", type=int, help="cached loss in chunks of this many pairs")
 opts = parser.parse_args()
+
+
+def cached_step(model, loss_fn, image, text, index, labels, step):
+    """The cached loss over this rank's pairs in chunks of ``--chunk``."""
+    bounds = chunk_bounds(len(index), opts.chunk)
+
+    def encode(i):
+        start, end = bounds[i]
+        return model(image[start:end], text[start:end])
+
+    return cached_contrastive_step(
+        loss_fn,
+        encode,
+        len(bounds),
+        index,
+        epoch=float(step),
+        labels=labels,
+        no_sync=model.no_sync,  # only the last chunk's backward reduces the gradients
+        module=model,
+    ).output
+
 
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
@@ -36,10 +60,13 @@ for step in range(opts.steps):
     image, text, index, labels = fixed_global_batch(step, opts.loss)
     b = image.shape[0] // world
     sl = slice(rank * b, (rank + 1) * b)
-    img_emb, txt_emb, scale = model(image[sl], text[sl])
-    out = loss_fn(img_emb, txt_emb, scale, index[sl], epoch=float(step), labels=labels[sl])
     optimizer.zero_grad()
-    out.loss.backward()
+    if opts.chunk is None:
+        img_emb, txt_emb, scale = model(image[sl], text[sl])
+        out = loss_fn(img_emb, txt_emb, scale, index[sl], epoch=float(step), labels=labels[sl])
+        out.loss.backward()
+    else:
+        out = cached_step(model, loss_fn, image[sl], text[sl], index[sl], labels[sl], step)
     optimizer.step()
     # The loss of the global batch is the mean of the ranks' local means.
     loss = out.loss.detach().clone()

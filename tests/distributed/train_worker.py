@@ -49,6 +49,7 @@ def run(
     save_steps=2,
     world=1,
     learning_rate=0.05,
+    chunk=None,
 ):
     from glofnd_hf.args import GloFNDTrainingArguments
     from glofnd_hf.data.digits import load_digits_pairs
@@ -77,6 +78,7 @@ def run(
         gamma=0.5,
         gamma_schedule="constant",
         dataloader_num_workers=0,
+        contrastive_chunk_size=chunk,
     )
     # Deterministic images, so one and two processes see exactly the same pixels. SGD, as
     # Adam would blow float noise in zero-gradient parameters (attention key biases) up.
@@ -108,6 +110,7 @@ if __name__ == "__main__":
     parser.add_argument("--stop-at", type=int)
     parser.add_argument("--resume")
     parser.add_argument("--learning-rate", type=float, default=0.05)
+    parser.add_argument("--chunk", type=int, help="contrastive_chunk_size (the cached loss)")
     opts = parser.parse_args()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     result = run(
@@ -117,6 +120,7 @@ if __name__ == "__main__":
         opts.resume,
         world=world,
         learning_rate=opts.learning_rate,
+        chunk=opts.chunk,
     )
     if int(os.environ.get("RANK", "0")) == 0:
         torch.save(result, opts.out)

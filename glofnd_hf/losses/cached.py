@@ -1,0 +1,160 @@
+"""A contrastive batch larger than the device holds: the cached-gradient (GradCache) step.
+
+The loss of a contrastive batch depends on every pair's embedding, but its gradient with
+respect to the model factors through those embeddings. So the step runs in two passes:
+
+1. encode the batch chunk by chunk without gradients (only the embeddings are kept), run the
+   loss once on the whole batch -- the detector's update and masks included, exactly once --
+   and keep the gradient of the loss with respect to each embedding and to the logit scale;
+2. encode each chunk again with gradients and back-propagate ``<embedding, cached gradient>``
+   through it, so the chunk's activations are freed before the next chunk runs.
+
+The parameters' gradients equal those of one backward through the chunks' forwards. The
+random state (dropout) is saved before each chunk of the first pass and restored before the
+same chunk of the second, so both passes compute the same embeddings. Torch only: the caller
+supplies the forward (``encode``), the backward (e.g. ``accelerator.backward``, which applies
+a mixed-precision loss scale) and a way to skip the gradient synchronisation of data
+parallelism (``no_sync``) for all chunks but the last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .base import BimodalContrastiveLoss, LossOutput
+
+Encode = Callable[[int], tuple[Tensor, Tensor, Tensor]]
+"""``encode(i)``: image embeddings, text embeddings and logit scale of chunk ``i``."""
+
+__all__ = ["CachedStepResult", "Encode", "RandomState", "cached_contrastive_step", "chunk_bounds"]
+
+
+def chunk_bounds(batch_size: int, chunk_size: int) -> list[tuple[int, int]]:
+    """``[start, end)`` of each chunk: ``chunk_size`` pairs, the last one possibly fewer."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk size must be positive, got {chunk_size}")
+    return [(s, min(s + chunk_size, batch_size)) for s in range(0, batch_size, chunk_size)]
+
+
+@dataclass
+class RandomState:
+    """torch's global random state: the CPU generator and, where used, the CUDA one."""
+
+    cpu: Tensor
+    cuda: Tensor | None
+    cuda_device: int | None
+
+    @classmethod
+    def capture(cls, device: torch.device | None = None) -> RandomState:
+        if device is not None and device.type == "cuda":
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            return cls(torch.get_rng_state(), torch.cuda.get_rng_state(index), index)
+        return cls(torch.get_rng_state(), None, None)
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda, self.cuda_device)
+
+
+@contextlib.contextmanager
+def _buffers_kept(module: nn.Module | None) -> Iterator[None]:
+    """Undo what a forward writes into buffers (batch-norm running statistics), so that the
+    two passes update them once, as one forward does."""
+    if module is None:
+        yield
+        return
+    saved = [(b, b.detach().clone()) for b in module.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
+
+
+@dataclass
+class CachedStepResult:
+    output: LossOutput
+    """The loss (detached) and its statistics, as the loss called on the whole batch gives."""
+    logit_scale: Tensor
+    """The logit scale of the batch (detached), for logging."""
+
+
+def cached_contrastive_step(
+    loss: BimodalContrastiveLoss,
+    encode: Encode,
+    num_chunks: int,
+    index: Tensor | None = None,
+    *,
+    epoch: float = 0.0,
+    labels: Tensor | None = None,
+    backward: Callable[[Tensor], None] = Tensor.backward,
+    no_sync: Callable[[], AbstractContextManager] = contextlib.nullcontext,
+    loss_weight: float = 1.0,
+    module: nn.Module | None = None,
+    device: torch.device | None = None,
+) -> CachedStepResult:
+    """One loss evaluation and backward over ``num_chunks`` chunks of this process's batch.
+
+    ``index`` and ``labels`` cover the whole local batch (chunks in order). ``loss_weight``
+    multiplies the gradients (``1 / gradient_accumulation_steps``). ``module``: its buffers
+    are restored after the first pass. ``device``: the device whose random state is replayed
+    besides the CPU's (default: that of ``module``'s parameters).
+    Gradients accumulate into the parameters' ``.grad`` like ``backward`` does.
+    """
+    if num_chunks < 1:
+        raise ValueError(f"num_chunks must be positive, got {num_chunks}")
+    if device is None and module is not None:
+        device = next((p.device for p in module.parameters()), None)
+    states: list[RandomState] = []
+    images, texts = [], []
+    with torch.no_grad(), _buffers_kept(module):
+        for i in range(num_chunks):
+            states.append(RandomState.capture(device))
+            image, text, scale = encode(i)
+            images.append(image)
+            texts.append(text)
+    sizes = [len(t) for t in images]
+    # float32 leaves (float64 kept): the loss computes in float32 anyway, and float32
+    # gradients do not underflow the way float16 ones would without the loss scale.
+    dtype = torch.promote_types(images[0].dtype, torch.float32)
+    image_leaf = torch.cat(images).to(dtype).requires_grad_()
+    text_leaf = torch.cat(texts).to(dtype).requires_grad_()
+    scale_leaf = scale.detach().to(dtype).clone().requires_grad_()
+    del images, texts
+    with torch.enable_grad():
+        out = loss(image_leaf, text_leaf, scale_leaf, index, epoch=epoch, labels=labels)
+        out.loss.backward()  # a float32 graph with no parameters in it: no loss scale needed
+    after_loss = RandomState.capture(device)  # anything the loss drew stays drawn
+    result = LossOutput(out.loss.detach(), out.stats)
+    logit_scale = scale_leaf.detach().to(scale.dtype)
+    image_grads = (image_leaf.grad * loss_weight).split(sizes)
+    text_grads = (text_leaf.grad * loss_weight).split(sizes)
+    scale_grad = None if scale_leaf.grad is None else scale_leaf.grad * loss_weight
+    del out, image_leaf, text_leaf, scale_leaf
+
+    for i in range(num_chunks):
+        last = i == num_chunks - 1
+        # Data parallelism: accumulate locally, reduce once with the last chunk.
+        with contextlib.nullcontext() if last else no_sync():
+            states[i].restore()
+            image, text, scale = encode(i)
+            if image.shape[0] != sizes[i]:
+                raise RuntimeError(f"chunk {i} changed size between the passes")
+            surrogate = (image.to(dtype) * image_grads[i]).sum() + (
+                text.to(dtype) * text_grads[i]
+            ).sum()
+            if last and scale_grad is not None and scale.requires_grad:
+                # The logit scale reaches the loss directly, not through the embeddings.
+                surrogate = surrogate + scale.to(dtype) * scale_grad
+            backward(surrogate)
+            del image, text, surrogate
+    after_loss.restore()
+    return CachedStepResult(result, logit_scale)
