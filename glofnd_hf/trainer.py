@@ -29,7 +29,7 @@ from .data.bad_samples import BAD_SAMPLE_KINDS, DATASETS_BAD_SAMPLE_KINDS
 from .data.hf import ImageTextCollator, prepare_image_text_dataset
 from .data.images import defer_image_decoding
 from .data.shards import is_presharded_loader
-from .losses import BimodalContrastiveLoss, ClipLoss, GlobalContrastiveLoss
+from .losses import BimodalContrastiveLoss, ClipLoss, GlobalContrastiveLoss, SigmoidLoss
 from .model_card import ModelCardCallback
 from .models import DualEncoderAdapter
 from .state_file import load_state_file
@@ -52,6 +52,8 @@ def build_contrastive_loss(
     )
     if args.loss_type == "clip":
         return ClipLoss(detector, args.fn_strategy, check_inputs=args.check_inputs)
+    if args.loss_type == "sigmoid":
+        return SigmoidLoss(detector, args.fn_strategy, check_inputs=args.check_inputs)
     return GlobalContrastiveLoss(
         num_samples,
         detector,
@@ -217,6 +219,7 @@ class GloFNDTrainer(Trainer):
                 )
             loss = build_contrastive_loss(args, num_samples, args.device)
         self.contrastive_loss = loss
+        self._prepare_logit_bias(loss)
         self.num_samples = loss.num_samples if loss.num_samples is not None else num_samples
         self._stat_sums: dict[tuple[str, ...], tuple[torch.Tensor, int]] = {}
         self._bad_samples: dict[str, int] = {}
@@ -243,6 +246,19 @@ class GloFNDTrainer(Trainer):
                 scale.fill_(math.log(1.0 / args.temperature_init))
             scale.clamp_(0.0, args.max_log_logit_scale)
         scale.requires_grad_(args.temperature_scheme != "fixed")
+
+    def _prepare_logit_bias(self, loss: BimodalContrastiveLoss) -> None:
+        """The sigmoid loss needs the model's logit bias; a loss without one leaves it frozen
+        (else it would get no gradient, which DDP refuses)."""
+        bias = self.adapter.logit_bias_parameter()
+        if loss.uses_logit_bias and bias is None:
+            raise ValueError(
+                f"{type(loss).__name__} needs a model with a logit bias (SigLIP-style); "
+                f"{type(self.adapter.model).__name__} has none: use loss_type clip, sogclr or "
+                "fastclip with it"
+            )
+        if bias is not None and not loss.uses_logit_bias:
+            bias.requires_grad_(False)
 
     def get_decay_parameter_names(self, model: torch.nn.Module) -> list[str]:
         """The temperature (and a logit bias) is never weight-decayed."""
@@ -296,6 +312,7 @@ class GloFNDTrainer(Trainer):
             index,
             epoch=self.current_epoch(),
             labels=labels,
+            logit_bias=outputs.logit_bias,
         )
         if model.training:
             self._accumulate_stats(result.stats, outputs.logit_scale)
@@ -380,7 +397,7 @@ class GloFNDTrainer(Trainer):
             inputs.pop("bad_sample_counts", None)
             out = self.adapter(model, inputs)
             loss = self.contrastive_loss.evaluate(
-                out.image_embeds, out.text_embeds, out.logit_scale, index
+                out.image_embeds, out.text_embeds, out.logit_scale, index, out.logit_bias
             ).loss
         return loss.detach(), None, None
 

@@ -14,6 +14,7 @@ from .global_loss import (
     TemperatureScheme,
     temperature_scheme,
 )
+from .sigmoid import SigmoidLoss
 
 __all__ = [
     "GAMMA_GRANULARITIES",
@@ -27,6 +28,7 @@ __all__ = [
     "GlobalContrastiveLoss",
     "LossOutput",
     "Masks",
+    "SigmoidLoss",
     "Strategy",
     "TemperatureGradient",
     "TemperatureScheme",
