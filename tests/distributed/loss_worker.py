@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
 from distributed.common import (  # noqa: E402
+    apply_loss,
     build_loss,
     fixed_global_batch,
     projection,
@@ -28,7 +29,7 @@ opts = parser.parse_args()
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
 torch.manual_seed(0)
-model = torch.nn.parallel.DistributedDataParallel(projection())
+model = torch.nn.parallel.DistributedDataParallel(projection(opts.loss))
 loss_fn = build_loss(opts.loss)
 optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
 records = []
@@ -36,8 +37,7 @@ for step in range(opts.steps):
     image, text, index, labels = fixed_global_batch(step, opts.loss)
     b = image.shape[0] // world
     sl = slice(rank * b, (rank + 1) * b)
-    img_emb, txt_emb, scale = model(image[sl], text[sl])
-    out = loss_fn(img_emb, txt_emb, scale, index[sl], epoch=float(step), labels=labels[sl])
+    out = apply_loss(loss_fn, model(image[sl], text[sl]), index[sl], float(step), labels[sl])
     optimizer.zero_grad()
     out.loss.backward()
     optimizer.step()
