@@ -1,4 +1,5 @@
-"""Bimodal contrastive losses that take a false-negative detector."""
+"""Bimodal contrastive losses that take a false-negative detector: CLIP InfoNCE, the SogCLR /
+FastCLIP global loss and SigLIP's sigmoid loss."""
 
 from .base import BimodalContrastiveLoss, LossOutput, Masks, Strategy
 from .clip import ClipLoss

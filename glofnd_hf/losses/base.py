@@ -53,7 +53,7 @@ class Masks:
 
 
 class BimodalContrastiveLoss(ABC):
-    """Base of the CLIP and global contrastive losses.
+    """Base of the CLIP, global contrastive and sigmoid losses.
 
     Call it with L2-normalisable embeddings of this process's pairs, the (exponentiated)
     logit scale, the pairs' dataset indices and the current (fractional) epoch. A loss that
