@@ -45,9 +45,10 @@ class ModelArguments:
 
     model_name_or_path: str = setting(
         "glofnd-tiny-hf-clip",
-        "HF CLIP-family checkpoint (Hub id or folder), an open_clip model name (with "
+        "HF CLIP-family or SigLIP checkpoint (Hub id or folder), an open_clip model name (with "
         "--pretrained), 'hf-hub:ORG/NAME', or 'glofnd-tiny-hf-clip' / 'glofnd-tiny-open-clip' "
-        "(tiny models built offline, for demos and tests).",
+        "/ 'glofnd-tiny-siglip' / 'glofnd-tiny-open-clip-siglip' (tiny models built offline, "
+        "for demos and tests; the SigLIP ones for loss_type sigmoid).",
     )
     model_family: Literal["auto", "hf", "open_clip"] = setting(
         "auto",
@@ -197,10 +198,11 @@ class GloFNDTrainingArguments(SecretsNotPickled, TrainingArguments):
     }
 
     # -- Contrastive loss ---------------------------------------------------------------------
-    loss_type: Literal["clip", "sogclr", "fastclip"] = setting(
+    loss_type: Literal["clip", "sogclr", "fastclip", "sigmoid"] = setting(
         "clip",
         "clip: CLIP InfoNCE; sogclr: global contrastive loss (fixed temperature); "
-        "fastclip: global contrastive loss times the temperature (FastCLIP).",
+        "fastclip: global contrastive loss times the temperature (FastCLIP); sigmoid: SigLIP's "
+        "pairwise sigmoid loss with the model's learnable logit bias (SigLIP models only).",
     )
     gamma: float = setting(
         0.2, "Global losses: final weight of the newest estimate in each sample's moving average u."
@@ -456,6 +458,6 @@ class GloFNDTrainingArguments(SecretsNotPickled, TrainingArguments):
     def state_bytes_per_sample(self) -> int:
         """Per-sample state of the detector and of a global loss's u."""
         per = self.detector_spec().bytes_per_sample(self.detector_settings())
-        if self.loss_type != "clip":
+        if self.loss_type in ("sogclr", "fastclip"):  # the global losses keep u
             per += U_BYTES_PER_SAMPLE
         return per

@@ -34,6 +34,7 @@ from .losses import (
     BimodalContrastiveLoss,
     ClipLoss,
     GlobalContrastiveLoss,
+    SigmoidLoss,
     cached_contrastive_step,
     chunk_bounds,
 )
@@ -59,6 +60,8 @@ def build_contrastive_loss(
     )
     if args.loss_type == "clip":
         return ClipLoss(detector, args.fn_strategy, check_inputs=args.check_inputs)
+    if args.loss_type == "sigmoid":
+        return SigmoidLoss(detector, args.fn_strategy, check_inputs=args.check_inputs)
     return GlobalContrastiveLoss(
         num_samples,
         detector,
@@ -232,6 +235,7 @@ class GloFNDTrainer(Trainer):
                 )
             loss = build_contrastive_loss(args, num_samples, args.device)
         self.contrastive_loss = loss
+        self._prepare_logit_bias(loss)
         self.num_samples = loss.num_samples if loss.num_samples is not None else num_samples
         self._stat_sums: dict[tuple[str, ...], tuple[torch.Tensor, int]] = {}
         self._bad_samples: dict[str, int] = {}
@@ -263,6 +267,19 @@ class GloFNDTrainer(Trainer):
                 scale.fill_(math.log(1.0 / args.temperature_init))
             scale.clamp_(0.0, args.max_log_logit_scale)
         scale.requires_grad_(args.temperature_scheme != "fixed")
+
+    def _prepare_logit_bias(self, loss: BimodalContrastiveLoss) -> None:
+        """The sigmoid loss needs the model's logit bias; a loss without one leaves it frozen
+        (else it would get no gradient, which DDP refuses)."""
+        bias = self.adapter.logit_bias_parameter()
+        if loss.uses_logit_bias and bias is None:
+            raise ValueError(
+                f"{type(loss).__name__} needs a model with a logit bias (SigLIP-style); "
+                f"{type(self.adapter.model).__name__} has none: use loss_type clip, sogclr or "
+                "fastclip with it"
+            )
+        if bias is not None and not loss.uses_logit_bias:
+            bias.requires_grad_(False)
 
     def get_decay_parameter_names(self, model: torch.nn.Module) -> list[str]:
         """The temperature (and a logit bias) is never weight-decayed."""
@@ -322,6 +339,7 @@ class GloFNDTrainer(Trainer):
             index,
             epoch=self.current_epoch(),
             labels=labels,
+            logit_bias=outputs.logit_bias,
         )
         if model.training:
             self._accumulate_stats(result.stats, outputs.logit_scale)
@@ -343,10 +361,10 @@ class GloFNDTrainer(Trainer):
         index, labels = self._take_loss_inputs(inputs)
         bounds = chunk_bounds(batch, chunk)
 
-        def encode(i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        def encode(i: int) -> tuple[torch.Tensor, ...]:
             start, end = bounds[i]
             out = self.adapter(model, _rows(inputs, start, end, batch))
-            return out.image_embeds, out.text_embeds, out.logit_scale
+            return out.image_embeds, out.text_embeds, out.logit_scale, out.logit_bias
 
         with self.compute_loss_context_manager():
             result = cached_contrastive_step(
@@ -443,7 +461,7 @@ class GloFNDTrainer(Trainer):
             inputs.pop("bad_sample_counts", None)
             out = self.adapter(model, inputs)
             loss = self.contrastive_loss.evaluate(
-                out.image_embeds, out.text_embeds, out.logit_scale, index
+                out.image_embeds, out.text_embeds, out.logit_scale, index, out.logit_bias
             ).loss
         return loss.detach(), None, None
 

@@ -12,6 +12,7 @@ from glofnd_hf.losses import (
     ClipLoss,
     GammaSchedule,
     GlobalContrastiveLoss,
+    SigmoidLoss,
     cached_contrastive_step,
     chunk_bounds,
 )
@@ -125,6 +126,48 @@ def test_cached_step_equals_one_backward_with_dropout(kind, strategy):
         ref_model(image[s:e], text[s:e])
     expected = torch.rand(3)
     assert torch.equal(cached_rng_after(model, loss, image, text, index, labels), expected)
+
+
+class SigmoidEncoder(DropoutEncoder):
+    """The dropout encoder with SigLIP's learnable logit bias."""
+
+    def __init__(self):
+        super().__init__()
+        self.logit_bias = torch.nn.Parameter(torch.tensor(-2.0))
+
+    def forward(self, image, text):
+        return (*super().forward(image, text), self.logit_bias)
+
+
+@pytest.mark.parametrize("strategy", ["eliminate", "attract"])
+def test_cached_sigmoid_step_carries_the_logit_bias(strategy):
+    """The bias reaches the loss directly, like the scale: its gradient goes in once."""
+    torch.manual_seed(0)
+    ref_model = SigmoidEncoder()
+    model = copy.deepcopy(ref_model)
+    config = GloFNDConfig(alpha=0.1, init_quantile=True, update_rule="adam")
+    ref_loss, loss = (
+        SigmoidLoss(build_detector("glofnd", num_samples=N, config=config), strategy)
+        for _ in range(2)
+    )
+    image, text, index, labels = global_batch()
+    bounds = chunk_bounds(BATCH, CHUNK)
+    torch.manual_seed(7)
+    parts = [ref_model(image[s:e], text[s:e]) for s, e in bounds]
+    ref_out = ref_loss(
+        torch.cat([p[0] for p in parts]),
+        torch.cat([p[1] for p in parts]),
+        parts[-1][2],
+        index,
+        labels=labels,
+        logit_bias=parts[-1][3],
+    )
+    ref_out.loss.backward()
+    result = cached_step(model, loss, image, text, index, labels, 7)
+    assert float(ref_out.stats["filtered_fraction_image"]) > 0  # the masks act
+    assert ref_model.logit_bias.grad.abs() > 1e-3
+    assert_same_step(ref_model, model, ref_loss, loss, ref_out, result)
+    assert result.logit_bias.item() == pytest.approx(-2.0)
 
 
 def cached_rng_after(model, loss, image, text, index, labels):

@@ -5,7 +5,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from distributed.common import build_loss, fixed_global_batch, projection, stats_as_floats
+from distributed.common import (
+    apply_loss,
+    build_loss,
+    fixed_global_batch,
+    projection,
+    stats_as_floats,
+)
 from launch import free_port, run_process_group, worker_env
 
 HERE = Path(__file__).resolve().parent
@@ -13,13 +19,13 @@ HERE = Path(__file__).resolve().parent
 
 def single_process(kind, steps=2):
     torch.manual_seed(0)
-    model = projection()
+    model = projection(kind)
     loss_fn = build_loss(kind)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     losses, stats = [], []
     for step in range(steps):
         image, text, index, labels = fixed_global_batch(step, kind)
-        out = loss_fn(*model(image, text), index, epoch=float(step), labels=labels)
+        out = apply_loss(loss_fn, model(image, text), index, float(step), labels)
         optimizer.zero_grad()
         out.loss.backward()
         optimizer.step()
@@ -71,8 +77,11 @@ CACHED = ("--chunk", "3")  # chunks of 3, 3 and 2 pairs of each rank's 8
         ("clip_iq", ()),
         ("global_bq", ()),
         ("global_oracle", ()),
+        ("sigmoid", ()),
+        ("sigmoid_attract", ()),
         pytest.param("clip_iq", CACHED, id="clip_iq-cached"),
         pytest.param("global", CACHED, id="global-cached"),
+        pytest.param("sigmoid", CACHED, id="sigmoid-cached"),
     ],
 )
 def test_two_processes_match_one_process(tmp_path, kind, extra):
@@ -101,7 +110,7 @@ def test_two_processes_match_one_process(tmp_path, kind, extra):
             assert torch.allclose(rank["params"][name], value.detach(), atol=1e-5), name
         for key, value in state.items():
             assert torch.allclose(rank["state"][key], value, atol=1e-5), key
-    if not kind.endswith(("clip", "global", "_iq")):
+    if not kind.endswith(("clip", "global", "sigmoid", "_iq", "_attract")):
         return  # only GloFND keeps state and reports tracking health
     # The state actually moved, and identically on both ranks.
     assert not torch.equal(

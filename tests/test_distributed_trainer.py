@@ -115,3 +115,14 @@ def test_two_processes_with_the_cached_loss_train_like_one_plain_process(tmp_pat
     one = run(str(tmp_path / "one"), "fastclip")
     assert_same_run(one, two)
     assert_same_logs(one["logs"], two["logs"], tolerance=1e-5)
+
+
+def test_sigmoid_loss_with_a_tiny_siglip_trains_alike_in_two_processes(tmp_path):
+    """The sigmoid loss through the Trainer and DDP (the logit bias included): two processes
+    end with the weights, state and logs of one."""
+    two = launch_two(tmp_path, "two", "--loss-type", "sigmoid")
+    one = run(str(tmp_path / "one"), "sigmoid")
+    assert_same_run(one, two)
+    assert_same_logs(one["logs"], two["logs"], tolerance=1e-5)
+    bias = one["params"]["logit_bias"]
+    assert bias.item() != -10.0  # the bias learned, alike in both runs

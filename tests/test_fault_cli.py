@@ -71,7 +71,7 @@ def no_loading(monkeypatch):
         ),
         (
             {"loss_type": "infonce"},
-            "loss_type: expected one of 'clip', 'sogclr', 'fastclip', got 'infonce' (a string)",
+            "loss_type: expected one of 'clip', 'sogclr', 'fastclip', 'sigmoid', got 'infonce' (a string)",
         ),
         ({"use_cpu": "maybe"}, "use_cpu: expected true or false, got 'maybe' (a string)"),
         (

@@ -16,6 +16,8 @@ from glofnd_hf.models import (
     TINY_HF_CLIP,
     TINY_MODEL_NAMES,
     TINY_OPEN_CLIP,
+    TINY_OPEN_CLIP_SIGLIP,
+    TINY_SIGLIP,
     DualEncoderOutput,
     HFDualEncoder,
     OpenClipDualEncoder,
@@ -319,6 +321,11 @@ def test_architecture_description_names_class_and_size(adapters):
 
 def test_build_tiny_model_knows_every_tiny_name():
     families = {name: build_tiny_model(name, texts=TEXTS).family for name in TINY_MODEL_NAMES}
-    assert families == {TINY_HF_CLIP: "hf", TINY_OPEN_CLIP: "open_clip"}
+    assert families == {
+        TINY_HF_CLIP: "hf",
+        TINY_OPEN_CLIP: "open_clip",
+        TINY_SIGLIP: "hf",
+        TINY_OPEN_CLIP_SIGLIP: "open_clip",
+    }
     with pytest.raises(ValueError, match="glofnd-tiny-hf-clip"):
         build_tiny_model("glofnd-tiny-jax")

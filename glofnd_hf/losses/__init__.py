@@ -1,4 +1,5 @@
-"""Bimodal contrastive losses that take a false-negative detector."""
+"""Bimodal contrastive losses that take a false-negative detector: CLIP InfoNCE, the SogCLR /
+FastCLIP global loss and SigLIP's sigmoid loss."""
 
 from .base import BimodalContrastiveLoss, LossOutput, Masks, Strategy
 from .cached import CachedStepResult, cached_contrastive_step, chunk_bounds
@@ -15,6 +16,7 @@ from .global_loss import (
     TemperatureScheme,
     temperature_scheme,
 )
+from .sigmoid import SigmoidLoss
 
 __all__ = [
     "GAMMA_GRANULARITIES",
@@ -29,6 +31,7 @@ __all__ = [
     "GlobalContrastiveLoss",
     "LossOutput",
     "Masks",
+    "SigmoidLoss",
     "Strategy",
     "TemperatureGradient",
     "TemperatureScheme",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -53,11 +53,15 @@ class Masks:
 
 
 class BimodalContrastiveLoss(ABC):
-    """Base of the CLIP and global contrastive losses.
+    """Base of the CLIP, global contrastive and sigmoid losses.
 
     Call it with L2-normalisable embeddings of this process's pairs, the (exponentiated)
-    logit scale, the pairs' dataset indices and the current (fractional) epoch.
+    logit scale, the pairs' dataset indices and the current (fractional) epoch. A loss that
+    sets ``uses_logit_bias`` (the sigmoid loss) also needs the model's ``logit_bias``; the
+    others ignore one.
     """
+
+    uses_logit_bias: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -80,12 +84,15 @@ class BimodalContrastiveLoss(ABC):
         masks: Masks,
         epoch: float,
     ) -> LossOutput:
-        """Loss from (2, b, B) similarities (with gradient) and the step's masks."""
+        """Loss from (2, b, B) similarities (with gradient) and the step's masks. A loss with
+        ``uses_logit_bias`` also gets ``logit_bias=`` (0-d, with gradient)."""
 
-    def _objective(self, sim: torch.Tensor, logit_scale: torch.Tensor, masks: Masks) -> LossOutput:
+    def _objective(
+        self, sim: torch.Tensor, logit_scale: torch.Tensor, masks: Masks, **logit_bias
+    ) -> LossOutput:
         """The loss of one batch that reads and writes no per-sample state (``evaluate``).
         Default: ``_loss``, right for losses that keep none; stateful losses override it."""
-        return self._loss(sim, logit_scale, masks, 0.0)
+        return self._loss(sim, logit_scale, masks, 0.0, **logit_bias)
 
     @property
     def num_samples(self) -> int | None:
@@ -130,10 +137,12 @@ class BimodalContrastiveLoss(ABC):
         index: torch.Tensor | None = None,
         epoch: float = 0.0,
         labels: torch.Tensor | None = None,
+        logit_bias: torch.Tensor | float | None = None,
     ) -> LossOutput:
         logit_scale = torch.as_tensor(logit_scale, device=image_embeds.device)
         self._check_shapes(image_embeds, text_embeds, logit_scale, index, labels)
         dtype = torch.promote_types(image_embeds.dtype, torch.float32)
+        bias = self._bias_argument(logit_bias, image_embeds.device, dtype)
         # Similarities and every threshold comparison in float32 (float64 if given),
         # whatever autocast does around us.
         with torch.autocast(device_type=image_embeds.device.type, enabled=False):
@@ -149,7 +158,7 @@ class BimodalContrastiveLoss(ABC):
                 masks.false_negatives, fallback = self._keep_one_negative(
                     masks.negatives, detection.false_negatives
                 )
-            out = self._loss(sim, logit_scale.to(dtype), masks, epoch)
+            out = self._loss(sim, logit_scale.to(dtype), masks, epoch, **bias)
         # Every statistic is one of the global batch, the same on every rank: the loss's
         # local means and the mask counts cross ranks together (one small all-reduce), the
         # detector's are global already.
@@ -164,6 +173,7 @@ class BimodalContrastiveLoss(ABC):
         text_embeds: torch.Tensor,
         logit_scale: torch.Tensor | float,
         index: torch.Tensor | None = None,
+        logit_bias: torch.Tensor | float | None = None,
     ) -> LossOutput:
         """The loss on a batch of another split (``eval_loss``), touching no per-sample state.
 
@@ -174,10 +184,26 @@ class BimodalContrastiveLoss(ABC):
         logit_scale = torch.as_tensor(logit_scale, device=image_embeds.device)
         self._check_embeddings(image_embeds, text_embeds, logit_scale)
         dtype = torch.promote_types(image_embeds.dtype, torch.float32)
+        bias = self._bias_argument(logit_bias, image_embeds.device, dtype)
         with torch.autocast(device_type=image_embeds.device.type, enabled=False):
             _, _, sim = self._similarities(image_embeds, text_embeds, dtype)
             masks, _ = self._masks(sim, index, 0.0, None)
-            return self._objective(sim, logit_scale.to(dtype), masks)
+            return self._objective(sim, logit_scale.to(dtype), masks, **bias)
+
+    def _bias_argument(
+        self, logit_bias: torch.Tensor | float | None, device: torch.device, dtype: torch.dtype
+    ) -> dict[str, torch.Tensor]:
+        """``{"logit_bias": 0-d tensor}`` for a loss that uses one, else ``{}``."""
+        if not self.uses_logit_bias:
+            return {}
+        if logit_bias is None:
+            raise ValueError(
+                f"{type(self).__name__} needs the model's logit_bias (a SigLIP-style model)"
+            )
+        bias = torch.as_tensor(logit_bias, device=device)
+        if bias.numel() != 1:
+            raise ValueError(f"logit_bias must be a scalar, got shape {tuple(bias.shape)}")
+        return {"logit_bias": bias.reshape(()).to(dtype)}
 
     @staticmethod
     def _similarities(

@@ -5,7 +5,8 @@ respect to the model factors through those embeddings. So the step runs in two p
 
 1. encode the batch chunk by chunk without gradients (only the embeddings are kept), run the
    loss once on the whole batch -- the detector's update and masks included, exactly once --
-   and keep the gradient of the loss with respect to each embedding and to the logit scale;
+   and keep the gradient of the loss with respect to each embedding and to the logit scale
+   (and bias, for a sigmoid loss);
 2. encode each chunk again with gradients and back-propagate ``<embedding, cached gradient>``
    through it, so the chunk's activations are freed before the next chunk runs.
 
@@ -29,8 +30,9 @@ from torch import Tensor, nn
 
 from .base import BimodalContrastiveLoss, LossOutput
 
-Encode = Callable[[int], tuple[Tensor, Tensor, Tensor]]
-"""``encode(i)``: image embeddings, text embeddings and logit scale of chunk ``i``."""
+Encode = Callable[[int], tuple[Tensor, ...]]
+"""``encode(i)``: image embeddings, text embeddings and logit scale of chunk ``i``, and the
+logit bias where the model has one (SigLIP; ``None`` or left out otherwise)."""
 
 __all__ = ["CachedStepResult", "Encode", "RandomState", "cached_contrastive_step", "chunk_bounds"]
 
@@ -85,6 +87,8 @@ class CachedStepResult:
     """The loss (detached) and its statistics, as the loss called on the whole batch gives."""
     logit_scale: Tensor
     """The logit scale of the batch (detached), for logging."""
+    logit_bias: Tensor | None = None
+    """The logit bias of the batch (detached), where the model has one."""
 
 
 def cached_contrastive_step(
@@ -118,7 +122,7 @@ def cached_contrastive_step(
     with torch.no_grad(), _buffers_kept(module):
         for i in range(num_chunks):
             states.append(RandomState.capture(device))
-            image, text, scale = encode(i)
+            image, text, scale, bias = _unpack(encode(i))
             images.append(image)
             texts.append(text)
     sizes = [len(t) for t in images]
@@ -127,34 +131,55 @@ def cached_contrastive_step(
     dtype = torch.promote_types(images[0].dtype, torch.float32)
     image_leaf = torch.cat(images).to(dtype).requires_grad_()
     text_leaf = torch.cat(texts).to(dtype).requires_grad_()
+    # The logit scale (and bias) reach the loss directly, not through the embeddings: leaves
+    # of their own whose gradients go into the last chunk's backward.
     scale_leaf = scale.detach().to(dtype).clone().requires_grad_()
+    bias_leaf = None if bias is None else bias.detach().to(dtype).clone().requires_grad_()
     del images, texts
     with torch.enable_grad():
-        out = loss(image_leaf, text_leaf, scale_leaf, index, epoch=epoch, labels=labels)
+        out = loss(
+            image_leaf,
+            text_leaf,
+            scale_leaf,
+            index,
+            epoch=epoch,
+            labels=labels,
+            logit_bias=bias_leaf,
+        )
         out.loss.backward()  # a float32 graph with no parameters in it: no loss scale needed
     after_loss = RandomState.capture(device)  # anything the loss drew stays drawn
     result = LossOutput(out.loss.detach(), out.stats)
     logit_scale = scale_leaf.detach().to(scale.dtype)
+    logit_bias = None if bias_leaf is None else bias_leaf.detach().to(bias.dtype)
     image_grads = (image_leaf.grad * loss_weight).split(sizes)
     text_grads = (text_leaf.grad * loss_weight).split(sizes)
-    scale_grad = None if scale_leaf.grad is None else scale_leaf.grad * loss_weight
-    del out, image_leaf, text_leaf, scale_leaf
+    scalar_grads = [
+        None if leaf is None or leaf.grad is None else leaf.grad * loss_weight
+        for leaf in (scale_leaf, bias_leaf)
+    ]
+    del out, image_leaf, text_leaf, scale_leaf, bias_leaf
 
     for i in range(num_chunks):
         last = i == num_chunks - 1
         # Data parallelism: accumulate locally, reduce once with the last chunk.
         with contextlib.nullcontext() if last else no_sync():
             states[i].restore()
-            image, text, scale = encode(i)
+            image, text, scale, bias = _unpack(encode(i))
             if image.shape[0] != sizes[i]:
                 raise RuntimeError(f"chunk {i} changed size between the passes")
             surrogate = (image.to(dtype) * image_grads[i]).sum() + (
                 text.to(dtype) * text_grads[i]
             ).sum()
-            if last and scale_grad is not None and scale.requires_grad:
-                # The logit scale reaches the loss directly, not through the embeddings.
-                surrogate = surrogate + scale.to(dtype) * scale_grad
+            if last:
+                for value, grad in zip((scale, bias), scalar_grads, strict=True):
+                    if grad is not None and value is not None and value.requires_grad:
+                        surrogate = surrogate + (value.to(dtype) * grad).sum()
             backward(surrogate)
             del image, text, surrogate
     after_loss.restore()
-    return CachedStepResult(result, logit_scale)
+    return CachedStepResult(result, logit_scale, logit_bias)
+
+
+def _unpack(encoded: tuple[Tensor, ...]) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    image, text, scale, *rest = encoded
+    return image, text, scale, (rest[0] if rest else None)

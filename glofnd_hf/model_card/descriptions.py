@@ -70,6 +70,17 @@ CITATIONS: dict[str, dict[str, str]] = {
   year      = {2022}
 }""",
     },
+    "siglip": {
+        "what": "SigLIP (the sigmoid loss)",
+        "bibtex": """@inproceedings{zhai2023siglip,
+  title         = {Sigmoid Loss for Language Image Pre-Training},
+  author        = {Zhai, Xiaohua and Mustafa, Basil and Kolesnikov, Alexander and Beyer, Lucas},
+  booktitle     = {Proceedings of the IEEE/CVF International Conference on Computer Vision (ICCV)},
+  year          = {2023},
+  eprint        = {2303.15343},
+  archivePrefix = {arXiv}
+}""",
+    },
 }
 
 
@@ -80,6 +91,8 @@ _OBJECTIVES = {
     "negative term over the whole data set, fixed temperature)",
     "fastclip": "FastCLIP global contrastive loss (moving-average estimate of each sample's "
     "negative term, multiplied by the temperature)",
+    "sigmoid": "SigLIP sigmoid loss (every image-text pair of the global batch a binary "
+    "problem, with a learnable temperature and logit bias)",
 }
 
 _FN_STRATEGIES = {
@@ -111,7 +124,7 @@ def citations_for(
     loss_type: str | None, detector: str | None, training_recorded: bool
 ) -> list[dict[str, str]]:
     """The papers the card cites: GloFND and CLIP always, FastCLIP (and SogCLR) for the global
-    losses."""
+    losses, SigLIP for the sigmoid loss."""
     glofnd = dict(CITATIONS["glofnd"])
     if training_recorded and detector != "glofnd":
         glofnd["what"] = "GloFND (the method of glofnd-hf, the training library)"
@@ -120,6 +133,8 @@ def citations_for(
         citations.append(CITATIONS["fastclip"])
     if loss_type == "sogclr":
         citations.append(CITATIONS["sogclr"])
+    if loss_type == "sigmoid":
+        citations.append(CITATIONS["siglip"])
     return citations
 
 

@@ -11,7 +11,8 @@ own tools.
 * ``loading``: :func:`load_dual_encoder` picks the family from a name or folder
   (:func:`infer_family`, :func:`family_of_folder`);
 * ``tiny``: small randomly initialised models built fully offline (tests, CPU demo), named by
-  :data:`TINY_MODEL_NAMES`; ``clip_bpe``: the small CLIP tokenizer they use.
+  :data:`TINY_MODEL_NAMES` (``tiny_siglip``: the SigLIP ones); ``clip_bpe``: the small CLIP
+  tokenizer they use.
 """
 
 from .base import DualEncoderAdapter, DualEncoderOutput
@@ -28,11 +29,14 @@ from .tiny import (
     TINY_HF_CLIP,
     TINY_MODEL_NAMES,
     TINY_OPEN_CLIP,
+    TINY_OPEN_CLIP_SIGLIP,
+    TINY_SIGLIP,
     build_tiny_hf_clip,
     build_tiny_model,
     build_tiny_open_clip,
     tiny_open_clip_config,
 )
+from .tiny_siglip import build_tiny_hf_siglip, build_tiny_open_clip_siglip
 
 __all__ = [
     "OPEN_CLIP_CONFIG_NAME",
@@ -41,14 +45,18 @@ __all__ = [
     "TINY_HF_CLIP",
     "TINY_MODEL_NAMES",
     "TINY_OPEN_CLIP",
+    "TINY_OPEN_CLIP_SIGLIP",
+    "TINY_SIGLIP",
     "DualEncoderAdapter",
     "DualEncoderOutput",
     "HFDualEncoder",
     "OpenClipDualEncoder",
     "build_small_clip_tokenizer",
     "build_tiny_hf_clip",
+    "build_tiny_hf_siglip",
     "build_tiny_model",
     "build_tiny_open_clip",
+    "build_tiny_open_clip_siglip",
     "family_of_folder",
     "infer_family",
     "load_dual_encoder",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -117,7 +118,9 @@ def _hf_train_transform(image_processor: Any, scale: tuple[float, float]) -> Cal
 class HFDualEncoder(DualEncoderAdapter):
     """`transformers` dual encoders whose forward returns ``image_embeds``/``text_embeds`` and that
     have a ``logit_scale`` parameter: CLIPModel, VisionTextDualEncoderModel, AltCLIP, ChineseCLIP,
-    SigLIP (``logit_bias``), ...
+    SiglipModel (``logit_bias``; SigLIP and the fixed-resolution SigLIP 2 checkpoints), ...
+    Variable-resolution models (``Siglip2Model``, NaFlex) need per-image patch masks that
+    this adapter's image path does not produce: they are refused.
 
     ``processor`` must expose ``image_processor`` and ``tokenizer`` (an ``AutoProcessor`` does).
     """
@@ -140,6 +143,12 @@ class HFDualEncoder(DualEncoderAdapter):
             )
         if not hasattr(model, "get_image_features") or not hasattr(model, "get_text_features"):
             raise ValueError(f"{type(model).__name__} lacks get_image_features/get_text_features")
+        if "spatial_shapes" in inspect.signature(model.forward).parameters:
+            raise ValueError(
+                f"{type(model).__name__} takes variable-resolution patches (NaFlex), which "
+                "glofnd-hf does not produce; use a fixed-resolution checkpoint (SigLIP 2's "
+                "google/siglip2-*-patch16-224 and the like load as SiglipModel)"
+            )
         self.model = model
         self.processor = processor
         self.image_processor = processor.image_processor

@@ -3,7 +3,7 @@
 import torch
 
 from glofnd_hf.fnd import GloFNDConfig, build_detector
-from glofnd_hf.losses import ClipLoss, GammaSchedule, GlobalContrastiveLoss
+from glofnd_hf.losses import ClipLoss, GammaSchedule, GlobalContrastiveLoss, SigmoidLoss
 
 N = 64
 GLOBAL_BATCH = 16
@@ -23,6 +23,17 @@ class Projection(torch.nn.Module):
         return self.image(image), self.text(text), self.logit_scale.exp()
 
 
+class SigmoidProjection(Projection):
+    """The projection with SigLIP's learnable logit bias (for the sigmoid loss)."""
+
+    def __init__(self):
+        super().__init__()
+        self.logit_bias = torch.nn.Parameter(torch.tensor(-1.0))
+
+    def forward(self, image, text):
+        return (*super().forward(image, text), self.logit_bias)
+
+
 def shut_down_process_group() -> None:
     """Leave the group together: gloo aborts a process (SIGABRT, "terminate called without an
     active exception") when one rank tears its pairs down while the other still uses them."""
@@ -32,9 +43,17 @@ def shut_down_process_group() -> None:
     dist.destroy_process_group()
 
 
-def projection():
+def projection(kind=""):
     torch.manual_seed(0)
-    return Projection()
+    return SigmoidProjection() if kind.startswith("sigmoid") else Projection()
+
+
+def apply_loss(loss_fn, outputs, index, epoch, labels):
+    """The loss on the projection's outputs: embeddings, scale (and a logit bias)."""
+    image, text, scale, *bias = outputs
+    return loss_fn(
+        image, text, scale, index, epoch=epoch, labels=labels, logit_bias=(bias or [None])[0]
+    )
 
 
 def stats_as_floats(stats):
@@ -67,6 +86,8 @@ def build_loss(kind):
     detector = build_detector(name, num_samples=N, config=config)
     if kind.startswith("clip"):
         return ClipLoss(detector)
+    if kind.startswith("sigmoid"):  # "_attract" ends in the name: glofnd, attract strategy
+        return SigmoidLoss(detector, "attract" if kind.endswith("_attract") else "eliminate")
     return GlobalContrastiveLoss(
         N, detector, gamma=GammaSchedule(0.5, "constant"), temperature="learnable"
     )

@@ -14,6 +14,7 @@ from glofnd_hf.losses import cached_contrastive_step, chunk_bounds
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
 from distributed.common import (  # noqa: E402
+    apply_loss,
     build_loss,
     fixed_global_batch,
     projection,
@@ -52,7 +53,7 @@ def cached_step(model, loss_fn, image, text, index, labels, step):
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
 torch.manual_seed(0)
-model = torch.nn.parallel.DistributedDataParallel(projection())
+model = torch.nn.parallel.DistributedDataParallel(projection(opts.loss))
 loss_fn = build_loss(opts.loss)
 optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
 records = []
@@ -62,8 +63,7 @@ for step in range(opts.steps):
     sl = slice(rank * b, (rank + 1) * b)
     optimizer.zero_grad()
     if opts.chunk is None:
-        img_emb, txt_emb, scale = model(image[sl], text[sl])
-        out = loss_fn(img_emb, txt_emb, scale, index[sl], epoch=float(step), labels=labels[sl])
+        out = apply_loss(loss_fn, model(image[sl], text[sl]), index[sl], float(step), labels[sl])
         out.loss.backward()
     else:
         out = cached_step(model, loss_fn, image[sl], text[sl], index[sl], labels[sl], step)

@@ -54,11 +54,12 @@ def run(
     from glofnd_hf.args import GloFNDTrainingArguments
     from glofnd_hf.data.digits import load_digits_pairs
     from glofnd_hf.data.hf import ImageTextCollator
-    from glofnd_hf.models import build_tiny_hf_clip
+    from glofnd_hf.models import build_tiny_hf_clip, build_tiny_hf_siglip
     from glofnd_hf.trainer import GloFNDTrainer
 
     data = load_digits_pairs(seed=0)["train"].select(range(32))
-    adapter = build_tiny_hf_clip(seed=0, texts=list(data["caption"]))
+    build = build_tiny_hf_siglip if loss_type == "sigmoid" else build_tiny_hf_clip
+    adapter = build(seed=0, texts=list(data["caption"]))
     args = GloFNDTrainingArguments(
         output_dir=out_dir,
         per_device_train_batch_size=GLOBAL_BATCH // world,
