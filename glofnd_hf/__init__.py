@@ -26,6 +26,9 @@ _EXPORTS: dict[str, str] = {
     "ZeroShotEvaluator": "glofnd_hf.eval.zero_shot",
     "ClipLoss": "glofnd_hf.losses",
     "GlobalContrastiveLoss": "glofnd_hf.losses",
+    "SigmoidLoss": "glofnd_hf.losses",
+    "cached_contrastive_step": "glofnd_hf.losses",
+    "inspect_checkpoint": "glofnd_hf.inspection",
     "registry": "glofnd_hf.fnd",
     "build_detector": "glofnd_hf.fnd",
     "DetectorSpec": "glofnd_hf.fnd",
@@ -53,6 +56,9 @@ __all__ = [  # written out so that linters and type checkers read it
     "ZeroShotEvaluator",
     "ClipLoss",
     "GlobalContrastiveLoss",
+    "SigmoidLoss",
+    "cached_contrastive_step",
+    "inspect_checkpoint",
     "registry",
     "build_detector",
     "DetectorSpec",
@@ -97,7 +103,8 @@ if TYPE_CHECKING:  # what static type checkers and IDEs see
         registry,
     )
     from .hub import push_to_hub
-    from .losses import ClipLoss, GlobalContrastiveLoss
+    from .inspection import inspect_checkpoint
+    from .losses import ClipLoss, GlobalContrastiveLoss, SigmoidLoss, cached_contrastive_step
     from .model_card import write_model_card
     from .models import DualEncoderAdapter, build_tiny_model, load_dual_encoder
     from .trainer import GloFNDTrainer
