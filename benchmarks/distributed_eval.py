@@ -52,29 +52,37 @@ LABELS = {
 }
 
 
-def save_inputs(folder: str, opts: argparse.Namespace) -> None:
+def save_inputs(
+    folder: str, images: int, image_size: int = 32, width: int = 64, layers: int = 2
+) -> None:
+    """A tiny CLIP and the first ``images`` validation pairs of the digits, saved for the
+    processes to load (faster than building them; also the distributed tests' inputs)."""
     from glofnd_hf.data.digits import CLASSIFICATION_TEMPLATES, DIGIT_NAMES, load_digits_pairs
     from glofnd_hf.models import build_tiny_hf_clip
 
     data = load_digits_pairs(seed=0)["validation"]
-    data = data.select(range(min(opts.images, len(data))))
+    data = data.select(range(min(images, len(data))))
     texts = list(data["caption"])
     texts += [t.format(n) for n in DIGIT_NAMES for t in CLASSIFICATION_TEMPLATES]
     adapter = build_tiny_hf_clip(
-        image_size=opts.image_size,
+        image_size=image_size,
         seed=0,
         texts=texts,
-        width=opts.width,
-        layers=opts.layers,
+        width=width,
+        layers=layers,
         heads=4,
-        patch_size=opts.image_size // 8,
-        embed_dim=opts.width,
+        patch_size=image_size // 8,
+        embed_dim=width,
     )
     adapter.save(f"{folder}/model")
     data.save_to_disk(f"{folder}/data")
 
 
-def make_evaluator(folder: str, opts: argparse.Namespace, distributed: bool):
+def make_evaluator(
+    folder: str, batch_size: int, distributed: bool = True, show_progress: bool = False
+):
+    """The saved tiny CLIP and a zero-shot evaluator (retrieval and digit classification)
+    over the saved images."""
     import datasets
 
     from glofnd_hf.data.digits import CLASSIFICATION_TEMPLATES, DIGIT_NAMES
@@ -89,8 +97,8 @@ def make_evaluator(folder: str, opts: argparse.Namespace, distributed: bool):
         class_label_column="digit",
         class_names=DIGIT_NAMES,
         templates=CLASSIFICATION_TEMPLATES,
-        batch_size=opts.batch_size,
-        show_progress=False,
+        batch_size=batch_size,
+        show_progress=show_progress,
         distributed=distributed,
     )
     return adapter, evaluator
@@ -98,7 +106,7 @@ def make_evaluator(folder: str, opts: argparse.Namespace, distributed: bool):
 
 def one_process(folder: str, opts: argparse.Namespace) -> tuple[list[float], dict]:
     torch.set_num_threads(opts.threads)
-    adapter, evaluator = make_evaluator(folder, opts, distributed=False)
+    adapter, evaluator = make_evaluator(folder, opts.batch_size, distributed=False)
     evaluator(adapter)  # warm-up
     times, cpu, metrics = [], [], {}
     for _ in range(opts.repeats):
@@ -115,8 +123,8 @@ def worker(rank: int, world: int, port: int, folder: str, opts, queue) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     from glofnd_hf.eval.distributed import broadcast_from_main
 
-    adapter, shared = make_evaluator(folder, opts, distributed=True)
-    _, alone = make_evaluator(folder, opts, distributed=False)
+    adapter, shared = make_evaluator(folder, opts.batch_size, distributed=True)
+    _, alone = make_evaluator(folder, opts.batch_size, distributed=False)
 
     def run(mode: str) -> dict:
         if mode == "split":
@@ -182,7 +190,7 @@ def main() -> None:
         f"load average at start {os.getloadavg()[0]:.2f}"
     )
     with tempfile.TemporaryDirectory() as folder:
-        save_inputs(folder, opts)
+        save_inputs(folder, opts.images, opts.image_size, opts.width, opts.layers)
         rows = []
         reference = None
         for threads in opts.threads:

@@ -99,35 +99,15 @@ EVAL_BATCH = 16
 
 def save_eval_inputs(folder):
     """A tiny CLIP and the first validation images of the digits, saved for the workers
-    (loading them is much faster than building them)."""
-    from glofnd_hf.data.digits import CLASSIFICATION_TEMPLATES, DIGIT_NAMES, load_digits_pairs
-    from glofnd_hf.models import build_tiny_hf_clip
+    (the distributed-evaluation benchmark's inputs, at the tests' size)."""
+    from benchmarks.distributed_eval import save_inputs
 
-    data = load_digits_pairs(seed=0)["validation"].select(range(EVAL_IMAGES))
-    texts = list(data["caption"])
-    texts += [t.format(n) for n in DIGIT_NAMES for t in CLASSIFICATION_TEMPLATES]
-    build_tiny_hf_clip(seed=0, texts=texts).save(f"{folder}/model")
-    data.save_to_disk(f"{folder}/data")
+    save_inputs(str(folder), EVAL_IMAGES)
 
 
 def eval_setup(folder):
-    """The saved tiny CLIP and a zero-shot evaluator (retrieval and digit classification)
-    over the saved images."""
-    import datasets
+    """The saved tiny CLIP and a zero-shot evaluator over the saved images, shared across
+    the processes of a run."""
+    from benchmarks.distributed_eval import make_evaluator
 
-    from glofnd_hf.data.digits import CLASSIFICATION_TEMPLATES, DIGIT_NAMES
-    from glofnd_hf.eval.zero_shot import ZeroShotEvaluator
-    from glofnd_hf.models import load_dual_encoder
-
-    adapter = load_dual_encoder(f"{folder}/model")
-    adapter.model.eval()
-    evaluator = ZeroShotEvaluator(
-        datasets.load_from_disk(f"{folder}/data"),
-        caption_column="caption",
-        class_label_column="digit",
-        class_names=DIGIT_NAMES,
-        templates=CLASSIFICATION_TEMPLATES,
-        batch_size=EVAL_BATCH,
-        show_progress=True,
-    )
-    return adapter, evaluator
+    return make_evaluator(str(folder), EVAL_BATCH, show_progress=True)
