@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cpu_args import cpu_args
 from PIL import Image
 
 from glofnd_hf.checkpoints import (
@@ -139,7 +140,6 @@ def test_glofnd_train_resolves_the_checkpoint_before_loading_anything(tmp_path, 
 
 
 def test_the_trainer_refuses_an_incomplete_checkpoint(tmp_path):
-    from glofnd_hf.args import GloFNDTrainingArguments
     from glofnd_hf.data.digits import load_digits_pairs
     from glofnd_hf.models import build_tiny_hf_clip
     from glofnd_hf.trainer import GloFNDTrainer
@@ -149,8 +149,8 @@ def test_the_trainer_refuses_an_incomplete_checkpoint(tmp_path):
     before = snapshot(out)
     data = load_digits_pairs(seed=0)["train"].select(range(8))
     adapter = build_tiny_hf_clip(image_size=16, texts=list(data["caption"]))
-    args = GloFNDTrainingArguments(
-        output_dir=str(out), use_cpu=True, report_to="none", per_device_train_batch_size=8
+    args = cpu_args(
+        tmp_path, output_dir=str(out), save_strategy="steps", per_device_train_batch_size=8
     )
     trainer = GloFNDTrainer(adapter, args, train_dataset=data)
     with pytest.raises(CheckpointError, match=r"checkpoint-4 is incomplete .* lacks model"):

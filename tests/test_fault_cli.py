@@ -10,6 +10,7 @@ import httpx2
 import pytest
 import torch
 import yaml
+from cpu_args import cpu_args
 from huggingface_hub import HfApi
 from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 from test_hub import FakeHub
@@ -164,22 +165,18 @@ def test_data_source_failure_is_one_line(tmp_path, capsys):
 
 
 def test_tokens_are_never_saved_with_the_training_arguments(tmp_path):
-    from glofnd_hf.args import GloFNDTrainingArguments
     from glofnd_hf.data.digits import load_digits_pairs
     from glofnd_hf.models import build_tiny_open_clip
     from glofnd_hf.trainer import GloFNDTrainer
 
     secret = "not-an-hf-looking-secret-42"  # found by the pickled name, not by its form
-    args = GloFNDTrainingArguments(
-        output_dir=str(tmp_path / "out"),
+    args = cpu_args(
+        tmp_path,
         hub_token=secret,
         per_device_train_batch_size=8,
         max_steps=2,
+        save_strategy="steps",
         save_steps=1,
-        report_to="none",
-        use_cpu=True,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
         loss_type="clip",
         detector="none",
     )

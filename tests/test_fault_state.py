@@ -5,6 +5,7 @@ import hashlib
 
 import pytest
 import torch
+from cpu_args import cpu_args
 from safetensors.torch import save_file
 
 from glofnd_hf.fnd import GloFNDConfig, StateError
@@ -201,18 +202,11 @@ def test_ifnd_state_is_checked(key, change, message):
 def test_trainer_refuses_a_corrupted_checkpoint_state_naming_the_file(tmp_path):
     from safetensors.torch import load_file
 
-    from glofnd_hf.args import GloFNDTrainingArguments
     from glofnd_hf.data.digits import load_digits_pairs
     from glofnd_hf.models import build_tiny_open_clip
     from glofnd_hf.trainer import STATE_FILE, GloFNDTrainer
 
-    args = GloFNDTrainingArguments(
-        output_dir=str(tmp_path / "out"),
-        report_to="none",
-        use_cpu=True,
-        loss_type="sogclr",
-        temperature_scheme="fixed",
-    )
+    args = cpu_args(tmp_path, loss_type="sogclr", temperature_scheme="fixed")
     train = load_digits_pairs(seed=0)["train"].select(range(16))
     trainer = GloFNDTrainer(build_tiny_open_clip(seed=0), args, train_dataset=train)
     checkpoint = tmp_path / "checkpoint-2"

@@ -6,10 +6,10 @@ import math
 
 import pytest
 import torch
+from cpu_args import cpu_args
 from safetensors.torch import load_file, save_file
 
 from benchmarks.tracking_streams import make_stream, run_stream
-from glofnd_hf.args import GloFNDTrainingArguments
 from glofnd_hf.fnd import GloFNDConfig, build_detector, tail_estimate
 from glofnd_hf.fnd.detectors import DetectionBatch
 
@@ -201,13 +201,8 @@ def test_centre_averages_noise_and_follows_a_jump():
 
 
 def test_state_bytes_follow_the_rule_and_round_trip(tmp_path):
-    tail = GloFNDTrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
-    adam = GloFNDTrainingArguments(
-        output_dir=str(tmp_path),
-        report_to="none",
-        use_cpu=True,
-        detector_kwargs={"update_rule": "adam"},
-    )
+    tail = cpu_args(tmp_path)
+    adam = cpu_args(tmp_path, detector_kwargs={"update_rule": "adam"})
     assert tail.state_bytes_per_sample() == 40 and adam.state_bytes_per_sample() == 32
     detector = build_detector("glofnd", num_samples=N, config=tail.detector_settings())
     assert detector.state.bytes_per_sample == 40
