@@ -12,6 +12,9 @@ from .detectors import (
     GloFNDDetector,
     NoDetector,
     OracleDetector,
+    RowDetection,
+    RowwiseDetector,
+    SimilarityRows,
 )
 from .health import TrackingHealth
 from .ifnd import IFNDDetector  # registers "ifnd"
@@ -47,6 +50,9 @@ __all__ = [
     "NoDetector",
     "NoSettings",
     "OracleDetector",
+    "RowDetection",
+    "RowwiseDetector",
+    "SimilarityRows",
     "PerSampleTable",
     "SharedSettings",
     "StateError",

@@ -14,6 +14,7 @@ its class (the built-in ones at the end of this module and of ``ifnd``).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -51,6 +52,32 @@ class Detection:
     process over the global batch would report); the trainer logs them as they are."""
 
 
+SimilarityRows = Callable[[int, int], torch.Tensor]
+"""``rows(start, end)``: the (2, end - start, B) similarities of local anchors ``start`` to
+``end - 1`` against the global batch (computed on demand, never all held at once)."""
+
+
+@dataclass
+class RowDetection:
+    """The detection of a batch that is read row chunk by row chunk (the cached loss)."""
+
+    false_negatives: Callable[[int, int, torch.Tensor], torch.Tensor | None]
+    """``false_negatives(start, end, sim_rows)``: (2, end - start, B) bool for those local
+    anchors, given their similarities (what ``rows(start, end)`` gave); None: nothing."""
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)
+    """As ``Detection.stats``."""
+
+    @classmethod
+    def whole(cls, detection: Detection) -> RowDetection:
+        """Rows sliced out of a detection of the whole batch."""
+        found = detection.false_negatives
+        return cls(lambda s, e, _: None if found is None else found[:, s:e], detection.stats)
+
+
+def _nothing(start: int, end: int, sim_rows: torch.Tensor) -> None:
+    return None
+
+
 class FalseNegativeDetector(ABC):
     """Interface of every detector."""
 
@@ -68,6 +95,20 @@ class FalseNegativeDetector(ABC):
     @abstractmethod
     def detect(self, sim: torch.Tensor, batch: DetectionBatch) -> Detection:
         """Update any state from this batch, then return the detected false negatives."""
+
+    def detect_rows(
+        self, rows: SimilarityRows, bounds: Sequence[tuple[int, int]], batch: DetectionBatch
+    ) -> RowDetection:
+        """``detect`` for a batch whose (2, b, B) similarities are read in row chunks:
+        ``bounds`` are consecutive ``[start, end)`` covering the b local anchors. The state is
+        updated once, as by ``detect``. Default: the chunks put together and ``detect``;
+        detectors that decide anchor by anchor override it and never hold the whole matrix.
+        """
+        if len(bounds) == 1:
+            sim = rows(*bounds[0])
+        else:
+            sim = torch.cat([rows(s, e) for s, e in bounds], dim=1)
+        return RowDetection.whole(self.detect(sim, batch))
 
     def observe(
         self, index: torch.Tensor, image_embeds: torch.Tensor, text_embeds: torch.Tensor
@@ -97,16 +138,37 @@ class FalseNegativeDetector(ABC):
         return epoch >= self.mask_start_epoch
 
 
-class NoDetector(FalseNegativeDetector):
+class RowwiseDetector(FalseNegativeDetector):
+    """A detector that decides anchor by anchor: ``detect_rows`` is its implementation and
+    ``detect`` reads all rows as one chunk. A subclass that redefines ``detect`` alone is
+    taken at its word: its batches are read whole and passed to its ``detect``."""
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "detect" in cls.__dict__ and "detect_rows" not in cls.__dict__:
+            cls.detect_rows = FalseNegativeDetector.detect_rows  # type: ignore[method-assign]
+
+    def detect(self, sim: torch.Tensor, batch: DetectionBatch) -> Detection:
+        b = sim.shape[1]
+        detection = self.detect_rows(lambda s, e: sim[:, s:e], [(0, b)], batch)
+        return Detection(detection.false_negatives(0, b, sim), detection.stats)
+
+    @abstractmethod
+    def detect_rows(
+        self, rows: SimilarityRows, bounds: Sequence[tuple[int, int]], batch: DetectionBatch
+    ) -> RowDetection: ...
+
+
+class NoDetector(RowwiseDetector):
     """Plain contrastive learning: every other sample is a negative."""
 
     name = "none"
 
-    def detect(self, sim: torch.Tensor, batch: DetectionBatch) -> Detection:
-        return Detection(None)
+    def detect_rows(self, rows, bounds, batch) -> RowDetection:
+        return RowDetection(_nothing)
 
 
-class BatchQuantileDetector(FalseNegativeDetector):
+class BatchQuantileDetector(RowwiseDetector):
     """The FND baseline: negatives above the anchor's in-batch (1 - alpha) quantile."""
 
     name = "batch_quantile"
@@ -117,14 +179,20 @@ class BatchQuantileDetector(FalseNegativeDetector):
             raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
         self.alpha = alpha
 
-    def detect(self, sim: torch.Tensor, batch: DetectionBatch) -> Detection:
+    def detect_rows(self, rows, bounds, batch) -> RowDetection:
         if not self.masking(batch.epoch):
-            return Detection(None)
-        threshold = masked_quantile(sim, batch.negatives, 1.0 - self.alpha)
-        found = (sim > threshold.unsqueeze(-1)) & batch.negatives
+            return RowDetection(_nothing)
+        q = 1.0 - self.alpha
+        threshold = torch.cat(
+            [masked_quantile(rows(s, e), batch.negatives[s:e], q) for s, e in bounds], dim=-1
+        )  # (2, b)
+
+        def found(start: int, end: int, sim: torch.Tensor) -> torch.Tensor:
+            return (sim > threshold[:, start:end, None]) & batch.negatives[start:end]
+
         # The statistics cover the global batch's anchors: gather the (2, b) thresholds.
         everyone = comm.all_gather_no_grad(threshold.t().contiguous()).t()
-        return Detection(found, _threshold_stats(everyone))
+        return RowDetection(found, _threshold_stats(everyone))
 
     def config_dict(self) -> dict:
         return {**super().config_dict(), "alpha": self.alpha}
@@ -145,8 +213,11 @@ class OracleDetector(FalseNegativeDetector):
         found = same & batch.negatives
         return Detection(found.unsqueeze(0).expand(len(SIDES), -1, -1))
 
+    def detect_rows(self, rows, bounds, batch) -> RowDetection:
+        return RowDetection.whole(self.detect(_NO_SIMILARITIES, batch))  # labels only
 
-class GloFNDDetector(FalseNegativeDetector):
+
+class GloFNDDetector(RowwiseDetector):
     """GloFND: a learned threshold per sample and side, keyed by dataset index.
 
     Each step first updates the thresholds of the batch's anchors (all ranks apply the same
@@ -181,26 +252,44 @@ class GloFNDDetector(FalseNegativeDetector):
     def num_samples(self) -> int:
         return self.state.num_samples
 
-    def detect(self, sim: torch.Tensor, batch: DetectionBatch) -> Detection:
+    def detect_rows(self, rows, bounds, batch) -> RowDetection:
         cfg = self.config
         updated = everyone = None
         if batch.epoch >= cfg.update_start_epoch:
-            updated, everyone = self._update(sim, batch)
-        found = None
-        stats: dict[str, torch.Tensor] = {}
-        if self.masking(batch.epoch):
-            lam = updated  # (2, b)
-            if lam is None:
-                # The state is the same on every rank: the global batch's thresholds need
-                # no communication.
-                everyone = self.state.lambdas(batch.candidate_index, sim.device).t()  # (2, B)
-                b, start = batch.anchor_index.shape[0], self._local_start(batch)
-                lam = everyone[:, start : start + b]
-            found = (sim > lam.unsqueeze(-1).to(sim.dtype)) & batch.negatives
-            stats = _threshold_stats(everyone)
-        finished = self.health.record(batch.epoch, found, batch.negatives, updated)
-        stats.update({k: torch.tensor(v, device=sim.device) for k, v in finished.items()})
-        return Detection(found, stats)
+            updated, everyone = self._update(rows, bounds, batch)
+        device = batch.negatives.device
+        if not self.masking(batch.epoch):
+            finished = self.health.record(batch.epoch, None, batch.negatives, updated)
+            return RowDetection(_nothing, _tensors(finished, device))
+        lam = updated  # (2, b)
+        if lam is None:
+            # The state is the same on every rank: the global batch's thresholds need
+            # no communication.
+            everyone = self.state.lambdas(batch.candidate_index, device).t()  # (2, B)
+            b, start = batch.anchor_index.shape[0], self._local_start(batch)
+            lam = everyone[:, start : start + b]
+
+        def found(start: int, end: int, sim: torch.Tensor) -> torch.Tensor:
+            return (sim > lam[:, start:end, None].to(sim.dtype)) & batch.negatives[start:end]
+
+        # The epoch's tracking health counts this step's detections once; a single chunk's
+        # mask is kept for the loss rather than compared again.
+        kept: dict[tuple[int, int], torch.Tensor] = {}
+        filtered = torch.zeros(len(SIDES), device=device)
+        for s, e in bounds:
+            mask = found(s, e, rows(s, e))
+            filtered += mask.sum(dim=(-1, -2))
+            if len(bounds) == 1:
+                kept[(s, e)] = mask
+
+        def false_negatives(start: int, end: int, sim: torch.Tensor) -> torch.Tensor:
+            mask = kept.pop((start, end), None)
+            return found(start, end, sim) if mask is None else mask
+
+        finished = self.health.record(batch.epoch, filtered, batch.negatives, updated)
+        stats = _threshold_stats(everyone)
+        stats.update(_tensors(finished, device))
+        return RowDetection(false_negatives, stats)
 
     def finish_epoch(self) -> dict[str, float]:
         return self.health.finish_epoch()
@@ -212,28 +301,33 @@ class GloFNDDetector(FalseNegativeDetector):
 
     @torch.no_grad()
     def _update(
-        self, sim: torch.Tensor, batch: DetectionBatch
+        self, rows: SimilarityRows, bounds: Sequence[tuple[int, int]], batch: DetectionBatch
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Threshold step for every anchor of the global batch; returns the (2, b) updated
         thresholds of this process's anchors and the (2, B) ones of the global batch.
 
-        Every rank reads the rows of the whole global batch once (its own anchors are the
-        slice at its rank), computes the rule's statistics for its own anchors, all-gathers
-        those per-anchor values and applies the same deterministic update.
+        Every rank reads the state rows of the whole global batch once (its own anchors are
+        the slice at its rank), computes the rule's statistics for its own anchors chunk by
+        chunk, all-gathers those per-anchor values and applies the same deterministic update.
         """
         distributed = comm.world_size() > 1
         index = batch.candidate_index if distributed else batch.anchor_index
         b = batch.anchor_index.shape[0]
         start = comm.rank() * b if distributed else 0
-        rows = self.state.table.gather(index, sim.device)  # (B, 2, C), read once
-        lam = rows[start : start + b, :, LAMBDA].t().to(sim.dtype)  # (2, b)
-        local = self.rule.statistics(sim, batch.negatives, lam)  # (2, b, k)
+        table_rows = self.state.table.gather(index, batch.negatives.device)  # (B, 2, C)
+        lam = table_rows[start : start + b, :, LAMBDA].t()  # (2, b)
+        parts, dtype = [], torch.float32
+        for s, e in bounds:
+            sim = rows(s, e)
+            dtype = sim.dtype
+            parts.append(self.rule.statistics(sim, batch.negatives[s:e], lam[:, s:e].to(dtype)))
+        local = torch.cat(parts, dim=1)  # (2, b, k)
         local = local.transpose(0, 1).reshape(b, -1)  # (b, 2k): one row per anchor
         # Every rank gets every anchor's values (O(global batch)) and applies the same update.
         gathered = segment_mean(index, comm.all_gather_no_grad(local.contiguous()))
         stats = gathered.view(index.shape[0], len(SIDES), -1)
-        rows = self.state.apply_update(index, stats, batch.epoch, rows)
-        everyone = rows[:, :, LAMBDA].t().to(sim.dtype)
+        table_rows = self.state.apply_update(index, stats, batch.epoch, table_rows)
+        everyone = table_rows[:, :, LAMBDA].t().to(dtype)
         return everyone[:, start : start + b], everyone
 
     def _advice(self, kind: str) -> str:
@@ -299,6 +393,14 @@ class GloFNDDetector(FalseNegativeDetector):
                 init_quantile=cfg.init_quantile,
             )
         return out
+
+
+_NO_SIMILARITIES = torch.empty(0)
+"""What detectors that decide from indices or labels alone get for similarities."""
+
+
+def _tensors(values: dict[str, float], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: torch.tensor(v, device=device) for k, v in values.items()}
 
 
 def _threshold_stats(threshold: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -52,12 +52,13 @@ class TrackingHealth:
     def record(
         self,
         epoch: float,
-        found: torch.Tensor | None,
+        filtered: torch.Tensor | None,
         negatives: torch.Tensor,
         thresholds: torch.Tensor | None,
     ) -> dict[str, float]:
-        """Add one step: ``found`` (2, b, B) detected false negatives (None when not masking),
-        ``negatives`` (b, B), ``thresholds`` (2, b) just updated (None when not updating).
+        """Add one step: ``filtered`` (2,) the numbers of detected false negatives of each
+        side (None when not masking), ``negatives`` (b, B), ``thresholds`` (2, b) just updated
+        (None when not updating).
         Returns the summary of the previous epoch when this step starts a new one."""
         summary = {}
         current = math.floor(epoch)
@@ -66,8 +67,8 @@ class TrackingHealth:
         self.epoch = current
         device = negatives.device
         counts = torch.zeros(7, device=device)
-        if found is not None:
-            counts[FILTERED] = found.sum(dim=(-1, -2)).float()
+        if filtered is not None:
+            counts[FILTERED] = filtered.float()
             counts[NEGATIVES] = negatives.sum().float()
         if thresholds is not None:
             counts[VISITED] = float(thresholds.shape[-1])

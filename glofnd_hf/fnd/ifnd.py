@@ -64,7 +64,7 @@ from .clustering import (
     broadcast_from_first_rank,
     kmeans_centers,
 )
-from .detectors import Detection, DetectionBatch, FalseNegativeDetector
+from .detectors import Detection, DetectionBatch, FalseNegativeDetector, RowDetection
 from .ifnd_config import BANK_DTYPES, IFNDConfig
 from .registry import DetectorSpec, SharedSettings, register
 from .table import COUNT, NON_NEGATIVE, StateError, ValueRange, check_state_tensor, segment_mean
@@ -167,8 +167,15 @@ class IFNDDetector(FalseNegativeDetector):
         self.seen[target] = True
         self._observed = True
 
-    @torch.no_grad()
     def detect(self, sim: torch.Tensor, batch: DetectionBatch) -> Detection:
+        return self._detect(batch, batch.negatives.device)
+
+    def detect_rows(self, rows, bounds, batch) -> RowDetection:
+        # Pseudo-labels decide, not similarities: nothing to read row by row.
+        return RowDetection.whole(self._detect(batch, batch.negatives.device))
+
+    @torch.no_grad()
+    def _detect(self, batch: DetectionBatch, device: torch.device) -> Detection:
         if batch.anchor_index is None or batch.candidate_index is None:
             raise ValueError("the ifnd detector needs the dataset indices of the batch")
         epoch = float(batch.epoch)
@@ -182,11 +189,11 @@ class IFNDDetector(FalseNegativeDetector):
         if self._round_due(epoch):
             self._cluster(epoch)
         frac = self.accept_fraction(epoch)
-        stats = self._stats(frac, sim.device)
+        stats = self._stats(frac, device)
         if not self.masking(epoch) or self.rounds == 0 or frac <= 0.0:
             return Detection(None, stats)
         found = self._same_accepted_label(batch.anchor_index, batch.candidate_index, frac)
-        found = found.to(sim.device) & batch.negatives
+        found = found.to(device) & batch.negatives
         # Over the global batch's anchors (the tables are the same on every rank).
         accepted = self._accepted(batch.candidate_index, frac)
         stats["ifnd_accepted_anchors"] = accepted.float().mean()

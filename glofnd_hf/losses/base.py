@@ -8,6 +8,7 @@ the masks into a loss. Subclasses implement only ``_loss``.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..fnd import comm
-from ..fnd.detectors import DetectionBatch, FalseNegativeDetector, NoDetector
+from ..fnd.detectors import DetectionBatch, FalseNegativeDetector, NoDetector, RowDetection
 from ..fnd.table import StateError
 from ..fnd.thresholds import SIDES
 
@@ -84,8 +85,29 @@ class BimodalContrastiveLoss(ABC):
         masks: Masks,
         epoch: float,
     ) -> LossOutput:
-        """Loss from (2, b, B) similarities (with gradient) and the step's masks. A loss with
-        ``uses_logit_bias`` also gets ``logit_bias=`` (0-d, with gradient)."""
+        """Loss from (2, b, B) similarities (with gradient) and the step's masks, a mean over
+        the b anchors. A loss with ``uses_logit_bias`` also gets ``logit_bias=`` (0-d, with
+        gradient); one whose ``_anchor_values`` gives values gets ``anchor_state=`` (see there).
+        """
+
+    def _anchor_values(
+        self, sim: torch.Tensor, logit_scale: torch.Tensor, masks: Masks
+    ) -> torch.Tensor | None:
+        """(2, b) per-anchor values a loss with per-sample state folds into that state before
+        its loss (the global loss's g), without gradient; None (the default): no state.
+
+        When the loss is computed in row chunks, these are computed for every chunk first,
+        ``_update_anchor_state`` folds them in once, and each chunk's ``_loss`` gets its
+        rows of the result as ``anchor_state``; without ``anchor_state`` ``_loss`` updates
+        the state itself."""
+        return None
+
+    def _update_anchor_state(
+        self, values: torch.Tensor, candidate_index: torch.Tensor, epoch: float
+    ) -> torch.Tensor:
+        """Fold the (2, b) ``values`` of this process's anchors into the per-sample state
+        (once per global batch) and return what ``_loss`` reads of it for those anchors."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no per-anchor state")
 
     def _objective(
         self, sim: torch.Tensor, logit_scale: torch.Tensor, masks: Masks, **logit_bias
@@ -148,23 +170,102 @@ class BimodalContrastiveLoss(ABC):
         with torch.autocast(device_type=image_embeds.device.type, enabled=False):
             image, text, sim = self._similarities(image_embeds, text_embeds, dtype)
             if self.check_inputs:
-                self._check_values(image_embeds, text_embeds, logit_scale, sim, index)
-            masks, batch = self._masks(sim, index, epoch, labels)
-            if index is not None:
-                self.detector.observe(batch.anchor_index, image.detach(), text.detach())
-            detection = self.detector.detect(sim.detach(), batch)
-            fallback = None
-            if detection.false_negatives is not None:
-                masks.false_negatives, fallback = self._keep_one_negative(
-                    masks.negatives, detection.false_negatives
-                )
+                self._check_values(image_embeds, text_embeds, logit_scale, index, sim)
+            step = self._start_step(image, text, sim.shape[2], index, epoch, labels)
+            b = sim.shape[1]
+            detection = self.detector.detect_rows(lambda s, e: sim[:, s:e], [(0, b)], step.batch)
+            masks, counts = step.masks(0, b, sim, detection)
             out = self._loss(sim, logit_scale.to(dtype), masks, epoch, **bias)
         # Every statistic is one of the global batch, the same on every rank: the loss's
         # local means and the mask counts cross ranks together (one small all-reduce), the
         # detector's are global already.
-        out.stats = self._global_stats(out.stats, masks, fallback)
+        out.stats = self._global_stats(out.stats, counts, masks.false_negatives is not None)
         out.stats.update(detection.stats)
         return out
+
+    def backward_by_rows(
+        self,
+        image_embeds: torch.Tensor,
+        text_embeds: torch.Tensor,
+        logit_scale: torch.Tensor,
+        index: torch.Tensor | None = None,
+        epoch: float = 0.0,
+        labels: torch.Tensor | None = None,
+        logit_bias: torch.Tensor | None = None,
+        *,
+        rows_per_chunk: int,
+    ) -> LossOutput:
+        """The loss of the batch and its backward, ``rows_per_chunk`` local anchors at a time.
+
+        The same value, statistics, per-sample state and gradients as calling the loss and
+        back-propagating it (to float rounding), but the (2, b, B) similarities and masks are
+        never held whole: each row chunk's are computed, used and freed (the cached loss's
+        memory floor). The detector reads the rows chunk by chunk and updates its state once;
+        a loss with per-sample state (the global loss) folds in all anchors' values once
+        before the chunks' losses. Gradients accumulate into the inputs' ``.grad`` (or flow
+        on into whatever computed them); the returned loss is detached.
+        """
+        if rows_per_chunk < 1:
+            raise ValueError(f"rows_per_chunk must be positive, got {rows_per_chunk}")
+        logit_scale = torch.as_tensor(logit_scale, device=image_embeds.device)
+        self._check_shapes(image_embeds, text_embeds, logit_scale, index, labels)
+        dtype = torch.promote_types(image_embeds.dtype, torch.float32)
+        bias = self._bias_argument(logit_bias, image_embeds.device, dtype)
+        with torch.autocast(device_type=image_embeds.device.type, enabled=False):
+            if self.check_inputs:
+                self._check_values(image_embeds, text_embeds, logit_scale, index)
+            rows = _RowSimilarities(image_embeds, text_embeds, dtype)
+            scale = rows.leaf(logit_scale.to(dtype))
+            bias_leaf = {k: rows.leaf(v) for k, v in bias.items()}
+            step = self._start_step(rows.image, rows.text, rows.width, index, epoch, labels)
+            b = image_embeds.shape[0]
+            bounds = [(s, min(s + rows_per_chunk, b)) for s in range(0, b, rows_per_chunk)]
+            with torch.no_grad():
+                detection = self.detector.detect_rows(rows, bounds, step.batch)
+            extra = {}
+            state = self._chunked_anchor_state(rows, bounds, step, detection, scale, epoch)
+            total: dict[str, torch.Tensor] = {}
+            loss_value = torch.zeros((), dtype=dtype, device=image_embeds.device)
+            counts, detected = None, False
+            for s, e in bounds:
+                sim = rows(s, e)
+                masks, chunk_counts = step.masks(s, e, sim, detection)
+                if state is not None:
+                    extra = {"anchor_state": state[:, s:e]}
+                out = self._loss(sim, scale, masks, epoch, **bias_leaf, **extra)
+                weight = (e - s) / b  # each chunk's loss is a mean over its anchors
+                if out.loss.requires_grad:
+                    (out.loss * weight).backward()
+                loss_value += out.loss.detach() * weight
+                for k, v in out.stats.items():
+                    total[k] = total.get(k, 0.0) + v.detach() * weight
+                counts = chunk_counts if counts is None else counts + chunk_counts
+                detected = masks.false_negatives is not None
+                del sim, masks, out
+            rows.backward()
+        stats = self._global_stats(total, counts, detected)
+        stats.update(detection.stats)
+        return LossOutput(loss_value, stats)
+
+    def _chunked_anchor_state(
+        self,
+        rows: _RowSimilarities,
+        bounds: Sequence[tuple[int, int]],
+        step: _Step,
+        detection: RowDetection,
+        logit_scale: torch.Tensor,
+        epoch: float,
+    ) -> torch.Tensor | None:
+        """A stateful loss's per-anchor state, updated once from every chunk's values."""
+        parts = []
+        with torch.no_grad():
+            for s, e in bounds:
+                sim = rows(s, e)
+                values = self._anchor_values(sim, logit_scale, step.masks(s, e, sim, detection)[0])
+                if values is None:
+                    return None
+                parts.append(values)
+            return self._update_anchor_state(torch.cat(parts, dim=1), step.candidate_index, epoch)
 
     @torch.no_grad()
     def evaluate(
@@ -186,8 +287,9 @@ class BimodalContrastiveLoss(ABC):
         dtype = torch.promote_types(image_embeds.dtype, torch.float32)
         bias = self._bias_argument(logit_bias, image_embeds.device, dtype)
         with torch.autocast(device_type=image_embeds.device.type, enabled=False):
-            _, _, sim = self._similarities(image_embeds, text_embeds, dtype)
-            masks, _ = self._masks(sim, index, 0.0, None)
+            image, text, sim = self._similarities(image_embeds, text_embeds, dtype)
+            step = self._start_step(image, text, sim.shape[2], index, 0.0, None, observe=False)
+            masks, _ = step.masks(0, sim.shape[1], sim, None)
             return self._objective(sim, logit_scale.to(dtype), masks, **bias)
 
     def _bias_argument(
@@ -220,27 +322,32 @@ class BimodalContrastiveLoss(ABC):
         all_text = comm.all_gather_with_grad(text)
         return image, text, torch.stack([image @ all_text.t(), text @ all_image.t()])
 
-    def _masks(
+    def _start_step(
         self,
-        sim: torch.Tensor,
+        image: torch.Tensor,
+        text: torch.Tensor,
+        width: int,
         index: torch.Tensor | None,
         epoch: float,
         labels: torch.Tensor | None,
-    ) -> tuple[Masks, DetectionBatch]:
-        b, width = sim.shape[1], sim.shape[2]
-        device = sim.device
+        observe: bool = True,
+    ) -> _Step:
+        """What the detector may know of the batch besides similarities, and (``observe``)
+        the normalised local embeddings shown to it (feature-bank detectors keep them)."""
+        b, device = image.shape[0], image.device
         positive_column = comm.rank() * b + torch.arange(b, device=device)
-        own = torch.zeros(b, width, dtype=torch.bool, device=device)
-        own[torch.arange(b, device=device), positive_column] = True
         if index is None:
             anchor_index = candidate_index = None
-            negatives = ~own
+            negatives = torch.ones(b, width, dtype=torch.bool, device=device)
+            negatives[torch.arange(b, device=device), positive_column] = False
         else:
             anchor_index = index.to(device)
             candidate_index = comm.all_gather_no_grad(anchor_index)
             # A candidate with the anchor's own index (its pair, or a duplicate of it) is
             # neither a negative nor a false negative.
             negatives = candidate_index.unsqueeze(0) != anchor_index.unsqueeze(1)
+            if observe:
+                self.detector.observe(anchor_index, image.detach(), text.detach())
         candidate_labels = None if labels is None else comm.all_gather_no_grad(labels.to(device))
         batch = DetectionBatch(
             anchor_index=anchor_index,
@@ -250,54 +357,38 @@ class BimodalContrastiveLoss(ABC):
             anchor_labels=None if labels is None else labels.to(device),
             candidate_labels=candidate_labels,
         )
-        return Masks(positive_column, own, negatives, None, candidate_index), batch
-
-    @staticmethod
-    def _keep_one_negative(
-        negatives: torch.Tensor, false_negatives: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows where every negative was detected fall back to the unmasked row, so no
-        anchor is left without negatives (which would make the global loss 0/0)."""
-        all_filtered = negatives.any(-1) & ~(negatives & ~false_negatives).any(-1)  # (2, b)
-        kept = false_negatives & ~all_filtered.unsqueeze(-1)
-        return kept, all_filtered
+        return _Step(batch, positive_column, candidate_index)
 
     @staticmethod
     def _global_stats(
-        loss_stats: dict[str, torch.Tensor], masks: Masks, fallback: torch.Tensor | None
+        loss_stats: dict[str, torch.Tensor], counts: torch.Tensor, detected: bool
     ) -> dict[str, torch.Tensor]:
         """The loss's statistics (means over this process's anchors) as means over the global
-        batch, and the mask statistics over the global batch: ``filtered_fraction_<side>``
-        (detected false negatives / negatives, global totals) and, when detecting,
-        ``all_filtered_anchors_<side>`` (anchors whose negatives were all detected, counted
-        over the global batch). One all-reduce of a few numbers when distributed, none alone.
+        batch, and the mask statistics over the global batch from the step's ``counts``
+        (``_Step.masks``; ``detected``: the detector marked false negatives): ``filtered_fraction_<side>`` (detected false negatives /
+        negatives, global totals) and, when detecting, ``all_filtered_anchors_<side>``
+        (anchors whose negatives were all detected, counted over the global batch). One
+        all-reduce of a few numbers when distributed, none alone.
         """
-        device = masks.own.device
+        device = counts.device
         names = list(loss_stats)
-        fn = masks.false_negatives
-        zero = torch.zeros((), device=device)
         parts = [
             torch.as_tensor(v, device=device).detach().float().reshape(())
             for v in loss_stats.values()
         ]
-        n_sides = len(SIDES)
-        for s in range(n_sides):
-            parts.append(zero if fn is None else fn[s].sum().float())
-        parts.append(masks.negatives.sum().float())
-        if fallback is not None:
-            parts.extend(fallback[s].sum().float() for s in range(n_sides))
-        values = torch.stack(parts)
+        values = torch.cat([torch.stack(parts), counts]) if parts else counts
         world = comm.world_size()
         if world > 1:
             values = comm.all_reduce_sum(values)
             # Every rank holds b anchors: the mean of the ranks' means is the global mean.
             values[: len(names)] /= world
         stats = dict(zip(names, values[: len(names)].unbind(), strict=True))
+        n_sides = len(SIDES)
         counts = values[len(names) :]
         n_neg = counts[n_sides].clamp(min=1)
         for s, side in enumerate(SIDES):
             stats[f"filtered_fraction_{side}"] = counts[s] / n_neg
-            if fallback is not None:
+            if detected:
                 stats[f"all_filtered_anchors_{side}"] = counts[n_sides + 1 + s]
         return stats
 
@@ -339,13 +430,16 @@ class BimodalContrastiveLoss(ABC):
         if logit_scale.numel() != 1:
             raise ValueError(f"logit_scale must be a scalar, got shape {tuple(logit_scale.shape)}")
 
-    def _check_values(self, image, text, logit_scale, sim, index) -> None:
-        """One combined check, one host synchronisation, before any state is touched."""
+    def _check_values(self, image, text, logit_scale, index, sim=None) -> None:
+        """One combined check, one host synchronisation, before any state is touched.
+        Without ``sim`` (row chunks) the similarities are finite if the embeddings are."""
         flags = [
             ~torch.isfinite(image).all(),
             ~torch.isfinite(text).all(),
             ~torch.isfinite(logit_scale).all(),
-            ~torch.isfinite(sim).all(),
+            torch.zeros((), dtype=torch.bool, device=image.device)
+            if sim is None
+            else ~torch.isfinite(sim).all(),
         ]
         n = self.num_samples
         if index is not None and n is not None:
@@ -361,3 +455,94 @@ class BimodalContrastiveLoss(ABC):
                 f"dataset index out of range [0, {n}): batch holds indices from {lo} to {hi}; "
                 f"num_samples must exceed the largest dataset index"
             )
+
+
+@dataclass
+class _Step:
+    """One step's batch as the detector sees it, and the masks of any rows of it."""
+
+    batch: DetectionBatch
+    positive_column: torch.Tensor  # (b,) column of each local anchor's own pair
+    candidate_index: torch.Tensor | None  # (B,) dataset indices of the global batch
+
+    def masks(
+        self, start: int, end: int, sim: torch.Tensor, detection: RowDetection | None
+    ) -> tuple[Masks, torch.Tensor]:
+        """The masks of local anchors ``[start, end)`` (``sim``: their similarities) and
+        their counts: detected false negatives of each side, negatives, and anchors of each
+        side whose negatives were all detected (5 values, float)."""
+        negatives = self.batch.negatives[start:end]
+        own = torch.zeros_like(negatives)
+        own[torch.arange(end - start, device=own.device), self.positive_column[start:end]] = True
+        found = None if detection is None else detection.false_negatives(start, end, sim)
+        n_neg = negatives.sum().float().reshape(1)
+        if found is None:
+            counts = torch.cat([n_neg.new_zeros(2), n_neg, n_neg.new_zeros(2)])
+        else:
+            found, fallback = _keep_one_negative(negatives, found)
+            counts = torch.cat([found.sum(dim=(-1, -2)).float(), n_neg, fallback.sum(-1).float()])
+        masks = Masks(self.positive_column[start:end], own, negatives, found, self.candidate_index)
+        return masks, counts
+
+
+def _keep_one_negative(
+    negatives: torch.Tensor, false_negatives: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows where every negative was detected fall back to the unmasked row, so no anchor is
+    left without negatives (which would make the global loss 0/0)."""
+    all_filtered = negatives.any(-1) & ~(negatives & ~false_negatives).any(-1)  # (2, b)
+    kept = false_negatives & ~all_filtered.unsqueeze(-1)
+    return kept, all_filtered
+
+
+class _RowSimilarities:
+    """The (2, rows, B) similarities of any local anchor rows against the global batch,
+    computed on demand from the normalised (and gathered) embeddings.
+
+    Those are held as leaves: each row chunk's backward stops there, and ``backward`` sends
+    the accumulated gradients through normalisation (and the gather) once. ``leaf`` cuts the
+    graph the same way for the loss's other inputs (scale, bias).
+    """
+
+    def __init__(
+        self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, dtype: torch.dtype
+    ) -> None:
+        self._roots: list[torch.Tensor] = []
+        self._leaves: list[torch.Tensor] = []
+        self._collective: list[bool] = []
+        image = F.normalize(image_embeds.to(dtype), dim=-1)
+        text = F.normalize(text_embeds.to(dtype), dim=-1)
+        self.image, self.text = self.leaf(image), self.leaf(text)
+        if comm.world_size() == 1:
+            self.all_image, self.all_text = self.image, self.text
+        else:
+            self.all_image = self.leaf(comm.all_gather_with_grad(image), collective=True)
+            self.all_text = self.leaf(comm.all_gather_with_grad(text), collective=True)
+        self.width = self.all_image.shape[0]
+
+    def leaf(self, value: torch.Tensor, collective: bool = False) -> torch.Tensor:
+        """``value`` detached, its gradient sent back by ``backward``. ``collective``: its
+        backward is a collective, which every rank must run."""
+        leaf = value.detach().requires_grad_(value.requires_grad)
+        if value.requires_grad:
+            self._roots.append(value)
+            self._leaves.append(leaf)
+            self._collective.append(collective)
+        return leaf
+
+    def __call__(self, start: int, end: int) -> torch.Tensor:
+        return torch.stack(
+            [self.image[start:end] @ self.all_text.t(), self.text[start:end] @ self.all_image.t()]
+        )
+
+    def backward(self) -> None:
+        roots, grads = [], []
+        for root, leaf, collective in zip(self._roots, self._leaves, self._collective, strict=True):
+            grad = leaf.grad
+            if grad is None and collective:
+                grad = torch.zeros_like(leaf)
+            if grad is not None:
+                roots.append(root)
+                grads.append(grad)
+        if roots:
+            torch.autograd.backward(roots, grads)

@@ -6,7 +6,8 @@ respect to the model factors through those embeddings. So the step runs in two p
 1. encode the batch chunk by chunk without gradients (only the embeddings are kept), run the
    loss once on the whole batch -- the detector's update and masks included, exactly once --
    and keep the gradient of the loss with respect to each embedding and to the logit scale
-   (and bias, for a sigmoid loss);
+   (and bias, for a sigmoid loss). The loss itself runs in row chunks of the same size
+   (``backward_by_rows``), so its (2, b, B) similarities are never held whole either;
 2. encode each chunk again with gradients and back-propagate ``<embedding, cached gradient>``
    through it, so the chunk's activations are freed before the next chunk runs.
 
@@ -137,7 +138,8 @@ def cached_contrastive_step(
     bias_leaf = None if bias is None else bias.detach().to(dtype).clone().requires_grad_()
     del images, texts
     with torch.enable_grad():
-        out = loss(
+        # Row chunks of the same size: the (2, b, B) similarities are never held whole.
+        out = loss.backward_by_rows(
             image_leaf,
             text_leaf,
             scale_leaf,
@@ -145,10 +147,10 @@ def cached_contrastive_step(
             epoch=epoch,
             labels=labels,
             logit_bias=bias_leaf,
-        )
-        out.loss.backward()  # a float32 graph with no parameters in it: no loss scale needed
+            rows_per_chunk=max(sizes),
+        )  # a float32 graph with no parameters in it: no loss scale needed
     after_loss = RandomState.capture(device)  # anything the loss drew stays drawn
-    result = LossOutput(out.loss.detach(), out.stats)
+    result = out
     logit_scale = scale_leaf.detach().to(scale.dtype)
     logit_bias = None if bias_leaf is None else bias_leaf.detach().to(bias.dtype)
     image_grads = (image_leaf.grad * loss_weight).split(sizes)

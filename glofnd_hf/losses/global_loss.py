@@ -210,17 +210,16 @@ class GlobalContrastiveLoss(BimodalContrastiveLoss):
         logit_scale: torch.Tensor,
         masks: Masks,
         epoch: float,
+        anchor_state: torch.Tensor | None = None,
     ) -> LossOutput:
         assert masks.candidate_index is not None  # indices are required (checked on entry)
         if self.temperature == "fixed":
             logit_scale = logit_scale.detach()
         own_sim = sim[:, torch.arange(sim.shape[1], device=sim.device), masks.positive_column]
-        diff = (sim - own_sim.unsqueeze(-1)) * self._surrogate_scale(logit_scale)
-        kept = masks.kept_negatives(self.strategy)
-        n_kept = kept.sum(-1).clamp(min=1)
-        g = torch.where(kept, torch.exp(diff), torch.zeros_like(diff)).sum(-1) / n_kept  # (2, b)
-
-        u = self._update_u(masks.candidate_index, g.detach(), epoch)  # (2, b), no gradient
+        g = self._g(sim, own_sim, self._surrogate_scale(logit_scale), masks)  # (2, b)
+        u = anchor_state  # (2, b), no gradient
+        if u is None:
+            u = self._update_anchor_state(g.detach(), masks.candidate_index, epoch)
         surrogate = g / (u + self.eps)
         if self.strategy == "attract" and masks.false_negatives is not None:
             # Extra positives: the linear part of -log softmax for each of them, averaged.
@@ -242,6 +241,27 @@ class GlobalContrastiveLoss(BimodalContrastiveLoss):
             loss = loss + tau * (self.rho + torch.log(u + self.eps).mean())
         return LossOutput(loss, stats)
 
+    def _g(
+        self, sim: torch.Tensor, own_sim: torch.Tensor, logit_scale: torch.Tensor, masks: Masks
+    ) -> torch.Tensor:
+        """(2, b) mean over each anchor's kept negatives of exp((s_ij - s_ii) * scale)."""
+        diff = (sim - own_sim.unsqueeze(-1)) * logit_scale
+        kept = masks.kept_negatives(self.strategy)
+        n_kept = kept.sum(-1).clamp(min=1)
+        return torch.where(kept, torch.exp(diff), torch.zeros_like(diff)).sum(-1) / n_kept
+
+    def _anchor_values(
+        self, sim: torch.Tensor, logit_scale: torch.Tensor, masks: Masks
+    ) -> torch.Tensor:
+        """g of each anchor: what u averages."""
+        own_sim = sim[:, torch.arange(sim.shape[1], device=sim.device), masks.positive_column]
+        return self._g(sim, own_sim, logit_scale.detach(), masks).detach()
+
+    def _update_anchor_state(
+        self, values: torch.Tensor, candidate_index: torch.Tensor, epoch: float
+    ) -> torch.Tensor:
+        return self._update_u(candidate_index, values, epoch)
+
     def _surrogate_scale(self, logit_scale: torch.Tensor) -> torch.Tensor:
         """The logit scale as the surrogate sees it: its value, with the gradient that flows back
         through it multiplied by the number of sides for ``temperature_gradient="fastclip"``.
@@ -259,10 +279,7 @@ class GlobalContrastiveLoss(BimodalContrastiveLoss):
         in place of u): ``mean log g``, times tau for FastCLIP, plus ``tau * rho`` with a
         learnable temperature. u is neither read nor written."""
         own_sim = sim[:, torch.arange(sim.shape[1], device=sim.device), masks.positive_column]
-        diff = (sim - own_sim.unsqueeze(-1)) * logit_scale
-        kept = masks.kept_negatives(self.strategy)
-        n_kept = kept.sum(-1).clamp(min=1)
-        g = torch.where(kept, torch.exp(diff), torch.zeros_like(diff)).sum(-1) / n_kept
+        g = self._g(sim, own_sim, logit_scale, masks)
         value = torch.log(g + self.eps).mean()
         if not self.multiply_tau:
             return LossOutput(value)
