@@ -124,8 +124,9 @@ def test_a_detector_that_only_defines_detect_sees_the_whole_batch():
     assert ref[0].stats["filtered_fraction_image"] > 0
 
 
+@pytest.mark.parametrize("kind", ["global", "clip"])
 @pytest.mark.parametrize("detector", ["glofnd", "batch_quantile", "none"])
-def test_no_more_than_a_chunk_of_rows_at_once(monkeypatch, detector):
+def test_no_more_than_a_chunk_of_rows_at_once(monkeypatch, detector, kind):
     """Row-wise detectors and the loss never ask for the whole (2, b, B) matrix."""
     spans = []
     original = loss_base._RowSimilarities.__call__
@@ -136,13 +137,13 @@ def test_no_more_than_a_chunk_of_rows_at_once(monkeypatch, detector):
 
     monkeypatch.setattr(loss_base._RowSimilarities, "__call__", recording)
     assert issubclass(registry.get(detector).detector_class, RowwiseDetector)
-    loss = make_loss("global", "eliminate", detector)
+    loss = make_loss(kind, "eliminate", detector)
     image, text, index, labels = batch(0)
     by_rows(loss, image, text, index, labels, 0.0, rows=4)
     assert spans and max(spans) == 4
     # The detector reads each chunk (twice for GloFND: statistics, then detections), the
-    # global loss once for u, and once more with gradients.
-    reads = {"glofnd": 4, "batch_quantile": 3, "none": 2}[detector]
+    # global loss once for u, and each loss once more with gradients.
+    reads = {"glofnd": 2, "batch_quantile": 1, "none": 0}[detector] + (2 if kind == "global" else 1)
     assert len(spans) == reads * 3
 
 

@@ -63,6 +63,9 @@ class BimodalContrastiveLoss(ABC):
     """
 
     uses_logit_bias: ClassVar[bool] = False
+    keeps_anchor_state: ClassVar[bool] = False
+    """Whether ``_anchor_values`` and ``_update_anchor_state`` are implemented (per-sample
+    state that the loss updates from each anchor, like the global loss's u)."""
 
     def __init__(
         self,
@@ -87,20 +90,22 @@ class BimodalContrastiveLoss(ABC):
     ) -> LossOutput:
         """Loss from (2, b, B) similarities (with gradient) and the step's masks, a mean over
         the b anchors. A loss with ``uses_logit_bias`` also gets ``logit_bias=`` (0-d, with
-        gradient); one whose ``_anchor_values`` gives values gets ``anchor_state=`` (see there).
+        gradient); one that ``keeps_anchor_state`` may get ``anchor_state=`` (see
+        ``_anchor_values``).
         """
 
     def _anchor_values(
         self, sim: torch.Tensor, logit_scale: torch.Tensor, masks: Masks
-    ) -> torch.Tensor | None:
-        """(2, b) per-anchor values a loss with per-sample state folds into that state before
-        its loss (the global loss's g), without gradient; None (the default): no state.
+    ) -> torch.Tensor:
+        """(2, b) per-anchor values, without gradient, that a loss with
+        ``keeps_anchor_state`` folds into its per-sample state before its loss (the global
+        loss's g).
 
         When the loss is computed in row chunks, these are computed for every chunk first,
         ``_update_anchor_state`` folds them in once, and each chunk's ``_loss`` gets its
         rows of the result as ``anchor_state``; without ``anchor_state`` ``_loss`` updates
         the state itself."""
-        return None
+        raise NotImplementedError(f"{type(self).__name__} keeps no per-anchor state")
 
     def _update_anchor_state(
         self, values: torch.Tensor, candidate_index: torch.Tensor, epoch: float
@@ -257,14 +262,14 @@ class BimodalContrastiveLoss(ABC):
         epoch: float,
     ) -> torch.Tensor | None:
         """A stateful loss's per-anchor state, updated once from every chunk's values."""
+        if not self.keeps_anchor_state:
+            return None
         parts = []
         with torch.no_grad():
             for s, e in bounds:
                 sim = rows(s, e)
-                values = self._anchor_values(sim, logit_scale, step.masks(s, e, sim, detection)[0])
-                if values is None:
-                    return None
-                parts.append(values)
+                masks, _ = step.masks(s, e, sim, detection)
+                parts.append(self._anchor_values(sim, logit_scale, masks))
             return self._update_anchor_state(torch.cat(parts, dim=1), step.candidate_index, epoch)
 
     @torch.no_grad()
@@ -365,10 +370,10 @@ class BimodalContrastiveLoss(ABC):
     ) -> dict[str, torch.Tensor]:
         """The loss's statistics (means over this process's anchors) as means over the global
         batch, and the mask statistics over the global batch from the step's ``counts``
-        (``_Step.masks``; ``detected``: the detector marked false negatives): ``filtered_fraction_<side>`` (detected false negatives /
-        negatives, global totals) and, when detecting, ``all_filtered_anchors_<side>``
-        (anchors whose negatives were all detected, counted over the global batch). One
-        all-reduce of a few numbers when distributed, none alone.
+        (``_Step.masks``): ``filtered_fraction_<side>`` (detected false negatives / negatives,
+        global totals) and, when ``detected`` (the detector marked false negatives),
+        ``all_filtered_anchors_<side>`` (anchors whose negatives were all detected, counted
+        over the global batch). One all-reduce of a few numbers when distributed, none alone.
         """
         device = counts.device
         names = list(loss_stats)

@@ -126,6 +126,8 @@ class GlobalContrastiveLoss(BimodalContrastiveLoss):
     embeddings' gradients do not depend on it.
     """
 
+    keeps_anchor_state = True
+
     def __init__(
         self,
         num_samples: int,
