@@ -11,7 +11,6 @@ dataclass in the registry (:mod:`glofnd_hf.fnd.registry`).
 from __future__ import annotations
 
 import json
-import math
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -238,7 +237,12 @@ class GloFNDTrainingArguments(SecretsNotPickled, TrainingArguments):
         "averaged (the gradient of the objective tau * (mean log g + rho)). The loss value "
         "and the embeddings' gradients are the same either way.",
     )
-    max_logit_scale: float = setting(100.0, "logit_scale.exp() is clamped to this after each step.")
+    max_logit_scale: float | None = setting(
+        None,
+        "logit_scale.exp() is clamped to this after each step. None: CLIP's cap of 100, or "
+        "the model's own starting scale where that is higher (SigLIP checkpoints start "
+        "near 110), so a checkpoint's learned scale is never cut.",
+    )
     contrastive_chunk_size: int | None = setting(
         None,
         "Cached (GradCache-style) loss: encode each process's batch in chunks of this many "
@@ -353,7 +357,7 @@ class GloFNDTrainingArguments(SecretsNotPickled, TrainingArguments):
             )
         if self.temperature_init is not None and not 0 < self.temperature_init:
             raise ValueError(f"temperature_init must be positive, got {self.temperature_init}")
-        if self.max_logit_scale <= 0:
+        if self.max_logit_scale is not None and self.max_logit_scale <= 0:
             raise ValueError("max_logit_scale must be positive")
         if self.contrastive_chunk_size is not None and self.contrastive_chunk_size < 1:
             raise ValueError(
@@ -450,10 +454,6 @@ class GloFNDTrainingArguments(SecretsNotPickled, TrainingArguments):
         return GammaSchedule(
             self.gamma, self.gamma_schedule, self.gamma_decay_epochs, self.gamma_granularity
         )
-
-    @property
-    def max_log_logit_scale(self) -> float:
-        return math.log(self.max_logit_scale)
 
     def state_bytes_per_sample(self) -> int:
         """Per-sample state of the detector and of a global loss's u."""

@@ -89,6 +89,9 @@ def resolve_state_device(
     return torch.device("cpu")
 
 
+DEFAULT_MAX_LOGIT_SCALE = 100.0  # CLIP's cap on logit_scale.exp()
+
+
 class _ClampLogitScale(TrainerCallback):
     """Keep ``logit_scale`` (log space) within [0, ln(max_logit_scale)] after every step."""
 
@@ -239,9 +242,7 @@ class GloFNDTrainer(Trainer):
         self.num_samples = loss.num_samples if loss.num_samples is not None else num_samples
         self._stat_sums: dict[tuple[str, ...], tuple[torch.Tensor, int]] = {}
         self._bad_samples: dict[str, int] = {}
-        self.add_callback(
-            _ClampLogitScale(adapter.logit_scale_parameter(), args.max_log_logit_scale)
-        )
+        self.add_callback(_ClampLogitScale(adapter.logit_scale_parameter(), self._log_scale_cap))
         self.add_callback(ModelCardCallback(self))  # a model card in every checkpoint
         self.add_callback(_EpochSummary(self))
         self.add_callback(_DataEpoch(self))
@@ -265,8 +266,27 @@ class GloFNDTrainer(Trainer):
         with torch.no_grad():
             if args.temperature_init is not None:
                 scale.fill_(math.log(1.0 / args.temperature_init))
-            scale.clamp_(0.0, args.max_log_logit_scale)
+            self._log_scale_cap = self._logit_scale_cap(args, float(scale))
+            scale.clamp_(0.0, self._log_scale_cap)
         scale.requires_grad_(args.temperature_scheme != "fixed")
+
+    @staticmethod
+    def _logit_scale_cap(args: GloFNDTrainingArguments, start: float) -> float:
+        """ln of the cap on ``logit_scale.exp()``: ``max_logit_scale`` where set, else CLIP's
+        100 or the model's starting scale (``start``, ln) where higher, so a checkpoint's
+        learned scale (a SigLIP one's is about 110) is never cut by default."""
+        if args.max_logit_scale is None:
+            return max(math.log(DEFAULT_MAX_LOGIT_SCALE), start)
+        cap = math.log(args.max_logit_scale)
+        if start > cap + 1e-6:
+            logger.warning(
+                "the model's logit scale %.4g is above max_logit_scale %g: it is cut to %g "
+                "(leave max_logit_scale unset to keep the model's own scale)",
+                math.exp(start),
+                args.max_logit_scale,
+                args.max_logit_scale,
+            )
+        return cap
 
     def _prepare_logit_bias(self, loss: BimodalContrastiveLoss) -> None:
         """The sigmoid loss needs the model's logit bias; a loss without one leaves it frozen

@@ -118,6 +118,29 @@ def test_logit_scale_is_clamped_and_not_weight_decayed(tmp_path, digits):
     assert adapter.logit_scale_parameter().item() <= math.log(20.0) + 1e-6
 
 
+def test_default_cap_keeps_a_checkpoints_higher_scale(tmp_path, digits, caplog):
+    """A SigLIP checkpoint's learned scale (about 110) is above CLIP's cap of 100: by default
+    it is kept; a max_logit_scale set below it cuts it and says so."""
+    start = math.log(112.0)
+    adapter = adapter_for("hf", digits)
+    with torch.no_grad():
+        adapter.logit_scale_parameter().fill_(start)
+    args = make_args(tmp_path / "default", max_steps=1, learning_rate=1e-6, detector="none")
+    trainer = GloFNDTrainer(adapter, args, train_dataset=small_train(digits, 16))
+    assert adapter.logit_scale_parameter().item() == pytest.approx(start)
+    trainer.train()
+    assert adapter.logit_scale_parameter().item() == pytest.approx(start, abs=1e-4)
+
+    adapter = adapter_for("hf", digits)
+    with torch.no_grad():
+        adapter.logit_scale_parameter().fill_(start)
+    args = make_args(tmp_path / "set", max_steps=1, detector="none", max_logit_scale=100.0)
+    with caplog.at_level("WARNING", logger="glofnd_hf.trainer"):
+        GloFNDTrainer(adapter, args, train_dataset=small_train(digits, 16))
+    assert adapter.logit_scale_parameter().item() == pytest.approx(math.log(100.0))
+    assert "above max_logit_scale 100" in caplog.text
+
+
 def test_fixed_temperature_is_frozen(tmp_path, digits):
     adapter = adapter_for("hf", digits)
     args = make_args(
