@@ -14,7 +14,7 @@ from glofnd_hf.fnd import (
     registry,
 )
 from glofnd_hf.losses import ClipLoss, GammaSchedule, GlobalContrastiveLoss, SigmoidLoss
-from glofnd_hf.losses import base as loss_base
+from glofnd_hf.losses import rows as loss_rows
 
 N, B, DIM, ROWS = 50, 10, 8, 3  # row chunks of 3, 3, 3, 1
 
@@ -129,13 +129,13 @@ def test_a_detector_that_only_defines_detect_sees_the_whole_batch():
 def test_no_more_than_a_chunk_of_rows_at_once(monkeypatch, detector, kind):
     """Row-wise detectors and the loss never ask for the whole (2, b, B) matrix."""
     spans = []
-    original = loss_base._RowSimilarities.__call__
+    original = loss_rows.RowSimilarities.__call__
 
     def recording(self, start, end):
         spans.append(end - start)
         return original(self, start, end)
 
-    monkeypatch.setattr(loss_base._RowSimilarities, "__call__", recording)
+    monkeypatch.setattr(loss_rows.RowSimilarities, "__call__", recording)
     assert issubclass(registry.get(detector).detector_class, RowwiseDetector)
     loss = make_loss(kind, "eliminate", detector)
     image, text, index, labels = batch(0)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -19,8 +19,10 @@ from ..fnd import comm
 from ..fnd.detectors import DetectionBatch, FalseNegativeDetector, NoDetector, RowDetection
 from ..fnd.table import StateError
 from ..fnd.thresholds import SIDES
+from .masks import Masks, StepMasks, Strategy
+from .rows import RowSimilarities
 
-Strategy = Literal["eliminate", "attract"]
+__all__ = ["BimodalContrastiveLoss", "LossOutput", "Masks", "Strategy"]
 
 
 @dataclass
@@ -28,29 +30,6 @@ class LossOutput:
     loss: torch.Tensor
     stats: dict[str, torch.Tensor] = field(default_factory=dict)
     """0-d tensors on the loss's device; reading them (``.item()``) is left to the logger."""
-
-
-@dataclass
-class Masks:
-    """(b, B) / (2, b, B) boolean masks for one step (True = member of the set)."""
-
-    positive_column: torch.Tensor  # (b,) column of each anchor's own pair
-    own: torch.Tensor  # (b, B) the anchor's own pair
-    negatives: torch.Tensor  # (b, B) true negatives as far as indices tell
-    false_negatives: torch.Tensor | None  # (2, b, B) detected, subset of negatives
-    candidate_index: torch.Tensor | None = None  # (B,) dataset indices of the global batch
-
-    def kept_negatives(self, strategy: Strategy) -> torch.Tensor:
-        """(2, b, B) the negatives that stay in the denominator."""
-        if self.false_negatives is None or strategy == "attract":
-            return self.negatives.expand(len(SIDES), -1, -1)
-        return self.negatives & ~self.false_negatives
-
-    def positives(self, strategy: Strategy) -> torch.Tensor:
-        """(2, b, B) the pairs counted as positives."""
-        if self.false_negatives is None or strategy == "eliminate":
-            return self.own.expand(len(SIDES), -1, -1)
-        return self.own | self.false_negatives
 
 
 class BimodalContrastiveLoss(ABC):
@@ -219,7 +198,7 @@ class BimodalContrastiveLoss(ABC):
         with torch.autocast(device_type=image_embeds.device.type, enabled=False):
             if self.check_inputs:
                 self._check_values(image_embeds, text_embeds, logit_scale, index)
-            rows = _RowSimilarities(image_embeds, text_embeds, dtype)
+            rows = RowSimilarities(image_embeds, text_embeds, dtype)
             scale = rows.leaf(logit_scale.to(dtype))
             bias_leaf = {k: rows.leaf(v) for k, v in bias.items()}
             step = self._start_step(rows.image, rows.text, rows.width, index, epoch, labels)
@@ -254,9 +233,9 @@ class BimodalContrastiveLoss(ABC):
 
     def _chunked_anchor_state(
         self,
-        rows: _RowSimilarities,
+        rows: RowSimilarities,
         bounds: Sequence[tuple[int, int]],
-        step: _Step,
+        step: StepMasks,
         detection: RowDetection,
         logit_scale: torch.Tensor,
         epoch: float,
@@ -336,7 +315,7 @@ class BimodalContrastiveLoss(ABC):
         epoch: float,
         labels: torch.Tensor | None,
         observe: bool = True,
-    ) -> _Step:
+    ) -> StepMasks:
         """What the detector may know of the batch besides similarities, and (``observe``)
         the normalised local embeddings shown to it (feature-bank detectors keep them)."""
         b, device = image.shape[0], image.device
@@ -362,7 +341,7 @@ class BimodalContrastiveLoss(ABC):
             anchor_labels=None if labels is None else labels.to(device),
             candidate_labels=candidate_labels,
         )
-        return _Step(batch, positive_column, candidate_index)
+        return StepMasks(batch, positive_column, candidate_index)
 
     @staticmethod
     def _global_stats(
@@ -370,7 +349,7 @@ class BimodalContrastiveLoss(ABC):
     ) -> dict[str, torch.Tensor]:
         """The loss's statistics (means over this process's anchors) as means over the global
         batch, and the mask statistics over the global batch from the step's ``counts``
-        (``_Step.masks``): ``filtered_fraction_<side>`` (detected false negatives / negatives,
+        (``StepMasks.masks``): ``filtered_fraction_<side>`` (detected false negatives / negatives,
         global totals) and, when ``detected`` (the detector marked false negatives),
         ``all_filtered_anchors_<side>`` (anchors whose negatives were all detected, counted
         over the global batch). One all-reduce of a few numbers when distributed, none alone.
@@ -460,94 +439,3 @@ class BimodalContrastiveLoss(ABC):
                 f"dataset index out of range [0, {n}): batch holds indices from {lo} to {hi}; "
                 f"num_samples must exceed the largest dataset index"
             )
-
-
-@dataclass
-class _Step:
-    """One step's batch as the detector sees it, and the masks of any rows of it."""
-
-    batch: DetectionBatch
-    positive_column: torch.Tensor  # (b,) column of each local anchor's own pair
-    candidate_index: torch.Tensor | None  # (B,) dataset indices of the global batch
-
-    def masks(
-        self, start: int, end: int, sim: torch.Tensor, detection: RowDetection | None
-    ) -> tuple[Masks, torch.Tensor]:
-        """The masks of local anchors ``[start, end)`` (``sim``: their similarities) and
-        their counts: detected false negatives of each side, negatives, and anchors of each
-        side whose negatives were all detected (5 values, float)."""
-        negatives = self.batch.negatives[start:end]
-        own = torch.zeros_like(negatives)
-        own[torch.arange(end - start, device=own.device), self.positive_column[start:end]] = True
-        found = None if detection is None else detection.false_negatives(start, end, sim)
-        n_neg = negatives.sum().float().reshape(1)
-        if found is None:
-            counts = torch.cat([n_neg.new_zeros(2), n_neg, n_neg.new_zeros(2)])
-        else:
-            found, fallback = _keep_one_negative(negatives, found)
-            counts = torch.cat([found.sum(dim=(-1, -2)).float(), n_neg, fallback.sum(-1).float()])
-        masks = Masks(self.positive_column[start:end], own, negatives, found, self.candidate_index)
-        return masks, counts
-
-
-def _keep_one_negative(
-    negatives: torch.Tensor, false_negatives: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows where every negative was detected fall back to the unmasked row, so no anchor is
-    left without negatives (which would make the global loss 0/0)."""
-    all_filtered = negatives.any(-1) & ~(negatives & ~false_negatives).any(-1)  # (2, b)
-    kept = false_negatives & ~all_filtered.unsqueeze(-1)
-    return kept, all_filtered
-
-
-class _RowSimilarities:
-    """The (2, rows, B) similarities of any local anchor rows against the global batch,
-    computed on demand from the normalised (and gathered) embeddings.
-
-    Those are held as leaves: each row chunk's backward stops there, and ``backward`` sends
-    the accumulated gradients through normalisation (and the gather) once. ``leaf`` cuts the
-    graph the same way for the loss's other inputs (scale, bias).
-    """
-
-    def __init__(
-        self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, dtype: torch.dtype
-    ) -> None:
-        self._roots: list[torch.Tensor] = []
-        self._leaves: list[torch.Tensor] = []
-        self._collective: list[bool] = []
-        image = F.normalize(image_embeds.to(dtype), dim=-1)
-        text = F.normalize(text_embeds.to(dtype), dim=-1)
-        self.image, self.text = self.leaf(image), self.leaf(text)
-        if comm.world_size() == 1:
-            self.all_image, self.all_text = self.image, self.text
-        else:
-            self.all_image = self.leaf(comm.all_gather_with_grad(image), collective=True)
-            self.all_text = self.leaf(comm.all_gather_with_grad(text), collective=True)
-        self.width = self.all_image.shape[0]
-
-    def leaf(self, value: torch.Tensor, collective: bool = False) -> torch.Tensor:
-        """``value`` detached, its gradient sent back by ``backward``. ``collective``: its
-        backward is a collective, which every rank must run."""
-        leaf = value.detach().requires_grad_(value.requires_grad)
-        if value.requires_grad:
-            self._roots.append(value)
-            self._leaves.append(leaf)
-            self._collective.append(collective)
-        return leaf
-
-    def __call__(self, start: int, end: int) -> torch.Tensor:
-        return torch.stack(
-            [self.image[start:end] @ self.all_text.t(), self.text[start:end] @ self.all_image.t()]
-        )
-
-    def backward(self) -> None:
-        roots, grads = [], []
-        for root, leaf, collective in zip(self._roots, self._leaves, self._collective, strict=True):
-            grad = leaf.grad
-            if grad is None and collective:
-                grad = torch.zeros_like(leaf)
-            if grad is not None:
-                roots.append(root)
-                grads.append(grad)
-        if roots:
-            torch.autograd.backward(roots, grads)
