@@ -87,7 +87,9 @@ class GloFNDConfig:
         "follows drift faster; larger: averages more).",
     )
     step_floor: float = setting(
-        0.2, "tail rule: smallest step weight; the 1/t decay stops here so thresholds follow drift."
+        0.2,
+        "tail rule: smallest step weight; the 1/t decay stops here so thresholds follow drift. "
+        "A step up passes at most about this share of a batch's excess exceedances.",
     )
     drift_rate: float = setting(
         0.3,
