@@ -193,11 +193,12 @@ def test_tail_statistics_bound_the_step_up_and_measure_the_local_density():
     quantile = torch.full((2, rows), 0.05 * math.log(1 / alpha))
     density = rule.statistics(sim, negatives, quantile)[..., 6]
     assert density.mean().item() == pytest.approx(alpha / 0.05, rel=0.1)
-    # A plateau: a tenth of every row tied just under the quantile, far denser there.
+    # A plateau: a tenth of every row tied just under the quantile, far denser there (the
+    # count runs over the batch's top k + 1 = 12, so it sees about 7 of the ties).
     sim = sim.clone()
     sim[..., : n // 10] = quantile[0, 0] - 0.001
     plateau = rule.statistics(sim, negatives, quantile)[..., 6]
-    assert plateau.mean().item() > 20 * alpha / 0.05
+    assert plateau.mean().item() > 5 * alpha / 0.05
 
 
 def test_tail_statistics_carry_the_estimates_noise():

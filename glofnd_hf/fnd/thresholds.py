@@ -285,9 +285,12 @@ class TailRule(ThresholdRule):
         # Local density at lambda: the batch's negatives within +-h = DENSITY_WINDOW * beta,
         # per unit similarity and negative. For an exponential tail of scale beta the window
         # holds alpha n 2 sinh(DENSITY_WINDOW) of them in expectation at the quantile, so the
-        # estimate is alpha / beta there: the step is then the tail scale's.
+        # estimate is alpha / beta there: the step is then the tail scale's. Counted among
+        # the top k + 1 (O(k) per anchor, not O(B)): the window reaches below them only when
+        # lambda sits below the batch's k-th largest, far under the quantile, where a step
+        # as large as the tail scale is wanted anyway.
         h = (DENSITY_WINDOW * beta).clamp(min=1e-6)
-        near = (((sim - lam.unsqueeze(-1)).abs() <= h.unsqueeze(-1)) & negatives).sum(-1)
+        near = ((ordered - lam.unsqueeze(-1)).abs() <= h.unsqueeze(-1)).sum(-1)
         calibration = math.sinh(DENSITY_WINDOW) / DENSITY_WINDOW
         density = near.to(sim.dtype) / (n.clamp(min=1.0) * 2.0 * h * calibration)
         up_cap = torch.where(torch.isfinite(q_hat), up_cap, q_hat)
