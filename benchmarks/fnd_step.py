@@ -321,7 +321,7 @@ def print_tables(rows: list[Row], args: argparse.Namespace) -> None:
     print("\n### State memory (per process; every rank holds a full copy)\n")
     print(
         f"bytes per sample: GloFND thresholds tables {thr_bps} (tail rule: 2 sides x [lambda, "
-        f"scale, centre, innovation, visits], Adam rule: 2 sides x [lambda, m, v, visits], float32), global-loss u "
+        f"scale, centre, innovation, density, visits], Adam rule: 2 sides x [lambda, m, v, visits], float32), global-loss u "
         f"{u_bps} (2 sides float32), total {thr_bps + u_bps}\n"
     )
     print("| N | thresholds table | u table | total per process |")

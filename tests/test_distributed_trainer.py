@@ -37,9 +37,10 @@ def launch_two(tmp_path, name, *extra):
 
 def assert_same_run(a, b):
     for key, value in a["state"].items():
-        # The tail rule's drift test is a ratio of squared small differences: it amplifies
+        # The tail rule's drift test is a ratio of squared small differences, and its local
+        # density a count over the window +-beta / 4 (beta a small difference): both amplify
         # float rounding (relative 1e-4 where the thresholds agree to 1e-6).
-        rtol = 1e-3 if key.endswith(".innovation") else 1e-5
+        rtol = 1e-3 if key.endswith((".innovation", ".density")) else 1e-5
         assert torch.allclose(value, b["state"][key], atol=1e-5, rtol=rtol), key
     for name, value in a["params"].items():
         assert torch.allclose(value, b["params"][name], atol=1e-5), name

@@ -103,45 +103,102 @@ def test_tail_step_by_hand():
     cfg = GloFNDConfig(alpha=0.01, update_rule="tail", band=1.0, step_floor=0.2, drift_rate=0.3)
     rule = cfg.rule()
     nan = float("nan")
-    # rows: [lambda, scale, centre, innovation, visits];
-    # stats: [pinball gradient, q_hat, beta, top, (k+1)-th, q_hat's variance / beta^2]
+    # rows: [lambda, scale, centre, innovation, density, visits]; stats: [pinball gradient,
+    # q_hat, beta, highest step up, (k+1)-th, q_hat's variance / beta^2, local density].
+    # Densities of 0 here: the similarities are sparse near lambda, the step is the tail
+    # scale's (the dense case is the next test).
     rows = torch.tensor(
         [
-            [[1.0, 0.0, 1.0, 1.0, 0.0], [0.50, 0.02, 0.54, 1.0, 1.0]],
-            [[0.60, 0.03, 0.60, 1.2, 9.0], [0.70, 0.02, 0.70, 1.0, 3.0]],
-            [[0.90, 0.30, 0.96, 1.0, 5.0], [0.90, 0.30, 0.90, 1.0, 5.0]],
+            [[1.0, 0.0, 1.0, 1.0, 0.0, 0.0], [0.50, 0.02, 0.54, 1.0, 0.0, 1.0]],
+            [[0.60, 0.03, 0.60, 1.2, 0.0, 9.0], [0.70, 0.02, 0.70, 1.0, 0.0, 3.0]],
+            [[0.90, 0.30, 0.96, 1.0, 0.0, 5.0], [0.90, 0.30, 0.90, 1.0, 0.0, 5.0]],
         ]
     )
     stats = torch.tensor(
         [
-            [[0.01, 0.8, 0.05, 0.9, 0.7, 0.5], [-0.02, 0.55, 0.04, 0.6, 0.45, 0.25]],
-            [[0.01, 0.45, 0.05, 0.5, 0.40, 0.5], [nan] * 6],
-            [[-0.05, 0.96, 0.3, 0.97, 0.5, 0.2], [0.01, 0.9, 0.3, 0.95, 0.88, 0.2]],
+            [[0.01, 0.8, 0.05, 0.9, 0.7, 0.5, 0.0], [-0.02, 0.55, 0.04, 0.6, 0.45, 0.25, 0.0]],
+            [[0.01, 0.45, 0.05, 0.5, 0.40, 0.5, 0.0], [nan] * 7],
+            [[-0.05, 0.96, 0.3, 0.97, 0.5, 0.2, 0.0], [0.01, 0.9, 0.3, 0.95, 0.88, 0.2, 0.0]],
         ]
     )
     out = rule.step(rows, stats, epoch=3.0)
-    # First visit: start at the batch's estimate, take its scale; the centre starts there.
-    assert out[0, 0].tolist() == pytest.approx([0.8, 0.05, 0.8, 1.0, 1.0])
+    # First visit: start at the batch's estimate, take its scale; the centre starts there,
+    # the density at the exponential tail's alpha / beta = 0.2.
+    assert out[0, 0].tolist() == pytest.approx([0.8, 0.05, 0.8, 1.0, 0.2, 1.0])
     # Second visit, w = 1/2: scale 0.02 -> 0.03. Innovation 0.55 - 0.54 = 0.01 against the
     # estimate's noise 0.25 * 0.04^2: ratio 0.25, running mean 1 + 0.3 (0.25 - 1) = 0.775,
     # no drift, so the centre's gain is 1/t = 1/2: 0.545. The step -w * scale * g / alpha =
     # +0.03 gives 0.53, 0.015 below the centre, shrunk by 0.03^2 / (0.015^2 + 0.03^2) = 0.8.
-    assert out[0, 1].tolist() == pytest.approx([0.545 - 0.012, 0.03, 0.545, 0.775, 2.0])
+    assert out[0, 1].tolist() == pytest.approx([0.545 - 0.012, 0.03, 0.545, 0.775, 0.0, 2.0])
     # Tenth visit: the estimate fell by 0.15 = 3 beta, ratio 0.15^2 / (0.5 * 0.05^2) = 18,
     # running mean 1.2 + 0.3 (18 - 1.2) = 6.24: drift, gain 1 - 1 / 6.24 (not 1/10).
     gain = 1 - 1 / 6.24
     centre = 0.6 - 0.15 * gain
     x = 0.6 - 0.2 * 0.034 - centre  # w = max(1/10, 0.2), scale 0.034
-    expected = [centre + x * 0.034**2 / (x * x + 0.034**2), 0.034, centre, 6.24, 10.0]
+    expected = [centre + x * 0.034**2 / (x * x + 0.034**2), 0.034, centre, 6.24, 0.0, 10.0]
     assert out[1, 0].tolist() == pytest.approx(expected)
     # No estimate (no negatives): the row is kept as it was.
     assert torch.equal(out[1, 1], rows[1, 1])
-    # Five exceedances with a wide scale: 0.9 + 0.2 * 0.3 * 5 = 1.2 stops at the top
-    # negative 0.97 (not at the clamp), then the offset 0.01 from the centre is shrunk a
-    # little.
+    # Five exceedances with a wide scale: 0.9 + 0.2 * 0.3 * 5 = 1.2 stops at the highest
+    # step up the batch allows, 0.97 (not at the clamp), then the offset 0.01 from the
+    # centre is shrunk a little.
     assert out[2, 0, 0].item() == pytest.approx(0.96 + 0.01 * 0.09 / (0.0001 + 0.09))
     # Going down, 0.9 - 0.2 * 0.3 = 0.84 stops at the (k+1)-th largest, 0.88.
     assert out[2, 1, 0].item() == pytest.approx(0.9 - 0.02 * 0.09 / (0.0004 + 0.09))
+
+
+def test_tail_step_shrinks_where_the_similarities_are_dense():
+    """On a plateau (local density far above the tail's alpha / beta) the step is the
+    inverse density alpha / density, not the tail scale; where the data are sparser than
+    the tail implies, the tail scale still bounds it."""
+    rule = GloFNDConfig(alpha=0.01, step_floor=0.2).rule()
+    # No exceedance (g = alpha): a step down by w * unit; the centre sits at lambda, so the
+    # pull changes nothing.
+    rows = torch.tensor([[[0.5, 0.1, 0.5, 1.0, 2.0, 9.0], [0.5, 0.1, 0.5, 1.0, 0.05, 9.0]]])
+    stats = torch.tensor(
+        [[[0.01, 0.5, 0.1, 0.6, 0.3, 0.5, 2.0], [0.01, 0.5, 0.1, 0.6, 0.3, 0.5, 0.05]]]
+    )
+    out = rule.step(rows, stats, epoch=1.0)
+    dense, sparse = out[0, 0], out[0, 1]
+    # Dense: density stays 2.0, unit min(0.1, 0.01 / 2) = 0.005, lambda 0.5 - 0.2 * 0.005.
+    assert dense[4].item() == pytest.approx(2.0)
+    offset = -0.001
+    assert dense[0].item() == pytest.approx(0.5 + offset * 0.01 / (offset**2 + 0.01))
+    # Sparse: alpha / 0.05 = 0.2 > the tail scale 0.1: the step is 0.2 * 0.1 = 0.02.
+    offset = -0.02
+    assert sparse[0].item() == pytest.approx(0.5 + offset * 0.01 / (offset**2 + 0.01))
+
+
+def test_tail_statistics_bound_the_step_up_and_measure_the_local_density():
+    """The highest step up passes at most about step_floor of the batch's excess
+    exceedances; the local density is calibrated to alpha / beta on an exponential tail and
+    rises on a plateau of near-duplicates."""
+    alpha = 0.005
+    rule = GloFNDConfig(alpha=alpha, tail_size=8, step_floor=0.2).rule()
+    body = torch.linspace(0.0, 0.3, 94)
+    above = torch.tensor([0.9, 0.8, 0.7, 0.65, 0.6, 0.55])
+    sim = torch.cat([above, body]).view(1, 1, 100).expand(2, 1, 100).contiguous()
+    negatives = torch.ones(1, 100, dtype=torch.bool)
+    # m = 6 above 0.5, alpha n = 0.5: r = ceil(0.8 * 6 + 0.2 * 0.5) = 5 -> the 5th largest.
+    stats = rule.statistics(sim, negatives, torch.full((2, 1), 0.5))
+    assert stats[..., 3].flatten().tolist() == pytest.approx([0.6, 0.6])
+    # One exceedance (or none): the top negative, as before.
+    stats = rule.statistics(sim, negatives, torch.full((2, 1), 0.85))
+    assert stats[..., 3].flatten().tolist() == pytest.approx([0.9, 0.9])
+    # Exponential tail (scale 0.05): at the exact quantile the density averages alpha / 0.05.
+    gen = torch.Generator().manual_seed(0)
+    rows, n = 4000, 1024
+    sim = (-torch.log(torch.rand(1, rows, n, generator=gen)) * 0.05).expand(2, -1, -1)
+    negatives = torch.ones(rows, n, dtype=torch.bool)
+    quantile = torch.full((2, rows), 0.05 * math.log(1 / alpha))
+    density = rule.statistics(sim, negatives, quantile)[..., 6]
+    assert density.mean().item() == pytest.approx(alpha / 0.05, rel=0.1)
+    # A plateau: a tenth of every row tied just under the quantile, far denser there (the
+    # count runs over the batch's top k + 1 = 12, so it sees about 7 of the ties).
+    sim = sim.clone()
+    sim[..., : n // 10] = quantile[0, 0] - 0.001
+    plateau = rule.statistics(sim, negatives, quantile)[..., 6]
+    assert plateau.mean().item() > 5 * alpha / 0.05
 
 
 def test_tail_statistics_carry_the_estimates_noise():
@@ -164,7 +221,7 @@ def test_centre_averages_noise_and_follows_a_jump():
     most of the way at once, where a plain running mean would move 1/t of it."""
     rule = GloFNDConfig(alpha=0.01).rule()
     gen = torch.Generator().manual_seed(0)
-    rows = torch.tensor([[1.0, 0.0, 1.0, 1.0, 0.0]]).repeat(500, 2, 1)
+    rows = torch.tensor([[1.0, 0.0, 1.0, 1.0, 0.0, 0.0]]).repeat(500, 2, 1)
     beta, noise = 0.02, 0.5  # q_hat's standard deviation: beta * sqrt(noise)
     for _ in range(30):
         q_hat = 0.5 + beta * noise**0.5 * torch.randn(500, 2, generator=gen)
@@ -176,6 +233,7 @@ def test_centre_averages_noise_and_follows_a_jump():
                 q_hat + beta,
                 q_hat - 2 * beta,
                 torch.full_like(q_hat, noise),
+                torch.zeros_like(q_hat),  # sparse near lambda: steps in tail scales
             ],
             dim=-1,
         )
@@ -193,6 +251,7 @@ def test_centre_averages_noise_and_follows_a_jump():
             q_hat + beta,
             q_hat - 2 * beta,
             torch.full_like(q_hat, noise),
+            torch.zeros_like(q_hat),
         ],
         dim=-1,
     )
@@ -203,9 +262,9 @@ def test_centre_averages_noise_and_follows_a_jump():
 def test_state_bytes_follow_the_rule_and_round_trip(tmp_path):
     tail = cpu_args(tmp_path)
     adam = cpu_args(tmp_path, detector_kwargs={"update_rule": "adam"})
-    assert tail.state_bytes_per_sample() == 40 and adam.state_bytes_per_sample() == 32
+    assert tail.state_bytes_per_sample() == 48 and adam.state_bytes_per_sample() == 32
     detector = build_detector("glofnd", num_samples=N, config=tail.detector_settings())
-    assert detector.state.bytes_per_sample == 40
+    assert detector.state.bytes_per_sample == 48
     run = make_stream("fixed", N, 2)
     image, text = run.embeds(0.0)
     for start in range(0, N, BATCH):
@@ -221,7 +280,7 @@ def test_state_bytes_follow_the_rule_and_round_trip(tmp_path):
     assert set(detector.state_dict()) == {
         f"{s}.{c}"
         for s in ("image", "text")
-        for c in ("lambda", "scale", "centre", "innovation", "visits")
+        for c in ("lambda", "scale", "centre", "innovation", "density", "visits")
     }
     other = build_detector("glofnd", num_samples=N, config=adam.detector_settings())
     with pytest.raises(ValueError, match="another rule"):
@@ -229,12 +288,15 @@ def test_state_bytes_follow_the_rule_and_round_trip(tmp_path):
 
 
 def test_state_of_the_earlier_tail_rule_still_loads():
-    """0.2.0.dev0 stored lambda, scale and visits: the centre starts at the threshold."""
+    """0.2.0.dev0 stored lambda, scale and visits: the centre starts at the threshold. The
+    centred rule before the local step (40 bytes) had no density: it starts at the
+    exponential tail's alpha / scale, as a first visit does (0 where no scale yet)."""
     state = {
         f"{side}.{column}": (torch.rand(N) * 9).floor() if column == "visits" else torch.rand(N) / 2
         for side in ("image", "text")
         for column in ("lambda", "scale", "visits")
     }
+    state["text.scale"][:5] = 0.0  # never visited
     detector = build_detector("glofnd", num_samples=N, config=GloFNDConfig(alpha=ALPHA))
     detector.load_state_dict(state)
     loaded = detector.state_dict()
@@ -243,6 +305,13 @@ def test_state_of_the_earlier_tail_rule_still_loads():
             assert torch.equal(loaded[f"{side}.{column}"], state[f"{side}.{column}"])
         assert torch.equal(loaded[f"{side}.centre"], state[f"{side}.lambda"])
         assert torch.equal(loaded[f"{side}.innovation"], torch.ones(N))
+        scale = state[f"{side}.scale"]
+        expected = torch.where(scale > 0, ALPHA / scale.clamp(min=1e-30), 0.0)
+        assert torch.allclose(loaded[f"{side}.density"], expected)
+    assert torch.equal(loaded["text.density"][:5], torch.zeros(5))
+    centred = {k: v for k, v in loaded.items() if not k.endswith(".density")}  # 40 bytes
+    detector.load_state_dict(centred)
+    assert torch.allclose(detector.state_dict()["image.density"], loaded["image.density"])
     del state["text.scale"]
     with pytest.raises(ValueError, match="missing.*text.scale"):
         detector.load_state_dict(state)

@@ -43,6 +43,7 @@ def tail_estimate(
     size: int,
     upper: float | None = 1.0,
     with_size: bool = False,
+    with_top: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """Per anchor, the batch's estimate of the (1 - alpha) quantile and the tail scale,
     and the top negative and the (k+1)-th largest ``u`` that the estimate starts from.
@@ -56,7 +57,9 @@ def tail_estimate(
     is a generalised Pareto that ends at ``upper`` and has the observed mean excess, which
     is the exponential one when the top lies far below the bound (``upper=None``: always
     exponential). Returns (2, b) tensors (q_hat, beta, top, u), and the number k of
-    exceedances used when ``with_size``; NaN for anchors with fewer than two negatives.
+    exceedances used when ``with_size``; NaN for anchors with fewer than two negatives. With
+    ``with_top`` also the (2, b, k_max + 1) largest negatives in descending order (``-inf``
+    past a row's negatives), from the same ``topk``.
     """
     width = sim.shape[-1]
     n = negatives.sum(-1).expand(sim.shape[:-1])  # (2, b)
@@ -81,4 +84,6 @@ def tail_estimate(
     valid = n >= 2
     nan = torch.full_like(q_hat, float("nan"))
     values = tuple(torch.where(valid, x, nan) for x in (q_hat, beta, top[..., 0], u))
-    return (*values, k.to(sim.dtype)) if with_size else values
+    if with_size:
+        values = (*values, k.to(sim.dtype))
+    return (*values, top) if with_top else values

@@ -14,16 +14,20 @@ Two rules turn ``g`` into a step:
     the batch's top similarities over the next one): ``lambda -= w_t * beta * g / alpha``,
     with ``w_t = max(1 / t, step_floor)`` for the anchor's t-th visit. For an exponential
     tail ``beta / alpha`` is the inverse density at the quantile, so this is a Newton step
-    whatever the spread of the similarities. The first visit starts at the batch's tail
-    estimate of the quantile ``q_hat`` (exceedances over the batch's top-k, extrapolated to
-    alpha); a step never crosses the batch's top negative going up nor its (k+1)-th going
-    down. The threshold is then held near a *centre*, a running mean of the visits' q_hat
-    whose gain rises from about 0.3 towards 1 when the estimates move by more than their own
-    noise (a test kept per anchor): the offset ``x = lambda - centre`` is shrunk to
-    ``x * c^2 / (x^2 + c^2)`` with ``c = band * beta``. Small offsets pass, so visits
-    average; large ones (a threshold left behind when the embeddings moved faster than one
-    visit per epoch can follow) are pulled back instead of leaving the threshold parked at a
-    bound.
+    whatever the spread of the similarities. Where the similarities near the threshold are
+    denser than that tail implies (a plateau of near-duplicates), the step shrinks to
+    ``alpha / density``, the inverse of a running mean of the batches' local density around
+    the threshold. The first visit starts at the batch's tail estimate of the quantile
+    ``q_hat`` (exceedances over the batch's top-k, extrapolated to alpha). A step does not
+    cross the batch's own evidence: going down, no further than its (k+1)-th largest
+    negative; going up, past no more than about ``step_floor`` of the batch's excess
+    exceedances (``m - alpha n`` of the ``m`` above the threshold). The threshold is then
+    held near a *centre*, a running mean of the visits' q_hat whose gain rises from about
+    0.3 towards 1 when the estimates move by more than their own noise (a test kept per
+    anchor): the offset ``x = lambda - centre`` is shrunk to ``x * c^2 / (x^2 + c^2)`` with
+    ``c = band * beta``. Small offsets pass, so visits average; large ones (a threshold left
+    behind when the embeddings moved faster than one visit per epoch can follow) are pulled
+    back instead of leaving the threshold parked at a bound.
 ``adam`` / ``reference``
     Adam on ``g`` with learning rate ``lr`` (the reference implementation). ``reference``
     corrects Adam's bias with ``t = epoch + 1`` exactly as the reference code does; ``adam``
@@ -50,6 +54,9 @@ LAMBDA = 0  # every rule keeps the threshold in column 0 and the visit count las
 UpdateRule = Literal["tail", "adam", "reference"]
 UPDATE_RULES: tuple[str, ...] = ("tail", "adam", "reference")
 THRESHOLD_RANGE = ValueRange(-1.0, 1.0)  # thresholds are cosine similarities (clamped)
+# The tail rule's density window around the threshold, +- this many tail scales: narrow
+# enough to see a plateau of near-duplicates, wide enough to hold a few batch negatives.
+DENSITY_WINDOW = 0.25
 
 
 @dataclass
@@ -80,7 +87,9 @@ class GloFNDConfig:
         "follows drift faster; larger: averages more).",
     )
     step_floor: float = setting(
-        0.2, "tail rule: smallest step weight; the 1/t decay stops here so thresholds follow drift."
+        0.2,
+        "tail rule: smallest step weight; the 1/t decay stops here so thresholds follow drift. "
+        "A step up passes at most about this share of a batch's excess exceedances.",
     )
     drift_rate: float = setting(
         0.3,
@@ -153,14 +162,25 @@ class GloFNDConfig:
 # Per-anchor statistics of one batch
 # ------------------------------------------------------------------------------------------
 def pinball_gradient(
-    sim: torch.Tensor, negatives: torch.Tensor, lam: torch.Tensor, alpha: float
+    sim: torch.Tensor,
+    negatives: torch.Tensor,
+    lam: torch.Tensor,
+    alpha: float,
+    above: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(2, b) ``alpha - fraction of negatives above lambda``; 0 for anchors without
-    negatives (they carry no information). ``sim``: (2, b, B); ``lam``: (2, b)."""
+    negatives (they carry no information). ``sim``: (2, b, B); ``lam``: (2, b); ``above``:
+    the (2, b) counts of negatives above ``lam`` when the caller has them."""
     count = negatives.sum(-1).clamp(min=1).to(sim.dtype)
-    above = ((sim > lam.unsqueeze(-1)) & negatives).sum(-1)
+    if above is None:
+        above = exceedances(sim, negatives, lam)
     grad = alpha - above.to(sim.dtype) / count
     return torch.where(negatives.any(-1), grad, torch.zeros_like(grad))
+
+
+def exceedances(sim: torch.Tensor, negatives: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """(2, b) number of each anchor's negatives above its threshold."""
+    return ((sim > lam.unsqueeze(-1)) & negatives).sum(-1)
 
 
 # ------------------------------------------------------------------------------------------
@@ -205,18 +225,28 @@ class ThresholdRule(ABC):
 
 
 class TailRule(ThresholdRule):
-    """Steps in units of the anchor's tail scale, kept near a running mean of the batches'
-    own estimates that follows drift and averages noise."""
+    """Steps in units of the anchor's tail scale (smaller where the similarities near the
+    threshold are denser), kept near a running mean of the batches' own estimates that
+    follows drift and averages noise."""
 
-    columns = ("lambda", "scale", "centre", "innovation", "visits")
-    fill = (1.0, 0.0, 1.0, 1.0, 0.0)
-    valid = (THRESHOLD_RANGE, NON_NEGATIVE, THRESHOLD_RANGE, NON_NEGATIVE, COUNT)
-    # pinball gradient, q_hat, beta, top negative, (k+1)-th largest, q_hat's relative variance
-    num_statistics = 6
+    columns = ("lambda", "scale", "centre", "innovation", "density", "visits")
+    fill = (1.0, 0.0, 1.0, 1.0, 0.0, 0.0)
+    valid = (
+        THRESHOLD_RANGE,
+        NON_NEGATIVE,
+        THRESHOLD_RANGE,
+        NON_NEGATIVE,
+        NON_NEGATIVE,
+        COUNT,
+    )
+    # pinball gradient, q_hat, beta, highest step up, (k+1)-th largest, q_hat's relative
+    # variance, local density at lambda
+    num_statistics = 7
 
     def upgrade(self, state):
         # Checkpoints of 0.2.0.dev0 have lambda, scale and visits only: the centre starts at
-        # the threshold, with no evidence of drift.
+        # the threshold, with no evidence of drift. Those without a density (before the
+        # local step) start from the exponential tail's alpha / scale, as a first visit does.
         new = {}
         for side in SIDES:
             lam = state.get(f"{side}.lambda")
@@ -224,28 +254,68 @@ class TailRule(ThresholdRule):
                 new[f"{side}.centre"] = lam.clone()
             if lam is not None and f"{side}.innovation" not in state:
                 new[f"{side}.innovation"] = torch.ones_like(lam)
+            scale = state.get(f"{side}.scale")
+            if scale is not None and f"{side}.density" not in state:
+                positive = scale > 0
+                new[f"{side}.density"] = torch.where(
+                    positive, self.config.alpha / torch.where(positive, scale, 1.0), 0.0
+                ).to(scale.dtype)
         return {**state, **new}
 
     def statistics(self, sim, negatives, lam):
         cfg = self.config
-        grad = pinball_gradient(sim, negatives, lam, cfg.alpha)
-        q_hat, beta, top, kth, k = tail_estimate(
-            sim, negatives, cfg.alpha, cfg.tail_size, with_size=True
+        above = exceedances(sim, negatives, lam)
+        grad = pinball_gradient(sim, negatives, lam, cfg.alpha, above)
+        q_hat, beta, _, kth, k, ordered = tail_estimate(
+            sim, negatives, cfg.alpha, cfg.tail_size, with_size=True, with_top=True
         )
         # Variance of q_hat = u + beta * L in units of beta^2 for an exponential tail fitted
         # to k exceedances: u and beta each carry about 1/k, and beta's is multiplied by L^2.
         extrapolation = ((q_hat - kth) / beta).clamp(min=0.0)
         noise = (1.0 + extrapolation * extrapolation) / k
-        return torch.stack([grad, q_hat, beta, top, kth, noise], dim=-1).to(torch.float32)
+        n = negatives.sum(-1).expand(above.shape).to(sim.dtype)
+        # Highest step up: the r-th largest negative with r = (1 - w) m + w alpha n, so that a
+        # step of weight w = step_floor passes at most about w of the batch's excess m - alpha n
+        # (r = 1, the top negative, where m <= 1). Near-duplicates above the threshold then
+        # stay detected in their own batch instead of being stepped over all at once.
+        w = cfg.step_floor
+        r = torch.ceil((1.0 - w) * above.to(sim.dtype) + w * cfg.alpha * n)
+        r = torch.minimum(r.clamp(min=1.0), n.clamp(min=1.0)).clamp(max=ordered.shape[-1])
+        up_cap = ordered.gather(-1, r.long().unsqueeze(-1) - 1).squeeze(-1)
+        # Local density at lambda: the batch's negatives within +-h = DENSITY_WINDOW * beta,
+        # per unit similarity and negative. For an exponential tail of scale beta the window
+        # holds alpha n 2 sinh(DENSITY_WINDOW) of them in expectation at the quantile, so the
+        # estimate is alpha / beta there: the step is then the tail scale's. Counted among
+        # the top k + 1 (O(k) per anchor, not O(B)): the window reaches below them only when
+        # lambda sits below the batch's k-th largest, far under the quantile, where a step
+        # as large as the tail scale is wanted anyway.
+        h = (DENSITY_WINDOW * beta).clamp(min=1e-6)
+        near = ((ordered - lam.unsqueeze(-1)).abs() <= h.unsqueeze(-1)).sum(-1)
+        calibration = math.sinh(DENSITY_WINDOW) / DENSITY_WINDOW
+        density = near.to(sim.dtype) / (n.clamp(min=1.0) * 2.0 * h * calibration)
+        up_cap = torch.where(torch.isfinite(q_hat), up_cap, q_hat)
+        return torch.stack([grad, q_hat, beta, up_cap, kth, noise, density], dim=-1).to(
+            torch.float32
+        )
 
     def step(self, rows, stats, epoch):
         cfg = self.config
-        lam, scale, centre, innovation, visits = rows.unbind(-1)
-        grad, q_hat, beta, top, kth, noise = stats.to(torch.float32).unbind(-1)
+        lam, scale, centre, innovation, density, visits = rows.unbind(-1)
+        grad, q_hat, beta, up_cap, kth, noise, local_density = stats.to(torch.float32).unbind(-1)
         first = visits == 0
         visit = visits + 1.0
         weight = torch.clamp(1.0 / visit, min=cfg.step_floor)
         new_scale = torch.where(first, beta, scale + weight * (beta - scale))
+        # The density's running mean starts at the exponential tail's alpha / beta (the first
+        # visit's threshold, 1.0, says nothing about the density at the quantile).
+        new_density = torch.where(
+            first, cfg.alpha / beta, density + weight * (local_density - density)
+        )
+        # Step unit: the inverse density at the threshold, alpha / density, where the
+        # similarities there are denser than the tail scale implies (a plateau), else the
+        # tail scale. A step sized by beta there would jump across the plateau and let in
+        # or drop many samples at once.
+        unit = torch.minimum(new_scale, cfg.alpha / new_density.clamp(min=1e-30))
         # The centre: a running mean of the batch estimates q_hat whose gain 1 - 1/innovation
         # (at least 1/t) follows a test of drift against noise. `innovation` is an
         # exponential mean of the squared innovation (q_hat - centre) over q_hat's own
@@ -258,13 +328,14 @@ class TailRule(ThresholdRule):
         gain = torch.maximum(1.0 / visit, 1.0 - 1.0 / new_innovation.clamp(min=1.0))
         new_centre = torch.where(first, q_hat, centre + gain * delta)
         new_innovation = torch.where(first, torch.ones_like(innovation), new_innovation)
-        new_lam = lam - weight * new_scale * (grad / cfg.alpha)
-        # A step does not cross the batch's own evidence: up no further than its top negative,
-        # down no further than the (k+1)-th (where the batch already holds > 2 alpha of its
-        # negatives). This binds where a lumpy tail (near-duplicates) makes beta a poor local
-        # scale, and a full step would jump past the quantile to the clamp.
+        new_lam = lam - weight * unit * (grad / cfg.alpha)
+        # A step does not cross the batch's own evidence: down no further than the (k+1)-th
+        # largest negative (where the batch already holds > 2 alpha of its negatives), up
+        # no further than `up_cap` (past about w of the batch's excess exceedances). This
+        # binds where a lumpy tail (near-duplicates) makes a full step jump past the
+        # quantile, to the clamp or over every exceedance of the batch.
         new_lam = torch.minimum(
-            torch.maximum(new_lam, torch.minimum(lam, kth)), torch.maximum(lam, top)
+            torch.maximum(new_lam, torch.minimum(lam, kth)), torch.maximum(lam, up_cap)
         )
         # Pull towards the centre, the more the further off: offsets x well inside
         # band * scale pass almost unchanged, far ones (a stale threshold after the
@@ -274,7 +345,15 @@ class TailRule(ThresholdRule):
         new_lam = new_centre + offset * width_sq / (offset * offset + width_sq)
         new_lam = torch.where(first, q_hat, new_lam).clamp(-1.0, 1.0)
         new = torch.stack(
-            [new_lam, new_scale, new_centre.clamp(-1.0, 1.0), new_innovation, visit], dim=-1
+            [
+                new_lam,
+                new_scale,
+                new_centre.clamp(-1.0, 1.0),
+                new_innovation,
+                new_density,
+                visit,
+            ],
+            dim=-1,
         )
         # Anchors without a tail estimate (fewer than two negatives) keep their row.
         return torch.where(torch.isfinite(q_hat).unsqueeze(-1), new, rows)
@@ -350,7 +429,7 @@ class ThresholdState:
 
     Stored as one (N, 2, C) float32 table (side x the rule's columns) so that a step reads
     and writes every quantity of the touched anchors with a single gather and a single
-    scatter: 40 bytes per sample with the tail rule, 32 with Adam. Host memory is fine for
+    scatter: 48 bytes per sample with the tail rule, 32 with Adam. Host memory is fine for
     large N.
     """
 
