@@ -300,10 +300,14 @@ class StudyClipLoss(ClipLoss):
     and records the realised filtered fraction. Observing twice (should the base loss call
     ``observe`` too) writes the same rows twice: harmless."""
 
-    def __call__(self, image_embeds, text_embeds, logit_scale, index=None, epoch=0.0, labels=None):
+    def __call__(
+        self, image_embeds, text_embeds, logit_scale, index=None, epoch=0.0, labels=None, **kwargs
+    ):
         if index is not None:
             self.detector.observe(index, image_embeds, text_embeds)
-        out = super().__call__(image_embeds, text_embeds, logit_scale, index, epoch, labels)
+        out = super().__call__(
+            image_embeds, text_embeds, logit_scale, index, epoch, labels, **kwargs
+        )
         c = self.detector.counts(epoch)
         c.filtered.append(float(sum(out.stats[f"filtered_fraction_{s}"] for s in SIDES)) / 2)
         c.loss.append(float(out.loss.detach()))

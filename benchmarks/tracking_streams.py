@@ -151,6 +151,7 @@ RULES = {
     "adam": dict(update_rule="adam"),
     "adam+init_quantile": dict(update_rule="adam", init_quantile=True),
     "tail": dict(update_rule="tail"),
+    "tail+local_step": dict(update_rule="tail", local_step=True),
     "batch_quantile": None,
 }
 

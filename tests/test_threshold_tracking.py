@@ -150,8 +150,9 @@ def test_tail_step_by_hand():
 def test_tail_step_shrinks_where_the_similarities_are_dense():
     """On a plateau (local density far above the tail's alpha / beta) the step is the
     inverse density alpha / density, not the tail scale; where the data are sparser than
-    the tail implies, the tail scale still bounds it."""
-    rule = GloFNDConfig(alpha=0.01, step_floor=0.2).rule()
+    the tail implies, the tail scale still bounds it. Without local_step (the default) the
+    step is the tail scale's on both."""
+    rule = GloFNDConfig(alpha=0.01, step_floor=0.2, local_step=True).rule()
     # No exceedance (g = alpha): a step down by w * unit; the centre sits at lambda, so the
     # pull changes nothing.
     rows = torch.tensor([[[0.5, 0.1, 0.5, 1.0, 2.0, 9.0], [0.5, 0.1, 0.5, 1.0, 0.05, 9.0]]])
@@ -167,6 +168,9 @@ def test_tail_step_shrinks_where_the_similarities_are_dense():
     # Sparse: alpha / 0.05 = 0.2 > the tail scale 0.1: the step is 0.2 * 0.1 = 0.02.
     offset = -0.02
     assert sparse[0].item() == pytest.approx(0.5 + offset * 0.01 / (offset**2 + 0.01))
+    default = GloFNDConfig(alpha=0.01, step_floor=0.2).rule().step(rows, stats, epoch=1.0)
+    assert default[0, :, 0].tolist() == pytest.approx([sparse[0].item()] * 2)
+    assert default[0, 0, 4].item() == pytest.approx(2.0)  # the density is still tracked
 
 
 def test_tail_statistics_bound_the_step_up_and_measure_the_local_density():
@@ -174,7 +178,7 @@ def test_tail_statistics_bound_the_step_up_and_measure_the_local_density():
     exceedances; the local density is calibrated to alpha / beta on an exponential tail and
     rises on a plateau of near-duplicates."""
     alpha = 0.005
-    rule = GloFNDConfig(alpha=alpha, tail_size=8, step_floor=0.2).rule()
+    rule = GloFNDConfig(alpha=alpha, tail_size=8, step_floor=0.2, local_step=True).rule()
     body = torch.linspace(0.0, 0.3, 94)
     above = torch.tensor([0.9, 0.8, 0.7, 0.65, 0.6, 0.55])
     sim = torch.cat([above, body]).view(1, 1, 100).expand(2, 1, 100).contiguous()
@@ -182,6 +186,10 @@ def test_tail_statistics_bound_the_step_up_and_measure_the_local_density():
     # m = 6 above 0.5, alpha n = 0.5: r = ceil(0.8 * 6 + 0.2 * 0.5) = 5 -> the 5th largest.
     stats = rule.statistics(sim, negatives, torch.full((2, 1), 0.5))
     assert stats[..., 3].flatten().tolist() == pytest.approx([0.6, 0.6])
+    # Without local_step (the default): the top negative.
+    default = GloFNDConfig(alpha=alpha, tail_size=8).rule()
+    stats = default.statistics(sim, negatives, torch.full((2, 1), 0.5))
+    assert stats[..., 3].flatten().tolist() == pytest.approx([0.9, 0.9])
     # One exceedance (or none): the top negative, as before.
     stats = rule.statistics(sim, negatives, torch.full((2, 1), 0.85))
     assert stats[..., 3].flatten().tolist() == pytest.approx([0.9, 0.9])

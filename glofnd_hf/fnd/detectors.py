@@ -383,6 +383,7 @@ class GloFNDDetector(RowwiseDetector):
                 band=cfg.band,
                 step_floor=cfg.step_floor,
                 drift_rate=cfg.drift_rate,
+                local_step=cfg.local_step,
             )
         else:
             out.update(

@@ -14,14 +14,15 @@ Two rules turn ``g`` into a step:
     the batch's top similarities over the next one): ``lambda -= w_t * beta * g / alpha``,
     with ``w_t = max(1 / t, step_floor)`` for the anchor's t-th visit. For an exponential
     tail ``beta / alpha`` is the inverse density at the quantile, so this is a Newton step
-    whatever the spread of the similarities. Where the similarities near the threshold are
-    denser than that tail implies (a plateau of near-duplicates), the step shrinks to
-    ``alpha / density``, the inverse of a running mean of the batches' local density around
-    the threshold. The first visit starts at the batch's tail estimate of the quantile
-    ``q_hat`` (exceedances over the batch's top-k, extrapolated to alpha). A step does not
-    cross the batch's own evidence: going down, no further than its (k+1)-th largest
-    negative; going up, past no more than about ``step_floor`` of the batch's excess
-    exceedances (``m - alpha n`` of the ``m`` above the threshold). The threshold is then
+    whatever the spread of the similarities. The first visit starts at the batch's tail
+    estimate of the quantile ``q_hat`` (exceedances over the batch's top-k, extrapolated to
+    alpha). A step does not cross the batch's own evidence: going down, no further than its
+    (k+1)-th largest negative; going up, no further than its top negative. With
+    ``local_step``, where the similarities near the threshold are denser than that tail
+    implies (a plateau of near-duplicates), the step shrinks to ``alpha / density``, the
+    inverse of a running mean of the batches' local density around the threshold, and a
+    step up passes no more than about ``step_floor`` of the batch's excess exceedances
+    (``m - alpha n`` of the ``m`` above the threshold). The threshold is then
     held near a *centre*, a running mean of the visits' q_hat whose gain rises from about
     0.3 towards 1 when the estimates move by more than their own noise (a test kept per
     anchor): the offset ``x = lambda - centre`` is shrunk to ``x * c^2 / (x^2 + c^2)`` with
@@ -89,7 +90,16 @@ class GloFNDConfig:
     step_floor: float = setting(
         0.2,
         "tail rule: smallest step weight; the 1/t decay stops here so thresholds follow drift. "
-        "A step up passes at most about this share of a batch's excess exceedances.",
+        "With local_step, a step up passes at most about this share of a batch's excess "
+        "exceedances.",
+    )
+    local_step: bool = setting(
+        False,
+        "tail rule: size steps by the local density of similarities at the threshold where "
+        "that is denser than the tail implies (a plateau of near-duplicates), and cap a step "
+        "up at about step_floor of a batch's excess exceedances, instead of steps in tail "
+        "scales capped at the batch's top negative. Closer to the quantile in the demo, "
+        "further in the training study (docs/threshold-tracking.md).",
     )
     drift_rate: float = setting(
         0.3,
@@ -266,7 +276,7 @@ class TailRule(ThresholdRule):
         cfg = self.config
         above = exceedances(sim, negatives, lam)
         grad = pinball_gradient(sim, negatives, lam, cfg.alpha, above)
-        q_hat, beta, _, kth, k, ordered = tail_estimate(
+        q_hat, beta, top, kth, k, ordered = tail_estimate(
             sim, negatives, cfg.alpha, cfg.tail_size, with_size=True, with_top=True
         )
         # Variance of q_hat = u + beta * L in units of beta^2 for an exponential tail fitted
@@ -274,26 +284,19 @@ class TailRule(ThresholdRule):
         extrapolation = ((q_hat - kth) / beta).clamp(min=0.0)
         noise = (1.0 + extrapolation * extrapolation) / k
         n = negatives.sum(-1).expand(above.shape).to(sim.dtype)
-        # Highest step up: the r-th largest negative with r = (1 - w) m + w alpha n, so that a
-        # step of weight w = step_floor passes at most about w of the batch's excess m - alpha n
-        # (r = 1, the top negative, where m <= 1). Near-duplicates above the threshold then
-        # stay detected in their own batch instead of being stepped over all at once.
-        w = cfg.step_floor
-        r = torch.ceil((1.0 - w) * above.to(sim.dtype) + w * cfg.alpha * n)
-        r = torch.minimum(r.clamp(min=1.0), n.clamp(min=1.0)).clamp(max=ordered.shape[-1])
-        up_cap = ordered.gather(-1, r.long().unsqueeze(-1) - 1).squeeze(-1)
-        # Local density at lambda: the batch's negatives within +-h = DENSITY_WINDOW * beta,
-        # per unit similarity and negative. For an exponential tail of scale beta the window
-        # holds alpha n 2 sinh(DENSITY_WINDOW) of them in expectation at the quantile, so the
-        # estimate is alpha / beta there: the step is then the tail scale's. Counted among
-        # the top k + 1 (O(k) per anchor, not O(B)): the window reaches below them only when
-        # lambda sits below the batch's k-th largest, far under the quantile, where a step
-        # as large as the tail scale is wanted anyway.
-        h = (DENSITY_WINDOW * beta).clamp(min=1e-6)
-        near = ((ordered - lam.unsqueeze(-1)).abs() <= h.unsqueeze(-1)).sum(-1)
-        calibration = math.sinh(DENSITY_WINDOW) / DENSITY_WINDOW
-        density = near.to(sim.dtype) / (n.clamp(min=1.0) * 2.0 * h * calibration)
-        up_cap = torch.where(torch.isfinite(q_hat), up_cap, q_hat)
+        density = _local_density(ordered, lam, beta, n)
+        # Highest step up: the batch's top negative, or with local_step the r-th largest
+        # with r = (1 - w) m + w alpha n, so that a step of weight w = step_floor passes at
+        # most about w of the batch's excess m - alpha n (r = 1 where m <= 1).
+        # Near-duplicates above the threshold then stay detected in their own batch
+        # instead of being stepped over all at once.
+        up_cap = top
+        if cfg.local_step:
+            w = cfg.step_floor
+            r = torch.ceil((1.0 - w) * above.to(sim.dtype) + w * cfg.alpha * n)
+            r = torch.minimum(r.clamp(min=1.0), n.clamp(min=1.0)).clamp(max=ordered.shape[-1])
+            up_cap = ordered.gather(-1, r.long().unsqueeze(-1) - 1).squeeze(-1)
+            up_cap = torch.where(torch.isfinite(q_hat), up_cap, q_hat)
         return torch.stack([grad, q_hat, beta, up_cap, kth, noise, density], dim=-1).to(
             torch.float32
         )
@@ -315,7 +318,9 @@ class TailRule(ThresholdRule):
         # similarities there are denser than the tail scale implies (a plateau), else the
         # tail scale. A step sized by beta there would jump across the plateau and let in
         # or drop many samples at once.
-        unit = torch.minimum(new_scale, cfg.alpha / new_density.clamp(min=1e-30))
+        unit = new_scale
+        if cfg.local_step:
+            unit = torch.minimum(new_scale, cfg.alpha / new_density.clamp(min=1e-30))
         # The centre: a running mean of the batch estimates q_hat whose gain 1 - 1/innovation
         # (at least 1/t) follows a test of drift against noise. `innovation` is an
         # exponential mean of the squared innovation (q_hat - centre) over q_hat's own
@@ -357,6 +362,24 @@ class TailRule(ThresholdRule):
         )
         # Anchors without a tail estimate (fewer than two negatives) keep their row.
         return torch.where(torch.isfinite(q_hat).unsqueeze(-1), new, rows)
+
+
+def _local_density(
+    ordered: torch.Tensor, lam: torch.Tensor, beta: torch.Tensor, n: torch.Tensor
+) -> torch.Tensor:
+    """(2, b) the batch's negatives within +-h = DENSITY_WINDOW * beta of lambda, per unit
+    similarity and negative.
+
+    For an exponential tail of scale beta the window holds alpha n 2 sinh(DENSITY_WINDOW) of
+    them in expectation at the quantile, so the estimate is alpha / beta there: the step is
+    then the tail scale's. Counted among the top k + 1 (``ordered``; O(k) per anchor, not
+    O(B)): the window reaches below them only when lambda sits below the batch's k-th
+    largest, far under the quantile, where a step as large as the tail scale is wanted.
+    """
+    h = (DENSITY_WINDOW * beta).clamp(min=1e-6)
+    near = ((ordered - lam.unsqueeze(-1)).abs() <= h.unsqueeze(-1)).sum(-1)
+    calibration = math.sinh(DENSITY_WINDOW) / DENSITY_WINDOW
+    return near.to(ordered.dtype) / (n.clamp(min=1.0) * 2.0 * h * calibration)
 
 
 class AdamRule(ThresholdRule):
