@@ -20,7 +20,7 @@ from ..fnd.detectors import DetectionBatch, FalseNegativeDetector, NoDetector, R
 from ..fnd.table import StateError
 from ..fnd.thresholds import SIDES
 from .masks import Masks, StepMasks, Strategy
-from .rows import RowSimilarities
+from .rows import RowSimilarities, chunk_bounds
 
 __all__ = ["BimodalContrastiveLoss", "LossOutput", "Masks", "Strategy"]
 
@@ -203,7 +203,7 @@ class BimodalContrastiveLoss(ABC):
             bias_leaf = {k: rows.leaf(v) for k, v in bias.items()}
             step = self._start_step(rows.image, rows.text, rows.width, index, epoch, labels)
             b = image_embeds.shape[0]
-            bounds = [(s, min(s + rows_per_chunk, b)) for s in range(0, b, rows_per_chunk)]
+            bounds = chunk_bounds(b, rows_per_chunk)
             with torch.no_grad():
                 detection = self.detector.detect_rows(rows, bounds, step.batch)
             extra = {}

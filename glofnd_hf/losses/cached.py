@@ -30,19 +30,13 @@ import torch
 from torch import Tensor, nn
 
 from .base import BimodalContrastiveLoss, LossOutput
+from .rows import chunk_bounds
 
 Encode = Callable[[int], tuple[Tensor, ...]]
 """``encode(i)``: image embeddings, text embeddings and logit scale of chunk ``i``, and the
 logit bias where the model has one (SigLIP; ``None`` or left out otherwise)."""
 
 __all__ = ["CachedStepResult", "Encode", "RandomState", "cached_contrastive_step", "chunk_bounds"]
-
-
-def chunk_bounds(batch_size: int, chunk_size: int) -> list[tuple[int, int]]:
-    """``[start, end)`` of each chunk: ``chunk_size`` pairs, the last one possibly fewer."""
-    if chunk_size < 1:
-        raise ValueError(f"chunk size must be positive, got {chunk_size}")
-    return [(s, min(s + chunk_size, batch_size)) for s in range(0, batch_size, chunk_size)]
 
 
 @dataclass

@@ -8,6 +8,13 @@ import torch.nn.functional as F
 from ..fnd import comm
 
 
+def chunk_bounds(batch_size: int, chunk_size: int) -> list[tuple[int, int]]:
+    """``[start, end)`` of each chunk: ``chunk_size`` pairs, the last one possibly fewer."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk size must be positive, got {chunk_size}")
+    return [(s, min(s + chunk_size, batch_size)) for s in range(0, batch_size, chunk_size)]
+
+
 class RowSimilarities:
     """The (2, rows, B) similarities of any local anchor rows against the global batch,
     computed on demand from the normalised (and gathered) embeddings.
