@@ -6,6 +6,7 @@ Rank 0 writes the final parameters, the state, the per-step digests and the logs
 """
 
 import argparse
+import gc
 import os
 import sys
 
@@ -15,6 +16,8 @@ from transformers import TrainerCallback
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
 from callbacks import StopAt  # noqa: E402
+
+from distributed.common import shut_down_process_group  # noqa: E402
 
 GLOBAL_BATCH = 8
 
@@ -92,15 +95,22 @@ def run(
     trainer.train(resume_from_checkpoint=resume)
     params = {n: p.detach().clone() for n, p in adapter.model.named_parameters()}
     world_size = trainer.args.world_size
-    if world_size > 1:
-        trainer.accelerator.end_training()  # tear the process group down cleanly
-    return {
+    result = {
         "params": params,
         "state": trainer.contrastive_loss.state_dict(),
         "digests": digest.digests,
         "logs": trainer.state.log_history,
         "world": world_size,
     }
+    if world_size > 1:
+        # DDP's reducer holds the group: drop every reference to the wrapped model, then
+        # leave the group together (a rank tearing down alone makes gloo abort the other).
+        trainer.accelerator.free_memory()
+        trainer.model_wrapped = None
+        del trainer
+        gc.collect()
+        shut_down_process_group()
+    return result
 
 
 if __name__ == "__main__":
