@@ -261,6 +261,7 @@ def _two_rank_worker(rank, world, init_file, out):
             negatives = index.unsqueeze(0) != local.unsqueeze(1)
             det.detect(sim, DetectionBatch(local, index, negatives, step / 6.0))
         torch.save(det.state_dict(), f"{out}.rank{rank}")
+        dist.barrier()  # leave together: gloo aborts a rank whose peer tears down first
     finally:
         dist.destroy_process_group()
 
