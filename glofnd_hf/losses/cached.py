@@ -144,7 +144,6 @@ def cached_contrastive_step(
             rows_per_chunk=max(sizes),
         )  # a float32 graph with no parameters in it: no loss scale needed
     after_loss = RandomState.capture(device)  # anything the loss drew stays drawn
-    result = out
     logit_scale = scale_leaf.detach().to(scale.dtype)
     logit_bias = None if bias_leaf is None else bias_leaf.detach().to(bias.dtype)
     image_grads = (image_leaf.grad * loss_weight).split(sizes)
@@ -153,7 +152,7 @@ def cached_contrastive_step(
         None if leaf is None or leaf.grad is None else leaf.grad * loss_weight
         for leaf in (scale_leaf, bias_leaf)
     ]
-    del out, image_leaf, text_leaf, scale_leaf, bias_leaf
+    del image_leaf, text_leaf, scale_leaf, bias_leaf  # the loss's output is detached
 
     for i in range(num_chunks):
         last = i == num_chunks - 1
@@ -173,7 +172,7 @@ def cached_contrastive_step(
             backward(surrogate)
             del image, text, surrogate
     after_loss.restore()
-    return CachedStepResult(result, logit_scale, logit_bias)
+    return CachedStepResult(out, logit_scale, logit_bias)
 
 
 def _unpack(encoded: tuple[Tensor, ...]) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
