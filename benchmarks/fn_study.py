@@ -248,6 +248,9 @@ class RecordingDetector(FalseNegativeDetector):
         self.requires_labels = inner.requires_labels
         self.epochs: dict[int, EpochCounts] = {}
         self.ifnd_rounds: list[dict[str, float]] = []
+        # With --record: every batch the detector saw (indices, similarities, epoch), so
+        # that threshold rules can be replayed offline on the same stream.
+        self.batches: list[dict[str, Any]] | None = None
 
     @property
     def num_samples(self):
@@ -261,6 +264,15 @@ class RecordingDetector(FalseNegativeDetector):
             self.inner.observe(index, image_embeds, text_embeds)
 
     def detect(self, sim: torch.Tensor, batch: DetectionBatch) -> Detection:
+        if self.batches is not None:
+            self.batches.append(
+                {
+                    "index": batch.anchor_index.clone(),
+                    "negatives": batch.negatives.clone(),
+                    "sim": sim.detach().clone(),
+                    "epoch": batch.epoch,
+                }
+            )
         out = self.inner.detect(sim, batch)
         c = self.counts(batch.epoch)
         truth = batch.anchor_labels.unsqueeze(1) == batch.candidate_labels.unsqueeze(0)
@@ -341,12 +353,18 @@ class ThresholdSnapshots(TrainerCallback):
         labels: torch.Tensor,
         alpha: float,
         at_epochs: list[int],
+        exact_every_epoch: bool = False,
     ) -> None:
         self.study, self.detector, self.alpha = study, detector, alpha
         self.at = set(at_epochs)
         # The epoch before each snapshot too: its exact quantiles, held for one epoch, are
         # what a rule that refreshes each threshold once per epoch could at best hold.
         self.exact_at = self.at | {e - 1 for e in self.at}
+        # With --record, every epoch's exact quantiles are kept for offline replays.
+        self.exact_history: dict[int, torch.Tensor] | None = None
+        if exact_every_epoch:
+            self.exact_at |= set(range(1, study.epochs + 1))
+            self.exact_history = {}
         self._previous_exact: tuple[int, torch.Tensor] | None = None
         self.labels = labels
         self.embedder = ZeroShotEvaluator(train, show_progress=False, batch_size=256)
@@ -365,6 +383,8 @@ class ThresholdSnapshots(TrainerCallback):
         negatives = ~torch.eye(n, dtype=torch.bool)
         exact = masked_quantile(sims, negatives, 1.0 - self.alpha)  # (2, N)
         previous, self._previous_exact = self._previous_exact, (epoch, exact)
+        if self.exact_history is not None:
+            self.exact_history[epoch] = exact.clone()
         if epoch not in self.at:
             return
         state_dict = self.detector.state_dict()
@@ -496,7 +516,11 @@ class Study:
         return {}
 
 
-def run_one(study: Study, detector_name: str, out_dir: str) -> dict[str, Any]:
+def run_one(
+    study: Study, detector_name: str, out_dir: str, record: str | None = None
+) -> dict[str, Any]:
+    """One training run; with ``record`` (a directory) GloFND's run also saves every batch's
+    similarities and every epoch's exact quantiles there (``replay_thresholds.py``)."""
     torch.manual_seed(study.seed)
     study.adapter = build_tiny_hf_clip(seed=study.seed, texts=study.texts())
     args = GloFNDTrainingArguments(
@@ -526,6 +550,9 @@ def run_one(study: Study, detector_name: str, out_dir: str) -> dict[str, Any]:
         args.detector_settings(), args.shared_detector_settings(), num_samples=len(study.train)
     )
     recorder = RecordingDetector(inner)
+    record = record if detector_name == "glofnd" else None
+    if record is not None:
+        recorder.batches = []
     loss = StudyClipLoss(recorder, "eliminate")
     callbacks = []
     snapshots = None
@@ -533,7 +560,9 @@ def run_one(study: Study, detector_name: str, out_dir: str) -> dict[str, Any]:
         mid = round((study.mask_start + study.epochs) / 2)
         at = sorted({math.ceil(study.mask_start), mid, study.epochs})
         labels = torch.tensor(study.train.with_format(None)["semantic_label"])
-        snapshots = ThresholdSnapshots(study, inner, study.train, labels, study.alpha, at)
+        snapshots = ThresholdSnapshots(
+            study, inner, study.train, labels, study.alpha, at, exact_every_epoch=bool(record)
+        )
         callbacks.append(snapshots)
     trainer = GloFNDTrainer(
         study.adapter,
@@ -580,6 +609,22 @@ def run_one(study: Study, detector_name: str, out_dir: str) -> dict[str, Any]:
     if snapshots is not None:
         result["threshold_snapshots"] = snapshots.snapshots
         result["_arrays"] = snapshots.arrays
+    if record is not None and snapshots is not None:
+        Path(record).mkdir(parents=True, exist_ok=True)
+        path = Path(record) / f"{study.name}_seed{study.seed}.pt"
+        torch.save(
+            {
+                "alpha": study.alpha,
+                "num_samples": len(study.train),
+                "epochs": study.epochs,
+                "mask_start": study.mask_start,
+                "batches": recorder.batches,
+                "exact": snapshots.exact_history,
+                "detector": inner.config_dict(),
+            },
+            path,
+        )
+        result["record"] = str(path)
     return result
 
 
@@ -806,6 +851,7 @@ def _job(
     glofnd_lr: float,
     glofnd_clip: float | None,
     glofnd_rule: str,
+    record: str | None,
     tmp: str,
 ) -> tuple[str, str, dict[str, Any], dict[str, Any], float]:
     """One (data set, detector) run; in a worker process when ``--jobs`` > 1."""
@@ -830,7 +876,7 @@ def _job(
         ifnd=asdict(study.ifnd_config()),
     )
     t0 = time.perf_counter()
-    run = run_one(study, detector, os.path.join(tmp, f"{dataset}_{detector}"))
+    run = run_one(study, detector, os.path.join(tmp, f"{dataset}_{detector}"), record)
     return dataset, detector, settings, run, time.perf_counter() - t0
 
 
@@ -877,6 +923,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="appended to the output file names (default: '_quick' with --quick)",
     )
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument(
+        "--record",
+        metavar="DIR",
+        help="save GloFND's batches and every epoch's exact quantiles to DIR, for "
+        "benchmarks/replay_thresholds.py (about 40 MB per data set)",
+    )
     parser.add_argument("--table", metavar="JSON", help="only print the table of a results file")
     parser.add_argument(
         "--merge",
@@ -952,6 +1004,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             opts.glofnd_lr,
             opts.glofnd_clip_grad_mult,
             opts.glofnd_update_rule,
+            opts.record,
         )
         for name in names
         for det in detectors

@@ -108,6 +108,8 @@ def test_config_rejects_bad_values():
         dict(step_floor=1.5),
         dict(drift_rate=0.0),
         dict(drift_rate=2.0),
+        dict(averaging=0.0),
+        dict(averaging=1.5),
     ]:
         with pytest.raises(ValueError):
             GloFNDConfig(**kwargs)

@@ -99,19 +99,27 @@ def test_tail_estimate_stays_below_the_bound_of_cosine_similarity():
     )
 
 
+def tail_row(lam, scale, centre, innovation, density, visits, iterate=None):
+    """A tail-rule state row; the iterate equals the threshold unless given."""
+    return [lam, lam if iterate is None else iterate, scale, centre, innovation, density, visits]
+
+
 def test_tail_step_by_hand():
-    cfg = GloFNDConfig(alpha=0.01, update_rule="tail", band=1.0, step_floor=0.2, drift_rate=0.3)
+    """The iterate's step (averaging 1: the threshold is the iterate itself)."""
+    cfg = GloFNDConfig(
+        alpha=0.01, update_rule="tail", band=1.0, step_floor=0.2, drift_rate=0.3, averaging=1.0
+    )
     rule = cfg.rule()
     nan = float("nan")
-    # rows: [lambda, scale, centre, innovation, density, visits]; stats: [pinball gradient,
-    # q_hat, beta, highest step up, (k+1)-th, q_hat's variance / beta^2, local density].
-    # Densities of 0 here: the similarities are sparse near lambda, the step is the tail
-    # scale's (the dense case is the next test).
+    # rows: [lambda, iterate, scale, centre, innovation, density, visits]; stats: [pinball
+    # gradient, q_hat, beta, highest step up, (k+1)-th, q_hat's variance / beta^2, local
+    # density]. Densities of 0 here: the similarities are sparse near lambda, the step is
+    # the tail scale's (the dense case is the next test).
     rows = torch.tensor(
         [
-            [[1.0, 0.0, 1.0, 1.0, 0.0, 0.0], [0.50, 0.02, 0.54, 1.0, 0.0, 1.0]],
-            [[0.60, 0.03, 0.60, 1.2, 0.0, 9.0], [0.70, 0.02, 0.70, 1.0, 0.0, 3.0]],
-            [[0.90, 0.30, 0.96, 1.0, 0.0, 5.0], [0.90, 0.30, 0.90, 1.0, 0.0, 5.0]],
+            [tail_row(1.0, 0.0, 1.0, 1.0, 0.0, 0.0), tail_row(0.50, 0.02, 0.54, 1.0, 0.0, 1.0)],
+            [tail_row(0.60, 0.03, 0.60, 1.2, 0.0, 9.0), tail_row(0.70, 0.02, 0.70, 1.0, 0.0, 3.0)],
+            [tail_row(0.90, 0.30, 0.96, 1.0, 0.0, 5.0), tail_row(0.90, 0.30, 0.90, 1.0, 0.0, 5.0)],
         ]
     )
     stats = torch.tensor(
@@ -124,18 +132,20 @@ def test_tail_step_by_hand():
     out = rule.step(rows, stats, epoch=3.0)
     # First visit: start at the batch's estimate, take its scale; the centre starts there,
     # the density at the exponential tail's alpha / beta = 0.2.
-    assert out[0, 0].tolist() == pytest.approx([0.8, 0.05, 0.8, 1.0, 0.2, 1.0])
+    assert out[0, 0].tolist() == pytest.approx(tail_row(0.8, 0.05, 0.8, 1.0, 0.2, 1.0))
     # Second visit, w = 1/2: scale 0.02 -> 0.03. Innovation 0.55 - 0.54 = 0.01 against the
     # estimate's noise 0.25 * 0.04^2: ratio 0.25, running mean 1 + 0.3 (0.25 - 1) = 0.775,
     # no drift, so the centre's gain is 1/t = 1/2: 0.545. The step -w * scale * g / alpha =
     # +0.03 gives 0.53, 0.015 below the centre, shrunk by 0.03^2 / (0.015^2 + 0.03^2) = 0.8.
-    assert out[0, 1].tolist() == pytest.approx([0.545 - 0.012, 0.03, 0.545, 0.775, 0.0, 2.0])
+    assert out[0, 1].tolist() == pytest.approx(
+        tail_row(0.545 - 0.012, 0.03, 0.545, 0.775, 0.0, 2.0)
+    )
     # Tenth visit: the estimate fell by 0.15 = 3 beta, ratio 0.15^2 / (0.5 * 0.05^2) = 18,
     # running mean 1.2 + 0.3 (18 - 1.2) = 6.24: drift, gain 1 - 1 / 6.24 (not 1/10).
     gain = 1 - 1 / 6.24
     centre = 0.6 - 0.15 * gain
     x = 0.6 - 0.2 * 0.034 - centre  # w = max(1/10, 0.2), scale 0.034
-    expected = [centre + x * 0.034**2 / (x * x + 0.034**2), 0.034, centre, 6.24, 0.0, 10.0]
+    expected = tail_row(centre + x * 0.034**2 / (x * x + 0.034**2), 0.034, centre, 6.24, 0.0, 10.0)
     assert out[1, 0].tolist() == pytest.approx(expected)
     # No estimate (no negatives): the row is kept as it was.
     assert torch.equal(out[1, 1], rows[1, 1])
@@ -147,30 +157,71 @@ def test_tail_step_by_hand():
     assert out[2, 1, 0].item() == pytest.approx(0.9 - 0.02 * 0.09 / (0.0004 + 0.09))
 
 
+def test_threshold_averages_the_iterate_and_follows_a_large_move():
+    """The threshold moves by ``averaging`` of its lag behind the iterate while that lag is
+    small against band x scale; a lag far beyond it (the quantile moved within a visit) is
+    shrunk like (band x scale)^2 / lag, so the threshold follows the iterate."""
+    rule = GloFNDConfig(alpha=0.01, step_floor=0.2, averaging=0.5).rule()
+    # g = 0 (on the quantile): the iterate stays at 0.5, the centre there too; the threshold
+    # starts 0.01 above the iterate (small against scale 0.1), or 1.0 above it.
+    rows = torch.tensor(
+        [
+            [
+                tail_row(0.51, 0.1, 0.5, 1.0, 0.0, 9.0, 0.5),
+                tail_row(1.0, 0.1, 0.5, 1.0, 0.0, 9.0, 0.5),
+            ]
+        ]
+    )
+    stats = torch.tensor([[[0.0, 0.5, 0.1, 0.9, 0.1, 0.5, 0.0]] * 2])
+    out = rule.step(rows, stats, epoch=1.0)
+    assert out[0, :, 1].tolist() == pytest.approx([0.5, 0.5])  # the iterates
+    small = 0.01 * 0.01 / (0.01**2 + 0.01)  # lag shrunk by (band scale)^2 / (x^2 + ...)
+    large = 0.5 * 0.01 / (0.5**2 + 0.01)
+    assert out[0, 0, 0].item() == pytest.approx(0.5 + 0.5 * small)  # about half-way: 0.505
+    assert out[0, 1, 0].item() == pytest.approx(0.5 + 0.5 * large)  # within 0.02 of it
+    # averaging 1: the threshold is the iterate.
+    plain = GloFNDConfig(alpha=0.01, step_floor=0.2, averaging=1.0).rule()
+    assert plain.step(rows, stats, epoch=1.0)[0, :, 0].tolist() == pytest.approx([0.5, 0.5])
+
+
+def test_averaged_threshold_is_closer_than_the_iterate_on_fixed_embeddings(streams):
+    """Polyak averaging: on fixed embeddings the threshold (the mean of the iterate) ends
+    closer to the exact quantile than the iterate does (averaging 1)."""
+    averaged = run_stream(streams["fixed"], "tail", ALPHA, BATCH, score_epochs=set()).last
+    iterate = run_stream(
+        streams["fixed"], "tail", ALPHA, BATCH, score_epochs=set(), averaging=1.0
+    ).last
+    assert averaged.median_error < iterate.median_error, (averaged, iterate)
+    assert averaged.correlation > iterate.correlation, (averaged, iterate)
+
+
 def test_tail_step_shrinks_where_the_similarities_are_dense():
     """On a plateau (local density far above the tail's alpha / beta) the step is the
     inverse density alpha / density, not the tail scale; where the data are sparser than
     the tail implies, the tail scale still bounds it. Without local_step (the default) the
     step is the tail scale's on both."""
-    rule = GloFNDConfig(alpha=0.01, step_floor=0.2, local_step=True).rule()
+    rule = GloFNDConfig(alpha=0.01, step_floor=0.2, local_step=True, averaging=1.0).rule()
     # No exceedance (g = alpha): a step down by w * unit; the centre sits at lambda, so the
     # pull changes nothing.
-    rows = torch.tensor([[[0.5, 0.1, 0.5, 1.0, 2.0, 9.0], [0.5, 0.1, 0.5, 1.0, 0.05, 9.0]]])
+    rows = torch.tensor(
+        [[tail_row(0.5, 0.1, 0.5, 1.0, 2.0, 9.0), tail_row(0.5, 0.1, 0.5, 1.0, 0.05, 9.0)]]
+    )
     stats = torch.tensor(
         [[[0.01, 0.5, 0.1, 0.6, 0.3, 0.5, 2.0], [0.01, 0.5, 0.1, 0.6, 0.3, 0.5, 0.05]]]
     )
     out = rule.step(rows, stats, epoch=1.0)
     dense, sparse = out[0, 0], out[0, 1]
     # Dense: density stays 2.0, unit min(0.1, 0.01 / 2) = 0.005, lambda 0.5 - 0.2 * 0.005.
-    assert dense[4].item() == pytest.approx(2.0)
+    assert dense[5].item() == pytest.approx(2.0)
     offset = -0.001
     assert dense[0].item() == pytest.approx(0.5 + offset * 0.01 / (offset**2 + 0.01))
     # Sparse: alpha / 0.05 = 0.2 > the tail scale 0.1: the step is 0.2 * 0.1 = 0.02.
     offset = -0.02
     assert sparse[0].item() == pytest.approx(0.5 + offset * 0.01 / (offset**2 + 0.01))
-    default = GloFNDConfig(alpha=0.01, step_floor=0.2).rule().step(rows, stats, epoch=1.0)
+    default = GloFNDConfig(alpha=0.01, step_floor=0.2, averaging=1.0).rule()
+    default = default.step(rows, stats, epoch=1.0)
     assert default[0, :, 0].tolist() == pytest.approx([sparse[0].item()] * 2)
-    assert default[0, 0, 4].item() == pytest.approx(2.0)  # the density is still tracked
+    assert default[0, 0, 5].item() == pytest.approx(2.0)  # the density is still tracked
 
 
 def test_tail_statistics_bound_the_step_up_and_measure_the_local_density():
@@ -229,7 +280,7 @@ def test_centre_averages_noise_and_follows_a_jump():
     most of the way at once, where a plain running mean would move 1/t of it."""
     rule = GloFNDConfig(alpha=0.01).rule()
     gen = torch.Generator().manual_seed(0)
-    rows = torch.tensor([[1.0, 0.0, 1.0, 1.0, 0.0, 0.0]]).repeat(500, 2, 1)
+    rows = torch.tensor([tail_row(1.0, 0.0, 1.0, 1.0, 0.0, 0.0)]).repeat(500, 2, 1)
     beta, noise = 0.02, 0.5  # q_hat's standard deviation: beta * sqrt(noise)
     for _ in range(30):
         q_hat = 0.5 + beta * noise**0.5 * torch.randn(500, 2, generator=gen)
@@ -246,7 +297,7 @@ def test_centre_averages_noise_and_follows_a_jump():
             dim=-1,
         )
         rows = rule.step(rows, stats, epoch=0.0)
-    centre = rows[..., 2]
+    centre = rows[..., 3]
     # One estimate's spread is beta * sqrt(noise) = 0.0141; the centre's is 0.0078 (the
     # drift test's own noise keeps its gain near 0.3 rather than 1/t).
     assert (centre - 0.5).std().item() < 0.6 * beta * noise**0.5
@@ -263,16 +314,16 @@ def test_centre_averages_noise_and_follows_a_jump():
         ],
         dim=-1,
     )
-    moved = rule.step(rows, stats, epoch=0.0)[..., 2]
+    moved = rule.step(rows, stats, epoch=0.0)[..., 3]
     assert ((0.5 - moved) / 0.2).median().item() > 0.9  # not the 1/31 of a plain mean
 
 
 def test_state_bytes_follow_the_rule_and_round_trip(tmp_path):
     tail = cpu_args(tmp_path)
     adam = cpu_args(tmp_path, detector_kwargs={"update_rule": "adam"})
-    assert tail.state_bytes_per_sample() == 48 and adam.state_bytes_per_sample() == 32
+    assert tail.state_bytes_per_sample() == 56 and adam.state_bytes_per_sample() == 32
     detector = build_detector("glofnd", num_samples=N, config=tail.detector_settings())
-    assert detector.state.bytes_per_sample == 48
+    assert detector.state.bytes_per_sample == 56
     run = make_stream("fixed", N, 2)
     image, text = run.embeds(0.0)
     for start in range(0, N, BATCH):
@@ -288,7 +339,7 @@ def test_state_bytes_follow_the_rule_and_round_trip(tmp_path):
     assert set(detector.state_dict()) == {
         f"{s}.{c}"
         for s in ("image", "text")
-        for c in ("lambda", "scale", "centre", "innovation", "density", "visits")
+        for c in ("lambda", "iterate", "scale", "centre", "innovation", "density", "visits")
     }
     other = build_detector("glofnd", num_samples=N, config=adam.detector_settings())
     with pytest.raises(ValueError, match="another rule"):
@@ -312,14 +363,18 @@ def test_state_of_the_earlier_tail_rule_still_loads():
         for column in ("lambda", "scale", "visits"):
             assert torch.equal(loaded[f"{side}.{column}"], state[f"{side}.{column}"])
         assert torch.equal(loaded[f"{side}.centre"], state[f"{side}.lambda"])
+        assert torch.equal(loaded[f"{side}.iterate"], state[f"{side}.lambda"])
         assert torch.equal(loaded[f"{side}.innovation"], torch.ones(N))
         scale = state[f"{side}.scale"]
         expected = torch.where(scale > 0, ALPHA / scale.clamp(min=1e-30), 0.0)
         assert torch.allclose(loaded[f"{side}.density"], expected)
     assert torch.equal(loaded["text.density"][:5], torch.zeros(5))
-    centred = {k: v for k, v in loaded.items() if not k.endswith(".density")}  # 40 bytes
-    detector.load_state_dict(centred)
+    centred = {k: v for k, v in loaded.items() if not k.endswith((".density", ".iterate"))}
+    detector.load_state_dict(centred)  # 40 bytes
     assert torch.allclose(detector.state_dict()["image.density"], loaded["image.density"])
+    dense = {k: v for k, v in loaded.items() if not k.endswith(".iterate")}  # 48 bytes
+    detector.load_state_dict(dense)
+    assert torch.equal(detector.state_dict()["text.iterate"], loaded["text.lambda"])
     del state["text.scale"]
     with pytest.raises(ValueError, match="missing.*text.scale"):
         detector.load_state_dict(state)

@@ -315,7 +315,9 @@ class GloFNDDetector(RowwiseDetector):
         b = batch.anchor_index.shape[0]
         start = comm.rank() * b if distributed else 0
         table_rows = self.state.table.gather(index, batch.negatives.device)  # (B, 2, C)
-        lam = table_rows[start : start + b, :, LAMBDA].t()  # (2, b)
+        # The rule's statistics are taken at its point (the threshold, or the iterate that
+        # the threshold averages).
+        lam = table_rows[start : start + b, :, self.rule.point].t()  # (2, b)
         parts, dtype = [], torch.float32
         for s, e in bounds:
             sim = rows(s, e)
@@ -352,7 +354,8 @@ class GloFNDDetector(RowwiseDetector):
             f"{cfg.step_floor}), or lower band (now {cfg.band}).",
             "high": "Thresholds sit below the quantile: if alpha x batch size is well below "
             f"1, raise tail_size (now {cfg.tail_size}) for a steadier tail "
-            "estimate, or lower step_floor for more averaging.",
+            f"estimate, or lower step_floor (now {cfg.step_floor}) or averaging (now "
+            f"{cfg.averaging}) to average more visits.",
             "bound": "Many anchors have similarities at +-1 (collapsed or duplicated "
             "embeddings?): check the model's outputs and the data for duplicates.",
         }[kind]
@@ -383,6 +386,7 @@ class GloFNDDetector(RowwiseDetector):
                 band=cfg.band,
                 step_floor=cfg.step_floor,
                 drift_rate=cfg.drift_rate,
+                averaging=cfg.averaging,
                 local_step=cfg.local_step,
             )
         else:
@@ -424,7 +428,7 @@ def _threshold_stats(threshold: torch.Tensor) -> dict[str, torch.Tensor]:
 
 # -- registrations ---------------------------------------------------------------------------
 def glofnd_state_bytes(config: GloFNDConfig) -> int:
-    """The update rule's threshold table (48 bytes per sample for tail, 32 for Adam)."""
+    """The update rule's threshold table (56 bytes per sample for tail, 32 for Adam)."""
     return config.rule().bytes_per_sample()
 
 

@@ -28,7 +28,10 @@ Two rules turn ``g`` into a step:
     anchor): the offset ``x = lambda - centre`` is shrunk to ``x * c^2 / (x^2 + c^2)`` with
     ``c = band * beta``. Small offsets pass, so visits average; large ones (a threshold left
     behind when the embeddings moved faster than one visit per epoch can follow) are pulled
-    back instead of leaving the threshold parked at a bound.
+    back instead of leaving the threshold parked at a bound. These steps move an *iterate*;
+    the threshold that detects is its running mean with gain ``averaging`` (Polyak
+    averaging), whose lag behind the iterate is shrunk the same way, so it averages the
+    iterate's noise but follows a quantile that moves by more than about a tail scale.
 ``adam`` / ``reference``
     Adam on ``g`` with learning rate ``lr`` (the reference implementation). ``reference``
     corrects Adam's bias with ``t = epoch + 1`` exactly as the reference code does; ``adam``
@@ -101,6 +104,12 @@ class GloFNDConfig:
         "scales capped at the batch's top negative. Closer to the quantile in the demo, "
         "further in the training study (docs/threshold-tracking.md).",
     )
+    averaging: float = setting(
+        0.5,
+        "tail rule: the threshold is a running mean, with this gain, of the Robbins-Monro "
+        "iterate that takes the steps (Polyak averaging: smaller averages more visits and "
+        "lags drift more; 1: the iterate itself).",
+    )
     drift_rate: float = setting(
         0.3,
         "tail rule: rate of the running test that tells moving embeddings from batch noise "
@@ -148,6 +157,8 @@ class GloFNDConfig:
             raise ValueError(f"band must be positive, got {self.band}")
         if not 0.0 < self.step_floor <= 1.0:
             raise ValueError(f"step_floor must lie in (0, 1], got {self.step_floor}")
+        if not 0.0 < self.averaging <= 1.0:
+            raise ValueError(f"averaging must lie in (0, 1], got {self.averaging}")
         if not 0.0 < self.drift_rate <= 1.0:
             raise ValueError(f"drift_rate must lie in (0, 1], got {self.drift_rate}")
         if self.lr <= 0:
@@ -204,6 +215,9 @@ class ThresholdRule(ABC):
     """
 
     columns: ClassVar[tuple[str, ...]]
+    point: ClassVar[int] = LAMBDA
+    """The column at which a visit's statistics are taken (the threshold itself, or the
+    iterate that a threshold averages)."""
     fill: ClassVar[tuple[float, ...]]
     valid: ClassVar[tuple[ValueRange, ...]]
     """Valid values of each column (checked when a stored state is loaded)."""
@@ -237,11 +251,13 @@ class ThresholdRule(ABC):
 class TailRule(ThresholdRule):
     """Steps in units of the anchor's tail scale (smaller where the similarities near the
     threshold are denser), kept near a running mean of the batches' own estimates that
-    follows drift and averages noise."""
+    follows drift and averages noise; the threshold averages the stepping iterate."""
 
-    columns = ("lambda", "scale", "centre", "innovation", "density", "visits")
-    fill = (1.0, 0.0, 1.0, 1.0, 0.0, 0.0)
+    columns = ("lambda", "iterate", "scale", "centre", "innovation", "density", "visits")
+    point = 1  # the steps are taken by the iterate; the threshold averages it
+    fill = (1.0, 1.0, 0.0, 1.0, 1.0, 0.0, 0.0)
     valid = (
+        THRESHOLD_RANGE,
         THRESHOLD_RANGE,
         NON_NEGATIVE,
         THRESHOLD_RANGE,
@@ -257,9 +273,12 @@ class TailRule(ThresholdRule):
         # Checkpoints of 0.2.0.dev0 have lambda, scale and visits only: the centre starts at
         # the threshold, with no evidence of drift. Those without a density (before the
         # local step) start from the exponential tail's alpha / scale, as a first visit does.
+        # Those without an iterate (before the averaged threshold) step from the threshold.
         new = {}
         for side in SIDES:
             lam = state.get(f"{side}.lambda")
+            if lam is not None and f"{side}.iterate" not in state:
+                new[f"{side}.iterate"] = lam.clone()
             if lam is not None and f"{side}.centre" not in state:
                 new[f"{side}.centre"] = lam.clone()
             if lam is not None and f"{side}.innovation" not in state:
@@ -303,7 +322,7 @@ class TailRule(ThresholdRule):
 
     def step(self, rows, stats, epoch):
         cfg = self.config
-        lam, scale, centre, innovation, density, visits = rows.unbind(-1)
+        lam, iterate, scale, centre, innovation, density, visits = rows.unbind(-1)
         grad, q_hat, beta, up_cap, kth, noise, local_density = stats.to(torch.float32).unbind(-1)
         first = visits == 0
         visit = visits + 1.0
@@ -333,25 +352,37 @@ class TailRule(ThresholdRule):
         gain = torch.maximum(1.0 / visit, 1.0 - 1.0 / new_innovation.clamp(min=1.0))
         new_centre = torch.where(first, q_hat, centre + gain * delta)
         new_innovation = torch.where(first, torch.ones_like(innovation), new_innovation)
-        new_lam = lam - weight * unit * (grad / cfg.alpha)
+        new_it = iterate - weight * unit * (grad / cfg.alpha)
         # A step does not cross the batch's own evidence: down no further than the (k+1)-th
         # largest negative (where the batch already holds > 2 alpha of its negatives), up
         # no further than `up_cap` (past about w of the batch's excess exceedances). This
         # binds where a lumpy tail (near-duplicates) makes a full step jump past the
         # quantile, to the clamp or over every exceedance of the batch.
-        new_lam = torch.minimum(
-            torch.maximum(new_lam, torch.minimum(lam, kth)), torch.maximum(lam, up_cap)
+        new_it = torch.minimum(
+            torch.maximum(new_it, torch.minimum(iterate, kth)), torch.maximum(iterate, up_cap)
         )
         # Pull towards the centre, the more the further off: offsets x well inside
-        # band * scale pass almost unchanged, far ones (a stale threshold after the
+        # band * scale pass almost unchanged, far ones (a stale iterate after the
         # embeddings moved) shrink like (band * scale)^2 / x.
-        offset = new_lam - new_centre
         width_sq = (cfg.band * new_scale) ** 2
-        new_lam = new_centre + offset * width_sq / (offset * offset + width_sq)
-        new_lam = torch.where(first, q_hat, new_lam).clamp(-1.0, 1.0)
+        new_it = new_centre + _shrink(new_it - new_centre, width_sq)
+        new_it = torch.where(first, q_hat, new_it).clamp(-1.0, 1.0)
+        # The threshold is a running mean of the iterate (Polyak averaging): with less than
+        # one expected false negative per batch, the iterate's noise (steps of w tail
+        # scales) exceeds the spread of the quantiles across anchors. A running mean lags a
+        # moving quantile, so the threshold first moves with the batch's common drift (the
+        # mean step of its iterates per side: noise averages out over the batch, a shift
+        # of all similarities does not), and its remaining lag is shrunk like the offset
+        # above, so that it follows a quantile that jumps by more than about the band.
+        stepped = torch.isfinite(q_hat) & ~first
+        moves = torch.where(stepped, new_it - iterate, torch.zeros_like(new_it))
+        drift = moves.sum(0) / stepped.sum(0).clamp(min=1)  # (2,)
+        lag = _shrink(lam + drift - new_it, width_sq)
+        new_lam = torch.where(first, q_hat, new_it + (1.0 - cfg.averaging) * lag)
         new = torch.stack(
             [
-                new_lam,
+                new_lam.clamp(-1.0, 1.0),
+                new_it,
                 new_scale,
                 new_centre.clamp(-1.0, 1.0),
                 new_innovation,
@@ -362,6 +393,11 @@ class TailRule(ThresholdRule):
         )
         # Anchors without a tail estimate (fewer than two negatives) keep their row.
         return torch.where(torch.isfinite(q_hat).unsqueeze(-1), new, rows)
+
+
+def _shrink(offset: torch.Tensor, width_sq: torch.Tensor) -> torch.Tensor:
+    """``offset`` where it is small against ``width``, ``width^2 / offset`` where large."""
+    return offset * width_sq / (offset * offset + width_sq)
 
 
 def _local_density(
@@ -452,7 +488,7 @@ class ThresholdState:
 
     Stored as one (N, 2, C) float32 table (side x the rule's columns) so that a step reads
     and writes every quantity of the touched anchors with a single gather and a single
-    scatter: 48 bytes per sample with the tail rule, 32 with Adam. Host memory is fine for
+    scatter: 56 bytes per sample with the tail rule, 32 with Adam. Host memory is fine for
     large N.
     """
 
