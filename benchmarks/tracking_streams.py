@@ -151,6 +151,8 @@ RULES = {
     "adam": dict(update_rule="adam"),
     "adam+init_quantile": dict(update_rule="adam", init_quantile=True),
     "tail": dict(update_rule="tail"),
+    # The tail rule before its threshold averaged the iterate: the threshold is the iterate.
+    "tail (iterate)": dict(update_rule="tail", averaging=1.0),
     "tail+local_step": dict(update_rule="tail", local_step=True),
     "batch_quantile": None,
 }
