@@ -108,9 +108,11 @@ def tail_from_top(
     k = (n - 1).clamp(min=1, max=k_max)  # rows with fewer negatives use what they have
     u = top.gather(-1, k.unsqueeze(-1)).squeeze(-1)
     head = torch.cumsum(top[..., :k_max].clamp(min=-2.0), dim=-1)  # -inf padding -> finite
-    mean_top = head.gather(-1, (k - 1).unsqueeze(-1)).squeeze(-1) / k
+    mean_top = head.gather(-1, (k - 1).unsqueeze(-1)).squeeze(-1)
+    k = k.to(top.dtype)  # as the division by the integer k would convert it
+    mean_top /= k
     beta = (mean_top - u).clamp(min=1e-6)
-    level = k.to(top.dtype) / n.clamp(min=1).to(top.dtype)
+    level = k / n.clamp(min=1).to(top.dtype)
     log_ratio = torch.log((level / alpha).clamp(min=1.0))
     if upper is None:
         q_hat = u + beta * log_ratio
@@ -119,9 +121,9 @@ def tail_from_top(
         # xi = -beta / (upper - u - beta) <= 0, quantile u + beta (1 - xi) (r^xi - 1) / xi.
         xi = -beta / (upper - u - beta).clamp(min=1e-6)
         x = xi * log_ratio
-        expm1_over_x = torch.where(x.abs() < 1e-6, torch.ones_like(x), torch.expm1(x) / x)
+        expm1_over_x = torch.where(x.abs() < 1e-6, 1.0, torch.expm1(x) / x)
         q_hat = u + beta * (1 - xi) * log_ratio * expm1_over_x
     # One `where` over the four values, NaN for anchors with fewer than two negatives.
     values = torch.stack([q_hat, beta, top[..., 0], u], dim=-1)
     values = torch.where((n >= 2).unsqueeze(-1), values, math.nan)
-    return (*values.unbind(-1), k.to(top.dtype))
+    return (*values.unbind(-1), k)

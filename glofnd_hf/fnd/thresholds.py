@@ -383,12 +383,13 @@ def _exceedances_from_top(
     """
     lam = lam.unsqueeze(-1)
     above = (top > lam).sum(-1)
-    # Values above lambda may lie past the top (also where the top ends in NaN, which
-    # topk ranks highest).
-    beyond = ~(top[..., -1:] <= lam).squeeze(-1)
+    # Where the top ends above lambda (or in NaN, which topk ranks highest), values above
+    # lambda may lie past it.
+    within = top[..., -1:] <= lam
     if filled.device.type != "cpu":
-        return torch.where(beyond, (filled > lam).sum(-1), above)
-    if bool(beyond.any()):
+        return torch.where(within.squeeze(-1), above, (filled > lam).sum(-1))
+    if not bool(within.all()):
+        beyond = ~within.squeeze(-1)
         above[beyond] = (filled[beyond] > lam[beyond]).sum(-1)
     return above
 
