@@ -88,7 +88,7 @@ def tail_estimate(
     exponential). Returns (2, b) tensors (q_hat, beta, top, u), and the number k of
     exceedances used when ``with_size``; NaN for anchors with fewer than two negatives. With
     ``with_top`` also the (2, b, k_max + 1) largest negatives in descending order (``-inf``
-    past a row's negatives), from the same ``topk``.
+    past a row's negatives), from the same selection (``top_values``).
     """
     k_max = tail_width(alpha, size, sim.shape[-1])
     top = top_values(torch.where(negatives, sim, -math.inf), k_max + 1)

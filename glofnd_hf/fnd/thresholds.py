@@ -377,9 +377,9 @@ def _exceedances_from_top(
     top values ``top`` (descending, from ``top_values``).
 
     Wherever lambda is at or above the smallest of ``top``, every value above lambda is
-    among them: count there (O(k) per anchor). Only the other anchors (lambda below the
-    batch's k+1 largest, as on a first visit's way down) need a pass over the row; on CPU
-    just those rows are counted, elsewhere (no host round trip) all of them.
+    among them: count there (O(k) per anchor). Only anchors whose lambda lies below the
+    batch's k + 1 largest (far under their quantile: k + 1 > 2 alpha B) need a pass over the
+    row; on CPU just those rows are counted, elsewhere (no host round trip) all of them.
     """
     lam = lam.unsqueeze(-1)
     above = (top > lam).sum(-1)
