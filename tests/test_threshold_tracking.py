@@ -10,8 +10,9 @@ from cpu_args import cpu_args
 from safetensors.torch import load_file, save_file
 
 from benchmarks.tracking_streams import make_stream, run_stream
-from glofnd_hf.fnd import GloFNDConfig, build_detector, tail_estimate
+from glofnd_hf.fnd import GloFNDConfig, build_detector, pinball_gradient, tail_estimate
 from glofnd_hf.fnd.detectors import DetectionBatch
+from glofnd_hf.fnd.quantiles import top_values
 
 N, BATCH, ALPHA, EPOCHS = 2048, 256, 0.01, 12
 HEALTH_LOGGER = "glofnd_hf.fnd.health"
@@ -272,6 +273,40 @@ def test_tail_statistics_carry_the_estimates_noise():
     extrapolation = (q_hat - u) / beta
     assert torch.allclose(stats[..., 5], (1 + extrapolation**2) / 8)
     assert (extrapolation > 0.5).all()  # alpha is below the batch's top-8 level: a real test
+
+
+@pytest.mark.parametrize("width,k", [(256, 9), (300, 9), (100, 9), (512, 9), (1024, 21), (64, 5)])
+def test_top_values_are_topk_values(width, k):
+    """The group-maxima shortcut returns exactly topk's values: ties, -inf (non-negatives,
+    padding), NaN (ranked highest) and rows with fewer finite values than k included."""
+    gen = torch.Generator().manual_seed(width + k)
+    x = (torch.rand(3, 40, width, generator=gen) * 16).round() / 16  # many ties
+    x[0, :, ::3] = -math.inf
+    x[1, 0] = -math.inf  # nothing but -inf
+    x[1, 1, 2:] = -math.inf  # two values
+    x[1, 2, :: width // 4] = math.nan
+    x[2] = torch.randn(40, width, generator=gen)
+    assert torch.equal(
+        top_values(x, k).nan_to_num(nan=9.0), x.topk(k, dim=-1).values.nan_to_num(nan=9.0)
+    )
+
+
+def test_tail_statistics_count_the_exceedances_of_every_threshold():
+    """The pinball gradient of the statistics counts from the batch's top where lambda is
+    at or above it and over the whole row where it is not: the same gradient as the direct
+    count for thresholds above, inside and below the top, and for rows with few
+    negatives."""
+    gen = torch.Generator().manual_seed(0)
+    sim = (torch.rand(2, 64, 256, generator=gen) * 32).round() / 32
+    negatives = torch.rand(64, 256, generator=gen) > 0.1
+    negatives[:4, 3:] = False  # three negatives or fewer
+    negatives[4] = False  # none
+    lam = (torch.rand(2, 64, generator=gen) * 32).round() / 32  # some equal a similarity
+    lam[:, ::2] = 0.99  # most rows: above the batch's top k + 1
+    stats = GloFNDConfig(alpha=0.01).rule().statistics(sim, negatives, lam)
+    expected = pinball_gradient(sim, negatives, lam, 0.01)
+    assert torch.equal(stats[..., 0], expected)
+    assert (lam[:, 1::2] < 0.9).any()  # some rows need the count over the whole row
 
 
 def test_centre_averages_noise_and_follows_a_jump():

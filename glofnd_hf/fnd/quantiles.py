@@ -36,6 +36,35 @@ def masked_quantile(values: torch.Tensor, mask: torch.Tensor, q: float) -> torch
     return torch.where(count > 0, result, torch.full_like(result, float("nan")))
 
 
+def top_values(x: torch.Tensor, k: int) -> torch.Tensor:
+    """``x.topk(k, dim=-1).values``: the same values in the same order, cheaper on CPU where
+    the rows are shorter than 64 k (the tail rule's top-(k+1) at batch 256).
+
+    There CPU ``topk`` selects by ``nth_element``, whose branch mispredictions cost several
+    times a pass over the row. Instead: split each row into about sqrt(k * width) groups
+    (strided columns, so that one ``amax`` gives every group's maximum), take the k groups
+    with the largest maxima and the k largest of their k * width / groups values. Exact:
+    any k groups other than a group G hold k values at least as large as G's maximum, so
+    a group outside the chosen ones holds nothing that the chosen ones' k largest lack.
+    """
+    width = x.shape[-1]
+    groups = 2 ** round(math.log2(math.sqrt(k * width)))
+    per_group = -(-width // groups)
+    if x.device.type != "cpu" or 64 * k <= width or groups < k or k * per_group >= width:
+        return x.topk(k, dim=-1).values
+    if per_group * groups != width:
+        x = torch.nn.functional.pad(x, (0, per_group * groups - width), value=-math.inf)
+    blocks = x.unflatten(-1, (per_group, groups))  # group j: x[j], x[j + groups], ...
+    chosen = blocks.amax(-2).topk(k, dim=-1, sorted=False).indices
+    index = chosen.unsqueeze(-2).expand(*chosen.shape[:-1], per_group, k)
+    return blocks.gather(-1, index).flatten(-2).topk(k, dim=-1).values
+
+
+def tail_width(alpha: float, size: int, width: int) -> int:
+    """k_max: the most exceedances ``tail_estimate`` uses for rows of ``width`` candidates."""
+    return max(1, min(width - 1, max(size, math.ceil(2 * alpha * width))))
+
+
 def tail_estimate(
     sim: torch.Tensor,
     negatives: torch.Tensor,
@@ -59,18 +88,31 @@ def tail_estimate(
     exponential). Returns (2, b) tensors (q_hat, beta, top, u), and the number k of
     exceedances used when ``with_size``; NaN for anchors with fewer than two negatives. With
     ``with_top`` also the (2, b, k_max + 1) largest negatives in descending order (``-inf``
-    past a row's negatives), from the same ``topk``.
+    past a row's negatives), from the same selection (``top_values``).
     """
-    width = sim.shape[-1]
+    k_max = tail_width(alpha, size, sim.shape[-1])
+    top = top_values(torch.where(negatives, sim, -math.inf), k_max + 1)
     n = negatives.sum(-1).expand(sim.shape[:-1])  # (2, b)
-    k_max = max(1, min(width - 1, max(size, math.ceil(2 * alpha * width))))
-    top = sim.masked_fill(~negatives, float("-inf")).topk(k_max + 1, dim=-1).values
+    values = tail_from_top(top, n, alpha, upper)
+    if not with_size:
+        values = values[:4]
+    return (*values, top) if with_top else values
+
+
+def tail_from_top(
+    top: torch.Tensor, n: torch.Tensor, alpha: float, upper: float | None = 1.0
+) -> tuple[torch.Tensor, ...]:
+    """``tail_estimate``'s (q_hat, beta, top, u, k) from each row's (2, b, k_max + 1) largest
+    negatives ``top`` and (2, b) number of negatives ``n`` (integer)."""
+    k_max = top.shape[-1] - 1
     k = (n - 1).clamp(min=1, max=k_max)  # rows with fewer negatives use what they have
     u = top.gather(-1, k.unsqueeze(-1)).squeeze(-1)
     head = torch.cumsum(top[..., :k_max].clamp(min=-2.0), dim=-1)  # -inf padding -> finite
-    mean_top = head.gather(-1, (k - 1).unsqueeze(-1)).squeeze(-1) / k
+    mean_top = head.gather(-1, (k - 1).unsqueeze(-1)).squeeze(-1)
+    k = k.to(top.dtype)  # as the division by the integer k would convert it
+    mean_top /= k
     beta = (mean_top - u).clamp(min=1e-6)
-    level = k.to(sim.dtype) / n.clamp(min=1).to(sim.dtype)
+    level = k / n.clamp(min=1).to(top.dtype)
     log_ratio = torch.log((level / alpha).clamp(min=1.0))
     if upper is None:
         q_hat = u + beta * log_ratio
@@ -79,11 +121,9 @@ def tail_estimate(
         # xi = -beta / (upper - u - beta) <= 0, quantile u + beta (1 - xi) (r^xi - 1) / xi.
         xi = -beta / (upper - u - beta).clamp(min=1e-6)
         x = xi * log_ratio
-        expm1_over_x = torch.where(x.abs() < 1e-6, torch.ones_like(x), torch.expm1(x) / x)
+        expm1_over_x = torch.where(x.abs() < 1e-6, 1.0, torch.expm1(x) / x)
         q_hat = u + beta * (1 - xi) * log_ratio * expm1_over_x
-    valid = n >= 2
-    nan = torch.full_like(q_hat, float("nan"))
-    values = tuple(torch.where(valid, x, nan) for x in (q_hat, beta, top[..., 0], u))
-    if with_size:
-        values = (*values, k.to(sim.dtype))
-    return (*values, top) if with_top else values
+    # One `where` over the four values, NaN for anchors with fewer than two negatives.
+    values = torch.stack([q_hat, beta, top[..., 0], u], dim=-1)
+    values = torch.where((n >= 2).unsqueeze(-1), values, math.nan)
+    return (*values.unbind(-1), k)

@@ -49,7 +49,7 @@ from typing import ClassVar, Literal
 
 import torch
 
-from .quantiles import masked_quantile, tail_estimate
+from .quantiles import masked_quantile, tail_from_top, tail_width, top_values
 from .registry import setting
 from .table import COUNT, FINITE, NON_NEGATIVE, PerSampleTable, ValueRange, check_state_tensor
 
@@ -188,15 +188,18 @@ def pinball_gradient(
     lam: torch.Tensor,
     alpha: float,
     above: torch.Tensor | None = None,
+    count: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(2, b) ``alpha - fraction of negatives above lambda``; 0 for anchors without
-    negatives (they carry no information). ``sim``: (2, b, B); ``lam``: (2, b); ``above``:
-    the (2, b) counts of negatives above ``lam`` when the caller has them."""
-    count = negatives.sum(-1).clamp(min=1).to(sim.dtype)
+    negatives (they carry no information). ``sim``: (2, b, B); ``lam``: (2, b); ``above``
+    and ``count``: the counts of negatives above ``lam`` and of all negatives
+    (``negatives.sum(-1)``) when the caller has them."""
+    if count is None:
+        count = negatives.sum(-1)
     if above is None:
         above = exceedances(sim, negatives, lam)
-    grad = alpha - above.to(sim.dtype) / count
-    return torch.where(negatives.any(-1), grad, torch.zeros_like(grad))
+    grad = alpha - above.to(sim.dtype) / count.clamp(min=1).to(sim.dtype)
+    return torch.where(count > 0, grad, 0.0)
 
 
 def exceedances(sim: torch.Tensor, negatives: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
@@ -293,16 +296,19 @@ class TailRule(ThresholdRule):
 
     def statistics(self, sim, negatives, lam):
         cfg = self.config
-        above = exceedances(sim, negatives, lam)
-        grad = pinball_gradient(sim, negatives, lam, cfg.alpha, above)
-        q_hat, beta, top, kth, k, ordered = tail_estimate(
-            sim, negatives, cfg.alpha, cfg.tail_size, with_size=True, with_top=True
-        )
+        count = negatives.sum(-1)  # (b,): every count below is taken once, here
+        n = count.expand(lam.shape)
+        # Non-negatives at -inf: they are never among the top nor above a threshold.
+        filled = torch.where(negatives, sim, -math.inf)
+        ordered = top_values(filled, tail_width(cfg.alpha, cfg.tail_size, sim.shape[-1]) + 1)
+        above = _exceedances_from_top(filled, ordered, lam)
+        grad = pinball_gradient(sim, negatives, lam, cfg.alpha, above, count)
+        q_hat, beta, top, kth, k = tail_from_top(ordered, n, cfg.alpha)
         # Variance of q_hat = u + beta * L in units of beta^2 for an exponential tail fitted
         # to k exceedances: u and beta each carry about 1/k, and beta's is multiplied by L^2.
         extrapolation = ((q_hat - kth) / beta).clamp(min=0.0)
         noise = (1.0 + extrapolation * extrapolation) / k
-        n = negatives.sum(-1).expand(above.shape).to(sim.dtype)
+        n = n.to(sim.dtype)
         density = _local_density(ordered, lam, beta, n)
         # Highest step up: the batch's top negative, or with local_step the r-th largest
         # with r = (1 - w) m + w alpha n, so that a step of weight w = step_floor passes at
@@ -398,6 +404,30 @@ class TailRule(ThresholdRule):
 def _shrink(offset: torch.Tensor, width_sq: torch.Tensor) -> torch.Tensor:
     """``offset`` where it is small against ``width``, ``width^2 / offset`` where large."""
     return offset * width_sq / (offset * offset + width_sq)
+
+
+def _exceedances_from_top(
+    filled: torch.Tensor, top: torch.Tensor, lam: torch.Tensor
+) -> torch.Tensor:
+    """``exceedances`` from the similarities ``filled`` (-inf at non-negatives) and their
+    top values ``top`` (descending, from ``top_values``).
+
+    Wherever lambda is at or above the smallest of ``top``, every value above lambda is
+    among them: count there (O(k) per anchor). Only anchors whose lambda lies below the
+    batch's k + 1 largest (far under their quantile: k + 1 > 2 alpha B) need a pass over the
+    row; on CPU just those rows are counted, elsewhere (no host round trip) all of them.
+    """
+    lam = lam.unsqueeze(-1)
+    above = (top > lam).sum(-1)
+    # Where the top ends above lambda (or in NaN, which topk ranks highest), values above
+    # lambda may lie past it.
+    within = top[..., -1:] <= lam
+    if filled.device.type != "cpu":
+        return torch.where(within.squeeze(-1), above, (filled > lam).sum(-1))
+    if not bool(within.all()):
+        beyond = ~within.squeeze(-1)
+        above[beyond] = (filled[beyond] > lam[beyond]).sum(-1)
+    return above
 
 
 def _local_density(
