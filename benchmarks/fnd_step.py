@@ -47,6 +47,7 @@ import torch.multiprocessing as mp
 from _machine import cpu_model, mem_available_bytes
 
 from glofnd_hf.fnd import GloFNDConfig, GloFNDDetector, build_detector
+from glofnd_hf.fnd.thresholds import AdamRule, TailRule
 from glofnd_hf.losses import ClipLoss, GlobalContrastiveLoss
 
 DETECTORS = ("none", "glofnd", "glofnd_adam", "batch_quantile")
@@ -320,8 +321,9 @@ def print_tables(rows: list[Row], args: argparse.Namespace) -> None:
     thr_bps, u_bps = state_bytes_per_sample()
     print("\n### State memory (per process; every rank holds a full copy)\n")
     print(
-        f"bytes per sample: GloFND thresholds tables {thr_bps} (tail rule: 2 sides x [lambda, "
-        f"scale, centre, innovation, density, visits], Adam rule: 2 sides x [lambda, m, v, visits], float32), global-loss u "
+        f"bytes per sample: GloFND thresholds tables {thr_bps} (tail rule: 2 sides x "
+        f"[{', '.join(TailRule.columns)}], Adam rule: 2 sides x [{', '.join(AdamRule.columns)}], "
+        f"float32), global-loss u "
         f"{u_bps} (2 sides float32), total {thr_bps + u_bps}\n"
     )
     print("| N | thresholds table | u table | total per process |")
