@@ -452,3 +452,14 @@ def test_health_summary_reports_each_finished_epoch():
         filtered[1].item() / 0.1, rel=1e-5
     )
     assert detector.finish_epoch() == {}  # nothing recorded since
+
+
+def test_health_advice_names_the_tail_rules_settings():
+    """Each warning of the tail rule names the settings that address its cause, with their
+    current values (so the message can be acted on)."""
+    detector = build_detector("glofnd", num_samples=8, config=GloFNDConfig(alpha=0.1))
+    high = detector._advice("high")
+    for setting in ("tail_size (now 8)", "step_floor (now 0.2)", "averaging (now 0.5)"):
+        assert setting in high
+    assert "local_step: true" in high
+    assert "drift_rate (now 0.3)" in detector._advice("low")
