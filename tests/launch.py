@@ -4,6 +4,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent
@@ -23,8 +24,32 @@ def worker_env(**extra: str) -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(path), **extra}
 
 
+# What gloo prints when it aborts a worker (SIGABRT) while the process group is torn down,
+# after the work is done: seen about once in ten full runs on 2 shared cores, even with a
+# barrier before the teardown.
+GLOO_TEARDOWN_ABORT = "terminate called without an active exception"
+
+
 def run_process_group(cmd, env, timeout: float, cwd=None) -> subprocess.CompletedProcess:
-    """Run ``cmd`` in its own session; on timeout kill the launcher *and* its workers."""
+    """Run ``cmd`` in its own session; on timeout kill the launcher *and* its workers. A run
+    that fails with gloo's teardown abort is run once more: a real failure repeats."""
+    result = _run_once(cmd, env, timeout, cwd)
+    if result.returncode != 0 and GLOO_TEARDOWN_ABORT in result.stderr:
+        print(f"gloo aborted at teardown, running once more: {cmd[:6]}", file=sys.stderr)
+        result = _run_once(_with_new_port(cmd), env, timeout, cwd)
+    return result
+
+
+def _with_new_port(cmd: list[str]) -> list[str]:
+    """``cmd`` with a fresh rendezvous port (the last run's may still be held by the OS)."""
+    cmd = list(cmd)
+    for i, arg in enumerate(cmd[:-1]):
+        if arg in ("--master_port", "--main_process_port"):
+            cmd[i + 1] = str(free_port())
+    return cmd
+
+
+def _run_once(cmd, env, timeout: float, cwd=None) -> subprocess.CompletedProcess:
     proc = subprocess.Popen(
         cmd,
         env=env,
