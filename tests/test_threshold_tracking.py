@@ -185,6 +185,26 @@ def test_threshold_averages_the_iterate_and_follows_a_large_move():
     assert plain.step(rows, stats, epoch=1.0)[0, :, 0].tolist() == pytest.approx([0.5, 0.5])
 
 
+def test_threshold_moves_with_the_batchs_common_drift():
+    """When every iterate of the batch steps by the same amount (all similarities shifted),
+    the threshold follows the whole step at once; one iterate stepping alone is averaged."""
+    rule = GloFNDConfig(alpha=0.01, step_floor=0.2, averaging=0.5).rule()
+    n = 6
+    # Many exceedances (g = alpha - 0.5): a long step up, stopped at the top negative 0.52;
+    # the centre and the batch estimate sit there too, so no pull.
+    rows = torch.tensor([[tail_row(0.5, 0.1, 0.52, 1.0, 0.0, 9.0)] * 2] * n)
+    up = torch.tensor([-0.49, 0.52, 0.1, 0.52, 0.3, 0.5, 0.0])
+    still = torch.tensor([0.0, 0.5, 0.1, 0.9, 0.3, 0.5, 0.0])  # on the quantile: no step
+    together = rule.step(rows, up.expand(n, 2, -1).clone(), epoch=1.0)
+    assert together[..., 1].flatten().tolist() == pytest.approx([0.52] * 2 * n)  # iterates
+    assert together[..., 0].flatten().tolist() == pytest.approx([0.52] * 2 * n)  # thresholds
+    alone = torch.stack([up] + [still] * (n - 1)).unsqueeze(1).expand(n, 2, -1).clone()
+    out = rule.step(rows, alone, epoch=1.0)
+    assert out[0, 0, 1].item() == pytest.approx(0.52)
+    # The batch's drift is 0.02 / n; the rest of the lag is averaged (about half of it).
+    assert 0.505 < out[0, 0, 0].item() < 0.515
+
+
 def test_averaged_threshold_is_closer_than_the_iterate_on_fixed_embeddings(streams):
     """Polyak averaging: on fixed embeddings the threshold (the mean of the iterate) ends
     closer to the exact quantile than the iterate does (averaging 1)."""
