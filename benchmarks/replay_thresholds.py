@@ -82,10 +82,36 @@ def score(lam: torch.Tensor, exact: torch.Tensor, epoch: int) -> Score:
     )
 
 
+def epoch_of(batch: dict[str, Any]) -> int:
+    """The integer epoch a recorded batch belongs to."""
+    return math.floor(batch["epoch"] + 1e-9)
+
+
 def epoch_ends(record: dict[str, Any]) -> list[int]:
     """Index of the last batch of each integer epoch, in order."""
-    epochs = [math.floor(b["epoch"] + 1e-9) for b in record["batches"]]
+    epochs = [epoch_of(b) for b in record["batches"]]
     return [i for i in range(len(epochs)) if i + 1 == len(epochs) or epochs[i + 1] != epochs[i]]
+
+
+def exact_rule_over_alpha(record: dict[str, Any]) -> dict[int, float]:
+    """Per epoch end, the share of the epoch's training-batch negatives that the exact
+    quantiles of that epoch's end filter, over alpha (a property of the record, not of a
+    rule)."""
+    ends = set(epoch_ends(record))
+    out: dict[int, float] = {}
+    found = negatives = 0.0
+    for i, batch in enumerate(record["batches"]):
+        epoch = epoch_of(batch) + 1
+        exact = record["exact"].get(epoch)
+        if exact is not None:
+            threshold = exact[:, batch["index"]].unsqueeze(-1)
+            found += float(((batch["sim"] > threshold) & batch["negatives"]).sum())
+            negatives += SIDES * float(batch["negatives"].sum())
+        if i in ends:
+            if exact is not None:
+                out[epoch] = found / negatives / record["alpha"]
+            found = negatives = 0.0
+    return out
 
 
 def replay_rule(
@@ -93,61 +119,39 @@ def replay_rule(
     name: str,
     overrides: dict[str, Any],
     column: str = "lambda",
-    average: float | None = None,
+    exact_ratios: dict[int, float] | None = None,
 ) -> Replay:
     """Scores ``column`` of the rule's state (the threshold, or e.g. the tail rule's
-    centre) at each epoch end."""
+    centre) at each epoch end; ``exact_ratios`` from ``exact_rule_over_alpha``."""
     config = GloFNDConfig(alpha=record["alpha"], **overrides)
     detector = GloFNDDetector(record["num_samples"], config)
     ends = set(epoch_ends(record))
     out = Replay(name if column == "lambda" else f"{name} ({column})")
-    if average is not None:
-        out.name += f" (averaged {average})"
-        mean = torch.zeros(SIDES, record["num_samples"])
-        seen = torch.zeros(record["num_samples"], dtype=torch.bool)
-    filtered = negatives = fresh = exact_found = 0.0
+    filtered = negatives = fresh = 0.0
     for i, batch in enumerate(record["batches"]):
-        index = batch["index"]
-        sim, neg = batch["sim"], batch["negatives"]
+        index, sim, neg = batch["index"], batch["sim"], batch["negatives"]
         # Before the step: the thresholds as a batch not yet seen by the rule meets them.
         before = detector.state.lambdas(index).t().unsqueeze(-1)
         fresh += float(((sim > before) & neg).sum())
-        epoch = math.floor(batch["epoch"] + 1e-9) + 1
-        if epoch in record["exact"]:
-            exact_now = record["exact"][epoch][:, index].unsqueeze(-1)
-            exact_found += float(((sim > exact_now) & neg).sum())
         found = detector.detect(
-            batch["sim"],
-            DetectionBatch(
-                anchor_index=index,
-                candidate_index=index,
-                negatives=batch["negatives"],
-                epoch=batch["epoch"],
-            ),
+            sim, DetectionBatch(index, index, negatives=neg, epoch=batch["epoch"])
         ).false_negatives
-        if average is not None:
-            now = detector.state.table.data[index][..., 0].t()  # (2, b) thresholds
-            mean[:, index] = torch.where(
-                seen[index], mean[:, index] + average * (now - mean[:, index]), now
-            )
-            seen[index] = True
         if found is not None:
             filtered += float(found.sum())
-        negatives += SIDES * float(batch["negatives"].sum())
-        if i in ends:
-            epoch = math.floor(batch["epoch"] + 1e-9) + 1
-            exact = record["exact"].get(epoch)
-            if exact is not None:
-                state = detector.state.state_dict()
-                lam = torch.stack([state[f"image.{column}"], state[f"text.{column}"]])
-                if average is not None:
-                    lam = mean.clone()
-                s = score(lam, exact, epoch)
-                s.filtered_over_alpha = filtered / negatives / record["alpha"]
-                s.fresh_over_alpha = fresh / negatives / record["alpha"]
-                s.exact_over_alpha = exact_found / negatives / record["alpha"]
-                out.scores.append(s)
-            filtered = negatives = fresh = exact_found = 0.0
+        negatives += SIDES * float(neg.sum())
+        if i not in ends:
+            continue
+        epoch = epoch_of(batch) + 1
+        exact = record["exact"].get(epoch)
+        if exact is not None:
+            state = detector.state.state_dict()
+            lam = torch.stack([state[f"image.{column}"], state[f"text.{column}"]])
+            s = score(lam, exact, epoch)
+            s.filtered_over_alpha = filtered / negatives / record["alpha"]
+            s.fresh_over_alpha = fresh / negatives / record["alpha"]
+            s.exact_over_alpha = (exact_ratios or {}).get(epoch)
+            out.scores.append(s)
+        filtered = negatives = fresh = 0.0
     return out
 
 
@@ -155,12 +159,12 @@ def replay_pooled(record: dict[str, Any], memory: int) -> Replay:
     """The empirical (1 - alpha) quantile of each anchor's similarities over its visits of
     the last ``memory`` epochs (every visit's top values kept)."""
     n, alpha = record["num_samples"], record["alpha"]
-    tops: dict[int, list[torch.Tensor]] = {}  # epoch -> (n, 2, POOL_TOP) values
+    tops: dict[int, torch.Tensor] = {}  # epoch -> (n, 2, POOL_TOP) values
     counts: dict[int, torch.Tensor] = {}
     out = Replay(f"pooled over {memory} epoch(s)")
     ends = set(epoch_ends(record))
     for i, batch in enumerate(record["batches"]):
-        epoch = math.floor(batch["epoch"] + 1e-9)
+        epoch = epoch_of(batch)
         if epoch not in tops:
             tops[epoch] = torch.full((n, SIDES, POOL_TOP), float("-inf"))
             counts[epoch] = torch.zeros(n, SIDES)
@@ -197,7 +201,6 @@ def main(argv: list[str] | None = None) -> list[Replay]:
         "tail and reference)",
     )
     parser.add_argument("--pooled", type=int, nargs="*", default=[1, 3, 100])
-    parser.add_argument("--average", type=float, nargs="*", default=[])
     parser.add_argument(
         "--column", default="lambda", help="state column scored (default: the threshold)"
     )
@@ -209,10 +212,8 @@ def main(argv: list[str] | None = None) -> list[Replay]:
     replays = []
     for path in opts.records:
         record = torch.load(path, weights_only=False)
-        runs = [replay_rule(record, name, o, opts.column) for name, o in rules]
-        runs += [
-            replay_rule(record, name, o, opts.column, a) for name, o in rules for a in opts.average
-        ]
+        ratios = exact_rule_over_alpha(record)
+        runs = [replay_rule(record, name, o, opts.column, ratios) for name, o in rules]
         runs += [replay_pooled(record, m) for m in opts.pooled]
         last = max(s.epoch for s in runs[0].scores)
         show = set(opts.epochs or [last])
