@@ -13,6 +13,7 @@ from benchmarks.tracking_streams import make_stream, run_stream
 from glofnd_hf.fnd import GloFNDConfig, build_detector, pinball_gradient, tail_estimate
 from glofnd_hf.fnd.detectors import DetectionBatch
 from glofnd_hf.fnd.quantiles import top_values
+from glofnd_hf.fnd.thresholds import _step_unit
 
 N, BATCH, ALPHA, EPOCHS = 2048, 256, 0.01, 12
 HEALTH_LOGGER = "glofnd_hf.fnd.health"
@@ -100,9 +101,18 @@ def test_tail_estimate_stays_below_the_bound_of_cosine_similarity():
     )
 
 
-def tail_row(lam, scale, centre, innovation, density, visits, iterate=None):
-    """A tail-rule state row; the iterate equals the threshold unless given."""
-    return [lam, lam if iterate is None else iterate, scale, centre, innovation, density, visits]
+def tail_row(lam, scale, centre, innovation, density, visits, iterate=None, unit=None):
+    """A tail-rule state row; the iterate equals the threshold and the step unit the tail
+    scale unless given."""
+    iterate = lam if iterate is None else iterate
+    unit = scale if unit is None else unit
+    return [lam, iterate, scale, unit, centre, innovation, density, visits]
+
+
+def tail_stats(grad, q_hat, beta, up_cap, kth, noise, density, unit=None):
+    """A visit's tail-rule statistics; the step unit is the tail scale unless given (an
+    exponential tail, far below the bound)."""
+    return [grad, q_hat, beta, beta if unit is None else unit, up_cap, kth, noise, density]
 
 
 def test_tail_step_by_hand():
@@ -112,10 +122,11 @@ def test_tail_step_by_hand():
     )
     rule = cfg.rule()
     nan = float("nan")
-    # rows: [lambda, iterate, scale, centre, innovation, density, visits]; stats: [pinball
-    # gradient, q_hat, beta, highest step up, (k+1)-th, q_hat's variance / beta^2, local
-    # density]. Densities of 0 here: the similarities are sparse near lambda, the step is
-    # the tail scale's (the dense case is the next test).
+    # rows: [lambda, iterate, scale, unit, centre, innovation, density, visits]; stats:
+    # [pinball gradient, q_hat, beta, step unit, highest step up, (k+1)-th, q_hat's variance
+    # / beta^2, local density]. Densities of 0 here: the similarities are sparse near
+    # lambda, the step is the tail's (the dense case is the next test); units equal to beta:
+    # tails far below the bound.
     rows = torch.tensor(
         [
             [tail_row(1.0, 0.0, 1.0, 1.0, 0.0, 0.0), tail_row(0.50, 0.02, 0.54, 1.0, 0.0, 1.0)],
@@ -125,14 +136,20 @@ def test_tail_step_by_hand():
     )
     stats = torch.tensor(
         [
-            [[0.01, 0.8, 0.05, 0.9, 0.7, 0.5, 0.0], [-0.02, 0.55, 0.04, 0.6, 0.45, 0.25, 0.0]],
-            [[0.01, 0.45, 0.05, 0.5, 0.40, 0.5, 0.0], [nan] * 7],
-            [[-0.05, 0.96, 0.3, 0.97, 0.5, 0.2, 0.0], [0.01, 0.9, 0.3, 0.95, 0.88, 0.2, 0.0]],
+            [
+                tail_stats(0.01, 0.8, 0.05, 0.9, 0.7, 0.5, 0.0),
+                tail_stats(-0.02, 0.55, 0.04, 0.6, 0.45, 0.25, 0.0),
+            ],
+            [tail_stats(0.01, 0.45, 0.05, 0.5, 0.40, 0.5, 0.0), [nan] * 8],
+            [
+                tail_stats(-0.05, 0.96, 0.3, 0.97, 0.5, 0.2, 0.0),
+                tail_stats(0.01, 0.9, 0.3, 0.95, 0.88, 0.2, 0.0),
+            ],
         ]
     )
     out = rule.step(rows, stats, epoch=3.0)
-    # First visit: start at the batch's estimate, take its scale; the centre starts there,
-    # the density at the exponential tail's alpha / beta = 0.2.
+    # First visit: start at the batch's estimate, take its scale and unit; the centre starts
+    # there, the density at the fitted tail's alpha / unit = 0.2.
     assert out[0, 0].tolist() == pytest.approx(tail_row(0.8, 0.05, 0.8, 1.0, 0.2, 1.0))
     # Second visit, w = 1/2: scale 0.02 -> 0.03. Innovation 0.55 - 0.54 = 0.01 against the
     # estimate's noise 0.25 * 0.04^2: ratio 0.25, running mean 1 + 0.3 (0.25 - 1) = 0.775,
@@ -158,6 +175,55 @@ def test_tail_step_by_hand():
     assert out[2, 1, 0].item() == pytest.approx(0.9 - 0.02 * 0.09 / (0.0004 + 0.09))
 
 
+def gpd_survival(x, level, u, beta):
+    """Share of negatives above ``x`` under the tail that ``tail_estimate`` fits: ``level``
+    of them above ``u``, a generalised Pareto tail ending at 1 with mean excess ``beta``."""
+    xi = -beta / (1.0 - u - beta)
+    sigma = beta * (1.0 - xi)
+    return level * (1.0 + xi * (x - u) / sigma) ** (-1.0 / xi)
+
+
+def test_step_unit_is_the_fitted_tails_inverse_density():
+    """The step unit is alpha over the density, at q_hat, of the tail that q_hat comes from
+    (the generalised Pareto tail ending at 1): the tail scale beta far below the bound,
+    several times smaller near it."""
+    gen = torch.Generator().manual_seed(0)
+    alpha = 0.005
+    negatives = torch.ones(4, 127, dtype=torch.bool)
+    uniform = torch.rand(2, 2, 4, 127, generator=gen, dtype=torch.float64)
+    # An exponential tail far below the bound; one that ends at it (xi = -1/2).
+    for near, sim in ((False, 0.1 - 0.05 * uniform[0].log()), (True, 1 - 0.3 * uniform[1].sqrt())):
+        q_hat, beta, _, u, k = tail_estimate(sim, negatives, alpha, 8, with_size=True)
+        unit = _step_unit(q_hat, beta, u)
+        tail = (k / 127, u, beta)
+        assert torch.allclose(gpd_survival(q_hat, *tail), torch.full_like(q_hat, alpha), rtol=1e-4)
+        h = 1e-4 * unit
+        density = (gpd_survival(q_hat - h, *tail) - gpd_survival(q_hat + h, *tail)) / (2 * h)
+        assert torch.allclose(unit, alpha / density, rtol=1e-3)
+        ratio = (unit / beta).mean().item()
+        if near:
+            assert ratio < 0.5  # the same share of negatives packed into less similarity
+        else:
+            assert ratio > 0.8  # about the tail scale (0.9 here)
+    stats = GloFNDConfig(alpha=alpha).rule().statistics(sim, negatives, torch.full((2, 4), 0.9))
+    assert torch.allclose(stats[..., 3], unit.float())
+
+
+def test_tail_step_is_taken_in_the_running_unit():
+    """The running step unit (the fitted tail's) sizes the step, not the tail scale; an
+    earlier state without a unit steps in tail scales as before."""
+    rule = GloFNDConfig(alpha=0.01, step_floor=0.2, averaging=1.0).rule()
+    # No exceedance (g = alpha): a step down by w * unit; unit 0.02 running towards the
+    # batch's 0.04 with w = 0.2: 0.024. The centre sits at the iterate: no pull to speak of.
+    rows = torch.tensor([[tail_row(0.9, 0.1, 0.9, 1.0, 0.0, 9.0, unit=0.02)] * 2])
+    stats = torch.tensor([[tail_stats(0.01, 0.9, 0.1, 0.95, 0.8, 0.5, 0.0, unit=0.04)] * 2])
+    out = rule.step(rows, stats, epoch=1.0)
+    assert out[0, 0, 3].item() == pytest.approx(0.024)
+    assert out[0, 0, 2].item() == pytest.approx(0.1)  # the tail scale is kept apart
+    x = -0.2 * 0.024  # the step, then shrunk a little towards the centre (band x scale 0.1)
+    assert out[0, 0, 1].item() == pytest.approx(0.9 + x * 0.01 / (x * x + 0.01))
+
+
 def test_threshold_averages_the_iterate_and_follows_a_large_move():
     """The threshold moves by ``averaging`` of its lag behind the iterate while that lag is
     small against band x scale; a lag far beyond it (the quantile moved within a visit) is
@@ -173,7 +239,7 @@ def test_threshold_averages_the_iterate_and_follows_a_large_move():
             ]
         ]
     )
-    stats = torch.tensor([[[0.0, 0.5, 0.1, 0.9, 0.1, 0.5, 0.0]] * 2])
+    stats = torch.tensor([[tail_stats(0.0, 0.5, 0.1, 0.9, 0.1, 0.5, 0.0)] * 2])
     out = rule.step(rows, stats, epoch=1.0)
     assert out[0, :, 1].tolist() == pytest.approx([0.5, 0.5])  # the iterates
     small = 0.01 * 0.01 / (0.01**2 + 0.01)  # lag shrunk by (band scale)^2 / (x^2 + ...)
@@ -193,8 +259,8 @@ def test_threshold_moves_with_the_batchs_common_drift():
     # Many exceedances (g = alpha - 0.5): a long step up, stopped at the top negative 0.52;
     # the centre and the batch estimate sit there too, so no pull.
     rows = torch.tensor([[tail_row(0.5, 0.1, 0.52, 1.0, 0.0, 9.0)] * 2] * n)
-    up = torch.tensor([-0.49, 0.52, 0.1, 0.52, 0.3, 0.5, 0.0])
-    still = torch.tensor([0.0, 0.5, 0.1, 0.9, 0.3, 0.5, 0.0])  # on the quantile: no step
+    up = torch.tensor(tail_stats(-0.49, 0.52, 0.1, 0.52, 0.3, 0.5, 0.0))
+    still = torch.tensor(tail_stats(0.0, 0.5, 0.1, 0.9, 0.3, 0.5, 0.0))  # on the quantile
     together = rule.step(rows, up.expand(n, 2, -1).clone(), epoch=1.0)
     assert together[..., 1].flatten().tolist() == pytest.approx([0.52] * 2 * n)  # iterates
     assert together[..., 0].flatten().tolist() == pytest.approx([0.52] * 2 * n)  # thresholds
@@ -228,12 +294,17 @@ def test_tail_step_shrinks_where_the_similarities_are_dense():
         [[tail_row(0.5, 0.1, 0.5, 1.0, 2.0, 9.0), tail_row(0.5, 0.1, 0.5, 1.0, 0.05, 9.0)]]
     )
     stats = torch.tensor(
-        [[[0.01, 0.5, 0.1, 0.6, 0.3, 0.5, 2.0], [0.01, 0.5, 0.1, 0.6, 0.3, 0.5, 0.05]]]
+        [
+            [
+                tail_stats(0.01, 0.5, 0.1, 0.6, 0.3, 0.5, 2.0),
+                tail_stats(0.01, 0.5, 0.1, 0.6, 0.3, 0.5, 0.05),
+            ]
+        ]
     )
     out = rule.step(rows, stats, epoch=1.0)
     dense, sparse = out[0, 0], out[0, 1]
     # Dense: density stays 2.0, unit min(0.1, 0.01 / 2) = 0.005, lambda 0.5 - 0.2 * 0.005.
-    assert dense[5].item() == pytest.approx(2.0)
+    assert dense[6].item() == pytest.approx(2.0)
     offset = -0.001
     assert dense[0].item() == pytest.approx(0.5 + offset * 0.01 / (offset**2 + 0.01))
     # Sparse: alpha / 0.05 = 0.2 > the tail scale 0.1: the step is 0.2 * 0.1 = 0.02.
@@ -242,7 +313,7 @@ def test_tail_step_shrinks_where_the_similarities_are_dense():
     default = GloFNDConfig(alpha=0.01, step_floor=0.2, averaging=1.0).rule()
     default = default.step(rows, stats, epoch=1.0)
     assert default[0, :, 0].tolist() == pytest.approx([sparse[0].item()] * 2)
-    assert default[0, 0, 5].item() == pytest.approx(2.0)  # the density is still tracked
+    assert default[0, 0, 6].item() == pytest.approx(2.0)  # the density is still tracked
 
 
 def test_tail_statistics_bound_the_step_up_and_measure_the_local_density():
@@ -257,32 +328,32 @@ def test_tail_statistics_bound_the_step_up_and_measure_the_local_density():
     negatives = torch.ones(1, 100, dtype=torch.bool)
     # m = 6 above 0.5, alpha n = 0.5: r = ceil(0.8 * 6 + 0.2 * 0.5) = 5 -> the 5th largest.
     stats = rule.statistics(sim, negatives, torch.full((2, 1), 0.5))
-    assert stats[..., 3].flatten().tolist() == pytest.approx([0.6, 0.6])
+    assert stats[..., 4].flatten().tolist() == pytest.approx([0.6, 0.6])
     # Without local_step (the default): the top negative.
     default = GloFNDConfig(alpha=alpha, tail_size=8).rule()
     stats = default.statistics(sim, negatives, torch.full((2, 1), 0.5))
-    assert stats[..., 3].flatten().tolist() == pytest.approx([0.9, 0.9])
+    assert stats[..., 4].flatten().tolist() == pytest.approx([0.9, 0.9])
     # One exceedance (or none): the top negative, as before.
     stats = rule.statistics(sim, negatives, torch.full((2, 1), 0.85))
-    assert stats[..., 3].flatten().tolist() == pytest.approx([0.9, 0.9])
+    assert stats[..., 4].flatten().tolist() == pytest.approx([0.9, 0.9])
     # Exponential tail (scale 0.05): at the exact quantile the density averages alpha / 0.05.
     gen = torch.Generator().manual_seed(0)
     rows, n = 4000, 1024
     sim = (-torch.log(torch.rand(1, rows, n, generator=gen)) * 0.05).expand(2, -1, -1)
     negatives = torch.ones(rows, n, dtype=torch.bool)
     quantile = torch.full((2, rows), 0.05 * math.log(1 / alpha))
-    density = rule.statistics(sim, negatives, quantile)[..., 6]
+    density = rule.statistics(sim, negatives, quantile)[..., 7]
     assert density.mean().item() == pytest.approx(alpha / 0.05, rel=0.1)
     # A plateau: a tenth of every row tied just under the quantile, far denser there (the
     # count runs over the batch's top k + 1 = 12, so it sees about 7 of the ties).
     sim = sim.clone()
     sim[..., : n // 10] = quantile[0, 0] - 0.001
-    plateau = rule.statistics(sim, negatives, quantile)[..., 6]
+    plateau = rule.statistics(sim, negatives, quantile)[..., 7]
     assert plateau.mean().item() > 5 * alpha / 0.05
 
 
 def test_tail_statistics_carry_the_estimates_noise():
-    """The sixth statistic is q_hat's variance in units of beta^2: (1 + L^2) / k with
+    """The seventh statistic is q_hat's variance in units of beta^2: (1 + L^2) / k with
     L = (q_hat - u) / beta the extrapolation from the batch's top k to alpha."""
     gen = torch.Generator().manual_seed(0)
     sim = torch.rand(2, 6, 200, generator=gen) * 0.5
@@ -291,7 +362,7 @@ def test_tail_statistics_carry_the_estimates_noise():
     stats = cfg.rule().statistics(sim, negatives, torch.full((2, 6), 0.4))
     q_hat, beta, _, u = tail_estimate(sim, negatives, 0.005, 8)
     extrapolation = (q_hat - u) / beta
-    assert torch.allclose(stats[..., 5], (1 + extrapolation**2) / 8)
+    assert torch.allclose(stats[..., 6], (1 + extrapolation**2) / 8)
     assert (extrapolation > 0.5).all()  # alpha is below the batch's top-8 level: a real test
 
 
@@ -343,7 +414,8 @@ def test_centre_averages_noise_and_follows_a_jump():
             [
                 torch.zeros_like(q_hat),
                 q_hat,
-                *(torch.full_like(q_hat, v) for v in (beta,)),
+                torch.full_like(q_hat, beta),
+                torch.full_like(q_hat, beta),  # the step unit: an exponential tail
                 q_hat + beta,
                 q_hat - 2 * beta,
                 torch.full_like(q_hat, noise),
@@ -352,7 +424,7 @@ def test_centre_averages_noise_and_follows_a_jump():
             dim=-1,
         )
         rows = rule.step(rows, stats, epoch=0.0)
-    centre = rows[..., 3]
+    centre = rows[..., 4]
     # One estimate's spread is beta * sqrt(noise) = 0.0141; the centre's is 0.0078 (the
     # drift test's own noise keeps its gain near 0.3 rather than 1/t).
     assert (centre - 0.5).std().item() < 0.6 * beta * noise**0.5
@@ -362,6 +434,7 @@ def test_centre_averages_noise_and_follows_a_jump():
             torch.zeros_like(q_hat),
             q_hat,
             torch.full_like(q_hat, beta),
+            torch.full_like(q_hat, beta),
             q_hat + beta,
             q_hat - 2 * beta,
             torch.full_like(q_hat, noise),
@@ -369,16 +442,16 @@ def test_centre_averages_noise_and_follows_a_jump():
         ],
         dim=-1,
     )
-    moved = rule.step(rows, stats, epoch=0.0)[..., 3]
+    moved = rule.step(rows, stats, epoch=0.0)[..., 4]
     assert ((0.5 - moved) / 0.2).median().item() > 0.9  # not the 1/31 of a plain mean
 
 
 def test_state_bytes_follow_the_rule_and_round_trip(tmp_path):
     tail = cpu_args(tmp_path)
     adam = cpu_args(tmp_path, detector_kwargs={"update_rule": "adam"})
-    assert tail.state_bytes_per_sample() == 56 and adam.state_bytes_per_sample() == 32
+    assert tail.state_bytes_per_sample() == 64 and adam.state_bytes_per_sample() == 32
     detector = build_detector("glofnd", num_samples=N, config=tail.detector_settings())
-    assert detector.state.bytes_per_sample == 56
+    assert detector.state.bytes_per_sample == 64
     run = make_stream("fixed", N, 2)
     image, text = run.embeds(0.0)
     for start in range(0, N, BATCH):
@@ -394,7 +467,16 @@ def test_state_bytes_follow_the_rule_and_round_trip(tmp_path):
     assert set(detector.state_dict()) == {
         f"{s}.{c}"
         for s in ("image", "text")
-        for c in ("lambda", "iterate", "scale", "centre", "innovation", "density", "visits")
+        for c in (
+            "lambda",
+            "iterate",
+            "scale",
+            "unit",
+            "centre",
+            "innovation",
+            "density",
+            "visits",
+        )
     }
     other = build_detector("glofnd", num_samples=N, config=adam.detector_settings())
     with pytest.raises(ValueError, match="another rule"):
@@ -430,6 +512,11 @@ def test_state_of_the_earlier_tail_rule_still_loads():
     dense = {k: v for k, v in loaded.items() if not k.endswith(".iterate")}  # 48 bytes
     detector.load_state_dict(dense)
     assert torch.equal(detector.state_dict()["text.iterate"], loaded["text.lambda"])
+    assert torch.equal(loaded["image.unit"], state["image.scale"])  # steps in tail scales
+    averaged = {k: v for k, v in loaded.items() if not k.endswith(".unit")}  # 56 bytes
+    loaded["image.unit"] = loaded["image.scale"] / 2
+    detector.load_state_dict(averaged)
+    assert torch.equal(detector.state_dict()["image.unit"], averaged["image.scale"])
     del state["text.scale"]
     with pytest.raises(ValueError, match="missing.*text.scale"):
         detector.load_state_dict(state)
@@ -479,7 +566,7 @@ def test_health_advice_names_the_tail_rules_settings():
     current values (so the message can be acted on)."""
     detector = build_detector("glofnd", num_samples=8, config=GloFNDConfig(alpha=0.1))
     high = detector._advice("high")
-    for setting in ("tail_size (now 8)", "step_floor (now 0.2)", "averaging (now 0.5)"):
+    for setting in ("tail_size (now 8)", "step_floor (now 0.5)", "averaging (now 0.5)"):
         assert setting in high
     assert "local_step: true" in high
     assert "drift_rate (now 0.3)" in detector._advice("low")

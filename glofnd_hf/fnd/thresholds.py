@@ -10,13 +10,15 @@ and takes a stochastic step on the pinball loss, whose gradient is
 Two rules turn ``g`` into a step:
 
 ``tail`` (default)
-    A Robbins-Monro step in units of the anchor's *tail scale* ``beta`` (the mean excess of
-    the batch's top similarities over the next one): ``lambda -= w_t * beta * g / alpha``,
-    with ``w_t = max(1 / t, step_floor)`` for the anchor's t-th visit. For an exponential
-    tail ``beta / alpha`` is the inverse density at the quantile, so this is a Newton step
-    whatever the spread of the similarities. The first visit starts at the batch's tail
-    estimate of the quantile ``q_hat`` (exceedances over the batch's top-k, extrapolated to
-    alpha). A step does not cross the batch's own evidence: going down, no further than its
+    A Robbins-Monro step ``lambda -= w_t * unit * g / alpha``, with
+    ``w_t = max(1 / t, step_floor)`` for the anchor's t-th visit and ``unit / alpha`` the
+    inverse density at the quantile of the tail fitted to the batch's top similarities (a
+    running mean over visits), so that this is a Newton step whatever the spread of the
+    similarities. The tail is a generalised Pareto one ending at 1 with the batch's mean
+    excess ``beta`` (the *tail scale*): ``unit`` is ``beta`` for a tail far below 1 (an
+    exponential one) and smaller near 1, where the same share of the negatives is packed
+    into less similarity. The first visit starts at the batch's tail estimate of the
+    quantile ``q_hat`` (exceedances over the batch's top-k, extrapolated to alpha). A step does not cross the batch's own evidence: going down, no further than its
     (k+1)-th largest negative; going up, no further than its top negative. With
     ``local_step``, where the similarities near the threshold are denser than that tail
     implies (a plateau of near-duplicates), the step shrinks to ``alpha / density``, the
@@ -74,7 +76,7 @@ class GloFNDConfig:
     )
     update_rule: UpdateRule = setting(
         "tail",
-        "How thresholds learn: tail (steps in units of each anchor's tail scale; "
+        "How thresholds learn: tail (Newton steps sized by each anchor's fitted tail; "
         "tracks moving embeddings), adam (Adam, per-sample bias correction), reference (Adam "
         "exactly as the GloFND reference code, bias correction with t = epoch + 1).",
     )
@@ -91,7 +93,7 @@ class GloFNDConfig:
         "follows drift faster; larger: averages more).",
     )
     step_floor: float = setting(
-        0.2,
+        0.5,
         "tail rule: smallest step weight; the 1/t decay stops here so thresholds follow drift. "
         "With local_step, a step up passes at most about this share of a batch's excess "
         "exceedances.",
@@ -252,31 +254,33 @@ class ThresholdRule(ABC):
 
 
 class TailRule(ThresholdRule):
-    """Steps in units of the anchor's tail scale (smaller where the similarities near the
-    threshold are denser), kept near a running mean of the batches' own estimates that
-    follows drift and averages noise; the threshold averages the stepping iterate."""
+    """Newton steps in units of the fitted tail's inverse density at the quantile, kept
+    near a running mean of the batches' own estimates that follows drift and averages
+    noise; the threshold averages the stepping iterate."""
 
-    columns = ("lambda", "iterate", "scale", "centre", "innovation", "density", "visits")
+    columns = ("lambda", "iterate", "scale", "unit", "centre", "innovation", "density", "visits")
     point = 1  # the steps are taken by the iterate; the threshold averages it
-    fill = (1.0, 1.0, 0.0, 1.0, 1.0, 0.0, 0.0)
+    fill = (1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0)
     valid = (
         THRESHOLD_RANGE,
         THRESHOLD_RANGE,
+        NON_NEGATIVE,
         NON_NEGATIVE,
         THRESHOLD_RANGE,
         NON_NEGATIVE,
         NON_NEGATIVE,
         COUNT,
     )
-    # pinball gradient, q_hat, beta, highest step up, (k+1)-th largest, q_hat's relative
-    # variance, local density at lambda
-    num_statistics = 7
+    # pinball gradient, q_hat, beta, step unit, highest step up, (k+1)-th largest, q_hat's
+    # relative variance, local density at lambda
+    num_statistics = 8
 
     def upgrade(self, state):
         # Checkpoints of 0.2.0.dev0 have lambda, scale and visits only: the centre starts at
         # the threshold, with no evidence of drift. Those without a density (before the
         # local step) start from the exponential tail's alpha / scale, as a first visit does.
-        # Those without an iterate (before the averaged threshold) step from the threshold.
+        # Those without an iterate (before the averaged threshold) step from the threshold;
+        # those without a step unit (before it was the fitted tail's) in tail scales.
         new = {}
         for side in SIDES:
             lam = state.get(f"{side}.lambda")
@@ -287,6 +291,8 @@ class TailRule(ThresholdRule):
             if lam is not None and f"{side}.innovation" not in state:
                 new[f"{side}.innovation"] = torch.ones_like(lam)
             scale = state.get(f"{side}.scale")
+            if scale is not None and f"{side}.unit" not in state:
+                new[f"{side}.unit"] = scale.clone()
             if scale is not None and f"{side}.density" not in state:
                 positive = scale > 0
                 new[f"{side}.density"] = torch.where(
@@ -308,6 +314,7 @@ class TailRule(ThresholdRule):
         # to k exceedances: u and beta each carry about 1/k, and beta's is multiplied by L^2.
         extrapolation = ((q_hat - kth) / beta).clamp(min=0.0)
         noise = (1.0 + extrapolation * extrapolation) / k
+        unit = _step_unit(q_hat, beta, kth)
         n = n.to(sim.dtype)
         density = _local_density(ordered, lam, beta, n)
         # Highest step up: the batch's top negative, or with local_step the r-th largest
@@ -322,30 +329,32 @@ class TailRule(ThresholdRule):
             r = torch.minimum(r.clamp(min=1.0), n.clamp(min=1.0)).clamp(max=ordered.shape[-1])
             up_cap = ordered.gather(-1, r.long().unsqueeze(-1) - 1).squeeze(-1)
             up_cap = torch.where(torch.isfinite(q_hat), up_cap, q_hat)
-        return torch.stack([grad, q_hat, beta, up_cap, kth, noise, density], dim=-1).to(
+        return torch.stack([grad, q_hat, beta, unit, up_cap, kth, noise, density], dim=-1).to(
             torch.float32
         )
 
     def step(self, rows, stats, epoch):
         cfg = self.config
-        lam, iterate, scale, centre, innovation, density, visits = rows.unbind(-1)
-        grad, q_hat, beta, up_cap, kth, noise, local_density = stats.to(torch.float32).unbind(-1)
+        lam, iterate, scale, unit, centre, innovation, density, visits = rows.unbind(-1)
+        stats = stats.to(torch.float32)
+        grad, q_hat, beta, batch_unit, up_cap, kth, noise, local_density = stats.unbind(-1)
         first = visits == 0
         visit = visits + 1.0
         weight = torch.clamp(1.0 / visit, min=cfg.step_floor)
         new_scale = torch.where(first, beta, scale + weight * (beta - scale))
-        # The density's running mean starts at the exponential tail's alpha / beta (the first
+        new_unit = torch.where(first, batch_unit, unit + weight * (batch_unit - unit))
+        # The density's running mean starts at the fitted tail's alpha / unit (the first
         # visit's threshold, 1.0, says nothing about the density at the quantile).
         new_density = torch.where(
-            first, cfg.alpha / beta, density + weight * (local_density - density)
+            first, cfg.alpha / batch_unit, density + weight * (local_density - density)
         )
         # Step unit: the inverse density at the threshold, alpha / density, where the
-        # similarities there are denser than the tail scale implies (a plateau), else the
-        # tail scale. A step sized by beta there would jump across the plateau and let in
+        # similarities there are denser than the fitted tail implies (a plateau), else the
+        # tail's. A step sized by the tail there would jump across the plateau and let in
         # or drop many samples at once.
-        unit = new_scale
+        step_unit = new_unit
         if cfg.local_step:
-            unit = torch.minimum(new_scale, cfg.alpha / new_density.clamp(min=1e-30))
+            step_unit = torch.minimum(new_unit, cfg.alpha / new_density.clamp(min=1e-30))
         # The centre: a running mean of the batch estimates q_hat whose gain 1 - 1/innovation
         # (at least 1/t) follows a test of drift against noise. `innovation` is an
         # exponential mean of the squared innovation (q_hat - centre) over q_hat's own
@@ -358,7 +367,7 @@ class TailRule(ThresholdRule):
         gain = torch.maximum(1.0 / visit, 1.0 - 1.0 / new_innovation.clamp(min=1.0))
         new_centre = torch.where(first, q_hat, centre + gain * delta)
         new_innovation = torch.where(first, torch.ones_like(innovation), new_innovation)
-        new_it = iterate - weight * unit * (grad / cfg.alpha)
+        new_it = iterate - weight * step_unit * (grad / cfg.alpha)
         # A step does not cross the batch's own evidence: down no further than the (k+1)-th
         # largest negative (where the batch already holds > 2 alpha of its negatives), up
         # no further than `up_cap` (past about w of the batch's excess exceedances). This
@@ -390,6 +399,7 @@ class TailRule(ThresholdRule):
                 new_lam.clamp(-1.0, 1.0),
                 new_it,
                 new_scale,
+                new_unit,
                 new_centre.clamp(-1.0, 1.0),
                 new_innovation,
                 new_density,
@@ -399,6 +409,21 @@ class TailRule(ThresholdRule):
         )
         # Anchors without a tail estimate (fewer than two negatives) keep their row.
         return torch.where(torch.isfinite(q_hat).unsqueeze(-1), new, rows)
+
+
+def _step_unit(q_hat: torch.Tensor, beta: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The fitted tail's inverse density at ``q_hat``, over alpha: the Newton step's unit.
+
+    ``tail_from_top``'s generalised Pareto tail above ``u`` ends at 1, with mean excess
+    ``beta``, shape ``xi = -beta / (1 - u - beta)`` and scale ``beta (1 - xi)``; at its
+    quantile ``q_hat`` the density is alpha over ``beta (1 - xi) + xi (q_hat - u)``, which is
+    ``-xi (1 - q_hat)``: ``beta`` far below the bound (the exponential tail), smaller near
+    it, where the same share of the negatives is packed into less similarity. A step in
+    units of ``beta`` there overshoots downwards more than a step up (capped at the batch's
+    top negative) can repair, and the threshold settles below the quantile.
+    """
+    xi = -beta / (1.0 - u - beta).clamp(min=1e-6)
+    return (beta * (1.0 - xi) + xi * (q_hat - u)).clamp(min=1e-6)
 
 
 def _shrink(offset: torch.Tensor, width_sq: torch.Tensor) -> torch.Tensor:
@@ -518,7 +543,7 @@ class ThresholdState:
 
     Stored as one (N, 2, C) float32 table (side x the rule's columns) so that a step reads
     and writes every quantity of the touched anchors with a single gather and a single
-    scatter: 56 bytes per sample with the tail rule, 32 with Adam. Host memory is fine for
+    scatter: 64 bytes per sample with the tail rule, 32 with Adam. Host memory is fine for
     large N.
     """
 
