@@ -18,8 +18,9 @@ Two rules turn ``g`` into a step:
     excess ``beta`` (the *tail scale*): ``unit`` is ``beta`` for a tail far below 1 (an
     exponential one) and smaller near 1, where the same share of the negatives is packed
     into less similarity. The first visit starts at the batch's tail estimate of the
-    quantile ``q_hat`` (exceedances over the batch's top-k, extrapolated to alpha). A step does not cross the batch's own evidence: going down, no further than its
-    (k+1)-th largest negative; going up, no further than its top negative. With
+    quantile ``q_hat`` (exceedances over the batch's top-k, extrapolated to alpha). A step
+    does not cross the batch's own evidence: going down, no further than its (k+1)-th
+    largest negative; going up, no further than its top negative. With
     ``local_step``, where the similarities near the threshold are denser than that tail
     implies (a plateau of near-duplicates), the step shrinks to ``alpha / density``, the
     inverse of a running mean of the batches' local density around the threshold, and a
