@@ -349,9 +349,9 @@ class GloFNDDetector(RowwiseDetector):
                 f"update_rule: tail (or a smaller lr, now {cfg.lr}).",
             }[kind]
         return {
-            "low": "The embeddings may move faster than one visit per epoch can follow: "
-            f"raise drift_rate (now {cfg.drift_rate}) or step_floor (now "
-            f"{cfg.step_floor}), or lower band (now {cfg.band}).",
+            "low": "The embeddings may move faster than one visit per epoch can follow "
+            "(early in training from scratch this passes): raise drift_rate (now "
+            f"{cfg.drift_rate}) or step_floor (now {cfg.step_floor}).",
             "high": "Thresholds sit below the quantile: if alpha x batch size is well below "
             f"1, raise tail_size (now {cfg.tail_size}) for a steadier tail "
             f"estimate, or lower step_floor (now {cfg.step_floor}) or averaging (now "
