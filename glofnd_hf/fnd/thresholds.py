@@ -103,9 +103,9 @@ class GloFNDConfig:
         False,
         "tail rule: size steps by the local density of similarities at the threshold where "
         "that is denser than the tail implies (a plateau of near-duplicates), and cap a step "
-        "up at about step_floor of a batch's excess exceedances, instead of steps in tail "
-        "scales capped at the batch's top negative. Closer to the quantile in the demo, "
-        "further in the training study (docs/threshold-tracking.md).",
+        "up at about step_floor of a batch's excess exceedances, instead of steps in the "
+        "fitted tail's unit capped at the batch's top negative. Measured: no better than "
+        "the default in the training study, worse in the demo (docs/threshold-tracking.md).",
     )
     averaging: float = setting(
         0.5,
