@@ -355,8 +355,7 @@ class GloFNDDetector(RowwiseDetector):
             "high": "Thresholds sit below the quantile: if alpha x batch size is well below "
             f"1, raise tail_size (now {cfg.tail_size}) for a steadier tail "
             f"estimate, or lower step_floor (now {cfg.step_floor}) or averaging (now "
-            f"{cfg.averaging}) to average more visits; where many pairs are near-duplicates "
-            "(a plateau of similarities at the top), try local_step: true.",
+            f"{cfg.averaging}) to average more visits.",
             "bound": "Many anchors have similarities at +-1 (collapsed or duplicated "
             "embeddings?): check the model's outputs and the data for duplicates.",
         }[kind]
