@@ -2,6 +2,7 @@
 
 import math
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -271,7 +272,14 @@ def test_two_ranks_hold_the_same_state(tmp_path):
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     out = tmp_path / "state"
-    mp.spawn(_two_rank_worker, args=(2, str(tmp_path / "init"), str(out)), nprocs=2, join=True)
+    try:
+        mp.spawn(_two_rank_worker, args=(2, str(tmp_path / "init"), str(out)), nprocs=2)
+    except mp.ProcessExitedException as error:
+        # gloo sometimes aborts a rank while the group is torn down (tests/launch.py), after
+        # the work is done: both states saved means only the teardown failed.
+        saved = all(Path(f"{out}.rank{r}").exists() for r in range(2))
+        if error.signal_name != "SIGABRT" or not saved:
+            raise
     a, b = (torch.load(f"{out}.rank{r}") for r in range(2))
     assert int(a["rounds"][0]) >= 1
     assert int(a["seen"].sum()) > N // 2
