@@ -317,12 +317,12 @@ class GloFNDDetector(RowwiseDetector):
         table_rows = self.state.table.gather(index, batch.negatives.device)  # (B, 2, C)
         # The rule's statistics are taken at its point (the threshold, or the iterate that
         # the threshold averages).
-        lam = table_rows[start : start + b, :, self.rule.point].t()  # (2, b)
+        point = table_rows[start : start + b, :, self.rule.point].t()  # (2, b)
         parts, dtype = [], torch.float32
         for s, e in bounds:
             sim = rows(s, e)
             dtype = sim.dtype
-            parts.append(self.rule.statistics(sim, batch.negatives[s:e], lam[:, s:e].to(dtype)))
+            parts.append(self.rule.statistics(sim, batch.negatives[s:e], point[:, s:e].to(dtype)))
         local = torch.cat(parts, dim=1)  # (2, b, k)
         local = local.transpose(0, 1).reshape(b, -1)  # (b, 2k): one row per anchor
         # Every rank gets every anchor's values (O(global batch)) and applies the same update.
