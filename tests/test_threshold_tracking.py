@@ -12,8 +12,7 @@ from safetensors.torch import load_file, save_file
 from benchmarks.tracking_streams import make_stream, run_stream
 from glofnd_hf.fnd import GloFNDConfig, build_detector, pinball_gradient, tail_estimate
 from glofnd_hf.fnd.detectors import DetectionBatch
-from glofnd_hf.fnd.quantiles import top_values
-from glofnd_hf.fnd.thresholds import _step_unit
+from glofnd_hf.fnd.quantiles import tail_unit, top_values
 
 N, BATCH, ALPHA, EPOCHS = 2048, 256, 0.01, 12
 HEALTH_LOGGER = "glofnd_hf.fnd.health"
@@ -194,7 +193,7 @@ def test_step_unit_is_the_fitted_tails_inverse_density():
     # An exponential tail far below the bound; one that ends at it (xi = -1/2).
     for near, sim in ((False, 0.1 - 0.05 * uniform[0].log()), (True, 1 - 0.3 * uniform[1].sqrt())):
         q_hat, beta, _, u, k = tail_estimate(sim, negatives, alpha, 8, with_size=True)
-        unit = _step_unit(q_hat, beta, u)
+        unit = tail_unit(q_hat, beta, u)
         tail = (k / 127, u, beta)
         assert torch.allclose(gpd_survival(q_hat, *tail), torch.full_like(q_hat, alpha), rtol=1e-4)
         h = 1e-4 * unit

@@ -119,7 +119,7 @@ def tail_from_top(
     else:
         # Generalised Pareto tail ending at ``upper`` with mean excess beta: shape
         # xi = -beta / (upper - u - beta) <= 0, quantile u + beta (1 - xi) (r^xi - 1) / xi.
-        xi = -beta / (upper - u - beta).clamp(min=1e-6)
+        xi = pareto_shape(beta, u, upper)
         x = xi * log_ratio
         expm1_over_x = torch.where(x.abs() < 1e-6, 1.0, torch.expm1(x) / x)
         q_hat = u + beta * (1 - xi) * log_ratio * expm1_over_x
@@ -127,3 +127,23 @@ def tail_from_top(
     values = torch.stack([q_hat, beta, top[..., 0], u], dim=-1)
     values = torch.where((n >= 2).unsqueeze(-1), values, math.nan)
     return (*values.unbind(-1), k)
+
+
+def pareto_shape(beta: torch.Tensor, u: torch.Tensor, upper: float = 1.0) -> torch.Tensor:
+    """Shape ``xi <= 0`` of the generalised Pareto tail above ``u`` that has mean excess
+    ``beta`` and ends at ``upper`` (``tail_from_top``'s tail; scale ``beta (1 - xi)``)."""
+    return -beta / (upper - u - beta).clamp(min=1e-6)
+
+
+def tail_unit(
+    q_hat: torch.Tensor, beta: torch.Tensor, u: torch.Tensor, upper: float = 1.0
+) -> torch.Tensor:
+    """alpha over the density of ``tail_from_top``'s tail at its quantile ``q_hat``: the
+    unit of a Newton step on the pinball loss.
+
+    ``beta (1 - xi) + xi (q_hat - u)``, which is ``-xi (upper - q_hat)``: ``beta`` far below
+    the bound (the exponential tail), smaller near it, where the same share of the
+    negatives is packed into less similarity.
+    """
+    xi = pareto_shape(beta, u, upper)
+    return (beta * (1.0 - xi) + xi * (q_hat - u)).clamp(min=1e-6)

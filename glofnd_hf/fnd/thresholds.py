@@ -52,7 +52,7 @@ from typing import ClassVar, Literal
 
 import torch
 
-from .quantiles import masked_quantile, tail_from_top, tail_width, top_values
+from .quantiles import masked_quantile, tail_from_top, tail_unit, tail_width, top_values
 from .registry import setting
 from .table import COUNT, FINITE, NON_NEGATIVE, PerSampleTable, ValueRange, check_state_tensor
 
@@ -315,7 +315,10 @@ class TailRule(ThresholdRule):
         # to k exceedances: u and beta each carry about 1/k, and beta's is multiplied by L^2.
         extrapolation = ((q_hat - kth) / beta).clamp(min=0.0)
         noise = (1.0 + extrapolation * extrapolation) / k
-        unit = _step_unit(q_hat, beta, kth)
+        # The step unit: the fitted tail's alpha / density at q_hat. A step in units of
+        # beta near the bound overshoots downwards more than a step up (capped at the
+        # batch's top negative) can repair, and the threshold settles below the quantile.
+        unit = tail_unit(q_hat, beta, kth)
         n = n.to(sim.dtype)
         density = _local_density(ordered, lam, beta, n)
         # Highest step up: the batch's top negative, or with local_step the r-th largest
@@ -410,21 +413,6 @@ class TailRule(ThresholdRule):
         )
         # Anchors without a tail estimate (fewer than two negatives) keep their row.
         return torch.where(torch.isfinite(q_hat).unsqueeze(-1), new, rows)
-
-
-def _step_unit(q_hat: torch.Tensor, beta: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """The fitted tail's inverse density at ``q_hat``, over alpha: the Newton step's unit.
-
-    ``tail_from_top``'s generalised Pareto tail above ``u`` ends at 1, with mean excess
-    ``beta``, shape ``xi = -beta / (1 - u - beta)`` and scale ``beta (1 - xi)``; at its
-    quantile ``q_hat`` the density is alpha over ``beta (1 - xi) + xi (q_hat - u)``, which is
-    ``-xi (1 - q_hat)``: ``beta`` far below the bound (the exponential tail), smaller near
-    it, where the same share of the negatives is packed into less similarity. A step in
-    units of ``beta`` there overshoots downwards more than a step up (capped at the batch's
-    top negative) can repair, and the threshold settles below the quantile.
-    """
-    xi = -beta / (1.0 - u - beta).clamp(min=1e-6)
-    return (beta * (1.0 - xi) + xi * (q_hat - u)).clamp(min=1e-6)
 
 
 def _shrink(offset: torch.Tensor, width_sq: torch.Tensor) -> torch.Tensor:
