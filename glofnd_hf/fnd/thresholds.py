@@ -260,7 +260,7 @@ class TailRule(ThresholdRule):
     noise; the threshold averages the stepping iterate."""
 
     columns = ("lambda", "iterate", "scale", "unit", "centre", "innovation", "density", "visits")
-    point = 1  # the steps are taken by the iterate; the threshold averages it
+    point = columns.index("iterate")  # the iterate takes the steps; the threshold averages it
     fill = (1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0)
     valid = (
         THRESHOLD_RANGE,
