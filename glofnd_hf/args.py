@@ -228,7 +228,11 @@ class GloFNDTrainingArguments(SecretsNotPickled, TrainingArguments):
     temperature_lr: float | None = setting(
         None, "Own learning rate for the temperature (default: learning_rate)."
     )
-    rho: float = setting(6.5, "fastclip with a learnable temperature: FastCLIP-v3's rho.")
+    rho: float = setting(
+        6.5,
+        "fastclip: FastCLIP-v3's rho, which moves a learnable temperature; with a fixed one it "
+        "only adds tau * rho to the logged loss, as in FastCLIP's code.",
+    )
     temperature_gradient: TemperatureGradient = setting(
         "fastclip",
         "fastclip with a learnable temperature: how the two sides weigh in its gradient. "

@@ -1,15 +1,23 @@
-"""FastCLIP fidelity: the learnable temperature's gradient and the gamma schedule.
+"""FastCLIP fidelity: the loss value, the embeddings' and the temperature's gradients, gamma.
 
-The FastCLIP reference code (github.com/Optimization-AI/fast_clip, ``FastCLIPLoss``) computes,
-for a learnable global temperature (FastCLIP-v3), the loss
+The FastCLIP reference code (github.com/Optimization-AI/fast_clip, ``FastCLIPLoss``; SogCLR is
+the same loss without ``multiply_tau``) computes, on each process, two terms: ``loss1`` of the
+local anchors against the gathered candidates and ``loss2`` of the gathered anchors against
+the local candidates, each summed over the two sides of ``mean g / u``. Its embeddings are
+gathered without gradient, so ``loss1`` carries the anchors' (and positives') share of the
+embeddings' gradients and ``loss2`` the negatives' share. It returns
 
-    (sum over the two sides of mean_i g_i / u_i) / s.detach()
-      + rho / s + (sum over the two sides of mean_i log u_i) / 2 / s
+    (loss1 + loss2) / 2                                       (SogCLR)
+    (loss1 + loss2) / 2 / s.detach() + rho / s
+      + (mean log u_image + mean log u_text) / 2 / s          (FastCLIP, multiply_tau)
 
-with ``s`` the logit scale: the surrogate terms of the two sides are summed, the rho and log u
-terms averaged. (Its embeddings' gradients come out averaged over the sides all the same: it
-adds a local-against-gathered and a gathered-against-local term, each carrying half of them,
-and halves the sum.) It sets gamma once per epoch from the integer epoch.
+with ``s`` the logit scale (with a fixed temperature ``s`` has no gradient and the last two
+terms count in the value only). In one process both terms have the value
+``F_image + F_text`` (``F_side = mean_i g_i / u_i``), so the value is that sum, its
+embeddings' gradients are those of ``(F_image + F_text) / 2`` (times tau), half of the
+value's own gradient, and the scale's gradient is that of the value: the surrogate terms of
+the two sides summed, the rho and log u terms averaged. It sets gamma once per epoch from the
+integer epoch.
 """
 
 import math
@@ -20,6 +28,7 @@ import torch.nn.functional as F
 from cpu_args import cpu_args
 
 from glofnd_hf.data.digits import load_digits_pairs
+from glofnd_hf.fnd import GloFNDConfig, build_detector
 from glofnd_hf.losses import GammaSchedule, GlobalContrastiveLoss
 from glofnd_hf.models import build_tiny_hf_clip
 from glofnd_hf.trainer import GloFNDTrainer, build_contrastive_loss
@@ -125,6 +134,7 @@ def test_fastclip_weighting_is_the_reference_loss_written_out():
         + torch.log(u_t + EPS).mean(-1).sum() / 2 / ref_scale
     )
     reference.backward()
+    assert out.loss.item() == pytest.approx(reference.item(), abs=1e-9)
     assert scale.grad.item() == pytest.approx(ref_scale.grad.item(), abs=1e-9)
     _, mean_scale, _, _, _, _ = two_steps("mean", s=s)
     _, a, _ = scale_gradient_by_hand(sims, s, u, "fastclip")
@@ -179,6 +189,157 @@ def test_a_fixed_temperature_gets_no_gradient_either_way():
 def test_an_unknown_weighting_is_refused():
     with pytest.raises(ValueError, match="temperature_gradient"):
         GlobalContrastiveLoss(8, temperature_gradient="sum")
+
+
+# -- value and embeddings' gradients: the reference's two terms, written out ---------------------
+VARIANTS = {  # name: multiply_tau, temperature, temperature_gradient
+    "fastclip": (True, "learnable", "fastclip"),
+    "fastclip-mean-weighting": (True, "learnable", "mean"),
+    "fastclip-fixed-temperature": (True, "fixed", "fastclip"),
+    "sogclr": (False, "fixed", "fastclip"),
+}
+
+
+def reference_loss(image, text, scale, u, kept, multiply_tau, gathered_carry_gradient=False):
+    """FastCLIPLoss's value in one process, written out from its two terms.
+
+    ``image`` and ``text`` are the raw (b, d) embeddings, ``u`` the (2, b) u the step used,
+    ``kept`` the (2, b, b) kept negatives (the GloFND reference multiplies the masked-out
+    ones by 0 and divides by the number kept). The gathered copies carry no gradient, as
+    the reference's ``dist.all_gather`` (unless ``gathered_carry_gradient``)."""
+    local_image, local_text = F.normalize(image, dim=-1), F.normalize(text, dim=-1)
+    gathered_image, gathered_text = local_image, local_text
+    if not gathered_carry_gradient:
+        gathered_image, gathered_text = local_image.detach(), local_text.detach()
+
+    def g(anchors, candidates, positive, keep):
+        """Per anchor: mean over its kept candidates of exp((s_ij - s_ii) * scale)."""
+        diff = (anchors @ candidates.t() - positive.unsqueeze(-1)) * scale
+        return torch.where(keep, torch.exp(diff), 0.0).sum(-1) / keep.sum(-1)
+
+    def sides_summed(g_image, g_text):
+        return (g_image / (u[0] + EPS)).mean() + (g_text / (u[1] + EPS)).mean()
+
+    # loss1: local anchors (the positive pair's similarity from the local embeddings too)
+    # against the gathered candidates.
+    positive = (local_image * local_text).sum(-1)
+    loss1 = sides_summed(
+        g(local_image, gathered_text, positive, kept[0]),
+        g(local_text, gathered_image, positive, kept[1]),
+    )
+    # loss2: gathered anchors against the local candidates.
+    positive = (gathered_image * gathered_text).sum(-1)
+    loss2 = sides_summed(
+        g(gathered_image, local_text, positive, kept[0]),
+        g(gathered_text, local_image, positive, kept[1]),
+    )
+    value = (loss1 + loss2) / 2
+    if multiply_tau:
+        log_u = (torch.log(u[0] + EPS).mean() + torch.log(u[1] + EPS).mean()) / 2
+        value = value / scale.detach() + RHO / scale + log_u / scale
+    return value
+
+
+def make_detector(name, n):
+    if name is None:
+        return None
+    if name == "oracle":
+        return build_detector("oracle")
+    detector = build_detector(
+        "glofnd", num_samples=n, config=GloFNDConfig(alpha=0.3, lr=1e-6, update_rule="adam")
+    )
+    detector.state.table.data[:, :, 0] = 0.3  # thresholds that filter some negatives
+    return detector
+
+
+def kept_by_hand(name, detector, image, text, index, labels):
+    """(2, b, b) negatives the step kept: all but the pair itself and the detected ones."""
+    b = image.shape[0]
+    sims = torch.tensor(sides_by_hand(image, text), dtype=torch.float64)
+    negatives = (index.unsqueeze(0) != index.unsqueeze(1)).expand(2, b, b)
+    if name is None:
+        return negatives
+    if name == "oracle":
+        found = (labels.unsqueeze(0) == labels.unsqueeze(1)).expand(2, b, b)
+    else:  # update-then-mask: the thresholds after the step
+        found = sims > detector.state.lambdas(index).t().double().unsqueeze(-1)
+    return negatives & ~found
+
+
+def ours_and_the_reference(variant, detector_name, seed, gathered_carry_gradient=False):
+    """Two steps of our loss (a first visit, then u != g) and the reference on the second."""
+    multiply_tau, temperature, weighting = VARIANTS[variant]
+    n, b, d, s, gamma = 24, 8, 6, 5.0, 0.5
+    gen = torch.Generator().manual_seed(seed)
+    index = torch.randperm(n, generator=gen)[:b]
+    labels = torch.randint(0, 3, (b,), generator=gen) if detector_name == "oracle" else None
+    detector = make_detector(detector_name, n)
+    loss = GlobalContrastiveLoss(
+        n,
+        detector,
+        "eliminate",
+        gamma=GammaSchedule(gamma, "constant"),
+        temperature=temperature,
+        rho=RHO,
+        multiply_tau=multiply_tau,
+        temperature_gradient=weighting,
+    )
+    loss(*embeddings(b, d, seed=100 + seed), s, index, epoch=0.0, labels=labels)
+    state = loss.state_dict()
+    old_u = torch.stack([state[f"{side}.u"][index] for side in ("image", "text")]).double()
+    image, text = embeddings(b, d, seed=200 + seed)
+    scale = torch.tensor(s, dtype=torch.float64, requires_grad=True)
+    out = loss(image, text, scale, index, epoch=1.0, labels=labels)
+    out.loss.backward()
+
+    kept = kept_by_hand(detector_name, detector, image, text, index, labels)
+    if detector_name is not None:
+        assert (kept.sum(-1) < b - 1).any(), "the detector filtered nothing"
+    assert (kept.sum(-1) > 0).all()
+    ref_image = image.detach().clone().requires_grad_()
+    ref_text = text.detach().clone().requires_grad_()
+    ref_scale = torch.tensor(s, dtype=torch.float64, requires_grad=temperature == "learnable")
+    with torch.no_grad():
+        sims = torch.tensor(sides_by_hand(image, text), dtype=torch.float64)
+        diff = (sims - torch.diagonal(sims, dim1=-2, dim2=-1).unsqueeze(-1)) * s
+        g = torch.where(kept, torch.exp(diff), 0.0).sum(-1) / kept.sum(-1)
+    u = (1 - gamma) * old_u + gamma * g  # the u the step used
+    reference = reference_loss(
+        ref_image, ref_text, ref_scale, u, kept, multiply_tau, gathered_carry_gradient
+    )
+    reference.backward()
+    ours = (out.loss, image.grad, text.grad, scale.grad)
+    return ours, (reference, ref_image.grad, ref_text.grad, ref_scale.grad), (g, u)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("detector", [None, "oracle", "glofnd"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_value_and_embedding_gradients_equal_the_reference(variant, detector, seed):
+    ours, ref, (g, u) = ours_and_the_reference(variant, detector, seed)
+    assert ours[0].item() == pytest.approx(ref[0].item(), abs=1e-6)
+    for got, want in zip(ours[1:3], ref[1:3], strict=True):
+        assert want.norm() > 1e-2  # a gradient worth comparing
+        assert torch.allclose(got, want, atol=1e-6, rtol=0), (got - want).abs().max()
+    if variant == "fastclip":  # the temperature's gradient is the value's, as the reference's
+        assert ours[3].item() == pytest.approx(ref[3].item(), abs=1e-6)
+    elif VARIANTS[variant][1] == "fixed":
+        assert ours[3] is None
+    # What the value used to be (the two sides averaged; no rho and log u term with a fixed
+    # temperature) is off by at least tau * mean(g / u), far above the tolerance.
+    tau = 1.0 / 5.0 if VARIANTS[variant][0] else 1.0
+    assert tau * (g / u).mean().item() > 1e-2
+
+
+@pytest.mark.parametrize("variant", ["fastclip", "sogclr"])
+def test_the_value_differentiated_with_gathered_gradients_would_double_the_embeddings(variant):
+    """Where "half the reference's gradients" comes from: differentiating the reference's
+    value as written, with the gathered embeddings carrying gradient, counts each similarity
+    in both terms. The reference gathers without gradient; its gradients are ours."""
+    ours, doubled, _ = ours_and_the_reference(variant, "oracle", 3, gathered_carry_gradient=True)
+    assert ours[0].item() == pytest.approx(doubled[0].item(), abs=1e-9)
+    for got, want in zip(ours[1:3], doubled[1:3], strict=True):
+        assert torch.allclose(2 * got, want, atol=1e-9, rtol=0)
 
 
 # -- gamma --------------------------------------------------------------------------------------

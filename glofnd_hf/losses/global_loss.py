@@ -3,19 +3,34 @@
 For each anchor and side, ``g_i`` is the mean over the kept negatives j of
 ``exp((s_ij - s_ii) * logit_scale)``. A per-sample moving average ``u_i`` (keyed by dataset
 index) of ``g_i`` estimates the global denominator; the gradient of ``log g`` is estimated by
-``grad(g_i) / u_i``, so the surrogate loss is ``g_i / (u_i + eps)`` with ``u`` held fixed.
+``grad(g_i) / u_i``, so the surrogate is ``g_i / (u_i + eps)`` with ``u`` held fixed.
 
-Two details follow the FastCLIP reference code (Wei et al., 2024, github.com/Optimization-AI/
-fast_clip), with which FastCLIP-v3's ``rho`` and gamma settings were chosen:
+The loss follows the FastCLIP reference code (Wei et al., 2024, github.com/Optimization-AI/
+fast_clip, ``FastCLIPLoss``; SogCLR there is the same loss without the temperature factor),
+with which FastCLIP-v3's ``rho`` and gamma settings were chosen. With ``tau = 1 / logit_scale``
+and ``F_side = mean_i g_i / u_i`` over a side's anchors:
 
-* the learnable temperature's gradient counts the surrogate of the two sides (image-to-text
-  and text-to-image) summed, the ``rho`` and ``log u`` terms averaged
-  (``temperature_gradient="fastclip"``); ``"mean"`` averages all of them, which is the
-  gradient of the objective ``tau * (mean log g + rho)``. The loss value and the gradients of
-  the embeddings are the same either way;
+* the value is what its training logs print: ``F_image + F_text`` (SogCLR), or
+  ``tau.detach() * (F_image + F_text) + tau * (rho + (mean log u_image + mean log u_text) / 2)``
+  (FastCLIP, also with a fixed temperature, where tau carries no gradient);
+* the embeddings' gradients are those of ``tau * (F_image + F_text) / 2``, half the gradient
+  of the value: the reference adds a local-anchors-against-gathered-candidates term and a
+  gathered-anchors-against-local-candidates term, each of value ``F_image + F_text``, halves
+  the sum, and gathers without gradient, so the first carries the anchors' (and positives')
+  share of the gradient and the second the negatives' share. Differentiating the value as
+  written, with the gathered embeddings carrying gradient, would double them;
+* the learnable temperature's gradient is that of the value (``temperature_gradient=
+  "fastclip"``): the surrogate of the two sides summed, the ``rho`` and ``log u`` terms
+  averaged. ``"mean"`` averages all of them, which is the gradient of the objective
+  ``tau * (mean log g + rho)``. The loss value and the embeddings' gradients are the same
+  either way;
 * the cosine gamma schedule is evaluated at the integer epoch and held through it
   (``GammaSchedule(granularity="epoch")``); ``"step"`` evaluates it at each step's fractional
   epoch.
+
+Earlier versions logged half the surrogate's value (the two sides averaged,
+``tau * (F_image + F_text) / 2``) and left ``tau * (rho + mean log u)`` out with a fixed
+temperature; their gradients were the same as now.
 """
 
 from __future__ import annotations
@@ -110,11 +125,13 @@ class GlobalContrastiveLoss(BimodalContrastiveLoss):
     """SogCLR / FastCLIP global contrastive loss for both sides.
 
     ``multiply_tau`` (FastCLIP) scales the surrogate by the temperature ``tau = 1 /
-    logit_scale`` so its gradients are comparable to InfoNCE's. ``temperature``:
-    ``fixed`` uses the given scale without gradient; ``learnable`` (FastCLIP-v3's
-    "global_learnable") adds ``tau * (rho + mean log u)``, whose gradient with the
-    surrogate's estimates the gradient of ``tau * log g + rho * tau`` with respect to the
-    temperature.
+    logit_scale`` so its gradients are comparable to InfoNCE's, and adds
+    ``tau * (rho + mean log u)``. ``temperature``: ``fixed`` uses the given scale without
+    gradient (the added term then counts in the value only, as in FastCLIP's code);
+    ``learnable`` (FastCLIP-v3's "global_learnable") trains it, and the added term's
+    gradient with the surrogate's estimates the gradient of ``tau * log g + rho * tau`` with
+    respect to the temperature. The value sums the two sides' surrogates and the embeddings'
+    gradients average them, as the reference's (module docstring).
 
     ``temperature_gradient`` (learnable only) weighs the two sides in that gradient. With
     ``S`` the surrogate's share (``tau.detach() * mean g / u`` differentiated through the
@@ -235,13 +252,24 @@ class GlobalContrastiveLoss(BimodalContrastiveLoss):
             "u_mean_image": u[0].mean(),
             "u_mean_text": u[1].mean(),
         }
+        loss = self._sides_summed(surrogate)
         if not self.multiply_tau:
-            return LossOutput(surrogate.mean(), stats)
+            return LossOutput(loss, stats)
+        # With a fixed temperature tau is detached (above): the rho and log u terms add to the
+        # value only, as in the reference.
         tau = 1.0 / logit_scale
-        loss = tau.detach() * surrogate.mean()
-        if self.temperature == "learnable":
-            loss = loss + tau * (self.rho + torch.log(u + self.eps).mean())
+        loss = tau.detach() * loss + tau * (self.rho + torch.log(u + self.eps).mean())
         return LossOutput(loss, stats)
+
+    @staticmethod
+    def _sides_summed(surrogate: torch.Tensor) -> torch.Tensor:
+        """The (2, b) surrogate as the reference counts it: the value is the sum over the two
+        sides of each side's mean over the anchors (its logged loss), the gradient that of the
+        mean over both sides (its embeddings' gradients: each of its two terms carries half of
+        them). The logit scale's share is made the gradient of the value, where the weighting
+        asks for it, by ``_surrogate_scale``."""
+        mean = surrogate.mean()
+        return mean + (surrogate.mean(-1).sum() - mean).detach()
 
     def _g(
         self, sim: torch.Tensor, own_sim: torch.Tensor, logit_scale: torch.Tensor, masks: Masks
@@ -268,9 +296,10 @@ class GlobalContrastiveLoss(BimodalContrastiveLoss):
         """The logit scale as the surrogate sees it: its value, with the gradient that flows back
         through it multiplied by the number of sides for ``temperature_gradient="fastclip"``.
 
-        The surrogate is averaged over the two sides, so this turns its share of the
-        temperature's gradient into the sum over the sides (FastCLIP's code) and leaves the
-        value and every other gradient as they are."""
+        The surrogate's gradient is that of the mean over the two sides (``_sides_summed``),
+        so this turns its share of the temperature's gradient into that of the sum over the
+        sides, the value's (FastCLIP's code), and leaves the value and every other gradient
+        as they are."""
         if self.temperature_gradient == "mean" or not logit_scale.requires_grad:
             return logit_scale
         weight = float(len(SIDES))
