@@ -150,6 +150,7 @@ RULES = {
     "reference": dict(update_rule="reference"),
     "adam": dict(update_rule="adam"),
     "adam+init_quantile": dict(update_rule="adam", init_quantile=True),
+    "pinball": dict(update_rule="pinball"),
     "tail": dict(update_rule="tail"),
     # The tail rule before its threshold averaged the iterate: the threshold is the iterate.
     "tail (iterate)": dict(update_rule="tail", averaging=1.0),

@@ -204,14 +204,18 @@ def test_step_unit_is_the_fitted_tails_inverse_density():
             assert ratio < 0.5  # the same share of negatives packed into less similarity
         else:
             assert ratio > 0.8  # about the tail scale (0.9 here)
-    stats = GloFNDConfig(alpha=alpha).rule().statistics(sim, negatives, torch.full((2, 4), 0.9))
+    stats = (
+        GloFNDConfig(update_rule="tail", alpha=alpha)
+        .rule()
+        .statistics(sim, negatives, torch.full((2, 4), 0.9))
+    )
     assert torch.allclose(stats[..., 3], unit.float())
 
 
 def test_tail_step_is_taken_in_the_running_unit():
     """The running step unit (the fitted tail's) sizes the step, not the tail scale; an
     earlier state without a unit steps in tail scales as before."""
-    rule = GloFNDConfig(alpha=0.01, step_floor=0.2, averaging=1.0).rule()
+    rule = GloFNDConfig(update_rule="tail", alpha=0.01, step_floor=0.2, averaging=1.0).rule()
     # No exceedance (g = alpha): a step down by w * unit; unit 0.02 running towards the
     # batch's 0.04 with w = 0.2: 0.024. The centre sits at the iterate: no pull to speak of.
     rows = torch.tensor([[tail_row(0.9, 0.1, 0.9, 1.0, 0.0, 9.0, unit=0.02)] * 2])
@@ -227,7 +231,7 @@ def test_threshold_averages_the_iterate_and_follows_a_large_move():
     """The threshold moves by ``averaging`` of its lag behind the iterate while that lag is
     small against band x scale; a lag far beyond it (the quantile moved within a visit) is
     shrunk like (band x scale)^2 / lag, so the threshold follows the iterate."""
-    rule = GloFNDConfig(alpha=0.01, step_floor=0.2, averaging=0.5).rule()
+    rule = GloFNDConfig(update_rule="tail", alpha=0.01, step_floor=0.2, averaging=0.5).rule()
     # g = 0 (on the quantile): the iterate stays at 0.5, the centre there too; the threshold
     # starts 0.01 above the iterate (small against scale 0.1), or 1.0 above it.
     rows = torch.tensor(
@@ -246,14 +250,14 @@ def test_threshold_averages_the_iterate_and_follows_a_large_move():
     assert out[0, 0, 0].item() == pytest.approx(0.5 + 0.5 * small)  # about half-way: 0.505
     assert out[0, 1, 0].item() == pytest.approx(0.5 + 0.5 * large)  # within 0.02 of it
     # averaging 1: the threshold is the iterate.
-    plain = GloFNDConfig(alpha=0.01, step_floor=0.2, averaging=1.0).rule()
+    plain = GloFNDConfig(update_rule="tail", alpha=0.01, step_floor=0.2, averaging=1.0).rule()
     assert plain.step(rows, stats, epoch=1.0)[0, :, 0].tolist() == pytest.approx([0.5, 0.5])
 
 
 def test_threshold_moves_with_the_batchs_common_drift():
     """When every iterate of the batch steps by the same amount (all similarities shifted),
     the threshold follows the whole step at once; one iterate stepping alone is averaged."""
-    rule = GloFNDConfig(alpha=0.01, step_floor=0.2, averaging=0.5).rule()
+    rule = GloFNDConfig(update_rule="tail", alpha=0.01, step_floor=0.2, averaging=0.5).rule()
     n = 6
     # Many exceedances (g = alpha - 0.5): a long step up, stopped at the top negative 0.52;
     # the centre and the batch estimate sit there too, so no pull.
@@ -286,7 +290,9 @@ def test_tail_step_shrinks_where_the_similarities_are_dense():
     inverse density alpha / density, not the tail scale; where the data are sparser than
     the tail implies, the tail scale still bounds it. Without local_step (the default) the
     step is the tail scale's on both."""
-    rule = GloFNDConfig(alpha=0.01, step_floor=0.2, local_step=True, averaging=1.0).rule()
+    rule = GloFNDConfig(
+        update_rule="tail", alpha=0.01, step_floor=0.2, local_step=True, averaging=1.0
+    ).rule()
     # No exceedance (g = alpha): a step down by w * unit; the centre sits at lambda, so the
     # pull changes nothing.
     rows = torch.tensor(
@@ -309,7 +315,7 @@ def test_tail_step_shrinks_where_the_similarities_are_dense():
     # Sparse: alpha / 0.05 = 0.2 > the tail scale 0.1: the step is 0.2 * 0.1 = 0.02.
     offset = -0.02
     assert sparse[0].item() == pytest.approx(0.5 + offset * 0.01 / (offset**2 + 0.01))
-    default = GloFNDConfig(alpha=0.01, step_floor=0.2, averaging=1.0).rule()
+    default = GloFNDConfig(update_rule="tail", alpha=0.01, step_floor=0.2, averaging=1.0).rule()
     default = default.step(rows, stats, epoch=1.0)
     assert default[0, :, 0].tolist() == pytest.approx([sparse[0].item()] * 2)
     assert default[0, 0, 6].item() == pytest.approx(2.0)  # the density is still tracked
@@ -320,7 +326,9 @@ def test_tail_statistics_bound_the_step_up_and_measure_the_local_density():
     exceedances; the local density is calibrated to alpha / beta on an exponential tail and
     rises on a plateau of near-duplicates."""
     alpha = 0.005
-    rule = GloFNDConfig(alpha=alpha, tail_size=8, step_floor=0.2, local_step=True).rule()
+    rule = GloFNDConfig(
+        update_rule="tail", alpha=alpha, tail_size=8, step_floor=0.2, local_step=True
+    ).rule()
     body = torch.linspace(0.0, 0.3, 94)
     above = torch.tensor([0.9, 0.8, 0.7, 0.65, 0.6, 0.55])
     sim = torch.cat([above, body]).view(1, 1, 100).expand(2, 1, 100).contiguous()
@@ -329,7 +337,7 @@ def test_tail_statistics_bound_the_step_up_and_measure_the_local_density():
     stats = rule.statistics(sim, negatives, torch.full((2, 1), 0.5))
     assert stats[..., 4].flatten().tolist() == pytest.approx([0.6, 0.6])
     # Without local_step (the default): the top negative.
-    default = GloFNDConfig(alpha=alpha, tail_size=8).rule()
+    default = GloFNDConfig(update_rule="tail", alpha=alpha, tail_size=8).rule()
     stats = default.statistics(sim, negatives, torch.full((2, 1), 0.5))
     assert stats[..., 4].flatten().tolist() == pytest.approx([0.9, 0.9])
     # One exceedance (or none): the top negative, as before.
@@ -357,7 +365,7 @@ def test_tail_statistics_carry_the_estimates_noise():
     gen = torch.Generator().manual_seed(0)
     sim = torch.rand(2, 6, 200, generator=gen) * 0.5
     negatives = torch.ones(6, 200, dtype=torch.bool)
-    cfg = GloFNDConfig(alpha=0.005, tail_size=8)
+    cfg = GloFNDConfig(update_rule="tail", alpha=0.005, tail_size=8)
     stats = cfg.rule().statistics(sim, negatives, torch.full((2, 6), 0.4))
     q_hat, beta, _, u = tail_estimate(sim, negatives, 0.005, 8)
     extrapolation = (q_hat - u) / beta
@@ -393,7 +401,7 @@ def test_tail_statistics_count_the_exceedances_of_every_threshold():
     negatives[4] = False  # none
     lam = (torch.rand(2, 64, generator=gen) * 32).round() / 32  # some equal a similarity
     lam[:, ::2] = 0.99  # most rows: above the batch's top k + 1
-    stats = GloFNDConfig(alpha=0.01).rule().statistics(sim, negatives, lam)
+    stats = GloFNDConfig(update_rule="tail", alpha=0.01).rule().statistics(sim, negatives, lam)
     expected = pinball_gradient(sim, negatives, lam, 0.01)
     assert torch.equal(stats[..., 0], expected)
     assert (lam[:, 1::2] < 0.9).any()  # some rows need the count over the whole row
@@ -403,7 +411,7 @@ def test_centre_averages_noise_and_follows_a_jump():
     """Without drift the centre averages the batch estimates (its spread falls well below
     one estimate's); after the embeddings jump, the innovations dwarf the noise and it moves
     most of the way at once, where a plain running mean would move 1/t of it."""
-    rule = GloFNDConfig(alpha=0.01).rule()
+    rule = GloFNDConfig(update_rule="tail", alpha=0.01).rule()
     gen = torch.Generator().manual_seed(0)
     rows = torch.tensor([tail_row(1.0, 0.0, 1.0, 1.0, 0.0, 0.0)]).repeat(500, 2, 1)
     beta, noise = 0.02, 0.5  # q_hat's standard deviation: beta * sqrt(noise)
@@ -446,7 +454,7 @@ def test_centre_averages_noise_and_follows_a_jump():
 
 
 def test_state_bytes_follow_the_rule_and_round_trip(tmp_path):
-    tail = cpu_args(tmp_path)
+    tail = cpu_args(tmp_path, detector_kwargs={"update_rule": "tail"})
     adam = cpu_args(tmp_path, detector_kwargs={"update_rule": "adam"})
     assert tail.state_bytes_per_sample() == 64 and adam.state_bytes_per_sample() == 32
     detector = build_detector("glofnd", num_samples=N, config=tail.detector_settings())
@@ -492,7 +500,9 @@ def test_state_of_the_earlier_tail_rule_still_loads():
         for column in ("lambda", "scale", "visits")
     }
     state["text.scale"][:5] = 0.0  # never visited
-    detector = build_detector("glofnd", num_samples=N, config=GloFNDConfig(alpha=ALPHA))
+    detector = build_detector(
+        "glofnd", num_samples=N, config=GloFNDConfig(update_rule="tail", alpha=ALPHA)
+    )
     detector.load_state_dict(state)
     loaded = detector.state_dict()
     for side in ("image", "text"):
@@ -530,7 +540,7 @@ def test_health_warns_once_per_epoch_when_thresholds_do_not_track(streams, caplo
     assert len(epochs) == len(set(epochs)), "at most one warning per epoch"
     assert min(epochs) >= 1, "no warning during the warm-up epoch"
     message = warnings[-1].getMessage()
-    assert "clamp" in message and "update_rule: tail" in message
+    assert "clamp" in message and "update_rule: pinball" in message
 
 
 def test_health_stays_quiet_when_thresholds_track(streams, caplog):
@@ -540,30 +550,37 @@ def test_health_stays_quiet_when_thresholds_track(streams, caplog):
 
 
 def test_health_summary_reports_each_finished_epoch():
+    """Each epoch's figure counts the negatives above the thresholds as they were before the
+    step (what they filter on data they have not stepped on), over anchors visited before."""
     detector = build_detector("glofnd", num_samples=64, config=GloFNDConfig(alpha=0.1))
     gen = torch.Generator().manual_seed(0)
     sim = torch.rand(2, 16, 16, generator=gen)
     index = torch.arange(16)
     batch = DetectionBatch(index, index, index[None] != index[:, None], epoch=0.0)
     assert detector.detect(sim, batch).stats.get("tracking_at_bound_image") is None
+    before = detector.state.lambdas(index).t().unsqueeze(-1)
     batch.epoch = 1.0  # the first step of epoch 1 reports epoch 0
     stats = detector.detect(sim, batch).stats
-    filtered = ((sim > detector.state.lambdas(index).t().unsqueeze(-1)) & batch.negatives).sum(
-        dim=(1, 2)
-    ).float() / batch.negatives.sum()
+    # Epoch 0 held first visits only: nothing had a threshold before its step.
+    assert "tracking_filtered_over_alpha_image" not in stats
     assert stats["tracking_at_bound_image"].item() == 0.0
-    assert stats["tracking_filtered_over_alpha_image"].item() > 0
+    after = detector.state.lambdas(index).t().unsqueeze(-1)
+    assert not torch.equal(before, after)
+    filtered = ((sim > before) & batch.negatives).sum(dim=(1, 2)).float()
     summary = detector.finish_epoch()  # epoch 1, closed by the caller
-    assert summary["tracking_filtered_over_alpha_text"] == pytest.approx(
-        filtered[1].item() / 0.1, rel=1e-5
-    )
+    for s, side in enumerate(("image", "text")):
+        assert summary[f"tracking_filtered_over_alpha_{side}"] == pytest.approx(
+            filtered[s].item() / batch.negatives.sum().item() / 0.1, rel=1e-5
+        )
     assert detector.finish_epoch() == {}  # nothing recorded since
 
 
 def test_health_advice_names_the_tail_rules_settings():
     """Each warning of the tail rule names the settings that address its cause, with their
     current values (so the message can be acted on)."""
-    detector = build_detector("glofnd", num_samples=8, config=GloFNDConfig(alpha=0.1))
+    detector = build_detector(
+        "glofnd", num_samples=8, config=GloFNDConfig(update_rule="tail", alpha=0.1)
+    )
     high = detector._advice("high")
     for setting in ("tail_size (now 8)", "step_floor (now 0.5)", "averaging (now 0.5)"):
         assert setting in high

@@ -255,11 +255,13 @@ class GloFNDDetector(RowwiseDetector):
     def detect_rows(self, rows, bounds, batch) -> RowDetection:
         cfg = self.config
         updated = everyone = None
+        before = (None, None)
         if batch.epoch >= cfg.update_start_epoch:
-            updated, everyone = self._update(rows, bounds, batch)
+            updated, everyone, before = self._update(rows, bounds, batch)
+        # Tracking health is read before the step (masking implies updating).
+        finished = self.health.record(batch.epoch, *before, updated)
         device = batch.negatives.device
         if not self.masking(batch.epoch):
-            finished = self.health.record(batch.epoch, None, batch.negatives, updated)
             return RowDetection(_nothing, _tensors(finished, device))
         lam = updated  # (2, b)
         if lam is None:
@@ -269,24 +271,9 @@ class GloFNDDetector(RowwiseDetector):
             b, start = batch.anchor_index.shape[0], self._local_start(batch)
             lam = everyone[:, start : start + b]
 
-        def found(start: int, end: int, sim: torch.Tensor) -> torch.Tensor:
+        def false_negatives(start: int, end: int, sim: torch.Tensor) -> torch.Tensor:
             return (sim > lam[:, start:end, None].to(sim.dtype)) & batch.negatives[start:end]
 
-        # The epoch's tracking health counts this step's detections once; a single chunk's
-        # mask is kept for the loss rather than compared again.
-        kept: dict[tuple[int, int], torch.Tensor] = {}
-        filtered = torch.zeros(len(SIDES), device=device)
-        for s, e in bounds:
-            mask = found(s, e, rows(s, e))
-            filtered += mask.sum(dim=(-1, -2))
-            if len(bounds) == 1:
-                kept[(s, e)] = mask
-
-        def false_negatives(start: int, end: int, sim: torch.Tensor) -> torch.Tensor:
-            mask = kept.pop((start, end), None)
-            return found(start, end, sim) if mask is None else mask
-
-        finished = self.health.record(batch.epoch, filtered, batch.negatives, updated)
         stats = _threshold_stats(everyone)
         stats.update(_tensors(finished, device))
         return RowDetection(false_negatives, stats)
@@ -302,9 +289,11 @@ class GloFNDDetector(RowwiseDetector):
     @torch.no_grad()
     def _update(
         self, rows: SimilarityRows, bounds: Sequence[tuple[int, int]], batch: DetectionBatch
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """Threshold step for every anchor of the global batch; returns the (2, b) updated
-        thresholds of this process's anchors and the (2, B) ones of the global batch.
+        thresholds of this process's anchors, the (2, B) ones of the global batch, and per
+        side the numbers of this process's negatives above the thresholds before the step
+        and of all its negatives, both over anchors visited before (the health figure).
 
         Every rank reads the state rows of the whole global batch once (its own anchors are
         the slice at its rank), computes the rule's statistics for its own anchors chunk by
@@ -315,14 +304,22 @@ class GloFNDDetector(RowwiseDetector):
         b = batch.anchor_index.shape[0]
         start = comm.rank() * b if distributed else 0
         table_rows = self.state.table.gather(index, batch.negatives.device)  # (B, 2, C)
+        local_rows = table_rows[start : start + b].transpose(0, 1)  # (2, b, C)
         # The rule's statistics are taken at its point (the threshold, or the iterate that
         # the threshold averages).
-        point = table_rows[start : start + b, :, self.rule.point].t()  # (2, b)
+        point = local_rows[..., self.rule.point]
+        old, seen = local_rows[..., LAMBDA], local_rows[..., -1] > 0  # visits are last
         parts, dtype = [], torch.float32
+        filtered = torch.zeros(len(SIDES), device=table_rows.device)
+        negatives = torch.zeros(len(SIDES), device=table_rows.device)
         for s, e in bounds:
             sim = rows(s, e)
             dtype = sim.dtype
-            parts.append(self.rule.statistics(sim, batch.negatives[s:e], point[:, s:e].to(dtype)))
+            chunk = batch.negatives[s:e]
+            parts.append(self.rule.statistics(sim, chunk, point[:, s:e].to(dtype)))
+            above = ((sim > old[:, s:e, None].to(dtype)) & chunk).sum(-1)  # (2, e - s)
+            filtered += (above * seen[:, s:e]).sum(-1)
+            negatives += (chunk.sum(-1) * seen[:, s:e]).sum(-1)
         local = torch.cat(parts, dim=1)  # (2, b, k)
         local = local.transpose(0, 1).reshape(b, -1)  # (b, 2k): one row per anchor
         # Every rank gets every anchor's values (O(global batch)) and applies the same update.
@@ -330,23 +327,36 @@ class GloFNDDetector(RowwiseDetector):
         stats = gathered.view(index.shape[0], len(SIDES), -1)
         table_rows = self.state.apply_update(index, stats, batch.epoch, table_rows)
         everyone = table_rows[:, :, LAMBDA].t().to(dtype)
-        return everyone[:, start : start + b], everyone
+        return everyone[:, start : start + b], everyone, (filtered, negatives)
 
     def _advice(self, kind: str) -> str:
         """Likely cause and the setting to change (a GloFND setting, ``detector_kwargs`` of
         the training arguments), for the health warning."""
         cfg = self.config
+        if cfg.update_rule == "pinball":
+            return {
+                "low": "Thresholds sit above the quantile: the embeddings may move faster "
+                "than one visit per epoch can follow (early in training from scratch this "
+                f"passes); lower drift_level (now {cfg.drift_level}) to restart the steps "
+                "on smaller moves.",
+                "high": "Thresholds sit below the quantile: the embeddings may move faster "
+                "than one visit per epoch can follow; lower drift_level (now "
+                f"{cfg.drift_level}). Where alpha x batch size is well below 1, raise "
+                f"tail_size (now {cfg.tail_size}) for a steadier start.",
+                "bound": "Many anchors have similarities at +-1 (collapsed or duplicated "
+                "embeddings?): check the model's outputs and the data for duplicates.",
+            }[kind]
         if cfg.update_rule != "tail":
             return {
                 "low": "Adam's step is about lr in similarity units: thresholds "
                 "starting at 1.0 need many visits (one per epoch) to come down, and "
                 "where the similarities are spread more narrowly than that or move, "
                 "they overshoot and stay above the quantile. Use update_rule: "
-                f"tail (or init_quantile, a smaller lr, now {cfg.lr}).",
-                "high": "Thresholds lag below a moving quantile: use update_rule: tail, "
+                f"pinball (or init_quantile, a smaller lr, now {cfg.lr}).",
+                "high": "Thresholds lag below a moving quantile: use update_rule: pinball, "
                 "or start updates later (update_start_epoch).",
                 "bound": "Adam thresholds park at the clamp after one overshoot: use "
-                f"update_rule: tail (or a smaller lr, now {cfg.lr}).",
+                f"update_rule: pinball (or a smaller lr, now {cfg.lr}).",
             }[kind]
         return {
             "low": "The embeddings may move faster than one visit per epoch can follow "
@@ -380,7 +390,15 @@ class GloFNDDetector(RowwiseDetector):
             "update_start_epoch": cfg.update_start_epoch,
             "mask_start_epoch": cfg.mask_start_epoch,
         }
-        if cfg.update_rule == "tail":
+        if cfg.update_rule == "pinball":
+            out.update(
+                tail_size=cfg.tail_size,
+                gain_decay=cfg.gain_decay,
+                drift_level=cfg.drift_level,
+                drift_rate=cfg.drift_rate,
+                restart_age=cfg.restart_age,
+            )
+        elif cfg.update_rule == "tail":
             out.update(
                 tail_size=cfg.tail_size,
                 band=cfg.band,

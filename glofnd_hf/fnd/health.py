@@ -1,9 +1,12 @@
 """Is a detector's threshold tracking its target? Per-epoch health, global over ranks.
 
 Two numbers per anchor side and epoch tell whether learned thresholds follow the (1 - alpha)
-quantile they are meant to learn: the realised filtered fraction of the negatives over alpha
-(1 when they track; far below when they sit above the quantile, far above when below) and
-the share of visited thresholds at the clamp [-1, 1] (thresholds parked there learn nothing).
+quantile they are meant to learn: the filtered fraction of the negatives over alpha, read
+with the thresholds as they were before the step (what they filter on data they have not
+yet stepped on: a threshold stepped on the batch it is then read on looks better than it
+is), 1 when they track, far below when they sit above the quantile, far above when below;
+and the share of visited thresholds at the clamp [-1, 1] (thresholds parked there learn
+nothing).
 Counts accumulate on the device (no host sync per step); an epoch is closed with one
 all-reduce, when the next epoch starts or when the caller says so.
 """
@@ -21,8 +24,8 @@ from .thresholds import SIDES
 
 logger = logging.getLogger(__name__)
 
-# Counter layout: filtered (2 sides), negatives, visited (2 sides), at a bound (2 sides).
-FILTERED, NEGATIVES, VISITED, AT_BOUND = slice(0, 2), 2, slice(3, 5), slice(5, 7)
+# Counter layout: filtered, negatives, visited, at a bound (2 sides each).
+FILTERED, NEGATIVES, VISITED, AT_BOUND = slice(0, 2), slice(2, 4), slice(4, 6), slice(6, 8)
 RATIO_RANGE = (0.5, 2.0)
 MAX_AT_BOUND = 0.2
 
@@ -53,26 +56,26 @@ class TrackingHealth:
         self,
         epoch: float,
         filtered: torch.Tensor | None,
-        negatives: torch.Tensor,
+        negatives: torch.Tensor | None,
         thresholds: torch.Tensor | None,
     ) -> dict[str, float]:
-        """Add one step: ``filtered`` (2,) the numbers of detected false negatives of each
-        side (None when not masking), ``negatives`` (b, B), ``thresholds`` (2, b) just updated
-        (None when not updating).
+        """Add one step: ``filtered`` (2,) the numbers of negatives of each side above the
+        thresholds as they were before the step, of ``negatives`` (2,) negatives (None when
+        not counted), ``thresholds`` (2, b) just updated (None when not updating).
         Returns the summary of the previous epoch when this step starts a new one."""
         summary = {}
         current = math.floor(epoch)
         if self.epoch is not None and current != self.epoch:
             summary = self.finish_epoch()
         self.epoch = current
-        device = negatives.device
-        counts = torch.zeros(7, device=device)
-        if filtered is not None:
+        if thresholds is None:  # nothing updated, nothing to count (the same on every rank)
+            return summary
+        counts = torch.zeros(8, device=thresholds.device)
+        if filtered is not None and negatives is not None:
             counts[FILTERED] = filtered.float()
-            counts[NEGATIVES] = negatives.sum().float()
-        if thresholds is not None:
-            counts[VISITED] = float(thresholds.shape[-1])
-            counts[AT_BOUND] = (thresholds.abs() >= 1.0).sum(-1).float()
+            counts[NEGATIVES] = negatives.float()
+        counts[VISITED] = float(thresholds.shape[-1])
+        counts[AT_BOUND] = (thresholds.abs() >= 1.0).sum(-1).float()
         self.counts = counts if self.counts is None else self.counts + counts
         return summary
 
@@ -85,8 +88,8 @@ class TrackingHealth:
         epoch, self.counts = self.epoch, None
         summary: dict[str, float] = {}
         for s, side in enumerate(SIDES):
-            if counts[NEGATIVES] > 0:
-                ratio = counts[FILTERED.start + s] / counts[NEGATIVES] / self.alpha
+            if counts[NEGATIVES.start + s] > 0:
+                ratio = counts[FILTERED.start + s] / counts[NEGATIVES.start + s] / self.alpha
                 summary[f"tracking_filtered_over_alpha_{side}"] = ratio
             if counts[VISITED.start + s] > 0:
                 share = counts[AT_BOUND.start + s] / counts[VISITED.start + s]

@@ -7,9 +7,28 @@ and takes a stochastic step on the pinball loss, whose gradient is
 
     g = alpha - mean_{j in negatives} 1[s_ij > lambda]
 
-Two rules turn ``g`` into a step:
+Three rules turn ``g`` into a step:
 
-``tail`` (default)
+``pinball`` (default)
+    Stochastic Newton steps on the pinball loss, ``x -= age^-gain_decay * unit * g / alpha``
+    on an *iterate* ``x``, with ``unit / alpha`` the inverse density at the quantile of the
+    tail fitted to earlier batches' top similarities (so the step is sized whatever the
+    spread; it is taken from earlier visits only, so it does not depend on this batch's
+    gradient). No caps, no pull towards another estimate: the mean step is zero exactly
+    where the share of negatives above ``x`` is alpha, for any tail shape. The weight
+    decays with the anchor's *age* (visits' worth of evidence), so where nothing moves the
+    error shrinks with visits; the threshold that detects is a running mean of the iterates
+    weighted by age and taken in rank units (of ``exp(-x / unit)``, the iterates' shares in
+    the local tail), so it filters what the iterates filter on average. The first visit
+    starts at the batch's tail estimate ``q_hat`` (see ``tail``) with an age equal to its
+    worth in visits of pinball evidence. Drift restarts the age (to ``restart_age``):
+    per anchor, a running mean of the clipped z-scores of ``q_hat`` against the running
+    mean of the earlier ones (the *centre*), measured against their own scatter; per side, a
+    t-test of the batch's mean innovation ``q_hat - centre`` across its anchors (embeddings
+    that move together); and a run of visits without any negative above the iterate that
+    had more than ``drift_level^2 / 2`` expected. Detected drift also carries the iterate,
+    the threshold and the centre along by the centre's move.
+``tail``
     A Robbins-Monro step ``lambda -= w_t * unit * g / alpha``, with
     ``w_t = max(1 / t, step_floor)`` for the anchor's t-th visit and ``unit / alpha`` the
     inverse density at the quantile of the tail fitted to the batch's top similarities (a
@@ -58,8 +77,8 @@ from .table import COUNT, FINITE, NON_NEGATIVE, PerSampleTable, ValueRange, chec
 
 SIDES = ("image", "text")
 LAMBDA = 0  # every rule keeps the threshold in column 0 and the visit count last
-UpdateRule = Literal["tail", "adam", "reference"]
-UPDATE_RULES: tuple[str, ...] = ("tail", "adam", "reference")
+UpdateRule = Literal["pinball", "tail", "adam", "reference"]
+UPDATE_RULES: tuple[str, ...] = ("pinball", "tail", "adam", "reference")
 THRESHOLD_RANGE = ValueRange(-1.0, 1.0)  # thresholds are cosine similarities (clamped)
 # The tail rule's density window around the threshold, +- this many tail scales: narrow
 # enough to see a plateau of near-duplicates, wide enough to hold a few batch negatives.
@@ -76,15 +95,17 @@ class GloFNDConfig:
         "anchor (shared by every detector).",
     )
     update_rule: UpdateRule = setting(
-        "tail",
-        "How thresholds learn: tail (Newton steps sized by each anchor's fitted tail; "
-        "tracks moving embeddings), adam (Adam, per-sample bias correction), reference (Adam "
+        "pinball",
+        "How thresholds learn: pinball (Newton steps on the pinball loss whose weight "
+        "decays with visits and restarts when the embeddings move: rests at the quantile for "
+        "any tail shape), tail (constant-gain steps sized by each anchor's fitted tail, the "
+        "previous default; filters about 2.5 x alpha at alpha x batch 0.1), adam (Adam, per-sample bias correction), reference (Adam "
         "exactly as the GloFND reference code, bias correction with t = epoch + 1).",
     )
     # -- the tail rule --------------------------------------------------------------------
     tail_size: int = setting(
         8,
-        "tail rule: k, the batch's top-k negatives of each anchor "
+        "pinball and tail rules: k, the batch's top-k negatives of each anchor "
         "estimate its tail (raised to 2 x alpha x batch when larger).",
     )
     band: float = setting(
@@ -115,8 +136,25 @@ class GloFNDConfig:
     )
     drift_rate: float = setting(
         0.3,
-        "tail rule: rate of the running test that tells moving embeddings from batch noise "
+        "pinball and tail rules: rate of the running test that tells moving embeddings from batch noise "
         "(larger: reacts to drift sooner, averages less).",
+    )
+    # -- the pinball rule ----------------------------------------------------------------
+    gain_decay: float = setting(
+        0.7,
+        "pinball rule: the step weight decays as 1 / age^gain_decay with the visits since the "
+        "last detected drift (in (0.5, 1]; 1 is the classic 1/t, smaller forgets the start "
+        "faster and is robust to a misjudged density; the threshold averages the steps).",
+    )
+    drift_level: float = setting(
+        4.0,
+        "pinball rule: how many standard deviations the running test of the batches' tail "
+        "estimates against their mean must reach to count as drift, which restarts the "
+        "step weight (smaller: follows moving embeddings sooner, restarts on noise more).",
+    )
+    restart_age: float = setting(
+        2.0,
+        "pinball rule: the age (visits' worth of evidence) kept when drift is detected.",
     )
     # -- the Adam rules -------------------------------------------------------------------
     lr: float = setting(0.05, "adam/reference rules: learning rate of the thresholds.")
@@ -164,6 +202,12 @@ class GloFNDConfig:
             raise ValueError(f"averaging must lie in (0, 1], got {self.averaging}")
         if not 0.0 < self.drift_rate <= 1.0:
             raise ValueError(f"drift_rate must lie in (0, 1], got {self.drift_rate}")
+        if not 0.5 < self.gain_decay <= 1.0:
+            raise ValueError(f"gain_decay must lie in (0.5, 1], got {self.gain_decay}")
+        if not self.drift_level > 0:
+            raise ValueError(f"drift_level must be positive, got {self.drift_level}")
+        if not self.restart_age >= 1.0:
+            raise ValueError(f"restart_age must be at least 1, got {self.restart_age}")
         if self.lr <= 0:
             raise ValueError(f"threshold lr must be positive, got {self.lr}")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
@@ -179,6 +223,8 @@ class GloFNDConfig:
             )
 
     def rule(self) -> ThresholdRule:
+        if self.update_rule == "pinball":
+            return PinballRule(self)
         return TailRule(self) if self.update_rule == "tail" else AdamRule(self)
 
 
@@ -412,6 +458,162 @@ class TailRule(ThresholdRule):
             dim=-1,
         )
         # Anchors without a tail estimate (fewer than two negatives) keep their row.
+        return torch.where(torch.isfinite(q_hat).unsqueeze(-1), new, rows)
+
+
+class PinballRule(ThresholdRule):
+    """Newton steps on the pinball loss with decaying gains, restarted by a drift test on
+    the batches' tail estimates, which also carry the threshold along when it moves; the
+    threshold averages the steps (Polyak-Ruppert)."""
+
+    columns = ("lambda", "iterate", "unit", "centre", "scatter", "drift", "calm", "age", "visits")
+    point = columns.index("iterate")
+    fill = (1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+    valid = (
+        THRESHOLD_RANGE,
+        THRESHOLD_RANGE,
+        NON_NEGATIVE,
+        FINITE,
+        NON_NEGATIVE,
+        FINITE,
+        NON_NEGATIVE,
+        NON_NEGATIVE,
+        COUNT,
+    )
+    # pinball gradient at the iterate, q_hat, beta, step unit, q_hat's relative variance,
+    # number of negatives
+    num_statistics = 6
+
+    def upgrade(self, state):
+        # A state of the tail rule (the default before this one) continues under this rule:
+        # threshold, iterate, step unit, centre and visits carry over; the estimates' scatter
+        # starts at the tail model's (about 1 in squared units), with a few visits' age.
+        if any(f"{side}.scatter" in state for side in SIDES) or not all(
+            f"{side}.{column}" in state
+            for side in SIDES
+            for column in ("lambda", "iterate", "unit", "centre", "visits")
+        ):
+            return state
+        new = {}
+        for side in SIDES:
+            visits = state[f"{side}.visits"]
+            for column in ("lambda", "iterate", "unit", "centre", "visits"):
+                new[f"{side}.{column}"] = state[f"{side}.{column}"]
+            new[f"{side}.scatter"] = torch.where(visits > 0, 1.0, 0.0).to(visits.dtype)
+            new[f"{side}.drift"] = torch.zeros_like(visits)
+            new[f"{side}.calm"] = torch.zeros_like(visits)
+            new[f"{side}.age"] = visits.clamp(max=4.0)
+        return new
+
+    def statistics(self, sim, negatives, lam):
+        cfg = self.config
+        count = negatives.sum(-1)
+        n = count.expand(lam.shape)
+        filled = torch.where(negatives, sim, -math.inf)
+        ordered = top_values(filled, tail_width(cfg.alpha, cfg.tail_size, sim.shape[-1]) + 1)
+        above = _exceedances_from_top(filled, ordered, lam)
+        grad = pinball_gradient(sim, negatives, lam, cfg.alpha, above, count)
+        q_hat, beta, _, kth, k = tail_from_top(ordered, n, cfg.alpha)
+        extrapolation = ((q_hat - kth) / beta).clamp(min=0.0)
+        noise = (1.0 + extrapolation * extrapolation) / k
+        unit = tail_unit(q_hat, beta, kth)
+        return torch.stack([grad, q_hat, beta, unit, noise, n.to(sim.dtype)], dim=-1).to(
+            torch.float32
+        )
+
+    def step(self, rows, stats, epoch):
+        cfg = self.config
+        lam, iterate, unit, centre, scatter, drift, calm, age, visits = rows.unbind(-1)
+        grad, q_hat, beta, batch_unit, noise, n = stats.to(torch.float32).unbind(-1)
+        first = visits == 0
+        # Drift test: the batch's tail estimate against the running mean of the earlier
+        # ones (the centre), in units of their own running scatter about it (measured, not
+        # the tail model's: lumpy tails make the estimates far noisier than the model
+        # says). Each z-score is clipped, so one outlier cannot raise the alarm: a running
+        # mean of z beyond drift_level times its spread under no drift needs several
+        # visits in a row that all lie far to one side, and restarts the age.
+        innovation = q_hat - centre
+        spread = unit * scatter.sqrt()
+        z = (innovation / spread.clamp(min=1e-12)).clamp(-3.0, 3.0)
+        rate = cfg.drift_rate
+        new_drift = drift + rate * (z - drift)
+        # The scatter is measured, so the test waits for a few visits' worth of it.
+        alarm = (visits >= 5) & (new_drift.abs() > cfg.drift_level * math.sqrt(rate / (2.0 - rate)))
+        # A common shift: embeddings that move together (a model in training) shift every
+        # anchor's tail a little, which no single anchor's noisy estimate shows but the
+        # mean of the batch's innovations does. Under no drift each innovation has mean
+        # zero (the centre is a weighted mean of the same anchor's earlier estimates), so
+        # a t-test of their mean across the batch's anchors needs no noise model.
+        seen = (~first & torch.isfinite(q_hat)).to(z.dtype)
+        count = seen.sum(0)
+        values = torch.nan_to_num(innovation) * seen
+        common_shift = values.sum(0) / count.clamp(min=1.0)  # (2,)
+        variance = (values.square().sum(0) - count * common_shift.square()) / (count - 1.0).clamp(
+            min=1.0
+        )
+        t = common_shift * count.sqrt() / variance.clamp(min=1e-24).sqrt()
+        common = (count >= 8) & (t.abs() > cfg.drift_level)
+        common_shift = torch.where(common, common_shift, 0.0)
+        # Too high a threshold shows as a run of visits without any negative above it:
+        # `calm` is the number expected over the current run (alpha n per visit), and a run
+        # that had better than drift_level + 1 of them (no exceedance has probability
+        # e^-calm) restarts the age. The step is then chosen from past visits only, so the
+        # mean step's zero does not move.
+        calm = torch.where(grad < cfg.alpha, 0.0, calm + cfg.alpha * n)
+        quiet = calm > 0.5 * cfg.drift_level**2
+        calm = torch.where(quiet, 0.0, calm)
+        restart = alarm | common | quiet
+        age = torch.where(restart, age.clamp(max=cfg.restart_age), age) + 1.0
+        # While the tail moves, the centre follows it at once (and the test stays raised
+        # until the estimates fall back about it); between, it averages them. A common
+        # shift moves every centre by the batch's mean innovation. The scatter
+        # (in squared units, so that it follows a tail that widens) learns from quiet
+        # visits only.
+        new_centre = torch.where(
+            alarm, q_hat, centre + common_shift + (innovation - common_shift) / age
+        )
+        relative = (innovation / unit.clamp(min=1e-12)).square()
+        new_scatter = torch.where(
+            restart, scatter, scatter + (torch.minimum(relative, 9.0 * scatter) - scatter) / age
+        )
+        # Detected drift carries threshold and iterate along with the centre; between,
+        # the centre's averaging is not passed on (it would add the estimates' noise, and
+        # the tail model's bias, to a rule that rests at the pinball gradient's zero).
+        shift = torch.where(restart, new_centre - centre, 0.0)
+        # The step is sized by the earlier visits' unit: this batch's own unit grows with
+        # its top negatives, so it is larger exactly when the gradient points up, which
+        # would move the resting point.
+        gain = age.pow(-cfg.gain_decay)
+        new_it = (iterate + shift - gain * unit * (grad / cfg.alpha)).clamp(-1.0, 1.0)
+        new_unit = unit + (batch_unit - unit) / age
+        # Polyak-Ruppert averaging weighted by age (the late iterates count more, so the
+        # start is forgotten sooner than by a plain mean), in rank units: the mean of the
+        # iterates' shares above them, exp(-x / unit) in the local exponential tail, not of
+        # the similarities. The iterates' mean share is alpha where the pinball gradient is
+        # zero on average; a plain mean of similarities filters less than that (the share
+        # is convex in the threshold).
+        base = lam + shift
+        weight = 2.0 / (age + 1.0)
+        offset = (new_it - base) / new_unit.clamp(min=1e-6)
+        new_lam = base - new_unit * torch.log1p(weight * torch.expm1(-offset.clamp(max=30.0)))
+        # First visit: everything starts at the batch's tail estimate, whose age is its
+        # weight in visits of pinball evidence (the ratio of a visit's pinball variance,
+        # about 1 / (alpha n) in squared tail units, to the estimate's).
+        start_age = (1.0 / (cfg.alpha * n * noise).clamp(min=1e-6)).clamp(min=1.0, max=100.0)
+        new = torch.stack(
+            [
+                torch.where(first, q_hat, new_lam).clamp(-1.0, 1.0),
+                torch.where(first, q_hat, new_it).clamp(-1.0, 1.0),
+                torch.where(first, batch_unit, new_unit),
+                torch.where(first, q_hat, new_centre),
+                torch.where(first, noise, new_scatter),
+                torch.where(first, 0.0, new_drift),
+                torch.where(first, 0.0, calm),
+                torch.where(first, start_age, age),
+                visits + 1.0,
+            ],
+            dim=-1,
+        )
         return torch.where(torch.isfinite(q_hat).unsqueeze(-1), new, rows)
 
 

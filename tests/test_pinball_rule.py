@@ -1,0 +1,193 @@
+"""The pinball rule (the default): its resting point is the quantile in rank units, its error
+shrinks with visits where nothing moves, it follows drift, and its state round-trips.
+
+Stationary figures come from i.i.d. negatives with a known distribution
+(``benchmarks/stationary_streams``), run through the public detector: the exact share of
+the data set above each threshold over alpha is what a threshold filters on fresh data.
+"""
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from benchmarks.stationary_streams import StationaryStream
+from benchmarks.threshold_stationary import run
+from benchmarks.tracking_streams import make_stream, run_stream
+from glofnd_hf.fnd import GloFNDConfig, GloFNDDetector, build_detector
+from glofnd_hf.fnd.detectors import DetectionBatch
+from glofnd_hf.fnd.thresholds import PinballRule, ThresholdState
+
+VISITS = 120
+
+
+@pytest.fixture(autouse=True)
+def quiet_health():
+    logging.disable(logging.WARNING)
+    yield
+    logging.disable(logging.NOTSET)
+
+
+@pytest.mark.parametrize("name", ["gaussian", "bounded"])
+def test_pinball_rests_at_the_quantile_and_its_error_shrinks(name):
+    """alpha x B = 1: the filtered share is alpha within 10 % late, the spread across anchors
+    shrinks with visits (a consistent rule, not a constant-gain tracker), and nearly every
+    anchor filters within [0.5, 2] x alpha; the tail rule over-filters on the same draws."""
+    stream = StationaryStream.make(name, anchors=64, seed=3)
+    pinball = run(stream, "pinball", 2e-3, 512, VISITS)
+    assert 0.9 <= pinball["late"] <= 1.1, pinball
+    assert 0.8 <= pinball["early"] <= 1.25, pinball
+    assert pinball["typical_spread"] < 0.8, pinball
+    assert pinball["within"] >= 0.9, pinball
+    tail = run(stream, "tail", 2e-3, 512, VISITS)
+    assert abs(np.log(pinball["late"])) < abs(np.log(tail["late"])), (pinball, tail)
+
+
+def test_pinball_at_the_papers_alpha_times_batch():
+    """alpha x B = 0.1 (the paper's CC3M setting): most batches hold no negative above the
+    quantile, yet the rule filters about alpha, where the tail rule filters about 2 x."""
+    stream = StationaryStream.make("gaussian", anchors=64, seed=4)
+    pinball = run(stream, "pinball", 1e-4, 1024, VISITS)
+    assert 0.8 <= pinball["late"] <= 1.25, pinball
+    assert pinball["within"] >= 0.6, pinball
+    tail = run(stream, "tail", 1e-4, 1024, VISITS)
+    assert tail["late"] > 1.5, tail
+
+
+def test_pinball_tracks_drifting_embeddings():
+    """The settling stream (collapsed start, spreading and rotating, then still): small
+    error and a filtered share near alpha at the end, nothing parked at the clamp."""
+    stream = make_stream("settling", 2048, 12, seed=0)
+    last = run_stream(stream, "pinball", 0.01, 256, score_epochs=set()).last
+    assert last.median_error <= 0.02, last
+    assert 0.5 <= last.filtered_over_alpha <= 2.0, last
+    assert last.at_bound < 0.05, last
+    assert last.correlation > 0.7, last
+
+
+def _batch(b: int, width: int, epoch: float = 0.0) -> DetectionBatch:
+    return DetectionBatch(
+        anchor_index=torch.arange(b),
+        candidate_index=torch.arange(b, b + width),
+        negatives=torch.ones(b, width, dtype=torch.bool),
+        epoch=epoch,
+    )
+
+
+def test_a_common_shift_restarts_and_carries_the_thresholds():
+    """After the anchors settle, every anchor's similarities move up by 0.2 at once: the
+    batch's t-test sees it on the next visit and moves all thresholds by about that much
+    (no single anchor's test could tell so small a move from noise so soon)."""
+    b, width, alpha = 64, 512, 2e-3
+    gen = torch.Generator().manual_seed(0)
+    detector = GloFNDDetector(b + width, GloFNDConfig(alpha=alpha))
+    batch = _batch(b, width)
+    for visit in range(30):
+        batch.epoch = float(visit)
+        detector.detect(0.1 * torch.randn(2, b, width, generator=gen), batch)
+    before = detector.state.lambdas(batch.anchor_index).clone()
+    age = detector.state.table.data[:b, :, PinballRule.columns.index("age")].clone()
+    batch.epoch = 30.0
+    detector.detect(0.1 * torch.randn(2, b, width, generator=gen) + 0.2, batch)
+    after = detector.state.lambdas(batch.anchor_index)
+    moved = (after - before).mean().item()
+    assert 0.12 < moved < 0.28, moved
+    new_age = detector.state.table.data[:b, :, PinballRule.columns.index("age")]
+    assert (new_age <= 3.0).all() and (age > 20).all()
+
+
+def test_first_visit_starts_at_the_tail_estimate_and_steps_use_no_caps():
+    """The first visit sets threshold, iterate and centre to q_hat; a later visit with all
+    negatives far above the iterate steps it up by age^-gain_decay * unit * (1 - alpha) /
+    alpha: no cap at the batch's top negative."""
+    b, width, alpha = 4, 100, 0.01
+    config = GloFNDConfig(alpha=alpha)
+    rule = config.rule()
+    assert isinstance(rule, PinballRule)
+    state = ThresholdState(b, rule=rule)
+    gen = torch.Generator().manual_seed(1)
+    sim = 0.05 * torch.randn(2, b, width, generator=gen)
+    negatives = torch.ones(b, width, dtype=torch.bool)
+    index = torch.arange(b)
+    point = state.table.gather(index)[..., rule.point].t()
+    stats = rule.statistics(sim, negatives, point).transpose(0, 1)
+    rows = state.apply_update(index, stats, 0.0)
+    columns = {c: i for i, c in enumerate(rule.columns)}
+    q_hat = stats[..., 1]
+    for name in ("lambda", "iterate", "centre"):
+        assert torch.equal(rows[..., columns[name]], q_hat.clamp(-1, 1))
+    # Every negative above the iterate: gradient alpha - 1, a step up of many units.
+    high = torch.full((2, b, width), 0.9)
+    high += 0.001 * torch.randn(2, b, width, generator=gen)
+    stats = rule.statistics(high, negatives, rows[..., columns["iterate"]].t()).transpose(0, 1)
+    assert torch.allclose(stats[..., 0], torch.full_like(stats[..., 0], alpha - 1.0))
+    old = rows.clone()
+    rows = state.apply_update(index, stats, 1.0, rows)
+    age = rows[..., columns["age"]]
+    # No drift test can fire yet (a second visit, four anchors): the centre's averaging is
+    # not passed on, the step is the pinball step alone, in the earlier visits' unit.
+    assert (age == old[..., columns["age"]] + 1).all()
+    expected = (
+        old[..., columns["iterate"]]
+        + age.pow(-config.gain_decay) * old[..., columns["unit"]] * (1.0 - alpha) / alpha
+    ).clamp(-1, 1)
+    assert torch.allclose(rows[..., columns["iterate"]], expected, atol=1e-6)
+    assert (rows[..., columns["iterate"]] > high.amax(-1).t()).any()  # past the batch's top
+
+
+def test_pinball_state_bytes_round_trip_and_reject_other_rules(tmp_path):
+    detector = build_detector("glofnd", num_samples=32, config=GloFNDConfig(alpha=0.05))
+    assert detector.state.bytes_per_sample == 72  # 9 float32 columns, two sides
+    gen = torch.Generator().manual_seed(2)
+    batch = DetectionBatch(
+        torch.arange(16), torch.arange(16), ~torch.eye(16, dtype=torch.bool), 0.0
+    )
+    for visit in range(3):
+        batch.epoch = float(visit)
+        detector.detect(torch.rand(2, 16, 16, generator=gen), batch)
+    save_file(detector.state_dict(), tmp_path / "state.safetensors")
+    again = build_detector("glofnd", num_samples=32, config=GloFNDConfig(alpha=0.05))
+    again.load_state_dict(load_file(tmp_path / "state.safetensors"))
+    assert torch.equal(again.state.table.data, detector.state.table.data)
+    tail = build_detector(
+        "glofnd", num_samples=32, config=GloFNDConfig(alpha=0.05, update_rule="tail")
+    )
+    with pytest.raises(ValueError, match="another rule"):
+        tail.load_state_dict(load_file(tmp_path / "state.safetensors"))
+
+
+@pytest.mark.parametrize(
+    "setting,value",
+    [("gain_decay", 0.5), ("gain_decay", 1.5), ("drift_level", 0.0), ("restart_age", 0.5)],
+)
+def test_bad_pinball_settings_are_rejected(setting, value):
+    with pytest.raises(ValueError, match=setting):
+        GloFNDConfig(**{setting: value})
+
+
+def test_a_tail_rule_checkpoint_resumes_under_the_pinball_rule():
+    """Checkpoints of the previous default (the tail rule) load into the new default: the
+    threshold and what both rules keep carry over, and training goes on from them."""
+    tail = GloFNDDetector(48, GloFNDConfig(alpha=0.05, update_rule="tail"))
+    gen = torch.Generator().manual_seed(5)
+    batch = DetectionBatch(
+        torch.arange(16), torch.arange(16), ~torch.eye(16, dtype=torch.bool), 0.0
+    )
+    for visit in range(3):
+        batch.epoch = float(visit)
+        tail.detect(torch.rand(2, 16, 16, generator=gen), batch)
+    saved = tail.state_dict()
+    pinball = GloFNDDetector(48, GloFNDConfig(alpha=0.05))
+    pinball.load_state_dict(saved)
+    loaded = pinball.state_dict()
+    for side in ("image", "text"):
+        for column in ("lambda", "iterate", "unit", "centre", "visits"):
+            assert torch.equal(loaded[f"{side}.{column}"], saved[f"{side}.{column}"])
+    assert torch.equal(
+        pinball.state.lambdas(batch.anchor_index), tail.state.lambdas(batch.anchor_index)
+    )
+    batch.epoch = 3.0
+    pinball.detect(torch.rand(2, 16, 16, generator=gen), batch)
+    assert torch.isfinite(pinball.state.table.data).all()
