@@ -136,7 +136,7 @@ def test_a_registered_detector_reaches_the_card_and_the_eval_report(tmp_path, fi
 
 
 def test_state_bytes_come_from_the_registry(tmp_path):
-    per_rule = {"tail": 64, "adam": 32}
+    per_rule = {"pinball": 72, "tail": 64, "adam": 32}
     for rule, size in per_rule.items():
         args = make_args(tmp_path, detector_kwargs={"update_rule": rule})
         assert args.state_bytes_per_sample() == size

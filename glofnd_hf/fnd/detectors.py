@@ -446,7 +446,7 @@ def _threshold_stats(threshold: torch.Tensor) -> dict[str, torch.Tensor]:
 
 # -- registrations ---------------------------------------------------------------------------
 def glofnd_state_bytes(config: GloFNDConfig) -> int:
-    """The update rule's threshold table (64 bytes per sample for tail, 32 for Adam)."""
+    """The update rule's threshold table (72 bytes per sample for pinball, 64 for tail, 32 for Adam)."""
     return config.rule().bytes_per_sample()
 
 

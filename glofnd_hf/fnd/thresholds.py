@@ -734,7 +734,7 @@ class ThresholdState:
 
     Stored as one (N, 2, C) float32 table (side x the rule's columns) so that a step reads
     and writes every quantity of the touched anchors with a single gather and a single
-    scatter: 64 bytes per sample with the tail rule, 32 with Adam. Host memory is fine for
+    scatter: 72 bytes per sample with the pinball rule, 64 with tail, 32 with Adam. Host memory is fine for
     large N.
     """
 
