@@ -300,6 +300,42 @@ class ThresholdRule(ABC):
         statistics; a pure function of its inputs."""
 
 
+@dataclass
+class _BatchTail:
+    """What the pinball and tail rules read from one batch, per (2, b) anchor: the pinball
+    gradient at ``lam``, the batch's tail fit (``tail_from_top``) and the step unit."""
+
+    n: torch.Tensor  # number of negatives (integer)
+    ordered: torch.Tensor  # the k_max + 1 largest negatives, descending
+    above: torch.Tensor  # negatives above lam
+    grad: torch.Tensor
+    q_hat: torch.Tensor
+    beta: torch.Tensor
+    top: torch.Tensor
+    kth: torch.Tensor  # u, the (k+1)-th largest
+    noise: torch.Tensor  # q_hat's variance in units of beta^2
+    unit: torch.Tensor  # the fitted tail's alpha / density at q_hat
+
+    @classmethod
+    def of(
+        cls, sim: torch.Tensor, negatives: torch.Tensor, lam: torch.Tensor, cfg: GloFNDConfig
+    ) -> _BatchTail:
+        count = negatives.sum(-1)  # (b,): every count below is taken once, here
+        n = count.expand(lam.shape)
+        # Non-negatives at -inf: they are never among the top nor above a threshold.
+        filled = torch.where(negatives, sim, -math.inf)
+        ordered = top_values(filled, tail_width(cfg.alpha, cfg.tail_size, sim.shape[-1]) + 1)
+        above = _exceedances_from_top(filled, ordered, lam)
+        grad = pinball_gradient(sim, negatives, lam, cfg.alpha, above, count)
+        q_hat, beta, top, kth, k = tail_from_top(ordered, n, cfg.alpha)
+        # Variance of q_hat = u + beta * L in units of beta^2 for an exponential tail fitted
+        # to k exceedances: u and beta each carry about 1/k, and beta's is multiplied by L^2.
+        extrapolation = ((q_hat - kth) / beta).clamp(min=0.0)
+        noise = (1.0 + extrapolation * extrapolation) / k
+        unit = tail_unit(q_hat, beta, kth)
+        return cls(n, ordered, above, grad, q_hat, beta, top, kth, noise, unit)
+
+
 class TailRule(ThresholdRule):
     """Newton steps in units of the fitted tail's inverse density at the quantile, kept
     near a running mean of the batches' own estimates that follows drift and averages
@@ -349,23 +385,14 @@ class TailRule(ThresholdRule):
 
     def statistics(self, sim, negatives, lam):
         cfg = self.config
-        count = negatives.sum(-1)  # (b,): every count below is taken once, here
-        n = count.expand(lam.shape)
-        # Non-negatives at -inf: they are never among the top nor above a threshold.
-        filled = torch.where(negatives, sim, -math.inf)
-        ordered = top_values(filled, tail_width(cfg.alpha, cfg.tail_size, sim.shape[-1]) + 1)
-        above = _exceedances_from_top(filled, ordered, lam)
-        grad = pinball_gradient(sim, negatives, lam, cfg.alpha, above, count)
-        q_hat, beta, top, kth, k = tail_from_top(ordered, n, cfg.alpha)
-        # Variance of q_hat = u + beta * L in units of beta^2 for an exponential tail fitted
-        # to k exceedances: u and beta each carry about 1/k, and beta's is multiplied by L^2.
-        extrapolation = ((q_hat - kth) / beta).clamp(min=0.0)
-        noise = (1.0 + extrapolation * extrapolation) / k
+        batch = _BatchTail.of(sim, negatives, lam, cfg)
+        grad, q_hat, beta, kth, noise = batch.grad, batch.q_hat, batch.beta, batch.kth, batch.noise
+        ordered, above, top = batch.ordered, batch.above, batch.top
         # The step unit: the fitted tail's alpha / density at q_hat. A step in units of
         # beta near the bound overshoots downwards more than a step up (capped at the
         # batch's top negative) can repair, and the threshold settles below the quantile.
-        unit = tail_unit(q_hat, beta, kth)
-        n = n.to(sim.dtype)
+        unit = batch.unit
+        n = batch.n.to(sim.dtype)
         density = _local_density(ordered, lam, beta, n)
         # Highest step up: the batch's top negative, or with local_step the r-th largest
         # with r = (1 - w) m + w alpha n, so that a step of weight w = step_floor passes at
@@ -480,9 +507,9 @@ class PinballRule(ThresholdRule):
         NON_NEGATIVE,
         COUNT,
     )
-    # pinball gradient at the iterate, q_hat, beta, step unit, q_hat's relative variance,
-    # number of negatives
-    num_statistics = 6
+    # pinball gradient at the iterate, q_hat, step unit, q_hat's relative variance, number
+    # of negatives
+    num_statistics = 5
 
     def upgrade(self, state):
         # A state of the tail rule (the default before this one) continues under this rule:
@@ -506,25 +533,15 @@ class PinballRule(ThresholdRule):
         return new
 
     def statistics(self, sim, negatives, lam):
-        cfg = self.config
-        count = negatives.sum(-1)
-        n = count.expand(lam.shape)
-        filled = torch.where(negatives, sim, -math.inf)
-        ordered = top_values(filled, tail_width(cfg.alpha, cfg.tail_size, sim.shape[-1]) + 1)
-        above = _exceedances_from_top(filled, ordered, lam)
-        grad = pinball_gradient(sim, negatives, lam, cfg.alpha, above, count)
-        q_hat, beta, _, kth, k = tail_from_top(ordered, n, cfg.alpha)
-        extrapolation = ((q_hat - kth) / beta).clamp(min=0.0)
-        noise = (1.0 + extrapolation * extrapolation) / k
-        unit = tail_unit(q_hat, beta, kth)
-        return torch.stack([grad, q_hat, beta, unit, noise, n.to(sim.dtype)], dim=-1).to(
-            torch.float32
-        )
+        batch = _BatchTail.of(sim, negatives, lam, self.config)
+        return torch.stack(
+            [batch.grad, batch.q_hat, batch.unit, batch.noise, batch.n.to(sim.dtype)], dim=-1
+        ).to(torch.float32)
 
     def step(self, rows, stats, epoch):
         cfg = self.config
         lam, iterate, unit, centre, scatter, drift, calm, age, visits = rows.unbind(-1)
-        grad, q_hat, beta, batch_unit, noise, n = stats.to(torch.float32).unbind(-1)
+        grad, q_hat, batch_unit, noise, n = stats.to(torch.float32).unbind(-1)
         first = visits == 0
         # Drift test: the batch's tail estimate against the running mean of the earlier
         # ones (the centre), in units of their own running scatter about it (measured, not
