@@ -191,3 +191,19 @@ def test_a_tail_rule_checkpoint_resumes_under_the_pinball_rule():
     batch.epoch = 3.0
     pinball.detect(torch.rand(2, 16, 16, generator=gen), batch)
     assert torch.isfinite(pinball.state.table.data).all()
+
+
+@pytest.mark.parametrize("rule", ["pinball", "tail", "adam", "reference"])
+def test_each_rule_reports_its_own_settings(rule):
+    """The detector's config (model cards, run metadata) names every setting the rule reads,
+    and only GloFNDConfig fields."""
+    config = GloFNDConfig(alpha=0.05, update_rule=rule)
+    reported = GloFNDDetector(8, config).config_dict()
+    fields = set(GloFNDConfig.__dataclass_fields__)
+    for name in config.rule().settings:
+        assert name in fields
+        value = getattr(config, name)
+        assert reported[name] == (list(value) if isinstance(value, tuple) else value)
+    assert ("gain_decay" in reported) == (rule == "pinball")
+    assert ("band" in reported) == (rule == "tail")
+    assert ("lr" in reported) == (rule in ("adam", "reference"))

@@ -390,31 +390,9 @@ class GloFNDDetector(RowwiseDetector):
             "update_start_epoch": cfg.update_start_epoch,
             "mask_start_epoch": cfg.mask_start_epoch,
         }
-        if cfg.update_rule == "pinball":
-            out.update(
-                tail_size=cfg.tail_size,
-                gain_decay=cfg.gain_decay,
-                drift_level=cfg.drift_level,
-                drift_rate=cfg.drift_rate,
-                restart_age=cfg.restart_age,
-            )
-        elif cfg.update_rule == "tail":
-            out.update(
-                tail_size=cfg.tail_size,
-                band=cfg.band,
-                step_floor=cfg.step_floor,
-                drift_rate=cfg.drift_rate,
-                averaging=cfg.averaging,
-                local_step=cfg.local_step,
-            )
-        else:
-            out.update(
-                lr=cfg.lr,
-                betas=list(cfg.betas),
-                eps=cfg.eps,
-                clip_grad_mult=cfg.clip_grad_mult,
-                init_quantile=cfg.init_quantile,
-            )
+        for name in self.rule.settings:
+            value = getattr(cfg, name)
+            out[name] = list(value) if isinstance(value, tuple) else value
         return out
 
 

@@ -267,6 +267,8 @@ class ThresholdRule(ABC):
     """
 
     columns: ClassVar[tuple[str, ...]]
+    settings: ClassVar[tuple[str, ...]]
+    """The ``GloFNDConfig`` fields this rule reads (reported in the detector's config)."""
     point: ClassVar[int] = LAMBDA
     """The column at which a visit's statistics are taken (the threshold itself, or the
     iterate that a threshold averages)."""
@@ -342,6 +344,7 @@ class TailRule(ThresholdRule):
     noise; the threshold averages the stepping iterate."""
 
     columns = ("lambda", "iterate", "scale", "unit", "centre", "innovation", "density", "visits")
+    settings = ("tail_size", "band", "step_floor", "drift_rate", "averaging", "local_step")
     point = columns.index("iterate")  # the iterate takes the steps; the threshold averages it
     fill = (1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0)
     valid = (
@@ -494,6 +497,7 @@ class PinballRule(ThresholdRule):
     threshold averages the steps (Polyak-Ruppert)."""
 
     columns = ("lambda", "iterate", "unit", "centre", "scatter", "drift", "calm", "age", "visits")
+    settings = ("tail_size", "gain_decay", "drift_level", "drift_rate", "restart_age")
     point = columns.index("iterate")
     fill = (1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0)
     valid = (
@@ -685,6 +689,7 @@ class AdamRule(ThresholdRule):
     """Adam on the pinball gradient (the GloFND reference's rule)."""
 
     columns = ("lambda", "exp_avg", "exp_avg_sq", "visits")
+    settings = ("lr", "betas", "eps", "clip_grad_mult", "init_quantile")
     fill = (1.0, 0.0, 0.0, 0.0)
     valid = (THRESHOLD_RANGE, FINITE, NON_NEGATIVE, COUNT)
 
