@@ -137,16 +137,23 @@ def test_first_visit_starts_at_the_tail_estimate_and_steps_use_no_caps():
     assert (rows[..., columns["iterate"]] > high.amax(-1).t()).any()  # past the batch's top
 
 
+def _visit_square_batches(detector, visits: int, gen: torch.Generator) -> DetectionBatch:
+    """``visits`` epochs of one batch of 16 samples against each other (random similarities);
+    returns the batch, at the last epoch."""
+    batch = DetectionBatch(
+        torch.arange(16), torch.arange(16), ~torch.eye(16, dtype=torch.bool), 0.0
+    )
+    for visit in range(visits):
+        batch.epoch = float(visit)
+        detector.detect(torch.rand(2, 16, 16, generator=gen), batch)
+    return batch
+
+
 def test_pinball_state_bytes_round_trip_and_reject_other_rules(tmp_path):
     detector = build_detector("glofnd", num_samples=32, config=GloFNDConfig(alpha=0.05))
     assert detector.state.bytes_per_sample == 72  # 9 float32 columns, two sides
     gen = torch.Generator().manual_seed(2)
-    batch = DetectionBatch(
-        torch.arange(16), torch.arange(16), ~torch.eye(16, dtype=torch.bool), 0.0
-    )
-    for visit in range(3):
-        batch.epoch = float(visit)
-        detector.detect(torch.rand(2, 16, 16, generator=gen), batch)
+    _visit_square_batches(detector, 3, gen)
     save_file(detector.state_dict(), tmp_path / "state.safetensors")
     again = build_detector("glofnd", num_samples=32, config=GloFNDConfig(alpha=0.05))
     again.load_state_dict(load_file(tmp_path / "state.safetensors"))
@@ -172,12 +179,7 @@ def test_a_tail_rule_checkpoint_resumes_under_the_pinball_rule():
     threshold and what both rules keep carry over, and training goes on from them."""
     tail = GloFNDDetector(48, GloFNDConfig(alpha=0.05, update_rule="tail"))
     gen = torch.Generator().manual_seed(5)
-    batch = DetectionBatch(
-        torch.arange(16), torch.arange(16), ~torch.eye(16, dtype=torch.bool), 0.0
-    )
-    for visit in range(3):
-        batch.epoch = float(visit)
-        tail.detect(torch.rand(2, 16, 16, generator=gen), batch)
+    batch = _visit_square_batches(tail, 3, gen)
     saved = tail.state_dict()
     pinball = GloFNDDetector(48, GloFNDConfig(alpha=0.05))
     pinball.load_state_dict(saved)
