@@ -1,7 +1,7 @@
 """Time one training-loss step (detector update + loss forward + backward) against N.
 
-For every data set size N, detector (``none``, ``glofnd`` with its default tail rule,
-``glofnd_adam`` with the Adam rule, ``batch_quantile``) and loss
+For every data set size N, detector (``none``, ``glofnd`` with its default pinball rule,
+``glofnd_tail`` with the tail rule, ``glofnd_adam`` with the Adam rule, ``batch_quantile``) and loss
 (``clip`` = ClipLoss, ``global`` = GlobalContrastiveLoss) this measures the wall time of
 
     loss(image_embeds, text_embeds, logit_scale, index, epoch=...).loss.backward()
@@ -47,13 +47,17 @@ import torch.multiprocessing as mp
 from _machine import cpu_model, mem_available_bytes
 
 from glofnd_hf.fnd import GloFNDConfig, GloFNDDetector, build_detector
-from glofnd_hf.fnd.thresholds import AdamRule, TailRule
+from glofnd_hf.fnd.thresholds import AdamRule, PinballRule, TailRule
 from glofnd_hf.losses import ClipLoss, GlobalContrastiveLoss
 
-DETECTORS = ("none", "glofnd", "glofnd_adam", "batch_quantile")
+DETECTORS = ("none", "glofnd", "glofnd_tail", "glofnd_adam", "batch_quantile")
 # Detector variants timed beside the defaults: name -> (registered detector, config changes).
-# glofnd_adam is the Adam rule the tail rule replaced as the default (same step otherwise).
-VARIANTS = {"glofnd_adam": ("glofnd", {"update_rule": "adam"})}
+# glofnd_tail and glofnd_adam are the rules the pinball rule replaced as the default (same
+# step otherwise).
+VARIANTS = {
+    "glofnd_tail": ("glofnd", {"update_rule": "tail"}),
+    "glofnd_adam": ("glofnd", {"update_rule": "adam"}),
+}
 LOSSES = ("clip", "global")
 BASELINE = ("none", "clip")
 GPU_STATE_MAX_N = 10**7
@@ -321,7 +325,8 @@ def print_tables(rows: list[Row], args: argparse.Namespace) -> None:
     thr_bps, u_bps = state_bytes_per_sample()
     print("\n### State memory (per process; every rank holds a full copy)\n")
     print(
-        f"bytes per sample: GloFND thresholds tables {thr_bps} (tail rule: 2 sides x "
+        f"bytes per sample: GloFND thresholds tables {thr_bps} (pinball rule: 2 sides x "
+        f"[{', '.join(PinballRule.columns)}], tail rule: 2 sides x "
         f"[{', '.join(TailRule.columns)}], Adam rule: 2 sides x [{', '.join(AdamRule.columns)}], "
         f"float32), global-loss u "
         f"{u_bps} (2 sides float32), total {thr_bps + u_bps}\n"
