@@ -209,3 +209,25 @@ def test_each_rule_reports_its_own_settings(rule):
     assert ("gain_decay" in reported) == (rule == "pinball")
     assert ("band" in reported) == (rule == "tail")
     assert ("lr" in reported) == (rule in ("adam", "reference"))
+
+
+def test_stationary_benchmark_runs_tables_and_merges(tmp_path, capsys):
+    """The benchmark's command line: a (tiny) development split, its table, and a merge."""
+    from benchmarks import threshold_stationary
+
+    first, merged = tmp_path / "a.json", tmp_path / "merged.json"
+    common = ["--split", "development", "--visits", "12", "--anchors", "4", "--rules", "pinball"]
+    results = threshold_stationary.main([*common, "--families", "gaussian", "--output", str(first)])
+    assert {r["family"] for r in results["runs"]} == {"gaussian"}
+    assert len(results["runs"]) == 2 * 3  # two seeds, three alpha x B
+    assert all(np.isfinite(r["late"]) and 0.0 <= r["within"] <= 1.0 for r in results["runs"])
+    second = tmp_path / "b.json"
+    threshold_stationary.main([*common, "--families", "bounded", "--output", str(second)])
+    joined = threshold_stationary.main(
+        ["--merge", str(first), str(second), "--output", str(merged)]
+    )
+    assert len(joined["runs"]) == 12 and merged.exists()
+    capsys.readouterr()
+    threshold_stationary.main(["--table", str(merged)])
+    table = capsys.readouterr().out
+    assert "| gaussian | 0.10 |" in table and "| bounded | 2.05 |" in table
