@@ -577,8 +577,8 @@ class PinballRule(ThresholdRule):
         common_shift = torch.where(common, common_shift, 0.0)
         # Too high a threshold shows as a run of visits without any negative above it:
         # `calm` is the number expected over the current run (alpha n per visit), and a run
-        # that had better than drift_level + 1 of them (no exceedance has probability
-        # e^-calm) restarts the age. The step is then chosen from past visits only, so the
+        # that expected more than drift_level^2 / 2 of them (8 by default; no exceedance has
+        # probability e^-calm) restarts the age. The step is then chosen from past visits only, so the
         # mean step's zero does not move.
         calm = torch.where(grad < cfg.alpha, 0.0, calm + cfg.alpha * n)
         quiet = calm > 0.5 * cfg.drift_level**2
