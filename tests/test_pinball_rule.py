@@ -99,9 +99,11 @@ def test_a_common_shift_restarts_and_carries_the_thresholds():
 
 
 def test_first_visit_starts_at_the_tail_estimate_and_steps_use_no_caps():
-    """The first visit sets threshold, iterate and centre to q_hat; a later visit with all
-    negatives far above the iterate steps it up by age^-gain_decay * unit * (1 - alpha) /
-    alpha: no cap at the batch's top negative."""
+    """The first visit sets threshold, iterate and centre to q_hat. A later visit steps the
+    iterate by age^-gain_decay * unit * (-g) / alpha, past the batch's top negative when
+    that is close (no cap at the batch's evidence); a batch far above the iterate counts at
+    most alpha n + 3 sqrt(alpha n) + 1 exceedances, so one visit cannot throw the iterate
+    to the clamp."""
     b, width, alpha = 4, 100, 0.01
     config = GloFNDConfig(alpha=alpha)
     rule = config.rule()
@@ -111,30 +113,109 @@ def test_first_visit_starts_at_the_tail_estimate_and_steps_use_no_caps():
     sim = 0.05 * torch.randn(2, b, width, generator=gen)
     negatives = torch.ones(b, width, dtype=torch.bool)
     index = torch.arange(b)
-    point = state.table.gather(index)[..., rule.point].t()
+    point = state.rows(index)[..., rule.point].t()
     stats = rule.statistics(sim, negatives, point).transpose(0, 1)
     rows = state.apply_update(index, stats, 0.0)
     columns = {c: i for i, c in enumerate(rule.columns)}
     q_hat = stats[..., 1]
     for name in ("lambda", "iterate", "centre"):
         assert torch.equal(rows[..., columns[name]], q_hat.clamp(-1, 1))
-    # Every negative above the iterate: gradient alpha - 1, a step up of many units.
-    high = torch.full((2, b, width), 0.9)
-    high += 0.001 * torch.randn(2, b, width, generator=gen)
-    stats = rule.statistics(high, negatives, rows[..., columns["iterate"]].t()).transpose(0, 1)
-    assert torch.allclose(stats[..., 0], torch.full_like(stats[..., 0], alpha - 1.0))
-    old = rows.clone()
-    rows = state.apply_update(index, stats, 1.0, rows)
-    age = rows[..., columns["age"]]
-    # No drift test can fire yet (a second visit, four anchors): the centre's averaging is
-    # not passed on, the step is the pinball step alone, in the earlier visits' unit.
-    assert (age == old[..., columns["age"]] + 1).all()
-    expected = (
-        old[..., columns["iterate"]]
-        + age.pow(-config.gain_decay) * old[..., columns["unit"]] * (1.0 - alpha) / alpha
-    ).clamp(-1, 1)
-    assert torch.allclose(rows[..., columns["iterate"]], expected, atol=1e-6)
-    assert (rows[..., columns["iterate"]] > high.amax(-1).t()).any()  # past the batch's top
+
+    def step(batch: torch.Tensor, excess: float) -> None:
+        nonlocal rows
+        stats = rule.statistics(batch, negatives, rows[..., columns["iterate"]].t())
+        stats = stats.transpose(0, 1)
+        old = rows.clone()
+        rows = state.apply_update(index, stats, 1.0, rows)
+        age = rows[..., columns["age"]]
+        # No drift test fires (four anchors): the step is the pinball step alone, in the
+        # earlier visits' unit.
+        assert (age == old[..., columns["age"]] + 1).all()
+        expected = old[..., columns["iterate"]] + age.pow(-config.gain_decay) * old[
+            ..., columns["unit"]
+        ] * excess / (alpha * width)
+        assert torch.allclose(rows[..., columns["iterate"]], expected.clamp(-1, 1), atol=1e-6)
+
+    # Three negatives just above the iterate (alpha n = 1 expected): two excess, a step of
+    # about two units, past the batch's top negative.
+    close = torch.full((2, b, width), -1.0)
+    close[..., :3] = rows[..., columns["iterate"]].t().unsqueeze(-1) + 1e-3
+    top = close.amax(-1).t()
+    step(close, excess=3 - alpha * width)
+    assert (rows[..., columns["iterate"]] > top).all()
+    # Every negative above: counted as alpha n + 3 sqrt(alpha n) + 1 = 5, four excess.
+    high = torch.full((2, b, width), 0.9) + 0.001 * torch.randn(2, b, width, generator=gen)
+    step(high, excess=3.0 + 1.0)
+    assert (rows[..., columns["iterate"]] < 0.9).all()
+
+
+def _two_halves(alpha: float = 2e-3, b: int = 64, width: int = 512):
+    """A detector over 2 b anchors (and the width negatives), whose halves are visited in
+    alternate batches, one epoch = both halves."""
+    detector = GloFNDDetector(2 * b + width, GloFNDConfig(alpha=alpha))
+    halves = [
+        DetectionBatch(
+            anchor_index=torch.arange(h * b, (h + 1) * b),
+            candidate_index=torch.arange(2 * b, 2 * b + width),
+            negatives=torch.ones(b, width, dtype=torch.bool),
+            epoch=0.0,
+        )
+        for h in range(2)
+    ]
+    return detector, halves
+
+
+def _visit(detector, batch, epoch: float, sim: torch.Tensor) -> None:
+    batch.epoch = epoch
+    detector.detect(sim, batch)
+
+
+def test_a_common_shift_moves_the_anchors_that_the_batch_did_not_visit():
+    """Every anchor's similarities move up by 0.2: the first half's visit shows it, and
+    the second half's thresholds, not visited, move up by the share of an epoch that one
+    batch is (what accrued during that step) before their own visit."""
+    detector, halves = _two_halves()
+    gen = torch.Generator().manual_seed(0)
+    for epoch in range(30):
+        for h, batch in enumerate(halves):
+            _visit(detector, batch, epoch + h / 2, 0.1 * torch.randn(2, 64, 512, generator=gen))
+    other = halves[1].anchor_index
+    before = detector.state.lambdas(other).clone()
+    visited_before = detector.state.lambdas(halves[0].anchor_index).clone()
+    _visit(detector, halves[0], 30.0, 0.1 * torch.randn(2, 64, 512, generator=gen) + 0.2)
+    visited = (detector.state.lambdas(halves[0].anchor_index) - visited_before).mean(0)
+    moved = detector.state.lambdas(other) - before
+    share = 64 / detector.num_samples
+    # One common move per side, the same for every unvisited anchor, of the batch's share
+    # of the visited anchors' mean innovation (about their own move).
+    assert torch.allclose(moved, moved[:1].expand_as(moved), atol=1e-6)
+    assert (0.5 * share * visited < moved[0]).all() and (moved[0] < 1.5 * share * visited).all()
+    assert (visited > 0.12).all()
+
+
+def test_the_common_shift_is_folded_into_a_saved_state_that_resumes_bit_for_bit():
+    """A state read out whole holds the thresholds as they filter (the common shift folded
+    in); a detector loaded from it and the one that saved it go on identically."""
+    detector, halves = _two_halves()
+    gen = torch.Generator().manual_seed(1)
+    for epoch in range(12):
+        for h, batch in enumerate(halves):
+            sim = 0.1 * torch.randn(2, 64, 512, generator=gen) + 0.02 * epoch
+            _visit(detector, batch, epoch + h / 2, sim)
+    assert bool(detector.state.frame.ne(0).any())  # the drift was seen
+    everyone = torch.arange(detector.num_samples)
+    filtering = detector.state.lambdas(everyone).clone()
+    saved = detector.state_dict()
+    assert torch.equal(torch.stack([saved["image.lambda"], saved["text.lambda"]], -1), filtering)
+    again, _ = _two_halves()
+    again.load_state_dict(saved)
+    for epoch in range(12, 15):
+        for h, batch in enumerate(halves):
+            sim = 0.1 * torch.randn(2, 64, 512, generator=gen) + 0.02 * epoch
+            _visit(detector, batch, epoch + h / 2, sim)
+            _visit(again, batch, epoch + h / 2, sim)
+    assert torch.equal(again.state.lambdas(everyone), detector.state.lambdas(everyone))
+    assert torch.equal(again.state.table.data, detector.state.table.data)
 
 
 def _visit_square_batches(detector, visits: int, gen: torch.Generator) -> DetectionBatch:

@@ -303,7 +303,7 @@ class GloFNDDetector(RowwiseDetector):
         index = batch.candidate_index if distributed else batch.anchor_index
         b = batch.anchor_index.shape[0]
         start = comm.rank() * b if distributed else 0
-        table_rows = self.state.table.gather(index, batch.negatives.device)  # (B, 2, C)
+        table_rows = self.state.rows(index, batch.negatives.device)  # (B, 2, C)
         local_rows = table_rows[start : start + b].transpose(0, 1)  # (2, b, C)
         # The rule's statistics are taken at its point (the threshold, or the iterate that
         # the threshold averages).

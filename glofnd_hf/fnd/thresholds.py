@@ -276,6 +276,9 @@ class ThresholdRule(ABC):
     valid: ClassVar[tuple[ValueRange, ...]]
     """Valid values of each column (checked when a stored state is loaded)."""
     num_statistics: ClassVar[int]
+    frame: ClassVar[tuple[int, ...]] = ()
+    """Columns in similarity units that move with the side's *common shift*
+    (``common_shift``): every anchor's, visited in this batch or not."""
 
     def __init__(self, config: GloFNDConfig) -> None:
         self.config = config
@@ -300,6 +303,11 @@ class ThresholdRule(ABC):
     def step(self, rows: torch.Tensor, stats: torch.Tensor, epoch: float) -> torch.Tensor:
         """New (n, 2, len(columns)) rows from the old rows and (n, 2, num_statistics)
         statistics; a pure function of its inputs."""
+
+    def common_shift(self, rows: torch.Tensor, stats: torch.Tensor) -> torch.Tensor | None:
+        """(2,) shift of the ``frame`` columns of every anchor that this batch shows (the
+        embeddings moved together), or None; ``step`` moves the batch's own anchors."""
+        return None
 
 
 @dataclass
@@ -499,6 +507,7 @@ class PinballRule(ThresholdRule):
     columns = ("lambda", "iterate", "unit", "centre", "scatter", "drift", "calm", "age", "visits")
     settings = ("tail_size", "gain_decay", "drift_level", "drift_rate", "restart_age")
     point = columns.index("iterate")
+    frame = (columns.index("lambda"), columns.index("iterate"), columns.index("centre"))
     fill = (1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0)
     valid = (
         THRESHOLD_RANGE,
@@ -542,10 +551,45 @@ class PinballRule(ThresholdRule):
             [batch.grad, batch.q_hat, batch.unit, batch.noise, batch.n.to(sim.dtype)], dim=-1
         ).to(torch.float32)
 
+    def _common_shift(
+        self, rows: torch.Tensor, stats: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(2,) the batch's common shift per side since its anchors' last visit, and whether
+        it was detected.
+
+        Embeddings that move together (a model in training) shift every anchor's tail a
+        little, which no single anchor's noisy estimate shows but the mean of the batch's
+        innovations ``q_hat - centre`` does. Under no drift each innovation has mean zero
+        (the centre is a weighted mean of the same anchor's earlier estimates), so a t-test
+        of their mean across the batch's anchors needs no noise model.
+        """
+        centre, visits = rows[..., self.columns.index("centre")], rows[..., -1]
+        q_hat = stats[..., 1].to(torch.float32)
+        seen = ((visits > 0) & torch.isfinite(q_hat)).to(torch.float32)
+        count = seen.sum(0)
+        values = torch.nan_to_num(q_hat - centre) * seen
+        mean = values.sum(0) / count.clamp(min=1.0)
+        variance = (values.square().sum(0) - count * mean.square()) / (count - 1.0).clamp(min=1.0)
+        t = mean * count.sqrt() / variance.clamp(min=1e-24).sqrt()
+        detected = (count >= 8) & (t.abs() > self.config.drift_level)
+        return torch.where(detected, mean, 0.0), detected
+
+    def _bounded(self, grad: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        """The pinball gradient with the exceedances cut at a few standard deviations of
+        their count at the quantile (Poisson, alpha n), which a batch at the quantile
+        exceeds with probability under 1e-3: one batch far above the iterate (the model
+        moved since the last visit) would step m / (alpha n) units, tens, to the clamp."""
+        limit = (3.0 * (self.config.alpha * n).sqrt() + 1.0) / n.clamp(min=1.0)
+        return torch.maximum(grad, -limit)
+
+    def common_shift(self, rows, stats):
+        return self._common_shift(rows, stats)[0]
+
     def step(self, rows, stats, epoch):
         cfg = self.config
         lam, iterate, unit, centre, scatter, drift, calm, age, visits = rows.unbind(-1)
         grad, q_hat, batch_unit, noise, n = stats.to(torch.float32).unbind(-1)
+        grad = self._bounded(grad, n)
         first = visits == 0
         # Drift test: the batch's tail estimate against the running mean of the earlier
         # ones (the centre), in units of their own running scatter about it (measured, not
@@ -560,21 +604,7 @@ class PinballRule(ThresholdRule):
         new_drift = drift + rate * (z - drift)
         # The scatter is measured, so the test waits for a few visits' worth of it.
         alarm = (visits >= 5) & (new_drift.abs() > cfg.drift_level * math.sqrt(rate / (2.0 - rate)))
-        # A common shift: embeddings that move together (a model in training) shift every
-        # anchor's tail a little, which no single anchor's noisy estimate shows but the
-        # mean of the batch's innovations does. Under no drift each innovation has mean
-        # zero (the centre is a weighted mean of the same anchor's earlier estimates), so
-        # a t-test of their mean across the batch's anchors needs no noise model.
-        seen = (~first & torch.isfinite(q_hat)).to(z.dtype)
-        count = seen.sum(0)
-        values = torch.nan_to_num(innovation) * seen
-        common_shift = values.sum(0) / count.clamp(min=1.0)  # (2,)
-        variance = (values.square().sum(0) - count * common_shift.square()) / (count - 1.0).clamp(
-            min=1.0
-        )
-        t = common_shift * count.sqrt() / variance.clamp(min=1e-24).sqrt()
-        common = (count >= 8) & (t.abs() > cfg.drift_level)
-        common_shift = torch.where(common, common_shift, 0.0)
+        common_shift, common = self._common_shift(rows, stats)
         # Too high a threshold shows as a run of visits without any negative above it:
         # `calm` is the number expected over the current run (alpha n per visit), and a run
         # that expected more than drift_level^2 / 2 of them (8 by default; no exceedance has
@@ -776,6 +806,17 @@ class ThresholdState:
             device=device,
             pin_memory=pin_memory,
         )
+        # The sides' accumulated common shift (the rule's ``frame`` columns of the table are
+        # stored relative to it), so that a shift of every anchor's tail moves every
+        # threshold in O(1), not only those of the batch that showed it. Folded into the
+        # table whenever the state is read out whole (``state_dict``).
+        self.frame = torch.zeros(len(SIDES))
+        self._frame_columns = list(self.rule.frame)
+        ranges = [self.rule.valid[c] for c in self._frame_columns]
+        self._frame_range = (
+            torch.tensor([r.low for r in ranges]),
+            torch.tensor([r.high for r in ranges]),
+        )
 
     @property
     def num_samples(self) -> int:
@@ -793,12 +834,42 @@ class ThresholdState:
         self.table.to(device)
         return self
 
+    def rows(self, index: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
+        """The (len(index), 2, C) state rows of ``index``, in similarity units."""
+        return self._shifted(self.table.gather(index, device), 1.0)
+
     def lambdas(self, index: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
         """Thresholds of ``index`` as a (len(index), 2) tensor [image side, text side]."""
-        return self.table.gather(index, device)[..., LAMBDA]
+        return self.rows(index, device)[..., LAMBDA]
+
+    def _shifted(self, rows: torch.Tensor, sign: float) -> torch.Tensor:
+        """``rows`` with the frame added to (sign 1) or taken from (-1) its frame columns."""
+        if not self._frame_columns:
+            return rows
+        self.frame = self.frame.to(rows.device)
+        shift = torch.zeros(rows.shape[-2:], dtype=rows.dtype, device=rows.device)
+        shift[:, self._frame_columns] = sign * self.frame.to(rows.dtype).unsqueeze(-1)
+        rows = rows + shift
+        if sign > 0:  # a shifted threshold stays a similarity
+            rows[..., self._frame_columns] = self._in_range(rows[..., self._frame_columns])
+        return rows
+
+    def _in_range(self, values: torch.Tensor) -> torch.Tensor:
+        low, high = (bound.to(values.device, values.dtype) for bound in self._frame_range)
+        return torch.maximum(torch.minimum(values, high), low)
+
+    def _fold_frame(self) -> None:
+        if self._frame_columns and bool(self.frame.ne(0).any()):
+            data = self.table.data
+            columns = data[..., self._frame_columns]
+            shift = self.frame.to(data.device, data.dtype).unsqueeze(-1)
+            data[..., self._frame_columns] = self._in_range(columns + shift)
+        self.frame = torch.zeros_like(self.frame)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Plain contiguous tensors, one per side and quantity, storable with safetensors."""
+        """Plain contiguous tensors, one per side and quantity, storable with safetensors:
+        the thresholds as they filter (the common shift is folded into the table first)."""
+        self._fold_frame()
         return {
             f"{side}.{column}": self.table.data[:, s, c].contiguous().cpu()
             for s, side in enumerate(SIDES)
@@ -826,6 +897,7 @@ class ThresholdState:
         for s, side in enumerate(SIDES):
             for c, column in enumerate(self.columns):
                 self.table.data[:, s, c].copy_(state[f"{side}.{column}"])
+        self.frame = torch.zeros_like(self.frame)
 
     def apply_update(
         self,
@@ -838,7 +910,15 @@ class ThresholdState:
         ``stats``: (n, 2, num_statistics), equal for repeated indices (``segment_mean``);
         ``rows``: their current rows when the caller has already read them."""
         if rows is None:
-            rows = self.table.gather(index, stats.device)
+            rows = self.rows(index, stats.device)
+        shift = self.rule.common_shift(rows, stats)
         rows = self.rule.step(rows, stats, epoch)
-        self.table.scatter(index, rows)
+        if shift is not None:
+            # The shift accrued since the batch's anchors' last visit, about an epoch ago;
+            # every other anchor moves by the share of it that accrued during this step
+            # (the share of an epoch that one batch is), so that anchors visited since are
+            # not moved twice.
+            share = min(1.0, index.numel() / self.num_samples)
+            self.frame = self.frame.to(shift.device) + share * shift
+        self.table.scatter(index, self._shifted(rows, -1.0))
         return rows
