@@ -56,9 +56,10 @@ sys.path.insert(0, str(ROOT))
 from glofnd_hf.args import GloFNDTrainingArguments  # noqa: E402
 from glofnd_hf.data.digits import CLASSIFICATION_TEMPLATES, DIGIT_NAMES, load_digits_pairs  # noqa: E402
 from glofnd_hf.eval.zero_shot import ZeroShotEvaluator  # noqa: E402
-from glofnd_hf.fnd import masked_quantile  # noqa: E402
+from glofnd_hf.fnd import GloFNDConfig, masked_quantile  # noqa: E402
 from glofnd_hf.fnd.detectors import Detection, DetectionBatch, FalseNegativeDetector  # noqa: E402
 from glofnd_hf.fnd.ifnd_config import IFNDConfig  # noqa: E402
+from glofnd_hf.fnd.thresholds import UPDATE_RULES  # noqa: E402
 from glofnd_hf.losses import ClipLoss  # noqa: E402
 from glofnd_hf.models import build_tiny_hf_clip  # noqa: E402
 from glofnd_hf.trainer import GloFNDTrainer  # noqa: E402
@@ -326,6 +327,32 @@ class StudyClipLoss(ClipLoss):
         return out
 
 
+def _similarities(embeds: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(2, N, N): image anchors against texts, text anchors against images."""
+    image = F.normalize(embeds["images"], dim=-1)
+    text = F.normalize(embeds["texts"], dim=-1)
+    return torch.stack([image @ text.t(), text @ image.t()])
+
+
+def rank_figures(
+    sims: torch.Tensor, thresholds: torch.Tensor, negatives: torch.Tensor, alpha: float
+) -> dict[str, float]:
+    """What (2, N) ``thresholds`` filter of the (2, N, N) similarities, in rank units: the
+    mean share of negatives above them over alpha, the share of anchors whose own share is
+    within [0.5, 2] x alpha, and the F1 of their masks against the exact rule's (each
+    anchor's exact (1 - alpha) quantile of the same similarities)."""
+    exact = masked_quantile(sims, negatives, 1.0 - alpha)
+    found = (sims > thresholds.unsqueeze(-1)) & negatives
+    target = (sims > exact.unsqueeze(-1)) & negatives
+    ratio = found.sum(-1) / negatives.sum(-1).clamp(min=1) / alpha
+    hits, detected, true = float((found & target).sum()), float(found.sum()), float(target.sum())
+    return {
+        "filtered_over_alpha": float(ratio.mean()),
+        "within_half_to_double": float(((ratio >= 0.5) & (ratio <= 2.0)).float().mean()),
+        "mask_f1": 2.0 * hits / (detected + true) if detected + true > 0 else 1.0,
+    }
+
+
 def _prf(tp: float, detected: float, true: float, pairs: float) -> dict[str, float | None]:
     p = tp / detected if detected else None
     r = tp / true if true else None
@@ -366,13 +393,17 @@ class ThresholdSnapshots(TrainerCallback):
             self.exact_at |= set(range(1, study.epochs + 1))
             self.exact_history = {}
         self._previous_exact: tuple[int, torch.Tensor] | None = None
+        # The same in training mode (dropout, augmentation): what the rule sees.
+        self._previous_seen: tuple[int, torch.Tensor] | None = None
         self.labels = labels
         self.embedder = ZeroShotEvaluator(train, show_progress=False, batch_size=256)
         self.snapshots: list[dict[str, Any]] = []
+        self.training_mode: list[dict[str, Any]] = []
         self.arrays: list[dict[str, np.ndarray]] = []
 
     def on_epoch_end(self, args, state, control, model=None, **kwargs):
         epoch = round(state.epoch or 0)
+        self._training_mode(epoch, model)
         if epoch not in self.exact_at:
             return
         emb = self.embedder.embed(self.study.adapter, model)
@@ -424,6 +455,31 @@ class ThresholdSnapshots(TrainerCallback):
         self.arrays.append(
             {"epoch": epoch, "lambda": lam[0].numpy().copy(), "exact": exact[0].numpy().copy()}
         )
+
+    def _training_mode(self, epoch: int, model) -> None:
+        """Every epoch end, in rank units on a fresh training-mode draw (what the rule
+        sees): what the thresholds filter there, against the exact rule on the same
+        similarities; beside them what the exact quantiles of another draw filter (same
+        epoch: the draw-to-draw noise no rule escapes; the previous epoch's, held for an
+        epoch, as a rule that sees each sample once per epoch would at best hold them)."""
+        adapter = self.study.adapter
+        seed = self.study.seed * 100_003 + 2 * epoch  # two distinct draws per epoch
+        seen = _similarities(self.embedder.embed(adapter, model, training=True, seed=seed))
+        n = seen.shape[1]
+        negatives = ~torch.eye(n, dtype=torch.bool)
+        exact = masked_quantile(seen, negatives, 1.0 - self.alpha)
+        previous, self._previous_seen = self._previous_seen, (epoch, exact)
+        fresh = _similarities(self.embedder.embed(adapter, model, training=True, seed=seed + 1))
+        state_dict = self.detector.state_dict()
+        lam = torch.stack([state_dict[f"{s}.lambda"][:n] for s in SIDES])
+        thresholds = {"learned": lam, "exact_other_draw": exact}
+        if previous is not None and previous[0] == epoch - 1:
+            thresholds["exact_previous_epoch"] = previous[1]
+        figures = {
+            name: rank_figures(fresh, thr, negatives, self.alpha)
+            for name, thr in thresholds.items()
+        }
+        self.training_mode.append({"epoch": epoch, **figures})
 
     def _in_batch(self, sims, exact, lam, truth) -> dict[str, dict]:
         n, b = sims.shape[1], self.study.batch_size
@@ -485,7 +541,7 @@ class Study:
     seed: int = 0
     glofnd_lr: float = 0.05
     glofnd_clip_grad_mult: float | None = None
-    glofnd_update_rule: str = "tail"
+    glofnd_update_rule: str = GloFNDConfig().update_rule
     adapter: Any = None
 
     def texts(self) -> list[str]:
@@ -608,6 +664,7 @@ def run_one(
         }
     if snapshots is not None:
         result["threshold_snapshots"] = snapshots.snapshots
+        result["training_mode"] = snapshots.training_mode
         result["_arrays"] = snapshots.arrays
     if record is not None:  # GloFND's run: its snapshots hold every epoch's exact quantiles
         Path(record).mkdir(parents=True, exist_ok=True)
@@ -780,17 +837,17 @@ def build_studies(
     only: list[str],
     glofnd_lr: float = 0.05,
     glofnd_clip_grad_mult: float | None = None,
-    glofnd_update_rule: str = "tail",
+    glofnd_update_rule: str = GloFNDConfig().update_rule,
 ) -> list[Study]:
-    """The tail rule learns from the first epoch; the Adam rules start two epochs before
-    masking (the reference's practice of a late start)."""
+    """The pinball and tail rules learn from the first epoch; the Adam rules start two epochs
+    before masking (the reference's practice of a late start)."""
     studies = []
     rule = dict(
         glofnd_lr=glofnd_lr,
         glofnd_clip_grad_mult=glofnd_clip_grad_mult,
         glofnd_update_rule=glofnd_update_rule,
     )
-    late_start = glofnd_update_rule != "tail"
+    late_start = glofnd_update_rule in ("adam", "reference")
     if "digits" in only:
         digits = load_digits_pairs(seed=seed)
         train, val = digits["train"], digits["validation"]
@@ -907,8 +964,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument(
         "--glofnd-update-rule",
-        default="tail",
-        choices=["tail", "adam", "reference"],
+        default=GloFNDConfig().update_rule,
+        choices=UPDATE_RULES,
         help="GloFND's threshold rule (Adam rules start 2 epochs before masking)",
     )
     parser.add_argument(
@@ -1075,7 +1132,36 @@ def markdown_table(results: dict[str, Any]) -> str:
                 f"| {z['top1_accuracy']:.3f} |"
             )
         lines.append("")
+        lines += training_mode_table(entry["runs"].get("glofnd", {}))
     return "\n".join(lines)
+
+
+def training_mode_table(run: dict[str, Any]) -> list[str]:
+    """GloFND's thresholds in rank units on fresh training-mode similarities, each snapshot
+    beside the exact quantiles of another draw (same epoch; previous epoch)."""
+    snaps = run.get("training_mode", [])
+    if not snaps:
+        return []
+    names = ("learned", "exact_other_draw", "exact_previous_epoch")
+    lines = [
+        "GloFND in training mode (filtered / alpha, share of anchors within [0.5, 2] x alpha, "
+        "mask F1 against the exact rule on the same similarities):",
+        "",
+        "| epoch | " + " | ".join(names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
+    for snap in snaps:
+        cells = []
+        for name in names:
+            f = snap.get(name)
+            cells.append(
+                "n/a"
+                if f is None
+                else f"{f['filtered_over_alpha']:.2f} / {100 * f['within_half_to_double']:.0f} % "
+                f"/ {f['mask_f1']:.2f}"
+            )
+        lines.append(f"| {snap['epoch']} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def _fmt(x: float | None) -> str:

@@ -14,6 +14,7 @@ bars show on the main process only.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -271,33 +272,53 @@ class ZeroShotEvaluator:
         )
 
     @torch.no_grad()
-    def embed(self, adapter: Any, model: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
+    def embed(
+        self,
+        adapter: Any,
+        model: torch.nn.Module | None = None,
+        training: bool = False,
+        seed: int | None = None,
+    ) -> dict[str, torch.Tensor]:
         """Normalised float32 CPU embeddings: ``images`` [I, D], ``texts`` [T, D] (retrieval),
         ``classes`` [C, D] (classification, template-averaged). Distributed: a collective,
-        and every process gets all of them."""
+        and every process gets all of them. ``training``: as a training step sees the data
+        (the model in train mode, dropout on, and the training image transform), one random
+        draw (from ``seed`` when given, else from the current random state), taken without
+        consuming the global random state."""
         model = adapter.unwrap(model)
         was_training = model.training
-        model.eval()
+        model.train(training)
         self.topk_device = adapter.device
-        try:
-            transform = adapter.image_transform(train=False)
+        device = torch.device(adapter.device)
+        fork = (
+            torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+            if training
+            else contextlib.nullcontext()
+        )
+        with fork:
+            if training and seed is not None:
+                torch.manual_seed(seed)
+            try:
+                transform = adapter.image_transform(train=training)
 
-            def encode_images(start: int, stop: int) -> torch.Tensor:
-                rows = self.dataset[start:stop][self.image_column]
-                pixels = torch.stack([transform(to_rgb(im)) for im in rows]).to(adapter.device)
-                return adapter.encode_images(model, pixels).float().cpu()
+                def encode_images(start: int, stop: int) -> torch.Tensor:
+                    rows = self.dataset[start:stop][self.image_column]
+                    pixels = torch.stack([transform(to_rgb(im)) for im in rows]).to(adapter.device)
+                    return adapter.encode_images(model, pixels).float().cpu()
 
-            out = {"images": self._embed(len(self.dataset), encode_images, "embedding images")}
-            if RETRIEVAL in self.tasks:
-                out["texts"] = self._embed_texts(adapter, model, self.captions, "embedding texts")
-            if CLASSIFICATION in self.tasks:
-                assert self.class_names is not None
-                prompts = [t.format(c) for c in self.class_names for t in self.templates]
-                prompt_embeds = self._embed_texts(adapter, model, prompts, "embedding prompts")
-                out["classes"] = average_template_embeddings(prompt_embeds, len(self.templates))
-        finally:
-            model.train(was_training)
-        return out
+                out = {"images": self._embed(len(self.dataset), encode_images, "embedding images")}
+                if RETRIEVAL in self.tasks:
+                    out["texts"] = self._embed_texts(
+                        adapter, model, self.captions, "embedding texts"
+                    )
+                if CLASSIFICATION in self.tasks:
+                    assert self.class_names is not None
+                    prompts = [t.format(c) for c in self.class_names for t in self.templates]
+                    prompt_embeds = self._embed_texts(adapter, model, prompts, "embedding prompts")
+                    out["classes"] = average_template_embeddings(prompt_embeds, len(self.templates))
+            finally:
+                model.train(was_training)
+            return out
 
     def _embed_texts(
         self, adapter: Any, model: torch.nn.Module, texts: list[str], desc: str
