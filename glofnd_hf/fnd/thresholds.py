@@ -27,7 +27,12 @@ Three rules turn ``g`` into a step:
     t-test of the batch's mean innovation ``q_hat - centre`` across its anchors (embeddings
     that move together); and a run of visits without any negative above the iterate that
     had more than ``drift_level^2 / 2`` expected. Detected drift also carries the iterate,
-    the threshold and the centre along by the centre's move.
+    the threshold and the centre along by the centre's move; a common shift moves every
+    other anchor too, by the share of an epoch that the batch is (the part of the shift,
+    seen since the anchors' last visit, that accrued during this step), through a per-side
+    offset that the state keeps and folds into the table when it is saved. A batch's
+    exceedances count at most ``alpha n + 3 sqrt(alpha n) + 1`` (rarely reached at the
+    quantile), so a batch far above the iterate cannot throw it to the clamp.
 ``tail``
     A Robbins-Monro step ``lambda -= w_t * unit * g / alpha``, with
     ``w_t = max(1 / t, step_floor)`` for the anchor's t-th visit and ``unit / alpha`` the
