@@ -270,3 +270,53 @@ def test_ink_differs_from_background_and_placement(rows):
         top_left = np.mean(centroids[("top-left", scale)], axis=0)
         bottom_right = np.mean(centroids[("bottom-right", scale)], axis=0)
         assert np.all(bottom_right - top_left > 4), (scale, top_left, bottom_right)
+
+
+@pytest.fixture(scope="module")
+def centred():
+    return dg.load_digits_pairs(seed=0, config="digit-captions")
+
+
+def test_digit_captions_name_only_the_digit_and_group_pairs_by_it(centred, dd):
+    """The demo's configuration: the caption names the digit and no attribute, the
+    semantic class is the digit, colours still vary, and every glyph is used once."""
+    attribute_words = {
+        w for combo in dg.ATTRIBUTE_COMBOS for a in combo for w in _attribute_words(a)
+    }
+    for name in ("train", "validation"):
+        split = centred[name]
+        assert split["semantic_label"] == split["digit"]
+        for row in split.select(range(40)):
+            words = set(_words(row["caption"]))
+            assert dg.DIGIT_NAMES[row["digit"]] in words
+            assert not words & attribute_words, row["caption"]
+            ink, bg, pos, scale = row["attributes"].split("|")
+            assert ink in dg.INK_COLORS and bg in dg.BACKGROUND_COLORS
+            assert (pos, scale) == ("centre", "full")
+    assert len(centred["train"]) + len(centred["validation"]) == N_DIGITS_SAMPLES
+    inks = {a.split("|")[0] for a in centred["train"]["attributes"]}
+    assert inks == set(dg.INK_COLORS)
+
+
+def test_digit_captions_draw_the_glyph_large_in_the_centre(centred):
+    """Ink covers the middle of the canvas and reaches past where the small corner glyphs
+    of the default configuration would lie, and its centre of mass is near the middle."""
+    for row in centred["train"].select(range(30)):
+        pixels = _pixels(row["image"])
+        background = np.array(dg.BACKGROUND_COLORS[row["attributes"].split("|")[1]], float)
+        ink = np.abs(pixels - background).sum(-1) > 60
+        ys, xs = np.nonzero(ink)
+        side = pixels.shape[0]
+        assert abs(ys.mean() - side / 2) < side * 0.2 and abs(xs.mean() - side / 2) < side * 0.2
+        assert ys.max() - ys.min() > side * 0.45  # a large glyph, not a corner one
+
+
+def test_an_unknown_digits_configuration_is_refused_with_the_choices():
+    from glofnd_hf.data.loading import load_image_text_dataset
+
+    with pytest.raises(ValueError, match="digit-captions"):
+        dg.load_digits_pairs(config="colours")
+    with pytest.raises(ValueError, match="attributes"):
+        load_image_text_dataset(dg.DIGITS_DATASET, "colours", "train")
+    loaded = load_image_text_dataset(dg.DIGITS_DATASET, "digit-captions", "train")
+    assert loaded["semantic_label"] == loaded["digit"]

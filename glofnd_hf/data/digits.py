@@ -18,6 +18,16 @@ contrastive image-text training.
 
 Every sample is captioned from its digit word ("zero" .. "nine") and its attributes with
 one of several templates, picked per sample.
+
+A second configuration, ``digit-captions`` (``load_digits_pairs(config=...)``,
+``--dataset_config_name``), is the one the demo trains on: the glyph is drawn large in the
+centre of the canvas, ink and background colours still vary, and the caption names only the
+digit. Measured with the demo's tiny CLIP (2-layer ViT, patches of 4 pixels, 30 epochs):
+with the glyph at varying corners and scales it does not learn the digit at all (zero-shot
+top-1 10 %, a linear probe on its image embeddings 12 %), and captions that also name the
+colours let it match them first (centred: top-1 25 %, probe 46 %); centred with digit-only
+captions, top-1 76 % and probe 78 %. Every pair of the same digit then means the same:
+about a tenth of each anchor's negatives are false negatives, so detection matters.
 """
 
 from __future__ import annotations
@@ -34,6 +44,7 @@ if TYPE_CHECKING:  # imported when building, so that importing the names stays c
 
 __all__ = [
     "ATTRIBUTE_COMBOS",
+    "DIGITS_CONFIGS",
     "BACKGROUND_COLORS",
     "CLASSIFICATION_TEMPLATES",
     "DIGITS_DATASET",
@@ -104,6 +115,18 @@ ATTRIBUTE_COMBOS: list[tuple[str, str, str, str]] = list(
 )
 """All ``(ink, background, position, scale)`` tuples; the index is the attribute id."""
 
+DIGITS_CONFIGS: tuple[str, ...] = ("attributes", "digit-captions")
+"""Configurations of the data set: ``attributes`` (the default: glyphs at two corners and
+two scales, captions naming digit and attributes, 240 semantic classes) and
+``digit-captions`` (glyphs large and centred, captions naming the digit only, 10 semantic
+classes: the digits)."""
+
+_CENTRED = ("centre", "full")  # the digit-captions configuration's position and scale
+_CENTRED_SIDE = 0.75  # its glyph side as a fraction of the canvas side
+_CENTRED_COMBOS: list[tuple[str, str, str, str]] = [
+    (ink, bg, *_CENTRED) for ink, bg in itertools.product(INK_COLORS, BACKGROUND_COLORS)
+]
+
 
 def digits_classification_defaults(
     class_label_column: str | None = None,
@@ -129,12 +152,24 @@ _CAPTION_TEMPLATES: list[str] = [
 ]
 
 
+_DIGIT_CAPTION_TEMPLATES: list[str] = [
+    "a handwritten {digit}.",
+    "the digit {digit}.",
+    "a drawing of a {digit}.",
+    "the number {digit}, written by hand.",
+    "a {digit} on a square.",
+    "a picture of the digit {digit}.",
+]
+
+
 def _attribute_string(combo: tuple[str, str, str, str]) -> str:
     return "|".join(combo)
 
 
 def _caption(digit: int, combo: tuple[str, str, str, str], template: int) -> str:
     ink, bg, pos, scale = combo
+    if (pos, scale) == _CENTRED:
+        return _DIGIT_CAPTION_TEMPLATES[template].format(digit=DIGIT_NAMES[digit])
     return _CAPTION_TEMPLATES[template].format(
         digit=DIGIT_NAMES[digit],
         num=digit,
@@ -148,13 +183,15 @@ def _caption(digit: int, combo: tuple[str, str, str, str], template: int) -> str
 def _render(glyph: np.ndarray, combo: tuple[str, str, str, str], image_size: int) -> Image.Image:
     """Draw an 8x8 glyph (values 0..16) onto an RGB canvas according to ``combo``."""
     ink, bg, pos, scale = combo
-    side = max(2, round(SCALES[scale] * image_size))
+    side = max(2, round((_CENTRED_SIDE if scale == "full" else SCALES[scale]) * image_size))
     margin = max(0, round(image_size / 16))
     side = min(side, image_size - 2 * margin)
     alpha8 = np.clip(glyph * (255.0 / 16.0), 0, 255).astype(np.uint8)
     mask = Image.fromarray(alpha8, mode="L").resize((side, side), Image.Resampling.BICUBIC)
     if pos == "top-left":
         x0 = y0 = margin
+    elif pos == "centre":
+        x0 = y0 = (image_size - side) // 2
     else:  # bottom-right
         x0 = y0 = max(0, image_size - side - margin)
     canvas = Image.new("RGB", (image_size, image_size), BACKGROUND_COLORS[bg])
@@ -182,7 +219,10 @@ def _stratified_split(
 
 
 def load_digits_pairs(
-    seed: int = 0, validation_fraction: float = 0.2, image_size: int = 32
+    seed: int = 0,
+    validation_fraction: float = 0.2,
+    image_size: int = 32,
+    config: str = "attributes",
 ) -> datasets.DatasetDict:
     """Build the coloured-digits image-caption dataset in memory.
 
@@ -192,6 +232,9 @@ def load_digits_pairs(
         validation_fraction: Fraction of every ``(digit, attributes)`` class placed in
             the validation split (rounded per class), in ``[0, 1)``.
         image_size: Side length in pixels of the square RGB images (at least 8).
+        config: One of ``DIGITS_CONFIGS``: ``attributes`` (below) or ``digit-captions``
+            (glyphs large and centred, attributes ``ink|background|centre|full``, captions
+            naming the digit only, ``semantic_label`` the digit).
 
     Returns:
         A ``datasets.DatasetDict`` with splits ``"train"`` and ``"validation"`` and columns
@@ -199,8 +242,8 @@ def load_digits_pairs(
         ``attributes`` (str, ``"ink|background|position|scale"``, e.g.
         ``"red|white|top-left|small"``), ``semantic_label`` (id of the
         ``(digit, attributes)`` class, ``digit * len(ATTRIBUTE_COMBOS) + attribute id``,
-        identical across splits and seeds) and ``dataset_index`` (int64, ``0..len-1``
-        within each split, in row order).
+        identical across splits and seeds; the digit with ``digit-captions``) and
+        ``dataset_index`` (int64, ``0..len-1`` within each split, in row order).
     """
     import datasets
     from sklearn.datasets import load_digits
@@ -209,12 +252,19 @@ def load_digits_pairs(
         raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
     if image_size < 8:
         raise ValueError(f"image_size must be >= 8, got {image_size}")
+    if config not in DIGITS_CONFIGS:
+        raise ValueError(
+            f"unknown configuration {config!r} of {DIGITS_DATASET}; choose one of "
+            f"{', '.join(DIGITS_CONFIGS)}"
+        )
+    centred = config == "digit-captions"
+    combos = _CENTRED_COMBOS if centred else ATTRIBUTE_COMBOS
 
     bunch = load_digits()
     glyphs = np.asarray(bunch.images, dtype=np.float64)
     digits = np.asarray(bunch.target, dtype=np.int64)
     n = len(digits)
-    n_combos = len(ATTRIBUTE_COMBOS)
+    n_combos = len(combos)
     rng = np.random.default_rng(seed)
 
     # Balanced attribute assignment within every digit: cycle through all combos in a
@@ -224,10 +274,14 @@ def load_digits_pairs(
         members = rng.permutation(np.flatnonzero(digits == d))
         order = rng.permutation(n_combos)
         combo_ids[members] = order[np.arange(len(members)) % n_combos]
-    templates = rng.integers(0, len(_CAPTION_TEMPLATES), size=n)
-    semantic = digits * n_combos + combo_ids
+    captions = _DIGIT_CAPTION_TEMPLATES if centred else _CAPTION_TEMPLATES
+    templates = rng.integers(0, len(captions), size=n)
+    # Same meaning: the same digit and attributes, or (captions naming the digit only) the
+    # same digit. The split stays stratified by digit and attributes.
+    strata = digits * n_combos + combo_ids
+    semantic = digits if centred else strata
 
-    train_idx, val_idx = _stratified_split(semantic, validation_fraction, rng)
+    train_idx, val_idx = _stratified_split(strata, validation_fraction, rng)
 
     features = datasets.Features(
         {
@@ -243,7 +297,7 @@ def load_digits_pairs(
     def build(indices: np.ndarray) -> datasets.Dataset:
         columns: dict[str, list] = {name: [] for name in features}
         for row, i in enumerate(indices.tolist()):
-            combo = ATTRIBUTE_COMBOS[combo_ids[i]]
+            combo = combos[combo_ids[i]]
             columns["image"].append(_render(glyphs[i], combo, image_size))
             columns["caption"].append(_caption(int(digits[i]), combo, int(templates[i])))
             columns["digit"].append(int(digits[i]))

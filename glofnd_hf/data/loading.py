@@ -29,7 +29,8 @@ def load_image_text_dataset(
     """A ``datasets.Dataset`` (``split`` given) or what the source holds (``split=None``:
     usually a ``DatasetDict``).
 
-    ``name`` is ``glofnd-digits`` (built in memory, nothing downloaded), a folder written by
+    ``name`` is ``glofnd-digits`` (built in memory, nothing downloaded; ``config_name`` one of
+    its ``DIGITS_CONFIGS``), a folder written by
     ``save_to_disk`` or a Hub dataset id; for a Hub dataset with a ``split`` only that split
     is requested (so split slices such as ``train[:1000]`` work too).  Raises
     :class:`MissingSplitError` when a digits or folder dataset lacks ``split``.
@@ -39,7 +40,7 @@ def load_image_text_dataset(
     if name == DIGITS_DATASET:
         from .digits import load_digits_pairs
 
-        data = load_digits_pairs()
+        data = load_digits_pairs(config=config_name or "attributes")
     elif os.path.isdir(name):
         data = datasets.load_from_disk(name)
     elif split is not None:
