@@ -103,7 +103,7 @@ def test_first_visit_starts_at_the_tail_estimate_and_steps_use_no_caps():
     iterate by age^-gain_decay * unit * (-g) / alpha, past the batch's top negative when
     that is close (no cap at the batch's evidence); a batch far above the iterate counts at
     most alpha n + 3 sqrt(alpha n) + 1 exceedances, so one visit cannot throw the iterate
-    to the clamp."""
+    to the clamp, and lifts the iterate to leave no more than that above it."""
     b, width, alpha = 4, 100, 0.01
     config = GloFNDConfig(alpha=alpha)
     rule = config.rule()
@@ -143,10 +143,20 @@ def test_first_visit_starts_at_the_tail_estimate_and_steps_use_no_caps():
     top = close.amax(-1).t()
     step(close, excess=3 - alpha * width)
     assert (rows[..., columns["iterate"]] > top).all()
-    # Every negative above: counted as alpha n + 3 sqrt(alpha n) + 1 = 5, four excess.
+    # Every negative far above: the step counts alpha n + 3 sqrt(alpha n) + 1 = 5 (four
+    # units at most, not 99), and the visit leaves no more than 5 of its batch's negatives
+    # above the iterate: it is lifted to the batch's 6th largest; the threshold, a running
+    # mean of the iterates in rank units, moves up but stays below it.
     high = torch.full((2, b, width), 0.9) + 0.001 * torch.randn(2, b, width, generator=gen)
-    step(high, excess=3.0 + 1.0)
-    assert (rows[..., columns["iterate"]] < 0.9).all()
+    before_lambda = rows[..., columns["lambda"]].clone()
+    stats = rule.statistics(high, negatives, rows[..., columns["iterate"]].t())
+    assert torch.allclose(stats[..., 0], torch.full_like(stats[..., 0], alpha - 1.0))
+    rows = state.apply_update(index, stats.transpose(0, 1), 2.0, rows)
+    sixth = high.topk(6, dim=-1).values[..., -1].t()
+    assert torch.equal(rows[..., columns["iterate"]], sixth)
+    assert ((high > rows[..., columns["iterate"]].t().unsqueeze(-1)).sum(-1) <= 5).all()
+    lam = rows[..., columns["lambda"]]
+    assert (lam > before_lambda).all() and (lam < sixth).all()
 
 
 def _two_halves(alpha: float = 2e-3, b: int = 64, width: int = 512):

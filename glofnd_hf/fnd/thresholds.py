@@ -32,7 +32,8 @@ Three rules turn ``g`` into a step:
     seen since the anchors' last visit, that accrued during this step), through a per-side
     offset that the state keeps and folds into the table when it is saved. A batch's
     exceedances count at most ``alpha n + 3 sqrt(alpha n) + 1`` (rarely reached at the
-    quantile), so a batch far above the iterate cannot throw it to the clamp.
+    quantile), so a batch far above the iterate cannot throw it to the clamp; such a batch
+    lifts the iterate instead to leave no more than that many of its negatives above it.
 ``tail``
     A Robbins-Monro step ``lambda -= w_t * unit * g / alpha``, with
     ``w_t = max(1 / t, step_floor)`` for the anchor's t-th visit and ``unit / alpha`` the
@@ -526,8 +527,8 @@ class PinballRule(ThresholdRule):
         COUNT,
     )
     # pinball gradient at the iterate, q_hat, step unit, q_hat's relative variance, number
-    # of negatives
-    num_statistics = 5
+    # of negatives, and the batch's floor (``_exceedance_limit``)
+    num_statistics = 6
 
     def upgrade(self, state):
         # A state of the tail rule (the default before this one) continues under this rule:
@@ -552,8 +553,15 @@ class PinballRule(ThresholdRule):
 
     def statistics(self, sim, negatives, lam):
         batch = _BatchTail.of(sim, negatives, lam, self.config)
+        # The floor: the largest value with at most the limit of the batch's negatives above
+        # it (its (limit + 1)-th largest; the smallest kept where the top holds fewer).
+        limit = _exceedance_limit(self.config.alpha, batch.n.to(torch.float32))
+        rank = limit.floor().long().clamp(max=batch.ordered.shape[-1] - 1)
+        floor = batch.ordered.gather(-1, rank.unsqueeze(-1)).squeeze(-1)
+        floor = torch.nan_to_num(floor, nan=-math.inf)  # a NaN similarity lifts nothing
         return torch.stack(
-            [batch.grad, batch.q_hat, batch.unit, batch.noise, batch.n.to(sim.dtype)], dim=-1
+            [batch.grad, batch.q_hat, batch.unit, batch.noise, batch.n.to(sim.dtype), floor],
+            dim=-1,
         ).to(torch.float32)
 
     def _common_shift(
@@ -580,12 +588,11 @@ class PinballRule(ThresholdRule):
         return torch.where(detected, mean, 0.0), detected
 
     def _bounded(self, grad: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-        """The pinball gradient with the exceedances cut at a few standard deviations of
-        their count at the quantile (Poisson, alpha n), which a batch at the quantile
-        exceeds with probability under 1e-3: one batch far above the iterate (the model
-        moved since the last visit) would step m / (alpha n) units, tens, to the clamp."""
-        limit = (3.0 * (self.config.alpha * n).sqrt() + 1.0) / n.clamp(min=1.0)
-        return torch.maximum(grad, -limit)
+        """The pinball gradient with the exceedances cut at ``_exceedance_limit``: one
+        batch far above the iterate (the model moved since the last visit) would step
+        m / (alpha n) units, tens, to the clamp."""
+        excess = _exceedance_limit(self.config.alpha, n) - self.config.alpha * n
+        return torch.maximum(grad, -excess / n.clamp(min=1.0))
 
     def common_shift(self, rows, stats):
         return self._common_shift(rows, stats)[0]
@@ -593,8 +600,11 @@ class PinballRule(ThresholdRule):
     def step(self, rows, stats, epoch):
         cfg = self.config
         lam, iterate, unit, centre, scatter, drift, calm, age, visits = rows.unbind(-1)
-        grad, q_hat, batch_unit, noise, n = stats.to(torch.float32).unbind(-1)
-        grad = self._bounded(grad, n)
+        grad, q_hat, batch_unit, noise, n, floor = stats.to(torch.float32).unbind(-1)
+        bounded = self._bounded(grad, n)
+        # More of the batch's negatives above the iterate than the limit: the floor applies.
+        floor = torch.where(bounded > grad, floor, -math.inf)
+        grad = bounded
         first = visits == 0
         # Drift test: the batch's tail estimate against the running mean of the earlier
         # ones (the centre), in units of their own running scatter about it (measured, not
@@ -641,6 +651,14 @@ class PinballRule(ThresholdRule):
         # would move the resting point.
         gain = age.pow(-cfg.gain_decay)
         new_it = (iterate + shift - gain * unit * (grad / cfg.alpha)).clamp(-1.0, 1.0)
+        # Where the batch counts more than the limit above the iterate (at the quantile,
+        # with probability under 1e-3), the visit lifts the iterate to leave no more than
+        # the limit of its negatives above it: an iterate stranded far below, with a tail
+        # unit too small to climb back in a few steps (embeddings that collapsed and
+        # spread again), returns at once, and the threshold follows at its averaging
+        # pace. (Lifting the threshold too biased it upwards on i.i.d. streams: late
+        # 0.94-0.97 x alpha at alpha x B = 5, spread ratio 0.95-1.2.)
+        new_it = torch.maximum(new_it, floor)
         new_unit = unit + (batch_unit - unit) / age
         # Polyak-Ruppert averaging weighted by age (the late iterates count more, so the
         # start is forgotten sooner than by a plain mean), in rank units: the mean of the
@@ -671,6 +689,14 @@ class PinballRule(ThresholdRule):
             dim=-1,
         )
         return torch.where(torch.isfinite(q_hat).unsqueeze(-1), new, rows)
+
+
+def _exceedance_limit(alpha: float, n: torch.Tensor) -> torch.Tensor:
+    """Most exceedances a batch of ``n`` negatives counts for one anchor: a few standard
+    deviations of the count at the quantile (Poisson, alpha n) above its mean, which a
+    batch at the quantile exceeds with probability under 1e-3."""
+    expected = alpha * n
+    return expected + 3.0 * expected.sqrt() + 1.0
 
 
 def _shrink(offset: torch.Tensor, width_sq: torch.Tensor) -> torch.Tensor:
