@@ -406,10 +406,7 @@ class ThresholdSnapshots(TrainerCallback):
         self._training_mode(epoch, model)
         if epoch not in self.exact_at:
             return
-        emb = self.embedder.embed(self.study.adapter, model)
-        image = F.normalize(emb["images"], dim=-1)
-        text = F.normalize(emb["texts"], dim=-1)
-        sims = torch.stack([image @ text.t(), text @ image.t()])  # (2, N, N)
+        sims = _similarities(self.embedder.embed(self.study.adapter, model))  # (2, N, N)
         n = sims.shape[1]
         negatives = ~torch.eye(n, dtype=torch.bool)
         exact = masked_quantile(sims, negatives, 1.0 - self.alpha)  # (2, N)
