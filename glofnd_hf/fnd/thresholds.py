@@ -283,8 +283,8 @@ class ThresholdRule(ABC):
     """Valid values of each column (checked when a stored state is loaded)."""
     num_statistics: ClassVar[int]
     frame: ClassVar[tuple[int, ...]] = ()
-    """Columns in similarity units that move with the side's *common shift*
-    (``common_shift``): every anchor's, visited in this batch or not."""
+    """Columns in similarity units that move with the side's *common shift* (``update``):
+    every anchor's, visited in this batch or not."""
 
     def __init__(self, config: GloFNDConfig) -> None:
         self.config = config
@@ -310,10 +310,12 @@ class ThresholdRule(ABC):
         """New (n, 2, len(columns)) rows from the old rows and (n, 2, num_statistics)
         statistics; a pure function of its inputs."""
 
-    def common_shift(self, rows: torch.Tensor, stats: torch.Tensor) -> torch.Tensor | None:
-        """(2,) shift of the ``frame`` columns of every anchor that this batch shows (the
-        embeddings moved together), or None; ``step`` moves the batch's own anchors."""
-        return None
+    def update(
+        self, rows: torch.Tensor, stats: torch.Tensor, epoch: float
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``step``'s new rows, and the (2,) shift of the ``frame`` columns of every other
+        anchor that this batch shows (the embeddings moved together), or None."""
+        return self.step(rows, stats, epoch), None
 
 
 @dataclass
@@ -594,10 +596,10 @@ class PinballRule(ThresholdRule):
         excess = _exceedance_limit(self.config.alpha, n) - self.config.alpha * n
         return torch.maximum(grad, -excess / n.clamp(min=1.0))
 
-    def common_shift(self, rows, stats):
-        return self._common_shift(rows, stats)[0]
-
     def step(self, rows, stats, epoch):
+        return self.update(rows, stats, epoch)[0]
+
+    def update(self, rows, stats, epoch):
         cfg = self.config
         lam, iterate, unit, centre, scatter, drift, calm, age, visits = rows.unbind(-1)
         grad, q_hat, batch_unit, noise, n, floor = stats.to(torch.float32).unbind(-1)
@@ -688,7 +690,7 @@ class PinballRule(ThresholdRule):
             ],
             dim=-1,
         )
-        return torch.where(torch.isfinite(q_hat).unsqueeze(-1), new, rows)
+        return torch.where(torch.isfinite(q_hat).unsqueeze(-1), new, rows), common_shift
 
 
 def _exceedance_limit(alpha: float, n: torch.Tensor) -> torch.Tensor:
@@ -942,8 +944,7 @@ class ThresholdState:
         ``rows``: their current rows when the caller has already read them."""
         if rows is None:
             rows = self.rows(index, stats.device)
-        shift = self.rule.common_shift(rows, stats)
-        rows = self.rule.step(rows, stats, epoch)
+        rows, shift = self.rule.update(rows, stats, epoch)
         if shift is not None:
             # The shift accrued since the batch's anchors' last visit, about an epoch ago;
             # every other anchor moves by the share of it that accrued during this step
