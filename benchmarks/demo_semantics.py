@@ -27,9 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 
 from glofnd_hf.args import GloFNDTrainingArguments  # noqa: E402
 from glofnd_hf.data.digits import (  # noqa: E402
-    CLASSIFICATION_TEMPLATES,
-    DIGIT_NAMES,
     DIGITS_CONFIGS,
+    digits_classification_defaults,
     load_digits_pairs,
 )
 from glofnd_hf.eval.zero_shot import ZeroShotEvaluator  # noqa: E402
@@ -37,15 +36,12 @@ from glofnd_hf.models import build_tiny_hf_clip  # noqa: E402
 from glofnd_hf.trainer import GloFNDTrainer  # noqa: E402
 
 
-def digit_probe(adapter, model, train, validation) -> float:
+def digit_probe(train_images, train, validation_images, validation) -> float:
     """Validation accuracy of a logistic regression of the digit on image embeddings."""
     from sklearn.linear_model import LogisticRegression
 
-    def images(split):
-        return ZeroShotEvaluator(split, show_progress=False).embed(adapter, model)["images"]
-
-    probe = LogisticRegression(max_iter=2000).fit(images(train).numpy(), train["digit"])
-    return float(probe.score(images(validation).numpy(), validation["digit"]))
+    probe = LogisticRegression(max_iter=2000).fit(train_images.numpy(), train["digit"])
+    return float(probe.score(validation_images.numpy(), validation["digit"]))
 
 
 def run(
@@ -54,7 +50,8 @@ def run(
     torch.manual_seed(seed)
     data = load_digits_pairs(seed=seed, config=config)
     train, validation = data["train"], data["validation"]
-    prompts = [t.format(n) for n in DIGIT_NAMES for t in CLASSIFICATION_TEMPLATES]
+    label_column, class_names, templates = digits_classification_defaults()
+    prompts = [t.format(n) for n in class_names for t in templates]
     texts = list(train["caption"]) + list(validation["caption"]) + prompts
     adapter = build_tiny_hf_clip(seed=seed, texts=texts)
     args = GloFNDTrainingArguments(
@@ -85,15 +82,16 @@ def run(
     seconds = time.perf_counter() - began
     evaluator = ZeroShotEvaluator(
         validation,
-        class_label_column="digit",
-        class_names=DIGIT_NAMES,
-        templates=CLASSIFICATION_TEMPLATES,
+        class_label_column=label_column,
+        class_names=class_names,
+        templates=templates,
         show_progress=False,
     )
-    scores = evaluator(adapter, trainer.model)
+    embeds = evaluator.embed(adapter, trainer.model)  # once: for the scores and the probe
+    train_images = ZeroShotEvaluator(train, show_progress=False).embed(adapter, trainer.model)
     return {
-        "top1": float(scores["top1_accuracy"]),
-        "probe": digit_probe(adapter, trainer.model, train, validation),
+        "top1": float(evaluator.score(embeds)["top1_accuracy"]),
+        "probe": digit_probe(train_images["images"], train, embeds["images"], validation),
         "train_seconds": round(seconds, 1),
     }
 

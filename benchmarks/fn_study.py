@@ -415,8 +415,7 @@ class ThresholdSnapshots(TrainerCallback):
             self.exact_history[epoch] = exact.clone()
         if epoch not in self.at:
             return
-        state_dict = self.detector.state_dict()
-        lam = torch.stack([state_dict[f"{s}.lambda"][:n] for s in SIDES])
+        lam = self._thresholds(n)
         truth = (self.labels.unsqueeze(1) == self.labels.unsqueeze(0)) & negatives
         snap: dict[str, Any] = {"epoch": epoch, "full_matrix": {}, "in_batch_pairs": {}}
         for name, thr in (("learned", lam), ("exact", exact)):
@@ -453,6 +452,12 @@ class ThresholdSnapshots(TrainerCallback):
             {"epoch": epoch, "lambda": lam[0].numpy().copy(), "exact": exact[0].numpy().copy()}
         )
 
+    def _thresholds(self, n: int) -> torch.Tensor:
+        """(2, n) GloFND's thresholds of the first n samples, as they filter (read without
+        ``state_dict``, which folds the state's common shift into its table and so would
+        change the run it measures in the last bits)."""
+        return self.detector.state.lambdas(torch.arange(n)).t().cpu()
+
     def _training_mode(self, epoch: int, model) -> None:
         """Every epoch end, in rank units on a fresh training-mode draw (what the rule
         sees): what the thresholds filter there, against the exact rule on the same
@@ -467,8 +472,7 @@ class ThresholdSnapshots(TrainerCallback):
         exact = masked_quantile(seen, negatives, 1.0 - self.alpha)
         previous, self._previous_seen = self._previous_seen, (epoch, exact)
         fresh = _similarities(self.embedder.embed(adapter, model, training=True, seed=seed + 1))
-        state_dict = self.detector.state_dict()
-        lam = torch.stack([state_dict[f"{s}.lambda"][:n] for s in SIDES])
+        lam = self._thresholds(n)
         thresholds = {"learned": lam, "exact_other_draw": exact}
         if previous is not None and previous[0] == epoch - 1:
             thresholds["exact_previous_epoch"] = previous[1]
@@ -640,7 +644,7 @@ def run_one(
         show_progress=False,
     )
     embeds = evaluator.embed(study.adapter, trainer.model)
-    zero_shot = evaluator(study.adapter, trainer.model)
+    zero_shot = evaluator.score(embeds)
     zero_shot.update(class_aware_recall(embeds, study.validation))
     per_epoch = [{"epoch": e, **recorder.epochs[e].summary()} for e in sorted(recorder.epochs)]
     result: dict[str, Any] = {
