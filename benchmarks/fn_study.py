@@ -574,10 +574,15 @@ class Study:
 
 
 def run_one(
-    study: Study, detector_name: str, out_dir: str, record: str | None = None
+    study: Study,
+    detector_name: str,
+    out_dir: str,
+    record: str | None = None,
+    threshold_snapshots: bool = True,
 ) -> dict[str, Any]:
     """One training run; with ``record`` (a directory) GloFND's run also saves every batch's
-    similarities and every epoch's exact quantiles there (``replay_thresholds.py``)."""
+    similarities and every epoch's exact quantiles there (``replay_thresholds.py``);
+    ``threshold_snapshots=False`` skips GloFND's threshold snapshots (embedding the training set)."""
     torch.manual_seed(study.seed)
     study.adapter = build_tiny_hf_clip(seed=study.seed, texts=study.texts())
     args = GloFNDTrainingArguments(
@@ -613,7 +618,7 @@ def run_one(
     loss = StudyClipLoss(recorder, "eliminate")
     callbacks = []
     snapshots = None
-    if detector_name == "glofnd":
+    if detector_name == "glofnd" and (threshold_snapshots or record is not None):
         mid = round((study.mask_start + study.epochs) / 2)
         at = sorted({math.ceil(study.mask_start), mid, study.epochs})
         labels = torch.tensor(study.train.with_format(None)["semantic_label"])

@@ -298,6 +298,23 @@ def test_digit_captions_name_only_the_digit_and_group_pairs_by_it(centred, dd):
     assert inks == set(dg.INK_COLORS)
 
 
+def test_digit_ink_captions_name_the_ink_beside_the_digit_on_the_same_images(centred):
+    """The study's configuration: the same images, rows and digit classes as
+    ``digit-captions``; each caption is the same template with the ink colour before the
+    digit word, and names no other attribute."""
+    inked = dg.load_digits_pairs(seed=0, config="digit-ink-captions")
+    for name in ("train", "validation"):
+        plain, split = centred[name], inked[name]
+        assert split["semantic_label"] == split["digit"] == plain["digit"]
+        assert split["attributes"] == plain["attributes"]
+        for a, b in zip(plain.select(range(60)), split.select(range(60)), strict=True):
+            ink = b["attributes"].split("|")[0]
+            word = dg.DIGIT_NAMES[b["digit"]]
+            assert b["caption"] == a["caption"].replace(word, f"{ink} {word}"), b["caption"]
+            assert np.array_equal(_pixels(a["image"]), _pixels(b["image"]))
+    assert len({c.split()[-2] for c in inked["train"]["caption"]} & set(dg.INK_COLORS)) == 3
+
+
 def test_digit_captions_draw_the_glyph_large_in_the_centre(centred):
     """Ink covers the middle of the canvas and reaches past where the small corner glyphs
     of the default configuration would lie, and its centre of mass is near the middle."""

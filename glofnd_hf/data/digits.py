@@ -28,6 +28,12 @@ top-1 10 %, a linear probe on its image embeddings 12 %), and captions that also
 colours let it match them first (centred: top-1 25 %, probe 46 %); centred with digit-only
 captions, top-1 76 % and probe 78 %. Every pair of the same digit then means the same:
 about a tenth of each anchor's negatives are false negatives, so detection matters.
+
+A third, ``digit-ink-captions``, draws the same images and names the ink colour beside the
+digit ("a drawing of a red seven."); ``semantic_label`` is still the digit. Pairs of the same
+digit are then false negatives at the granularity of the digit task whose captions differ in
+a detail (as two captions of one ImageNet class do): the setting in which removing false
+negatives pays in the false-negative value study (docs/fn-value.md).
 """
 
 from __future__ import annotations
@@ -115,11 +121,12 @@ ATTRIBUTE_COMBOS: list[tuple[str, str, str, str]] = list(
 )
 """All ``(ink, background, position, scale)`` tuples; the index is the attribute id."""
 
-DIGITS_CONFIGS: tuple[str, ...] = ("attributes", "digit-captions")
+DIGITS_CONFIGS: tuple[str, ...] = ("attributes", "digit-captions", "digit-ink-captions")
 """Configurations of the data set: ``attributes`` (the default: glyphs at two corners and
-two scales, captions naming digit and attributes, 240 semantic classes) and
-``digit-captions`` (glyphs large and centred, captions naming the digit only, 10 semantic
-classes: the digits)."""
+two scales, captions naming digit and attributes, 240 semantic classes), ``digit-captions``
+(glyphs large and centred, captions naming the digit only, 10 semantic classes: the digits)
+and ``digit-ink-captions`` (the same images, captions naming the ink colour and the digit,
+10 semantic classes: the digits)."""
 
 _CENTRED = ("centre", "full")  # the digit-captions configuration's position and scale
 _CENTRED_SIDE = 0.75  # its glyph side as a fraction of the canvas side
@@ -166,10 +173,13 @@ def _attribute_string(combo: tuple[str, str, str, str]) -> str:
     return "|".join(combo)
 
 
-def _caption(digit: int, combo: tuple[str, str, str, str], template: int) -> str:
+def _caption(
+    digit: int, combo: tuple[str, str, str, str], template: int, name_ink: bool = False
+) -> str:
     ink, bg, pos, scale = combo
     if (pos, scale) == _CENTRED:
-        return _DIGIT_CAPTION_TEMPLATES[template].format(digit=DIGIT_NAMES[digit])
+        word = f"{ink} {DIGIT_NAMES[digit]}" if name_ink else DIGIT_NAMES[digit]
+        return _DIGIT_CAPTION_TEMPLATES[template].format(digit=word)
     return _CAPTION_TEMPLATES[template].format(
         digit=DIGIT_NAMES[digit],
         num=digit,
@@ -232,9 +242,10 @@ def load_digits_pairs(
         validation_fraction: Fraction of every ``(digit, attributes)`` class placed in
             the validation split (rounded per class), in ``[0, 1)``.
         image_size: Side length in pixels of the square RGB images (at least 8).
-        config: One of ``DIGITS_CONFIGS``: ``attributes`` (below) or ``digit-captions``
+        config: One of ``DIGITS_CONFIGS``: ``attributes`` (below), ``digit-captions``
             (glyphs large and centred, attributes ``ink|background|centre|full``, captions
-            naming the digit only, ``semantic_label`` the digit).
+            naming the digit only, ``semantic_label`` the digit) or ``digit-ink-captions``
+            (the same, captions naming the ink colour and the digit).
 
     Returns:
         A ``datasets.DatasetDict`` with splits ``"train"`` and ``"validation"`` and columns
@@ -242,7 +253,7 @@ def load_digits_pairs(
         ``attributes`` (str, ``"ink|background|position|scale"``, e.g.
         ``"red|white|top-left|small"``), ``semantic_label`` (id of the
         ``(digit, attributes)`` class, ``digit * len(ATTRIBUTE_COMBOS) + attribute id``,
-        identical across splits and seeds; the digit with ``digit-captions``) and
+        identical across splits and seeds; the digit in the centred configurations) and
         ``dataset_index`` (int64, ``0..len-1`` within each split, in row order).
     """
     import datasets
@@ -257,7 +268,8 @@ def load_digits_pairs(
             f"unknown configuration {config!r} of {DIGITS_DATASET}; choose one of "
             f"{', '.join(DIGITS_CONFIGS)}"
         )
-    centred = config == "digit-captions"
+    centred = config != "attributes"
+    name_ink = config == "digit-ink-captions"
     combos = _CENTRED_COMBOS if centred else ATTRIBUTE_COMBOS
 
     bunch = load_digits()
@@ -299,7 +311,7 @@ def load_digits_pairs(
         for row, i in enumerate(indices.tolist()):
             combo = combos[combo_ids[i]]
             columns["image"].append(_render(glyphs[i], combo, image_size))
-            columns["caption"].append(_caption(int(digits[i]), combo, int(templates[i])))
+            columns["caption"].append(_caption(int(digits[i]), combo, int(templates[i]), name_ink))
             columns["digit"].append(int(digits[i]))
             columns["attributes"].append(_attribute_string(combo))
             columns["semantic_label"].append(int(semantic[i]))
