@@ -8,6 +8,9 @@ validation split. docs/demo-semantics.md reads the figures.
 
     .venv/bin/python benchmarks/demo_semantics.py --config digit-captions \\
         --detectors none oracle --seeds 0 1 2 --output /tmp/demo_semantics.json
+
+With ``--model DIR`` it trains nothing and scores a saved model instead (``make demo``'s
+``outputs/demo``), on the data of ``--config`` and ``--seeds``' first seed.
 """
 
 from __future__ import annotations
@@ -44,13 +47,40 @@ def digit_probe(train_images, train, validation_images, validation) -> float:
     return float(probe.score(validation_images.numpy(), validation["digit"]))
 
 
+def score(adapter, model, train, validation) -> dict[str, float]:
+    """Zero-shot digit top-1 on the validation split and the linear probe of the digit."""
+    label_column, class_names, templates = digits_classification_defaults()
+    evaluator = ZeroShotEvaluator(
+        validation,
+        class_label_column=label_column,
+        class_names=class_names,
+        templates=templates,
+        show_progress=False,
+    )
+    embeds = evaluator.embed(adapter, model)  # once: for the scores and the probe
+    train_images = ZeroShotEvaluator(train, show_progress=False).embed(adapter, model)
+    return {
+        "top1": float(evaluator.score(embeds)["top1_accuracy"]),
+        "probe": digit_probe(train_images["images"], train, embeds["images"], validation),
+    }
+
+
+def score_saved(path: str, config: str, seed: int) -> dict[str, float]:
+    """``score`` of a saved model folder on the data it was trained on."""
+    from glofnd_hf.eval.run import load_eval_model
+
+    data = load_digits_pairs(seed=seed, config=config)
+    adapter = load_eval_model(path, device="cpu")
+    return score(adapter, adapter.model, data["train"], data["validation"])
+
+
 def run(
     config: str, detector: str, seed: int, epochs: int, alpha: float, start: float, out: str
 ) -> dict[str, Any]:
     torch.manual_seed(seed)
     data = load_digits_pairs(seed=seed, config=config)
     train, validation = data["train"], data["validation"]
-    label_column, class_names, templates = digits_classification_defaults()
+    _, class_names, templates = digits_classification_defaults()
     prompts = [t.format(n) for n in class_names for t in templates]
     texts = list(train["caption"]) + list(validation["caption"]) + prompts
     adapter = build_tiny_hf_clip(seed=seed, texts=texts)
@@ -80,18 +110,8 @@ def run(
     began = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - began
-    evaluator = ZeroShotEvaluator(
-        validation,
-        class_label_column=label_column,
-        class_names=class_names,
-        templates=templates,
-        show_progress=False,
-    )
-    embeds = evaluator.embed(adapter, trainer.model)  # once: for the scores and the probe
-    train_images = ZeroShotEvaluator(train, show_progress=False).embed(adapter, trainer.model)
     return {
-        "top1": float(evaluator.score(embeds)["top1_accuracy"]),
-        "probe": digit_probe(train_images["images"], train, embeds["images"], validation),
+        **score(adapter, trainer.model, train, validation),
         "train_seconds": round(seconds, 1),
     }
 
@@ -106,9 +126,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--start", type=float, default=0.0, help="fn_start_epoch")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", default="benchmarks/results/demo_semantics.json")
+    parser.add_argument("--model", help="score this saved model folder; train nothing")
     opts = parser.parse_args(argv)
     torch.set_num_threads(opts.threads)
     logging.disable(logging.WARNING)
+    if opts.model:
+        figures = score_saved(opts.model, opts.config, opts.seeds[0])
+        print(f"{opts.model}: zero-shot top-1 {figures['top1']:.3f}, probe {figures['probe']:.3f}")
+        return figures
     results: dict[str, Any] = {"settings": vars(opts), "detectors": {}}
     for detector in opts.detectors:
         runs = []

@@ -1,7 +1,7 @@
 """The temperature a short FastCLIP demo run learns, for each temperature-gradient weighting and
 gamma granularity.
 
-Runs ``glofnd-train recipes/demo.yaml --loss_type fastclip`` (the tiny HF CLIP on the embedded
+Runs ``glofnd-train recipes/demo_attributes.yaml --loss_type fastclip`` (the tiny HF CLIP on the embedded
 coloured digits, CPU) once per variant, each in its own process with the same seed, and reads
 the logged temperature (``1 / logit_scale``, after each step) and gamma from the last
 checkpoint's ``trainer_state.json``. Variants (``--variants``, ``WEIGHTING/GRANULARITY``):
@@ -42,7 +42,7 @@ def run_variant(variant: str, epochs: int, workdir: str, extra: list[str]) -> di
         sys.executable,
         "-m",
         "glofnd_hf.cli.train",
-        "recipes/demo.yaml",
+        "recipes/demo_attributes.yaml",  # the recipe its recorded figures came from
         "--loss_type",
         "fastclip",
         "--num_train_epochs",

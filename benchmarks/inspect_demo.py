@@ -7,8 +7,8 @@ threads. ``cold``: an empty embedding cache (everything computed); ``warm``: the
 written by the cold run of the same round. The report's own timing splits embedding from
 the rest; results go to ``benchmarks/results/inspect_demo.json``.
 
-    .venv/bin/python benchmarks/inspect_demo.py [--checkpoint outputs/demo/checkpoint-360]
-                                                [--anchors 16] [--repeats 3] [--cores 2]
+    .venv/bin/python benchmarks/inspect_demo.py [--checkpoint outputs/demo/checkpoint-720]
+        [--dataset-config digit-captions] [--anchors 16] [--repeats 3] [--cores 2]
 """
 
 from __future__ import annotations
@@ -41,6 +41,8 @@ def run_once(args, workdir: Path, cache: Path) -> dict:
         args.checkpoint,
         "--dataset",
         "glofnd-digits",
+        "--dataset-config",
+        args.dataset_config,
         "--sample",
         str(args.anchors),
         "--output",
@@ -78,7 +80,13 @@ def run_once(args, workdir: Path, cache: Path) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", default="outputs/demo/checkpoint-360")
+    p.add_argument("--checkpoint", default="outputs/demo/checkpoint-720")
+    p.add_argument(
+        "--dataset-config",
+        default="digit-captions",
+        help="the digits' configuration the checkpoint was trained on (the earlier demo, "
+        "recipes/demo_attributes.yaml: attributes)",
+    )
     p.add_argument("--anchors", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--cores", type=int, default=2)

@@ -82,18 +82,18 @@ def test_every_accelerate_config_loads():
 
 
 def test_demo_training_beats_the_untrained_model(tmp_path):
-    """A short run of the demo recipe: retrieval improves by a clear margin (seeded)."""
+    """A third of the demo recipe (20 epochs, masking from epoch 10): the model starts to
+    learn the digit (zero-shot top-1 from chance to 43 % at seed 0) and retrieval improves
+    (seeded; the whole demo reaches 92 %)."""
     results = run(
         [
             str(RECIPES / "demo.yaml"),
             "--output_dir",
             str(tmp_path / "demo"),
             "--num_train_epochs",
-            "8",
-            "--detector_kwargs",
-            '{"update_start_epoch": 3}',
+            "20",
             "--fn_start_epoch",
-            "4",
+            "10",
             "--save_strategy",
             "no",
             "--disable_tqdm",
@@ -101,8 +101,9 @@ def test_demo_training_beats_the_untrained_model(tmp_path):
         ]
     )
     before, after = results["before"], results["after"]
+    assert after["eval_top1_accuracy"] - before["eval_before_top1_accuracy"] > 0.2
     for direction in ("image_to_text", "text_to_image"):
-        gain = after[f"eval_{direction}_recall@5"] - before[f"eval_before_{direction}_recall@5"]
-        assert gain > 0.10, (direction, before, after)
+        gain = after[f"eval_{direction}_recall@10"] - before[f"eval_before_{direction}_recall@10"]
+        assert gain > 0.05, (direction, before, after)
     assert (tmp_path / "demo" / "zero_shot_results.json").exists()
     assert (tmp_path / "demo" / "config.json").exists()
