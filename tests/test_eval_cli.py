@@ -3,6 +3,7 @@
 import io
 import json
 import math
+import shutil
 
 import datasets
 import pytest
@@ -416,3 +417,24 @@ def test_clip_benchmark_names():
         "image_retrieval_recall@1": 0.2,
         "acc5": 0.3,
     }
+
+
+def test_a_model_is_evaluated_in_the_dataset_configuration_it_was_trained_on(tmp_path, model_dir):
+    """A glofnd-hf folder whose card says it was evaluated on glofnd-digits/digit-captions
+    in training is evaluated there when no configuration is given; a given one wins, and
+    another data set takes none from the card."""
+    from glofnd_hf.model_card import CardInfo
+
+    folder = tmp_path / "trained"
+    shutil.copytree(model_dir, folder)
+    CardInfo(family="hf", eval_dataset="glofnd-digits", eval_dataset_config="digit-captions").save(
+        folder
+    )
+    common = dict(dataset="glofnd-digits", max_samples=16, show_progress=False)
+    report = evaluate(str(folder), **common)
+    assert report["data"]["config"] == "digit-captions"
+    assert report["data"]["num_templates"] and report["num_images"] == 16
+    assert evaluate(str(folder), dataset_config="attributes", **common)["data"]["config"] == (
+        "attributes"
+    )
+    assert evaluate(model_dir, **common)["data"]["config"] is None  # no card: the default

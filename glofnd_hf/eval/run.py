@@ -24,6 +24,7 @@ from __future__ import annotations
 import datetime as _dt
 import difflib
 import json
+import logging
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -36,6 +37,8 @@ from .data import load_eval_data
 from .errors import EvalInputError
 from .metrics import DEFAULT_TIE_RULE, check_tie_rule, clip_benchmark_names, format_metrics_table
 from .zero_shot import CLASSIFICATION, RETRIEVAL, ZeroShotEvaluator, resolve_tasks
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "RESULTS_FORMAT_VERSION",
@@ -158,6 +161,8 @@ def evaluate(
         check_tie_rule(ties)
     except ValueError as e:
         raise EvalInputError(str(e)) from e
+    if dataset_config is None:
+        dataset_config = trained_config(model, dataset)
     data = load_eval_data(
         dataset,
         shards=shards,
@@ -284,6 +289,30 @@ def training_record(model: Any) -> dict[str, Any] | None:
         "global_step": info.global_step,
         "glofnd_version": info.glofnd_version,
     }
+
+
+def trained_config(model: Any, dataset: Any) -> str | None:
+    """The configuration of ``dataset`` that a glofnd-hf model folder was evaluated on in
+    training (its card's), when ``dataset`` is that card's data set; else None. So that
+    ``glofnd-eval --model outputs/demo --dataset glofnd-digits`` scores the demo on the
+    configuration it trained on, not the data set's default one."""
+    from ..model_card import CARD_INFO_FILE, CardInfo
+
+    if not isinstance(model, (str, os.PathLike)) or not isinstance(dataset, (str, os.PathLike)):
+        return None
+    if not (Path(model) / CARD_INFO_FILE).is_file():
+        return None
+    info = CardInfo.load(model)
+    if info.eval_dataset_config and info.eval_dataset == str(dataset):
+        logger.info(
+            "evaluating %s in its configuration %r, the one %s was evaluated on in training "
+            "(--dataset-config to choose another)",
+            dataset,
+            info.eval_dataset_config,
+            model,
+        )
+        return info.eval_dataset_config
+    return None
 
 
 def save_report(report: Mapping[str, Any], path: str | os.PathLike) -> Path:
