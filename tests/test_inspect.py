@@ -336,3 +336,33 @@ def test_open_clip_shards_and_the_quantile_rule(data, tmp_path):
         assert side["threshold"] == pytest.approx(float(q), abs=1e-5)
         assert side["visits"] is None
     assert report["data"]["label_column"] == "label"
+
+
+def test_the_checkpoint_data_configuration_comes_from_its_card(hf_case, monkeypatch):
+    """With a data set named and no configuration, the inspection loads the configuration
+    the checkpoint's card records (the demo's digit-captions); a given one wins."""
+    from glofnd_hf.inspection import run as inspection_run
+    from glofnd_hf.model_card import CardInfo
+
+    folder = hf_case[0]
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def capture(num_samples, dataset, **kwargs):
+        seen.append(kwargs["dataset_config"])
+        raise Stop
+
+    monkeypatch.setattr(inspection_run, "load_training_data", capture)
+    info_file = folder / "glofnd_card.json"
+    CardInfo(family="hf", eval_dataset="glofnd-digits", eval_dataset_config="digit-captions").save(
+        folder
+    )
+    try:
+        for config in (None, "attributes"):
+            with pytest.raises(Stop):
+                inspect_checkpoint(folder, dataset="glofnd-digits", dataset_config=config)
+    finally:
+        info_file.unlink()
+    assert seen == ["digit-captions", "attributes"]

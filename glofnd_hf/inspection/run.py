@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..eval.run import load_eval_model
+from ..eval.run import load_eval_model, trained_config
 from .data import choose_anchor_rows, load_training_data
 from .embeddings import default_cache_dir, embed_pairs, embedding_cache_key
 from .errors import InspectionError
@@ -106,6 +106,8 @@ def inspect_checkpoint(
 
         require_matplotlib()  # before the minutes of embedding, not after
     state = load_checkpoint_thresholds(checkpoint)
+    if dataset_config is None:  # the configuration the checkpoint's run used, if it says
+        dataset_config = trained_config(checkpoint, dataset)
     data = load_training_data(
         state.num_samples,
         dataset,
