@@ -90,15 +90,19 @@ def one_run(
     quick: bool,
     tmp: str,
 ) -> dict[str, Any]:
-    """One (detector, seed) run's figures; in a worker process."""
-    torch.set_num_threads(1)
+    """One (detector, seed) run's figures, on one thread (two runs share the two cores)."""
     logging.basicConfig(level=logging.WARNING)
     datasets.disable_progress_bars()
     study = value_study(config, seed, epochs, alpha, start, quick)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     began = time.perf_counter()
-    run = run_one(
-        study, detector, os.path.join(tmp, f"{detector}_{seed}"), threshold_snapshots=False
-    )
+    try:
+        run = run_one(
+            study, detector, os.path.join(tmp, f"{detector}_{seed}"), threshold_snapshots=False
+        )
+    finally:
+        torch.set_num_threads(threads)  # the caller's, when run in its process
     zero_shot, detection = run["zero_shot"], run["masking_period"]
     return {
         "seed": seed,

@@ -50,8 +50,9 @@ def test_rejects_a_masking_start_after_the_last_epoch():
 
 
 def test_demo_semantics_scores_a_saved_model_on_its_data(tmp_path):
-    """``demo_semantics.py --model DIR``: the zero-shot top-1 and the digit probe of a saved
-    model folder (here untrained: top-1 near chance), without training."""
+    """``demo_semantics.py --model DIR`` (its ``score_saved``; ``main`` also sets the
+    process's threads and logging): the zero-shot top-1 and the digit probe of a saved model
+    folder (here untrained: top-1 near chance), without training."""
     from benchmarks import demo_semantics
     from glofnd_hf.data.digits import load_digits_pairs
     from glofnd_hf.models import build_tiny_hf_clip
@@ -59,7 +60,7 @@ def test_demo_semantics_scores_a_saved_model_on_its_data(tmp_path):
     data = load_digits_pairs(seed=0, config="digit-captions")
     texts = list(data["train"]["caption"]) + list(data["validation"]["caption"])
     build_tiny_hf_clip(seed=0, texts=texts + ["a photo of the digit zero."]).save(tmp_path)
-    figures = demo_semantics.main(["--model", str(tmp_path), "--seeds", "0"])
+    figures = demo_semantics.score_saved(str(tmp_path), "digit-captions", seed=0)
     assert set(figures) == {"top1", "probe"}
     assert 0.0 <= figures["top1"] < 0.3  # chance is 0.1 for an untrained model
     assert 0.0 < figures["probe"] <= 1.0
