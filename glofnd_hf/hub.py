@@ -31,6 +31,7 @@ from .model_card import (
 )
 from .models import OPEN_CLIP_CONFIG_NAME, DualEncoderAdapter
 from .secret_args import find_secrets, known_tokens
+from .version import __version__
 
 __all__ = [
     "DEFAULT_COMMIT_MESSAGE",
@@ -88,8 +89,6 @@ def save_for_hub(
     fields such as ``repo_id``, ``base_model``, ``datasets``, ``license``, ``eval_metrics``,
     ``eval_dataset``, ``eval_split``). Returns the folder.
     """
-    from . import __version__
-
     output_dir = Path(output_dir)
     if adapter.family == "open_clip":
         adapter.save(output_dir, safe_serialization=True)

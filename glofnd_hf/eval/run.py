@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from ..version import __version__
 from .data import load_eval_data
 from .errors import EvalInputError
 from .metrics import DEFAULT_TIE_RULE, check_tie_rule, clip_benchmark_names, format_metrics_table
@@ -154,7 +155,6 @@ def evaluate(
          "metrics_clip_benchmark": {"text_retrieval_recall@1": ..., ..., "acc1": ...},
          "device": "cpu", "timing": {"embed_seconds": ..., "score_seconds": ...}}
     """
-    from .. import __version__
     from ..models import DualEncoderAdapter
 
     try:

@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import __version__
 from ..eval.run import load_eval_model, trained_config
+from ..version import __version__
 from .data import choose_anchor_rows, load_training_data
 from .embeddings import default_cache_dir, embed_pairs, embedding_cache_key
 from .errors import InspectionError

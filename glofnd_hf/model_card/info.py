@@ -13,6 +13,7 @@ from typing import Any
 
 from ..hub_ids import is_hub_repo_id
 from ..models import family_of_folder
+from ..version import __version__
 from .descriptions import (
     LOCAL_EVAL_DATASET_NAME,
     LOCAL_EVAL_DATASET_TYPE,
@@ -262,7 +263,6 @@ def card_info_from_trainer(
     """The card's inputs from a ``GloFNDTrainer`` (``adapter``, ``args``, ``num_samples``,
     ``contrastive_loss``, ``state``). ``base_model`` defaults to what
     ``model_name_or_path``/``pretrained`` or the model's own ``name_or_path`` resolve to."""
-    from .. import __version__
 
     adapter, args = trainer.adapter, trainer.args
     if base_model is None:
@@ -343,7 +343,6 @@ def card_info_from_folder(
     what the folder shows (family, ``zero_shot_results.json`` of ``glofnd-train``).
     ``eval_report``: a ``glofnd-eval`` JSON report whose metrics replace the recorded ones.
     ``overrides``: :class:`CardInfo` fields (e.g. ``repo_id``, ``license``)."""
-    from .. import __version__
 
     folder = Path(folder)
     family = family_of_folder(folder)
