@@ -29,7 +29,7 @@ import os
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -38,6 +38,9 @@ from .data import load_eval_data
 from .errors import EvalInputError
 from .metrics import DEFAULT_TIE_RULE, check_tie_rule, clip_benchmark_names, format_metrics_table
 from .zero_shot import CLASSIFICATION, RETRIEVAL, ZeroShotEvaluator, resolve_tasks
+
+if TYPE_CHECKING:
+    from ..model_card import CardInfo
 
 logger = logging.getLogger(__name__)
 
@@ -269,15 +272,23 @@ def evaluate(
     return report
 
 
-def training_record(model: Any) -> dict[str, Any] | None:
-    """How a model folder written by glofnd-hf was trained (loss, detector and what it does,
-    non-default settings), read from its ``glofnd_card.json``; None for anything else."""
-    from ..model_card import CARD_INFO_FILE, CardInfo, describe_detector
+def _card_info(model: Any) -> CardInfo | None:
+    """The ``CardInfo`` of a model folder written by glofnd-hf (its ``glofnd_card.json``);
+    None for a loaded model, a name, or a folder without one."""
+    from ..model_card import CARD_INFO_FILE, CardInfo
 
     if not isinstance(model, (str, os.PathLike)) or not (Path(model) / CARD_INFO_FILE).is_file():
         return None
-    info = CardInfo.load(model)
-    if not info.training_recorded:
+    return CardInfo.load(model)
+
+
+def training_record(model: Any) -> dict[str, Any] | None:
+    """How a model folder written by glofnd-hf was trained (loss, detector and what it does,
+    non-default settings), read from its ``glofnd_card.json``; None for anything else."""
+    from ..model_card import describe_detector
+
+    info = _card_info(model)
+    if info is None or not info.training_recorded:
         return None
     return {
         "loss_type": info.loss_type,
@@ -296,13 +307,9 @@ def trained_config(model: Any, dataset: Any) -> str | None:
     training (its card's), when ``dataset`` is that card's data set; else None. So that
     ``glofnd-eval --model outputs/demo --dataset glofnd-digits`` scores the demo on the
     configuration it trained on, not the data set's default one."""
-    from ..model_card import CARD_INFO_FILE, CardInfo
-
-    if not isinstance(model, (str, os.PathLike)) or not isinstance(dataset, (str, os.PathLike)):
+    info = _card_info(model)
+    if info is None or not isinstance(dataset, (str, os.PathLike)):
         return None
-    if not (Path(model) / CARD_INFO_FILE).is_file():
-        return None
-    info = CardInfo.load(model)
     if info.eval_dataset_config and info.eval_dataset == str(dataset):
         logger.info(
             "evaluating %s in its configuration %r, the one %s was evaluated on in training "
