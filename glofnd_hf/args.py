@@ -19,7 +19,8 @@ from typing import Any, ClassVar, Literal
 from transformers import TrainingArguments
 
 from .fnd import registry
-from .fnd.registry import DetectorSpec, SharedSettings, setting
+from .fnd.registry import DetectorSpec, SharedSettings
+from .fnd.setting_types import setting
 from .fnd.thresholds import UpdateRule
 from .losses import (
     TEMPERATURE_GRADIENTS,

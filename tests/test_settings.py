@@ -21,7 +21,8 @@ from glofnd_hf.cli.config import REGENERATE_COMMAND, own_fields, sections, setti
 from glofnd_hf.cli.train import run
 from glofnd_hf.data.digits import load_digits_pairs
 from glofnd_hf.fnd import Detection, FalseNegativeDetector, registry
-from glofnd_hf.fnd.registry import DetectorSpec, setting
+from glofnd_hf.fnd.registry import DetectorSpec
+from glofnd_hf.fnd.setting_types import setting
 from glofnd_hf.losses import GlobalContrastiveLoss
 from glofnd_hf.models import build_tiny_hf_clip
 from glofnd_hf.trainer import GloFNDTrainer

@@ -20,7 +20,7 @@ from collections.abc import Callable
 import torch
 
 from . import comm
-from .thresholds import SIDES
+from .interface import SIDES
 
 logger = logging.getLogger(__name__)
 

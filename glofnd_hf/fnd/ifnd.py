@@ -64,11 +64,10 @@ from .clustering import (
     broadcast_from_first_rank,
     kmeans_centers,
 )
-from .detectors import Detection, DetectionBatch, FalseNegativeDetector, RowDetection
 from .ifnd_config import BANK_DTYPES, IFNDConfig
+from .interface import SIDES, Detection, DetectionBatch, FalseNegativeDetector, RowDetection
 from .registry import DetectorSpec, SharedSettings, register
 from .table import COUNT, NON_NEGATIVE, StateError, ValueRange, check_state_tensor, segment_mean
-from .thresholds import SIDES
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ from typing import Literal
 
 import torch
 
-from .registry import setting
+from .setting_types import setting
 
 BANK_DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
 ASSUMED_EMBED_WIDTH = 1024

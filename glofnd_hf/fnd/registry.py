@@ -25,13 +25,7 @@ import torch
 from .setting_types import check_dataclass_values
 
 if TYPE_CHECKING:
-    from .detectors import FalseNegativeDetector
-
-
-def setting(default: Any = dataclasses.MISSING, help: str = "", **kwargs: Any) -> Any:  # noqa: A002
-    """A dataclass field with its help text (read by --help and docs/settings.md); every
-    settings dataclass of the package (training arguments, detectors' settings) uses it."""
-    return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
+    from .interface import FalseNegativeDetector
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,13 @@ from collections.abc import Mapping, Sequence
 from enum import Enum
 from typing import Any, Literal, Union, get_args, get_origin
 
-__all__ = ["SettingTypeError", "check_dataclass_values", "check_setting", "describe_type"]
+__all__ = [
+    "SettingTypeError",
+    "check_dataclass_values",
+    "check_setting",
+    "describe_type",
+    "setting",
+]
 
 _TRUE = {"true", "yes", "1", "on"}
 _FALSE = {"false", "no", "0", "off"}
@@ -224,3 +230,9 @@ def check_dataclass_values(
 
 def _is_alias(value: Any, aliases: Sequence[Any]) -> bool:
     return any(value == a and type(value) is type(a) for a in aliases)
+
+
+def setting(default: Any = dataclasses.MISSING, help: str = "", **kwargs: Any) -> Any:  # noqa: A002
+    """A dataclass field with its help text (read by --help and docs/settings.md); every
+    settings dataclass of the package (training arguments, detectors' settings) uses it."""
+    return dataclasses.field(default=default, metadata={"help": help}, **kwargs)

@@ -77,11 +77,11 @@ from typing import ClassVar, Literal
 
 import torch
 
+from .interface import SIDES
 from .quantiles import masked_quantile, tail_from_top, tail_unit, tail_width, top_values
-from .registry import setting
+from .setting_types import setting
 from .table import COUNT, FINITE, NON_NEGATIVE, PerSampleTable, ValueRange, check_state_tensor
 
-SIDES = ("image", "text")
 LAMBDA = 0  # every rule keeps the threshold in column 0 and the visit count last
 UpdateRule = Literal["pinball", "tail", "adam", "reference"]
 UPDATE_RULES: tuple[str, ...] = ("pinball", "tail", "adam", "reference")

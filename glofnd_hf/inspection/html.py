@@ -7,7 +7,7 @@ import base64
 from html import escape
 from typing import Any
 
-from ..fnd.thresholds import SIDES
+from ..fnd.interface import SIDES
 from .thumbnails import data_uri
 
 __all__ = ["render_html"]

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..fnd.interface import SIDES
 from ..fnd.quantiles import masked_quantile
-from ..fnd.thresholds import SIDES
 
 __all__ = ["AnchorScan", "SideNeighbours", "anchor_neighbours", "scan_anchors", "similarities"]
 

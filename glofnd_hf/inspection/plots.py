@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from ..fnd.thresholds import SIDES
+from ..fnd.interface import SIDES
 from .errors import InspectionError
 
 __all__ = ["anchor_grid", "require_matplotlib", "summary_figure"]

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ..fnd.thresholds import SIDES
+from ..fnd.interface import SIDES
 from .neighbours import AnchorScan, SideNeighbours
 
 __all__ = ["REPORT_FORMAT_VERSION", "anchor_entry", "save_json", "summary_entry"]

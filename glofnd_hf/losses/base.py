@@ -17,8 +17,8 @@ import torch.nn.functional as F
 
 from ..fnd import comm
 from ..fnd.detectors import DetectionBatch, FalseNegativeDetector, NoDetector, RowDetection
+from ..fnd.interface import SIDES
 from ..fnd.table import StateError
-from ..fnd.thresholds import SIDES
 from .masks import Masks, StepMasks, Strategy
 from .rows import RowSimilarities, chunk_bounds
 

@@ -43,9 +43,8 @@ from typing import Literal
 import torch
 
 from ..fnd import comm
-from ..fnd.detectors import FalseNegativeDetector
+from ..fnd.interface import SIDES, FalseNegativeDetector
 from ..fnd.table import NON_NEGATIVE, PerSampleTable, check_state_tensor, segment_mean
-from ..fnd.thresholds import SIDES
 from .base import BimodalContrastiveLoss, LossOutput, Masks, Strategy
 
 TemperatureScheme = Literal["learnable", "fixed"]

@@ -11,8 +11,7 @@ from typing import Literal
 
 import torch
 
-from ..fnd.detectors import DetectionBatch, RowDetection
-from ..fnd.thresholds import SIDES
+from ..fnd.interface import SIDES, DetectionBatch, RowDetection
 
 Strategy = Literal["eliminate", "attract"]
 

@@ -19,6 +19,7 @@ import torch
 from .clip_bpe import CLIP_EOS, build_small_clip_tokenizer
 from .hf_adapter import HFDualEncoder
 from .open_clip_adapter import OpenClipDualEncoder
+from .tiny_clip import tiny_open_clip_config
 
 __all__ = [
     "SIGLIP_CONTEXT_LENGTH",
@@ -117,8 +118,6 @@ def tiny_open_clip_siglip_config(
     """open_clip ``model_cfg`` of a tiny SigLIP: the tiny ViT and text tower with the text
     settings of open_clip's ``ViT-B-16-SigLIP`` (no causal mask, last-token pooling, a
     projection bias) and ``init_logit_bias``; open_clip builds it as ``CustomTextCLIP``."""
-    from .tiny import tiny_open_clip_config
-
     cfg = tiny_open_clip_config(
         image_size, embed_dim, context_length=SIGLIP_CONTEXT_LENGTH, **cfg_kwargs
     )
