@@ -48,6 +48,7 @@ __all__ = [
     "RESULTS_FORMAT_VERSION",
     "evaluate",
     "format_report",
+    "default_device",
     "load_eval_model",
     "save_report",
 ]
@@ -60,8 +61,15 @@ RESULTS_FORMAT_VERSION = 1
 # -------------------------------------------------------------------------------------------
 
 
-def _default_device() -> str:
+def default_device() -> str:
+    """Where models run when no device is given: CUDA where there is one, else the CPU."""
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _ready(adapter, device: str | torch.device | None):
+    adapter.model.to(torch.device(device or default_device()))
+    adapter.model.eval()
+    return adapter
 
 
 def load_eval_model(
@@ -75,11 +83,19 @@ def load_eval_model(
 
     Raises :class:`EvalInputError` naming what was tried for names that resolve to nothing.
     """
-    import open_clip
-
     from ..models import load_dual_encoder
 
     name = str(model)
+    if pretrained is None and os.path.isdir(name):
+        # A model folder loads directly: the name checks below would import open_clip for
+        # nothing (seconds on a small CPU).
+        try:
+            adapter = load_dual_encoder(name, family=family, **kwargs)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise EvalInputError(f"cannot load a model from the folder {name}: {e}") from e
+        return _ready(adapter, device)
+    import open_clip
+
     architectures = open_clip.list_models()
     is_arch = name in architectures or name.replace("/", "-") in architectures
     if pretrained is not None and not is_arch and not name.startswith(("hf-hub:", "local-dir:")):
@@ -99,9 +115,7 @@ def load_eval_model(
             if close:
                 message += f" (close open_clip architecture names: {close})"
         raise EvalInputError(message) from e
-    adapter.model.to(torch.device(device or _default_device()))
-    adapter.model.eval()
-    return adapter
+    return _ready(adapter, device)
 
 
 # -------------------------------------------------------------------------------------------

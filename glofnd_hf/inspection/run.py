@@ -28,7 +28,6 @@ from ..eval.run import load_eval_model, trained_config
 from ..version import __version__
 from .data import choose_anchor_rows, load_training_data
 from .embeddings import default_cache_dir, embed_pairs, embedding_cache_key
-from .errors import InspectionError
 from .neighbours import anchor_neighbours, scan_anchors
 from .report import REPORT_FORMAT_VERSION, anchor_entry, save_json, summary_entry
 from .thresholds import load_checkpoint_thresholds
@@ -44,22 +43,6 @@ def output_paths(output: str | os.PathLike) -> dict[str, Path]:
         "json": output.with_suffix(".json"),
         "png": output.with_name(output.stem + "_png"),
     }
-
-
-def _load_model(source, pretrained: str | None, family: str, device: str | None):
-    """A model folder (the checkpoint's, usually) loads directly: the name checks of
-    :func:`load_eval_model` would import open_clip for nothing (seconds on a small CPU)."""
-    if pretrained is not None or not Path(source).is_dir():
-        return load_eval_model(source, pretrained=pretrained, family=family, device=device)
-    from ..models import load_dual_encoder
-
-    try:
-        adapter = load_dual_encoder(source, family=family)
-    except ValueError as err:
-        raise InspectionError(f"cannot load a model from {source}: {err} (see --model)") from err
-    adapter.model.to(torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
-    adapter.model.eval()
-    return adapter
 
 
 def inspect_checkpoint(
@@ -123,7 +106,7 @@ def inspect_checkpoint(
     anchor_rows = choose_anchor_rows(data, state.num_samples, indices, sample, seed)
     source = checkpoint if model is None else model
     adapter = (
-        _load_model(source, pretrained, family, device)
+        load_eval_model(source, pretrained=pretrained, family=family, device=device)
         if isinstance(source, (str, os.PathLike))
         else source
     )

@@ -90,13 +90,14 @@ class DualEncoderAdapter(ABC):
     def tokenize(self, texts: Sequence[str]) -> dict[str, Tensor]:
         """Fixed-length token tensors: ``input_ids`` (and ``attention_mask`` for HF)."""
 
-    @abstractmethod
     def logit_scale_parameter(self) -> nn.Parameter:
-        """The raw (log-space) temperature parameter."""
+        """The raw (log-space) temperature parameter: ``logit_scale`` in both families."""
+        return self.model.logit_scale
 
-    @abstractmethod
     def logit_bias_parameter(self) -> nn.Parameter | None:
-        """The logit bias parameter of SigLIP-style models, else None."""
+        """The logit bias parameter of SigLIP-style models (``logit_bias``), else None."""
+        bias = getattr(self.model, "logit_bias", None)
+        return bias if isinstance(bias, nn.Parameter) else None
 
     @abstractmethod
     def save(self, output_dir: str | Path) -> None:

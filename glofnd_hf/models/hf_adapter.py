@@ -246,13 +246,6 @@ class HFDualEncoder(DualEncoderAdapter):
             out["attention_mask"] = enc["attention_mask"]
         return out
 
-    def logit_scale_parameter(self) -> nn.Parameter:
-        return self.model.logit_scale
-
-    def logit_bias_parameter(self) -> nn.Parameter | None:
-        bias = getattr(self.model, "logit_bias", None)
-        return bias if isinstance(bias, nn.Parameter) else None
-
     def architecture_description(self) -> str:
         kind = getattr(getattr(self.model, "config", None), "model_type", None)
         return (

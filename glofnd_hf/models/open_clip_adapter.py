@@ -186,13 +186,6 @@ class OpenClipDualEncoder(DualEncoderAdapter):
             ids = ids["input_ids"]
         return {"input_ids": torch.as_tensor(ids, dtype=torch.long)}
 
-    def logit_scale_parameter(self) -> nn.Parameter:
-        return self.model.logit_scale
-
-    def logit_bias_parameter(self) -> nn.Parameter | None:
-        bias = getattr(self.model, "logit_bias", None)
-        return bias if isinstance(bias, nn.Parameter) else None
-
     def architecture_description(self) -> str:
         embed = (self.model_cfg or {}).get("embed_dim")
         return (
