@@ -197,3 +197,42 @@ def test_duplicate_indices_update_deterministically_as_one_averaged_step():
     untouched[index] = False
     assert torch.all(results[0]["text.lambda"][untouched] == 1.0)
     assert torch.all(results[0]["text.visits"][untouched] == 0.0)
+
+
+def test_a_new_threshold_rule_is_its_class_and_one_registration():
+    """Adding an update rule takes its class and a line in ``RULES``: the config accepts its
+    name, the state holds its columns, and the detector runs it."""
+    from glofnd_hf.fnd import DetectionBatch, GloFNDDetector
+    from glofnd_hf.fnd.table import COUNT
+    from glofnd_hf.fnd.thresholds import RULES, THRESHOLD_RANGE, ThresholdRule
+
+    class HalfwayRule(ThresholdRule):
+        """Moves each threshold halfway to the batch's top negative (a toy)."""
+
+        columns = ("lambda", "visits")
+        settings = ()
+        fill = (1.0, 0.0)
+        valid = (THRESHOLD_RANGE, COUNT)
+        num_statistics = 1
+
+        def statistics(self, sim, negatives, lam):
+            top = torch.where(negatives, sim, -1.0).amax(-1)
+            return top.unsqueeze(-1).to(torch.float32)
+
+        def step(self, rows, stats, epoch):
+            lam = 0.5 * (rows[..., 0] + stats[..., 0])
+            return torch.stack([lam, rows[..., 1] + 1.0], dim=-1)
+
+    RULES["halfway"] = HalfwayRule
+    try:
+        with pytest.raises(ValueError, match="update_rule"):
+            GloFNDConfig(update_rule="nowhere")
+        detector = GloFNDDetector(8, GloFNDConfig(alpha=0.1, update_rule="halfway"))
+        assert detector.state.bytes_per_sample == 16
+        index = torch.arange(4)
+        batch = DetectionBatch(index, index, ~torch.eye(4, dtype=torch.bool), epoch=0.0)
+        sim = torch.full((2, 4, 4), 0.2)
+        detector.detect(sim, batch)
+        assert torch.allclose(detector.state.lambdas(index), torch.full((4, 2), 0.6))
+    finally:
+        del RULES["halfway"]

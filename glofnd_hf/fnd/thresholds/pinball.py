@@ -1,0 +1,210 @@
+"""The pinball rule (the default): stochastic Newton steps on the pinball loss whose gains
+decay with visits and restart on detected drift; the threshold averages the steps."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..interface import SIDES
+from ..table import COUNT, FINITE, NON_NEGATIVE
+from .batch import BatchTail
+from .config import RULES, THRESHOLD_RANGE, ThresholdRule
+
+
+class PinballRule(ThresholdRule):
+    """Newton steps on the pinball loss with decaying gains, restarted by a drift test on
+    the batches' tail estimates, which also carry the threshold along when it moves; the
+    threshold averages the steps (Polyak-Ruppert)."""
+
+    columns = ("lambda", "iterate", "unit", "centre", "scatter", "drift", "calm", "age", "visits")
+    settings = ("tail_size", "gain_decay", "drift_level", "drift_rate", "restart_age")
+    point = columns.index("iterate")
+    frame = (columns.index("lambda"), columns.index("iterate"), columns.index("centre"))
+    fill = (1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+    valid = (
+        THRESHOLD_RANGE,
+        THRESHOLD_RANGE,
+        NON_NEGATIVE,
+        FINITE,
+        NON_NEGATIVE,
+        FINITE,
+        NON_NEGATIVE,
+        NON_NEGATIVE,
+        COUNT,
+    )
+    # pinball gradient at the iterate, q_hat, step unit, q_hat's relative variance, number
+    # of negatives, and the batch's floor (``_exceedance_limit``)
+    num_statistics = 6
+
+    def upgrade(self, state):
+        # A state of the tail rule (the default before this one) continues under this rule:
+        # threshold, iterate, step unit, centre and visits carry over; the estimates' scatter
+        # starts at the tail model's (about 1 in squared units), with a few visits' age.
+        if any(f"{side}.scatter" in state for side in SIDES) or not all(
+            f"{side}.{column}" in state
+            for side in SIDES
+            for column in ("lambda", "iterate", "unit", "centre", "visits")
+        ):
+            return state
+        new = {}
+        for side in SIDES:
+            visits = state[f"{side}.visits"]
+            for column in ("lambda", "iterate", "unit", "centre", "visits"):
+                new[f"{side}.{column}"] = state[f"{side}.{column}"]
+            new[f"{side}.scatter"] = torch.where(visits > 0, 1.0, 0.0).to(visits.dtype)
+            new[f"{side}.drift"] = torch.zeros_like(visits)
+            new[f"{side}.calm"] = torch.zeros_like(visits)
+            new[f"{side}.age"] = visits.clamp(max=4.0)
+        return new
+
+    def statistics(self, sim, negatives, lam):
+        batch = BatchTail.of(sim, negatives, lam, self.config)
+        # The floor: the largest value with at most the limit of the batch's negatives above
+        # it (its (limit + 1)-th largest; the smallest kept where the top holds fewer).
+        limit = _exceedance_limit(self.config.alpha, batch.n.to(torch.float32))
+        rank = limit.floor().long().clamp(max=batch.ordered.shape[-1] - 1)
+        floor = batch.ordered.gather(-1, rank.unsqueeze(-1)).squeeze(-1)
+        floor = torch.nan_to_num(floor, nan=-math.inf)  # a NaN similarity lifts nothing
+        return torch.stack(
+            [batch.grad, batch.q_hat, batch.unit, batch.noise, batch.n.to(sim.dtype), floor],
+            dim=-1,
+        ).to(torch.float32)
+
+    def _common_shift(
+        self, rows: torch.Tensor, stats: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(2,) the batch's common shift per side since its anchors' last visit, and whether
+        it was detected.
+
+        Embeddings that move together (a model in training) shift every anchor's tail a
+        little, which no single anchor's noisy estimate shows but the mean of the batch's
+        innovations ``q_hat - centre`` does. Under no drift each innovation has mean zero
+        (the centre is a weighted mean of the same anchor's earlier estimates), so a t-test
+        of their mean across the batch's anchors needs no noise model.
+        """
+        centre, visits = rows[..., self.columns.index("centre")], rows[..., -1]
+        q_hat = stats[..., 1].to(torch.float32)
+        seen = ((visits > 0) & torch.isfinite(q_hat)).to(torch.float32)
+        count = seen.sum(0)
+        values = torch.nan_to_num(q_hat - centre) * seen
+        mean = values.sum(0) / count.clamp(min=1.0)
+        variance = (values.square().sum(0) - count * mean.square()) / (count - 1.0).clamp(min=1.0)
+        t = mean * count.sqrt() / variance.clamp(min=1e-24).sqrt()
+        detected = (count >= 8) & (t.abs() > self.config.drift_level)
+        return torch.where(detected, mean, 0.0), detected
+
+    def _bounded(self, grad: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        """The pinball gradient with the exceedances cut at ``_exceedance_limit``: one
+        batch far above the iterate (the model moved since the last visit) would step
+        m / (alpha n) units, tens, to the clamp."""
+        excess = _exceedance_limit(self.config.alpha, n) - self.config.alpha * n
+        return torch.maximum(grad, -excess / n.clamp(min=1.0))
+
+    def step(self, rows, stats, epoch):
+        return self.update(rows, stats, epoch)[0]
+
+    def update(self, rows, stats, epoch):
+        cfg = self.config
+        lam, iterate, unit, centre, scatter, drift, calm, age, visits = rows.unbind(-1)
+        grad, q_hat, batch_unit, noise, n, floor = stats.to(torch.float32).unbind(-1)
+        bounded = self._bounded(grad, n)
+        # More of the batch's negatives above the iterate than the limit: the floor applies.
+        floor = torch.where(bounded > grad, floor, -math.inf)
+        grad = bounded
+        first = visits == 0
+        # Drift test: the batch's tail estimate against the running mean of the earlier
+        # ones (the centre), in units of their own running scatter about it (measured, not
+        # the tail model's: lumpy tails make the estimates far noisier than the model
+        # says). Each z-score is clipped, so one outlier cannot raise the alarm: a running
+        # mean of z beyond drift_level times its spread under no drift needs several
+        # visits in a row that all lie far to one side, and restarts the age.
+        innovation = q_hat - centre
+        spread = unit * scatter.sqrt()
+        z = (innovation / spread.clamp(min=1e-12)).clamp(-3.0, 3.0)
+        rate = cfg.drift_rate
+        new_drift = drift + rate * (z - drift)
+        # The scatter is measured, so the test waits for a few visits' worth of it.
+        alarm = (visits >= 5) & (new_drift.abs() > cfg.drift_level * math.sqrt(rate / (2.0 - rate)))
+        common_shift, common = self._common_shift(rows, stats)
+        # Too high a threshold shows as a run of visits without any negative above it:
+        # `calm` is the number expected over the current run (alpha n per visit), and a run
+        # that expected more than drift_level^2 / 2 of them (8 by default; no exceedance has
+        # probability e^-calm) restarts the age. The step is then chosen from past visits only, so the
+        # mean step's zero does not move.
+        calm = torch.where(grad < cfg.alpha, 0.0, calm + cfg.alpha * n)
+        quiet = calm > 0.5 * cfg.drift_level**2
+        calm = torch.where(quiet, 0.0, calm)
+        restart = alarm | common | quiet
+        age = torch.where(restart, age.clamp(max=cfg.restart_age), age) + 1.0
+        # While the tail moves, the centre follows it at once (and the test stays raised
+        # until the estimates fall back about it); between, it averages them. A common
+        # shift moves every centre by the batch's mean innovation. The scatter
+        # (in squared units, so that it follows a tail that widens) learns from quiet
+        # visits only.
+        new_centre = torch.where(
+            alarm, q_hat, centre + common_shift + (innovation - common_shift) / age
+        )
+        relative = (innovation / unit.clamp(min=1e-12)).square()
+        new_scatter = torch.where(
+            restart, scatter, scatter + (torch.minimum(relative, 9.0 * scatter) - scatter) / age
+        )
+        # Detected drift carries threshold and iterate along with the centre; between,
+        # the centre's averaging is not passed on (it would add the estimates' noise, and
+        # the tail model's bias, to a rule that rests at the pinball gradient's zero).
+        shift = torch.where(restart, new_centre - centre, 0.0)
+        # The step is sized by the earlier visits' unit: this batch's own unit grows with
+        # its top negatives, so it is larger exactly when the gradient points up, which
+        # would move the resting point.
+        gain = age.pow(-cfg.gain_decay)
+        new_it = (iterate + shift - gain * unit * (grad / cfg.alpha)).clamp(-1.0, 1.0)
+        # Where the batch counts more than the limit above the iterate (at the quantile,
+        # with probability under 1e-3), the visit lifts the iterate to leave no more than
+        # the limit of its negatives above it: an iterate stranded far below, with a tail
+        # unit too small to climb back in a few steps (embeddings that collapsed and
+        # spread again), returns at once, and the threshold follows at its averaging
+        # pace. (Lifting the threshold too biased it upwards on i.i.d. streams: late
+        # 0.94-0.97 x alpha at alpha x B = 5, spread ratio 0.95-1.2.)
+        new_it = torch.maximum(new_it, floor)
+        new_unit = unit + (batch_unit - unit) / age
+        # Polyak-Ruppert averaging weighted by age (the late iterates count more, so the
+        # start is forgotten sooner than by a plain mean), in rank units: the mean of the
+        # iterates' shares above them, exp(-x / unit) in the local exponential tail, not of
+        # the similarities. The iterates' mean share is alpha where the pinball gradient is
+        # zero on average; a plain mean of similarities filters less than that (the share
+        # is convex in the threshold).
+        base = lam + shift
+        weight = 2.0 / (age + 1.0)
+        offset = (new_it - base) / new_unit.clamp(min=1e-6)
+        new_lam = base - new_unit * torch.log1p(weight * torch.expm1(-offset.clamp(max=30.0)))
+        # First visit: everything starts at the batch's tail estimate, whose age is its
+        # weight in visits of pinball evidence (the ratio of a visit's pinball variance,
+        # about 1 / (alpha n) in squared tail units, to the estimate's).
+        start_age = (1.0 / (cfg.alpha * n * noise).clamp(min=1e-6)).clamp(min=1.0, max=100.0)
+        new = torch.stack(
+            [
+                torch.where(first, q_hat, new_lam).clamp(-1.0, 1.0),
+                torch.where(first, q_hat, new_it).clamp(-1.0, 1.0),
+                torch.where(first, batch_unit, new_unit),
+                torch.where(first, q_hat, new_centre),
+                torch.where(first, noise, new_scatter),
+                torch.where(first, 0.0, new_drift),
+                torch.where(first, 0.0, calm),
+                torch.where(first, start_age, age),
+                visits + 1.0,
+            ],
+            dim=-1,
+        )
+        return torch.where(torch.isfinite(q_hat).unsqueeze(-1), new, rows), common_shift
+
+
+def _exceedance_limit(alpha: float, n: torch.Tensor) -> torch.Tensor:
+    """Most exceedances a batch of ``n`` negatives counts for one anchor: a few standard
+    deviations of the count at the quantile (Poisson, alpha n) above its mean, which a
+    batch at the quantile exceeds with probability under 1e-3."""
+    expected = alpha * n
+    return expected + 3.0 * expected.sqrt() + 1.0
+
+
+RULES["pinball"] = PinballRule

@@ -1,0 +1,152 @@
+"""The per-sample threshold state of both sides: one (N, 2, C) table of the rule's columns,
+a per-side common shift, and checked loading of stored states."""
+
+from __future__ import annotations
+
+import torch
+
+from ..interface import SIDES
+from ..table import PerSampleTable, check_state_tensor
+from .config import LAMBDA, GloFNDConfig, ThresholdRule
+
+
+class ThresholdState:
+    """Thresholds and the rule's per-sample quantities of both sides for ``num_samples``.
+
+    Stored as one (N, 2, C) float32 table (side x the rule's columns) so that a step reads
+    and writes every quantity of the touched anchors with a single gather and a single
+    scatter: 72 bytes per sample with the pinball rule, 64 with tail, 32 with Adam. Host memory is fine for
+    large N.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        device: torch.device | str = "cpu",
+        pin_memory: bool = False,
+        rule: ThresholdRule | None = None,
+    ) -> None:
+        self.rule = rule or GloFNDConfig().rule()
+        self.columns = self.rule.columns
+        self.table = PerSampleTable(
+            num_samples,
+            (len(SIDES), len(self.columns)),
+            fill=list(self.rule.fill),
+            device=device,
+            pin_memory=pin_memory,
+        )
+        # The sides' accumulated common shift (the rule's ``frame`` columns of the table are
+        # stored relative to it), so that a shift of every anchor's tail moves every
+        # threshold in O(1), not only those of the batch that showed it. Folded into the
+        # table whenever the state is read out whole (``state_dict``).
+        self.frame = torch.zeros(len(SIDES))
+        self._frame_columns = list(self.rule.frame)
+        ranges = [self.rule.valid[c] for c in self._frame_columns]
+        self._frame_range = (
+            torch.tensor([r.low for r in ranges]),
+            torch.tensor([r.high for r in ranges]),
+        )
+
+    @property
+    def num_samples(self) -> int:
+        return self.table.num_samples
+
+    @property
+    def device(self) -> torch.device:
+        return self.table.device
+
+    @property
+    def bytes_per_sample(self) -> int:
+        return self.rule.bytes_per_sample()
+
+    def to(self, device: torch.device | str) -> ThresholdState:
+        self.table.to(device)
+        return self
+
+    def rows(self, index: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
+        """The (len(index), 2, C) state rows of ``index``, in similarity units."""
+        return self._shifted(self.table.gather(index, device), 1.0)
+
+    def lambdas(self, index: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
+        """Thresholds of ``index`` as a (len(index), 2) tensor [image side, text side]."""
+        return self.rows(index, device)[..., LAMBDA]
+
+    def _shifted(self, rows: torch.Tensor, sign: float) -> torch.Tensor:
+        """``rows`` with the frame added to (sign 1) or taken from (-1) its frame columns."""
+        if not self._frame_columns:
+            return rows
+        self.frame = self.frame.to(rows.device)
+        shift = torch.zeros(rows.shape[-2:], dtype=rows.dtype, device=rows.device)
+        shift[:, self._frame_columns] = sign * self.frame.to(rows.dtype).unsqueeze(-1)
+        rows = rows + shift
+        if sign > 0:  # a shifted threshold stays a similarity
+            rows[..., self._frame_columns] = self._in_range(rows[..., self._frame_columns])
+        return rows
+
+    def _in_range(self, values: torch.Tensor) -> torch.Tensor:
+        low, high = (bound.to(values.device, values.dtype) for bound in self._frame_range)
+        return torch.maximum(torch.minimum(values, high), low)
+
+    def _fold_frame(self) -> None:
+        if self._frame_columns and bool(self.frame.ne(0).any()):
+            data = self.table.data
+            columns = data[..., self._frame_columns]
+            shift = self.frame.to(data.device, data.dtype).unsqueeze(-1)
+            data[..., self._frame_columns] = self._in_range(columns + shift)
+        self.frame = torch.zeros_like(self.frame)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Plain contiguous tensors, one per side and quantity, storable with safetensors:
+        the thresholds as they filter (the common shift is folded into the table first)."""
+        self._fold_frame()
+        return {
+            f"{side}.{column}": self.table.data[:, s, c].contiguous().cpu()
+            for s, side in enumerate(SIDES)
+            for c, column in enumerate(self.columns)
+        }
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load a :meth:`state_dict`, every entry checked first (nothing is changed when one
+        is bad): shape (N,), dtype float32, values in the rule's column ranges."""
+        state = self.rule.upgrade(state)
+        expected = {f"{side}.{column}" for side in SIDES for column in self.columns}
+        missing, unexpected = expected - state.keys(), state.keys() - expected
+        if missing or unexpected:
+            raise ValueError(
+                f"threshold state keys do not match: missing {sorted(missing)}, "
+                f"unexpected {sorted(unexpected)} (the state holds "
+                f"{', '.join(self.columns)} per side for update_rule "
+                f"{self.rule.config.update_rule!r}: was it saved with another rule?)"
+            )
+        for side in SIDES:
+            for column, valid in zip(self.columns, self.rule.valid, strict=True):
+                check_state_tensor(
+                    f"{side}.{column}", state[f"{side}.{column}"], (self.num_samples,), valid=valid
+                )
+        for s, side in enumerate(SIDES):
+            for c, column in enumerate(self.columns):
+                self.table.data[:, s, c].copy_(state[f"{side}.{column}"])
+        self.frame = torch.zeros_like(self.frame)
+
+    def apply_update(
+        self,
+        index: torch.Tensor,
+        stats: torch.Tensor,
+        epoch: float,
+        rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """One threshold step for the anchors ``index``; returns their new (n, 2, C) rows.
+        ``stats``: (n, 2, num_statistics), equal for repeated indices (``segment_mean``);
+        ``rows``: their current rows when the caller has already read them."""
+        if rows is None:
+            rows = self.rows(index, stats.device)
+        rows, shift = self.rule.update(rows, stats, epoch)
+        if shift is not None:
+            # The shift accrued since the batch's anchors' last visit, about an epoch ago;
+            # every other anchor moves by the share of it that accrued during this step
+            # (the share of an epoch that one batch is), so that anchors visited since are
+            # not moved twice.
+            share = min(1.0, index.numel() / self.num_samples)
+            self.frame = self.frame.to(shift.device) + share * shift
+        self.table.scatter(index, self._shifted(rows, -1.0))
+        return rows
