@@ -115,7 +115,7 @@ def test_first_visit_starts_at_the_tail_estimate_and_steps_use_no_caps():
     index = torch.arange(b)
     point = state.rows(index)[..., rule.point].t()
     stats = rule.statistics(sim, negatives, point).transpose(0, 1)
-    rows = state.apply_update(index, stats, 0.0)
+    rows = state.update(index, stats, 0.0)
     columns = {c: i for i, c in enumerate(rule.columns)}
     q_hat = stats[..., 1]
     for name in ("lambda", "iterate", "centre"):
@@ -126,7 +126,7 @@ def test_first_visit_starts_at_the_tail_estimate_and_steps_use_no_caps():
         stats = rule.statistics(batch, negatives, rows[..., columns["iterate"]].t())
         stats = stats.transpose(0, 1)
         old = rows.clone()
-        rows = state.apply_update(index, stats, 1.0, rows)
+        rows = state.update(index, stats, 1.0, rows)
         age = rows[..., columns["age"]]
         # No drift test fires (four anchors): the step is the pinball step alone, in the
         # earlier visits' unit.
@@ -151,7 +151,7 @@ def test_first_visit_starts_at_the_tail_estimate_and_steps_use_no_caps():
     before_lambda = rows[..., columns["lambda"]].clone()
     stats = rule.statistics(high, negatives, rows[..., columns["iterate"]].t())
     assert torch.allclose(stats[..., 0], torch.full_like(stats[..., 0], alpha - 1.0))
-    rows = state.apply_update(index, stats.transpose(0, 1), 2.0, rows)
+    rows = state.update(index, stats.transpose(0, 1), 2.0, rows)
     sixth = high.topk(6, dim=-1).values[..., -1].t()
     assert torch.equal(rows[..., columns["iterate"]], sixth)
     assert ((high > rows[..., columns["iterate"]].t().unsqueeze(-1)).sum(-1) <= 5).all()

@@ -21,7 +21,7 @@ from .interface import (
 )
 from .registry import DetectorSpec, register
 from .table import segment_mean
-from .thresholds import LAMBDA, GloFNDConfig, ThresholdState
+from .thresholds import GloFNDConfig, ThresholdState
 
 
 class GloFNDDetector(RowwiseDetector):
@@ -111,11 +111,9 @@ class GloFNDDetector(RowwiseDetector):
         b = batch.anchor_index.shape[0]
         start = comm.rank() * b if distributed else 0
         table_rows = self.state.rows(index, batch.negatives.device)  # (B, 2, C)
-        local_rows = table_rows[start : start + b].transpose(0, 1)  # (2, b, C)
-        # The rule's statistics are taken at its point (the threshold, or the iterate that
-        # the threshold averages).
-        point = local_rows[..., self.rule.point]
-        old, seen = local_rows[..., LAMBDA], local_rows[..., -1] > 0  # visits are last
+        local_rows = table_rows[start : start + b]  # (b, 2, C)
+        old = self.state.thresholds_of(local_rows).t()  # (2, b)
+        seen = self.state.visited(local_rows).t()
         parts, dtype = [], torch.float32
         filtered = torch.zeros(len(SIDES), device=table_rows.device)
         negatives = torch.zeros(len(SIDES), device=table_rows.device)
@@ -123,7 +121,7 @@ class GloFNDDetector(RowwiseDetector):
             sim = rows(s, e)
             dtype = sim.dtype
             chunk = batch.negatives[s:e]
-            parts.append(self.rule.statistics(sim, chunk, point[:, s:e].to(dtype)))
+            parts.append(self.state.statistics(local_rows[s:e], sim, chunk))
             above = ((sim > old[:, s:e, None].to(dtype)) & chunk).sum(-1)  # (2, e - s)
             filtered += (above * seen[:, s:e]).sum(-1)
             negatives += (chunk.sum(-1) * seen[:, s:e]).sum(-1)
@@ -132,8 +130,8 @@ class GloFNDDetector(RowwiseDetector):
         # Every rank gets every anchor's values (O(global batch)) and applies the same update.
         gathered = segment_mean(index, comm.all_gather_no_grad(local.contiguous()))
         stats = gathered.view(index.shape[0], len(SIDES), -1)
-        table_rows = self.state.apply_update(index, stats, batch.epoch, table_rows)
-        everyone = table_rows[:, :, LAMBDA].t().to(dtype)
+        table_rows = self.state.update(index, stats, batch.epoch, table_rows)
+        everyone = self.state.thresholds_of(table_rows).t().to(dtype)
         return everyone[:, start : start + b], everyone, (filtered, negatives)
 
     def _advice(self, kind: str) -> str:

@@ -67,6 +67,25 @@ class ThresholdState:
         """The (len(index), 2, C) state rows of ``index``, in similarity units."""
         return self._shifted(self.table.gather(index, device), 1.0)
 
+    @staticmethod
+    def thresholds_of(rows: torch.Tensor) -> torch.Tensor:
+        """The thresholds held in ``rows`` (..., 2, C): (..., 2)."""
+        return rows[..., LAMBDA]
+
+    @staticmethod
+    def visited(rows: torch.Tensor) -> torch.Tensor:
+        """Whether each anchor and side of ``rows`` was visited before (the count is last)."""
+        return rows[..., -1] > 0
+
+    def statistics(
+        self, rows: torch.Tensor, sim: torch.Tensor, negatives: torch.Tensor
+    ) -> torch.Tensor:
+        """The rule's (2, n, k) statistics of one visit for the n anchors whose (n, 2, C)
+        ``rows`` these are, from their (2, n, B) similarities: taken at the rule's point
+        (the threshold, or the iterate that the threshold averages)."""
+        point = rows[..., self.rule.point].t().to(sim.dtype)
+        return self.rule.statistics(sim, negatives, point)
+
     def lambdas(self, index: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
         """Thresholds of ``index`` as a (len(index), 2) tensor [image side, text side]."""
         return self.rows(index, device)[..., LAMBDA]
@@ -128,7 +147,7 @@ class ThresholdState:
                 self.table.data[:, s, c].copy_(state[f"{side}.{column}"])
         self.frame = torch.zeros_like(self.frame)
 
-    def apply_update(
+    def update(
         self,
         index: torch.Tensor,
         stats: torch.Tensor,
