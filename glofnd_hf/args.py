@@ -24,13 +24,13 @@ from .fnd.setting_types import setting
 from .fnd.thresholds import UpdateRule
 from .losses import (
     TEMPERATURE_GRADIENTS,
-    U_BYTES_PER_SAMPLE,
     GammaGranularity,
     GammaSchedule,
     TemperatureGradient,
     TemperatureScheme,
     temperature_scheme,
 )
+from .losses import registry as loss_registry
 from .secret_args import SecretsNotPickled
 
 # "auto" placement keeps the state on the accelerator up to this size, else in host memory.
@@ -198,12 +198,7 @@ class GloFNDTrainingArguments(SecretsNotPickled, TrainingArguments):
     }
 
     # -- Contrastive loss ---------------------------------------------------------------------
-    loss_type: Literal["clip", "sogclr", "fastclip", "sigmoid"] = setting(
-        "clip",
-        "clip: CLIP InfoNCE; sogclr: global contrastive loss (fixed temperature); "
-        "fastclip: global contrastive loss times the temperature (FastCLIP); sigmoid: SigLIP's "
-        "pairwise sigmoid loss with the model's learnable logit bias (SigLIP models only).",
-    )
+    loss_type: str = setting("clip", loss_registry.help_text())
     gamma: float = setting(
         0.2, "Global losses: final weight of the newest estimate in each sample's moving average u."
     )
@@ -350,10 +345,14 @@ class GloFNDTrainingArguments(SecretsNotPickled, TrainingArguments):
             except (TypeError, ValueError) as err:
                 raise ValueError(f"detector_kwargs.{name}: {err}") from err
         self.temperature_scheme = temperature_scheme(self.temperature_scheme)
-        if self.loss_type == "sogclr" and self.temperature_scheme != "fixed":
+        loss = loss_registry.get(self.loss_type)  # an unknown name lists the known ones
+        if loss.fixed_temperature and self.temperature_scheme != "fixed":
+            learnable = [
+                n for n in loss_registry.names() if not loss_registry.get(n).fixed_temperature
+            ]
             raise ValueError(
-                "loss_type 'sogclr' uses a fixed temperature: set temperature_scheme: fixed "
-                "(or use loss_type 'fastclip' for a learnable one)"
+                f"loss_type {self.loss_type!r} uses a fixed temperature: set temperature_scheme: "
+                f"fixed (or use a loss_type with a learnable one: {', '.join(learnable)})"
             )
         if self.temperature_gradient not in TEMPERATURE_GRADIENTS:
             raise ValueError(
@@ -463,6 +462,4 @@ class GloFNDTrainingArguments(SecretsNotPickled, TrainingArguments):
     def state_bytes_per_sample(self) -> int:
         """Per-sample state of the detector and of a global loss's u."""
         per = self.detector_spec().bytes_per_sample(self.detector_settings())
-        if self.loss_type in ("sogclr", "fastclip"):  # the global losses keep u
-            per += U_BYTES_PER_SAMPLE
-        return per
+        return per + loss_registry.get(self.loss_type).state_bytes_per_sample

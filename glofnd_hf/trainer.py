@@ -32,12 +32,11 @@ from .data.images import defer_image_decoding
 from .data.shards import is_presharded_loader
 from .losses import (
     BimodalContrastiveLoss,
-    ClipLoss,
-    GlobalContrastiveLoss,
-    SigmoidLoss,
     cached_contrastive_step,
     chunk_bounds,
 )
+from .losses import registry as loss_registry
+from .losses.registry import LossBuild
 from .model_card import ModelCardCallback
 from .models import DualEncoderAdapter
 from .state_file import load_state_file
@@ -58,22 +57,8 @@ def build_contrastive_loss(
         device=state_device,
         pin_memory=pin,
     )
-    if args.loss_type == "clip":
-        return ClipLoss(detector, args.fn_strategy, check_inputs=args.check_inputs)
-    if args.loss_type == "sigmoid":
-        return SigmoidLoss(detector, args.fn_strategy, check_inputs=args.check_inputs)
-    return GlobalContrastiveLoss(
-        num_samples,
-        detector,
-        args.fn_strategy,
-        gamma=args.gamma_schedule_obj(),
-        temperature=args.temperature_scheme if args.loss_type == "fastclip" else "fixed",
-        rho=args.rho,
-        multiply_tau=args.loss_type == "fastclip",
-        temperature_gradient=args.temperature_gradient,
-        device=state_device,
-        pin_memory=pin,
-        check_inputs=args.check_inputs,
+    return loss_registry.get(args.loss_type).build(
+        detector, args, LossBuild(num_samples, device=state_device, pin_memory=pin)
     )
 
 
@@ -295,8 +280,8 @@ class GloFNDTrainer(Trainer):
         if loss.uses_logit_bias and bias is None:
             raise ValueError(
                 f"{type(loss).__name__} needs a model with a logit bias (SigLIP-style); "
-                f"{type(self.adapter.model).__name__} has none: use loss_type clip, sogclr or "
-                "fastclip with it"
+                f"{type(self.adapter.model).__name__} has none: use a loss_type without one "
+                f"({', '.join(n for n in loss_registry.names() if not loss_registry.get(n).uses_logit_bias)})"
             )
         if bias is not None and not loss.uses_logit_bias:
             bias.requires_grad_(False)

@@ -348,3 +348,49 @@ def test_eval_loss_is_the_training_objective_and_leaves_the_state(tmp_path, digi
                 loss = (torch.log(torch.stack(g)).mean() + args.rho) / out.logit_scale.double()
             losses.append(loss.item())
     assert metrics["eval_loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-4)
+
+
+def test_a_new_loss_is_its_module_and_one_registration(tmp_path, digits):
+    """A loss known only by its class and one ``register(LossSpec(...))``: the arguments
+    accept its name, the trainer builds and trains it, the model card describes it from
+    its registration, and an unknown name lists the registered ones."""
+    import torch.nn.functional as F
+
+    from glofnd_hf.losses import BimodalContrastiveLoss, LossOutput, LossSpec, registry
+    from glofnd_hf.model_card.descriptions import citations_for, describe_objective
+
+    class MarginLoss(BimodalContrastiveLoss):
+        """Hinge on the margin between each anchor's positive and its kept negatives."""
+
+        def _loss(self, sim, logit_scale, masks, epoch):
+            positive = sim.gather(-1, masks.positive_column.view(1, -1, 1).expand(2, -1, 1))
+            kept = masks.kept_negatives(self.strategy)
+            hinge = F.relu(0.2 - positive + sim).masked_fill(~kept, 0.0)
+            per_anchor = hinge.sum(-1) / kept.sum(-1).clamp(min=1)
+            return LossOutput(per_anchor.mean(), {"loss_image": per_anchor[0].mean().detach()})
+
+    spec = LossSpec(
+        name="margin",
+        description="a hinge on the positive's margin (a test's toy)",
+        objective="a margin loss",
+        factory=lambda detector, settings, where: MarginLoss(detector, settings.fn_strategy),
+    )
+    registry.register(spec)
+    try:
+        with pytest.raises(ValueError, match="choose from .*margin"):
+            make_args(tmp_path, loss_type="nowhere")
+        args = make_args(tmp_path, loss_type="margin", max_steps=3, learning_rate=1e-2)
+        adapter = adapter_for("hf", digits)
+        before = [p.detach().clone() for p in adapter.model.parameters()]
+        trainer = GloFNDTrainer(adapter, args, train_dataset=small_train(digits))
+        assert isinstance(trainer.contrastive_loss, MarginLoss)
+        result = trainer.train()
+        assert math.isfinite(result.training_loss) and result.training_loss > 0
+        moved = any(
+            not torch.equal(a, b) for a, b in zip(before, adapter.model.parameters(), strict=True)
+        )
+        assert moved
+        assert describe_objective("margin") == "a margin loss"
+        assert len(citations_for("margin", "glofnd", True)) == 2  # GloFND and CLIP only
+    finally:
+        registry.unregister("margin")

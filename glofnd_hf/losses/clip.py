@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import BimodalContrastiveLoss, LossOutput, Masks
+from .registry import LossSpec, register
 
 
 class ClipLoss(BimodalContrastiveLoss):
@@ -47,3 +48,16 @@ class ClipLoss(BimodalContrastiveLoss):
                 "loss_text": per_anchor[1].mean().detach(),
             },
         )
+
+
+register(
+    LossSpec(
+        name="clip",
+        description="CLIP InfoNCE",
+        objective="CLIP InfoNCE (symmetric image-to-text and text-to-image cross-entropy "
+        "over the global batch)",
+        factory=lambda detector, settings, where: ClipLoss(
+            detector, settings.fn_strategy, check_inputs=settings.check_inputs
+        ),
+    )
+)

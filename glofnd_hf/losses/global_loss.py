@@ -46,6 +46,7 @@ from ..fnd import comm
 from ..fnd.interface import SIDES, FalseNegativeDetector
 from ..fnd.table import NON_NEGATIVE, PerSampleTable, check_state_tensor, segment_mean
 from .base import BimodalContrastiveLoss, LossOutput, Masks, Strategy
+from .registry import Citation, LossBuild, LossSettings, LossSpec, register
 
 TemperatureScheme = Literal["learnable", "fixed"]
 """learnable: the temperature is trained (FastCLIP-v3, FastCLIP's "global_learnable");
@@ -335,3 +336,71 @@ class GlobalContrastiveLoss(BimodalContrastiveLoss):
         self.u.scatter(all_index, new)
         start = comm.rank() * b
         return new[start : start + b].t()
+
+
+FASTCLIP = Citation(
+    what="FastCLIP (the global contrastive loss and temperature scheme)",
+    bibtex="""@article{wei2024fastclip,
+  title         = {FastCLIP: A Suite of Optimization Techniques to Accelerate CLIP Training with Limited Resources},
+  author        = {Wei, Xiyuan and Ye, Fanjiang and Yonay, Ori and Chen, Xingyu and Sun, Baixi and Tao, Dingwen and Yang, Tianbao},
+  journal       = {arXiv preprint arXiv:2407.01445},
+  year          = {2024},
+  eprint        = {2407.01445},
+  archivePrefix = {arXiv}
+}""",
+)
+SOGCLR = Citation(
+    what="SogCLR (the global contrastive loss with a fixed temperature)",
+    bibtex="""@inproceedings{yuan2022sogclr,
+  title     = {Provable Stochastic Optimization for Global Contrastive Learning: Small Batch Does Not Harm Performance},
+  author    = {Yuan, Zhuoning and Wu, Yuexin and Qiu, Zi-Hao and Du, Xianzhi and Zhang, Lijun and Zhou, Denny and Yang, Tianbao},
+  booktitle = {Proceedings of the 39th International Conference on Machine Learning (ICML)},
+  year      = {2022}
+}""",
+)
+
+
+def _global_loss(fastclip: bool):
+    def build(
+        detector: FalseNegativeDetector, settings: LossSettings, where: LossBuild
+    ) -> GlobalContrastiveLoss:
+        return GlobalContrastiveLoss(
+            where.num_samples,
+            detector,
+            settings.fn_strategy,
+            gamma=settings.gamma_schedule_obj(),
+            temperature=settings.temperature_scheme if fastclip else "fixed",
+            rho=settings.rho,
+            multiply_tau=fastclip,
+            temperature_gradient=settings.temperature_gradient,
+            device=where.device,
+            pin_memory=where.pin_memory,
+            check_inputs=settings.check_inputs,
+        )
+
+    return build
+
+
+register(
+    LossSpec(
+        name="sogclr",
+        description="global contrastive loss (fixed temperature)",
+        objective="SogCLR global contrastive loss (moving-average estimate of each sample's "
+        "negative term over the whole data set, fixed temperature)",
+        factory=_global_loss(fastclip=False),
+        citations=(FASTCLIP, SOGCLR),
+        state_bytes_per_sample=U_BYTES_PER_SAMPLE,
+        fixed_temperature=True,
+    )
+)
+register(
+    LossSpec(
+        name="fastclip",
+        description="global contrastive loss times the temperature (FastCLIP)",
+        objective="FastCLIP global contrastive loss (moving-average estimate of each "
+        "sample's negative term, multiplied by the temperature)",
+        factory=_global_loss(fastclip=True),
+        citations=(FASTCLIP,),
+        state_bytes_per_sample=U_BYTES_PER_SAMPLE,
+    )
+)

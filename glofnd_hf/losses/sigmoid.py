@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import BimodalContrastiveLoss, LossOutput, Masks
+from .registry import Citation, LossSpec, register
 
 
 class SigmoidLoss(BimodalContrastiveLoss):
@@ -57,3 +58,31 @@ class SigmoidLoss(BimodalContrastiveLoss):
                 "loss_text": per_anchor[1].mean().detach(),
             },
         )
+
+
+SIGLIP = Citation(
+    what="SigLIP (the sigmoid loss)",
+    bibtex="""@inproceedings{zhai2023siglip,
+  title         = {Sigmoid Loss for Language Image Pre-Training},
+  author        = {Zhai, Xiaohua and Mustafa, Basil and Kolesnikov, Alexander and Beyer, Lucas},
+  booktitle     = {Proceedings of the IEEE/CVF International Conference on Computer Vision (ICCV)},
+  year          = {2023},
+  eprint        = {2303.15343},
+  archivePrefix = {arXiv}
+}""",
+)
+
+register(
+    LossSpec(
+        name="sigmoid",
+        description="SigLIP's pairwise sigmoid loss with the model's learnable logit bias "
+        "(SigLIP models only)",
+        objective="SigLIP sigmoid loss (every image-text pair of the global batch a binary "
+        "problem, with a learnable temperature and logit bias)",
+        factory=lambda detector, settings, where: SigmoidLoss(
+            detector, settings.fn_strategy, check_inputs=settings.check_inputs
+        ),
+        citations=(SIGLIP,),
+        uses_logit_bias=True,
+    )
+)

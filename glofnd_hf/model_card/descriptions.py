@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from ..data.digits import DIGITS_DATASET
 from ..fnd import registry
 from ..hub_ids import is_hub_repo_id
+from ..losses import registry as loss_registry
 
 __all__ = [
     "CITATIONS",
@@ -50,50 +51,8 @@ CITATIONS: dict[str, dict[str, str]] = {
   year      = {2021}
 }""",
     },
-    "fastclip": {
-        "what": "FastCLIP (the global contrastive loss and temperature scheme)",
-        "bibtex": """@article{wei2024fastclip,
-  title         = {FastCLIP: A Suite of Optimization Techniques to Accelerate CLIP Training with Limited Resources},
-  author        = {Wei, Xiyuan and Ye, Fanjiang and Yonay, Ori and Chen, Xingyu and Sun, Baixi and Tao, Dingwen and Yang, Tianbao},
-  journal       = {arXiv preprint arXiv:2407.01445},
-  year          = {2024},
-  eprint        = {2407.01445},
-  archivePrefix = {arXiv}
-}""",
-    },
-    "sogclr": {
-        "what": "SogCLR (the global contrastive loss with a fixed temperature)",
-        "bibtex": """@inproceedings{yuan2022sogclr,
-  title     = {Provable Stochastic Optimization for Global Contrastive Learning: Small Batch Does Not Harm Performance},
-  author    = {Yuan, Zhuoning and Wu, Yuexin and Qiu, Zi-Hao and Du, Xianzhi and Zhang, Lijun and Zhou, Denny and Yang, Tianbao},
-  booktitle = {Proceedings of the 39th International Conference on Machine Learning (ICML)},
-  year      = {2022}
-}""",
-    },
-    "siglip": {
-        "what": "SigLIP (the sigmoid loss)",
-        "bibtex": """@inproceedings{zhai2023siglip,
-  title         = {Sigmoid Loss for Language Image Pre-Training},
-  author        = {Zhai, Xiaohua and Mustafa, Basil and Kolesnikov, Alexander and Beyer, Lucas},
-  booktitle     = {Proceedings of the IEEE/CVF International Conference on Computer Vision (ICCV)},
-  year          = {2023},
-  eprint        = {2303.15343},
-  archivePrefix = {arXiv}
-}""",
-    },
 }
 
-
-_OBJECTIVES = {
-    "clip": "CLIP InfoNCE (symmetric image-to-text and text-to-image cross-entropy over the "
-    "global batch)",
-    "sogclr": "SogCLR global contrastive loss (moving-average estimate of each sample's "
-    "negative term over the whole data set, fixed temperature)",
-    "fastclip": "FastCLIP global contrastive loss (moving-average estimate of each sample's "
-    "negative term, multiplied by the temperature)",
-    "sigmoid": "SigLIP sigmoid loss (every image-text pair of the global batch a binary "
-    "problem, with a learnable temperature and logit bias)",
-}
 
 _FN_STRATEGIES = {
     "eliminate": "detected false negatives are removed from the negatives",
@@ -102,8 +61,12 @@ _FN_STRATEGIES = {
 
 
 def describe_objective(loss_type: str | None, missing: str = "a contrastive loss") -> str:
-    """The training objective in words (``missing`` when the loss type is unknown)."""
-    return _OBJECTIVES.get(loss_type or "", loss_type or missing)
+    """The training objective in words, from the loss registry (the loss type itself for one
+    this version does not know, ``missing`` when none was recorded)."""
+    try:
+        return loss_registry.get(loss_type or "").objective
+    except ValueError:
+        return loss_type or missing
 
 
 def describe_detector(name: str) -> str:
@@ -123,19 +86,18 @@ def describe_fn_strategy(strategy: str) -> str:
 def citations_for(
     loss_type: str | None, detector: str | None, training_recorded: bool
 ) -> list[dict[str, str]]:
-    """The papers the card cites: GloFND and CLIP always, FastCLIP (and SogCLR) for the global
-    losses, SigLIP for the sigmoid loss."""
+    """The papers the card cites: GloFND and CLIP always, then the loss's own (its
+    registration's ``citations``: FastCLIP and SogCLR for the global losses, SigLIP for the
+    sigmoid loss)."""
     glofnd = dict(CITATIONS["glofnd"])
     if training_recorded and detector != "glofnd":
         glofnd["what"] = "GloFND (the method of glofnd-hf, the training library)"
     citations = [glofnd, CITATIONS["clip"]]
-    if loss_type in ("fastclip", "sogclr"):
-        citations.append(CITATIONS["fastclip"])
-    if loss_type == "sogclr":
-        citations.append(CITATIONS["sogclr"])
-    if loss_type == "sigmoid":
-        citations.append(CITATIONS["siglip"])
-    return citations
+    try:
+        spec = loss_registry.get(loss_type or "")
+    except ValueError:  # a card written by a version that had other losses
+        return citations
+    return citations + [{"what": c.what, "bibtex": c.bibtex} for c in spec.citations]
 
 
 def is_local_path(name: str) -> bool:

@@ -120,9 +120,7 @@ class GloFNDConfig:
         if not 0.0 < self.alpha < 1.0:
             raise ValueError(f"alpha must lie in (0, 1), got {self.alpha}")
         if self.update_rule not in RULES:  # the built-in rules and any registered since
-            raise ValueError(
-                f"update_rule must be one of {list(RULES)}, got {self.update_rule!r}"
-            )
+            raise ValueError(f"update_rule must be one of {list(RULES)}, got {self.update_rule!r}")
         if (
             isinstance(self.tail_size, bool)
             or int(self.tail_size) != self.tail_size
