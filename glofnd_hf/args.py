@@ -196,6 +196,8 @@ class GloFNDTrainingArguments(SecretsNotPickled, TrainingArguments):
     value_aliases: ClassVar[dict[str, tuple[str, ...]]] = {
         "temperature_scheme": ("global_learnable",)
     }
+    # Settings whose values a registry holds (checked with the configuration, before loading).
+    setting_choices: ClassVar[dict[str, Any]] = {"loss_type": loss_registry.names}
 
     # -- Contrastive loss ---------------------------------------------------------------------
     loss_type: str = setting("clip", loss_registry.help_text())

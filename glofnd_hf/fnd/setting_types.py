@@ -14,7 +14,7 @@ import numbers
 import os
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from enum import Enum
 from typing import Any, Literal, Union, get_args, get_origin
 
@@ -214,10 +214,18 @@ def check_dataclass_values(
     dataclass_type: type, values: Mapping[str, Any], prefix: str = ""
 ) -> dict[str, Any]:
     """``values`` (field name -> value) checked against ``dataclass_type``'s field types and
-    converted. Names that are not fields, and values a dataclass lists in its
-    ``value_aliases`` ClassVar (field -> older spellings its ``__post_init__`` still accepts,
+    converted (a field named in the dataclass's ``setting_choices`` ClassVar takes one of the
+    values its callable returns). Names that are not fields, and values a dataclass lists in
+    its ``value_aliases`` ClassVar (field -> older spellings its ``__post_init__`` still accepts,
     with a warning), are passed through."""
     hints = typing.get_type_hints(dataclass_type)
+    # String fields whose values are known at run time (a registry's names, which grow as
+    # modules register): the dataclass's ``setting_choices`` ClassVar, field -> names().
+    choices: Mapping[str, Callable[[], Sequence[str]]] = getattr(
+        dataclass_type, "setting_choices", {}
+    )
+    for name, names in choices.items():
+        hints[name] = Literal.__getitem__(tuple(names()))
     aliases: Mapping[str, Sequence[Any]] = getattr(dataclass_type, "value_aliases", {})
     checked = {}
     for key, value in values.items():
