@@ -23,14 +23,8 @@ __all__ = [
     "any_process",
     "broadcast_from_main",
     "gather_rows",
-    "rank_and_world",
     "share_batches",
 ]
-
-
-def rank_and_world() -> tuple[int, int]:
-    """``(rank, world_size)`` of the initialised process group, ``(0, 1)`` without one."""
-    return comm.rank(), comm.world_size()
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.images import to_rgb
+from ..fnd import comm
 from . import distributed
 from .metrics import (
     DEFAULT_TIE_RULE,
@@ -259,8 +260,10 @@ class ZeroShotEvaluator:
 
     # -- embedding ---------------------------------------------------------------------------
     def _world(self) -> tuple[int, int]:
-        """``(rank, world_size)`` of the processes sharing the work (``(0, 1)``: alone)."""
-        return distributed.rank_and_world() if self.distributed else (0, 1)
+        """``(rank, world_size)`` of the process group sharing the work (``(0, 1)``: alone;
+        the launcher's environment alone does not share it, unlike a data loader's
+        ``comm.rank_and_world``)."""
+        return (comm.rank(), comm.world_size()) if self.distributed else (0, 1)
 
     def _bar(self, total: int, desc: str):
         return tqdm(

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..data.digits import DIGITS_DATASET
-from ..eval.metrics import parse_metric_name
+from ..metric_names import parse_metric_name
 
 __all__ = ["clip_benchmark_name", "eval_results_from_metrics", "normalize_eval_metrics"]
 
