@@ -31,6 +31,7 @@ from .losses import (
     temperature_scheme,
 )
 from .losses import registry as loss_registry
+from .models import family_choices
 from .secret_args import SecretsNotPickled
 
 # "auto" placement keeps the state on the accelerator up to this size, else in host memory.
@@ -42,6 +43,8 @@ class ModelArguments:
     """The dual encoder to train."""
 
     help_sections: ClassVar[dict[str, str]] = {"model_name_or_path": "Model"}
+    # The families the package knows (checked with the configuration, before loading).
+    setting_choices: ClassVar[dict[str, Any]] = {"model_family": family_choices}
 
     model_name_or_path: str = setting(
         "glofnd-tiny-hf-clip",
@@ -50,7 +53,7 @@ class ModelArguments:
         "/ 'glofnd-tiny-siglip' / 'glofnd-tiny-open-clip-siglip' (tiny models built offline, "
         "for demos and tests; the SigLIP ones for loss_type sigmoid).",
     )
-    model_family: Literal["auto", "hf", "open_clip"] = setting(
+    model_family: str = setting(
         "auto",
         "Library of the model: auto (inferred from the name or folder), hf "
         "(transformers) or open_clip.",

@@ -29,7 +29,7 @@ from .model_card import (
     normalize_eval_metrics,
     write_card,
 )
-from .models import OPEN_CLIP_CONFIG_NAME, DualEncoderAdapter
+from .models import OPEN_CLIP_CONFIG_NAME, DualEncoderAdapter, family_of_adapter
 from .secret_args import find_secrets, known_tokens
 from .version import __version__
 
@@ -90,10 +90,7 @@ def save_for_hub(
     ``eval_dataset``, ``eval_split``). Returns the folder.
     """
     output_dir = Path(output_dir)
-    if adapter.family == "open_clip":
-        adapter.save(output_dir, safe_serialization=True)
-    else:
-        adapter.save(output_dir)
+    adapter.save(output_dir, **family_of_adapter(adapter).release_save_kwargs)
     if card is None:
         fields = {
             "glofnd_version": __version__,

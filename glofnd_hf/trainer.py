@@ -38,7 +38,7 @@ from .losses import (
 from .losses import registry as loss_registry
 from .losses.registry import LossBuild
 from .model_card import ModelCardCallback
-from .models import DualEncoderAdapter
+from .models import DualEncoderAdapter, family_of_adapter
 from .state_file import load_state_file
 
 logger = logging.getLogger(__name__)
@@ -518,8 +518,9 @@ class GloFNDTrainer(Trainer):
         # HF models: save_pretrained + processor. open_clip models: the Trainer's weight file
         # (which resume_from_checkpoint reads) plus open_clip's own layout.
         super()._save(output_dir, state_dict)
-        if self.adapter.family == "open_clip" and self.args.should_save:
-            self.adapter.save(output_dir, safe_serialization=True)
+        family = family_of_adapter(self.adapter)
+        if family.saves_beside_trainer and self.args.should_save:
+            self.adapter.save(output_dir, **family.release_save_kwargs)
 
     def _checkpoint_dir(self, trial: Any) -> tuple[str, str]:
         run_dir = self._get_output_dir(trial=trial)

@@ -329,3 +329,53 @@ def test_build_tiny_model_knows_every_tiny_name():
     }
     with pytest.raises(ValueError, match="glofnd-tiny-hf-clip"):
         build_tiny_model("glofnd-tiny-jax")
+
+
+def test_a_new_model_family_is_its_adapter_and_one_table_entry(tmp_path):
+    """A family known only by its adapter and one ``register_family``: its folders load
+    through ``load_dual_encoder`` (by their marker file, or by name), the command lines and
+    the training arguments accept it, and the model card names its library and layout."""
+    from glofnd_hf.args import ModelArguments
+    from glofnd_hf.fnd.setting_types import SettingTypeError, check_dataclass_values
+    from glofnd_hf.model_card import CardInfo, render_model_card
+    from glofnd_hf.models.families import unregister_family
+
+    class ToyAdapter(M.HFDualEncoder):
+        """The tiny HF CLIP saved with a marker of its own."""
+
+        family = "toy"
+
+        def save(self, output_dir, **kwargs):
+            super().save(output_dir)
+            (Path(output_dir) / "toy_config.json").write_text("{}")
+
+        @classmethod
+        def from_pretrained(cls, name, **kwargs):
+            loaded = M.HFDualEncoder.from_pretrained(name, **kwargs)
+            return cls(loaded.model, loaded.processor)
+
+    family = M.ModelFamily(
+        name="toy",
+        adapter=ToyAdapter,
+        library_name="toylib",
+        folder_marker="toy_config.json",
+        layout="toy layout (`toy_config.json`)",
+        folder_priority=-1,  # before the HF folder it also is
+    )
+    M.register_family(family)
+    try:
+        tiny = build_tiny_hf_clip(seed=0)
+        ToyAdapter(tiny.model, tiny.processor).save(tmp_path / "toy")
+        assert M.family_of_folder(tmp_path / "toy") == "toy"
+        loaded = M.load_dual_encoder(tmp_path / "toy")
+        assert isinstance(loaded, ToyAdapter)
+        assert isinstance(M.load_dual_encoder(tmp_path / "toy", family="toy"), ToyAdapter)
+        assert "toy" in M.family_choices()
+        assert check_dataclass_values(ModelArguments, {"model_family": "toy"})
+        with pytest.raises(SettingTypeError, match="model_family"):
+            check_dataclass_values(ModelArguments, {"model_family": "nowhere"})
+        info = CardInfo(family="toy", repo_id="org/toy")
+        card = render_model_card(info)
+        assert card.data.library_name == "toylib" and "toy layout" in card.text
+    finally:
+        unregister_family("toy")

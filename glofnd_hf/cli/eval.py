@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from ..eval.errors import EvalInputError
 from ..eval.metrics import DEFAULT_TIE_RULE, TIE_RULES
 from ..eval.run import evaluate, format_report
+from ..models import family_choices
 from .errors import DEBUG_FLAG, DEBUG_HELP, run_cli
 
 
@@ -58,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="open_clip pretrained tag or checkpoint file (e.g. laion2b_s34b_b79k)",
     )
-    m.add_argument("--family", default="auto", choices=["auto", "hf", "open_clip"])
+    m.add_argument("--family", default="auto", choices=family_choices())
     d = p.add_argument_group("data (one of --dataset / --shards)")
     src = d.add_mutually_exclusive_group(required=True)
     src.add_argument(

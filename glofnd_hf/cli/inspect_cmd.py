@@ -18,6 +18,7 @@ import sys
 from collections.abc import Sequence
 
 from ..inspection import inspect_checkpoint, output_paths
+from ..models import family_choices
 from .errors import DEBUG_FLAG, DEBUG_HELP, run_cli
 
 
@@ -78,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     m = p.add_argument_group("model")
     m.add_argument("--model", default=None, help="default: the checkpoint folder itself")
     m.add_argument("--pretrained", default=None, help="open_clip pretrained tag or file")
-    m.add_argument("--family", default="auto", choices=["auto", "hf", "open_clip"])
+    m.add_argument("--family", default="auto", choices=family_choices())
     m.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     m.add_argument("--batch-size", type=int, default=64)
     o = p.add_argument_group("output")

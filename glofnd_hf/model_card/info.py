@@ -44,7 +44,7 @@ _NOT_SETTINGS = {"num_samples", "state_device", "check_inputs", "remove_unused_c
 class CardInfo:
     """Everything a card is rendered from (JSON-serialisable, saved as ``glofnd_card.json``)."""
 
-    family: str  # "hf" or "open_clip"
+    family: str  # a model family's name (``glofnd_hf.models.family_names()``)
     model_name: str | None = None
     repo_id: str | None = None  # the Hub repository (usage snippet); None: a placeholder
     base_model: str | None = None
@@ -268,10 +268,7 @@ def card_info_from_trainer(
     if base_model is None:
         base_model = resolve_base_model(model_name_or_path, pretrained)
     if base_model is None and model_name_or_path is None:
-        if adapter.family == "hf":
-            base_model = resolve_base_model(getattr(adapter.model, "name_or_path", None))
-        else:
-            base_model = resolve_base_model(getattr(adapter, "model_name", None))
+        base_model = resolve_base_model(adapter.source_name())
     evaluator = getattr(trainer, "evaluator", None)
     eval_data = getattr(evaluator, "dataset", None)
     if eval_dataset is None:

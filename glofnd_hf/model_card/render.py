@@ -8,6 +8,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from ..models import ModelFamily, get_family
 from .descriptions import (
     citations_for,
     describe_dataset,
@@ -20,7 +21,6 @@ from .metrics import clip_benchmark_name, eval_results_from_metrics
 
 __all__ = [
     "BASE_TAGS",
-    "LIBRARY_NAMES",
     "PIPELINE_TAG",
     "TEMPLATE_ENV",
     "TEMPLATE_FILE",
@@ -33,7 +33,6 @@ __all__ = [
 
 BASE_TAGS = ("glofnd", "clip", "contrastive-learning", "zero-shot-image-classification")
 PIPELINE_TAG = "zero-shot-image-classification"
-LIBRARY_NAMES = {"hf": "transformers", "open_clip": "open_clip"}
 #: The template file, package data of this package (``glofnd_hf/model_card/template.md``).
 TEMPLATE_FILE = "template.md"
 #: Environment variable naming a template file to use instead of the packaged one.
@@ -64,7 +63,16 @@ def _model_ref(info: CardInfo) -> str:
     """How the usage snippets name the model (a placeholder until the repo id is known; local
     paths are never written into a card)."""
     repo = info.repo_id or "ORG/NAME"
-    return f"hf-hub:{repo}" if info.family == "open_clip" else repo
+    family = _family(info)
+    return f"{family.hub_prefix}{repo}" if family else repo
+
+
+def _family(info: CardInfo) -> ModelFamily | None:
+    """The card's model family, None for one this version does not know (an older card)."""
+    try:
+        return get_family(info.family)
+    except ValueError:
+        return None
 
 
 def render_model_card(info: CardInfo, template: str | os.PathLike | None = None):
@@ -77,8 +85,9 @@ def render_model_card(info: CardInfo, template: str | os.PathLike | None = None)
         or (info.repo_id.split("/")[-1] if info.repo_id else None)
         or ("glofnd-model")
     )
-    library_name = LIBRARY_NAMES.get(info.family, info.family)
-    tags = list(BASE_TAGS) + (["open_clip"] if info.family == "open_clip" else [])
+    family = _family(info)
+    library_name = family.library_name if family else info.family
+    tags = list(BASE_TAGS) + (list(family.tags) if family else [])
     if info.detector:
         tags.append(f"fnd-{info.detector.replace('_', '-')}")
     tags += [t for t in info.tags if t not in tags]
@@ -114,11 +123,7 @@ def render_model_card(info: CardInfo, template: str | os.PathLike | None = None)
         }
         for name, value in info.eval_metrics.items()
     ]
-    family_description = (
-        "Hugging Face transformers (`AutoModel` / `AutoProcessor`)"
-        if info.family == "hf"
-        else "open_clip (`open_clip_config.json` + `open_clip_model.safetensors`)"
-    )
+    family_description = family.layout if family else info.family
     start = (
         f"fine-tuned from [{info.base_model}](https://huggingface.co/{info.base_model})"
         if (info.base_model)

@@ -17,6 +17,14 @@ own tools.
 
 from .base import DualEncoderAdapter, DualEncoderOutput
 from .clip_bpe import build_small_clip_tokenizer
+from .families import (
+    ModelFamily,
+    family_choices,
+    family_names,
+    family_of_adapter,
+    get_family,
+    register_family,
+)
 from .hf_adapter import HFDualEncoder
 from .loading import family_of_folder, infer_family, load_dual_encoder
 from .open_clip_adapter import (
@@ -39,6 +47,12 @@ from .tiny import (
 from .tiny_siglip import build_tiny_hf_siglip, build_tiny_open_clip_siglip
 
 __all__ = [
+    "ModelFamily",
+    "family_choices",
+    "family_names",
+    "family_of_adapter",
+    "get_family",
+    "register_family",
     "OPEN_CLIP_CONFIG_NAME",
     "OPEN_CLIP_SAFE_WEIGHTS_NAME",
     "OPEN_CLIP_WEIGHTS_NAME",

@@ -103,6 +103,10 @@ class DualEncoderAdapter(ABC):
     def save(self, output_dir: str | Path) -> None:
         """Write the model (and its processor/tokenizer/config) in the family's native layout."""
 
+    def source_name(self) -> str | None:
+        """The name or folder the model was loaded from, where it knows it."""
+        return None
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
 

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from ..data.images import to_rgb
 from .base import DualEncoderAdapter, DualEncoderOutput
+from .families import ModelFamily, register_family
 
 __all__ = ["HFDualEncoder"]
 
@@ -246,6 +247,9 @@ class HFDualEncoder(DualEncoderAdapter):
             out["attention_mask"] = enc["attention_mask"]
         return out
 
+    def source_name(self) -> str | None:
+        return getattr(self.model, "name_or_path", None) or None
+
     def architecture_description(self) -> str:
         kind = getattr(getattr(self.model, "config", None), "model_type", None)
         return (
@@ -263,3 +267,16 @@ class HFDualEncoder(DualEncoderAdapter):
         else:  # processor assembled from separate parts
             self.image_processor.save_pretrained(output_dir)
             self.tokenizer.save_pretrained(output_dir)
+
+
+register_family(
+    ModelFamily(
+        name="hf",
+        adapter=HFDualEncoder,
+        library_name="transformers",
+        folder_marker="config.json",
+        layout="Hugging Face transformers (`AutoModel` / `AutoProcessor`)",
+        aliases=("huggingface", "transformers"),
+        folder_priority=1,  # an open_clip folder may hold a config.json too
+    )
+)

@@ -7,19 +7,11 @@ from pathlib import Path
 from typing import Any
 
 from .base import DualEncoderAdapter
-from .hf_adapter import HFDualEncoder
-from .open_clip_adapter import OPEN_CLIP_CONFIG_NAME, OpenClipDualEncoder
+from .families import families_by_folder_priority, get_family
+from .hf_adapter import HFDualEncoder  # registers "hf"
+from .open_clip_adapter import OPEN_CLIP_CONFIG_NAME  # registers "open_clip"
 
 __all__ = ["family_of_folder", "infer_family", "load_dual_encoder"]
-
-_FAMILY_ALIASES = {
-    "hf": "hf",
-    "huggingface": "hf",
-    "transformers": "hf",
-    "open_clip": "open_clip",
-    "openclip": "open_clip",
-    "open-clip": "open_clip",
-}
 
 
 def _looks_like_path(name: str) -> bool:
@@ -32,16 +24,16 @@ def _looks_like_path(name: str) -> bool:
 
 
 def family_of_folder(folder: str | os.PathLike) -> str:
-    """``"open_clip"`` for a folder holding ``open_clip_config.json``, ``"hf"`` for one holding
-    ``config.json``; ``ValueError`` for anything else (not a folder, or no model in it)."""
+    """The family whose marker file the folder holds (``open_clip_config.json``: open_clip,
+    ``config.json``: hf); ``ValueError`` for anything else (not a folder, or no model in it)."""
     path = Path(folder).expanduser()
-    if (path / OPEN_CLIP_CONFIG_NAME).is_file():
-        return "open_clip"
-    if (path / "config.json").is_file():
-        return "hf"
+    families = families_by_folder_priority()
+    for family in families:
+        if (path / family.folder_marker).is_file():
+            return family.name
+    expected = " or ".join(f"{f.folder_marker} ({f.library_name})" for f in families)
     raise ValueError(
-        f"{str(folder)!r} holds no model: expected {OPEN_CLIP_CONFIG_NAME} (open_clip) or "
-        "config.json (Hugging Face transformers); cannot load a dual encoder from it"
+        f"{str(folder)!r} holds no model: expected {expected}; cannot load a dual encoder from it"
     )
 
 
@@ -91,16 +83,17 @@ def load_dual_encoder(
     ``config.json`` and Hub ids. ``kwargs`` go to the family's loader.
     """
     name = str(model_name_or_path)
-    fam = _FAMILY_ALIASES.get(family.lower()) if family != "auto" else infer_family(name)
-    if fam is None:
-        raise ValueError(f"unknown family {family!r}; use 'auto', 'hf' or 'open_clip'")
-    if fam == "open_clip":
-        return OpenClipDualEncoder.from_pretrained(name, pretrained=pretrained, **kwargs)
+    fam = get_family(family if family != "auto" else infer_family(name))
+    if fam.takes_pretrained:
+        return fam.adapter.from_pretrained(name, pretrained=pretrained, **kwargs)
     if pretrained is not None:
         raise ValueError(
             f"pretrained={pretrained!r} only applies to open_clip architectures; {name!r} resolved "
-            "to the Hugging Face family (put the weights' Hub id or folder in model_name_or_path)"
+            f"to the {fam.library_name} family (put the weights' Hub id or folder in "
+            "model_name_or_path)"
         )
+    if fam.adapter is not HFDualEncoder:
+        return fam.adapter.from_pretrained(name, **kwargs)
     try:
         return HFDualEncoder.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as e:

@@ -16,6 +16,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from .base import DualEncoderAdapter, DualEncoderOutput
+from .families import ModelFamily, register_family
 
 __all__ = [
     "OPEN_CLIP_CONFIG_NAME",
@@ -186,6 +187,9 @@ class OpenClipDualEncoder(DualEncoderAdapter):
             ids = ids["input_ids"]
         return {"input_ids": torch.as_tensor(ids, dtype=torch.long)}
 
+    def source_name(self) -> str | None:
+        return self.model_name
+
     def architecture_description(self) -> str:
         embed = (self.model_cfg or {}).get("embed_dim")
         return (
@@ -230,3 +234,20 @@ class OpenClipDualEncoder(DualEncoderAdapter):
             self.tokenizer.save_pretrained(str(output_dir))
         with open(output_dir / OPEN_CLIP_CONFIG_NAME, "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2)
+
+
+register_family(
+    ModelFamily(
+        name="open_clip",
+        adapter=OpenClipDualEncoder,
+        library_name="open_clip",
+        folder_marker=OPEN_CLIP_CONFIG_NAME,
+        layout="open_clip (`open_clip_config.json` + `open_clip_model.safetensors`)",
+        aliases=("openclip", "open-clip"),
+        hub_prefix="hf-hub:",
+        tags=("open_clip",),
+        release_save_kwargs={"safe_serialization": True},
+        saves_beside_trainer=True,
+        takes_pretrained=True,
+    )
+)
