@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..named_registry import NamedRegistry
 from .setting_types import check_dataclass_values
 
 if TYPE_CHECKING:
@@ -156,36 +157,16 @@ class DetectorSpec:
         )
 
 
-_SPECS: dict[str, DetectorSpec] = {}
-
-
-def register(spec: DetectorSpec, *, replace: bool = False) -> DetectorSpec:
-    """Make a detector known by ``spec.name`` (``replace`` allows redefining one)."""
-    if spec.name in _SPECS and not replace:
-        raise ValueError(f"a detector named {spec.name!r} is already registered")
-    _SPECS[spec.name] = spec
-    return spec
-
-
-def unregister(name: str) -> None:
-    """Forget a detector (tests that register their own)."""
-    _SPECS.pop(name, None)
-
-
-def get(name: str) -> DetectorSpec:
-    if name not in _SPECS:
-        raise ValueError(f"unknown detector {name!r}; choose from {names()}")
-    return _SPECS[name]
-
-
-def names() -> list[str]:
-    """Names of the registered detectors, sorted."""
-    return sorted(_SPECS)
+_DETECTORS: NamedRegistry[DetectorSpec] = NamedRegistry("detector", sort_names=True)
+register = _DETECTORS.register
+unregister = _DETECTORS.unregister
+get = _DETECTORS.get
+names = _DETECTORS.names
 
 
 def describe() -> str:
     """``name: description`` of every detector, one per line (for --help)."""
-    return "\n".join(f"{name}: {_SPECS[name].description}" for name in names())
+    return "\n".join(f"{spec.name}: {spec.description}" for spec in _DETECTORS.values())
 
 
 def build_detector(

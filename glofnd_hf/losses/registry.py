@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
+from ..named_registry import NamedRegistry
+
 if TYPE_CHECKING:
     from ..fnd.interface import FalseNegativeDetector
     from .base import BimodalContrastiveLoss
@@ -72,32 +74,13 @@ class LossSpec:
         return self.factory(detector, settings, where)
 
 
-_REGISTRY: dict[str, LossSpec] = {}
-
-
-def register(spec: LossSpec) -> LossSpec:
-    if spec.name in _REGISTRY:
-        raise ValueError(f"loss type {spec.name!r} is already registered")
-    _REGISTRY[spec.name] = spec
-    return spec
-
-
-def unregister(name: str) -> None:
-    """Remove a registration (tests that add a toy loss)."""
-    _REGISTRY.pop(name, None)
-
-
-def get(name: str) -> LossSpec:
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"unknown loss_type {name!r}; choose from {names()}") from None
-
-
-def names() -> list[str]:
-    return list(_REGISTRY)
+_LOSSES: NamedRegistry[LossSpec] = NamedRegistry("loss_type")
+register = _LOSSES.register
+unregister = _LOSSES.unregister
+get = _LOSSES.get
+names = _LOSSES.names
 
 
 def help_text() -> str:
     """``loss_type``'s help: every registered loss with its description."""
-    return "; ".join(f"{spec.name}: {spec.description}" for spec in _REGISTRY.values()) + "."
+    return "; ".join(f"{spec.name}: {spec.description}" for spec in _LOSSES.values()) + "."

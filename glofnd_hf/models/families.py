@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ..named_registry import NamedRegistry
+
 if TYPE_CHECKING:
     from .base import DualEncoderAdapter
 
@@ -44,28 +46,15 @@ class ModelFamily:
     """Loads with a separate ``pretrained`` tag or checkpoint file (open_clip)."""
 
 
-_FAMILIES: dict[str, ModelFamily] = {}
-
-
-def register_family(family: ModelFamily) -> ModelFamily:
-    if family.name in _FAMILIES:
-        raise ValueError(f"model family {family.name!r} is already registered")
-    _FAMILIES[family.name] = family
-    return family
-
-
-def unregister_family(name: str) -> None:
-    """Remove a registration (tests that add a toy family)."""
-    _FAMILIES.pop(name, None)
-
-
-def family_names() -> list[str]:
-    return list(_FAMILIES)
+_FAMILIES: NamedRegistry[ModelFamily] = NamedRegistry("model family")
+register_family = _FAMILIES.register
+unregister_family = _FAMILIES.unregister
+family_names = _FAMILIES.names
 
 
 def family_choices() -> list[str]:
     """What ``family`` / ``model_family`` accept: ``auto`` and every family's name."""
-    return ["auto", *_FAMILIES]
+    return ["auto", *_FAMILIES.names()]
 
 
 def get_family(name: str) -> ModelFamily:
