@@ -1,15 +1,29 @@
-"""Reading a checkpoint's per-sample state file (``glofnd_state.safetensors``) with every
-problem reported as one :class:`StateFileError` that names the file and the first bad entry:
+"""A checkpoint's per-sample state file (``glofnd_state.safetensors``), written and read
+here only: the tensors of the loss's state, and metadata that records the loss's
+configuration (``config``, JSON: detector name and settings) and ``num_samples``. Reading
+reports every problem as one :class:`StateFileError` that names the file and the first bad entry:
 unreadable or truncated files, another N, and entries the loss or detector refuses (dtype,
 shape, non-finite or out-of-range values). Nothing is changed when the file is refused."""
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
-__all__ = ["StateFileError", "load_detector_state", "load_state_file", "read_state_file"]
+from .checkpoints import write_atomically
+
+__all__ = [
+    "StateFileError",
+    "load_detector_state",
+    "load_state_file",
+    "read_state_config",
+    "read_state_file",
+    "write_state_file",
+]
 
 
 class StateFileError(ValueError):
@@ -30,6 +44,37 @@ def read_state_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
             f"{path} is not a readable safetensors file (truncated or corrupt?): "
             f"{type(err).__name__}: {err}"
         ) from err
+
+
+def write_state_file(
+    path: str | os.PathLike,
+    state: Mapping[str, torch.Tensor],
+    config: Mapping[str, Any],
+    num_samples: int,
+) -> None:
+    """Write ``state`` with the loss's ``config`` and ``num_samples`` as metadata, atomically
+    (a temporary file renamed into place)."""
+    from safetensors.torch import save_file
+
+    metadata = {"config": json.dumps(dict(config), default=str), "num_samples": str(num_samples)}
+    write_atomically(path, lambda tmp: save_file(dict(state), tmp, metadata=metadata))
+
+
+def read_state_config(path: str | os.PathLike) -> tuple[dict[str, Any], int]:
+    """The loss's configuration and N that a state file records; :class:`StateFileError`
+    where it records no detector or no N."""
+    _, metadata = read_state_file(path)
+    try:
+        config = json.loads(metadata["config"])
+        config["detector"]
+    except (KeyError, TypeError, ValueError) as err:
+        raise StateFileError(
+            f"{path} does not record its detector (no 'config' with 'detector' in its metadata)"
+        ) from err
+    num_samples = int(metadata.get("num_samples") or config.get("num_samples") or 0)
+    if num_samples <= 0:
+        raise StateFileError(f"{path} does not record N (num_samples) in its metadata")
+    return config, num_samples
 
 
 def load_state_file(path: str | os.PathLike, loss, num_samples: int | None) -> None:

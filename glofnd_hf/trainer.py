@@ -3,7 +3,6 @@ false-negative detection. It knows the detector only through the loss's interfac
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -13,7 +12,6 @@ from typing import Any
 
 import torch
 from accelerate.utils import DistributedType
-from safetensors.torch import save_file
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
@@ -24,7 +22,6 @@ from .checkpoints import (
     find_checkpoints,
     resolve_resume_checkpoint,
     sync_folder,
-    write_atomically,
 )
 from .data.bad_samples import BAD_SAMPLE_KINDS, DATASETS_BAD_SAMPLE_KINDS
 from .data.hf import ImageTextCollator, prepare_image_text_dataset
@@ -39,7 +36,7 @@ from .losses import registry as loss_registry
 from .losses.registry import LossBuild
 from .model_card import ModelCardCallback
 from .models import DualEncoderAdapter, family_of_adapter
-from .state_file import load_state_file
+from .state_file import load_state_file, write_state_file
 
 logger = logging.getLogger(__name__)
 
@@ -587,15 +584,12 @@ class GloFNDTrainer(Trainer):
     def save_fnd_state(self, output_dir: str) -> None:
         """Write the per-sample state (thresholds, moments, visits, u) to ``output_dir``,
         atomically (a temporary file renamed into place)."""
-        state = self.contrastive_loss.state_dict()
-        meta = {
-            "config": json.dumps(self.contrastive_loss.config_dict(), default=str),
-            "num_samples": str(self.num_samples),
-        }
         os.makedirs(output_dir, exist_ok=True)
-        write_atomically(
+        write_state_file(
             os.path.join(output_dir, STATE_FILE),
-            lambda path: save_file(state, path, metadata=meta),
+            self.contrastive_loss.state_dict(),
+            self.contrastive_loss.config_dict(),
+            self.num_samples,
         )
 
     def load_fnd_state(self, checkpoint: str) -> None:

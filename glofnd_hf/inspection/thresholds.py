@@ -10,7 +10,6 @@ inspection applies to the whole data set. Any other detector is refused.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,7 @@ from ..checkpoints import STATE_FILE
 from ..fnd import registry
 from ..fnd.registry import SharedSettings
 from ..fnd.thresholds import LAMBDA, ThresholdState
-from ..state_file import load_detector_state, read_state_file
+from ..state_file import StateFileError, load_detector_state, read_state_config
 from .errors import InspectionError
 
 __all__ = ["QUANTILE_RULE_DETECTORS", "CheckpointThresholds", "load_checkpoint_thresholds"]
@@ -67,17 +66,11 @@ def load_checkpoint_thresholds(checkpoint: str | os.PathLike) -> CheckpointThres
             f"{folder} has no {STATE_FILE}: glofnd-inspect needs a training checkpoint "
             "(a checkpoint-N folder; a final model folder keeps no per-sample state)"
         )
-    _, metadata = read_state_file(path)
     try:
-        config = json.loads(metadata["config"])
-        name = config["detector"]
-    except (KeyError, TypeError, ValueError) as err:
-        raise InspectionError(
-            f"{path} does not record its detector (no 'config' with 'detector' in its metadata)"
-        ) from err
-    num_samples = int(metadata.get("num_samples") or config.get("num_samples") or 0)
-    if num_samples <= 0:
-        raise InspectionError(f"{path} does not record N (num_samples) in its metadata")
+        config, num_samples = read_state_config(path)
+    except StateFileError as err:
+        raise InspectionError(str(err)) from err
+    name = config["detector"]
     spec = registry.get(name)
     alpha = float(config.get("alpha", SharedSettings().alpha))
     if name in QUANTILE_RULE_DETECTORS:
