@@ -33,12 +33,17 @@ class StateFileError(ValueError):
 def read_state_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The tensors and metadata of a safetensors file; a file that is not one (truncated,
     corrupt, empty) raises :class:`StateFileError` instead of safetensors' own error."""
+    return _read(path, tensors=True)
+
+
+def _read(path: str | os.PathLike, tensors: bool) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
-            return {key: f.get_tensor(key) for key in f.keys()}, metadata  # noqa: SIM118
+            state = {key: f.get_tensor(key) for key in f.keys()} if tensors else {}  # noqa: SIM118
+            return state, metadata
     except (SafetensorError, OSError, RuntimeError) as err:
         raise StateFileError(
             f"{path} is not a readable safetensors file (truncated or corrupt?): "
@@ -62,8 +67,8 @@ def write_state_file(
 
 def read_state_config(path: str | os.PathLike) -> tuple[dict[str, Any], int]:
     """The loss's configuration and N that a state file records; :class:`StateFileError`
-    where it records no detector or no N."""
-    _, metadata = read_state_file(path)
+    where it records no detector or no N. Reads the header only, not the tensors."""
+    _, metadata = _read(path, tensors=False)
     try:
         config = json.loads(metadata["config"])
         config["detector"]

@@ -63,10 +63,8 @@ _FN_STRATEGIES = {
 def describe_objective(loss_type: str | None, missing: str = "a contrastive loss") -> str:
     """The training objective in words, from the loss registry (the loss type itself for one
     this version does not know, ``missing`` when none was recorded)."""
-    try:
-        return loss_registry.get(loss_type or "").objective
-    except ValueError:
-        return loss_type or missing
+    spec = _loss_spec(loss_type)
+    return spec.objective if spec else loss_type or missing
 
 
 def describe_detector(name: str) -> str:
@@ -93,11 +91,18 @@ def citations_for(
     if training_recorded and detector != "glofnd":
         glofnd["what"] = "GloFND (the method of glofnd-hf, the training library)"
     citations = [glofnd, CITATIONS["clip"]]
+    spec = _loss_spec(loss_type)
+    own = spec.citations if spec else ()
+    return citations + [{"what": c.what, "bibtex": c.bibtex} for c in own]
+
+
+def _loss_spec(loss_type: str | None) -> loss_registry.LossSpec | None:
+    """The registration of ``loss_type``; None for none recorded, or for a loss this version
+    does not know (a card written by a version that had other losses)."""
     try:
-        spec = loss_registry.get(loss_type or "")
-    except ValueError:  # a card written by a version that had other losses
-        return citations
-    return citations + [{"what": c.what, "bibtex": c.bibtex} for c in spec.citations]
+        return loss_registry.get(loss_type or "")
+    except ValueError:
+        return None
 
 
 def is_local_path(name: str) -> bool:
