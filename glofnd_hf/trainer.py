@@ -5,24 +5,15 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import shutil
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from accelerate.utils import DistributedType
-from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers import Trainer
 
 from .args import AUTO_DEVICE_STATE_LIMIT_BYTES, GloFNDTrainingArguments
-from .checkpoints import (
-    STATE_FILE,
-    checkpoint_problems,
-    find_checkpoints,
-    resolve_resume_checkpoint,
-    sync_folder,
-)
+from .checkpoints import STATE_FILE  # re-exported: where earlier releases had it
 from .data.bad_samples import BAD_SAMPLE_KINDS, DATASETS_BAD_SAMPLE_KINDS
 from .data.hf import ImageTextCollator, prepare_image_text_dataset
 from .data.images import defer_image_decoding
@@ -36,9 +27,12 @@ from .losses import registry as loss_registry
 from .losses.registry import LossBuild
 from .model_card import ModelCardCallback
 from .models import DualEncoderAdapter, family_of_adapter
-from .state_file import load_state_file, write_state_file
+from .trainer_callbacks import ClampLogitScale, DataEpoch, EpochSummary
+from .trainer_checkpoints import CheckpointingMixin
 
 logger = logging.getLogger(__name__)
+
+__all__ = ["STATE_FILE", "GloFNDTrainer", "build_contrastive_loss", "resolve_state_device"]
 
 
 def build_contrastive_loss(
@@ -74,58 +68,6 @@ def resolve_state_device(
 DEFAULT_MAX_LOGIT_SCALE = 100.0  # CLIP's cap on logit_scale.exp()
 
 
-class _ClampLogitScale(TrainerCallback):
-    """Keep ``logit_scale`` (log space) within [0, ln(max_logit_scale)] after every step."""
-
-    def __init__(self, parameter: torch.nn.Parameter, upper: float) -> None:
-        self.parameter = parameter
-        self.upper = upper
-
-    def on_step_end(self, args, state, control, **kwargs):
-        with torch.no_grad():
-            self.parameter.clamp_(0.0, self.upper)
-
-
-class _DataEpoch(TrainerCallback):
-    """Epoch bookkeeping of the data path.
-
-    At each epoch start the collator learns the epoch (a part of every sample's random seed,
-    also in DataLoader workers). With a shard loader, ``state.epoch`` after each step is set
-    to what an uninterrupted run logs: the Trainer counts the batches of a resumed epoch from
-    zero, since the loader (not the Trainer) skips the batches done before the checkpoint.
-    """
-
-    def __init__(self, trainer: GloFNDTrainer) -> None:
-        self.trainer = trainer
-
-    def on_epoch_begin(self, args, state, control, **kwargs):
-        collator = self.trainer.data_collator
-        if hasattr(collator, "set_epoch"):
-            # state.epoch is e + (batches done) / (batches per epoch) < e + 1 within epoch e
-            collator.set_epoch(math.floor(state.epoch or 0.0))
-
-    def on_step_end(self, args, state, control, **kwargs):
-        loader = self.trainer.shard_loader
-        if loader is not None and state.global_step > 0:
-            batches = loader.batches_per_epoch
-            per_epoch = self.trainer.shard_steps_per_epoch()
-            epoch, steps = divmod(state.global_step - 1, per_epoch)
-            done = min((steps + 1) * args.gradient_accumulation_steps, batches)
-            state.epoch = epoch + done / batches  # the Trainer's formula, uninterrupted
-
-
-class _EpochSummary(TrainerCallback):
-    """Log the loss's per-epoch summary (the detector's tracking health) at each epoch end."""
-
-    def __init__(self, trainer: GloFNDTrainer) -> None:
-        self.trainer = trainer
-
-    def on_epoch_end(self, args, state, control, **kwargs):
-        summary = self.trainer.contrastive_loss.finish_epoch()  # a collective: every rank
-        if summary:
-            self.trainer.log({k: round(v, 6) for k, v in summary.items()})
-
-
 def _rows(inputs: dict[str, Any], start: int, end: int, batch: int) -> dict[str, Any]:
     """Rows ``start:end`` of every per-pair tensor of a batch; other entries as they are."""
     return {
@@ -134,7 +76,7 @@ def _rows(inputs: dict[str, Any], start: int, end: int, batch: int) -> dict[str,
     }
 
 
-class GloFNDTrainer(Trainer):
+class GloFNDTrainer(CheckpointingMixin, Trainer):
     """Trains a dual encoder with a contrastive loss and GloFND (or another detector).
 
     ``adapter`` wraps a Hugging Face CLIP-family or open_clip model (see ``models``). For a
@@ -224,10 +166,10 @@ class GloFNDTrainer(Trainer):
         self.num_samples = loss.num_samples if loss.num_samples is not None else num_samples
         self._stat_sums: dict[tuple[str, ...], tuple[torch.Tensor, int]] = {}
         self._bad_samples: dict[str, int] = {}
-        self.add_callback(_ClampLogitScale(adapter.logit_scale_parameter(), self._log_scale_cap))
+        self.add_callback(ClampLogitScale(adapter.logit_scale_parameter(), self._log_scale_cap))
         self.add_callback(ModelCardCallback(self))  # a model card in every checkpoint
-        self.add_callback(_EpochSummary(self))
-        self.add_callback(_DataEpoch(self))
+        self.add_callback(EpochSummary(self))
+        self.add_callback(DataEpoch(self))
         self._shard_resume: tuple[int, int] | None = None
         self._state_written_to: str | None = None
         self._check_metric_for_best_model()
@@ -501,15 +443,7 @@ class GloFNDTrainer(Trainer):
         )
         return metrics
 
-    # -- saving and resuming -----------------------------------------------------------------
-    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
-        """``Trainer.train``; ``resume_from_checkpoint`` may also be ``"last"`` (as ``True``):
-        the newest complete checkpoint of ``output_dir``. A folder that is not a complete
-        checkpoint is refused with what it lacks (:mod:`glofnd_hf.checkpoints`)."""
-        quiet = None if self.is_world_process_zero() else (lambda message: None)
-        checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir, quiet)
-        return super().train(checkpoint, *args, **kwargs)
-
+    # -- saving and resuming (checkpoints: trainer_checkpoints.CheckpointingMixin) ------------
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         output_dir = output_dir or self.args.output_dir
         # HF models: save_pretrained + processor. open_clip models: the Trainer's weight file
@@ -518,91 +452,6 @@ class GloFNDTrainer(Trainer):
         family = family_of_adapter(self.adapter)
         if family.saves_beside_trainer and self.args.should_save:
             self.adapter.save(output_dir, **family.release_save_kwargs)
-
-    def _checkpoint_dir(self, trial: Any) -> tuple[str, str]:
-        run_dir = self._get_output_dir(trial=trial)
-        return run_dir, os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-
-    def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
-        """The Trainer's checkpoint, then the per-sample state, written last and atomically:
-        a folder holding it is complete (the final model folder never gets it). Old
-        checkpoints are rotated out only after that, so a crash at any point leaves the
-        previous complete checkpoint in place."""
-        run_dir, output_dir = self._checkpoint_dir(trial)
-        if self.args.should_save:
-            # Written again (a resumed run passing the same step): not complete until the end.
-            for name in (STATE_FILE, STATE_FILE + ".tmp"):
-                if os.path.exists(os.path.join(output_dir, name)):
-                    os.remove(os.path.join(output_dir, name))
-        limit = self.args.save_total_limit
-        self.args.save_total_limit = None  # no rotation inside: the new one is not complete yet
-        self._state_written_to = None
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self.args.save_total_limit = limit
-        if self.args.should_save:
-            if self._state_written_to != output_dir:
-                self._finish_checkpoint(output_dir)
-            self._rotate_complete_checkpoints(run_dir, output_dir)
-
-    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
-        # Pushed checkpoints are complete ones: finish the folder before the upload.
-        if self.args.should_save and self._state_written_to != checkpoint_folder:
-            self._finish_checkpoint(checkpoint_folder)
-        super()._push_from_checkpoint(checkpoint_folder)
-
-    def _finish_checkpoint(self, output_dir: str) -> None:
-        sync_folder(output_dir)
-        self.save_fnd_state(output_dir)
-        self._state_written_to = output_dir
-
-    def _rotate_complete_checkpoints(self, run_dir: str, current: str) -> None:
-        """``save_total_limit``, counting complete checkpoints only: keep the newest ones (the
-        current one and the best one always), delete the other complete ones and the
-        incomplete ones older than the current one (left by a crash)."""
-        limit = self.args.save_total_limit
-        if limit is None or limit <= 0:
-            return
-        checkpoints = find_checkpoints(run_dir)  # newest first
-        protected = {os.path.abspath(current)}
-        if self.state.best_model_checkpoint is not None:
-            protected.add(os.path.abspath(self.state.best_model_checkpoint))
-        kept = set(protected)
-        for _, path in checkpoints:
-            if len(kept) >= max(limit, len(protected)):
-                break
-            if not checkpoint_problems(path):
-                kept.add(os.path.abspath(path))
-        for step, path in checkpoints:
-            if os.path.abspath(path) in kept:
-                continue
-            if step < self.state.global_step or not checkpoint_problems(path):
-                logger.info("deleting checkpoint %s (save_total_limit=%d)", path, limit)
-                shutil.rmtree(path, ignore_errors=True)
-
-    def save_fnd_state(self, output_dir: str) -> None:
-        """Write the per-sample state (thresholds, moments, visits, u) to ``output_dir``,
-        atomically (a temporary file renamed into place)."""
-        os.makedirs(output_dir, exist_ok=True)
-        write_state_file(
-            os.path.join(output_dir, STATE_FILE),
-            self.contrastive_loss.state_dict(),
-            self.contrastive_loss.config_dict(),
-            self.num_samples,
-        )
-
-    def load_fnd_state(self, checkpoint: str) -> None:
-        path = os.path.join(checkpoint, STATE_FILE)
-        if not os.path.exists(path):
-            if self.contrastive_loss.state_dict():
-                raise FileNotFoundError(
-                    f"checkpoint {checkpoint} has no {STATE_FILE}: the per-sample GloFND state "
-                    f"cannot be restored"
-                )
-            return
-        load_state_file(path, self.contrastive_loss, self.num_samples)  # checked, or refused
-        logger.info("restored the per-sample state from %s", path)
 
     def shard_steps_per_epoch(self) -> int:
         """Optimizer steps per epoch of the shard loader (the Trainer's count)."""
