@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from ..args import DataArguments, GloFNDTrainingArguments, ModelArguments
 from ..checkpoints import resolve_resume_checkpoint
@@ -105,50 +106,12 @@ def run(argv: Sequence[str]) -> dict[str, dict[str, float]]:
         args.resume_from_checkpoint, args.output_dir, None if args.should_log else _silent
     )
     _classification_defaults(data_args)
-    train = None
-    if data_args.train_shards is None:
-        train = load_image_text_dataset(
-            data_args.dataset_name, data_args.dataset_config_name, data_args.train_split
-        )
-        if data_args.max_train_samples is not None:
-            train = train.select(range(min(data_args.max_train_samples, len(train))))
-    evaluation = None
-    if data_args.eval_split and data_args.dataset_name is not None:
-        evaluation = load_image_text_dataset(
-            data_args.dataset_name, data_args.dataset_config_name, data_args.eval_split
-        )
-        if data_args.max_eval_samples is not None:
-            evaluation = evaluation.select(range(min(data_args.max_eval_samples, len(evaluation))))
-
-    texts: list[str] = []
-    if model_args.model_name_or_path == TINY_HF_CLIP:
-        # The tiny tokenizer keeps the merges these texts need.
-        for data in (train, evaluation):
-            if data is not None and data_args.caption_column in data.column_names:
-                for value in data.with_format(None)[data_args.caption_column]:
-                    texts.extend(usable_captions(value))  # rows without one are skipped later
-        for template in data_args.prompt_templates or []:
-            texts.extend(template.format(c) for c in data_args.class_names or [])
-    adapter = build_adapter(model_args, texts, args.seed)
+    train, evaluation = _load_splits(data_args)
+    adapter = build_adapter(
+        model_args, _tokenizer_texts(model_args, data_args, train, evaluation), args.seed
+    )
     if data_args.train_shards is not None:
-        train = build_shard_loader(
-            ShardConfig(
-                shards=data_args.train_shards,
-                batch_size=args.per_device_train_batch_size,
-                dataset_size=args.num_samples,
-                train_num_samples=data_args.train_num_samples,
-                resampled=data_args.shard_resampled,
-                shuffle_buffer=data_args.shard_shuffle_buffer,
-                seed=args.seed,
-                num_workers=args.dataloader_num_workers,
-                index_source=data_args.shard_index_source,
-                on_bad_index=data_args.shard_on_bad_index,
-                pin_memory=args.dataloader_pin_memory and args.device.type == "cuda",
-            ),
-            adapter.image_transform(train=True),
-            adapter.tokenize,
-        )
-
+        train = _shard_loader(data_args, args, adapter)
     evaluator = None
     if evaluation is not None:
         evaluator = ZeroShotEvaluator(
@@ -180,21 +143,86 @@ def run(argv: Sequence[str]) -> dict[str, dict[str, float]]:
         eval_split=data_args.eval_split if evaluator is not None else None,
         eval_dataset_config=data_args.dataset_config_name if evaluator is not None else None,
     )
+    results = _train_and_evaluate(trainer, args, evaluate=evaluator is not None and args.do_eval)
+    if args.world_size > 1:
+        trainer.accelerator.end_training()  # destroy the process group before exit
+    return results
+
+
+def _load_splits(data_args: DataArguments) -> tuple[Any, Any]:
+    """The map-style train split (None with shards) and the evaluation split (or None)."""
+    train = None
+    if data_args.train_shards is None:
+        train = load_image_text_dataset(
+            data_args.dataset_name, data_args.dataset_config_name, data_args.train_split
+        )
+        if data_args.max_train_samples is not None:
+            train = train.select(range(min(data_args.max_train_samples, len(train))))
+    evaluation = None
+    if data_args.eval_split and data_args.dataset_name is not None:
+        evaluation = load_image_text_dataset(
+            data_args.dataset_name, data_args.dataset_config_name, data_args.eval_split
+        )
+        if data_args.max_eval_samples is not None:
+            evaluation = evaluation.select(range(min(data_args.max_eval_samples, len(evaluation))))
+    return train, evaluation
+
+
+def _tokenizer_texts(
+    model_args: ModelArguments, data_args: DataArguments, train: Any, evaluation: Any
+) -> list[str]:
+    """The texts the tiny CLIP's tokenizer is built from (it keeps the merges they need);
+    nothing for any other model."""
+    texts: list[str] = []
+    if model_args.model_name_or_path != TINY_HF_CLIP:
+        return texts
+    for data in (train, evaluation):
+        if data is not None and data_args.caption_column in data.column_names:
+            for value in data.with_format(None)[data_args.caption_column]:
+                texts.extend(usable_captions(value))  # rows without one are skipped later
+    for template in data_args.prompt_templates or []:
+        texts.extend(template.format(c) for c in data_args.class_names or [])
+    return texts
+
+
+def _shard_loader(data_args: DataArguments, args: GloFNDTrainingArguments, adapter: Any) -> Any:
+    return build_shard_loader(
+        ShardConfig(
+            shards=data_args.train_shards,
+            batch_size=args.per_device_train_batch_size,
+            dataset_size=args.num_samples,
+            train_num_samples=data_args.train_num_samples,
+            resampled=data_args.shard_resampled,
+            shuffle_buffer=data_args.shard_shuffle_buffer,
+            seed=args.seed,
+            num_workers=args.dataloader_num_workers,
+            index_source=data_args.shard_index_source,
+            on_bad_index=data_args.shard_on_bad_index,
+            pin_memory=args.dataloader_pin_memory and args.device.type == "cuda",
+        ),
+        adapter.image_transform(train=True),
+        adapter.tokenize,
+    )
+
+
+def _train_and_evaluate(
+    trainer: GloFNDTrainer, args: GloFNDTrainingArguments, evaluate: bool
+) -> dict[str, dict[str, float]]:
+    """Zero-shot evaluation before (fresh runs only) and after training, the final model
+    with its card, and ``zero_shot_results.json``."""
     results: dict[str, dict[str, float]] = {}
-    if evaluator is not None and args.do_eval and args.resume_from_checkpoint is None:
+    if evaluate and args.resume_from_checkpoint is None:
         results["before"] = trainer.evaluate(metric_key_prefix="eval_before")
         _print_table("before training", results["before"], trainer)
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     trainer.save_model(args.output_dir)
-    if evaluator is not None and args.do_eval:
+    if evaluate:
         results["after"] = trainer.evaluate()
         _print_table("after training", results["after"], trainer)
     write_model_card(trainer, args.output_dir, results.get("after"))
     if trainer.is_world_process_zero() and results:
         with open(os.path.join(args.output_dir, "zero_shot_results.json"), "w") as f:
             json.dump(results, f, indent=2)
-    if args.world_size > 1:
-        trainer.accelerator.end_training()  # destroy the process group before exit
     return results
 
 

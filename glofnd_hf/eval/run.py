@@ -172,8 +172,6 @@ def evaluate(
          "metrics_clip_benchmark": {"text_retrieval_recall@1": ..., ..., "acc1": ...},
          "device": "cpu", "timing": {"embed_seconds": ..., "score_seconds": ...}}
     """
-    from ..models import DualEncoderAdapter
-
     try:
         check_tie_rule(ties)
     except ValueError as e:
@@ -193,6 +191,43 @@ def evaluate(
         image_id_field=image_id_field,
         max_samples=max_samples,
     )
+    evaluator = _build_evaluator(
+        data,
+        tasks,
+        ks=ks,
+        classification_ks=classification_ks,
+        batch_size=batch_size,
+        chunk_size=chunk_size,
+        show_progress=show_progress,
+        ties=ties,
+    )
+    adapter, model_name = _resolve_model(model, pretrained, family, device)
+
+    start = time.perf_counter()
+    embeds = evaluator.embed(adapter)
+    embed_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    metrics = evaluator.score(embeds)
+    timing = {
+        "embed_seconds": round(embed_seconds, 4),
+        "score_seconds": round(time.perf_counter() - start, 4),
+    }
+
+    report = _build_report(evaluator, data["info"], adapter, model_name, pretrained, metrics)
+    report["timing"] = timing
+    training = training_record(model)
+    if training is not None:
+        report["training"] = training
+    if output is not None:
+        save_report(report, output)
+    return report
+
+
+def _build_evaluator(
+    data: Mapping[str, Any], tasks: Sequence[str] | str | None, **options: Any
+) -> ZeroShotEvaluator:
+    """The evaluator of the tasks asked for (or found in the data) on loaded evaluation data;
+    what does not fit the data is an ``EvalInputError``."""
     try:
         task_list = resolve_tasks(
             tasks,
@@ -200,57 +235,58 @@ def evaluate(
             data["class_label_column"],
             columns=data["dataset"].column_names,
         )
-    except ValueError as e:
-        raise EvalInputError(str(e)) from e
-    try:
-        evaluator = ZeroShotEvaluator(
+        return ZeroShotEvaluator(
             data["dataset"],
             data["image_column"],
             data["caption_column"] if RETRIEVAL in task_list else None,
             data["class_label_column"] if CLASSIFICATION in task_list else None,
             data["class_names"],
             data["templates"],
-            ks=ks,
-            batch_size=batch_size,
-            show_progress=show_progress,
             tasks=task_list,
-            classification_ks=classification_ks,
-            chunk_size=chunk_size,
             dataset_name=str(data["info"]["source"]),
             split=data["info"]["split"],
-            ties=ties,
+            **options,
         )
     except ValueError as e:
         raise EvalInputError(str(e)) from e
 
+
+def _resolve_model(
+    model: Any, pretrained: str | None, family: str, device: str | None
+) -> tuple[Any, str]:
+    """An adapter and the name the report gives it: a loaded adapter as it is (on its own
+    device), anything else through :func:`load_eval_model`."""
+    from ..models import DualEncoderAdapter
+
     if isinstance(model, DualEncoderAdapter):
-        adapter, model_name = (
-            model,
-            getattr(model, "model_name", None) or type(model.model).__name__,
-        )
-    else:
-        adapter, model_name = load_eval_model(model, pretrained, family, device), str(model)
+        return model, getattr(model, "model_name", None) or type(model.model).__name__
+    return load_eval_model(model, pretrained, family, device), str(model)
 
-    start = time.perf_counter()
-    embeds = evaluator.embed(adapter)
-    embed_seconds = time.perf_counter() - start
-    start = time.perf_counter()
-    metrics = evaluator.score(embeds)
-    score_seconds = time.perf_counter() - start
 
-    info = dict(data["info"])
+def _build_report(
+    evaluator: ZeroShotEvaluator,
+    data_info: Mapping[str, Any],
+    adapter: Any,
+    model_name: str,
+    pretrained: str | None,
+    metrics: dict[str, float],
+) -> dict[str, Any]:
+    """The report of :func:`evaluate` (without its timing and training record)."""
+    task_list = list(evaluator.tasks)
+    retrieval, classification = RETRIEVAL in task_list, CLASSIFICATION in task_list
+    info = dict(data_info)
     info.update(
         image_column=evaluator.image_column,
-        caption_column=evaluator.caption_column if RETRIEVAL in task_list else None,
-        class_label_column=evaluator.class_label_column if CLASSIFICATION in task_list else None,
+        caption_column=evaluator.caption_column if retrieval else None,
+        class_label_column=evaluator.class_label_column if classification else None,
     )
-    if CLASSIFICATION in task_list:
+    if classification:
         info.update(
             num_classes=len(evaluator.class_names or []),
             num_templates=len(evaluator.templates),
             templates=evaluator.templates,
         )
-    report: dict[str, Any] = {
+    return {
         "format_version": RESULTS_FORMAT_VERSION,
         "glofnd_hf_version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -263,27 +299,15 @@ def evaluate(
             "num_parameters": sum(p.numel() for p in adapter.model.parameters()),
         },
         "data": info,
-        "ks": list(evaluator.ks) if RETRIEVAL in task_list else [],
-        "classification_ks": list(evaluator.classification_ks)
-        if CLASSIFICATION in task_list
-        else [],
+        "ks": list(evaluator.ks) if retrieval else [],
+        "classification_ks": list(evaluator.classification_ks) if classification else [],
         "ties": evaluator.ties,
         "num_images": evaluator.num_images,
         "num_captions": evaluator.num_captions,
         "metrics": metrics,
         "metrics_clip_benchmark": clip_benchmark_names(metrics),
         "device": str(adapter.device),
-        "timing": {
-            "embed_seconds": round(embed_seconds, 4),
-            "score_seconds": round(score_seconds, 4),
-        },
     }
-    training = training_record(model)
-    if training is not None:
-        report["training"] = training
-    if output is not None:
-        save_report(report, output)
-    return report
 
 
 def _card_info(model: Any) -> CardInfo | None:

@@ -105,17 +105,102 @@ def inspect_checkpoint(
     )
     anchor_rows = choose_anchor_rows(data, state.num_samples, indices, sample, seed)
     source = checkpoint if model is None else model
+    t0 = time.perf_counter()
+    adapter, (image, text) = _embed_training_pairs(
+        source,
+        data,
+        pretrained=pretrained,
+        family=family,
+        device=device,
+        batch_size=batch_size,
+        cache_dir=cache_dir,
+        use_cache=use_cache,
+        show_progress=show_progress,
+    )
+    embed_seconds = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    scan, anchors = _scan_and_list(
+        image, text, state, data, anchor_rows, summary_anchors, seed, max_detected, below
+    )
+    scan_seconds = time.perf_counter() - t0
+
+    report = _report(checkpoint, source, adapter, data, state, scan, anchors)
+    report["settings"] = {"max_detected": max_detected, "below": below, "seed": seed}
+    report["timing"] = {
+        "embed_seconds": round(embed_seconds, 3),
+        "scan_seconds": round(scan_seconds, 3),
+    }
+    report["timing"]["before_output_seconds"] = round(time.perf_counter() - started, 3)
+    if output is not None:
+        write_outputs(report, scan, data, output, png=png)
+    return report
+
+
+def _report(
+    checkpoint: str | os.PathLike,
+    source: Any,
+    adapter: Any,
+    data: Any,
+    state: Any,
+    scan: Any,
+    anchors: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """The inspection report's header, anchors and summary (settings and timing are added
+    by the caller)."""
+    return {
+        "format_version": REPORT_FORMAT_VERSION,
+        "glofnd_hf_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "checkpoint": str(checkpoint),
+        "model": {
+            "name": str(source) if isinstance(source, (str, os.PathLike)) else None,
+            "family": adapter.family,
+            "class": type(adapter.model).__name__,
+        },
+        "data": data.info,
+        "detector": {
+            "name": state.detector,
+            "alpha": state.alpha,
+            "thresholds": "learned per sample"
+            if state.learned
+            else "the rule's (1 - alpha) quantile over the whole data set",
+            "config": state.config,
+        },
+        "num_samples": state.num_samples,
+        "settings": None,
+        "anchors": anchors,
+        "summary": summary_entry(scan, len(data.index)),
+        "timing": None,
+    }
+
+
+def _embed_training_pairs(
+    source: Any,
+    data: Any,
+    *,
+    pretrained: str | None,
+    family: str,
+    device: str | None,
+    batch_size: int,
+    cache_dir: str | os.PathLike | None,
+    use_cache: bool,
+    show_progress: bool,
+) -> tuple[Any, tuple[torch.Tensor, torch.Tensor]]:
+    """The model (loaded when ``source`` is a name or folder) and its image and text
+    embeddings of every training row, read from (or written to) the embedding cache when
+    the model has a name to key it by."""
+    named = isinstance(source, (str, os.PathLike))
     adapter = (
         load_eval_model(source, pretrained=pretrained, family=family, device=device)
-        if isinstance(source, (str, os.PathLike))
+        if named
         else source
     )
     cache_file = None
-    if use_cache and isinstance(source, (str, os.PathLike)):
+    if use_cache and named:
         key = embedding_cache_key(source, data.dataset, data.image_column, data.caption_column)
         cache_file = Path(cache_dir or default_cache_dir()) / f"{key}.safetensors"
-    t0 = time.perf_counter()
-    image, text = embed_pairs(
+    pairs = embed_pairs(
         adapter,
         data.dataset,
         data.image_column,
@@ -124,9 +209,22 @@ def inspect_checkpoint(
         show_progress=show_progress,
         cache_file=cache_file,
     )
-    embed_seconds = time.perf_counter() - t0
+    return adapter, pairs
 
-    t0 = time.perf_counter()
+
+def _scan_and_list(
+    image: torch.Tensor,
+    text: torch.Tensor,
+    state: Any,
+    data: Any,
+    anchor_rows: Sequence[int],
+    summary_anchors: int,
+    seed: int,
+    max_detected: int,
+    below: int,
+) -> tuple[Any, list[dict[str, Any]]]:
+    """The summary scan (every row up to ``summary_anchors``, else a seeded subset) and the
+    report entry of each listed anchor: its detected neighbours and the ones just below."""
     row_thresholds = None if state.thresholds is None else state.thresholds[data.index]
     rows = len(data.index)
     summary_rows = torch.arange(rows)
@@ -154,40 +252,7 @@ def inspect_checkpoint(
         sides = anchor_neighbours(*scan_args, row, thresholds[k], max_detected, below)
         visits = None if state.visits is None else state.visits[data.index[row]].tolist()
         anchors.append(anchor_entry(row, sides, describe, visits))
-    scan_seconds = time.perf_counter() - t0
-
-    report: dict[str, Any] = {
-        "format_version": REPORT_FORMAT_VERSION,
-        "glofnd_hf_version": __version__,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "checkpoint": str(checkpoint),
-        "model": {
-            "name": str(source) if isinstance(source, (str, os.PathLike)) else None,
-            "family": adapter.family,
-            "class": type(adapter.model).__name__,
-        },
-        "data": data.info,
-        "detector": {
-            "name": state.detector,
-            "alpha": state.alpha,
-            "thresholds": "learned per sample"
-            if state.learned
-            else "the rule's (1 - alpha) quantile over the whole data set",
-            "config": state.config,
-        },
-        "num_samples": state.num_samples,
-        "settings": {"max_detected": max_detected, "below": below, "seed": seed},
-        "anchors": anchors,
-        "summary": summary_entry(scan, rows),
-        "timing": {
-            "embed_seconds": round(embed_seconds, 3),
-            "scan_seconds": round(scan_seconds, 3),
-        },
-    }
-    report["timing"]["before_output_seconds"] = round(time.perf_counter() - started, 3)
-    if output is not None:
-        write_outputs(report, scan, data, output, png=png)
-    return report
+    return scan, anchors
 
 
 def write_outputs(report: dict[str, Any], scan, data, output, *, png: bool) -> dict[str, Path]:

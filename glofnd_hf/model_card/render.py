@@ -78,7 +78,7 @@ def _family(info: CardInfo) -> ModelFamily | None:
 def render_model_card(info: CardInfo, template: str | os.PathLike | None = None):
     """A ``huggingface_hub.ModelCard`` for ``info``; ``template``: a template file to use
     instead of the packaged one (see :func:`read_template`)."""
-    from huggingface_hub import ModelCard, ModelCardData
+    from huggingface_hub import ModelCard
 
     model_name = (
         info.model_name
@@ -86,35 +86,8 @@ def render_model_card(info: CardInfo, template: str | os.PathLike | None = None)
         or ("glofnd-model")
     )
     family = _family(info)
-    library_name = family.library_name if family else info.family
-    tags = list(BASE_TAGS) + (list(family.tags) if family else [])
-    if info.detector:
-        tags.append(f"fnd-{info.detector.replace('_', '-')}")
-    tags += [t for t in info.tags if t not in tags]
     # A card never names a local path: one recorded by an older version is dropped here.
     dataset = eval_dataset_fields(info.eval_dataset, info.eval_dataset_name, info.eval_dataset_type)
-    eval_results = (
-        eval_results_from_metrics(
-            info.eval_metrics,
-            dataset["eval_dataset"],
-            info.eval_split,
-            config=info.eval_dataset_config,
-            dataset_name=dataset["eval_dataset_name"],
-            dataset_type=dataset["eval_dataset_type"],
-        )
-        or None
-    )
-    card_data = ModelCardData(
-        model_name=model_name,
-        base_model=info.base_model,
-        datasets=info.datasets or None,
-        license=info.license,
-        library_name=library_name,
-        pipeline_tag=PIPELINE_TAG,
-        tags=tags,
-        eval_results=eval_results,
-    )
-    citations = citations_for(info.loss_type, info.detector, info.training_recorded)
     eval_rows = [
         {
             "name": name,
@@ -123,32 +96,9 @@ def render_model_card(info: CardInfo, template: str | os.PathLike | None = None)
         }
         for name, value in info.eval_metrics.items()
     ]
-    family_description = family.layout if family else info.family
-    start = (
-        f"fine-tuned from [{info.base_model}](https://huggingface.co/{info.base_model})"
-        if (info.base_model)
-        else "trained"
-    )
-    if info.training_recorded:
-        objective = describe_objective(info.loss_type)
-        # By name, so that any registered detector reads right (describe_detector says more).
-        detection = (
-            "no false-negative detection"
-            if info.detector == "none"
-            else f"the `{info.detector}` false-negative detector"
-        )
-        summary = (
-            f"A CLIP-style image-text dual encoder {start} with {objective} and "
-            f"{detection}, using glofnd-hf."
-        )
-    else:
-        summary = f"A CLIP-style image-text dual encoder {start} with glofnd-hf."
     epochs = info.epochs
     if epochs is not None and float(epochs).is_integer():
         epochs = int(epochs)
-    detector_description = describe_detector(info.detector) if info.detector else "not recorded"
-    if info.detector not in (None, "none") and info.fn_strategy:
-        detector_description += f"; {describe_fn_strategy(info.fn_strategy)}"
     eval_description = (
         describe_dataset(dataset["eval_dataset"])
         if dataset["eval_dataset"] or not dataset["eval_dataset_name"]
@@ -159,15 +109,15 @@ def render_model_card(info: CardInfo, template: str | os.PathLike | None = None)
         for r in info.non_default_settings
     ]
     return ModelCard.from_template(
-        card_data,
+        _card_data(info, model_name, family, dataset),
         template_str=read_template(template),
         model_name=model_name,
         glofnd_version=info.glofnd_version or "",
-        summary=summary,
-        family_description=family_description,
+        summary=_summary(info),
+        family_description=family.layout if family else info.family,
         architecture=info.architecture or "not recorded",
         objective=describe_objective(info.loss_type, missing="not recorded"),
-        detector_description=detector_description,
+        detector_description=_detector_description(info),
         model_ref=_model_ref(info),
         repo_id=info.repo_id,
         eval_split=info.eval_split,
@@ -184,8 +134,69 @@ def render_model_card(info: CardInfo, template: str | os.PathLike | None = None)
         eval_rows=eval_rows,
         eval_dataset_description=eval_description,
         eval_step=info.eval_step,
-        citations=citations,
+        citations=citations_for(info.loss_type, info.detector, info.training_recorded),
     )
+
+
+def _card_data(
+    info: CardInfo, model_name: str, family: ModelFamily | None, dataset: dict[str, Any]
+):
+    """The card's metadata (its YAML header): library, tags and the model-index."""
+    from huggingface_hub import ModelCardData
+
+    tags = list(BASE_TAGS) + (list(family.tags) if family else [])
+    if info.detector:
+        tags.append(f"fnd-{info.detector.replace('_', '-')}")
+    tags += [t for t in info.tags if t not in tags]
+    eval_results = (
+        eval_results_from_metrics(
+            info.eval_metrics,
+            dataset["eval_dataset"],
+            info.eval_split,
+            config=info.eval_dataset_config,
+            dataset_name=dataset["eval_dataset_name"],
+            dataset_type=dataset["eval_dataset_type"],
+        )
+        or None
+    )
+    return ModelCardData(
+        model_name=model_name,
+        base_model=info.base_model,
+        datasets=info.datasets or None,
+        license=info.license,
+        library_name=family.library_name if family else info.family,
+        pipeline_tag=PIPELINE_TAG,
+        tags=tags,
+        eval_results=eval_results,
+    )
+
+
+def _summary(info: CardInfo) -> str:
+    """The card's first sentence: where the model came from and how it was trained."""
+    start = (
+        f"fine-tuned from [{info.base_model}](https://huggingface.co/{info.base_model})"
+        if info.base_model
+        else "trained"
+    )
+    if not info.training_recorded:
+        return f"A CLIP-style image-text dual encoder {start} with glofnd-hf."
+    # By name, so that any registered detector reads right (describe_detector says more).
+    detection = (
+        "no false-negative detection"
+        if info.detector == "none"
+        else f"the `{info.detector}` false-negative detector"
+    )
+    return (
+        f"A CLIP-style image-text dual encoder {start} with "
+        f"{describe_objective(info.loss_type)} and {detection}, using glofnd-hf."
+    )
+
+
+def _detector_description(info: CardInfo) -> str:
+    description = describe_detector(info.detector) if info.detector else "not recorded"
+    if info.detector not in (None, "none") and info.fn_strategy:
+        description += f"; {describe_fn_strategy(info.fn_strategy)}"
+    return description
 
 
 def write_card(
