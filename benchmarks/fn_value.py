@@ -42,9 +42,9 @@ import datasets
 import torch
 
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE), str(HERE.parent)]  # fn_study beside this file; this checkout
+sys.path[:0] = [str(HERE), str(HERE.parent)]  # fnstudy beside this file; this checkout
 
-from fn_study import DETECTORS, Study, run_one  # noqa: E402
+from fnstudy.study import DETECTORS, Study, run_one  # noqa: E402
 
 from glofnd_hf.data.digits import digits_classification_defaults, load_digits_pairs  # noqa: E402
 

@@ -1,0 +1,217 @@
+"""GloFND's learned thresholds against the exact quantiles they track, at epoch ends.
+
+The detection counts of ``recording`` say how well the masks match the labels; they do not
+say whether GloFND's per-sample thresholds are where its update aims. This callback embeds
+the training set with the current model and compares the learned thresholds with each
+anchor's exact (1 - alpha) quantile over the whole data set (also on fresh training-mode
+draws, in rank units), and compares threshold rules on the pairs of random batches.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import TrainerCallback
+
+from glofnd_hf.eval.zero_shot import ZeroShotEvaluator
+from glofnd_hf.fnd import masked_quantile
+
+if TYPE_CHECKING:
+    from .study import Study
+
+
+def _similarities(embeds: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(2, N, N): image anchors against texts, text anchors against images."""
+    image = F.normalize(embeds["images"], dim=-1)
+    text = F.normalize(embeds["texts"], dim=-1)
+    return torch.stack([image @ text.t(), text @ image.t()])
+
+
+def rank_figures(
+    sims: torch.Tensor, thresholds: torch.Tensor, negatives: torch.Tensor, alpha: float
+) -> dict[str, float]:
+    """What (2, N) ``thresholds`` filter of the (2, N, N) similarities, in rank units: the
+    mean share of negatives above them over alpha, the share of anchors whose own share is
+    within [0.5, 2] x alpha, and the F1 of their masks against the exact rule's (each
+    anchor's exact (1 - alpha) quantile of the same similarities)."""
+    exact = masked_quantile(sims, negatives, 1.0 - alpha)
+    found = (sims > thresholds.unsqueeze(-1)) & negatives
+    target = (sims > exact.unsqueeze(-1)) & negatives
+    ratio = found.sum(-1) / negatives.sum(-1).clamp(min=1) / alpha
+    hits, detected, true = float((found & target).sum()), float(found.sum()), float(target.sum())
+    return {
+        "filtered_over_alpha": float(ratio.mean()),
+        "within_half_to_double": float(((ratio >= 0.5) & (ratio <= 2.0)).float().mean()),
+        "mask_f1": 2.0 * hits / (detected + true) if detected + true > 0 else 1.0,
+    }
+
+
+def _prf(tp: float, detected: float, true: float, pairs: float) -> dict[str, float | None]:
+    p = tp / detected if detected else None
+    r = tp / true if true else None
+    f1 = 2 * p * r / (p + r) if p is not None and r is not None and p + r > 0 else 0.0
+    return {"precision": p, "recall": r, "f1": f1, "detected_fraction": detected / pairs}
+
+
+class ThresholdSnapshots(TrainerCallback):
+    """At chosen epoch ends, with the training set embedded by the current model:
+
+    * GloFND's learned thresholds vs the exact per-anchor (1 - alpha) quantile of the
+      similarity to the whole training set (the value GloFND's update tracks);
+    * the same-model comparison of threshold rules on the pairs of random batches of the
+      training batch size: in-batch (1 - alpha) quantile (``batch_quantile``), exact global
+      quantile at alpha, exact global quantile at the alpha that matches the in-batch rule's
+      realised detection rate, and GloFND's learned thresholds; plus the learned and exact
+      thresholds over the full N x N matrix.
+    """
+
+    def __init__(
+        self,
+        study: Study,
+        detector,
+        train,
+        labels: torch.Tensor,
+        alpha: float,
+        at_epochs: list[int],
+        exact_every_epoch: bool = False,
+    ) -> None:
+        self.study, self.detector, self.alpha = study, detector, alpha
+        self.at = set(at_epochs)
+        # The epoch before each snapshot too: its exact quantiles, held for one epoch, are
+        # what a rule that refreshes each threshold once per epoch could at best hold.
+        self.exact_at = self.at | {e - 1 for e in self.at}
+        # With --record, every epoch's exact quantiles are kept for offline replays.
+        self.exact_history: dict[int, torch.Tensor] | None = None
+        if exact_every_epoch:
+            self.exact_at |= set(range(1, study.epochs + 1))
+            self.exact_history = {}
+        self._previous_exact: tuple[int, torch.Tensor] | None = None
+        # The same in training mode (dropout, augmentation): what the rule sees.
+        self._previous_seen: tuple[int, torch.Tensor] | None = None
+        self.labels = labels
+        self.embedder = ZeroShotEvaluator(train, show_progress=False, batch_size=256)
+        self.snapshots: list[dict[str, Any]] = []
+        self.training_mode: list[dict[str, Any]] = []
+        self.arrays: list[dict[str, np.ndarray]] = []
+
+    def on_epoch_end(self, args, state, control, model=None, **kwargs):
+        epoch = round(state.epoch or 0)
+        self._training_mode(epoch, model)
+        if epoch not in self.exact_at:
+            return
+        sims = _similarities(self.embedder.embed(self.study.adapter, model))  # (2, N, N)
+        n = sims.shape[1]
+        negatives = ~torch.eye(n, dtype=torch.bool)
+        exact = masked_quantile(sims, negatives, 1.0 - self.alpha)  # (2, N)
+        previous, self._previous_exact = self._previous_exact, (epoch, exact)
+        if self.exact_history is not None:
+            self.exact_history[epoch] = exact.clone()
+        if epoch not in self.at:
+            return
+        lam = self._thresholds(n)
+        truth = (self.labels.unsqueeze(1) == self.labels.unsqueeze(0)) & negatives
+        snap: dict[str, Any] = {"epoch": epoch, "full_matrix": {}, "in_batch_pairs": {}}
+        for name, thr in (("learned", lam), ("exact", exact)):
+            found = (sims > thr.unsqueeze(-1)) & negatives
+            snap["full_matrix"][name] = _prf(
+                float((found & truth).sum()),
+                float(found.sum()),
+                2.0 * float(truth.sum()),
+                2.0 * n * (n - 1),
+            )
+        snap["in_batch_pairs"] = self._in_batch(sims, exact, lam, truth)
+        diff = (lam - exact).flatten()
+        snap["lambda_mean"] = float(lam.mean())
+        snap["lambda_percentiles"] = [
+            float(v) for v in torch.quantile(lam.flatten(), torch.tensor([0.1, 0.5, 0.9]))
+        ]
+        snap["exact_mean"] = float(exact.mean())
+        snap["exact_percentiles"] = [
+            float(v) for v in torch.quantile(exact.flatten(), torch.tensor([0.1, 0.5, 0.9]))
+        ]
+        snap["lambda_minus_exact_mean"] = float(diff.mean())
+        snap["lambda_vs_exact_mae"] = float(diff.abs().mean())
+        snap["lambda_vs_exact_corr"] = float(
+            np.corrcoef(lam.flatten().numpy(), exact.flatten().numpy())[0, 1]
+        )
+        if previous is not None and previous[0] == epoch - 1:
+            stale = (previous[1] - exact).flatten()
+            snap["previous_epoch_exact_mae"] = float(stale.abs().mean())
+            snap["previous_epoch_exact_corr"] = float(
+                np.corrcoef(previous[1].flatten().numpy(), exact.flatten().numpy())[0, 1]
+            )
+        self.snapshots.append(snap)
+        self.arrays.append(
+            {"epoch": epoch, "lambda": lam[0].numpy().copy(), "exact": exact[0].numpy().copy()}
+        )
+
+    def _thresholds(self, n: int) -> torch.Tensor:
+        """(2, n) GloFND's thresholds of the first n samples, as they filter (read without
+        ``state_dict``, which folds the state's common shift into its table and so would
+        change the run it measures in the last bits)."""
+        return self.detector.state.lambdas(torch.arange(n)).t().cpu()
+
+    def _training_mode(self, epoch: int, model) -> None:
+        """Every epoch end, in rank units on a fresh training-mode draw (what the rule
+        sees): what the thresholds filter there, against the exact rule on the same
+        similarities; beside them what the exact quantiles of another draw filter (same
+        epoch: the draw-to-draw noise no rule escapes; the previous epoch's, held for an
+        epoch, as a rule that sees each sample once per epoch would at best hold them)."""
+        adapter = self.study.adapter
+        seed = self.study.seed * 100_003 + 2 * epoch  # two distinct draws per epoch
+        seen = _similarities(self.embedder.embed(adapter, model, training=True, seed=seed))
+        n = seen.shape[1]
+        negatives = ~torch.eye(n, dtype=torch.bool)
+        exact = masked_quantile(seen, negatives, 1.0 - self.alpha)
+        previous, self._previous_seen = self._previous_seen, (epoch, exact)
+        fresh = _similarities(self.embedder.embed(adapter, model, training=True, seed=seed + 1))
+        lam = self._thresholds(n)
+        thresholds = {"learned": lam, "exact_other_draw": exact}
+        if previous is not None and previous[0] == epoch - 1:
+            thresholds["exact_previous_epoch"] = previous[1]
+        figures = {
+            name: rank_figures(fresh, thr, negatives, self.alpha)
+            for name, thr in thresholds.items()
+        }
+        self.training_mode.append({"epoch": epoch, **figures})
+
+    def _in_batch(self, sims, exact, lam, truth) -> dict[str, dict]:
+        n, b = sims.shape[1], self.study.batch_size
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(len(self.snapshots)))
+        batches = [order[i : i + b] for i in range(0, n - b + 1, b)]
+        eye = torch.eye(b, dtype=torch.bool)
+        neg = ~eye
+        rules = ("batch_quantile", "exact_global", "learned_global")
+        counts = {r: [0.0, 0.0] for r in rules}  # tp, detected
+        true = pairs = 0.0
+        for idx in batches:
+            sub = sims[:, idx][:, :, idx]
+            tb = truth[idx][:, idx].unsqueeze(0).expand(2, -1, -1)
+            thresholds = {
+                "batch_quantile": masked_quantile(sub, neg, 1.0 - self.alpha),
+                "exact_global": exact[:, idx],
+                "learned_global": lam[:, idx],
+            }
+            for rule, thr in thresholds.items():
+                found = (sub > thr.unsqueeze(-1)) & neg
+                counts[rule][0] += float((found & tb).sum())
+                counts[rule][1] += float(found.sum())
+            true += float(tb.sum())
+            pairs += 2.0 * b * (b - 1)
+        out = {r: _prf(tp, det, true, pairs) for r, (tp, det) in counts.items()}
+        # The global rule at the budget the in-batch rule actually spends.
+        matched = out["batch_quantile"]["detected_fraction"]
+        negatives = ~torch.eye(n, dtype=torch.bool)
+        exact_m = masked_quantile(sims, negatives, 1.0 - matched)
+        tp = det = 0.0
+        for idx in batches:
+            sub = sims[:, idx][:, :, idx]
+            tb = truth[idx][:, idx].unsqueeze(0).expand(2, -1, -1)
+            found = (sub > exact_m[:, idx].unsqueeze(-1)) & neg
+            tp += float((found & tb).sum())
+            det += float(found.sum())
+        out["exact_global_matched_budget"] = {**_prf(tp, det, true, pairs), "alpha": matched}
+        return out
