@@ -189,6 +189,7 @@ def push_to_hub(
     (:class:`SecretInUploadError`, before anything is sent).
     ``token``: None uses huggingface_hub's usual sources. Returns the commit URL.
     """
+    # Long: the docstring is the upload's contract; the body is one staged commit.
     from huggingface_hub import CommitOperationAdd, HfApi
 
     check_hub_repo_id(repo_id)

@@ -108,39 +108,13 @@ class GloFNDTrainer(CheckpointingMixin, Trainer):
             raise ValueError(
                 f"the {args.detector} detector needs a label column (label_column=...)"
             )
-        num_samples = args.num_samples
-        self.shard_loader = None
-        if is_presharded_loader(train_dataset) and hasattr(train_dataset, "batches_per_epoch"):
-            # Already split by rank and worker: keep it out of accelerator.prepare, and let it
-            # (not accelerate's skip_first_batches) fast-forward on a mid-epoch resume.
-            self.shard_loader = train_dataset
-            train_dataset = train_dataset.dataset
-            num_samples = num_samples or getattr(train_dataset, "dataset_size", None)
-            args.ignore_data_skip = True
-        elif (
-            train_dataset is not None
-            and hasattr(train_dataset, "column_names")
-            and hasattr(train_dataset, "__len__")
-        ):
-            train_dataset, num_samples = prepare_image_text_dataset(
-                train_dataset,
-                image_column,
-                caption_column,
-                index_column,
-                args.num_samples,
-                extra_columns=[label_column] if label_column else [],
-            )
-            train_dataset = defer_image_decoding(train_dataset, image_column)
-        if data_collator is None:
-            data_collator = ImageTextCollator(
-                adapter.image_transform(train=True),
-                adapter.tokenize,
-                image_column,
-                caption_column,
-                index_column,
-                label_column,
-                seed=args.seed,
-            )
+        train_dataset, data_collator, num_samples = self._prepare_training_data(
+            adapter,
+            args,
+            train_dataset,
+            data_collator,
+            (image_column, caption_column, index_column, label_column),
+        )
         self._prepare_temperature(args)
         kwargs.setdefault("processing_class", getattr(adapter, "processor", None))
         if evaluator is not None and kwargs.get("eval_dataset") is None:
@@ -178,6 +152,51 @@ class GloFNDTrainer(CheckpointingMixin, Trainer):
         ):
             # DeepSpeed owns the backward and allows one per micro-batch.
             raise ValueError("contrastive_chunk_size does not work with DeepSpeed")
+
+    def _prepare_training_data(
+        self,
+        adapter: DualEncoderAdapter,
+        args: GloFNDTrainingArguments,
+        train_dataset: Any,
+        data_collator: Callable | None,
+        columns: tuple[str, str, str, str | None],
+    ) -> tuple[Any, Callable, int | None]:
+        """The train set as the Trainer gets it, its collator and N (None when unknown)."""
+        image_column, caption_column, index_column, label_column = columns
+        num_samples = args.num_samples
+        self.shard_loader = None
+        if is_presharded_loader(train_dataset) and hasattr(train_dataset, "batches_per_epoch"):
+            # Already split by rank and worker: keep it out of accelerator.prepare, and let it
+            # (not accelerate's skip_first_batches) fast-forward on a mid-epoch resume.
+            self.shard_loader = train_dataset
+            train_dataset = train_dataset.dataset
+            num_samples = num_samples or getattr(train_dataset, "dataset_size", None)
+            args.ignore_data_skip = True
+        elif (
+            train_dataset is not None
+            and hasattr(train_dataset, "column_names")
+            and hasattr(train_dataset, "__len__")
+        ):
+            train_dataset, num_samples = prepare_image_text_dataset(
+                train_dataset,
+                image_column,
+                caption_column,
+                index_column,
+                args.num_samples,
+                extra_columns=[label_column] if label_column else [],
+            )
+            train_dataset = defer_image_decoding(train_dataset, image_column)
+        if data_collator is None:
+            data_collator = ImageTextCollator(
+                adapter.image_transform(train=True),
+                adapter.tokenize,
+                image_column,
+                caption_column,
+                index_column,
+                label_column,
+                seed=args.seed,
+            )
+        return train_dataset, data_collator, num_samples
 
     # -- temperature -------------------------------------------------------------------------
     def _temperature_parameters(self) -> list[torch.nn.Parameter]:

@@ -117,3 +117,46 @@ def test_no_module_imports_a_package_above_it():
         if module.startswith(target + ".")
     ]
     assert upward == []
+
+
+MAX_MODULE_LINES = 500
+MAX_FUNCTION_LINES = 80
+LONG_REASON = "# Long:"  # a function over the limit says why in a comment that starts so
+
+
+def long_functions_without_a_reason(root: Path = PACKAGE) -> list[str]:
+    found = []
+    for path in root.rglob("*.py"):
+        source = path.read_text()
+        lines = source.splitlines()
+        for node in ast.walk(ast.parse(source)):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            length = node.end_lineno - node.lineno + 1
+            body = lines[node.lineno - 1 : node.end_lineno]
+            if length > MAX_FUNCTION_LINES and not any(LONG_REASON in line for line in body):
+                found.append(f"{path.relative_to(root)}:{node.lineno} {node.name} ({length})")
+    return found
+
+
+def test_long_functions_say_why():
+    assert long_functions_without_a_reason() == []
+
+
+def test_no_module_over_the_limit():
+    long = {
+        str(p.relative_to(PACKAGE)): n
+        for p in PACKAGE.rglob("*.py")
+        if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES
+    }
+    assert long == {}
+
+
+def test_the_length_check_sees_a_long_function(tmp_path):
+    # The check must be able to fail: a long function is found until it says why.
+    body = "\n".join(f"    x{i} = {i}" for i in range(MAX_FUNCTION_LINES))
+    module = tmp_path / "m.py"
+    module.write_text(f"def f():\n{body}\n\n\ndef g():\n    return 1\n")
+    assert long_functions_without_a_reason(tmp_path) == ["m.py:1 f (81)"]
+    module.write_text(f"def f():\n    {LONG_REASON} a table of constants\n{body}\n")
+    assert long_functions_without_a_reason(tmp_path) == []

@@ -41,6 +41,7 @@ def _read_lines(path: str, what: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # Long: one add_argument per option of glofnd-eval, in the order --help lists them.
     p = argparse.ArgumentParser(
         prog="glofnd-eval",
         description="Zero-shot image-text retrieval (recall@k) and zero-shot classification "

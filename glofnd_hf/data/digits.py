@@ -256,6 +256,7 @@ def load_digits_pairs(
         identical across splits and seeds; the digit in the centred configurations) and
         ``dataset_index`` (int64, ``0..len-1`` within each split, in row order).
     """
+    # Long: the docstring documents every column the demo and the tests rely on.
     import datasets
     from sklearn.datasets import load_digits
 

@@ -63,6 +63,7 @@ def load_shards_for_eval(
     row with its training dataset index in a ``dataset_index`` column (no grouping by image
     id), for tools that look up per-sample training state; a sample without one is an error.
     """
+    # Long: one pass checks each sample as it reads it, so that an error names it.
     import datasets
 
     try:

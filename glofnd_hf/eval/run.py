@@ -172,6 +172,7 @@ def evaluate(
          "metrics_clip_benchmark": {"text_retrieval_recall@1": ..., ..., "acc1": ...},
          "device": "cpu", "timing": {"embed_seconds": ..., "score_seconds": ...}}
     """
+    # Long: every option of glofnd-eval is a keyword here, and the docstring gives the report.
     try:
         check_tie_rule(ties)
     except ValueError as e:

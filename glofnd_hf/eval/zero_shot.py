@@ -129,6 +129,7 @@ class ZeroShotEvaluator:
         ties: str = DEFAULT_TIE_RULE,
         distributed: bool = True,
     ) -> None:
+        # Long: every check of the evaluation set runs here, before minutes of embedding.
         check_tie_rule(ties)
         tasks = resolve_tasks(tasks, caption_column, class_label_column)
         if not tasks:

@@ -93,6 +93,7 @@ def _plural(text: str) -> str:
 
 def _check(value: Any, annotation: Any, lenient: bool) -> Any:
     """``value`` (converted when ``lenient``) if it has type ``annotation``, else _Mismatch."""
+    # Long: one branch per kind of setting type, each with its own message.
     if annotation is Any or annotation is object:
         return value
     if annotation is type(None) or annotation is None:

@@ -83,6 +83,7 @@ def inspect_checkpoint(
     random rows (default 16). ``summary_anchors``: the summary scans every anchor up to
     this many rows, else a random subset of that size (each against the whole data set).
     """
+    # Long: every option of glofnd-inspect is a keyword here; the body is named steps.
     started = time.perf_counter()
     if output is not None and png:
         from .plots import require_matplotlib

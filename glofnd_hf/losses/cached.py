@@ -108,6 +108,7 @@ def cached_contrastive_step(
     besides the CPU's (default: that of ``module``'s parameters).
     Gradients accumulate into the parameters' ``.grad`` like ``backward`` does.
     """
+    # Long: both passes share the chunk bounds, the no-grad embeddings and the RNG states.
     if num_chunks < 1:
         raise ValueError(f"num_chunks must be positive, got {num_chunks}")
     if device is None and module is not None:

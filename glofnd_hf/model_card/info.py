@@ -269,16 +269,7 @@ def card_info_from_trainer(
         base_model = resolve_base_model(model_name_or_path, pretrained)
     if base_model is None and model_name_or_path is None:
         base_model = resolve_base_model(adapter.source_name())
-    evaluator = getattr(trainer, "evaluator", None)
-    eval_data = getattr(evaluator, "dataset", None)
-    if eval_dataset is None:
-        eval_dataset = getattr(evaluator, "dataset_name", None) or getattr(
-            getattr(eval_data, "info", None), "dataset_name", None
-        )
-    if eval_split is None:
-        eval_split = getattr(evaluator, "split", None)
-        if eval_split is None and getattr(eval_data, "split", None) is not None:
-            eval_split = str(eval_data.split)
+    eval_dataset, eval_split = _evaluation_source(trainer, eval_dataset, eval_split)
     state = getattr(trainer, "state", None)
     epoch = getattr(state, "epoch", None)
     step = getattr(state, "global_step", None)
@@ -289,14 +280,7 @@ def card_info_from_trainer(
         num_pairs = None
     datasets = [d for d in (datasets or []) if d]
     if train_data_description is None:
-        if datasets:
-            train_data_description = (
-                "Trained on " + ", ".join(describe_dataset(d) for d in datasets) + "."
-            )
-        else:
-            train_data_description = "Trained on an image-caption data set."
-        if num_pairs:
-            train_data_description += f" {num_pairs:,} image-caption pairs."
+        train_data_description = _describe_training_data(datasets, num_pairs)
     loss = getattr(trainer, "contrastive_loss", None)
     loss_config = None
     if loss is not None and hasattr(loss, "config_dict"):
@@ -331,6 +315,34 @@ def card_info_from_trainer(
         else (int(step) if step and eval_metrics else None),
         glofnd_version=__version__,
     )
+
+
+def _evaluation_source(
+    trainer: Any, eval_dataset: str | None, eval_split: str | None
+) -> tuple[str | None, str | None]:
+    """The evaluation set's name and split: as given, else as the trainer's evaluator (or
+    its dataset) records them."""
+    evaluator = getattr(trainer, "evaluator", None)
+    eval_data = getattr(evaluator, "dataset", None)
+    if eval_dataset is None:
+        eval_dataset = getattr(evaluator, "dataset_name", None) or getattr(
+            getattr(eval_data, "info", None), "dataset_name", None
+        )
+    if eval_split is None:
+        eval_split = getattr(evaluator, "split", None)
+        if eval_split is None and getattr(eval_data, "split", None) is not None:
+            eval_split = str(eval_data.split)
+    return eval_dataset, eval_split
+
+
+def _describe_training_data(datasets: Sequence[str], num_pairs: int | None) -> str:
+    if datasets:
+        text = "Trained on " + ", ".join(describe_dataset(d) for d in datasets) + "."
+    else:
+        text = "Trained on an image-caption data set."
+    if num_pairs:
+        text += f" {num_pairs:,} image-caption pairs."
+    return text
 
 
 def card_info_from_folder(
