@@ -10,6 +10,7 @@ dataclass in the registry (:mod:`glofnd_hf.fnd.registry`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 from collections.abc import Mapping
@@ -126,6 +127,11 @@ class DataArguments:
     max_train_samples: int | None = setting(None, "Train on the first rows only (datasets data).")
     max_eval_samples: int | None = setting(None, "Evaluate on the first rows only.")
 
+    def __post_init__(self) -> None:
+        # A flag cannot say None: "none" (or an empty value) means no evaluation split.
+        if isinstance(self.eval_split, str) and self.eval_split.strip().lower() in ("", "none"):
+            self.eval_split = None
+
 
 @dataclass(frozen=True)
 class RenamedSetting:
@@ -170,6 +176,13 @@ RENAMED_SETTINGS: tuple[RenamedSetting, ...] = (
         for key in ("num_clusters", "cluster_every", "accept_warmup_epochs")
     ),
 )
+
+
+def _field_default(dataclass_type: type, name: str) -> Any:
+    field = next(f for f in dataclasses.fields(dataclass_type) if f.name == name)
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    return field.default_factory()  # type: ignore[misc]
 
 
 def _deprecated(renamed_to: str) -> str:
@@ -338,12 +351,17 @@ class GloFNDTrainingArguments(SecretsNotPickled, TrainingArguments):
         # All ranks gather equally sized batches: drop a ragged last batch when distributed.
         if self.world_size > 1:
             self.dataloader_drop_last = True
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size"):
+            if getattr(self, name) < 1:  # before any model or data loads
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         spec = self.detector_spec()  # an unknown name fails here, listing the known ones
         self.detector_kwargs = self._read_detector_kwargs(self.detector_kwargs)
         sections = self._detector_sections(self.detector_kwargs)
         if sections is not None:
             self.detector_kwargs = dict(sections.get(self.detector) or {})
         self._apply_renamed_settings()
+        if not 0.0 < self.fn_alpha < 1.0:  # named here, not as a detector's own setting
+            raise ValueError(f"fn_alpha must lie in (0, 1), got {self.fn_alpha}")
         for name, section in (sections or {}).items():  # catch typos in every section
             try:
                 registry.get(name).make_settings(section, self.shared_detector_settings())
@@ -390,7 +408,13 @@ class GloFNDTrainingArguments(SecretsNotPickled, TrainingArguments):
         if value is None:
             return {}
         if isinstance(value, str):  # a command-line flag: JSON, as transformers' dict fields
-            value = json.loads(value) if value.strip() else {}
+            try:
+                value = json.loads(value) if value.strip() else {}
+            except json.JSONDecodeError as err:
+                raise ValueError(
+                    f"detector_kwargs is not valid JSON ({err.msg} at character {err.pos}): "
+                    f'{value!r}; e.g. --detector_kwargs \'{{"update_rule": "adam"}}\''
+                ) from err
         if not isinstance(value, Mapping):
             raise ValueError(f"detector_kwargs must be a mapping, got {value!r}")
         return dict(value)
@@ -429,10 +453,23 @@ class GloFNDTrainingArguments(SecretsNotPickled, TrainingArguments):
                 stacklevel=4,
             )
             if renamed.detector is None:
+                # The new field at its default counts as not given (a dataclass cannot tell).
+                current = getattr(self, renamed.new)
+                if current != _field_default(type(self), renamed.new) and current != value:
+                    raise ValueError(
+                        f"{renamed.old}={value!r} contradicts {renamed.new}={current!r}: set "
+                        f"only {renamed.new}"
+                    )
                 setattr(self, renamed.new, value)
             elif renamed.position is not None:
                 default = getattr(self.detector_spec().make_settings(), renamed.new)
                 sequence = list(self.detector_kwargs.get(renamed.new, default))
+                given = renamed.new in self.detector_kwargs
+                if given and sequence[renamed.position] not in (value, default[renamed.position]):
+                    raise ValueError(
+                        f"{renamed.old}={value!r} contradicts detector_kwargs {renamed.new}="
+                        f"{self.detector_kwargs[renamed.new]!r}: set only detector_kwargs"
+                    )
                 sequence[renamed.position] = value
                 self.detector_kwargs[renamed.new] = sequence
             elif self.detector_kwargs.get(renamed.new, value) != value:

@@ -224,6 +224,32 @@ def test_deprecated_names_warn_and_move_to_their_new_place(tmp_path):
         make_args(tmp_path, glofnd_lr=0.1, detector_kwargs={"lr": 0.2})
 
 
+def test_deprecated_and_new_name_together_agree_or_stop(tmp_path):
+    # Issue 32: the deprecated name used to win silently over the new one.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        with pytest.raises(ValueError, match="glofnd_alpha=0.02 contradicts fn_alpha=0.01"):
+            make_args(tmp_path, fn_alpha=0.01, glofnd_alpha=0.02)
+        assert make_args(tmp_path, fn_alpha=0.02, glofnd_alpha=0.02).fn_alpha == 0.02
+        with pytest.raises(ValueError, match="contradicts fn_start_epoch"):
+            make_args(tmp_path, fn_start_epoch=3.0, glofnd_mask_start_epoch=1.0)
+        with pytest.raises(ValueError, match="contradicts detector_kwargs betas"):
+            make_args(tmp_path, glofnd_beta1=0.5, detector_kwargs={"betas": [0.8, 0.999]})
+        agreeing = make_args(tmp_path, glofnd_beta1=0.8, detector_kwargs={"betas": [0.8, 0.99]})
+        assert agreeing.detector_settings().betas == (0.8, 0.99)
+
+
+def test_deprecated_and_new_name_on_the_command_line(tmp_path, capsys):
+    from glofnd_hf.cli.train import main
+
+    argv = ["recipes/demo.yaml", "--output_dir", str(tmp_path), "--fn_alpha", "0.01"]
+    with pytest.raises(SystemExit) as stop, warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        main([*argv, "--glofnd_alpha", "0.02"])
+    assert stop.value.code == 2
+    assert "glofnd_alpha=0.02 contradicts fn_alpha=0.01" in capsys.readouterr().err
+
+
 def test_every_renamed_setting_is_a_deprecated_field():
     fields = {f.name: f for f in dataclasses.fields(GloFNDTrainingArguments)}
     for renamed in RENAMED_SETTINGS:

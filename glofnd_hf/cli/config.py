@@ -97,6 +97,10 @@ class ConfigError(ValueError):
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """The mapping of field names to values in a YAML configuration file."""
     path = Path(path)
+    if path.is_dir():
+        recipes = sorted(p.name for p in path.glob("*.yaml"))[:5]
+        hint = f" (it holds {', '.join(recipes)})" if recipes else ""
+        raise ConfigError(f"config file {path} is a folder, not a YAML recipe{hint}")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:

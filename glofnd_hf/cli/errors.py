@@ -64,9 +64,26 @@ def _hint(err: BaseException) -> str:
     return ""
 
 
+_WORKER_TRACEBACK = "Original Traceback (most recent call last):"
+
+
+def _without_worker_traceback(message: str) -> str:
+    """A DataLoader worker's error as torch re-raises it carries the worker's whole
+    traceback in its message: keep the error itself and say where it happened."""
+    if _WORKER_TRACEBACK not in message:
+        return message
+    lines = message.split(_WORKER_TRACEBACK, 1)[1].strip("\n").splitlines()
+    frames = [i for i, line in enumerate(lines) if line.startswith(" ")]
+    error = "\n".join(lines[frames[-1] + 1 :] if frames else lines)
+    kind, sep, text = error.partition(": ")
+    named = sep and all(part.isidentifier() for part in kind.split("."))
+    error = text if named else error  # the exception type is not part of the message
+    return f"{error} (in a DataLoader worker)"
+
+
 def error_line(prog: str, err: BaseException) -> str:
     """``PROG: error: MESSAGE`` on one line (the message's own line breaks collapsed)."""
-    message = " ".join(str(err).split())
+    message = " ".join(_without_worker_traceback(str(err)).split())
     if not message or _is_network_error(err) or type(err) in (OSError, ConnectionError):
         message = f"{type(err).__name__}: {message}".rstrip(": ")
     return f"{prog}: error: {message}{_hint(err)} [{DEBUG_FLAG} shows the traceback]"
