@@ -34,6 +34,7 @@ from .losses import (
 from .losses import registry as loss_registry
 from .models import family_choices
 from .secret_args import SecretsNotPickled
+from .state_budget import check_state_fits
 
 # "auto" placement keeps the state on the accelerator up to this size, else in host memory.
 AUTO_DEVICE_STATE_LIMIT_BYTES = 2 * 1024**3
@@ -402,6 +403,9 @@ class GloFNDTrainingArguments(SecretsNotPickled, TrainingArguments):
                 f"fn_alpha and its mask_start_epoch is fn_start_epoch): {err}"
             ) from err
         self.gamma_schedule_obj()
+        if self.num_samples is not None and self.state_device != "device":
+            # Host memory bounds the state wherever "auto" puts it; checked before any load.
+            check_state_fits(self.num_samples, self.state_bytes_per_sample(), "cpu")
 
     @staticmethod
     def _read_detector_kwargs(value: Mapping[str, Any] | str | None) -> dict[str, Any]:

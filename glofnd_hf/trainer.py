@@ -27,6 +27,7 @@ from .losses import registry as loss_registry
 from .losses.registry import LossBuild
 from .model_card import ModelCardCallback
 from .models import DualEncoderAdapter, family_of_adapter
+from .state_budget import check_state_fits
 from .trainer_callbacks import ClampLogitScale, DataEpoch, EpochSummary
 from .trainer_checkpoints import CheckpointingMixin
 
@@ -40,6 +41,7 @@ def build_contrastive_loss(
 ) -> BimodalContrastiveLoss:
     """The loss (with its detector) described by the training arguments."""
     state_device = resolve_state_device(args, num_samples, device)
+    check_state_fits(num_samples, args.state_bytes_per_sample(), state_device)
     pin = state_device.type == "cpu" and torch.device(device).type == "cuda"
     detector = args.detector_spec().build(
         args.detector_settings(),

@@ -76,3 +76,35 @@ def test_a_dataloader_workers_error_is_one_short_line():
     )
     plain = error_line("glofnd-train", ValueError("plain: message"))
     assert plain == "glofnd-train: error: plain: message [--debug shows the traceback]"
+
+
+def test_a_state_too_big_for_memory_is_refused_before_anything_loads(tmp_path, capsys, monkeypatch):
+    line = _train_error(
+        ["recipes/demo.yaml", "--output_dir", str(tmp_path), "--num_samples", "100000000000"],
+        capsys,
+        monkeypatch,
+    )
+    assert "the per-sample state needs 6,705.5 GiB (N = 100,000,000,000 samples x 72 bytes)" in (
+        line
+    )
+
+
+def test_the_state_budget_against_a_given_memory():
+    from glofnd_hf.state_budget import StateTooLargeError, check_state_fits
+
+    check_state_fits(1000, 72, "cpu", memory=72_000)  # exactly fits
+    with pytest.raises(StateTooLargeError, match="needs 0.0 GiB .* but this machine has"):
+        check_state_fits(1001, 72, "cpu", memory=72_000)
+
+
+def test_n_from_the_data_is_checked_when_the_loss_is_built(tmp_path, monkeypatch):
+    from cpu_args import cpu_args
+
+    from glofnd_hf import state_budget
+    from glofnd_hf.trainer import build_contrastive_loss
+
+    monkeypatch.setattr(state_budget, "memory_of", lambda device: 10_000)
+    args = cpu_args(tmp_path)
+    with pytest.raises(state_budget.StateTooLargeError, match="N = 1,000 samples"):
+        build_contrastive_loss(args, 1000, "cpu")
+    assert build_contrastive_loss(args, 100, "cpu").num_samples == 100
