@@ -438,3 +438,23 @@ def test_a_model_is_evaluated_in_the_dataset_configuration_it_was_trained_on(tmp
         "attributes"
     )
     assert evaluate(model_dir, **common)["data"]["config"] is None  # no card: the default
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.0])
+def test_a_damaged_weight_file_is_one_line_naming_it(tmp_path, model_dir, capsys, keep):
+    import shutil
+
+    from glofnd_hf.models.loading import DamagedWeightsError, load_dual_encoder
+
+    folder = tmp_path / "damaged"
+    shutil.copytree(model_dir, folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: int(weights.stat().st_size * keep)])
+    with pytest.raises(DamagedWeightsError, match="damaged or incomplete") as info:
+        load_dual_encoder(folder)
+    assert str(weights) in str(info.value)
+    with pytest.raises(SystemExit) as exit_info:
+        eval_main(["--model", str(folder), "--dataset", "glofnd-digits", "--max-samples", "2"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "model.safetensors" in err[0] and "damaged or incomplete" in err[0]

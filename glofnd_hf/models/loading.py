@@ -83,6 +83,57 @@ def load_dual_encoder(
     ``config.json`` and Hub ids. ``kwargs`` go to the family's loader.
     """
     name = str(model_name_or_path)
+    try:
+        return _load(name, family, pretrained, **kwargs)
+    except Exception as err:
+        if not _is_damaged_weights(err):
+            raise
+        raise DamagedWeightsError(
+            f"the weights of {name!r} are damaged or incomplete ({_damaged_file(name) or 'a weight file'}: "
+            f"{type(err).__name__}: {' '.join(str(err).split())[:200]}); copy or download them "
+            "again (a run's checkpoint-N folders hold earlier copies)"
+        ) from err
+
+
+class DamagedWeightsError(OSError):
+    """A weight file that exists but cannot be read (truncated, overwritten, not weights)."""
+
+
+_DAMAGED_MESSAGES = (
+    "PytorchStreamReader",
+    "invalid load key",
+    "unexpected EOF",
+    "Ran out of input",
+)
+
+
+def _is_damaged_weights(err: BaseException) -> bool:
+    import pickle
+
+    if type(err).__name__ == "SafetensorError" or isinstance(
+        err, (EOFError, pickle.UnpicklingError)
+    ):
+        return True
+    return isinstance(err, RuntimeError) and any(m in str(err) for m in _DAMAGED_MESSAGES)
+
+
+def _damaged_file(name: str) -> str | None:
+    """The first weight file of a local folder whose header cannot be read, if any."""
+    folder = Path(name.removeprefix("local-dir:"))
+    if not folder.is_dir():
+        return None
+    from safetensors import safe_open
+
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except Exception:
+            return str(path)
+    return None
+
+
+def _load(name: str, family: str, pretrained: str | None, **kwargs: Any) -> DualEncoderAdapter:
     fam = get_family(family if family != "auto" else infer_family(name))
     if fam.takes_pretrained:
         return fam.adapter.from_pretrained(name, pretrained=pretrained, **kwargs)
