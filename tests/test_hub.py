@@ -482,3 +482,38 @@ def test_local_training_and_evaluation_data_stay_out_of_trainer_cards(trained, t
     text = str(render_model_card(info))
     assert str(tmp_path) not in text and "my_pairs" not in text
     assert "a local image-caption data set" in text
+
+
+def test_saved_tiny_hf_folders_load_with_every_tower_class(tmp_path):
+    """Issue 31, item 3: every sub-config agrees with the weights (the projection of the tiny
+    CLIP is in text_config and vision_config too), and the SigLIP tokenizer is saved under a
+    class name that transformers 4.x knows as well (not 5.x's TokenizersBackend)."""
+    from transformers import (
+        AutoProcessor,
+        CLIPTextModelWithProjection,
+        CLIPVisionModelWithProjection,
+        SiglipTextModel,
+        SiglipVisionModel,
+    )
+
+    from glofnd_hf.models import build_tiny_hf_siglip
+    from glofnd_hf.models.tiny_siglip import PORTABLE_TOKENIZER_CLASS
+
+    clip = save_for_hub(build_tiny_hf_clip(seed=0, texts=TEXTS), tmp_path / "clip")
+    config = json.loads((clip / "config.json").read_text())
+    for tower in ("text_config", "vision_config"):
+        assert config[tower]["projection_dim"] == config["projection_dim"] == 64
+    text = CLIPTextModelWithProjection.from_pretrained(clip)
+    vision = CLIPVisionModelWithProjection.from_pretrained(clip)
+    assert text.text_projection.weight.shape == vision.visual_projection.weight.shape == (64, 64)
+
+    siglip = save_for_hub(build_tiny_hf_siglip(seed=0, texts=TEXTS), tmp_path / "siglip")
+    assert SiglipTextModel.from_pretrained(siglip).config.projection_size == 64
+    assert SiglipVisionModel.from_pretrained(siglip).config.hidden_size == 64
+    saved = json.loads((siglip / "tokenizer_config.json").read_text())
+    assert saved["tokenizer_class"] == PORTABLE_TOKENIZER_CLASS == "PreTrainedTokenizerFast"
+    processor = AutoProcessor.from_pretrained(siglip)
+    assert (
+        processor.tokenizer(["a red circle"])["input_ids"][0][-1]
+        == processor.tokenizer.eos_token_id
+    )

@@ -52,6 +52,7 @@ def build_tiny_hf_clip(
             bos_token_id=bos,
             eos_token_id=eos,
             pad_token_id=eos,
+            projection_dim=embed_dim,
         ),
         vision_config=dict(
             hidden_size=width,
@@ -60,7 +61,10 @@ def build_tiny_hf_clip(
             num_attention_heads=heads,
             image_size=image_size,
             patch_size=patch_size,
+            projection_dim=embed_dim,
         ),
+        # Also in each tower's config: CLIPTextModelWithProjection / CLIPVisionModelWithProjection
+        # build their projection from the sub-config alone.
         projection_dim=embed_dim,
     )
     torch.manual_seed(seed)

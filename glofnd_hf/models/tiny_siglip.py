@@ -10,6 +10,7 @@ position, padding included, as SigLIP was trained).
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from dataclasses import asdict
 from typing import Any
@@ -25,6 +26,7 @@ __all__ = [
     "SIGLIP_CONTEXT_LENGTH",
     "SIGLIP_INIT_LOGIT_BIAS",
     "SIGLIP_INIT_LOGIT_SCALE",
+    "PORTABLE_TOKENIZER_CLASS",
     "build_siglip_style_tokenizer",
     "build_tiny_hf_siglip",
     "build_tiny_open_clip_siglip",
@@ -44,9 +46,9 @@ def build_siglip_style_tokenizer(
     """The small CLIP BPE (``build_small_clip_tokenizer``) as a plain fast tokenizer with
     SigLIP's conventions: ``text </s>``-style (end token appended, no start token), padded
     with the end token, ``input_ids`` only. Saves as ``tokenizer.json`` and loads with
-    ``AutoTokenizer`` / ``AutoProcessor``."""
+    ``AutoTokenizer`` / ``AutoProcessor`` under transformers 4.x and 5.x (its
+    ``tokenizer_class`` is :data:`PORTABLE_TOKENIZER_CLASS`)."""
     from tokenizers import processors
-    from transformers import PreTrainedTokenizerFast
 
     clip = build_small_clip_tokenizer(texts, context_length=context_length)
     backend = copy.deepcopy(clip.backend_tokenizer)
@@ -54,7 +56,7 @@ def build_siglip_style_tokenizer(
     backend.post_processor = processors.TemplateProcessing(
         single=f"$A {CLIP_EOS}", special_tokens=[(CLIP_EOS, eos_id)]
     )
-    return PreTrainedTokenizerFast(
+    return _portable_fast_tokenizer_class()(
         tokenizer_object=backend,
         eos_token=CLIP_EOS,
         pad_token=CLIP_EOS,
@@ -62,6 +64,34 @@ def build_siglip_style_tokenizer(
         model_max_length=context_length,
         model_input_names=["input_ids"],
     )
+
+
+#: The ``tokenizer_class`` a generic fast tokenizer is saved under so that every transformers
+#: version loads it: 4.x knows ``PreTrainedTokenizerFast``, 5.x keeps it as an alias of its
+#: ``TokenizersBackend`` (the name 5.x itself writes, which 4.x cannot load).
+PORTABLE_TOKENIZER_CLASS = "PreTrainedTokenizerFast"
+
+
+@functools.cache
+def _portable_fast_tokenizer_class() -> type:
+    """transformers' generic fast tokenizer, saved with ``tokenizer_class``
+    :data:`PORTABLE_TOKENIZER_CLASS` (``save_pretrained`` writes the class's ``__name__``)."""
+    from transformers import PreTrainedTokenizerFast
+
+    class PortableFastTokenizer(PreTrainedTokenizerFast):
+        pass
+
+    PortableFastTokenizer.__name__ = PORTABLE_TOKENIZER_CLASS
+    # pickle (DataLoader workers) finds it as this module's attribute (see __getattr__)
+    PortableFastTokenizer.__qualname__ = "_PortableFastTokenizer"
+    PortableFastTokenizer.__module__ = __name__
+    return PortableFastTokenizer
+
+
+def __getattr__(name: str) -> Any:
+    if name == "_PortableFastTokenizer":
+        return _portable_fast_tokenizer_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _siglip_init(model: torch.nn.Module) -> None:
