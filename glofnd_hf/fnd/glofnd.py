@@ -61,12 +61,12 @@ class GloFNDDetector(RowwiseDetector):
 
     def detect_rows(self, rows, bounds, batch) -> RowDetection:
         cfg = self.config
-        updated = everyone = None
+        updated = everyone = stepped = None
         before = (None, None)
         if batch.epoch >= cfg.update_start_epoch:
-            updated, everyone, before = self._update(rows, bounds, batch)
+            updated, everyone, before, stepped = self._update(rows, bounds, batch)
         # Tracking health is read before the step (masking implies updating).
-        finished = self.health.record(batch.epoch, *before, updated)
+        finished = self.health.record(batch.epoch, *before, updated, stepped)
         device = batch.negatives.device
         if not self.masking(batch.epoch):
             return RowDetection(nothing_found, _tensors(finished, device))
@@ -96,11 +96,13 @@ class GloFNDDetector(RowwiseDetector):
     @torch.no_grad()
     def _update(
         self, rows: SimilarityRows, bounds: Sequence[tuple[int, int]], batch: DetectionBatch
-    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
         """Threshold step for every anchor of the global batch; returns the (2, b) updated
-        thresholds of this process's anchors, the (2, B) ones of the global batch, and per
+        thresholds of this process's anchors, the (2, B) ones of the global batch, per
         side the numbers of this process's negatives above the thresholds before the step
-        and of all its negatives, both over anchors visited before (the health figure).
+        and of all its negatives, both over anchors visited before (the health figure), and
+        whether the rule stepped each of the (2, b) thresholds (it skips a row without the
+        negatives its step needs, such as the one anchor of a batch of one).
 
         Every rank reads the state rows of the whole global batch once (its own anchors are
         the slice at its rank), computes the rule's statistics for its own anchors chunk by
@@ -130,9 +132,10 @@ class GloFNDDetector(RowwiseDetector):
         # Every rank gets every anchor's values (O(global batch)) and applies the same update.
         gathered = segment_mean(index, comm.all_gather_no_grad(local.contiguous()))
         stats = gathered.view(index.shape[0], len(SIDES), -1)
-        table_rows = self.state.update(index, stats, batch.epoch, table_rows)
-        everyone = self.state.thresholds_of(table_rows).t().to(dtype)
-        return everyone[:, start : start + b], everyone, (filtered, negatives)
+        new_rows = self.state.update(index, stats, batch.epoch, table_rows)
+        stepped = self.state.visits(new_rows[start : start + b]) > self.state.visits(local_rows)
+        everyone = self.state.thresholds_of(new_rows).t().to(dtype)
+        return everyone[:, start : start + b], everyone, (filtered, negatives), stepped.t()
 
     def _advice(self, kind: str) -> str:
         """Likely cause and the setting to change (a GloFND setting, ``detector_kwargs`` of

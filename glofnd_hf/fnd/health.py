@@ -58,10 +58,14 @@ class TrackingHealth:
         filtered: torch.Tensor | None,
         negatives: torch.Tensor | None,
         thresholds: torch.Tensor | None,
+        stepped: torch.Tensor | None = None,
     ) -> dict[str, float]:
         """Add one step: ``filtered`` (2,) the numbers of negatives of each side above the
         thresholds as they were before the step, of ``negatives`` (2,) negatives (None when
-        not counted), ``thresholds`` (2, b) just updated (None when not updating).
+        not counted), ``thresholds`` (2, b) just updated (None when not updating), and
+        ``stepped`` (2, b) those of them that the step moved (None: all). A threshold the
+        rule left alone (a row without negatives to step on) is no visit: it is not counted
+        at the bound, where an unvisited threshold starts.
         Returns the summary of the previous epoch when this step starts a new one."""
         summary = {}
         current = math.floor(epoch)
@@ -74,8 +78,13 @@ class TrackingHealth:
         if filtered is not None and negatives is not None:
             counts[FILTERED] = filtered.float()
             counts[NEGATIVES] = negatives.float()
-        counts[VISITED] = float(thresholds.shape[-1])
-        counts[AT_BOUND] = (thresholds.abs() >= 1.0).sum(-1).float()
+        at_bound = thresholds.abs() >= 1.0
+        if stepped is None:
+            counts[VISITED] = float(thresholds.shape[-1])
+        else:
+            counts[VISITED] = stepped.sum(-1).float()
+            at_bound = at_bound & stepped
+        counts[AT_BOUND] = at_bound.sum(-1).float()
         self.counts = counts if self.counts is None else self.counts + counts
         return summary
 

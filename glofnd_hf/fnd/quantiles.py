@@ -46,8 +46,13 @@ def top_values(x: torch.Tensor, k: int) -> torch.Tensor:
     with the largest maxima and the k largest of their k * width / groups values. Exact:
     any k groups other than a group G hold k values at least as large as G's maximum, so
     a group outside the chosen ones holds nothing that the chosen ones' k largest lack.
+
+    Rows narrower than k (a batch of one, whose only candidate is the anchor itself) are
+    padded with ``-inf``, as the callers already fill the places of non-negatives.
     """
     width = x.shape[-1]
+    if k > width:
+        return torch.nn.functional.pad(x, (0, k - width), value=-math.inf).topk(k, dim=-1).values
     groups = 2 ** round(math.log2(math.sqrt(k * width)))
     per_group = -(-width // groups)
     if x.device.type != "cpu" or 64 * k <= width or groups < k or k * per_group >= width:
@@ -61,7 +66,8 @@ def top_values(x: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def tail_width(alpha: float, size: int, width: int) -> int:
-    """k_max: the most exceedances ``tail_estimate`` uses for rows of ``width`` candidates."""
+    """k_max: the most exceedances ``tail_estimate`` uses for rows of ``width`` candidates
+    (at least 1: the top k_max + 1 of a one-candidate row are padded, see ``top_values``)."""
     return max(1, min(width - 1, max(size, math.ceil(2 * alpha * width))))
 
 

@@ -28,7 +28,10 @@ class AdamRule(ThresholdRule):
 
     def statistics(self, sim, negatives, lam):
         cfg = self.config
-        values = [pinball_gradient(sim, negatives, lam, cfg.alpha)]
+        count = negatives.sum(-1)
+        grad = pinball_gradient(sim, negatives, lam, cfg.alpha, count=count)
+        # NaN: no gradient, for an anchor without negatives (``step`` leaves its row).
+        values = [torch.where(count > 0, grad, math.nan)]
         if cfg.init_quantile:
             q = masked_quantile(sim, negatives, 1.0 - cfg.alpha)
             values.append(torch.where(torch.isnan(q), lam, q))
@@ -36,7 +39,12 @@ class AdamRule(ThresholdRule):
 
     def step(self, rows, stats, epoch):
         quantile = stats[..., 1] if self.config.init_quantile else None
-        return adam_step(rows, stats[..., 0], quantile, self.config, epoch)
+        grad = stats[..., 0]
+        informed = ~torch.isnan(grad)
+        new = adam_step(rows, torch.where(informed, grad, 0.0), quantile, self.config, epoch)
+        # An anchor without negatives (a batch of one) has no gradient: its row, moments and
+        # step count included, stays as it was instead of coasting on its momentum.
+        return torch.where(informed.unsqueeze(-1), new, rows)
 
 
 def adam_step(

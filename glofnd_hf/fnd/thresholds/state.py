@@ -73,9 +73,15 @@ class ThresholdState:
         return rows[..., LAMBDA]
 
     @staticmethod
-    def visited(rows: torch.Tensor) -> torch.Tensor:
-        """Whether each anchor and side of ``rows`` was visited before (the count is last)."""
-        return rows[..., -1] > 0
+    def visits(rows: torch.Tensor) -> torch.Tensor:
+        """The visit counts held in ``rows`` (..., 2, C): (..., 2) (every rule keeps the count
+        last and adds one for each step it takes)."""
+        return rows[..., -1]
+
+    @classmethod
+    def visited(cls, rows: torch.Tensor) -> torch.Tensor:
+        """Whether each anchor and side of ``rows`` was visited before."""
+        return cls.visits(rows) > 0
 
     def statistics(
         self, rows: torch.Tensor, sim: torch.Tensor, negatives: torch.Tensor
