@@ -114,28 +114,10 @@ class PinballRule(ThresholdRule):
         floor = torch.where(bounded > grad, floor, -math.inf)
         grad = bounded
         first = visits == 0
-        # Drift test: the batch's tail estimate against the running mean of the earlier
-        # ones (the centre), in units of their own running scatter about it (measured, not
-        # the tail model's: lumpy tails make the estimates far noisier than the model
-        # says). Each z-score is clipped, so one outlier cannot raise the alarm: a running
-        # mean of z beyond drift_level times its spread under no drift needs several
-        # visits in a row that all lie far to one side, and restarts the age.
         innovation = q_hat - centre
-        spread = unit * scatter.sqrt()
-        z = (innovation / spread.clamp(min=1e-12)).clamp(-3.0, 3.0)
-        rate = cfg.drift_rate
-        new_drift = drift + rate * (z - drift)
-        # The scatter is measured, so the test waits for a few visits' worth of it.
-        alarm = (visits >= 5) & (new_drift.abs() > cfg.drift_level * math.sqrt(rate / (2.0 - rate)))
+        new_drift, alarm = self._drift_alarm(innovation, unit, scatter, drift, visits)
         common_shift, common = self._common_shift(rows, stats)
-        # Too high a threshold shows as a run of visits without any negative above it:
-        # `calm` is the number expected over the current run (alpha n per visit), and a run
-        # that expected more than drift_level^2 / 2 of them (8 by default; no exceedance has
-        # probability e^-calm) restarts the age. The step is then chosen from past visits only, so the
-        # mean step's zero does not move.
-        calm = torch.where(grad < cfg.alpha, 0.0, calm + cfg.alpha * n)
-        quiet = calm > 0.5 * cfg.drift_level**2
-        calm = torch.where(quiet, 0.0, calm)
+        calm, quiet = self._quiet_run(calm, grad, n)
         restart = alarm | common | quiet
         age = torch.where(restart, age.clamp(max=cfg.restart_age), age) + 1.0
         # While the tail moves, the centre follows it at once (and the test stays raised
@@ -154,30 +136,9 @@ class PinballRule(ThresholdRule):
         # the centre's averaging is not passed on (it would add the estimates' noise, and
         # the tail model's bias, to a rule that rests at the pinball gradient's zero).
         shift = torch.where(restart, new_centre - centre, 0.0)
-        # The step is sized by the earlier visits' unit: this batch's own unit grows with
-        # its top negatives, so it is larger exactly when the gradient points up, which
-        # would move the resting point.
-        gain = age.pow(-cfg.gain_decay)
-        new_it = (iterate + shift - gain * unit * (grad / cfg.alpha)).clamp(-1.0, 1.0)
-        # Where the batch counts more than the limit above the iterate (at the quantile,
-        # with probability under 1e-3), the visit lifts the iterate to leave no more than
-        # the limit of its negatives above it: an iterate stranded far below, with a tail
-        # unit too small to climb back in a few steps (embeddings that collapsed and
-        # spread again), returns at once, and the threshold follows at its averaging
-        # pace. (Lifting the threshold too biased it upwards on i.i.d. streams: late
-        # 0.94-0.97 x alpha at alpha x B = 5, spread ratio 0.95-1.2.)
-        new_it = torch.maximum(new_it, floor)
+        new_it = self._pinball_step(iterate + shift, unit, grad, age, floor)
         new_unit = unit + (batch_unit - unit) / age
-        # Polyak-Ruppert averaging weighted by age (the late iterates count more, so the
-        # start is forgotten sooner than by a plain mean), in rank units: the mean of the
-        # iterates' shares above them, exp(-x / unit) in the local exponential tail, not of
-        # the similarities. The iterates' mean share is alpha where the pinball gradient is
-        # zero on average; a plain mean of similarities filters less than that (the share
-        # is convex in the threshold).
-        base = lam + shift
-        weight = 2.0 / (age + 1.0)
-        offset = (new_it - base) / new_unit.clamp(min=1e-6)
-        new_lam = base - new_unit * torch.log1p(weight * torch.expm1(-offset.clamp(max=30.0)))
+        new_lam = _rank_average(lam + shift, new_it, new_unit, age)
         # First visit: everything starts at the batch's tail estimate, whose age is its
         # weight in visits of pinball evidence (the ratio of a visit's pinball variance,
         # about 1 / (alpha n) in squared tail units, to the estimate's).
@@ -196,7 +157,95 @@ class PinballRule(ThresholdRule):
             ],
             dim=-1,
         )
+        # Anchors without a tail fit (fewer than two negatives: a batch of one or two
+        # samples) keep their row: no step, no visit counted (docs/threshold-tracking.md).
         return torch.where(torch.isfinite(q_hat).unsqueeze(-1), new, rows), common_shift
+
+    def _drift_alarm(
+        self,
+        innovation: torch.Tensor,
+        unit: torch.Tensor,
+        scatter: torch.Tensor,
+        drift: torch.Tensor,
+        visits: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each anchor's drift test: the new running mean of its clipped z-scores, and
+        whether it raises the alarm (which restarts the age and moves the centre at once).
+
+        The batch's tail estimate is measured against the running mean of the earlier ones
+        (the centre), in units of their own running scatter about it (measured, not the
+        tail model's: lumpy tails make the estimates far noisier than the model says). Each
+        z-score is clipped, so one outlier cannot raise the alarm: a running mean of z
+        beyond drift_level times its spread under no drift needs several visits in a row
+        that all lie far to one side.
+        """
+        cfg = self.config
+        spread = unit * scatter.sqrt()
+        z = (innovation / spread.clamp(min=1e-12)).clamp(-3.0, 3.0)
+        rate = cfg.drift_rate
+        new_drift = drift + rate * (z - drift)
+        # The scatter is measured, so the test waits for a few visits' worth of it.
+        alarm = (visits >= 5) & (new_drift.abs() > cfg.drift_level * math.sqrt(rate / (2.0 - rate)))
+        return new_drift, alarm
+
+    def _quiet_run(
+        self, calm: torch.Tensor, grad: torch.Tensor, n: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The run of visits without any negative above the iterate, and whether it is too
+        long for an iterate at the quantile (then it restarts the age and the run).
+
+        Too high a threshold shows as such a run: ``calm`` is the number of exceedances
+        expected over the current run (alpha n per visit), and a run that expected more
+        than drift_level^2 / 2 of them (8 by default; no exceedance has probability
+        e^-calm) restarts the age. The step is then chosen from past visits only, so the
+        mean step's zero does not move.
+        """
+        cfg = self.config
+        calm = torch.where(grad < cfg.alpha, 0.0, calm + cfg.alpha * n)
+        quiet = calm > 0.5 * cfg.drift_level**2
+        return torch.where(quiet, 0.0, calm), quiet
+
+    def _pinball_step(
+        self,
+        start: torch.Tensor,
+        unit: torch.Tensor,
+        grad: torch.Tensor,
+        age: torch.Tensor,
+        floor: torch.Tensor,
+    ) -> torch.Tensor:
+        """The iterate after one Newton step on the pinball loss from ``start`` (the iterate
+        carried along by any detected drift), lifted to the batch's ``floor``.
+
+        The step is sized by the earlier visits' ``unit``: this batch's own unit grows with
+        its top negatives, so it is larger exactly when the gradient points up, which would
+        move the resting point. Where the batch counts more than the limit above the
+        iterate (at the quantile, with probability under 1e-3), the visit lifts the iterate
+        to leave no more than the limit of its negatives above it: an iterate stranded far
+        below, with a tail unit too small to climb back in a few steps (embeddings that
+        collapsed and spread again), returns at once, and the threshold follows at its
+        averaging pace. (Lifting the threshold too biased it upwards on i.i.d. streams:
+        late 0.94-0.97 x alpha at alpha x B = 5, spread ratio 0.95-1.2.)
+        """
+        gain = age.pow(-self.config.gain_decay)
+        new_it = (start - gain * unit * (grad / self.config.alpha)).clamp(-1.0, 1.0)
+        return torch.maximum(new_it, floor)
+
+
+def _rank_average(
+    base: torch.Tensor, iterate: torch.Tensor, unit: torch.Tensor, age: torch.Tensor
+) -> torch.Tensor:
+    """The threshold ``base`` (carried along by any detected drift) averaged with the new
+    ``iterate``: Polyak-Ruppert averaging weighted by ``age`` (the late iterates count
+    more, so the start is forgotten sooner than by a plain mean), in rank units.
+
+    It averages the iterates' shares above them, exp(-x / unit) in the local exponential
+    tail, not the similarities. The iterates' mean share is alpha where the pinball
+    gradient is zero on average; a plain mean of similarities filters less than that (the
+    share is convex in the threshold).
+    """
+    weight = 2.0 / (age + 1.0)
+    offset = (iterate - base) / unit.clamp(min=1e-6)
+    return base - unit * torch.log1p(weight * torch.expm1(-offset.clamp(max=30.0)))
 
 
 def _exceedance_limit(alpha: float, n: torch.Tensor) -> torch.Tensor:
