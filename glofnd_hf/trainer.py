@@ -12,59 +12,27 @@ import torch
 from accelerate.utils import DistributedType
 from transformers import Trainer
 
-from .args import AUTO_DEVICE_STATE_LIMIT_BYTES, GloFNDTrainingArguments
+from .args import GloFNDTrainingArguments
 from .checkpoints import STATE_FILE  # re-exported: where earlier releases had it
 from .data.bad_samples import BAD_SAMPLE_KINDS, DATASETS_BAD_SAMPLE_KINDS
 from .data.hf import ImageTextCollator, prepare_image_text_dataset
 from .data.images import defer_image_decoding
 from .data.shards import is_presharded_loader
+from .loss_factory import build_contrastive_loss, resolve_state_device
 from .losses import (
     BimodalContrastiveLoss,
     cached_contrastive_step,
     chunk_bounds,
 )
 from .losses import registry as loss_registry
-from .losses.registry import LossBuild
 from .model_card import ModelCardCallback
 from .models import DualEncoderAdapter, family_of_adapter
-from .state_budget import check_state_fits
 from .trainer_callbacks import ClampLogitScale, DataEpoch, EpochSummary
 from .trainer_checkpoints import CheckpointingMixin
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["STATE_FILE", "GloFNDTrainer", "build_contrastive_loss", "resolve_state_device"]
-
-
-def build_contrastive_loss(
-    args: GloFNDTrainingArguments, num_samples: int, device: torch.device | str
-) -> BimodalContrastiveLoss:
-    """The loss (with its detector) described by the training arguments."""
-    state_device = resolve_state_device(args, num_samples, device)
-    check_state_fits(num_samples, args.state_bytes_per_sample(), state_device)
-    pin = state_device.type == "cpu" and torch.device(device).type == "cuda"
-    detector = args.detector_spec().build(
-        args.detector_settings(),
-        args.shared_detector_settings(),
-        num_samples=num_samples,
-        device=state_device,
-        pin_memory=pin,
-    )
-    return loss_registry.get(args.loss_type).build(
-        detector, args, LossBuild(num_samples, device=state_device, pin_memory=pin)
-    )
-
-
-def resolve_state_device(
-    args: GloFNDTrainingArguments, num_samples: int, device: torch.device | str
-) -> torch.device:
-    if args.state_device == "cpu":
-        return torch.device("cpu")
-    if args.state_device == "device":
-        return torch.device(device)
-    if num_samples * args.state_bytes_per_sample() <= AUTO_DEVICE_STATE_LIMIT_BYTES:
-        return torch.device(device)
-    return torch.device("cpu")
 
 
 DEFAULT_MAX_LOGIT_SCALE = 100.0  # CLIP's cap on logit_scale.exp()

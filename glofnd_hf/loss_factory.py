@@ -1,0 +1,48 @@
+"""The contrastive loss (with its detector) that the training arguments describe, and where
+its per-sample state lives. The one place that turns settings into a loss: the trainer,
+the benchmarks and the tests build losses through it."""
+
+from __future__ import annotations
+
+import torch
+
+from .args import AUTO_DEVICE_STATE_LIMIT_BYTES, GloFNDTrainingArguments
+from .losses import BimodalContrastiveLoss
+from .losses import registry as loss_registry
+from .losses.registry import LossBuild
+from .state_budget import check_state_fits
+
+__all__ = ["build_contrastive_loss", "resolve_state_device"]
+
+
+def build_contrastive_loss(
+    args: GloFNDTrainingArguments, num_samples: int, device: torch.device | str
+) -> BimodalContrastiveLoss:
+    """The loss (with its detector) described by the training arguments."""
+    state_device = resolve_state_device(args, num_samples, device)
+    check_state_fits(num_samples, args.state_bytes_per_sample(), state_device)
+    pin = state_device.type == "cpu" and torch.device(device).type == "cuda"
+    detector = args.detector_spec().build(
+        args.detector_settings(),
+        args.shared_detector_settings(),
+        num_samples=num_samples,
+        device=state_device,
+        pin_memory=pin,
+    )
+    return loss_registry.get(args.loss_type).build(
+        detector, args, LossBuild(num_samples, device=state_device, pin_memory=pin)
+    )
+
+
+def resolve_state_device(
+    args: GloFNDTrainingArguments, num_samples: int, device: torch.device | str
+) -> torch.device:
+    """``state_device``: the CPU, the training device, or (auto) the device while the state
+    is at most ``AUTO_DEVICE_STATE_LIMIT_BYTES``, else the CPU."""
+    if args.state_device == "cpu":
+        return torch.device("cpu")
+    if args.state_device == "device":
+        return torch.device(device)
+    if num_samples * args.state_bytes_per_sample() <= AUTO_DEVICE_STATE_LIMIT_BYTES:
+        return torch.device(device)
+    return torch.device("cpu")
