@@ -12,7 +12,9 @@ import torch
 from PIL import Image
 
 from .bad_samples import DATASETS_BAD_SAMPLE_KINDS, BadSampleCounter
+from .errors import DataError
 from .images import to_rgb
+from .index_space import check_index_space
 from .randomness import SampleRandomness, SharedInt, sample_seed
 
 __all__ = ["ImageTextCollator", "prepare_image_text_dataset", "usable_captions"]
@@ -42,8 +44,10 @@ def prepare_image_text_dataset(
     """Check the columns and the dataset index; add the index as the row number if absent.
 
     Returns ``(dataset, num_samples)`` where ``num_samples`` is N (given, or largest index + 1).
-    Raises ``ValueError`` with what to fix for missing columns, duplicate indices, indices
-    outside [0, N) and an N smaller than the data.
+    Raises ``ValueError`` with what to fix for missing columns, an empty dataset, missing
+    values in ``extra_columns`` (e.g. a label column), duplicate indices, indices outside
+    [0, N), an N smaller than the data, and an N inferred from the indices whose per-sample
+    state cannot fit in memory (:func:`~glofnd_hf.data.index_space.check_index_space`).
     """
     columns = list(dataset.column_names)
     for role, column in [
@@ -59,7 +63,9 @@ def prepare_image_text_dataset(
                 else f"{what} has no column {column!r}; its columns are {columns}."
             )
     if len(dataset) == 0:
-        raise ValueError(f"{what} is empty")
+        raise DataError(f"{what} is empty (0 rows): choose a split or data set with rows")
+    for column in extra_columns:
+        _check_no_missing_values(dataset, column, index_column, what)
     if index_column not in columns:
         dataset = dataset.add_column(index_column, np.arange(len(dataset), dtype=np.int64))
         largest = len(dataset) - 1
@@ -83,6 +89,13 @@ def prepare_image_text_dataset(
                 f"every pair needs its own dataset index"
             )
         largest = int(values.max())
+        if num_samples is None:
+            row = int(values.argmax())
+            check_index_space(
+                largest + 1,
+                f"index column {index_column!r} of the {what} holds dataset index {largest} "
+                f"(row {row} of {len(values)})",
+            )
     if num_samples is None:
         num_samples = largest + 1
     elif largest >= num_samples:
@@ -92,6 +105,38 @@ def prepare_image_text_dataset(
             f"{largest + 1} (or leave it unset)."
         )
     return dataset, num_samples
+
+
+def _check_no_missing_values(dataset: Any, column: str, index_column: str, what: str) -> None:
+    """A column every row needs (a label column): refuse missing values (None), naming the
+    first row that has one."""
+    values = dataset.with_format("arrow")[column]
+    if values.null_count == 0:
+        return
+    import pyarrow.compute as pc
+
+    row = int(pc.index(pc.is_null(values), True).as_py())
+    index = ""
+    if index_column in dataset.column_names:
+        index = f", dataset index {dataset.with_format(None)[row][index_column]!r}"
+    raise DataError(
+        f"column {column!r} of the {what} has {values.null_count} missing value(s), the first "
+        f"in row {row}{index}: every row needs one (fill them in or drop those rows)"
+    )
+
+
+def _label_value(value: Any, column: str, index: Any) -> int:
+    """A row's label as the integer class id the detectors compare."""
+    try:
+        label = int(value)
+    except (TypeError, ValueError):
+        label = None
+    if label is None or (not isinstance(value, str) and label != value):
+        raise DataError(
+            f"label column {column!r} must hold integer class ids; the row with dataset "
+            f"index {index!r} holds {value!r}"
+        )
+    return label
 
 
 class ImageTextCollator:
@@ -198,7 +243,15 @@ class ImageTextCollator:
         )
         if self.label_column is not None:
             batch["fn_labels"] = torch.tensor(
-                [int(rows[i][self.label_column]) for i in source], dtype=torch.long
+                [
+                    _label_value(
+                        rows[i][self.label_column],
+                        self.label_column,
+                        rows[i].get(self.index_column),
+                    )
+                    for i in source
+                ],
+                dtype=torch.long,
             )
         if problems:  # reaches the trainer also from dataloader worker processes
             batch["bad_sample_counts"] = delta
