@@ -38,6 +38,8 @@ __all__ = [
     "META_KEY",
     "SIZES_FILE",
     "TruncatedShardError",
+    "check_local_shards_exist",
+    "dataset_size_from_files",
     "expand_shards",
     "find_image",
     "is_local",
@@ -107,6 +109,42 @@ def expand_shards(spec: str | Sequence[str]) -> list[str]:
     if not urls:
         raise ValueError(f"shard spec {spec!r} expands to no shards")
     return urls
+
+
+def check_local_shards_exist(
+    spec: str | Sequence[str], urls: Sequence[str], setting: str = "train_shards"
+) -> None:
+    """Raise :class:`~glofnd_hf.data.errors.DataError` naming the first local shard of
+    ``urls`` (expanded from ``spec``) that is not a file. Remote URLs (``pipe:``, ``http:``)
+    are not checked: reading them reports their failures."""
+    from .errors import DataError
+
+    local = [u for u in urls if is_local(u)]
+    missing = [u for u in local if not os.path.exists(local_path(u))]
+    if missing:
+        hint = f"check {setting} (the folder and the brace range)"
+        if any(c in local_path(u) for u in missing for c in "*?["):
+            hint += (
+                "; glob patterns are not expanded: write a brace range such as "
+                "/data/{00000..00099}.tar or a '::'-joined list"
+            )
+        if len(missing) == len(urls):
+            shown = repr(spec) if isinstance(spec, str) else f"{len(urls)} shard(s)"
+            raise DataError(
+                f"shard pattern {shown} matches no file (the first looked for: "
+                f"{missing[0]!r}): {hint}"
+            )
+        verb = "does" if len(missing) == 1 else "do"
+        raise DataError(
+            f"{len(missing)} of the {len(urls)} shards {verb} not exist (the first: "
+            f"{missing[0]!r}): {hint}, or restore the files"
+        )
+    folders = [u for u in local if os.path.isdir(local_path(u))]
+    if folders:
+        raise DataError(
+            f"shard {folders[0]!r} is a folder, not a tar file: {setting} names the shard "
+            "files, e.g. /data/{00000..00099}.tar"
+        )
 
 
 # --------------------------------------------------------------------------- tar reading
@@ -377,3 +415,39 @@ def read_shard_sizes(
     found_dirs = sorted({os.path.dirname(f) for f in files} | set(index_info))
     sizes_total = sum(sum(f.values()) for f in files.values()) if files else None
     return result, {"dirs": found_dirs, "sizes_total": sizes_total, "index_info": index_info}
+
+
+def dataset_size_from_files(
+    sizes: Mapping[str, int | None],
+    found: Mapping[str, Any],
+    index_source: Literal["field", "key"] = "field",
+) -> tuple[int, str]:
+    """N as the files beside the shards give it (:func:`read_shard_sizes`' two results), and
+    where it came from: ``glofnd_index.json``'s ``dataset_size``, else the sum of the
+    ``sizes.json`` entries, else of the shards' ``_stats.json`` counts. Raises ``ValueError``
+    when N cannot be inferred: key mode (sparse keys), several folders with their own index
+    files, or no count at all."""
+    if index_source == "key":
+        raise ValueError(
+            "index_source='key' needs an explicit dataset_size N > the largest numeric key "
+            "(img2dataset keys are shard_id * 10**k + row, e.g. N = num_shards * 10**k)"
+        )
+    if len(found["dirs"]) > 1:
+        raise ValueError(
+            f"shards come from several directories with their own index files {found['dirs']}: "
+            "their indices may collide; pass dataset_size explicitly (and make indices "
+            "disjoint, e.g. with add_index_to_shards(start_index=...))"
+        )
+    infos = list(found["index_info"].items())
+    if infos and "dataset_size" in infos[0][1]:
+        where = f"{INDEX_INFO_FILE} in {infos[0][0]}"
+        return int(infos[0][1]["dataset_size"]), f"dataset_size in {where}"
+    if found["sizes_total"] is not None:
+        return int(found["sizes_total"]), f"the counts of {SIZES_FILE} beside the shards"
+    if all(n is not None for n in sizes.values()):
+        total = int(sum(n for n in sizes.values() if n is not None))
+        return total, "the _stats.json counts beside the shards"
+    raise ValueError(
+        "cannot infer dataset_size (N): no glofnd_index.json / sizes.json beside the shards; "
+        "pass dataset_size (glofnd-train: num_samples)"
+    )

@@ -19,12 +19,21 @@ Every batch is a dict::
     attention_mask    long   B x L           (only if the tokenizer returns it)
     dataset_index     long   B
     bad_sample_counts long   len(BAD_SAMPLE_KINDS)   (see "Bad data" below)
+    repeated_sample   bool   B   read again on purpose (re-read pass, resampled)
+    sample_source     list of B str: "shard '...' key '...'"
 
-:class:`ShardDataLoader` removes ``bad_sample_counts`` before handing the batch
-out, so what a training loop receives has exactly the first four keys.
+:class:`ShardDataLoader` removes the last three before handing the batch out (after
+its duplicate-index check, see "Dataset index"), so what a training loop receives has
+exactly the first four keys.
 
 Shard specs
 -----------
+Local shards are checked when the dataset is built: a file that does not exist, or a
+pattern none of whose files exists, raises :class:`~glofnd_hf.data.errors.DataError`
+naming the first missing file (glob patterns are not expanded: use brace ranges).
+Remote URLs are not checked; reading them reports their failures.  In non-resampled mode
+a shard listed twice is refused.
+
 ``ShardConfig.shards`` is a local path, a brace pattern
 (``/data/{00000..00331}.tar``), a ``::``-joined list of those, any URL
 webdataset's ``gopen`` opens (``pipe:aws s3 cp s3://b/00001.tar -``,
@@ -57,7 +66,8 @@ DataLoader's round-robin then gives batch ``i`` of an epoch from worker
 * a worker whose shards hold fewer usable samples than its quota re-reads its
   shards (a new sample-shuffle pass) to fill it, so a few samples are seen
   twice in that epoch (logged at INFO).  A full pass without a single usable
-  sample raises ``RuntimeError`` instead of looping.
+  sample raises :class:`~glofnd_hf.data.errors.DataError` (naming the first read error:
+  a failing ``pipe:``, an unreadable file) instead of looping.
 
 With equal-size shards, ``num_shards`` divisible by ``R*W`` and the per-worker
 sample count divisible by ``batch_size`` (and ``B`` divisible by ``W``), each
@@ -85,7 +95,19 @@ the sum of all entries of ``sizes.json``, else the sum of the selected shards'
 ``_stats.json`` counts.  Indices are never wrapped: a sample whose index is
 missing, not an integer or outside ``[0, N)`` raises ``ValueError`` (naming the
 shard and key) at its first occurrence, or with ``on_bad_index="skip"`` is
-skipped and counted as ``bad_index``.
+skipped and counted as ``bad_index``.  ``N`` is refused when its per-sample state
+(at least :data:`~glofnd_hf.data.index_space.MIN_STATE_BYTES_PER_SAMPLE` bytes per index)
+cannot fit in the machine's memory, naming where it came from
+(:class:`~glofnd_hf.data.errors.IndexSpaceError`).
+
+Every dataset index must belong to one sample: two samples with one index would share
+one per-sample state.  :class:`ShardDataLoader` keeps a bitmap of the indices its rank
+received in the current epoch (``N / 8`` bytes, reset at every epoch) and raises
+:class:`~glofnd_hf.data.errors.DuplicateIndexError`, naming the shard and key of the
+second sample, when one comes again; samples read again on purpose (a worker's re-read
+pass, resampled mode) are not checked.  Duplicates between shards that different ranks
+read in an epoch go unnoticed there; ``glofnd-shards verify`` reads every index
+(:mod:`glofnd_hf.data.shard_verify`) and names both samples.
 
 Bad data
 --------
@@ -114,9 +136,11 @@ Epochs and resume
 -----------------
 The whole stream (shard order, sample shuffle, batches) is a deterministic
 function of ``(shards, seed, epoch, rank, world_size, num_workers, batch_size,
-shuffle_buffer)``.  ``set_epoch(epoch)`` writes a value in shared memory, so
-persistent workers see it.  If ``set_epoch`` is not called between two
-iterations of a :class:`ShardDataLoader`, the epoch advances by one.
+shuffle_buffer)``: another number of DataLoader workers gives each worker other
+shards, so it orders an epoch differently (every epoch still reads every shard
+once).  ``set_epoch(epoch)`` writes a value in shared memory, so persistent workers
+see it.  If ``set_epoch`` is not called between two iterations of a
+:class:`ShardDataLoader`, the epoch advances by one.
 
 Resuming mid-epoch: ``set_epoch(epoch)`` alone restarts that epoch from the
 beginning of its shard order (samples already seen in that epoch are seen
@@ -130,7 +154,14 @@ sample by ``(seed, epoch, dataset index, pass)`` (:mod:`glofnd_hf.data.randomnes
 so neither the worker nor a resume changes it; worker seeds are drawn from the
 loader's own generator, never from the global torch RNG.  For a
 run stopped after ``n`` batches in total: ``epoch, k = divmod(n, B)`` with
-``B = loader.batches_per_epoch``.  With the HF Trainer, set
+``B = loader.batches_per_epoch``.
+
+A mid-epoch resume is exact only under the same settings:
+:meth:`ShardDataLoader.save_stream_settings` writes them to a checkpoint folder
+(``shard_stream.json``), and ``resume_at(epoch, k, checkpoint=folder)`` refuses a
+mid-epoch resume (``k > 0``) whose settings differ, another ``num_workers`` say, with
+:class:`~glofnd_hf.data.errors.ShardResumeError` (at an epoch start any settings
+do; a checkpoint without the file is not checked).  With the HF Trainer, set
 ``ignore_data_skip=True`` and call ``set_epoch(epoch, skip_batches=k)`` yourself:
 ``accelerate.skip_first_batches`` would rebuild a plain DataLoader around the
 dataset, which neither calls ``set_epoch`` nor removes ``bad_sample_counts``.
@@ -139,17 +170,26 @@ dataset, which neither calls ``set_epoch`` nor removes ``bad_sample_counts``.
 from __future__ import annotations
 
 from .dataset import ShardConfig, ShardDataset
-from .loader import PRESHARDED_ATTR, ShardDataLoader, build_shard_loader, is_presharded_loader
+from .loader import (
+    PRESHARDED_ATTR,
+    STREAM_FILE,
+    ShardDataLoader,
+    build_shard_loader,
+    is_presharded_loader,
+    read_stream_settings,
+)
 from .partition import epoch_batches_per_rank, resampled_shards, shard_partition, worker_quota
 
 __all__ = [
     "PRESHARDED_ATTR",
+    "STREAM_FILE",
     "ShardConfig",
     "ShardDataLoader",
     "ShardDataset",
     "build_shard_loader",
     "epoch_batches_per_rank",
     "is_presharded_loader",
+    "read_stream_settings",
     "resampled_shards",
     "shard_partition",
     "worker_quota",

@@ -17,12 +17,16 @@ from torch.utils.data import IterableDataset
 
 from ...fnd.comm import rank_and_world
 from ..bad_samples import BadSampleCounter
+from ..errors import DataError
 from ..images import to_rgb
+from ..index_space import check_index_space
 from ..randomness import SampleRandomness, SharedInt, sample_seed
 from ..webdataset_io import (
     CAPTION_KEYS,
     IMAGE_KEYS,
     SIZES_FILE,
+    check_local_shards_exist,
+    dataset_size_from_files,
     expand_shards,
     find_image,
     iter_tar_samples,
@@ -42,7 +46,13 @@ from .partition import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ShardConfig", "ShardDataset"]
+__all__ = ["REPEATED_KEY", "SOURCE_KEY", "ShardConfig", "ShardDataset"]
+
+#: Batch entries for the loader's duplicate-index check (popped by ``ShardDataLoader``):
+#: per sample, whether it is read again on purpose (a re-read pass, resampled shards), and
+#: where it comes from (``shard '...' key '...'``).
+REPEATED_KEY = "repeated_sample"
+SOURCE_KEY = "sample_source"
 
 
 @dataclass
@@ -102,6 +112,9 @@ class ShardDataset(IterableDataset):
         self.image_transform = image_transform
         self.tokenize = tokenize
         self.urls = expand_shards(config.shards)
+        check_local_shards_exist(config.shards, self.urls)
+        if not config.resampled:
+            self._check_no_shard_twice()
         self.rank, self.world_size = rank_and_world(config.rank, config.world_size)
 
         sizes, found = read_shard_sizes(self.urls, config.sizes_file)
@@ -116,6 +129,11 @@ class ShardDataset(IterableDataset):
                     "the shards, pass sizes_file, or set train_num_samples"
                 )
             self.total_samples = sum(n for n in sizes.values() if n is not None)
+            if self.total_samples == 0:
+                raise DataError(
+                    f"the {len(self.urls)} shard(s) hold no samples according to their "
+                    f"{SIZES_FILE} / _stats.json counts: check train_shards and the sizes files"
+                )
         self.dataset_size = self._infer_dataset_size(sizes, found)
         self.batches_per_epoch = epoch_batches_per_rank(
             self.total_samples, self.world_size, config.batch_size
@@ -130,37 +148,40 @@ class ShardDataset(IterableDataset):
         self._epoch = SharedInt(0)
         self._skip = SharedInt(0)
         self._counter: BadSampleCounter | None = None
+        self._first_read_error: str | None = None
 
     # ------------------------------------------------------------------ setup helpers
 
     def _infer_dataset_size(self, sizes: dict[str, int | None], found: dict[str, Any]) -> int:
+        """N, checked: an N whose per-sample state (and duplicate bitmap) cannot fit in
+        memory is refused before anything is sized by it, naming where it came from."""
+        n, source = self._dataset_size_and_source(sizes, found)
+        if n < 1:
+            raise DataError(
+                f"the index space N is {n} (from {source}): the shards hold no indexed "
+                "samples; check train_shards, or pass dataset_size (glofnd-train: num_samples)"
+            )
+        return check_index_space(n, source)
+
+    def _dataset_size_and_source(
+        self, sizes: dict[str, int | None], found: dict[str, Any]
+    ) -> tuple[int, str]:
         cfg = self.config
         if cfg.dataset_size is not None:
             if cfg.dataset_size < 1:
                 raise ValueError("dataset_size must be >= 1")
-            return int(cfg.dataset_size)
-        if cfg.index_source == "key":
-            raise ValueError(
-                "index_source='key' needs an explicit dataset_size N > the largest numeric key "
-                "(img2dataset keys are shard_id * 10**k + row, e.g. N = num_shards * 10**k)"
-            )
-        if len(found["dirs"]) > 1:
-            raise ValueError(
-                f"shards come from several directories with their own index files {found['dirs']}: "
-                "their indices may collide; pass dataset_size explicitly (and make indices "
-                "disjoint, e.g. with add_index_to_shards(start_index=...))"
-            )
-        infos = list(found["index_info"].values())
-        if infos and "dataset_size" in infos[0]:
-            return int(infos[0]["dataset_size"])
-        if found["sizes_total"] is not None:
-            return int(found["sizes_total"])
-        if all(n is not None for n in sizes.values()):
-            return int(sum(n for n in sizes.values() if n is not None))
-        raise ValueError(
-            "cannot infer dataset_size (N): no glofnd_index.json / sizes.json beside the shards; "
-            "pass dataset_size"
-        )
+            return int(cfg.dataset_size), f"dataset_size={int(cfg.dataset_size)}"
+        return dataset_size_from_files(sizes, found, cfg.index_source)
+
+    def _check_no_shard_twice(self) -> None:
+        seen: set[str] = set()
+        for url in self.urls:
+            if url in seen:
+                raise DataError(
+                    f"shard {url!r} is listed twice in train_shards: every sample would be read "
+                    "twice per epoch; list each shard once (or set shard_resampled: true)"
+                )
+            seen.add(url)
 
     def _check_enough_shards(self, num_workers: int) -> None:
         need = self.world_size * num_workers
@@ -206,14 +227,14 @@ class ShardDataset(IterableDataset):
             return 0, 1
         return (info.id + skip) % info.num_workers, info.num_workers
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+    def __iter__(self) -> Iterator[dict[str, Any]]:
         randomness = SampleRandomness()  # seeds each sample's augmentation
         try:
             yield from self._batches(randomness)
         finally:
             randomness.release()  # the consumer's RNG states, whatever happened
 
-    def _batches(self, randomness: SampleRandomness) -> Iterator[dict[str, torch.Tensor]]:
+    def _batches(self, randomness: SampleRandomness) -> Iterator[dict[str, Any]]:
         cfg = self.config
         epoch, skip = self._epoch.get(), self._skip.get()
         worker_id, num_workers = self._worker(skip)
@@ -226,7 +247,7 @@ class ShardDataset(IterableDataset):
         counter = self._counter
         counter.discard_delta()
         produced = 0
-        batch: list[tuple[torch.Tensor, str, int]] = []
+        batch: list[tuple[torch.Tensor, str, int, str, bool]] = []
         good_total = 0
         good_at_pass_start = -1
         shards: list[str] = []
@@ -234,12 +255,7 @@ class ShardDataset(IterableDataset):
             if produced >= quota:
                 return
             if good_total == good_at_pass_start:
-                more = "..." if len(shards) > 4 else ""
-                raise RuntimeError(
-                    f"rank {self.rank} worker {worker_id}: a full pass over its shards "
-                    f"{shards[:4]}{more} produced no usable sample "
-                    f"(skipped so far: {counter.as_dict()})"
-                )
+                self._no_usable_sample(worker_id, shards, counter)
             if pass_id > 0 and not cfg.resampled:
                 logger.info(
                     "rank %d worker %d: shards exhausted after %d usable samples before its quota "
@@ -274,7 +290,8 @@ class ShardDataset(IterableDataset):
                 if pixels is None:
                     continue
                 good_total += 1
-                batch.append((pixels, caption, index))
+                # Read again on purpose: a re-read pass, or shards drawn with replacement.
+                batch.append((pixels, caption, index, where, cfg.resampled or pass_id > 0))
                 if len(batch) < cfg.batch_size:
                     continue
                 if produced >= to_skip:  # batches before to_skip: resume fast-forward
@@ -287,6 +304,22 @@ class ShardDataset(IterableDataset):
                 if produced >= quota:
                     return
 
+    def _no_usable_sample(
+        self, worker_id: int, shards: Sequence[str], counter: BadSampleCounter
+    ) -> None:
+        """A full pass over a worker's shards without one usable sample: the data, not a
+        transient problem (looping again would never end)."""
+        more = "..." if len(shards) > 4 else ""
+        skipped = ", ".join(f"{k} {v}" for k, v in counter.as_dict().items() if v) or "none"
+        first = (
+            f"; the first read error: {self._first_read_error}" if self._first_read_error else ""
+        )
+        raise DataError(
+            f"rank {self.rank} worker {worker_id}: a full pass over its shards {shards[:4]}{more} "
+            f"produced no usable sample (skipped: {skipped}){first}: check that the shards "
+            "exist, are readable and hold image-caption samples with a dataset index"
+        )
+
     def _raw_samples(
         self, shards: Sequence[str], counter: BadSampleCounter
     ) -> Iterator[tuple[bytes, str, int, str]]:
@@ -295,10 +328,13 @@ class ShardDataset(IterableDataset):
         n = self.dataset_size
 
         def on_error(url: str, key: str | None, exc: Exception) -> None:
+            detail = f"{type(exc).__name__}: {exc}"
+            if self._first_read_error is None:
+                self._first_read_error = f"shard {url!r}: {' '.join(detail.split())}"
             counter.add(
                 "shard_read_error",
                 f"shard {url!r} unreadable/truncated near key {key!r}, rest of shard skipped: "
-                f"{type(exc).__name__}: {exc}",
+                + detail,
             )
 
         for url in shards:
@@ -339,14 +375,16 @@ class ShardDataset(IterableDataset):
             counter.add("transform_error", f"{where}: {type(exc).__name__}: {exc}")
             return None
 
-    def _collate(self, items: list[tuple[torch.Tensor, str, int]]) -> dict[str, torch.Tensor]:
-        pixels, captions, indices = zip(*items, strict=True)
+    def _collate(self, items: list[tuple[torch.Tensor, str, int, str, bool]]) -> dict[str, Any]:
+        pixels, captions, indices, sources, repeated = zip(*items, strict=True)
         tokens = self.tokenize(list(captions))
-        out = {
+        out: dict[str, Any] = {
             "pixel_values": torch.stack(list(pixels)),
             "input_ids": torch.as_tensor(tokens["input_ids"]).long(),
         }
         if tokens.get("attention_mask") is not None:
             out["attention_mask"] = torch.as_tensor(tokens["attention_mask"]).long()
         out["dataset_index"] = torch.tensor(indices, dtype=torch.long)
+        out[REPEATED_KEY] = torch.tensor(repeated, dtype=torch.bool)
+        out[SOURCE_KEY] = list(sources)
         return out
