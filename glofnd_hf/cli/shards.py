@@ -5,9 +5,12 @@ Examples::
     glofnd-shards from-dataset SOURCE OUT [--split train] [--image-column image] ...
     glofnd-shards from-csv     CSV OUT --image-column filepath --caption-column title
     glofnd-shards add-index    '/data/{00000..00331}.tar' OUT [--index-source key]
+    glofnd-shards verify       '/data/{00000..00331}.tar' [--index-source key] [--dataset-size N]
 
-Prints ``{"shards": PATTERN, "num_samples": n}``. The library functions are in
-:mod:`glofnd_hf.data.shard_writer`.
+The writers print ``{"shards": PATTERN, "num_samples": n}``; ``verify`` prints a JSON report
+and, when it found problems, exits with status 2 and one line naming the first (a dataset
+index held by two samples names both). The library functions are in
+:mod:`glofnd_hf.data.shard_writer` and :mod:`glofnd_hf.data.shard_verify`.
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ import json
 import logging
 from collections.abc import Sequence
 
+from ..data.errors import DataError
 from ..data.loading import MissingSplitError, load_image_text_dataset
+from ..data.shard_verify import verify_shards
 from ..data.shard_writer import (
     IMAGE_FORMATS,
     add_index_to_shards,
@@ -71,7 +76,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--start-index", type=int, default=0)
     p.add_argument("--index-source", choices=("sequential", "key"), default="sequential")
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+
+    p = sub.add_parser(
+        "verify",
+        help="read every sample's index: duplicates (naming both), indices outside [0, N), "
+        "unreadable or truncated shards, sizes.json counts",
+    )
+    p.add_argument("pattern")
+    p.add_argument("--index-source", choices=("field", "key"), default="field")
+    p.add_argument(
+        "--dataset-size", type=int, default=None, help="N (default: glofnd_index.json's)"
+    )
+    p.add_argument("--sizes-file", default=None)
     return parser
+
+
+def _verify(args: argparse.Namespace) -> int:
+    report = verify_shards(args.pattern, args.index_source, args.dataset_size, args.sizes_file)
+    print(json.dumps(report, indent=1))
+    if report["num_problems"]:
+        more = report["num_problems"] - 1
+        raise DataError(
+            report["problems"][0] + (f" (and {more} more problem(s), listed above)" if more else "")
+        )
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -83,6 +111,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "verify":
+        return _verify(args)
     if args.command == "add-index":
         pattern, n = add_index_to_shards(
             args.input_pattern,
