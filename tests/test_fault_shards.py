@@ -142,9 +142,14 @@ def test_shards_without_samples(tmp_path):
         list(loader)
 
 
-def test_a_wild_index_space_from_the_shards_is_refused(tmp_path, machine_memory):
+@pytest.mark.parametrize("member", ["idx", "json"])
+def test_a_wild_index_space_from_the_shards_is_refused(member, tmp_path, machine_memory):
     samples = [good_sample(i) for i in range(8)]
-    samples[3]["idx"] = str(10**12)
+    if member == "idx":
+        samples[3]["idx"] = str(10**12)
+    else:
+        del samples[3]["idx"]
+        samples[3]["json"] = json.dumps({"dataset_index": 10**12})
     write_tar(tmp_path / "00000.tar", samples)
     (tmp_path / "sizes.json").write_text(json.dumps({"00000.tar": 8}))
     pattern = str(tmp_path / "00000.tar")
