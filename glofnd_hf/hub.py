@@ -25,7 +25,9 @@ from .model_card import (
     CardInfo,
     card_info_from_folder,
     card_is_unedited,
+    hub_dataset_type,
     is_local_path,
+    model_kind_of_adapter,
     normalize_eval_metrics,
     write_card,
 )
@@ -95,8 +97,12 @@ def save_for_hub(
         fields = {
             "glofnd_version": __version__,
             "architecture": adapter.architecture_description(),
+            "model_kind": model_kind_of_adapter(adapter),
+            "text_length": getattr(adapter, "context_length", None),
             **card_fields,
         }
+        if fields.get("base_model") and "base_model_origin" not in fields:
+            fields["base_model_origin"] = "hub"
         if "eval_metrics" in fields:
             fields["eval_metrics"] = normalize_eval_metrics(fields["eval_metrics"])
         card = CardInfo(family=adapter.family, **fields)
@@ -204,7 +210,13 @@ def push_to_hub(
     if dataset_type and is_local_path(dataset_type):
         raise ValueError(
             f"the evaluation dataset type {dataset_type!r} is a local path: give the Hub id of "
-            "the data set (or a short name), which the card's model-index records"
+            "the data set, which the card's model-index records"
+        )
+    if dataset_type and hub_dataset_type(dataset_type) is None:
+        raise ValueError(
+            f"the evaluation dataset type {dataset_type!r} is not a Hub dataset id: the "
+            "card's model-index records the data set's Hub id (data that is not on the Hub "
+            "has none: leave it out, and the results stay in the card's text)"
         )
     with tempfile.TemporaryDirectory(prefix="glofnd-push-") as staging:
         staged: dict[str, Path] = {}  # path in the repo -> staged file (the rendered card)

@@ -45,6 +45,13 @@ METRICS = {
 }
 
 
+def metadata_load_text(card_text: str) -> dict:
+    """The YAML metadata of a card's text."""
+    import yaml
+
+    return yaml.safe_load(card_text.split("---\n", 2)[1])
+
+
 def _images(n=2):
     torch.manual_seed(0)
     return [
@@ -210,9 +217,9 @@ def test_checkpoint_and_final_cards(trained):
     trainer, out, final = trained
     # checkpoint-2 was saved without an evaluation at step 2: no results in its card
     early = ModelCard.load(out / "checkpoint-2" / "README.md")
-    assert early.data.eval_results is None
+    assert early.data.eval_results is None and "No evaluation results" in early.text
     late = ModelCard.load(out / "checkpoint-4" / "README.md")
-    assert {r.metric_type for r in late.data.eval_results} >= {"top1_accuracy"}
+    assert "| `top1_accuracy` |" in late.text
 
     card = ModelCard.load(out / "README.md")
     meta = metadata_load(out / "README.md")
@@ -222,18 +229,30 @@ def test_checkpoint_and_final_cards(trained):
     assert meta["datasets"] == ["org/pairs"]  # the embedded demo data is no Hub dataset
     assert meta["license"] == "apache-2.0"
     assert meta["pipeline_tag"] == "zero-shot-image-classification"
-    index = meta["model-index"][0]
-    assert index["name"] == out.name
-    reported = {m["type"]: m["value"] for r in index["results"] for m in r["metrics"]}
     expected = {
         k.removeprefix("eval_"): v
         for k, v in final.items()
         if k.startswith("eval_") and ("recall@" in k or "accuracy" in k)
     }
     assert len(expected) == 8
+    # evaluated on the embedded digits, which are not on the Hub: no model-index (its
+    # dataset.type must be a Hub id), the results are the card's table
+    assert "model-index" not in meta
+    for name, value in expected.items():
+        assert f"| `{name}` | {100 * value:.2f}% |" in card.text
+    # evaluated on data with a Hub id: the same results in the model-index
+    from glofnd_hf.model_card import render_model_card
+
+    hub_eval = card_info_from_trainer(
+        trainer, final, eval_dataset_name="digits", eval_dataset_type="org/digits"
+    )
+    index = metadata_load_text(str(render_model_card(hub_eval)))["model-index"][0]
+    assert index["name"] == "glofnd-model"
+    reported = {m["type"]: m["value"] for r in index["results"] for m in r["metrics"]}
     assert reported == pytest.approx(expected, abs=1e-6)
     tasks = {r["task"]["type"] for r in index["results"]}
     assert tasks == {"zero-shot-retrieval", "zero-shot-image-classification"}
+    assert {r["dataset"]["type"] for r in index["results"]} == {"org/digits"}
 
     text = card.text
     for row in (
@@ -257,8 +276,6 @@ def test_checkpoint_and_final_cards(trained):
 
     info = card_info_from_trainer(trainer)
     info = dataclasses.replace(info, loss_type="sogclr")
-    from glofnd_hf.model_card import render_model_card
-
     assert sogclr.bibtex in render_model_card(info).text
     plain = render_model_card(dataclasses.replace(info, loss_type="clip")).text
     assert fastclip.bibtex not in plain
@@ -369,11 +386,11 @@ def test_push_rerenders_only_unedited_cards(trained, tmp_path, monkeypatch):
     push_to_hub(folder, "org/final", token=SECRET, verbose=False)
     assert fake.tokens == [SECRET]
     text = (folder / "README.md").read_text()
-    assert "hf-hub:org/final" in text and "model-index" in text  # results kept
-    # Title, usage snippets and model-index name all say ORG/NAME, not the folder's name.
+    assert "hf-hub:org/final" in text and "| `top1_accuracy` |" in text  # results kept
+    # Title, usage snippets and model name all say ORG/NAME, not the folder's name (the
+    # model-index's name too: test_push_cli_puts_an_eval_report_into_the_card).
     pushed = ModelCard.load(folder / "README.md")
     assert pushed.data.model_name == "org/final"
-    assert metadata_load(folder / "README.md")["model-index"][0]["name"] == "org/final"
     assert "\n# org/final\n" in text
     assert f"# {out.name}" not in text
     assert 'create_model_and_transforms("hf-hub:org/final")' in text
@@ -426,6 +443,7 @@ def test_push_cli_puts_an_eval_report_into_the_card(trained, tmp_path, monkeypat
     results = {r.metric_type: r for r in card.data.eval_results}
     assert set(results) == {"text_to_image_recall@1", "top5_accuracy"}
     assert results["text_to_image_recall@1"].dataset_type == "org/coco-karpathy"
+    assert metadata_load(folder / "README.md")["model-index"][0]["name"] == "org/final"
     assert fake.calls[0][2]["private"] is True
 
 
@@ -444,9 +462,9 @@ def test_a_local_evaluation_set_never_names_its_path(trained, tmp_path, monkeypa
     (tmp_path / "results.json").write_text(json.dumps(report))
     fake = FakeHub()
     fake.install(monkeypatch)
-    for extra, name, kind in (
-        ([], "local evaluation data", "local"),
-        (["--dataset-name", "COCO 5k", "--dataset-type", "org/coco-karpathy"], "COCO 5k", None),
+    for extra, name in (
+        ([], "local evaluation data"),
+        (["--dataset-name", "COCO 5k", "--dataset-type", "org/coco-karpathy"], "COCO 5k"),
     ):
         folder = tmp_path / f"final{len(extra)}"
         shutil.copytree(out, folder, ignore=shutil.ignore_patterns("checkpoint-*"))
@@ -456,12 +474,16 @@ def test_a_local_evaluation_set_never_names_its_path(trained, tmp_path, monkeypa
             assert push_main(argv) == 0
         for written in (folder / "README.md", folder / "glofnd_card.json"):
             assert str(tmp_path) not in written.read_text(), written
-        (result,) = ModelCard.load(folder / "README.md").data.eval_results
-        assert result.dataset_name == name
-        assert result.dataset_type == (kind or "org/coco-karpathy")
-        assert (result.dataset_split, result.dataset_config) == ("test", "2014")
         text = (folder / "README.md").read_text()
-        assert "(`2014` configuration), `test` split" in text
+        assert f"Zero-shot results on `{name}` (`2014` configuration), `test` split" in text
+        results = ModelCard.load(folder / "README.md").data.eval_results
+        if not extra:  # no Hub id for the data: no model-index, no fake dataset type
+            assert results is None and "model-index:" not in text
+            assert "not in the card's `model-index`" in text
+            continue
+        (result,) = results
+        assert (result.dataset_name, result.dataset_type) == ("COCO 5k", "org/coco-karpathy")
+        assert (result.dataset_split, result.dataset_config) == ("test", "2014")
     # A path is never accepted as the dataset type (a Hub id is kept: see above).
     with pytest.raises(ValueError, match="local path"):
         push_to_hub(tmp_path / "final0", "org/final", card_fields={"eval_dataset_type": str(local)})
@@ -482,6 +504,17 @@ def test_local_training_and_evaluation_data_stay_out_of_trainer_cards(trained, t
     text = str(render_model_card(info))
     assert str(tmp_path) not in text and "my_pairs" not in text
     assert "a local image-caption data set" in text
+
+    # Issue 31, item 2: fine-tuned from a local folder: "a local model", not "from scratch"
+    base = tmp_path / "my_base_model"
+    base.mkdir()
+    info = card_info_from_trainer(trainer, final, model_name_or_path=f"local-dir:{base}")
+    assert (info.base_model, info.base_model_origin) == (None, "local")
+    text = str(render_model_card(info))
+    assert "fine-tuned from a local model" in text and "| Base model | a local model" in text
+    assert "scratch" not in text and "my_base_model" not in text and str(tmp_path) not in text
+    scratch = card_info_from_trainer(trainer, final, model_name_or_path="ViT-B-32")
+    assert "| Base model | none (trained from scratch) |" in str(render_model_card(scratch))
 
 
 def test_saved_tiny_hf_folders_load_with_every_tower_class(tmp_path):

@@ -119,13 +119,103 @@ def test_evaluation_data_names_in_the_model_index(tmp_path):
     assert fields == {
         "eval_dataset": None,
         "eval_dataset_name": "local evaluation data",
-        "eval_dataset_type": "local",
+        "eval_dataset_type": None,  # no Hub id: no model-index type (issue 31)
     }
     (result,) = eval_results_from_metrics(
         {"top1_accuracy": 0.5}, "org/coco", "test", config="2014", dataset_name="COCO"
     )
     assert (result.dataset_type, result.dataset_name) == ("org/coco", "COCO")
     assert (result.dataset_split, result.dataset_config) == ("test", "2014")
+
+
+def test_data_not_on_the_hub_stays_out_of_the_model_index():
+    """Issue 31, item 2: EvalResult's dataset.type is the Hub id of the data. The embedded
+    digits, local data and the 'local' type older versions wrote have none: their results
+    are in the card's text only, and the card says why."""
+    from glofnd_hf.model_card import eval_results_from_metrics
+
+    metrics = {"top1_accuracy": 0.5}
+    for dataset, dataset_type in (
+        ("glofnd-digits", None),
+        (None, None),
+        (None, "local"),
+        (None, "/data/coco"),
+        ("glofnd-digits", "glofnd-digits"),
+    ):
+        assert eval_results_from_metrics(metrics, dataset, dataset_type=dataset_type) == []
+    (result,) = eval_results_from_metrics(metrics, None, dataset_type="org/coco")
+    assert (result.dataset_type, result.dataset_name) == ("org/coco", "org/coco")
+    for eval_dataset, eval_type in (("glofnd-digits", None), (None, "local")):
+        info = CardInfo(
+            family="hf",
+            eval_metrics=metrics,
+            eval_dataset=eval_dataset,
+            eval_dataset_name="local evaluation data" if eval_type else None,
+            eval_dataset_type=eval_type,
+        )
+        card = render_model_card(info)
+        assert card.data.eval_results is None and "model-index:" not in str(card)
+        assert "| `top1_accuracy` | 50.00% |" in card.text
+        assert "not in the card's `model-index`" in card.text
+    hub = render_model_card(CardInfo(family="hf", eval_metrics=metrics, eval_dataset="org/coco"))
+    assert hub.data.eval_results[0].dataset_type == "org/coco"
+    assert "not in the card's `model-index`" not in hub.text
+
+
+@pytest.mark.parametrize(
+    ("family", "kind", "tag", "scoring"),
+    [
+        ("hf", "clip", "clip", "outputs.logits_per_image.softmax(dim=-1)"),
+        ("hf", "siglip", "siglip", "torch.sigmoid(outputs.logits_per_image)"),
+        ("open_clip", "clip", "clip", "logits.softmax(dim=-1)"),
+        ("open_clip", "siglip", "siglip", "torch.sigmoid(logits)"),
+    ],
+)
+def test_tags_and_usage_follow_the_model_kind(family, kind, tag, scoring):
+    """Issue 31, item 2: SigLIP cards are tagged siglip (not clip) and score with a sigmoid,
+    the bias included; HF SigLIP text is padded to its full length as it was trained."""
+    card = render_model_card(CardInfo(family=family, model_kind=kind, repo_id="org/m"))
+    tags = card.data.tags
+    assert tag in tags and ({"clip", "siglip"} - {tag}).isdisjoint(tags)
+    assert scoring in card.text
+    if kind == "siglip":
+        assert "softmax" not in card.text
+        if family == "hf":
+            assert 'padding="max_length"' in card.text and "max_length=64" in card.text
+            assert "padding=True" not in card.text
+        else:
+            assert "+ model.logit_bias" in card.text
+    else:
+        assert "sigmoid" not in card.text and "logit_bias" not in card.text
+    # an older card (no kind recorded) is a CLIP's
+    assert "clip" in render_model_card(CardInfo(family=family)).data.tags
+
+
+def test_the_base_model_row_names_where_the_weights_came_from():
+    """Issue 31, item 2: a model fine-tuned from a local folder says so (no path), never
+    "from scratch"."""
+    from glofnd_hf.model_card import base_model_origin
+
+    def row(**fields):
+        text = render_model_card(CardInfo(family="hf", training_recorded=True, **fields)).text
+        return next(line for line in text.splitlines() if line.startswith("| Base model |"))
+
+    assert "[org/base](https://huggingface.co/org/base)" in row(base_model="org/base")
+    local = row(base_model_origin="local")
+    assert "a local model" in local and "scratch" not in local
+    assert "from scratch" in row(base_model_origin="scratch")
+    assert "not recorded" in row()
+    assert (
+        "fine-tuned from a local model"
+        in render_model_card(CardInfo(family="hf", base_model_origin="local")).text
+    )
+    assert base_model_origin("glofnd-tiny-siglip") == "scratch"
+    assert base_model_origin("ViT-B-32") == "scratch"
+    assert base_model_origin("hf-hub:org/base") == "hub"
+    assert base_model_origin(str(ROOT)) == "local"
+    assert base_model_origin(f"local-dir:{ROOT}") == "local"
+    assert base_model_origin("ViT-B-32", pretrained=str(ROOT / "pyproject.toml")) == "local"
+    assert base_model_origin(None) is None
 
 
 def test_a_card_info_with_an_old_local_path_renders_without_it(tmp_path):
@@ -139,5 +229,6 @@ def test_a_card_info_with_an_old_local_path_renders_without_it(tmp_path):
     with pytest.warns(UserWarning, match="not a Hub dataset id"):
         card = render_model_card(info)
     assert str(tmp_path) not in str(card)
-    (result,) = card.data.eval_results
-    assert result.dataset_name == "local evaluation data" and result.dataset_split == "test"
+    # no Hub id for the data: the results are in the text, not in the model-index
+    assert card.data.eval_results is None
+    assert "Zero-shot results on `local evaluation data`, `test` split" in card.text

@@ -3,12 +3,13 @@
 The card is rendered from the packaged template ``template.md`` (read with
 ``importlib.resources``) with ``huggingface_hub.ModelCard.from_template``. Its metadata holds
 ``library_name`` (``transformers`` or ``open_clip``), ``pipeline_tag:
-zero-shot-image-classification``, tags, ``base_model`` (when fine-tuned from a Hub model),
-``datasets``, ``license`` and a ``model-index`` with the zero-shot results
-(``huggingface_hub.EvalResult``, our metric names). The text describes the loss and detector,
-the GloFND settings that differ from the defaults of
-:class:`~glofnd_hf.args.GloFNDTrainingArguments`, N and the epochs, a usage snippet and the
-BibTeX of GloFND, CLIP and (for the global losses) FastCLIP / SogCLR.
+zero-shot-image-classification``, tags (``clip`` or ``siglip`` by how the model scores),
+``base_model`` (when fine-tuned from a Hub model), ``datasets``, ``license`` and a
+``model-index`` with the zero-shot results (``huggingface_hub.EvalResult``, our metric names)
+when the evaluation data is on the Hub. The text describes the loss and detector, the GloFND
+settings that differ from the defaults of :class:`~glofnd_hf.args.GloFNDTrainingArguments`, N
+and the epochs, usage snippets that score as the model's library does (a softmax for CLIP, a
+sigmoid with the bias for SigLIP) and the BibTeX of GloFND, CLIP and the loss's own papers.
 
 * ``info``: :class:`CardInfo`, the card's inputs, from a trainer (:func:`card_info_from_trainer`)
   or a saved folder (:func:`card_info_from_folder`, used by ``glofnd-push``);
@@ -28,15 +29,21 @@ from .descriptions import (
     LOCAL_EVAL_DATASET_NAME,
     LOCAL_EVAL_DATASET_TYPE,
     describe_detector,
+    hub_dataset_type,
     is_local_path,
 )
 from .info import (
+    BASE_MODEL_ORIGINS,
     CARD_INFO_FILE,
+    MODEL_KINDS,
     CardInfo,
+    base_model_origin,
     card_info_from_folder,
     card_info_from_trainer,
     default_settings,
     eval_dataset_fields,
+    model_kind_of_adapter,
+    model_kind_of_folder,
     non_default_settings,
     resolve_base_model,
 )
@@ -44,11 +51,14 @@ from .metrics import eval_results_from_metrics, normalize_eval_metrics
 from .render import card_is_unedited, read_template, render_model_card, template_path, write_card
 
 __all__ = [
+    "BASE_MODEL_ORIGINS",
     "CARD_INFO_FILE",
     "CITATIONS",
     "LOCAL_EVAL_DATASET_NAME",
     "LOCAL_EVAL_DATASET_TYPE",
+    "MODEL_KINDS",
     "CardInfo",
+    "base_model_origin",
     "ModelCardCallback",
     "card_info_from_folder",
     "card_info_from_trainer",
@@ -57,8 +67,11 @@ __all__ = [
     "describe_detector",
     "eval_dataset_fields",
     "eval_results_from_metrics",
+    "hub_dataset_type",
     "is_local_path",
     "model_card_callback",
+    "model_kind_of_adapter",
+    "model_kind_of_folder",
     "non_default_settings",
     "normalize_eval_metrics",
     "read_template",

@@ -19,6 +19,7 @@ __all__ = [
     "describe_fn_strategy",
     "describe_objective",
     "eval_dataset_id",
+    "hub_dataset_type",
     "hub_datasets",
     "is_local_path",
     "LOCAL_EVAL_DATASET_NAME",
@@ -26,8 +27,10 @@ __all__ = [
 ]
 
 #: How a card names evaluation data that lives only on the machine that evaluated it (a
-#: local folder, shards): the model-index ``dataset.name`` / ``dataset.type``.
+#: local folder, shards).
 LOCAL_EVAL_DATASET_NAME = "local evaluation data"
+#: The model-index ``dataset.type`` older versions wrote for such data. It is no Hub dataset
+#: id: cards no longer write it (data that is not on the Hub has no model-index entry).
 LOCAL_EVAL_DATASET_TYPE = "local"
 
 CITATIONS: dict[str, dict[str, str]] = {
@@ -134,6 +137,14 @@ def eval_dataset_id(name: str | None, what: str = "evaluation data set") -> str 
         stacklevel=3,
     )
     return None
+
+
+def hub_dataset_type(name: str | None) -> str | None:
+    """``name`` when it can be a model-index ``dataset.type`` (a Hub dataset id), else None:
+    no local path, not the embedded digits, not :data:`LOCAL_EVAL_DATASET_TYPE`."""
+    if not name or name in (DIGITS_DATASET, LOCAL_EVAL_DATASET_TYPE):
+        return None
+    return str(name) if hub_datasets([name]) else None
 
 
 def hub_datasets(names: Iterable[str | None]) -> list[str]:

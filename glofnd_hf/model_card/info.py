@@ -12,29 +12,42 @@ from pathlib import Path
 from typing import Any
 
 from ..hub_ids import is_hub_repo_id
-from ..models import family_of_folder
+from ..models import OPEN_CLIP_CONFIG_NAME, TINY_MODEL_NAMES, family_of_folder
 from ..version import __version__
 from .descriptions import (
     LOCAL_EVAL_DATASET_NAME,
-    LOCAL_EVAL_DATASET_TYPE,
     describe_dataset,
     eval_dataset_id,
+    hub_dataset_type,
     hub_datasets,
+    is_local_path,
 )
 from .metrics import normalize_eval_metrics
 
 __all__ = [
+    "BASE_MODEL_ORIGINS",
     "CARD_INFO_FILE",
+    "MODEL_KINDS",
     "CardInfo",
+    "base_model_origin",
     "card_info_from_folder",
     "card_info_from_trainer",
     "eval_dataset_fields",
     "default_settings",
+    "model_kind_of_adapter",
+    "model_kind_of_folder",
     "non_default_settings",
     "resolve_base_model",
 ]
 
 CARD_INFO_FILE = "glofnd_card.json"
+#: How a model scores an image against labels, which decides its usage snippet and its tag:
+#: ``clip`` (a softmax over the labels) or ``siglip`` (a sigmoid per label, with a bias).
+MODEL_KINDS = ("clip", "siglip")
+#: Where the weights training started from came from, when no Hub id names them: ``local``
+#: (a folder or checkpoint file of the training machine), ``other`` (pretrained weights that
+#: are not on the Hub, e.g. an open_clip tag served from a URL), ``scratch``.
+BASE_MODEL_ORIGINS = ("hub", "local", "other", "scratch")
 
 # Fields of GloFNDTrainingArguments that are not method settings (or are reported elsewhere).
 _NOT_SETTINGS = {"num_samples", "state_device", "check_inputs", "remove_unused_columns"}
@@ -48,6 +61,9 @@ class CardInfo:
     model_name: str | None = None
     repo_id: str | None = None  # the Hub repository (usage snippet); None: a placeholder
     base_model: str | None = None
+    base_model_origin: str | None = None  # one of BASE_MODEL_ORIGINS; None: not recorded
+    model_kind: str | None = None  # one of MODEL_KINDS; None (older cards): clip
+    text_length: int | None = None  # tokens the text tower was trained on (SigLIP's padding)
     datasets: list[str] = dataclasses.field(default_factory=list)
     train_data_description: str | None = None
     license: str | None = None
@@ -68,8 +84,10 @@ class CardInfo:
     eval_dataset: str | None = None  # a Hub dataset id (or glofnd-digits), never a path
     eval_split: str | None = None
     eval_dataset_config: str | None = None
-    eval_dataset_name: str | None = None  # model-index dataset.name (default: eval_dataset)
-    eval_dataset_type: str | None = None  # model-index dataset.type (default: eval_dataset)
+    eval_dataset_name: str | None = None  # how the card names the data (default: eval_dataset)
+    # model-index dataset.type: a Hub dataset id (default: eval_dataset when it is one); data
+    # that is not on the Hub has none, and its results stay out of the model-index
+    eval_dataset_type: str | None = None
     eval_step: int | None = None
     glofnd_version: str | None = None
 
@@ -123,6 +141,58 @@ def resolve_base_model(model_name_or_path: str | None, pretrained: str | None = 
         hub = hub.strip("/")
         return hub if _names_hub_model(hub) else None
     return name if _names_hub_model(name) else None
+
+
+def base_model_origin(model_name_or_path: str | None, pretrained: str | None = None) -> str | None:
+    """Where the starting weights of ``model_name_or_path`` / ``pretrained`` came from (one of
+    :data:`BASE_MODEL_ORIGINS`), None when it cannot tell. Never a path: a card says "a local
+    model" for a folder or checkpoint of the training machine."""
+    if not model_name_or_path:
+        return None
+    name = str(model_name_or_path)
+    if resolve_base_model(name, pretrained) is not None:
+        return "hub"
+    if name.startswith("local-dir:") or os.path.exists(name):
+        return "local"
+    if pretrained is not None:
+        return "local" if os.path.exists(pretrained) or is_local_path(pretrained) else "other"
+    if name in TINY_MODEL_NAMES or _is_open_clip_architecture(name):
+        return "scratch"  # built from its config, randomly initialised
+    return "local" if is_local_path(name) else None
+
+
+def _is_open_clip_architecture(name: str) -> bool:
+    try:
+        import open_clip
+
+        known = set(open_clip.list_models())
+    except Exception:  # noqa: BLE001 - open_clip unusable: cannot tell
+        return False
+    return name in known or name.replace("/", "-") in known
+
+
+def model_kind_of_adapter(adapter: Any) -> str:
+    """``siglip`` for a model scored by a sigmoid with a bias (transformers' ``siglip*``
+    model types, any model with a ``logit_bias``), else ``clip``."""
+    model_type = str(getattr(getattr(adapter.model, "config", None), "model_type", "") or "")
+    bias = getattr(adapter, "logit_bias_parameter", lambda: None)()
+    return "siglip" if "siglip" in model_type or bias is not None else "clip"
+
+
+def model_kind_of_folder(folder: str | os.PathLike) -> str:
+    """:func:`model_kind_of_adapter` for a saved folder, from its config files alone
+    (``config.json``'s ``model_type``, ``open_clip_config.json``'s ``init_logit_bias``)."""
+    folder = Path(folder)
+    for name in (OPEN_CLIP_CONFIG_NAME, "config.json"):
+        try:
+            config = json.loads((folder / name).read_text("utf-8"))
+        except (OSError, ValueError):
+            continue
+        if name == OPEN_CLIP_CONFIG_NAME:
+            cfg = config.get("model_cfg") or {}
+            return "siglip" if cfg.get("init_logit_bias") is not None else "clip"
+        return "siglip" if "siglip" in str(config.get("model_type", "")) else "clip"
+    return "clip"
 
 
 def default_settings() -> dict[str, Any]:
@@ -231,13 +301,18 @@ def eval_dataset_fields(
 ) -> dict[str, str | None]:
     """``eval_dataset`` / ``eval_dataset_name`` / ``eval_dataset_type`` of a card for the
     evaluation data ``dataset``: a Hub id is kept; a local path (or shards) is dropped with a
-    warning, and the data is called :data:`LOCAL_EVAL_DATASET_NAME` unless ``name`` /
-    ``dataset_type`` say what it is."""
+    warning, and the data is called :data:`LOCAL_EVAL_DATASET_NAME` unless ``name`` says what
+    it is. ``eval_dataset_type`` is only ever a Hub dataset id (``dataset_type`` when it is
+    one: the Hub id of the data a local copy holds); anything else is dropped (``local``, as
+    older versions recorded, included), so that data not on the Hub has no type."""
     kept = eval_dataset_id(dataset, what)
     if dataset and kept is None:
         name = name or LOCAL_EVAL_DATASET_NAME
-        dataset_type = dataset_type or LOCAL_EVAL_DATASET_TYPE
-    return {"eval_dataset": kept, "eval_dataset_name": name, "eval_dataset_type": dataset_type}
+    return {
+        "eval_dataset": kept,
+        "eval_dataset_name": name,
+        "eval_dataset_type": hub_dataset_type(dataset_type),
+    }
 
 
 def card_info_from_trainer(
@@ -265,10 +340,15 @@ def card_info_from_trainer(
     ``model_name_or_path``/``pretrained`` or the model's own ``name_or_path`` resolve to."""
 
     adapter, args = trainer.adapter, trainer.args
+    origin = "hub" if base_model is not None else None
     if base_model is None:
         base_model = resolve_base_model(model_name_or_path, pretrained)
+        origin = base_model_origin(model_name_or_path, pretrained)
     if base_model is None and model_name_or_path is None:
         base_model = resolve_base_model(adapter.source_name())
+        origin = base_model_origin(adapter.source_name())
+        if origin == "scratch":  # an architecture name alone: its pretrained tag is unknown
+            origin = None
     eval_dataset, eval_split = _evaluation_source(trainer, eval_dataset, eval_split)
     state = getattr(trainer, "state", None)
     epoch = getattr(state, "epoch", None)
@@ -290,6 +370,9 @@ def card_info_from_trainer(
         model_name=model_name,
         repo_id=repo_id,
         base_model=base_model,
+        base_model_origin=origin,
+        model_kind=model_kind_of_adapter(adapter),
+        text_length=_text_length(adapter),
         datasets=hub_datasets(datasets),
         train_data_description=train_data_description,
         license=license,
@@ -315,6 +398,13 @@ def card_info_from_trainer(
         else (int(step) if step and eval_metrics else None),
         glofnd_version=__version__,
     )
+
+
+def _text_length(adapter: Any) -> int | None:
+    try:
+        return int(adapter.context_length)
+    except (AttributeError, TypeError, ValueError):
+        return None
 
 
 def _evaluation_source(
@@ -364,6 +454,7 @@ def card_info_from_folder(
             data = json.loads(results.read_text("utf-8"))
             info.eval_metrics = normalize_eval_metrics(data.get("after") or {})
     info.family = family
+    info.model_kind = model_kind_of_folder(folder)  # the folder's own config decides
     if eval_report is not None:
         info.eval_metrics = normalize_eval_metrics(eval_report.get("metrics"))
         data = eval_report.get("data", {})
@@ -388,6 +479,8 @@ def card_info_from_folder(
             continue
         elif key == "eval_metrics" and value is not None:
             value = normalize_eval_metrics(value)
+        elif key == "base_model" and value is not None:
+            info.base_model_origin = "hub"
         if value is not None:
             setattr(info, key, value)
     return info

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ..data.digits import DIGITS_DATASET
 from ..metric_names import parse_metric_name
+from .descriptions import hub_dataset_type
 
 __all__ = ["clip_benchmark_name", "eval_results_from_metrics", "normalize_eval_metrics"]
 
@@ -43,13 +43,18 @@ def eval_results_from_metrics(
 
     ``dataset``: the Hub id of the evaluation data (``dataset.type``, and ``dataset.name``
     unless ``dataset_name`` is given); ``dataset_type`` overrides the type; ``split`` and
-    ``config`` are recorded as ``dataset.split`` / ``dataset.config``."""
+    ``config`` are recorded as ``dataset.split`` / ``dataset.config``.
+
+    ``EvalResult`` requires ``dataset.type``, the Hub id of the data (the Hub links it and
+    compares models by it). Data that is not on the Hub (a local folder, shards, the embedded
+    digits) has none: then there are no entries (an empty list), and the card reports the
+    results in its text only."""
     from huggingface_hub import EvalResult
 
-    dataset_type = dataset_type or dataset or "unknown"
-    if dataset_name is None:
-        dataset_name = "glofnd coloured digits" if dataset == DIGITS_DATASET else dataset
-    dataset_name = dataset_name or "evaluation data"
+    dataset_type = hub_dataset_type(dataset_type) or hub_dataset_type(dataset)
+    if dataset_type is None:
+        return []
+    dataset_name = dataset_name or dataset or dataset_type
     results = []
     for name, value in normalize_eval_metrics(metrics).items():
         parsed = parse_metric_name(name)

@@ -20,7 +20,9 @@ from .info import CARD_INFO_FILE, CardInfo, eval_dataset_fields
 from .metrics import clip_benchmark_name, eval_results_from_metrics
 
 __all__ = [
+    "BASE_MODEL_WORDS",
     "BASE_TAGS",
+    "KIND_TAGS",
     "PIPELINE_TAG",
     "TEMPLATE_ENV",
     "TEMPLATE_FILE",
@@ -31,7 +33,18 @@ __all__ = [
     "write_card",
 ]
 
-BASE_TAGS = ("glofnd", "clip", "contrastive-learning", "zero-shot-image-classification")
+BASE_TAGS = ("glofnd", "contrastive-learning", "zero-shot-image-classification")
+#: The tag naming the model's kind (:data:`~glofnd_hf.model_card.info.MODEL_KINDS`), added to
+#: :data:`BASE_TAGS` and the family's tags.
+KIND_TAGS = {"clip": "clip", "siglip": "siglip"}
+#: SigLIP's text length (transformers' zero-shot pipeline pads SigLIP text to it).
+SIGLIP_TEXT_LENGTH = 64
+#: The card's words for a base model that is no Hub id (``CardInfo.base_model_origin``).
+BASE_MODEL_WORDS = {
+    "local": "a local model (its weights are not on the Hub)",
+    "other": "pretrained weights that are not on the Hub",
+    "scratch": "none (trained from scratch)",
+}
 PIPELINE_TAG = "zero-shot-image-classification"
 #: The template file, package data of this package (``glofnd_hf/model_card/template.md``).
 TEMPLATE_FILE = "template.md"
@@ -65,6 +78,19 @@ def _model_ref(info: CardInfo) -> str:
     repo = info.repo_id or "ORG/NAME"
     family = _family(info)
     return f"{family.hub_prefix}{repo}" if family else repo
+
+
+def _model_kind(info: CardInfo) -> str:
+    """``clip`` or ``siglip``; a card without one (older versions) is a CLIP's."""
+    return info.model_kind if info.model_kind in KIND_TAGS else "clip"
+
+
+def _base_model_words(info: CardInfo) -> str:
+    """The model-details row's base model in words (no link: the template links a Hub id)."""
+    if info.base_model:
+        return info.base_model
+    words = BASE_MODEL_WORDS.get(info.base_model_origin or "")
+    return words or "not recorded"
 
 
 def _family(info: CardInfo) -> ModelFamily | None:
@@ -108,8 +134,9 @@ def render_model_card(info: CardInfo, template: str | os.PathLike | None = None)
         {"name": r["name"], "value": _fmt(r["value"]), "default": _fmt(r["default"])}
         for r in info.non_default_settings
     ]
+    card_data = _card_data(info, model_name, family, dataset)
     return ModelCard.from_template(
-        _card_data(info, model_name, family, dataset),
+        card_data,
         template_str=read_template(template),
         model_name=model_name,
         glofnd_version=info.glofnd_version or "",
@@ -119,6 +146,10 @@ def render_model_card(info: CardInfo, template: str | os.PathLike | None = None)
         objective=describe_objective(info.loss_type, missing="not recorded"),
         detector_description=_detector_description(info),
         model_ref=_model_ref(info),
+        model_kind=_model_kind(info),
+        text_length=info.text_length or SIGLIP_TEXT_LENGTH,
+        base_model_words=_base_model_words(info),
+        in_model_index=bool(card_data.eval_results),
         repo_id=info.repo_id,
         eval_split=info.eval_split,
         eval_config=info.eval_dataset_config,
@@ -144,7 +175,7 @@ def _card_data(
     """The card's metadata (its YAML header): library, tags and the model-index."""
     from huggingface_hub import ModelCardData
 
-    tags = list(BASE_TAGS) + (list(family.tags) if family else [])
+    tags = list(BASE_TAGS) + [KIND_TAGS[_model_kind(info)]] + (list(family.tags) if family else [])
     if info.detector:
         tags.append(f"fnd-{info.detector.replace('_', '-')}")
     tags += [t for t in info.tags if t not in tags]
@@ -173,13 +204,19 @@ def _card_data(
 
 def _summary(info: CardInfo) -> str:
     """The card's first sentence: where the model came from and how it was trained."""
-    start = (
-        f"fine-tuned from [{info.base_model}](https://huggingface.co/{info.base_model})"
-        if info.base_model
-        else "trained"
-    )
+    if info.base_model:
+        start = f"fine-tuned from [{info.base_model}](https://huggingface.co/{info.base_model})"
+    elif info.base_model_origin == "local":
+        start = "fine-tuned from a local model"
+    elif info.base_model_origin == "other":
+        start = "fine-tuned from pretrained weights that are not on the Hub"
+    elif info.base_model_origin == "scratch":
+        start = "trained from scratch"
+    else:
+        start = "trained"
+    style = "SigLIP" if _model_kind(info) == "siglip" else "CLIP"
     if not info.training_recorded:
-        return f"A CLIP-style image-text dual encoder {start} with glofnd-hf."
+        return f"A {style}-style image-text dual encoder {start} with glofnd-hf."
     # By name, so that any registered detector reads right (describe_detector says more).
     detection = (
         "no false-negative detection"
@@ -187,7 +224,7 @@ def _summary(info: CardInfo) -> str:
         else f"the `{info.detector}` false-negative detector"
     )
     return (
-        f"A CLIP-style image-text dual encoder {start} with "
+        f"A {style}-style image-text dual encoder {start} with "
         f"{describe_objective(info.loss_type)} and {detection}, using glofnd-hf."
     )
 
