@@ -198,14 +198,15 @@ class GloFNDTrainingArguments(SecretsNotPickled, TrainingArguments):
     (``hub_token`` and other secret-named settings are None there; ``secret_args``).
 
     Sections: the contrastive loss (loss_type ... max_logit_scale), false-negative detection
-    (detector ... detector_kwargs), the per-sample state (num_samples ... check_inputs),
-    Trainer defaults changed for this method, and the deprecated flat names of earlier
+    (detector ... detector_kwargs), the per-sample state (num_samples ... check_inputs), the
+    output folder (overwrite_output_dir), Trainer defaults changed for this method, and the deprecated flat names of earlier
     versions (each names its new spelling)."""
 
     help_sections: ClassVar[dict[str, str]] = {
         "loss_type": "Contrastive loss",
         "detector": "False-negative detection",
         "num_samples": "Per-sample state",
+        "overwrite_output_dir": "Output folder",
         "remove_unused_columns": "Trainer defaults changed",
         "glofnd_alpha": "Deprecated names (each says its new spelling)",
     }
@@ -313,6 +314,16 @@ class GloFNDTrainingArguments(SecretsNotPickled, TrainingArguments):
     )
     check_inputs: bool = setting(
         True, "Validate indices and finiteness each step (one host sync per step)."
+    )
+
+    # -- Output folder ------------------------------------------------------------------------
+    overwrite_output_dir: bool = setting(
+        False,
+        "A new run into an output_dir that holds an earlier run (checkpoint-N folders, "
+        "trainer_state.json, model weights, glofnd_state.safetensors, ...) stops unless this "
+        "is set; then that run's files are deleted before anything is written. Resuming the "
+        "run in output_dir (resume_from_checkpoint) never deletes it. An empty folder or one "
+        "with other files only is used as is.",
     )
 
     # -- Trainer defaults changed -------------------------------------------------------------

@@ -1,9 +1,12 @@
 """How a GloFND run's checkpoints are written, rotated and resumed.
 
 A checkpoint is the Trainer's folder plus the per-sample state file, written last and
-atomically: a folder holding it is complete. ``CheckpointingMixin`` goes before
-``transformers.Trainer`` in ``GloFNDTrainer``'s bases; it needs ``contrastive_loss`` and
-``num_samples`` from the trainer and nothing of how the loss or its detector works."""
+atomically: a folder holding it is complete. ``train`` claims the output folder first
+(:mod:`glofnd_hf.run_folder`: an earlier run there is refused unless resumed or
+``overwrite_output_dir``; another run using it is refused), and rotation deletes only this
+run's checkpoints. ``CheckpointingMixin`` goes before ``transformers.Trainer`` in
+``GloFNDTrainer``'s bases; it needs ``contrastive_loss`` and ``num_samples`` from the trainer
+and nothing of how the loss or its detector works."""
 
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from .checkpoints import (
     resolve_resume_checkpoint,
     sync_folder,
 )
+from .run_folder import check_output_dir, lock_output_dir
 from .state_file import load_state_file, write_state_file
 
 logger = logging.getLogger(__name__)
@@ -33,10 +37,26 @@ class CheckpointingMixin:
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
         """``Trainer.train``; ``resume_from_checkpoint`` may also be ``"last"`` (as ``True``):
         the newest complete checkpoint of ``output_dir``. A folder that is not a complete
-        checkpoint is refused with what it lacks (:mod:`glofnd_hf.checkpoints`)."""
+        checkpoint is refused with what it lacks (:mod:`glofnd_hf.checkpoints`). The main
+        process holds ``output_dir`` while training: a new run into a folder holding an
+        earlier run is refused unless ``overwrite_output_dir`` (which deletes that run's
+        files first), and so is a folder another run is using (:mod:`glofnd_hf.run_folder`)."""
         quiet = None if self.is_world_process_zero() else (lambda message: None)
         checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir, quiet)
-        return super().train(checkpoint, *args, **kwargs)
+        # Rotation deletes this run's checkpoints only: those it writes, and on a resume in
+        # output_dir those of the run it continues.
+        self._written_checkpoints: set[str] = set()
+        self._continues_folder_run = checkpoint is not None and (
+            os.path.realpath(os.path.dirname(os.path.abspath(checkpoint)))
+            == os.path.realpath(self.args.output_dir)
+        )
+        if self.args.process_index != 0:  # the main process checks and holds the folder
+            return super().train(checkpoint, *args, **kwargs)
+        with lock_output_dir(self.args.output_dir):
+            check_output_dir(
+                self.args.output_dir, checkpoint, getattr(self.args, "overwrite_output_dir", False)
+            )
+            return super().train(checkpoint, *args, **kwargs)
 
     def _checkpoint_dir(self, trial: Any) -> tuple[str, str]:
         run_dir = self._get_output_dir(trial=trial)
@@ -63,6 +83,7 @@ class CheckpointingMixin:
         if self.args.should_save:
             if self._state_written_to != output_dir:
                 self._finish_checkpoint(output_dir)
+            self._own_checkpoints().add(os.path.abspath(output_dir))
             self._rotate_complete_checkpoints(run_dir, output_dir)
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
@@ -76,14 +97,32 @@ class CheckpointingMixin:
         self.save_fnd_state(output_dir)
         self._state_written_to = output_dir
 
+    def _own_checkpoints(self) -> set[str]:
+        if getattr(self, "_written_checkpoints", None) is None:
+            self._written_checkpoints = set()
+        return self._written_checkpoints
+
+    def _is_own_checkpoint(self, path: str | os.PathLike, run_dir: str) -> bool:
+        """Written by this run, or (resuming in output_dir) by the run it continues."""
+        if os.path.abspath(path) in self._own_checkpoints():
+            return True
+        return getattr(self, "_continues_folder_run", False) and (
+            os.path.realpath(run_dir) == os.path.realpath(self.args.output_dir)
+        )
+
     def _rotate_complete_checkpoints(self, run_dir: str, current: str) -> None:
         """``save_total_limit``, counting complete checkpoints only: keep the newest ones (the
         current one and the best one always), delete the other complete ones and the
-        incomplete ones older than the current one (left by a crash)."""
+        incomplete ones older than the current one (left by a crash). Only this run's
+        checkpoints are counted or deleted (:meth:`_is_own_checkpoint`)."""
         limit = self.args.save_total_limit
         if limit is None or limit <= 0:
             return
-        checkpoints = find_checkpoints(run_dir)  # newest first
+        checkpoints = [  # newest first
+            (step, path)
+            for step, path in find_checkpoints(run_dir)
+            if self._is_own_checkpoint(path, run_dir)
+        ]
         protected = {os.path.abspath(current)}
         if self.state.best_model_checkpoint is not None:
             protected.add(os.path.abspath(self.state.best_model_checkpoint))

@@ -30,6 +30,7 @@ from ..models import (
     build_tiny_model,
     load_dual_encoder,
 )
+from ..run_folder import check_output_dir, lock_output_dir
 from ..trainer import GloFNDTrainer
 from .config import parse_config_and_flags
 from .errors import UsageError, run_cli
@@ -105,6 +106,13 @@ def run(argv: Sequence[str]) -> dict[str, dict[str, float]]:
     args.resume_from_checkpoint = resolve_resume_checkpoint(
         args.resume_from_checkpoint, args.output_dir, None if args.should_log else _silent
     )
+    if args.process_index == 0 and os.path.isdir(args.output_dir):
+        # An earlier run in output_dir, or another run using it, stops here (the trainer
+        # holds the folder again while it trains).
+        with lock_output_dir(args.output_dir):
+            check_output_dir(
+                args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir
+            )
     _classification_defaults(data_args)
     train, evaluation = _load_splits(data_args)
     adapter = build_adapter(
