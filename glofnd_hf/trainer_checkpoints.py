@@ -1,26 +1,38 @@
 """How a GloFND run's checkpoints are written, rotated and resumed.
 
 A checkpoint is the Trainer's folder plus the per-sample state file, written last and
-atomically: a folder holding it is complete. ``train`` claims the output folder first
+atomically: a folder holding it is finished (complete when every file a resume reads is
+there and whole: :mod:`glofnd_hf.checkpoints`). ``train`` claims the output folder first
 (:mod:`glofnd_hf.run_folder`: an earlier run there is refused unless resumed or
 ``overwrite_output_dir``; another run using it is refused), and rotation deletes only this
-run's checkpoints. ``CheckpointingMixin`` goes before ``transformers.Trainer`` in
-``GloFNDTrainer``'s bases; it needs ``contrastive_loss`` and ``num_samples`` from the trainer
-and nothing of how the loss or its detector works."""
+run's checkpoints. Damaged files met while resuming, a checkpoint of another model family,
+and a disk that fills up while saving are one-line errors naming the file or folder.
+``CheckpointingMixin`` goes before ``transformers.Trainer`` in ``GloFNDTrainer``'s bases; it
+needs ``adapter``, ``contrastive_loss`` and ``num_samples`` from the trainer and nothing of
+how the loss or its detector works."""
 
 from __future__ import annotations
 
 import logging
 import os
+import pickle
 import shutil
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .checkpoints import (
+    OPTIMIZER_FILE,
+    RNG_FILE,
+    SCHEDULER_FILE,
     STATE_FILE,
+    CheckpointError,
+    checkpoint_family,
     checkpoint_problems,
+    damaged_file_problem,
+    disk_full_error,
     find_checkpoints,
     resolve_resume_checkpoint,
     sync_folder,
@@ -37,12 +49,15 @@ class CheckpointingMixin:
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
         """``Trainer.train``; ``resume_from_checkpoint`` may also be ``"last"`` (as ``True``):
         the newest complete checkpoint of ``output_dir``. A folder that is not a complete
-        checkpoint is refused with what it lacks (:mod:`glofnd_hf.checkpoints`). The main
-        process holds ``output_dir`` while training: a new run into a folder holding an
-        earlier run is refused unless ``overwrite_output_dir`` (which deletes that run's
-        files first), and so is a folder another run is using (:mod:`glofnd_hf.run_folder`)."""
+        checkpoint is refused with what it lacks (:mod:`glofnd_hf.checkpoints`), one of
+        another model family too. The main process holds ``output_dir`` while training: a
+        new run into a folder holding an earlier run is refused unless
+        ``overwrite_output_dir`` (which deletes that run's files first), and so is a folder
+        another run is using (:mod:`glofnd_hf.run_folder`)."""
         quiet = None if self.is_world_process_zero() else (lambda message: None)
         checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir, quiet)
+        if checkpoint is not None:
+            self._check_checkpoint_family(checkpoint)
         # Rotation deletes this run's checkpoints only: those it writes, and on a resume in
         # output_dir those of the run it continues.
         self._written_checkpoints: set[str] = set()
@@ -57,6 +72,21 @@ class CheckpointingMixin:
                 self.args.output_dir, checkpoint, getattr(self.args, "overwrite_output_dir", False)
             )
             return super().train(checkpoint, *args, **kwargs)
+
+    def _check_checkpoint_family(self, checkpoint: str) -> None:
+        """A checkpoint of another model family (open_clip vs transformers) would load none
+        of its weights: refused before anything is loaded."""
+        from .models import family_of_adapter
+
+        theirs = checkpoint_family(checkpoint)
+        ours = family_of_adapter(self.adapter).name
+        if theirs is not None and theirs != ours:
+            raise CheckpointError(
+                f"checkpoint {checkpoint} holds a model of the {theirs} family, this run trains "
+                f"one of the {ours} family ({type(self.adapter.model).__name__}): resume with "
+                f"the model it was trained from (model_name_or_path, model_family), or start a "
+                f"new run in another output_dir"
+            )
 
     def _checkpoint_dir(self, trial: Any) -> tuple[str, str]:
         run_dir = self._get_output_dir(trial=trial)
@@ -77,12 +107,22 @@ class CheckpointingMixin:
         self.args.save_total_limit = None  # no rotation inside: the new one is not complete yet
         self._state_written_to = None
         try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self.args.save_total_limit = limit
-        if self.args.should_save:
-            if self._state_written_to != output_dir:
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self.args.save_total_limit = limit
+            if self.args.world_size > 1:
+                # Every process's files (its rng_state_<rank>.pth) are written before the
+                # folder is marked finished.
+                self.accelerator.wait_for_everyone()
+            if self.args.should_save and self._state_written_to != output_dir:
                 self._finish_checkpoint(output_dir)
+        except Exception as err:
+            full = disk_full_error(err, output_dir)
+            if full is None:
+                raise
+            raise full from err
+        if self.args.should_save:
             self._own_checkpoints().add(os.path.abspath(output_dir))
             self._rotate_complete_checkpoints(run_dir, output_dir)
 
@@ -118,6 +158,7 @@ class CheckpointingMixin:
         limit = self.args.save_total_limit
         if limit is None or limit <= 0:
             return
+        weights_only = bool(self.args.save_only_model)
         checkpoints = [  # newest first
             (step, path)
             for step, path in find_checkpoints(run_dir)
@@ -130,12 +171,12 @@ class CheckpointingMixin:
         for _, path in checkpoints:
             if len(kept) >= max(limit, len(protected)):
                 break
-            if not checkpoint_problems(path):
+            if not checkpoint_problems(path, weights_only):
                 kept.add(os.path.abspath(path))
         for step, path in checkpoints:
             if os.path.abspath(path) in kept:
                 continue
-            if step < self.state.global_step or not checkpoint_problems(path):
+            if step < self.state.global_step or not checkpoint_problems(path, weights_only):
                 logger.info("deleting checkpoint %s (save_total_limit=%d)", path, limit)
                 shutil.rmtree(path, ignore_errors=True)
 
@@ -150,6 +191,44 @@ class CheckpointingMixin:
             self.num_samples,
         )
 
+    # -- resuming: a damaged file is one line naming it ------------------------------------------
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        try:
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+        except Exception as err:
+            names = _weight_files(resume_from_checkpoint)
+            mapped = _resume_error(err, resume_from_checkpoint, names, fits=None)
+            if mapped is None:
+                raise
+            raise mapped from err
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        try:
+            super()._load_optimizer_and_scheduler(checkpoint)
+        except Exception as err:
+            names = [OPTIMIZER_FILE, SCHEDULER_FILE]
+            mapped = (
+                None
+                if checkpoint is None
+                else _resume_error(err, checkpoint, names, fits=OPTIMIZER_FILE)
+            )
+            if mapped is None:
+                raise
+            raise mapped from err
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        try:
+            super()._load_rng_state(checkpoint)
+        except Exception as err:
+            rank = f"rng_state_{self.args.process_index}.pth"
+            names = [RNG_FILE if self.args.world_size <= 1 else rank]
+            mapped = (
+                None if checkpoint is None else _resume_error(err, checkpoint, names, fits=None)
+            )
+            if mapped is None:
+                raise
+            raise mapped from err
+
     def load_fnd_state(self, checkpoint: str) -> None:
         path = os.path.join(checkpoint, STATE_FILE)
         if not os.path.exists(path):
@@ -161,3 +240,77 @@ class CheckpointingMixin:
             return
         load_state_file(path, self.contrastive_loss, self.num_samples)  # checked, or refused
         logger.info("restored the per-sample state from %s", path)
+
+
+#: What torch.load and safetensors raise for a damaged file (a RuntimeError only with one of
+#: _READ_MESSAGES: others, such as running out of memory, keep their own error).
+_READ_ERRORS: tuple[type[BaseException], ...] = (EOFError, pickle.UnpicklingError, OSError)
+_READ_MESSAGES = ("PytorchStreamReader", "archive", "unexpected EOF", "Ran out of input")
+try:
+    from safetensors import SafetensorError
+
+    _READ_ERRORS += (SafetensorError,)
+except ImportError:  # pragma: no cover - safetensors ships with transformers
+    pass
+
+
+def _resume_error(
+    err: Exception, checkpoint: str, names: Sequence[str], fits: str | None
+) -> CheckpointError | None:
+    """``err``, met while loading ``names`` of ``checkpoint``, as one line; None: leave it be.
+    ``fits``: the file a ValueError means does not fit this run (the optimizer's)."""
+    if isinstance(err, CheckpointError):
+        return None
+    text = _first_line(err)
+    if isinstance(err, RuntimeError) and "size mismatch" in text:
+        return CheckpointError(
+            f"checkpoint {checkpoint}: its weights do not fit this model ({text}): resume "
+            f"with the model it was trained from"
+        )
+    if isinstance(err, _READ_ERRORS) or (
+        isinstance(err, RuntimeError) and any(m in text for m in _READ_MESSAGES)
+    ):
+        damaged = [n for n in names if _cannot_load(os.path.join(checkpoint, n))]
+        return CheckpointError(
+            f"checkpoint {checkpoint}: {' or '.join(damaged or names)} cannot be read "
+            f"(truncated or corrupt? {type(err).__name__}: {text}); resume from an earlier "
+            f"checkpoint (name its folder in resume_from_checkpoint)"
+        )
+    if fits is not None and isinstance(err, ValueError):
+        return CheckpointError(
+            f"checkpoint {checkpoint}: its {fits} does not fit this run ({text}): resume "
+            f"with the model and optimizer settings it was trained with"
+        )
+    return None
+
+
+def _cannot_load(path: str) -> bool:
+    """The file fails a cheap check, or loading it (an error path only: no cost otherwise)."""
+    if not os.path.isfile(path):
+        return False
+    if damaged_file_problem(path) is not None:
+        return True
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            load_file(path)
+        else:
+            torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return True
+    return False
+
+
+def _first_line(err: BaseException) -> str:
+    """The error's text on one line; of torch's long weights-only message, the reason."""
+    text = str(err)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation")[0]
+    return " ".join(text.split())[:300]
+
+
+def _weight_files(checkpoint: str) -> list[str]:
+    names = sorted(os.listdir(checkpoint)) if os.path.isdir(checkpoint) else []
+    weights = [n for n in names if n.endswith((".safetensors", ".bin")) and n != STATE_FILE]
+    return [n for n in weights if n != "training_args.bin"] or ["model.safetensors"]
