@@ -602,3 +602,25 @@ def test_glofnd_train_says_the_disk_is_full_in_one_line(tmp_path, monkeypatch, c
         f"glofnd-train: error: no space left to save checkpoint {out / 'checkpoint-1'} ("
     ), err
     assert " free of " in err and "[OSError: [Errno 28] No space left on device]" in err, err
+
+
+def test_weights_of_another_size_are_one_line(tmp_path, trained_run):
+    import shutil
+
+    from glofnd_hf.data.digits import load_digits_pairs
+    from glofnd_hf.models import build_tiny_hf_clip
+    from glofnd_hf.trainer import GloFNDTrainer
+
+    out = tmp_path / "run"
+    shutil.copytree(trained_run, out)
+    data = load_digits_pairs(seed=0)["train"].select(range(16))
+    adapter = build_tiny_hf_clip(image_size=32, texts=list(data["caption"]))  # was 16
+    args = cpu_args(tmp_path, output_dir=str(out), max_steps=3, per_device_train_batch_size=8)
+    with pytest.raises(CheckpointError) as info:
+        GloFNDTrainer(adapter, args, train_dataset=data).train(resume_from_checkpoint="last")
+    assert str(info.value).startswith(
+        f"checkpoint {out / 'checkpoint-2'}: its weights do not fit this model (Error(s) in "
+        "loading state_dict for CLIPModel: size mismatch for "
+        "vision_model.embeddings.position_embedding.weight: "
+    )
+    assert str(info.value).endswith("): resume with the model it was trained from")
