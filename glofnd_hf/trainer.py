@@ -456,7 +456,7 @@ class GloFNDTrainer(CheckpointingMixin, Trainer):
                 # The Trainer state is restored by now: continue the epoch where it stopped.
                 epoch, steps = divmod(self.state.global_step, self.shard_steps_per_epoch())
                 skip = steps * self.args.gradient_accumulation_steps
-                self.shard_loader.resume_at(epoch, skip)
+                self.shard_loader.resume_at(epoch, skip, checkpoint=checkpoint)
                 self._shard_resume = (epoch, skip) if skip else None
 
     def _run_epoch(self, *args: Any, **kwargs: Any):

@@ -133,6 +133,9 @@ class CheckpointingMixin:
         super()._push_from_checkpoint(checkpoint_folder)
 
     def _finish_checkpoint(self, output_dir: str) -> None:
+        loader = getattr(self, "shard_loader", None)
+        if loader is not None:  # what a mid-epoch resume checks the stream against
+            loader.save_stream_settings(output_dir)
         sync_folder(output_dir)
         self.save_fnd_state(output_dir)
         self._state_written_to = output_dir

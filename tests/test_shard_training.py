@@ -34,7 +34,7 @@ class Recording(GloFNDTrainer):
         return super().compute_loss(model, inputs, *args, **kwargs)
 
 
-def make(tmp_path, pattern, captions, out="out", **overrides):
+def make(tmp_path, pattern, captions, out="out", num_workers=0, **overrides):
     adapter = build_tiny_hf_clip(seed=0, texts=captions)
     settings = dict(
         output_dir=str(tmp_path / out),
@@ -59,7 +59,7 @@ def make(tmp_path, pattern, captions, out="out", **overrides):
             shards=pattern,
             batch_size=8,
             dataset_size=N,
-            num_workers=0,
+            num_workers=num_workers,
             shuffle_buffer=16,
             seed=0,
             rank=0,
@@ -114,6 +114,7 @@ def test_mid_epoch_resume_continues_the_same_stream(tmp_path, shards):
     resumed.train(resume_from_checkpoint=str(checkpoint))
 
     assert first.seen + resumed.seen == straight.seen  # same shard order, nothing repeated
+    assert (checkpoint / "shard_stream.json").is_file()
     a, b = straight.contrastive_loss.state_dict(), resumed.contrastive_loss.state_dict()
     for key in a:
         assert torch.equal(a[key], b[key]), key
@@ -121,3 +122,18 @@ def test_mid_epoch_resume_continues_the_same_stream(tmp_path, shards):
         adapter.model.named_parameters(), adapter2.model.parameters(), strict=True
     ):
         assert torch.equal(p, q), name
+
+
+def test_a_mid_epoch_resume_under_another_worker_count_is_refused(tmp_path, shards):
+    from glofnd_hf.data.errors import ShardResumeError
+
+    pattern, captions = shards
+    adapter1, args1, loader1 = make(
+        tmp_path, pattern, captions, out="run", save_steps=3, save_strategy="steps", max_steps=3
+    )
+    Recording(adapter1, args1, train_dataset=loader1).train()
+    checkpoint = tmp_path / "run" / "checkpoint-3"  # epoch 0, 3 of 8 batches done
+    adapter2, args2, loader2 = make(tmp_path, pattern, captions, out="run", num_workers=2)
+    resumed = Recording(adapter2, args2, train_dataset=loader2)
+    with pytest.raises(ShardResumeError, match="dataloader_num_workers = 1 and this run has 2"):
+        resumed.train(resume_from_checkpoint=str(checkpoint))
