@@ -10,9 +10,7 @@ dataclass in the registry (:mod:`glofnd_hf.fnd.registry`).
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
@@ -33,6 +31,11 @@ from .losses import (
 )
 from .losses import registry as loss_registry
 from .models import family_choices
+from .renamed_settings import (  # the first two re-exported: where earlier releases had them
+    RENAMED_SETTINGS,  # noqa: F401
+    RenamedSetting,  # noqa: F401
+    apply_renamed_settings,
+)
 from .secret_args import SecretsNotPickled
 from .state_budget import check_state_fits
 
@@ -132,58 +135,6 @@ class DataArguments:
         # A flag cannot say None: "none" (or an empty value) means no evaluation split.
         if isinstance(self.eval_split, str) and self.eval_split.strip().lower() in ("", "none"):
             self.eval_split = None
-
-
-@dataclass(frozen=True)
-class RenamedSetting:
-    """A flat setting of earlier versions and where it lives now."""
-
-    old: str
-    new: str
-    """A field of the training arguments, or (``detector`` set) a key of detector_kwargs."""
-    detector: str | None = None
-    position: int | None = None
-    """Set: the old setting is this element of the new (a sequence)."""
-
-    def new_spelling(self) -> str:
-        if self.detector is None:
-            return self.new
-        where = "" if self.position is None else f", element {self.position}"
-        return f"detector_kwargs: {{{self.new}: ...}} (detector: {self.detector}{where})"
-
-
-_GLOFND = "glofnd"
-RENAMED_SETTINGS: tuple[RenamedSetting, ...] = (
-    RenamedSetting("glofnd_alpha", "fn_alpha"),
-    RenamedSetting("glofnd_mask_start_epoch", "fn_start_epoch"),
-    *(
-        RenamedSetting(f"glofnd_{key}", key, _GLOFND)
-        for key in (
-            "update_rule",
-            "tail_size",
-            "band",
-            "step_floor",
-            "lr",
-            "eps",
-            "clip_grad_mult",
-            "init_quantile",
-            "update_start_epoch",
-        )
-    ),
-    RenamedSetting("glofnd_beta1", "betas", _GLOFND, position=0),
-    RenamedSetting("glofnd_beta2", "betas", _GLOFND, position=1),
-    *(
-        RenamedSetting(f"ifnd_{key}", key, "ifnd")
-        for key in ("num_clusters", "cluster_every", "accept_warmup_epochs")
-    ),
-)
-
-
-def _field_default(dataclass_type: type, name: str) -> Any:
-    field = next(f for f in dataclasses.fields(dataclass_type) if f.name == name)
-    if field.default is not dataclasses.MISSING:
-        return field.default
-    return field.default_factory()  # type: ignore[misc]
 
 
 def _deprecated(renamed_to: str) -> str:
@@ -449,51 +400,7 @@ class GloFNDTrainingArguments(SecretsNotPickled, TrainingArguments):
     def _apply_renamed_settings(self) -> None:
         """Move values given under deprecated flat names to their new place (with a warning
         naming it); settings of another detector than the chosen one are ignored, as before."""
-        for renamed in RENAMED_SETTINGS:
-            value = getattr(self, renamed.old)
-            if value is None:
-                continue
-            setattr(self, renamed.old, None)  # one place for each value
-            if renamed.detector is not None and renamed.detector != self.detector:
-                warnings.warn(
-                    f"{renamed.old} is deprecated (now {renamed.new_spelling()}) and has no "
-                    f"effect with detector {self.detector!r}: ignored",
-                    FutureWarning,
-                    stacklevel=4,
-                )
-                continue
-            warnings.warn(
-                f"{renamed.old} is deprecated: use {renamed.new_spelling()}",
-                FutureWarning,
-                stacklevel=4,
-            )
-            if renamed.detector is None:
-                # The new field at its default counts as not given (a dataclass cannot tell).
-                current = getattr(self, renamed.new)
-                if current != _field_default(type(self), renamed.new) and current != value:
-                    raise ValueError(
-                        f"{renamed.old}={value!r} contradicts {renamed.new}={current!r}: set "
-                        f"only {renamed.new}"
-                    )
-                setattr(self, renamed.new, value)
-            elif renamed.position is not None:
-                default = getattr(self.detector_spec().make_settings(), renamed.new)
-                sequence = list(self.detector_kwargs.get(renamed.new, default))
-                given = renamed.new in self.detector_kwargs
-                if given and sequence[renamed.position] not in (value, default[renamed.position]):
-                    raise ValueError(
-                        f"{renamed.old}={value!r} contradicts detector_kwargs {renamed.new}="
-                        f"{self.detector_kwargs[renamed.new]!r}: set only detector_kwargs"
-                    )
-                sequence[renamed.position] = value
-                self.detector_kwargs[renamed.new] = sequence
-            elif self.detector_kwargs.get(renamed.new, value) != value:
-                raise ValueError(
-                    f"{renamed.old}={value!r} contradicts detector_kwargs {renamed.new}="
-                    f"{self.detector_kwargs[renamed.new]!r}: set only detector_kwargs"
-                )
-            else:
-                self.detector_kwargs[renamed.new] = value
+        apply_renamed_settings(self, self.detector_spec().make_settings())
 
     # -- what the Trainer reads ---------------------------------------------------------------
     def detector_spec(self) -> DetectorSpec:
