@@ -340,15 +340,7 @@ def card_info_from_trainer(
     ``model_name_or_path``/``pretrained`` or the model's own ``name_or_path`` resolve to."""
 
     adapter, args = trainer.adapter, trainer.args
-    origin = "hub" if base_model is not None else None
-    if base_model is None:
-        base_model = resolve_base_model(model_name_or_path, pretrained)
-        origin = base_model_origin(model_name_or_path, pretrained)
-    if base_model is None and model_name_or_path is None:
-        base_model = resolve_base_model(adapter.source_name())
-        origin = base_model_origin(adapter.source_name())
-        if origin == "scratch":  # an architecture name alone: its pretrained tag is unknown
-            origin = None
+    base_model, origin = _base_model(adapter, base_model, model_name_or_path, pretrained)
     eval_dataset, eval_split = _evaluation_source(trainer, eval_dataset, eval_split)
     state = getattr(trainer, "state", None)
     epoch = getattr(state, "epoch", None)
@@ -398,6 +390,24 @@ def card_info_from_trainer(
         else (int(step) if step and eval_metrics else None),
         glofnd_version=__version__,
     )
+
+
+def _base_model(
+    adapter: Any, base_model: str | None, model_name_or_path: str | None, pretrained: str | None
+) -> tuple[str | None, str | None]:
+    """The base model's Hub id (as given, else resolved) and its origin
+    (:func:`base_model_origin`; from the model's own ``source_name`` when no name is given)."""
+    if base_model is not None:
+        return base_model, "hub"
+    if model_name_or_path is not None:
+        return (
+            resolve_base_model(model_name_or_path, pretrained),
+            base_model_origin(model_name_or_path, pretrained),
+        )
+    source = adapter.source_name()
+    origin = base_model_origin(source)
+    # an architecture name alone: its pretrained tag is unknown
+    return resolve_base_model(source), None if origin == "scratch" else origin
 
 
 def _text_length(adapter: Any) -> int | None:
