@@ -16,8 +16,7 @@ from glofnd_hf.data.digits import load_digits_pairs
 from glofnd_hf.eval.zero_shot import ZeroShotEvaluator
 from glofnd_hf.hub import (
     TRAINING_STATE_PATTERNS,
-    files_to_upload,
-    ignore_patterns_for,
+    plan_upload,
     push_to_hub,
     save_for_hub,
 )
@@ -337,11 +336,12 @@ def test_push_uploads_the_model_without_training_state(trained, tmp_path, monkey
     )
     assert create_kwargs["exist_ok"] is True and create_kwargs["private"] is True
     assert upload["commit_message"] == "first"
-    ignored = set(ignore_patterns_for(folder))
-    assert set(TRAINING_STATE_PATTERNS) <= ignored
-    assert {"checkpoint-*/**", "model.safetensors"} <= ignored  # trainer copy of open_clip weights
+    plan = plan_upload(folder)
     sent = set(upload["files"])
-    assert sent == set(files_to_upload(folder, sorted(ignored)))
+    assert sent == set(plan.files)
+    for name in ("glofnd_state.safetensors", "optimizer.pt", "model.safetensors"):
+        assert plan.skipped[name].startswith("training state"), name  # (open_clip's copy)
+    assert "checkpoint-9/x.bin" in plan.skipped and "training_args.bin" in TRAINING_STATE_PATTERNS
     assert {"README.md", "open_clip_config.json", "open_clip_model.safetensors"} <= sent
     assert upload["files"]["README.md"] == (folder / "README.md").read_bytes()
     for name in (
@@ -536,9 +536,20 @@ def test_saved_tiny_hf_folders_load_with_every_tower_class(tmp_path):
     config = json.loads((clip / "config.json").read_text())
     for tower in ("text_config", "vision_config"):
         assert config[tower]["projection_dim"] == config["projection_dim"] == 64
-    text = CLIPTextModelWithProjection.from_pretrained(clip)
-    vision = CLIPVisionModelWithProjection.from_pretrained(clip)
+    text = CLIPTextModelWithProjection.from_pretrained(clip).eval()
+    vision = CLIPVisionModelWithProjection.from_pretrained(clip).eval()
     assert text.text_projection.weight.shape == vision.visual_projection.weight.shape == (64, 64)
+    adapter = build_tiny_hf_clip(seed=0, texts=TEXTS)  # the same weights (same seed)
+    adapter.model.eval()
+    images = _images()
+    ref_img, ref_txt = _embed(adapter, images, TEXTS)
+    tokens = adapter.tokenize(TEXTS)
+    pixels = torch.stack([adapter.image_transform(False)(im) for im in images])
+    with torch.no_grad():
+        txt = torch.nn.functional.normalize(text(**tokens).text_embeds, dim=-1)
+        img = torch.nn.functional.normalize(vision(pixel_values=pixels).image_embeds, dim=-1)
+    torch.testing.assert_close(txt, ref_txt, atol=1e-5, rtol=0)
+    torch.testing.assert_close(img, ref_img, atol=1e-5, rtol=0)
 
     siglip = save_for_hub(build_tiny_hf_siglip(seed=0, texts=TEXTS), tmp_path / "siglip")
     assert SiglipTextModel.from_pretrained(siglip).config.projection_size == 64

@@ -1,9 +1,11 @@
 """``glofnd-push OUTPUT_DIR --repo-id ORG/NAME``: upload a trained model folder to the Hub.
 
 Renders the model card (``README.md``) when the folder has none (or with ``--render-card``),
-then creates the repository if needed and uploads the folder without training-only files
-(per-sample GloFND state, optimizer, scheduler, RNG states, nested checkpoints) unless
-``--include-training-state``. The token comes from ``HF_TOKEN`` or ``hf auth login``.
+then creates the repository if needed and uploads the model's files (weights, configs,
+processor and tokenizer files, the card): other files only with ``--include GLOB``, the
+training state (per-sample GloFND state, optimizer, scheduler, RNG states) only with
+``--include-training-state``, dotfiles never. What stays local is printed. The token comes
+from ``HF_TOKEN`` or ``hf auth login``.
 """
 
 from __future__ import annotations
@@ -31,6 +33,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--include-training-state",
         action="store_true",
         help="also upload glofnd_state.safetensors, optimizer, scheduler, RNG states",
+    )
+    p.add_argument(
+        "--include",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="also upload the files matching GLOB, relative to the folder (repeatable; a "
+        "folder's name takes its files); dotfiles are never uploaded",
     )
     card = p.add_mutually_exclusive_group()
     card.add_argument(
@@ -68,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--dataset-type",
         default=None,
         help="Hub id of the evaluation data set for the card's model-index (e.g. "
-        "nlphuji/flickr_1k_test_image_text_retrieval), when the report names a local copy",
+        "nlphuji/flickr_1k_test_image_text_retrieval), when the report names a local copy "
+        "(without one, results on data that is not on the Hub stay out of the model-index)",
     )
     p.add_argument("--revision", default=None, help="branch to push to")
     p.add_argument("--create-pr", action="store_true", help="open a pull request instead")
@@ -116,6 +127,7 @@ def _main(argv: list[str]) -> int:
         private=args.private,
         commit_message=args.commit_message,
         include_training_state=args.include_training_state,
+        include=args.include,
         render_card=False if args.keep_card else (True if rerender else None),
         card_fields={k: v for k, v in card_fields.items() if v is not None},
         eval_report=eval_report,
