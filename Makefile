@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/glofnd-train recipes/demo.yaml
+	$(BIN)/glofnd-train recipes/demo.yaml --overwrite_output_dir true
 
 # CI runs this target alone (.ci/run): style first (seconds), then the suite.
 test: lint

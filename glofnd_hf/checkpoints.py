@@ -235,6 +235,11 @@ def checkpoint_family(path: str | os.PathLike) -> str | None:
         return None
 
 
+def is_checkpoint_folder(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is named as the Trainer names a checkpoint (``checkpoint-N``)."""
+    return _CHECKPOINT_RE.match(Path(path).name) is not None
+
+
 def find_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     """``(step, folder)`` of the ``checkpoint-N`` folders in ``output_dir``, newest first."""
     output_dir = Path(output_dir)
@@ -345,10 +350,12 @@ def _last_complete(output_dir: str | os.PathLike, log: Callable[[str], None]) ->
     )
 
 
-def disk_full_error(err: BaseException, folder: str | os.PathLike) -> CheckpointWriteError | None:
+def disk_full_error(
+    err: BaseException, folder: str | os.PathLike, final: bool = False
+) -> CheckpointWriteError | None:
     """A :class:`CheckpointWriteError` naming ``folder`` and the space left when ``err`` says
     the disk is full (``OSError`` ENOSPC/EDQUOT, torch.save's ``unexpected pos``, ...); None
-    for any other error."""
+    for any other error. ``final``: the folder is the run's final model, not a checkpoint."""
     full = isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
     full = full or any(m in str(err) for m in _DISK_FULL_MESSAGES)
     if not full:
@@ -362,6 +369,12 @@ def disk_full_error(err: BaseException, folder: str | os.PathLike) -> Checkpoint
         space = f"{_size(usage.free)} free of {_size(usage.total)} on its disk"
     except OSError:
         space = "free space unknown"
+    if final:
+        return CheckpointWriteError(
+            f"no space left to save the trained model in {where} ({space}): free space, then "
+            f"resume_from_checkpoint=last continues from the last complete checkpoint "
+            f"[{type(err).__name__}: {' '.join(str(err).split())[:200]}]"
+        )
     return CheckpointWriteError(
         f"no space left to save checkpoint {where} ({space}): free space or move output_dir "
         f"to a larger disk (fewer checkpoints: save_total_limit), then resume with "

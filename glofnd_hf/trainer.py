@@ -13,7 +13,11 @@ from accelerate.utils import DistributedType
 from transformers import Trainer
 
 from .args import GloFNDTrainingArguments
-from .checkpoints import STATE_FILE  # re-exported: where earlier releases had it
+from .checkpoints import (
+    STATE_FILE,  # re-exported: where earlier releases had it
+    disk_full_error,
+    is_checkpoint_folder,
+)
 from .data.bad_samples import BAD_SAMPLE_KINDS, DATASETS_BAD_SAMPLE_KINDS
 from .data.hf import ImageTextCollator, prepare_image_text_dataset
 from .data.images import defer_image_decoding
@@ -437,10 +441,18 @@ class GloFNDTrainer(CheckpointingMixin, Trainer):
         output_dir = output_dir or self.args.output_dir
         # HF models: save_pretrained + processor. open_clip models: the Trainer's weight file
         # (which resume_from_checkpoint reads) plus open_clip's own layout.
-        super()._save(output_dir, state_dict)
-        family = family_of_adapter(self.adapter)
-        if family.saves_beside_trainer and self.args.should_save:
-            self.adapter.save(output_dir, **family.release_save_kwargs)
+        try:
+            super()._save(output_dir, state_dict)
+            family = family_of_adapter(self.adapter)
+            if family.saves_beside_trainer and self.args.should_save:
+                self.adapter.save(output_dir, **family.release_save_kwargs)
+        except Exception as err:
+            # Inside a checkpoint, the checkpoint's own handler names the folder.
+            in_checkpoint = is_checkpoint_folder(output_dir)
+            full = None if in_checkpoint else disk_full_error(err, output_dir, final=True)
+            if full is None:
+                raise
+            raise full from err
 
     def shard_steps_per_epoch(self) -> int:
         """Optimizer steps per epoch of the shard loader (the Trainer's count)."""

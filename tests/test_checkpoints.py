@@ -624,3 +624,20 @@ def test_weights_of_another_size_are_one_line(tmp_path, trained_run):
         "vision_model.embeddings.position_embedding.weight: "
     )
     assert str(info.value).endswith("): resume with the model it was trained from")
+
+
+def test_a_full_disk_while_saving_the_final_model_is_one_line(tmp_path, monkeypatch):
+    import glofnd_hf.checkpoints as checkpoints
+
+    out = tmp_path / "run"
+    trainer = tiny_trainer(out, max_steps=1)
+    trainer.train()
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(trainer.model, "save_pretrained", full)
+    with pytest.raises(checkpoints.CheckpointWriteError) as info:
+        trainer.save_model(str(out))
+    assert str(info.value).startswith(f"no space left to save the trained model in {out} (")
+    assert "resume_from_checkpoint=last" in str(info.value)
