@@ -222,10 +222,11 @@ def test_push_refuses_files_that_hold_a_token(tmp_path, monkeypatch, capsys):
     )
     assert fake.calls == [] and tree_digest(folder) == before
     # Without the training state the file stays local; a token pasted into a file is refused.
+    # notes.txt is not a model file: it stays local unless named with --include.
     (folder / "notes.txt").write_text(f"login with {TOKEN}\n")
     before = tree_digest(folder)
     with pytest.raises(SystemExit):
-        push_main(argv[:3])
+        push_main([*argv[:3], "--include", "notes.txt"])
     assert "refusing to upload notes.txt: it holds an access token" in capsys.readouterr().err
     assert fake.calls == [] and tree_digest(folder) == before
     (folder / "notes.txt").unlink()
