@@ -40,15 +40,14 @@ from .info import (
     base_model_origin,
     card_info_from_folder,
     card_info_from_trainer,
-    default_settings,
     eval_dataset_fields,
     model_kind_of_adapter,
     model_kind_of_folder,
-    non_default_settings,
     resolve_base_model,
 )
 from .metrics import eval_results_from_metrics, normalize_eval_metrics
 from .render import card_is_unedited, read_template, render_model_card, template_path, write_card
+from .settings import default_settings, non_default_settings
 
 __all__ = [
     "BASE_MODEL_ORIGINS",

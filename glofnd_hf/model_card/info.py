@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
-import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -23,6 +21,7 @@ from .descriptions import (
     is_local_path,
 )
 from .metrics import normalize_eval_metrics
+from .settings import hyperparameters, non_default_settings
 
 __all__ = [
     "BASE_MODEL_ORIGINS",
@@ -33,10 +32,8 @@ __all__ = [
     "card_info_from_folder",
     "card_info_from_trainer",
     "eval_dataset_fields",
-    "default_settings",
     "model_kind_of_adapter",
     "model_kind_of_folder",
-    "non_default_settings",
     "resolve_base_model",
 ]
 
@@ -49,8 +46,6 @@ MODEL_KINDS = ("clip", "siglip")
 #: are not on the Hub, e.g. an open_clip tag served from a URL), ``scratch``.
 BASE_MODEL_ORIGINS = ("hub", "local", "other", "scratch")
 
-# Fields of GloFNDTrainingArguments that are not method settings (or are reported elsewhere).
-_NOT_SETTINGS = {"num_samples", "state_device", "check_inputs", "remove_unused_columns"}
 
 
 @dataclasses.dataclass
@@ -195,104 +190,6 @@ def model_kind_of_folder(folder: str | os.PathLike) -> str:
     return "clip"
 
 
-def default_settings() -> dict[str, Any]:
-    """What a default ``GloFNDTrainingArguments()`` holds in its GloFND/loss fields.
-
-    Read from the dataclass fields: building an instance sets up devices, which resets
-    accelerate's state (fatal in the middle of training). ``__post_init__`` only validates these
-    fields, so the values are the same (a test checks this).
-    """
-    return dict(_default_settings())
-
-
-@functools.lru_cache(maxsize=1)
-def _default_settings() -> dict[str, Any]:
-    out = {}
-    for f in _setting_fields():
-        if f.default is not dataclasses.MISSING:
-            out[f.name] = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            out[f.name] = f.default_factory()
-    return out
-
-
-def _setting_fields() -> list[dataclasses.Field]:
-    from transformers import TrainingArguments
-
-    from ..args import RENAMED_SETTINGS, GloFNDTrainingArguments
-
-    # The detector's own settings are listed one by one from detector_kwargs (see
-    # non_default_settings); deprecated flat names never hold a value after validation.
-    skip = (
-        {f.name for f in dataclasses.fields(TrainingArguments)}
-        | _NOT_SETTINGS
-        | {r.old for r in RENAMED_SETTINGS}
-        | {"detector_kwargs"}
-    )
-    return [f for f in dataclasses.fields(GloFNDTrainingArguments) if f.name not in skip]
-
-
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, float) and isinstance(b, float):
-        return a == b or (math.isnan(a) and math.isnan(b))
-    return a == b
-
-
-def non_default_settings(args: Any) -> list[dict[str, Any]]:
-    """GloFND and loss settings of ``args`` that differ from a default
-    ``GloFNDTrainingArguments()``: ``[{"name", "value", "default"}, ...]`` in field order."""
-    defaults = _default_settings()
-    rows = []
-    for name, default in defaults.items():
-        value = getattr(args, name, default)
-        if not _same(value, default):
-            rows.append({"name": name, "value": value, "default": default})
-    # The chosen detector's own settings, against that detector's defaults.
-    spec_of = getattr(args, "detector_spec", None)
-    if spec_of is not None:
-        spec = spec_of()
-        chosen, default_settings_ = args.detector_settings(), spec.make_settings()
-        for name in spec.setting_names():
-            value, default = getattr(chosen, name), getattr(default_settings_, name)
-            if not _same(value, default):
-                rows.append({"name": f"detector_kwargs.{name}", "value": value, "default": default})
-    return rows
-
-
-def _hyperparameters(args: Any) -> dict[str, Any]:
-    world = int(getattr(args, "world_size", 1) or 1)
-    accum = int(getattr(args, "gradient_accumulation_steps", 1) or 1)
-    per_device = int(getattr(args, "per_device_train_batch_size", 0) or 0)
-    out: dict[str, Any] = {
-        "learning_rate": getattr(args, "learning_rate", None),
-        "per_device_train_batch_size": per_device,
-        "global_batch_size": per_device * world * accum,
-        "gradient_accumulation_steps": accum,
-        "num_processes": world,
-        "num_train_epochs": getattr(args, "num_train_epochs", None),
-        "max_steps": getattr(args, "max_steps", None),
-        "lr_scheduler_type": str(
-            getattr(
-                getattr(args, "lr_scheduler_type", None),
-                "value",
-                getattr(args, "lr_scheduler_type", None),
-            )
-        ),
-        "warmup_steps": getattr(args, "warmup_steps", None),
-        "weight_decay": getattr(args, "weight_decay", None),
-        "optim": str(getattr(getattr(args, "optim", None), "value", getattr(args, "optim", None))),
-        "mixed_precision": "bf16"
-        if getattr(args, "bf16", False)
-        else ("fp16" if getattr(args, "fp16", False) else "no"),
-        "seed": getattr(args, "seed", None),
-    }
-    if out["max_steps"] and out["max_steps"] > 0:
-        out.pop("num_train_epochs")  # max_steps decides
-    else:
-        out.pop("max_steps")
-    return {k: v for k, v in out.items() if v is not None}
-
-
 def eval_dataset_fields(
     dataset: str | None,
     name: str | None = None,
@@ -345,11 +242,7 @@ def card_info_from_trainer(
     state = getattr(trainer, "state", None)
     epoch = getattr(state, "epoch", None)
     step = getattr(state, "global_step", None)
-    train = getattr(trainer, "train_dataset", None)
-    try:
-        num_pairs = len(train) if train is not None else None
-    except TypeError:
-        num_pairs = None
+    num_pairs = _num_pairs(getattr(trainer, "train_dataset", None))
     datasets = [d for d in (datasets or []) if d]
     if train_data_description is None:
         train_data_description = _describe_training_data(datasets, num_pairs)
@@ -357,6 +250,10 @@ def card_info_from_trainer(
     loss_config = None
     if loss is not None and hasattr(loss, "config_dict"):
         loss_config = json.loads(json.dumps(loss.config_dict(), default=str))
+    if repo_id is None and getattr(args, "push_to_hub", False):
+        # A run that pushes names its card after the repo, not after the local folder.
+        repo_id = getattr(trainer, "hub_model_id", None) or getattr(args, "hub_model_id", None)
+        model_name = model_name or repo_id
     return CardInfo(
         family=adapter.family,
         model_name=model_name,
@@ -376,7 +273,7 @@ def card_info_from_trainer(
         fn_strategy=getattr(args, "fn_strategy", None),
         non_default_settings=json.loads(json.dumps(non_default_settings(args), default=str)),
         loss_config=loss_config,
-        hyperparameters=_hyperparameters(args),
+        hyperparameters=hyperparameters(args),
         num_samples=getattr(trainer, "num_samples", None),
         num_train_pairs=num_pairs,
         epochs=round(float(epoch), 4) if epoch else None,
@@ -390,6 +287,13 @@ def card_info_from_trainer(
         else (int(step) if step and eval_metrics else None),
         glofnd_version=__version__,
     )
+
+
+def _num_pairs(train: Any) -> int | None:
+    try:
+        return len(train) if train is not None else None
+    except TypeError:  # a stream
+        return None
 
 
 def _base_model(
