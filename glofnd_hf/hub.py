@@ -71,6 +71,7 @@ TRAINING_STATE_PATTERNS = (
     "rng_state*.pth",
     "trainer_state.json",
     "training_args.bin",
+    "shard_stream.json",
     "global_step*/**",
     "zero_to_fp32.py",
     "latest",
@@ -382,8 +383,10 @@ def push_to_hub(
     revision: str | None = None,
     create_pr: bool = False,
     verbose: bool = True,
+    path_in_repo: str = "",
 ) -> str:
-    """Create ``repo_id`` (if needed) and upload the model folder ``output_dir``.
+    """Create ``repo_id`` (if needed) and upload the model folder ``output_dir`` (to
+    ``path_in_repo``, a folder of the repo; its top by default).
 
     The model card (``README.md``) is rendered when missing or when it is our unedited card,
     always with ``render_card=True``, never with ``render_card=False``; its title, model-index
@@ -433,11 +436,10 @@ def push_to_hub(
             check_no_secrets(path.parent, [path.name], token)
         if verbose:
             _print_plan(folder, repo_id, files, plan)
-        api = HfApi(token=token)
+        api, prefix = HfApi(token=token), f"{path_in_repo.strip('/')}/".lstrip("/")
         repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         operations = [
-            CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(sent.get(f, folder / f)))
-            for f in files
+            CommitOperationAdd(f"{prefix}{f}", str(sent.get(f, folder / f))) for f in files
         ]
         commit = api.create_commit(
             repo_id=repo_id,

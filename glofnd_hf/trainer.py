@@ -33,6 +33,7 @@ from .model_card import ModelCardCallback
 from .models import DualEncoderAdapter, family_of_adapter
 from .trainer_callbacks import ClampLogitScale, DataEpoch, EpochSummary
 from .trainer_checkpoints import CheckpointingMixin
+from .trainer_hub import HubPushMixin
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ def _rows(inputs: dict[str, Any], start: int, end: int, batch: int) -> dict[str,
     }
 
 
-class GloFNDTrainer(CheckpointingMixin, Trainer):
+class GloFNDTrainer(CheckpointingMixin, HubPushMixin, Trainer):
     """Trains a dual encoder with a contrastive loss and GloFND (or another detector).
 
     ``adapter`` wraps a Hugging Face CLIP-family or open_clip model (see ``models``). For a

@@ -223,7 +223,7 @@ def _train_and_evaluate(
         results["before"] = trainer.evaluate(metric_key_prefix="eval_before")
         _print_table("before training", results["before"], trainer)
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
-    trainer.save_model(args.output_dir)
+    trainer.save_model(args.output_dir, _internal_call=True)  # pushed below, with its scores
     if evaluate:
         results["after"] = trainer.evaluate()
         _print_table("after training", results["after"], trainer)
@@ -231,6 +231,8 @@ def _train_and_evaluate(
     if trainer.is_world_process_zero() and results:
         with open(os.path.join(args.output_dir, "zero_shot_results.json"), "w") as f:
             json.dump(results, f, indent=2)
+    if args.push_to_hub:
+        trainer.push_to_hub()  # the GloFND card, named after hub_model_id
     return results
 
 
