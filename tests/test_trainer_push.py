@@ -74,7 +74,9 @@ def _trainer(out: Path, family: str, **overrides):
         per_device_train_batch_size=8,
         fn_alpha=0.2,
     )
-    return GloFNDTrainer(adapter, cpu_args(out.parent, **{**values, **overrides}), train_dataset=data)
+    return GloFNDTrainer(
+        adapter, cpu_args(out.parent, **{**values, **overrides}), train_dataset=data
+    )
 
 
 @pytest.mark.parametrize("family", ["hf", "open_clip"])

@@ -47,7 +47,6 @@ MODEL_KINDS = ("clip", "siglip")
 BASE_MODEL_ORIGINS = ("hub", "local", "other", "scratch")
 
 
-
 @dataclasses.dataclass
 class CardInfo:
     """Everything a card is rendered from (JSON-serialisable, saved as ``glofnd_card.json``)."""
