@@ -55,27 +55,10 @@ class HubRecorder:
 
 
 def _trainer(out: Path, family: str, **overrides):
-    from cpu_args import cpu_args
+    from test_checkpoints import tiny_trainer
 
-    from glofnd_hf.data.digits import load_digits_pairs
-    from glofnd_hf.models import build_tiny_hf_clip, build_tiny_open_clip
-    from glofnd_hf.trainer import GloFNDTrainer
-
-    data = load_digits_pairs(seed=0)["train"].select(range(16))
-    if family == "hf":
-        adapter = build_tiny_hf_clip(image_size=16, texts=list(data["caption"]), seed=0)
-    else:
-        adapter = build_tiny_open_clip(image_size=16, seed=0)
-    values = dict(
-        output_dir=str(out),
-        save_strategy="steps",
-        save_steps=2,
-        max_steps=4,
-        per_device_train_batch_size=8,
-        fn_alpha=0.2,
-    )
-    return GloFNDTrainer(
-        adapter, cpu_args(out.parent, **{**values, **overrides}), train_dataset=data
+    return tiny_trainer(
+        out, family, **{"save_steps": 2, "max_steps": 4, "fn_alpha": 0.2, **overrides}
     )
 
 
