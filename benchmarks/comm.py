@@ -2,8 +2,8 @@
 
 Each step, every rank all-gathers its image and text embeddings (b x D each, with gradient)
 and, for the per-sample state, its anchors' dataset indices and a few floats per anchor
-(the threshold rule's statistics of both sides: 12 for the default tail rule, and the global
-loss's g of both sides). This script measures bytes sent per rank and the time of each
+(the default threshold rule's statistics of both sides, ``num_statistics`` each, and the
+global loss's g of both sides). This script measures bytes sent per rank and the time of each
 collective in the same run.
 
     python benchmarks/comm.py --processes 2 --local-batch 256 --dim 512
@@ -44,11 +44,11 @@ def worker(rank: int, world: int, port: int, opts: argparse.Namespace, queue) ->
     image = torch.randn(b, d, requires_grad=True)
     text = torch.randn(b, d, requires_grad=True)
     index = torch.randint(0, 10**8, (b,))
-    # The default tail rule's statistics of both sides (pinball gradient, q_hat, beta, top
-    # negative, (k+1)-th largest, q_hat's noise); the Adam rule sends 2 or 4.
-    from glofnd_hf.fnd import TailRule
+    # The default rule's statistics of both sides (the Adam rule sends 1 or 2 per side).
+    from glofnd_hf.fnd.thresholds import RULES, GloFNDConfig
 
-    per_anchor = torch.randn(b, 2 * TailRule.num_statistics)
+    statistics_per_side = RULES[GloFNDConfig().update_rule].num_statistics
+    per_anchor = torch.randn(b, 2 * statistics_per_side)
     u_values = torch.randn(b, 2)
 
     def features():
@@ -65,7 +65,7 @@ def worker(rank: int, world: int, port: int, opts: argparse.Namespace, queue) ->
     state_s = timed(state_sync, opts.repeats)
     if rank == 0:
         feature_bytes = 2 * b * d * 4 * 2  # forward gather + backward reduce-scatter
-        state_bytes = b * 8 + b * 4 * 4 + b * 2 * 4
+        state_bytes = b * 8 + per_anchor.numel() * 4 + u_values.numel() * 4  # index, stats, g
         queue.put((feature_bytes, state_bytes, feature_s, state_s))
     dist.destroy_process_group()
 
