@@ -6,8 +6,17 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
+import torch.distributed as dist
+
+from . import comm
+
+StateSharding = Literal["replicated", "sharded"]
+"""replicated: every process holds every row; sharded: each row lives on one process
+(dataset index % world size), which contributes it to the global batch's reads."""
+STATE_SHARDINGS: tuple[str, ...] = ("replicated", "sharded")
 
 
 class PerSampleTable:
@@ -58,6 +67,151 @@ class PerSampleTable:
     def to(self, device: torch.device | str) -> PerSampleTable:
         self.data = self.data.to(device)
         return self
+
+
+class ShardedPerSampleTable:
+    """A :class:`PerSampleTable` split over the processes: row ``i`` lives on process
+    ``i % world_size`` only, as its local row ``i // world_size``, so each process holds
+    ``ceil(num_samples / world_size)`` rows (plus one scratch row).
+
+    ``gather`` and ``scatter`` keep :class:`PerSampleTable`'s interface and results (bit for
+    bit), under one condition: **every process calls them with the same ``index``** (the
+    global batch's indices, as every caller in this package already passes them; they
+    are collectives). ``gather``: each process fills the positions it owns into a buffer
+    of ``-0.0`` and one all-reduce (sum) over the batch rows gives every process every row,
+    ``len(index) x row bytes`` (O(batch), never O(N)). Adding ``-0.0`` changes no float (not
+    ``+0.0``, ``-0.0``, inf or NaN), so the sum is exact whatever the reduction order.
+    ``scatter``: each process writes the positions it owns; no communication. Repeated
+    indices: as :class:`PerSampleTable`, they must carry identical rows; the owner writes
+    them in the same order with the same ``index_copy_``.
+
+    No data-dependent shapes (no boolean indexing, no ``unique``): positions a process does
+    not own read its local row 0 (then masked) and write its scratch row.
+
+    In one process (``world_size`` 1) it holds every row and behaves as
+    :class:`PerSampleTable`. The all-reduce runs on ``gather``'s target device (the compute
+    device, as NCCL needs), the table may stay in host memory.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        row_shape: Sequence[int],
+        fill: Sequence[float] | float,
+        device: torch.device | str = "cpu",
+        pin_memory: bool = False,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ) -> None:
+        if num_samples <= 0:
+            raise ValueError(f"num_samples must be positive, got {num_samples}")
+        self.rank, self.world_size = comm.rank_and_world(rank, world_size)
+        self.num_samples = int(num_samples)
+        # Rows owned here: indices rank, rank + world, ... below num_samples.
+        self.num_owned = max(0, -(-(self.num_samples - self.rank) // self.world_size))
+        capacity = -(-self.num_samples // self.world_size)
+        self.row_shape = tuple(int(s) for s in row_shape)
+        fill_row = torch.as_tensor(fill, dtype=torch.float32).expand(self.row_shape)
+        # ``capacity`` rows (those past num_owned are padding) and the scratch row last.
+        data = fill_row.unsqueeze(0).repeat(capacity + 1, *([1] * len(self.row_shape)))
+        self.storage = data.to(device)
+        if pin_memory and self.storage.device.type == "cpu" and torch.cuda.is_available():
+            self.storage = self.storage.pin_memory()
+
+    @property
+    def device(self) -> torch.device:
+        return self.storage.device
+
+    @property
+    def data(self) -> torch.Tensor:
+        """The rows owned here (a view), in the order of :meth:`owned_index`."""
+        return self.storage[: self.num_owned]
+
+    def owned_index(self) -> torch.Tensor:
+        """The dataset indices of the rows owned here, ascending (int64, on the CPU)."""
+        return torch.arange(self.rank, self.num_samples, self.world_size, dtype=torch.long)
+
+    def _local(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per position: whether this process owns it, and its local row (row 0 where not)."""
+        if self.world_size == 1:
+            return torch.ones_like(index, dtype=torch.bool), index
+        mine = index.remainder(self.world_size) == self.rank
+        return mine, torch.where(mine, index.div(self.world_size, rounding_mode="floor"), 0)
+
+    def _check_group(self) -> None:
+        if self.world_size > 1 and comm.world_size() != self.world_size:
+            raise RuntimeError(
+                f"a table sharded over {self.world_size} processes needs their process group "
+                f"(this one has {comm.world_size()} process(es))"
+            )
+
+    def gather(self, index: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
+        """Rows at ``index`` (a copy), on ``device`` (default: the device of ``index``). A
+        collective when sharded: every process passes the same ``index``."""
+        device = index.device if device is None else device
+        to_host = self.storage.device.type == "cpu"
+        index = index.to(self.storage.device, non_blocking=not to_host)
+        mine, local = self._local(index)
+        rows = self.storage.index_select(0, local)
+        if self.world_size == 1:
+            return rows.to(device, non_blocking=True)
+        self._check_group()
+        mask = mine.view(-1, *([1] * len(self.row_shape)))
+        rows = torch.where(mask, rows, rows.new_full((), -0.0)).to(device, non_blocking=True)
+        dist.all_reduce(rows)  # one owner per position, -0.0 elsewhere: exact
+        return rows
+
+    def scatter(self, index: torch.Tensor, rows: torch.Tensor) -> None:
+        """Write ``rows`` at ``index`` (each process its own). Repeated indices must carry
+        identical rows."""
+        index = index.to(self.storage.device)
+        mine, local = self._local(index)
+        if self.world_size > 1:
+            local = torch.where(mine, local, self.storage.shape[0] - 1)  # the scratch row
+        self.storage.index_copy_(0, local, rows.to(self.storage.device, self.storage.dtype))
+
+    def to(self, device: torch.device | str) -> ShardedPerSampleTable:
+        self.storage = self.storage.to(device)
+        return self
+
+    def full(self) -> torch.Tensor:
+        """Every row, on every process (an all-gather: O(num_samples), for tests, small
+        data sets and checkpoints in the replicated layout). A collective when sharded."""
+        if self.world_size == 1:
+            return self.data.clone()
+        self._check_group()
+        capacity = self.storage.shape[0] - 1
+        padded = self.storage[:capacity].contiguous()
+        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(parts, padded)
+        # Row i is part i % world, local row i // world: interleave.
+        stacked = torch.stack(parts, dim=1).reshape(-1, *self.row_shape)
+        return stacked[: self.num_samples].clone()
+
+    def load_full(self, rows: torch.Tensor) -> None:
+        """Take this process's rows from every row (``num_samples`` of them, e.g. a
+        replicated table's data)."""
+        if rows.shape != (self.num_samples, *self.row_shape):
+            raise ValueError(
+                f"expected ({self.num_samples}, *{self.row_shape}) rows, got {tuple(rows.shape)}"
+            )
+        self.data.copy_(rows[self.rank :: self.world_size])
+
+
+def make_table(
+    num_samples: int,
+    row_shape: Sequence[int],
+    fill: Sequence[float] | float,
+    device: torch.device | str = "cpu",
+    pin_memory: bool = False,
+    sharding: StateSharding = "replicated",
+) -> PerSampleTable | ShardedPerSampleTable:
+    """A per-sample table, replicated on every process or sharded across them."""
+    if sharding == "replicated":
+        return PerSampleTable(num_samples, row_shape, fill, device, pin_memory)
+    if sharding == "sharded":
+        return ShardedPerSampleTable(num_samples, row_shape, fill, device, pin_memory)
+    raise ValueError(f"state sharding must be one of {STATE_SHARDINGS}, got {sharding!r}")
 
 
 class StateError(ValueError):
