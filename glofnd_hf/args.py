@@ -263,6 +263,14 @@ class GloFNDTrainingArguments(SecretsNotPickled, TrainingArguments):
         "Where the per-sample state lives: on the training device, in host memory, "
         "or auto (device up to 2 GiB of state, else host).",
     )
+    state_sharding: Literal["replicated", "sharded"] = setting(
+        "replicated",
+        "How the processes hold the per-sample state (GloFND's thresholds, a global loss's u): "
+        "replicated, every process every sample's; or sharded, each process the samples whose "
+        "index % world size is its rank (about N / world of them), read for a step with one "
+        "all-reduce of the global batch's rows. The results are the same. Not yet for IFND, "
+        "nor with the trainer's checkpoints.",
+    )
     check_inputs: bool = setting(
         True, "Validate indices and finiteness each step (one host sync per step)."
     )
@@ -365,9 +373,18 @@ class GloFNDTrainingArguments(SecretsNotPickled, TrainingArguments):
                 f"fn_alpha and its mask_start_epoch is fn_start_epoch): {err}"
             ) from err
         self.gamma_schedule_obj()
+        if self.state_sharding not in ("replicated", "sharded"):
+            raise ValueError(
+                f"state_sharding must be replicated or sharded, got {self.state_sharding!r}"
+            )
+        if self.state_sharding == "sharded" and spec.needs_num_samples and not spec.shardable:
+            raise ValueError(
+                f"the {spec.name!r} detector cannot shard its per-sample state yet: use "
+                "state_sharding: replicated"
+            )
         if self.num_samples is not None and self.state_device != "device":
             # Host memory bounds the state wherever "auto" puts it; checked before any load.
-            check_state_fits(self.num_samples, self.state_bytes_per_sample(), "cpu")
+            check_state_fits(self.state_rows_per_process(), self.state_bytes_per_sample(), "cpu")
 
     @staticmethod
     def _read_detector_kwargs(value: Mapping[str, Any] | str | None) -> dict[str, Any]:
@@ -422,6 +439,13 @@ class GloFNDTrainingArguments(SecretsNotPickled, TrainingArguments):
         return GammaSchedule(
             self.gamma, self.gamma_schedule, self.gamma_decay_epochs, self.gamma_granularity
         )
+
+    def state_rows_per_process(self, num_samples: int | None = None) -> int:
+        """The per-sample rows each process holds: N, or ceil(N / world size) sharded."""
+        n = self.num_samples if num_samples is None else num_samples
+        if n is None:
+            raise ValueError("num_samples is not known yet")
+        return -(-n // self.world_size) if self.state_sharding == "sharded" else n
 
     def state_bytes_per_sample(self) -> int:
         """Per-sample state of the detector and of a global loss's u."""

@@ -20,7 +20,8 @@ def build_contrastive_loss(
 ) -> BimodalContrastiveLoss:
     """The loss (with its detector) described by the training arguments."""
     state_device = resolve_state_device(args, num_samples, device)
-    check_state_fits(num_samples, args.state_bytes_per_sample(), state_device)
+    rows = args.state_rows_per_process(num_samples)
+    check_state_fits(rows, args.state_bytes_per_sample(), state_device)
     pin = state_device.type == "cpu" and torch.device(device).type == "cuda"
     detector = args.detector_spec().build(
         args.detector_settings(),
@@ -28,10 +29,12 @@ def build_contrastive_loss(
         num_samples=num_samples,
         device=state_device,
         pin_memory=pin,
+        sharding=args.state_sharding,
     )
-    return loss_registry.get(args.loss_type).build(
-        detector, args, LossBuild(num_samples, device=state_device, pin_memory=pin)
+    where = LossBuild(
+        num_samples, device=state_device, pin_memory=pin, sharding=args.state_sharding
     )
+    return loss_registry.get(args.loss_type).build(detector, args, where)
 
 
 def resolve_state_device(
@@ -43,6 +46,7 @@ def resolve_state_device(
         return torch.device("cpu")
     if args.state_device == "device":
         return torch.device(device)
-    if num_samples * args.state_bytes_per_sample() <= AUTO_DEVICE_STATE_LIMIT_BYTES:
+    rows = args.state_rows_per_process(num_samples)
+    if rows * args.state_bytes_per_sample() <= AUTO_DEVICE_STATE_LIMIT_BYTES:
         return torch.device(device)
     return torch.device("cpu")

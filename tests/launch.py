@@ -66,3 +66,28 @@ def _run_once(cmd, env, timeout: float, cwd=None) -> subprocess.CompletedProcess
         out, err = proc.communicate()
         raise AssertionError(f"{cmd[:4]} timed out after {timeout}s:\n{err[-3000:]}") from None
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def run_torchrun_workers(script, nproc: int, out, *extra: str, timeout: float = 300) -> list:
+    """Run ``script`` (a worker under tests/distributed) in ``nproc`` gloo processes with
+    ``--out out``; returns what each rank saved to ``{out}.rank{r}``."""
+    import torch
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        str(TESTS / "distributed" / script),
+        "--out",
+        str(out),
+        *extra,
+    ]
+    proc = run_process_group(cmd, worker_env(), timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [torch.load(f"{out}.rank{r}", weights_only=False) for r in range(nproc)]

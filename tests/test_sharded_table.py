@@ -1,15 +1,10 @@
 """The sharded per-sample table gives the replicated table's rows bit for bit."""
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-from launch import free_port, run_process_group, worker_env
+from launch import run_torchrun_workers
 
 from glofnd_hf.fnd.table import PerSampleTable, ShardedPerSampleTable, make_table, segment_mean
-
-HERE = Path(__file__).resolve().parent
 
 
 def test_one_process_behaves_as_replicated():
@@ -61,24 +56,7 @@ def test_make_table():
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_sharded_matches_replicated_across_processes(tmp_path, world):
-    out = tmp_path / "table"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        str(world),
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(free_port()),
-        str(HERE / "distributed" / "table_worker.py"),
-        "--out",
-        str(out),
-    ]
-    proc = run_process_group(cmd, worker_env(), timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = [torch.load(f"{out}.rank{r}", weights_only=False) for r in range(world)]
+    results = run_torchrun_workers("table_worker.py", world, tmp_path / "table")
     for rank, result in enumerate(results):
         assert all(result["gathers_equal"]), rank
         assert all(result["tables_equal"]), rank

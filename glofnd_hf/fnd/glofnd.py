@@ -20,7 +20,7 @@ from .interface import (
     threshold_summary,
 )
 from .registry import DetectorSpec, register
-from .table import segment_mean
+from .table import StateSharding, segment_mean
 from .thresholds import GloFNDConfig, ThresholdState
 
 
@@ -41,13 +41,14 @@ class GloFNDDetector(RowwiseDetector):
         config: GloFNDConfig | None = None,
         device: torch.device | str = "cpu",
         pin_memory: bool = False,
+        sharding: StateSharding = "replicated",
     ) -> None:
         config = config or GloFNDConfig()
         super().__init__(config.mask_start_epoch)
         self.config = config
         self.rule = config.rule()
         self.state = ThresholdState(
-            num_samples, device=device, pin_memory=pin_memory, rule=self.rule
+            num_samples, device=device, pin_memory=pin_memory, rule=self.rule, sharding=sharding
         )
         self.health = TrackingHealth(
             config.alpha,
@@ -219,12 +220,15 @@ register(
         description="a learned per-sample similarity threshold at the anchor's "
         "(1 - alpha) quantile over the whole data set; negatives above it are false negatives",
         detector_class=GloFNDDetector,
-        factory=lambda config, shared, *, num_samples, device, pin_memory: GloFNDDetector(
-            num_samples, config, device=device, pin_memory=pin_memory
+        factory=lambda config, shared, *, num_samples, device, pin_memory, sharding="replicated": (
+            GloFNDDetector(
+                num_samples, config, device=device, pin_memory=pin_memory, sharding=sharding
+            )
         ),
         settings=GloFNDConfig,
         shared_fields=("alpha", "mask_start_epoch"),
         needs_num_samples=True,
         state_bytes=glofnd_state_bytes,
+        shardable=True,
     )
 )

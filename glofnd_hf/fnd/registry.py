@@ -24,6 +24,7 @@ import torch
 
 from ..named_registry import NamedRegistry
 from .setting_types import check_dataclass_values
+from .table import STATE_SHARDINGS, StateSharding
 
 if TYPE_CHECKING:
     from .interface import FalseNegativeDetector
@@ -58,7 +59,8 @@ def no_state(settings: Any) -> int:
 
 
 DetectorFactory = Callable[..., "FalseNegativeDetector"]
-"""``factory(settings, shared, *, num_samples, device, pin_memory) -> detector``."""
+"""``factory(settings, shared, *, num_samples, device, pin_memory) -> detector``; a
+``shardable`` detector's factory also takes ``sharding``."""
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,9 @@ class DetectorSpec:
     """Keeps per-sample state, so needs N (the size of the dataset index space)."""
     state_bytes: Callable[[Any], int] = no_state
     """Per-sample state bytes for given settings (sizes the state's placement)."""
+    shardable: bool = False
+    """Its per-sample state can be sharded across processes (``state_sharding: sharded``;
+    the factory takes ``sharding``). A detector without per-sample state needs nothing."""
 
     def __post_init__(self) -> None:
         if not dataclasses.is_dataclass(self.settings):
@@ -143,8 +148,10 @@ class DetectorSpec:
         num_samples: int | None = None,
         device: torch.device | str = "cpu",
         pin_memory: bool = False,
+        sharding: StateSharding = "replicated",
     ) -> FalseNegativeDetector:
-        """The detector; ``settings``: its settings dataclass, or a mapping of its fields."""
+        """The detector; ``settings``: its settings dataclass, or a mapping of its fields;
+        ``sharding``: where its per-sample state lives (``fnd.table.make_table``)."""
         shared = shared or SharedSettings()
         if not isinstance(settings, self.settings):
             settings = self.make_settings(settings, shared)
@@ -152,8 +159,23 @@ class DetectorSpec:
             raise ValueError(
                 f"the {self.name} detector needs num_samples (the size of the index space)"
             )
+        if sharding not in STATE_SHARDINGS:
+            raise ValueError(f"state sharding must be one of {STATE_SHARDINGS}, got {sharding!r}")
+        extra = {}
+        if sharding != "replicated" and self.needs_num_samples:
+            if not self.shardable:
+                raise ValueError(
+                    f"the {self.name} detector cannot shard its per-sample state yet: use "
+                    "state_sharding: replicated"
+                )
+            extra["sharding"] = sharding
         return self.factory(
-            settings, shared, num_samples=num_samples, device=device, pin_memory=pin_memory
+            settings,
+            shared,
+            num_samples=num_samples,
+            device=device,
+            pin_memory=pin_memory,
+            **extra,
         )
 
 
@@ -177,6 +199,7 @@ def build_detector(
     device: torch.device | str = "cpu",
     pin_memory: bool = False,
     options: Mapping[str, Any] | None = None,
+    sharding: StateSharding = "replicated",
 ) -> FalseNegativeDetector:
     """Detector by name (the older call form of :meth:`DetectorSpec.build`).
 
@@ -189,5 +212,10 @@ def build_detector(
         shared = SharedSettings(alpha=config.alpha, mask_start_epoch=config.mask_start_epoch)
     settings = config if isinstance(config, spec.settings) else options
     return spec.build(
-        settings, shared, num_samples=num_samples, device=device, pin_memory=pin_memory
+        settings,
+        shared,
+        num_samples=num_samples,
+        device=device,
+        pin_memory=pin_memory,
+        sharding=sharding,
     )

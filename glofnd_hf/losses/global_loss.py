@@ -44,7 +44,7 @@ import torch
 
 from ..fnd import comm
 from ..fnd.interface import SIDES, FalseNegativeDetector
-from ..fnd.table import NON_NEGATIVE, PerSampleTable, check_state_tensor, segment_mean
+from ..fnd.table import NON_NEGATIVE, StateSharding, check_state_tensor, make_table, segment_mean
 from .base import BimodalContrastiveLoss, LossOutput, Masks, Strategy
 from .registry import Citation, LossBuild, LossSettings, LossSpec, register
 
@@ -159,6 +159,7 @@ class GlobalContrastiveLoss(BimodalContrastiveLoss):
         pin_memory: bool = False,
         check_inputs: bool = True,
         temperature_gradient: TemperatureGradient = "fastclip",
+        sharding: StateSharding = "replicated",
     ) -> None:
         super().__init__(detector, strategy, check_inputs)
         temperature = temperature_scheme(temperature)
@@ -180,17 +181,22 @@ class GlobalContrastiveLoss(BimodalContrastiveLoss):
         self.multiply_tau = multiply_tau
         self.temperature_gradient: TemperatureGradient = temperature_gradient
         self.eps = eps
-        # u of both sides; 0 marks "never visited" (g > 0 always once visited).
-        self.u = PerSampleTable(num_samples, (len(SIDES),), 0.0, device, pin_memory)
+        # u of both sides; 0 marks "never visited" (g > 0 always once visited). Sharded:
+        # each process holds the rows it owns (fnd.table.ShardedPerSampleTable).
+        self.sharding: StateSharding = sharding
+        self.u = make_table(num_samples, (len(SIDES),), 0.0, device, pin_memory, sharding)
 
     @property
     def num_samples(self) -> int:
         return self.u.num_samples
 
     def state_dict(self) -> dict[str, torch.Tensor]:
+        """Every sample's u and the detector's state; sharded: gathered from every process
+        (an O(N) all-gather, a collective: every process calls it)."""
         state = super().state_dict()
+        u = self.u.data if self.sharding == "replicated" else self.u.full()
         for s, side in enumerate(SIDES):
-            state[f"{side}.u"] = self.u.data[:, s].contiguous().cpu()
+            state[f"{side}.u"] = u[:, s].contiguous().cpu()
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -201,8 +207,11 @@ class GlobalContrastiveLoss(BimodalContrastiveLoss):
         for side in SIDES:
             check_u_state(f"{side}.u", state[f"{side}.u"], self.num_samples)
         super().load_state_dict({k: v for k, v in state.items() if k not in own})
-        for s, side in enumerate(SIDES):  # after the detector's state passed its checks
-            self.u.data[:, s].copy_(state[f"{side}.u"])
+        if self.sharding == "replicated":
+            for s, side in enumerate(SIDES):  # after the detector's state passed its checks
+                self.u.data[:, s].copy_(state[f"{side}.u"])
+        else:  # every sample's u: each process keeps its own rows
+            self.u.load_full(torch.stack([state[f"{side}.u"] for side in SIDES], -1))
 
     def to(self, device: torch.device | str) -> GlobalContrastiveLoss:
         super().to(device)
@@ -376,6 +385,7 @@ def _global_loss(fastclip: bool):
             device=where.device,
             pin_memory=where.pin_memory,
             check_inputs=settings.check_inputs,
+            sharding=where.sharding,
         )
 
     return build

@@ -18,6 +18,7 @@ from ..named_registry import NamedRegistry
 
 if TYPE_CHECKING:
     from ..fnd.interface import FalseNegativeDetector
+    from ..fnd.table import StateSharding
     from .base import BimodalContrastiveLoss
 
 
@@ -49,6 +50,8 @@ class LossBuild:
     num_samples: int
     device: torch.device | str = "cpu"
     pin_memory: bool = False
+    sharding: StateSharding = "replicated"
+    """replicated, or sharded across the processes (``fnd.table.make_table``)."""
 
 
 @dataclass(frozen=True)

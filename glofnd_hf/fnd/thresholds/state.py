@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..interface import SIDES
-from ..table import PerSampleTable, check_state_tensor
+from ..table import StateSharding, check_state_tensor, make_table
 from .config import LAMBDA, GloFNDConfig, ThresholdRule
 
 
@@ -25,15 +25,20 @@ class ThresholdState:
         device: torch.device | str = "cpu",
         pin_memory: bool = False,
         rule: ThresholdRule | None = None,
+        sharding: StateSharding = "replicated",
     ) -> None:
         self.rule = rule or GloFNDConfig().rule()
         self.columns = self.rule.columns
-        self.table = PerSampleTable(
+        # ``sharded``: each process holds the rows it owns (fnd.table.ShardedPerSampleTable);
+        # reading rows is then a collective (every caller passes the global batch's index).
+        self.sharding: StateSharding = sharding
+        self.table = make_table(
             num_samples,
             (len(SIDES), len(self.columns)),
             fill=list(self.rule.fill),
             device=device,
             pin_memory=pin_memory,
+            sharding=sharding,
         )
         # The sides' accumulated common shift (the rule's ``frame`` columns of the table are
         # stored relative to it), so that a shift of every anchor's tail moves every
@@ -120,12 +125,19 @@ class ThresholdState:
             data[..., self._frame_columns] = self._in_range(columns + shift)
         self.frame = torch.zeros_like(self.frame)
 
+    def _all_rows(self) -> torch.Tensor:
+        """Every sample's (N, 2, C) rows: the table itself, or when sharded the rows of
+        every process (an all-gather of O(N): a collective, every process calls it)."""
+        return self.table.data if self.sharding == "replicated" else self.table.full()
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Plain contiguous tensors, one per side and quantity, storable with safetensors:
-        the thresholds as they filter (the common shift is folded into the table first)."""
+        the thresholds as they filter (the common shift is folded into the table first).
+        Sharded: every sample's, gathered from every process (a collective)."""
         self._fold_frame()
+        data = self._all_rows()
         return {
-            f"{side}.{column}": self.table.data[:, s, c].contiguous().cpu()
+            f"{side}.{column}": data[:, s, c].contiguous().cpu()
             for s, side in enumerate(SIDES)
             for c, column in enumerate(self.columns)
         }
@@ -148,9 +160,16 @@ class ThresholdState:
                 check_state_tensor(
                     f"{side}.{column}", state[f"{side}.{column}"], (self.num_samples,), valid=valid
                 )
-        for s, side in enumerate(SIDES):
-            for c, column in enumerate(self.columns):
-                self.table.data[:, s, c].copy_(state[f"{side}.{column}"])
+        if self.sharding == "replicated":
+            for s, side in enumerate(SIDES):
+                for c, column in enumerate(self.columns):
+                    self.table.data[:, s, c].copy_(state[f"{side}.{column}"])
+        else:  # every sample's rows (a replicated state): each process keeps its own
+            columns = [
+                torch.stack([state[f"{side}.{column}"] for column in self.columns], -1)
+                for side in SIDES
+            ]
+            self.table.load_full(torch.stack(columns, 1))
         self.frame = torch.zeros_like(self.frame)
 
     def update(
