@@ -267,8 +267,8 @@ class GloFNDTrainingArguments(SecretsNotPickled, TrainingArguments):
         "replicated",
         "How the processes hold the per-sample state (GloFND's thresholds, a global loss's u): "
         "replicated, every process every sample's; or sharded, each process the samples whose "
-        "index % world size is its rank (about N / world of them), read for a step with one "
-        "all-reduce of the global batch's rows. The results are the same. Not yet for IFND, "
+        "index modulo the world size is its rank (about N / world of them), read for a step "
+        "with one all-reduce of the global batch's rows. The results are the same. Not yet for IFND, "
         "nor with the trainer's checkpoints.",
     )
     check_inputs: bool = setting(
