@@ -64,3 +64,44 @@ def test_sharded_matches_replicated_across_processes(tmp_path, world):
     for case, n in enumerate((37, 50, 2)):
         owned = [result["owned"][case] for result in results]
         assert sum(owned) == n and max(owned) - min(owned) <= 1
+
+
+def _shards(world, full):
+    tables = [
+        ShardedPerSampleTable(full.shape[0], full.shape[1:], 0.0, rank=r, world_size=world)
+        for r in range(world)
+    ]
+    for t in tables:
+        t.load_full(full)
+    return [t.shard_state_dict() for t in tables]
+
+
+@pytest.mark.parametrize("old, new", [(2, 3), (3, 2), (1, 3), (3, 1), (2, 2)])
+def test_shards_reshard_between_world_sizes(old, new):
+    """Per-process shards of a run with ``old`` processes load into ``new`` processes: no
+    communication, every row where its new owner expects it (bit for bit)."""
+    full = torch.randn(31, 2, 3, generator=torch.Generator().manual_seed(0))
+    full[4, 0, 0] = -0.0
+    shards = _shards(old, full)
+    assert [int(s["world_size"]) for s in shards] == [old] * old
+    tables = [ShardedPerSampleTable(31, (2, 3), 5.0, rank=r, world_size=new) for r in range(new)]
+    for t in tables:
+        t.load_shards(list(reversed(shards)))  # in any order
+        assert torch.equal(t.data.view(torch.int32), full[t.owned_index()].view(torch.int32))
+
+
+def test_bad_shards_are_refused_and_change_nothing():
+    full = torch.randn(10, 2)
+    shards = _shards(2, full)
+    table = ShardedPerSampleTable(10, (2,), 7.0, rank=0, world_size=3)
+    with pytest.raises(ValueError, match="sample 0 0 times"):
+        table.load_shards(shards[1:])  # a missing shard
+    with pytest.raises(ValueError, match="2 times"):
+        table.load_shards(shards + shards[:1])  # one twice
+    other = _shards(2, torch.randn(12, 2))
+    with pytest.raises(ValueError, match="12 samples, expected 10"):
+        table.load_shards(other)
+    truncated = dict(shards[0], rows=shards[0]["rows"][:-1])
+    with pytest.raises(ValueError, match="shard 0"):
+        table.load_shards([truncated, shards[1]])
+    assert table.data.eq(7.0).all()

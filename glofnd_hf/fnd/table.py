@@ -197,6 +197,55 @@ class ShardedPerSampleTable:
             )
         self.data.copy_(rows[self.rank :: self.world_size])
 
+    def shard_state_dict(self) -> dict[str, torch.Tensor]:
+        """This process's rows as plain tensors (for a per-process safetensors file):
+        ``rows`` (owned, in index order), ``index`` (their dataset indices), ``world_size``
+        and ``num_samples`` (int64 scalars). No communication."""
+        return {
+            "rows": self.data.contiguous().cpu().clone(),
+            "index": self.owned_index(),
+            "world_size": torch.tensor(self.world_size, dtype=torch.long),
+            "num_samples": torch.tensor(self.num_samples, dtype=torch.long),
+        }
+
+    def load_shards(self, shards: Sequence[dict[str, torch.Tensor]]) -> None:
+        """Take this process's rows from the :meth:`shard_state_dict` of every process of
+        a run with any number of processes (resharding 2 -> 3 reads all 2 shards and keeps
+        a third of each). Every shard is checked first and nothing changes when one is bad:
+        same ``num_samples`` and row shape, indices in range and each owned row present
+        exactly once. No communication."""
+        picked: list[tuple[torch.Tensor, torch.Tensor]] = []
+        seen = torch.zeros(self.num_owned, dtype=torch.long)
+        for n, shard in enumerate(shards):
+            missing = {"rows", "index", "num_samples"} - shard.keys()
+            if missing:
+                raise ValueError(f"shard {n} misses {sorted(missing)}")
+            if int(shard["num_samples"]) != self.num_samples:
+                raise ValueError(
+                    f"shard {n} holds rows of {int(shard['num_samples'])} samples, "
+                    f"expected {self.num_samples}"
+                )
+            rows, index = shard["rows"], shard["index"].to(torch.long)
+            if index.dim() != 1 or tuple(rows.shape) != (index.shape[0], *self.row_shape):
+                raise ValueError(
+                    f"shard {n}: {tuple(rows.shape)} rows for {tuple(index.shape)} indices, "
+                    f"expected rows of shape {self.row_shape}"
+                )
+            if index.numel() and (int(index.min()) < 0 or int(index.max()) >= self.num_samples):
+                raise ValueError(f"shard {n} holds indices outside [0, {self.num_samples})")
+            mine = index.remainder(self.world_size) == self.rank
+            local = index[mine].div(self.world_size, rounding_mode="floor")
+            seen.index_add_(0, local, torch.ones_like(local))
+            picked.append((local, rows[mine]))
+        if self.num_owned and not bool((seen == 1).all()):
+            bad = int((seen != 1).to(torch.uint8).argmax())
+            raise ValueError(
+                f"the shards hold sample {bad * self.world_size + self.rank} "
+                f"{int(seen[bad])} times, expected once"
+            )
+        for local, rows in picked:
+            self.data.index_copy_(0, local.to(self.device), rows.to(self.device, self.data.dtype))
+
 
 def make_table(
     num_samples: int,
