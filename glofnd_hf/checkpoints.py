@@ -115,6 +115,8 @@ def checkpoint_problems(path: str | os.PathLike, weights_only: bool = False) -> 
         lacking.append(TRAINER_STATE_FILE)
     if STATE_FILE not in names:
         lacking.append(STATE_FILE)
+    else:
+        lacking += [n for n in state_shard_names(path / STATE_FILE) if n not in names]
     for name in sorted(names):
         why = damaged_file_problem(path / name)
         if why is not None:
@@ -140,6 +142,23 @@ def _training_state_problems(path: Path, names: set[str]) -> list[str]:
     elif ranks:  # one per process of the run that wrote it: 0 .. world size - 1
         lacking += [f"rng_state_{r}.pth" for r in sorted(set(range(ranks[-1])) - set(ranks))]
     return lacking
+
+
+def state_shard_names(state_file: str | os.PathLike) -> list[str]:
+    """The per-process shard files (``glofnd_state.rank{r}-of-{w}.safetensors``) that a
+    sharded run's state file (its manifest, :mod:`glofnd_hf.state_shards`) names; none for a
+    single state file or one that cannot be read (reported as damaged elsewhere)."""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(state_file), framework="pt") as f:
+            shards = (f.metadata() or {}).get("shards")
+    except Exception:
+        return []
+    if shards is None or not shards.isdigit():
+        return []
+    stem = STATE_FILE.removesuffix(".safetensors")
+    return [f"{stem}.rank{r}-of-{shards}.safetensors" for r in range(int(shards))]
 
 
 def damaged_file_problem(path: str | os.PathLike) -> str | None:

@@ -103,13 +103,6 @@ class GloFNDTrainer(CheckpointingMixin, HubPushMixin, Trainer):
         )
         # Our loss is a mean over anchors: let the Trainer scale it for gradient accumulation.
         self.model_accepts_loss_kwargs = False
-        if getattr(args, "state_sharding", "replicated") == "sharded" and args.world_size > 1:
-            # Checkpoints are written by one process from the whole state: a sharded state
-            # needs per-process files first (issue 30).
-            raise ValueError(
-                "state_sharding: sharded is not yet supported by the trainer with more than one "
-                "process (its checkpoints hold the whole state): use state_sharding: replicated"
-            )
         if loss is None:
             if num_samples is None:
                 raise ValueError(

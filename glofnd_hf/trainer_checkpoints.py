@@ -38,7 +38,14 @@ from .checkpoints import (
     sync_folder,
 )
 from .run_folder import check_output_dir, lock_output_dir
-from .state_file import load_state_file, write_state_file
+from .state_file import load_state_file, read_state_file, write_state_file
+from .state_shards import (
+    is_sharded,
+    load_state_shards,
+    manifest_shards,
+    write_shard_manifest,
+    write_state_shard,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +114,12 @@ class CheckpointingMixin:
         self.args.save_total_limit = None  # no rotation inside: the new one is not complete yet
         self._state_written_to = None
         try:
+            if is_sharded(self.contrastive_loss):
+                # Every process writes its rows first; all are on disk before the folder
+                # can be marked complete (by the first process, _finish_checkpoint).
+                os.makedirs(output_dir, exist_ok=True)
+                write_state_shard(output_dir, self.contrastive_loss, self.num_samples)
+                self.accelerator.wait_for_everyone()
             try:
                 super()._save_checkpoint(model, trial)
             finally:
@@ -185,8 +198,16 @@ class CheckpointingMixin:
 
     def save_fnd_state(self, output_dir: str) -> None:
         """Write the per-sample state (thresholds, moments, visits, u) to ``output_dir``,
-        atomically (a temporary file renamed into place)."""
+        atomically (a temporary file renamed into place). Sharded over processes: the
+        manifest of the shards every process wrote first (:mod:`glofnd_hf.state_shards`)."""
         os.makedirs(output_dir, exist_ok=True)
+        if is_sharded(self.contrastive_loss):
+            # Every process wrote its shard (_save_checkpoint): the manifest marks the set.
+            world = self.args.world_size
+            write_shard_manifest(
+                output_dir, self.contrastive_loss.config_dict(), self.num_samples, world
+            )
+            return
         write_state_file(
             os.path.join(output_dir, STATE_FILE),
             self.contrastive_loss.state_dict(),
@@ -241,7 +262,10 @@ class CheckpointingMixin:
                     f"cannot be restored"
                 )
             return
-        load_state_file(path, self.contrastive_loss, self.num_samples)  # checked, or refused
+        if manifest_shards(read_state_file(path)[1]) is not None:  # one file per process
+            load_state_shards(checkpoint, self.contrastive_loss, self.num_samples)
+        else:
+            load_state_file(path, self.contrastive_loss, self.num_samples)  # checked, or refused
         logger.info("restored the per-sample state from %s", path)
 
 
@@ -315,5 +339,6 @@ def _first_line(err: BaseException) -> str:
 
 def _weight_files(checkpoint: str) -> list[str]:
     names = sorted(os.listdir(checkpoint)) if os.path.isdir(checkpoint) else []
-    weights = [n for n in names if n.endswith((".safetensors", ".bin")) and n != STATE_FILE]
+    state = STATE_FILE.removesuffix(".safetensors")  # the state file and its shards
+    weights = [n for n in names if n.endswith((".safetensors", ".bin")) and not n.startswith(state)]
     return [n for n in weights if n != "training_args.bin"] or ["model.safetensors"]

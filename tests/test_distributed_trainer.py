@@ -1,5 +1,6 @@
 """GloFNDTrainer under `accelerate launch --num_processes 2` (CPU, gloo) against one process."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -7,6 +8,9 @@ import pytest
 import torch
 from distributed.train_worker import run
 from launch import free_port, run_process_group, worker_env
+
+from glofnd_hf.checkpoints import STATE_FILE, checkpoint_problems
+from glofnd_hf.state_shards import shard_file_name
 
 HERE = Path(__file__).resolve().parent
 
@@ -131,3 +135,25 @@ def test_sigmoid_loss_with_a_tiny_siglip_trains_alike_in_two_processes(tmp_path)
     assert_same_logs(one["logs"], two["logs"], tolerance=1e-5)
     bias = one["params"]["logit_bias"]
     assert bias.item() != -10.0  # the bias learned, alike in both runs
+
+
+def test_a_sharded_state_checkpoints_per_process_and_resumes(tmp_path):
+    """state_sharding: sharded under two processes: each writes its rows of the per-sample
+    state to its own file, the first marks the set complete; the run trains as one process
+    does, and its checkpoint resumes under two processes (sharded) and in one (replicated)."""
+    sharded = ("--loss-type", "fastclip", "--state-sharding", "sharded")
+    two = launch_two(tmp_path, "two", *sharded)
+    for digest in two["digests"]:
+        assert torch.equal(digest[0], digest[1])
+    checkpoint = tmp_path / "two" / "checkpoint-4"
+    names = set(os.listdir(checkpoint))
+    assert {STATE_FILE, shard_file_name(0, 2), shard_file_name(1, 2)} <= names
+    assert checkpoint_problems(checkpoint) == []
+    one = run(str(tmp_path / "one"), "fastclip")
+    assert_same_run(one, two)
+    assert_same_logs(one["logs"], two["logs"], tolerance=1e-5)
+
+    resumed_two = launch_two(tmp_path, "two", *sharded, "--resume", str(checkpoint))
+    assert_same_run(one, resumed_two)
+    resumed_one = run(str(tmp_path / "two"), "fastclip", resume=str(checkpoint))
+    assert_same_run(one, resumed_one)

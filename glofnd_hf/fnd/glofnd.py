@@ -185,6 +185,10 @@ class GloFNDDetector(RowwiseDetector):
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.state.load_state_dict(state)
 
+    def shard_tables(self) -> dict:
+        """Per-sample tables by name (per-process checkpoints, ``glofnd_hf.state_shards``)."""
+        return self.state.shard_tables()
+
     def to(self, device: torch.device | str) -> GloFNDDetector:
         self.state.to(device)
         return self

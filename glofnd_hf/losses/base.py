@@ -108,6 +108,13 @@ class BimodalContrastiveLoss(ABC):
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {f"detector.{k}": v for k, v in self.detector.state_dict().items()}
 
+    def shard_tables(self) -> dict:
+        """The per-sample tables of the loss and its detector by name (``detector.*``), for
+        per-process checkpoints (``glofnd_hf.state_shards``); a detector without
+        ``shard_tables`` has none."""
+        tables = getattr(self.detector, "shard_tables", None)
+        return {} if tables is None else {f"detector.{k}": v for k, v in tables().items()}
+
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         prefix = "detector."
         unknown = [k for k in state if not k.startswith(prefix)]

@@ -199,6 +199,9 @@ class GlobalContrastiveLoss(BimodalContrastiveLoss):
             state[f"{side}.u"] = u[:, s].contiguous().cpu()
         return state
 
+    def shard_tables(self) -> dict:
+        return {**super().shard_tables(), "u": self.u}
+
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         own = {f"{side}.u" for side in SIDES}
         missing = own - state.keys()

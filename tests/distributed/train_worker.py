@@ -53,6 +53,7 @@ def run(
     world=1,
     learning_rate=0.05,
     chunk=None,
+    state_sharding="replicated",
 ):
     from glofnd_hf.args import GloFNDTrainingArguments
     from glofnd_hf.data.digits import load_digits_pairs
@@ -83,6 +84,7 @@ def run(
         gamma_schedule="constant",
         dataloader_num_workers=0,
         contrastive_chunk_size=chunk,
+        state_sharding=state_sharding,
     )
     # Deterministic images, so one and two processes see exactly the same pixels. SGD, as
     # Adam would blow float noise in zero-gradient parameters (attention key biases) up.
@@ -122,6 +124,7 @@ if __name__ == "__main__":
     parser.add_argument("--resume")
     parser.add_argument("--learning-rate", type=float, default=0.05)
     parser.add_argument("--chunk", type=int, help="contrastive_chunk_size (the cached loss)")
+    parser.add_argument("--state-sharding", default="replicated")
     opts = parser.parse_args()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     result = run(
@@ -132,6 +135,7 @@ if __name__ == "__main__":
         world=world,
         learning_rate=opts.learning_rate,
         chunk=opts.chunk,
+        state_sharding=opts.state_sharding,
     )
     if int(os.environ.get("RANK", "0")) == 0:
         torch.save(result, opts.out)

@@ -142,6 +142,13 @@ class ThresholdState:
             for c, column in enumerate(self.columns)
         }
 
+    def shard_tables(self) -> dict:
+        """The per-sample table by name (``thresholds``), the common shift folded in first
+        (no communication: each process folds its own rows), for per-process checkpoints:
+        rows written to or loaded into it directly are the thresholds as they filter."""
+        self._fold_frame()
+        return {"thresholds": self.table}
+
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Load a :meth:`state_dict`, every entry checked first (nothing is changed when one
         is bad): shape (N,), dtype float32, values in the rule's column ranges."""

@@ -1,0 +1,148 @@
+"""Per-process checkpoints of a sharded per-sample state (``state_sharding: sharded``,
+issue 30): each process writes the rows it owns, ``glofnd_state.rank{r}-of-{w}.safetensors``
+(every table's ``shard_state_dict`` under ``{table}.rows`` / ``.index`` / ``.world_size`` /
+``.num_samples``, the loss's config, N, rank and world size as metadata), atomically; once
+every shard is on disk the first process writes the completeness mark, the usual
+``glofnd_state.safetensors``, as a manifest: no tensors, the config and N as a state file
+records them, and ``shards`` (the world size) naming the set. Replicated runs (and sharded
+runs in one process) write today's single file unchanged.
+
+Resuming reads every shard of the set (any world size into any world size: each process
+keeps its rows, ``ShardedPerSampleTable.load_shards``; a replicated run takes every row).
+A missing, truncated or foreign shard is one :class:`~glofnd_hf.state_file.StateFileError`
+naming the file, and nothing is changed."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from .checkpoints import STATE_FILE, write_atomically
+from .fnd.table import ShardedPerSampleTable
+from .state_file import StateFileError, read_state_file
+
+__all__ = [
+    "is_sharded",
+    "load_state_shards",
+    "manifest_shards",
+    "shard_file_name",
+    "write_shard_manifest",
+    "write_state_shard",
+]
+
+_FIELDS = ("rows", "index", "world_size", "num_samples")
+
+
+def shard_file_name(rank: int, world_size: int) -> str:
+    return f"{STATE_FILE.removesuffix('.safetensors')}.rank{rank}-of-{world_size}.safetensors"
+
+
+def is_sharded(loss) -> bool:
+    """Whether ``loss``'s per-sample state is split over more than one process (its
+    checkpoint is then one file per process)."""
+    tables = getattr(loss, "shard_tables", None)
+    if tables is None:
+        return False
+    return any(isinstance(t, ShardedPerSampleTable) and t.world_size > 1 for t in tables().values())
+
+
+def _metadata(config: Mapping[str, Any], num_samples: int) -> dict[str, str]:
+    return {"config": json.dumps(dict(config), default=str), "num_samples": str(num_samples)}
+
+
+def write_state_shard(folder: str | os.PathLike, loss, num_samples: int) -> str:
+    """This process's rows of every table of ``loss`` (sharded) to its shard file, atomically;
+    returns its path. No communication."""
+    tables = loss.shard_tables()
+    rank = world = None
+    state: dict[str, torch.Tensor] = {}
+    for name, table in tables.items():
+        rank, world = table.rank, table.world_size
+        for field, value in table.shard_state_dict().items():
+            state[f"{name}.{field}"] = value.contiguous()
+    metadata = _metadata(loss.config_dict(), num_samples)
+    metadata.update(rank=str(rank), world_size=str(world), tables=json.dumps(sorted(tables)))
+    path = os.path.join(folder, shard_file_name(rank, world))
+    from safetensors.torch import save_file
+
+    write_atomically(path, lambda tmp: save_file(state, tmp, metadata=metadata))
+    return path
+
+
+def write_shard_manifest(
+    folder: str | os.PathLike, config: Mapping[str, Any], num_samples: int, world_size: int
+) -> None:
+    """The completeness mark of a set of ``world_size`` shards (written last, by one
+    process, once every shard is on disk)."""
+    from safetensors.torch import save_file
+
+    metadata = _metadata(config, num_samples)
+    metadata["shards"] = str(world_size)
+    path = os.path.join(folder, STATE_FILE)
+    write_atomically(path, lambda tmp: save_file({}, tmp, metadata=metadata))
+
+
+def manifest_shards(metadata: Mapping[str, str]) -> int | None:
+    """The number of shard files a state file's metadata names (None: a single file)."""
+    shards = metadata.get("shards")
+    return None if shards is None else int(shards)
+
+
+def load_state_shards(folder: str | os.PathLike, loss, num_samples: int | None) -> None:
+    """Load the shard set of ``folder`` (named by its manifest) into ``loss``: every file is
+    read and checked first, then each table takes its rows; nothing changes on an error."""
+    manifest = os.path.join(folder, STATE_FILE)
+    _, meta = read_state_file(manifest)
+    world = manifest_shards(meta)
+    if world is None or world < 1:
+        raise StateFileError(f"{manifest} names no set of per-process shards")
+    tables = loss.shard_tables()
+    shards: list[dict[str, torch.Tensor]] = []
+    for rank in range(world):
+        path = os.path.join(folder, shard_file_name(rank, world))
+        if not os.path.isfile(path):
+            raise StateFileError(
+                f"{path} is missing: the checkpoint's per-sample state is split over {world} "
+                f"files and every one is needed"
+            )
+        state, metadata = read_state_file(path)
+        if metadata.get("rank") != str(rank) or metadata.get("world_size") != str(world):
+            raise StateFileError(
+                f"{path} is not shard {rank} of {world} (it records rank "
+                f"{metadata.get('rank')} of {metadata.get('world_size')})"
+            )
+        stored_n = metadata.get("num_samples")
+        if num_samples is not None and stored_n != str(num_samples):
+            raise StateFileError(
+                f"{path}: holds the state of N={stored_n} samples, this run has N={num_samples} "
+                "(another data set, or another num_samples?)"
+            )
+        for name in tables:
+            missing = [f for f in _FIELDS if f"{name}.{f}" not in state]
+            if missing:
+                raise StateFileError(
+                    f"{path} holds no {name} rows (missing {', '.join(missing)}): was it "
+                    "written with another loss or detector?"
+                )
+        shards.append(state)
+    # Check every table against every shard before changing any (load_shards checks first).
+    backups = {name: table.data.clone() for name, table in tables.items()}
+    try:
+        for name, table in tables.items():
+            parts = [{f: s[f"{name}.{f}"] for f in _FIELDS} for s in shards]
+            if isinstance(table, ShardedPerSampleTable):
+                table.load_shards(parts)
+            else:  # a replicated table takes every row
+                whole = ShardedPerSampleTable(
+                    table.num_samples, table.data.shape[1:], 0.0, rank=0, world_size=1
+                )
+                whole.load_shards(parts)
+                table.data.copy_(whole.data.to(table.data.device, table.data.dtype))
+    except ValueError as err:
+        for name, table in tables.items():
+            table.data.copy_(backups[name])
+        raise StateFileError(f"{folder}: per-sample state shards of {world}: {err}") from err

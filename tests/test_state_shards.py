@@ -1,0 +1,137 @@
+"""Per-process checkpoint files of a sharded per-sample state (glofnd_hf.state_shards):
+written by each process, marked complete by a manifest, loaded into any world size."""
+
+import os
+
+import pytest
+import torch
+
+from glofnd_hf.checkpoints import STATE_FILE, checkpoint_problems
+from glofnd_hf.fnd.table import PerSampleTable, ShardedPerSampleTable
+from glofnd_hf.state_file import StateFileError
+from glofnd_hf.state_shards import (
+    is_sharded,
+    load_state_shards,
+    shard_file_name,
+    write_shard_manifest,
+    write_state_shard,
+)
+
+N = 11
+
+
+class FakeLoss:
+    """Two tables of the shapes the loss keeps (thresholds (N, 2, 3), u (N, 2))."""
+
+    def __init__(self, rank, world, sharded=True):
+        def table(shape):
+            if sharded:
+                return ShardedPerSampleTable(N, shape, 0.0, rank=rank, world_size=world)
+            return PerSampleTable(N, shape, 0.0)
+
+        self.tables = {"detector.thresholds": table((2, 3)), "u": table((2,))}
+
+    def shard_tables(self):
+        return self.tables
+
+    def config_dict(self):
+        return {"detector": "glofnd", "num_samples": N}
+
+
+def full_rows(shape, seed):
+    return torch.randn((N, *shape), generator=torch.Generator().manual_seed(seed))
+
+
+def write_set(folder, world):
+    expected = {"detector.thresholds": full_rows((2, 3), 0), "u": full_rows((2,), 1)}
+    for rank in range(world):
+        loss = FakeLoss(rank, world)
+        for name, table in loss.tables.items():
+            table.load_full(expected[name])
+        write_state_shard(folder, loss, N)
+    write_shard_manifest(folder, FakeLoss(0, world).config_dict(), N, world)
+    return expected
+
+
+@pytest.mark.parametrize(("saved", "loaded"), [(2, 3), (3, 2), (2, 1), (1, 2)])
+def test_a_shard_set_loads_into_any_world_size(tmp_path, saved, loaded):
+    expected = write_set(tmp_path, saved)
+    for rank in range(loaded):
+        loss = FakeLoss(rank, loaded)
+        load_state_shards(tmp_path, loss, N)
+        for name, table in loss.tables.items():
+            assert torch.equal(table.data, expected[name][rank::loaded]), (name, rank)
+
+
+def test_a_shard_set_loads_into_a_replicated_table(tmp_path):
+    expected = write_set(tmp_path, 2)
+    loss = FakeLoss(0, 1, sharded=False)
+    load_state_shards(tmp_path, loss, N)
+    for name, table in loss.tables.items():
+        assert torch.equal(table.data, expected[name])
+
+
+def test_is_sharded_only_with_more_than_one_process():
+    assert is_sharded(FakeLoss(0, 2))
+    assert not is_sharded(FakeLoss(0, 1))
+    assert not is_sharded(FakeLoss(0, 1, sharded=False))
+    assert not is_sharded(object())
+
+
+def test_the_manifest_needs_every_shard_to_be_complete(tmp_path):
+    write_set(tmp_path, 2)
+    # The rest of a checkpoint, so that only the state's files are asked for.
+    problems = checkpoint_problems(tmp_path, weights_only=True)
+    assert not any("glofnd_state" in p for p in problems), problems
+    os.remove(tmp_path / shard_file_name(1, 2))
+    problems = checkpoint_problems(tmp_path, weights_only=True)
+    assert shard_file_name(1, 2) in problems
+    os.remove(tmp_path / STATE_FILE)
+    problems = checkpoint_problems(tmp_path, weights_only=True)
+    assert STATE_FILE in problems and shard_file_name(1, 2) not in problems
+
+
+def _loaded_untouched(tmp_path, match):
+    loss = FakeLoss(1, 3)
+    before = {name: t.data.clone() for name, t in loss.tables.items()}
+    with pytest.raises(StateFileError, match=match) as info:
+        load_state_shards(tmp_path, loss, N)
+    assert "\n" not in str(info.value)
+    for name, table in loss.tables.items():
+        assert torch.equal(table.data, before[name]), name
+    return str(info.value)
+
+
+def test_a_missing_shard_is_named_and_nothing_changes(tmp_path):
+    write_set(tmp_path, 2)
+    os.remove(tmp_path / shard_file_name(1, 2))
+    _loaded_untouched(tmp_path, shard_file_name(1, 2).replace(".", r"\."))
+
+
+def test_a_truncated_shard_is_named_and_nothing_changes(tmp_path):
+    write_set(tmp_path, 2)
+    path = tmp_path / shard_file_name(0, 2)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    _loaded_untouched(tmp_path, shard_file_name(0, 2).replace(".", r"\."))
+
+
+def test_a_shard_of_another_set_or_n_is_refused(tmp_path):
+    write_set(tmp_path, 2)
+    os.replace(tmp_path / shard_file_name(1, 2), tmp_path / shard_file_name(0, 2))
+    _loaded_untouched(tmp_path, "is not shard 0 of 2")
+    write_set(tmp_path, 2)
+    with pytest.raises(StateFileError, match="N=11"):
+        load_state_shards(tmp_path, FakeLoss(0, 2), N + 1)
+
+
+def test_rows_of_a_wrong_shape_change_nothing(tmp_path):
+    write_set(tmp_path, 2)
+    loss = FakeLoss(0, 3)
+    # The second table does not fit: the first, loaded already, is put back.
+    loss.tables["u"] = ShardedPerSampleTable(N, (3,), 0.0, rank=0, world_size=3)
+    before = {name: t.data.clone() for name, t in loss.tables.items()}
+    with pytest.raises(StateFileError, match="rows of shape"):
+        load_state_shards(tmp_path, loss, N)
+    for name, table in loss.tables.items():
+        assert torch.equal(table.data, before[name]), name
