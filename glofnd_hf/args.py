@@ -268,8 +268,9 @@ class GloFNDTrainingArguments(SecretsNotPickled, TrainingArguments):
         "How the processes hold the per-sample state (GloFND's thresholds, a global loss's u): "
         "replicated, every process every sample's; or sharded, each process the samples whose "
         "index modulo the world size is its rank (about N / world of them), read for a step "
-        "with one all-reduce of the global batch's rows. The results are the same. Not yet for IFND, "
-        "nor with the trainer's checkpoints.",
+        "with one all-reduce of the global batch's rows. The results are the same. A checkpoint then "
+        "holds one state file per process (loads into any number of processes). Not yet "
+        "for IFND.",
     )
     check_inputs: bool = setting(
         True, "Validate indices and finiteness each step (one host sync per step)."

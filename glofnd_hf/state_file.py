@@ -102,6 +102,11 @@ def load_detector_state(path: str | os.PathLike, detector, num_samples: int | No
 
     state, metadata = read_state_file(path)
     _check_num_samples(path, metadata, num_samples)
+    if metadata.get("shards") is not None:
+        raise StateFileError(
+            f"{path} marks a state split over {metadata['shards']} per-process files "
+            "(state_sharding: sharded), which this tool does not read yet"
+        )
     prefix = "detector."
     own = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     try:

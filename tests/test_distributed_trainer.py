@@ -15,7 +15,7 @@ from glofnd_hf.state_shards import shard_file_name
 HERE = Path(__file__).resolve().parent
 
 
-def launch_two(tmp_path, name, *extra):
+def launch_two(tmp_path, name, *extra, processes=2):
     out = tmp_path / f"{name}.pt"
     env = worker_env()
     config = HERE.parent / "recipes" / "accelerate" / "cpu_2proc.yaml"
@@ -27,6 +27,8 @@ def launch_two(tmp_path, name, *extra):
         str(config),
         "--main_process_port",
         str(free_port()),
+        "--num_processes",
+        str(processes),
         str(HERE / "distributed" / "train_worker.py"),
         "--output-dir",
         str(tmp_path / name),
@@ -157,3 +159,22 @@ def test_a_sharded_state_checkpoints_per_process_and_resumes(tmp_path):
     assert_same_run(one, resumed_two)
     resumed_one = run(str(tmp_path / "two"), "fastclip", resume=str(checkpoint))
     assert_same_run(one, resumed_one)
+
+
+def test_a_sharded_checkpoint_of_two_processes_resumes_in_three(tmp_path):
+    """Resharding through the trainer: the shards of two processes load into three (each
+    keeps its rows), which hold together the state one process loads from them; the three
+    then train on, their state alike on every rank."""
+    sharded = ("--loss-type", "fastclip", "--state-sharding", "sharded")
+    launch_two(tmp_path, "two", *sharded, "--stop-at", "4")
+    checkpoint = str(tmp_path / "two" / "checkpoint-4")
+    three = launch_two(tmp_path, "two", *sharded, "--resume", checkpoint, processes=3)
+    assert three["world"] == 3
+    one = run(str(tmp_path / "two"), "fastclip", resume=checkpoint, stop_at=5)
+    assert one["loaded_state"].keys() == three["loaded_state"].keys()
+    for key, value in one["loaded_state"].items():
+        assert torch.equal(value, three["loaded_state"][key]), key
+    lam = one["loaded_state"]["detector.image.lambda"]
+    assert not torch.equal(lam, torch.ones_like(lam))  # trained thresholds, not the start
+    for digest in three["digests"]:
+        assert torch.equal(digest[0], digest[1]) and torch.equal(digest[0], digest[2])

@@ -8,7 +8,7 @@ import torch
 
 from glofnd_hf.checkpoints import STATE_FILE, checkpoint_problems
 from glofnd_hf.fnd.table import PerSampleTable, ShardedPerSampleTable
-from glofnd_hf.state_file import StateFileError
+from glofnd_hf.state_file import StateFileError, load_detector_state, read_state_config
 from glofnd_hf.state_shards import (
     is_sharded,
     load_state_shards,
@@ -80,6 +80,10 @@ def test_is_sharded_only_with_more_than_one_process():
 
 def test_the_manifest_needs_every_shard_to_be_complete(tmp_path):
     write_set(tmp_path, 2)
+    # The manifest records the config and N as a single state file does.
+    assert read_state_config(tmp_path / STATE_FILE) == (FakeLoss(0, 2).config_dict(), N)
+    with pytest.raises(StateFileError, match="split over 2 per-process files"):
+        load_detector_state(tmp_path / STATE_FILE, None, N)
     # The rest of a checkpoint, so that only the state's files are asked for.
     problems = checkpoint_problems(tmp_path, weights_only=True)
     assert not any("glofnd_state" in p for p in problems), problems

@@ -44,6 +44,17 @@ class StateDigest(TrainerCallback):
         self.digests.append(digest)
 
 
+class LoadedState(TrainerCallback):
+    """The whole per-sample state as training begins (after a resume loaded it)."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+        self.state = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.state = self.trainer.contrastive_loss.state_dict()
+
+
 def run(
     out_dir,
     loss_type="clip",
@@ -92,6 +103,8 @@ def run(
     trainer = GloFNDTrainer(adapter, args, train_dataset=data, data_collator=collator)
     digest = StateDigest(trainer)
     trainer.add_callback(digest)
+    loaded = LoadedState(trainer)
+    trainer.add_callback(loaded)
     if stop_at is not None:
         trainer.add_callback(StopAt(stop_at))
     trainer.train(resume_from_checkpoint=resume)
@@ -101,6 +114,7 @@ def run(
         "params": params,
         "state": trainer.contrastive_loss.state_dict(),
         "digests": digest.digests,
+        "loaded_state": loaded.state,
         "logs": trainer.state.log_history,
         "world": world_size,
     }
