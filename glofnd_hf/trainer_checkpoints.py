@@ -116,7 +116,10 @@ class CheckpointingMixin:
         try:
             if is_sharded(self.contrastive_loss):
                 # Every process writes its rows first; all are on disk before the folder
-                # can be marked complete (by the first process, _finish_checkpoint).
+                # can be marked complete (by the first process, _finish_checkpoint). No
+                # shard is replaced before an earlier mark of this folder is gone: a
+                # crash never leaves a complete-looking set of mixed steps.
+                self.accelerator.wait_for_everyone()
                 os.makedirs(output_dir, exist_ok=True)
                 write_state_shard(output_dir, self.contrastive_loss, self.num_samples)
                 self.accelerator.wait_for_everyone()
