@@ -121,6 +121,7 @@ def load_state_shards(folder: str | os.PathLike, loss, num_samples: int | None) 
                 f"{path}: holds the state of N={stored_n} samples, this run has N={num_samples} "
                 "(another data set, or another num_samples?)"
             )
+        check = getattr(loss, "check_shard_rows", None)
         for name in tables:
             missing = [f for f in _FIELDS if f"{name}.{f}" not in state]
             if missing:
@@ -128,6 +129,13 @@ def load_state_shards(folder: str | os.PathLike, loss, num_samples: int | None) 
                     f"{path} holds no {name} rows (missing {', '.join(missing)}): was it "
                     "written with another loss or detector?"
                 )
+            rows = state[f"{name}.rows"]
+            fits = tuple(rows.shape[1:]) == tuple(tables[name].data.shape[1:])
+            if check is not None and fits:  # a wrong shape: load_shards names it
+                try:  # the value ranges loading a single state file checks
+                    check(name, rows)
+                except ValueError as err:
+                    raise StateFileError(f"{path}: {err}") from err
         shards.append(state)
     # Check every table against every shard before changing any (load_shards checks first).
     backups = {name: table.data.clone() for name, table in tables.items()}

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from glofnd_hf.checkpoints import STATE_FILE, checkpoint_problems
-from glofnd_hf.fnd.table import PerSampleTable, ShardedPerSampleTable
+from glofnd_hf.fnd.table import PerSampleTable, ShardedPerSampleTable, StateError
+from glofnd_hf.fnd.thresholds.state import ThresholdState
+from glofnd_hf.losses.global_loss import check_u_state
 from glofnd_hf.state_file import StateFileError, load_detector_state, read_state_config
 from glofnd_hf.state_shards import (
     is_sharded,
@@ -139,3 +141,29 @@ def test_rows_of_a_wrong_shape_change_nothing(tmp_path):
         load_state_shards(tmp_path, loss, N)
     for name, table in loss.tables.items():
         assert torch.equal(table.data, before[name]), name
+
+
+class CheckedLoss(FakeLoss):
+    """Checks stored u as the global loss does."""
+
+    def check_shard_rows(self, name, rows):
+        if name == "u":
+            for s, side in enumerate(("image", "text")):
+                check_u_state(f"{side}.u", rows[:, s], rows.shape[0])
+
+
+def test_rows_out_of_range_are_refused_naming_the_file_and_entry(tmp_path):
+    write_set(tmp_path, 2)  # u rows from randn: some negative
+    loss = CheckedLoss(0, 2)
+    with pytest.raises(StateFileError, match=r"rank0-of-2.*state entry 'image.u'"):
+        load_state_shards(tmp_path, loss, N)
+    assert torch.equal(loss.tables["u"].data, torch.zeros_like(loss.tables["u"].data))
+
+
+def test_threshold_rows_are_checked_against_the_rule_ranges():
+    state = ThresholdState(N)
+    rows = state.table.data.clone()
+    state.check_shard_rows("thresholds", rows)
+    rows[3, 1, 0] = float("inf")
+    with pytest.raises(StateError, match="text"):
+        state.check_shard_rows("thresholds", rows)

@@ -189,6 +189,9 @@ class GloFNDDetector(RowwiseDetector):
         """Per-sample tables by name (per-process checkpoints, ``glofnd_hf.state_shards``)."""
         return self.state.shard_tables()
 
+    def check_shard_rows(self, name: str, rows: torch.Tensor) -> None:
+        self.state.check_shard_rows(name, rows)
+
     def to(self, device: torch.device | str) -> GloFNDDetector:
         self.state.to(device)
         return self

@@ -115,6 +115,18 @@ class BimodalContrastiveLoss(ABC):
         tables = getattr(self.detector, "shard_tables", None)
         return {} if tables is None else {f"detector.{k}": v for k, v in tables().items()}
 
+    def check_shard_rows(self, name: str, rows: torch.Tensor) -> None:
+        """Raise ``StateError`` (naming the entry) unless stored ``rows`` of the table
+        ``name`` of :meth:`shard_tables` hold valid values."""
+        prefix = "detector."
+        check = getattr(self.detector, "check_shard_rows", None)
+        if not name.startswith(prefix) or check is None:
+            raise ValueError(f"unexpected per-sample table {name!r}")
+        try:
+            check(name[len(prefix) :], rows)
+        except StateError as err:
+            raise err.within(prefix) from err
+
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         prefix = "detector."
         unknown = [k for k in state if not k.startswith(prefix)]

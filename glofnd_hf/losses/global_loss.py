@@ -202,6 +202,12 @@ class GlobalContrastiveLoss(BimodalContrastiveLoss):
     def shard_tables(self) -> dict:
         return {**super().shard_tables(), "u": self.u}
 
+    def check_shard_rows(self, name: str, rows: torch.Tensor) -> None:
+        if name != "u":
+            return super().check_shard_rows(name, rows)
+        for s, side in enumerate(SIDES):
+            check_u_state(f"{side}.u", rows[:, s], rows.shape[0])
+
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         own = {f"{side}.u" for side in SIDES}
         missing = own - state.keys()

@@ -149,6 +149,15 @@ class ThresholdState:
         self._fold_frame()
         return {"thresholds": self.table}
 
+    def check_shard_rows(self, name: str, rows: torch.Tensor) -> None:
+        """Raise :class:`StateError` unless ``rows`` (of :meth:`shard_tables`' ``name``,
+        any number of them) hold values in the rule's column ranges, as loading checks."""
+        if name != "thresholds":
+            raise ValueError(f"unexpected threshold table {name!r}")
+        for s, side in enumerate(SIDES):
+            for c, (column, valid) in enumerate(zip(self.columns, self.rule.valid, strict=True)):
+                check_state_tensor(f"{side}.{column}", rows[:, s, c], None, valid=valid)
+
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Load a :meth:`state_dict`, every entry checked first (nothing is changed when one
         is bad): shape (N,), dtype float32, values in the rule's column ranges."""
