@@ -63,7 +63,7 @@ DEFAULT_COMMIT_MESSAGE = "Upload GloFND-trained model"
 
 #: Files a training checkpoint holds that a final model does not need.
 TRAINING_STATE_PATTERNS = (
-    "glofnd_state.safetensors",
+    "glofnd_state*.safetensors",  # one file, or one per process (state_sharding: sharded)
     "optimizer.pt",
     "optimizer.bin",
     "scheduler.pt",

@@ -184,3 +184,13 @@ def test_without_local_paths():
         + ["a/b", "1 / 2"],
         "url": "https://huggingface.co/org/m and hf-hub:org/m",
     }
+
+
+def test_per_process_state_shards_are_training_state(tmp_path):
+    from glofnd_hf.hub import plan_upload
+
+    (tmp_path / "model.safetensors").write_bytes(b"x")
+    for name in ("glofnd_state.safetensors", "glofnd_state.rank0-of-2.safetensors"):
+        (tmp_path / name).write_bytes(b"x")
+    assert plan_upload(tmp_path).files == ["model.safetensors"]
+    assert "glofnd_state.rank0-of-2.safetensors" in plan_upload(tmp_path, (), True).files
