@@ -13,8 +13,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from cpu_args import cpu_args
-from test_checkpoints import snapshot
+from test_checkpoints import snapshot, tiny_trainer
 
 from glofnd_hf.checkpoints import STATE_FILE
 from glofnd_hf.cli import train as cli
@@ -245,25 +244,6 @@ def test_glofnd_train_overwrites_when_told_and_resumes_its_own_run(tmp_path, cap
 
 
 # -- the trainer (library users) -------------------------------------------------------------
-
-
-def tiny_trainer(out: Path, **overrides):
-    from glofnd_hf.data.digits import load_digits_pairs
-    from glofnd_hf.models import build_tiny_hf_clip
-    from glofnd_hf.trainer import GloFNDTrainer
-
-    data = load_digits_pairs(seed=0)["train"].select(range(16))
-    adapter = build_tiny_hf_clip(image_size=16, texts=list(data["caption"]))
-    values = dict(
-        output_dir=str(out),
-        save_strategy="steps",
-        save_steps=1,
-        max_steps=2,
-        per_device_train_batch_size=8,
-    )
-    return GloFNDTrainer(
-        adapter, cpu_args(out.parent, **{**values, **overrides}), train_dataset=data
-    )
 
 
 def test_the_trainer_refuses_a_reused_folder_unless_told(tmp_path):

@@ -19,6 +19,22 @@ StateSharding = Literal["replicated", "sharded"]
 STATE_SHARDINGS: tuple[str, ...] = ("replicated", "sharded")
 
 
+def _filled_rows(
+    count: int,
+    row_shape: tuple[int, ...],
+    fill: Sequence[float] | float,
+    device: torch.device | str,
+    pin_memory: bool,
+) -> torch.Tensor:
+    """``count`` float32 rows of ``row_shape`` set to ``fill``, on ``device`` (pinned host
+    memory with ``pin_memory`` when a GPU is present)."""
+    fill_row = torch.as_tensor(fill, dtype=torch.float32).expand(row_shape)
+    data = fill_row.unsqueeze(0).repeat(count, *([1] * len(row_shape))).to(device)
+    if pin_memory and data.device.type == "cpu" and torch.cuda.is_available():
+        data = data.pin_memory()
+    return data
+
+
 class PerSampleTable:
     """A float32 table of ``num_samples`` rows of shape ``row_shape``, keyed by dataset index.
 
@@ -40,11 +56,7 @@ class PerSampleTable:
             raise ValueError(f"num_samples must be positive, got {num_samples}")
         self.num_samples = int(num_samples)
         self.row_shape = tuple(int(s) for s in row_shape)
-        fill_row = torch.as_tensor(fill, dtype=torch.float32).expand(self.row_shape)
-        data = fill_row.unsqueeze(0).repeat(self.num_samples, *([1] * len(self.row_shape)))
-        self.data = data.to(device)
-        if pin_memory and self.data.device.type == "cpu" and torch.cuda.is_available():
-            self.data = self.data.pin_memory()
+        self.data = _filled_rows(self.num_samples, self.row_shape, fill, device, pin_memory)
 
     @property
     def device(self) -> torch.device:
@@ -111,12 +123,8 @@ class ShardedPerSampleTable:
         self.num_owned = max(0, -(-(self.num_samples - self.rank) // self.world_size))
         capacity = -(-self.num_samples // self.world_size)
         self.row_shape = tuple(int(s) for s in row_shape)
-        fill_row = torch.as_tensor(fill, dtype=torch.float32).expand(self.row_shape)
         # ``capacity`` rows (those past num_owned are padding) and the scratch row last.
-        data = fill_row.unsqueeze(0).repeat(capacity + 1, *([1] * len(self.row_shape)))
-        self.storage = data.to(device)
-        if pin_memory and self.storage.device.type == "cpu" and torch.cuda.is_available():
-            self.storage = self.storage.pin_memory()
+        self.storage = _filled_rows(capacity + 1, self.row_shape, fill, device, pin_memory)
 
     @property
     def device(self) -> torch.device:
