@@ -7,7 +7,9 @@ each sample visited once per epoch, both anchor sides, scored for every threshol
   correction (the default before the tail rule), the same with ``init_quantile``, the tail
   rule, and the in-batch quantile (the FND baseline);
 * per epoch: median |lambda - exact quantile|, correlation with the exact quantiles, realised
-  filtered fraction / alpha, share of thresholds at the clamp; in the last epoch precision
+  filtered fraction / alpha, share of thresholds at the clamp, the exact share of the data
+  set above each threshold over alpha (mean, and the share of anchors within [0.5, 2], as
+  the stationary benchmark scores it); in the last epoch precision
   and recall of the detections against the exact rule's masks; for moving streams the
   exact quantile's own median movement per epoch (the floor for a rule that sees each
   sample once per epoch).
@@ -92,19 +94,21 @@ def _line(setting: str, run) -> str:
     return (
         f"{setting:5s} {run.stream:9s} {run.rule:19s} err {last.median_error:.4f} "
         f"corr {last.correlation:.3f} filtered/alpha {last.filtered_over_alpha:.2f} "
-        f"at bound {last.at_bound:.3f} P {_f(last.precision)} R {_f(last.recall)}"
+        f"at bound {last.at_bound:.3f} P {_f(last.precision)} R {_f(last.recall)} "
+        f"share/alpha {_f(last.share_over_alpha, 2)} within {_percent(last.within)}"
     )
 
 
-def _f(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.3f}"
+def _f(x: float | None, digits: int = 3) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
 
 
 def markdown_table(results: dict) -> str:
     lines = [
         "| setting | stream | rule | median error | corr. | filtered / alpha | at clamp "
-        "| P | R | quantile moves / epoch |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| P | R | quantile moves / epoch | share / alpha | within [0.5, 2] "
+        "| share / alpha, epochs 3 on |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in results["runs"]:
         last = run["epochs"][-1]
@@ -113,9 +117,20 @@ def markdown_table(results: dict) -> str:
             f"| {run['setting']} | {run['stream']} | {run['rule']} | {last['median_error']:.4f} "
             f"| {last['correlation']:.3f} | {last['filtered_over_alpha']:.2f} "
             f"| {last['at_bound']:.1%} | {_f(last['precision'])} | {_f(last['recall'])} "
-            f"| {'' if move is None else f'{move:.4f}'} |"
+            f"| {'' if move is None else f'{move:.4f}'} | {_f(last.get('share_over_alpha'), 2)} "
+            f"| {_percent(last.get('within'))} | {_span(run['epochs'][2:])} |"
         )
     return "\n".join(lines)
+
+
+def _percent(x: float | None) -> str:
+    return "" if x is None else f"{x:.0%}"
+
+
+def _span(epochs: list[dict]) -> str:
+    """min-max of the epochs' share / alpha (results written before it was measured: empty)."""
+    shares = [e["share_over_alpha"] for e in epochs if e.get("share_over_alpha") is not None]
+    return f"{min(shares):.2f}–{max(shares):.2f}" if shares else ""
 
 
 def plot(results: dict, path: Path) -> None:

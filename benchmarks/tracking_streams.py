@@ -102,6 +102,18 @@ def make_stream(
     return Stream(kind, num_samples, epochs, spread, image0, text0, image1, text1, centre)
 
 
+def _similarity_chunks(
+    anchors: torch.Tensor, candidates: torch.Tensor, anchor_index: torch.Tensor, chunk: int
+):
+    """(start, similarities) of each chunk of anchors to every candidate, the anchor's own
+    pair set to -inf (it is no negative)."""
+    for start in range(0, anchors.shape[0], chunk):
+        sim = anchors[start : start + chunk] @ candidates.t()
+        rows = torch.arange(sim.shape[0])
+        sim[rows, anchor_index[start : start + chunk]] = float("-inf")
+        yield start, sim
+
+
 def exact_quantiles(
     anchors: torch.Tensor,
     candidates: torch.Tensor,
@@ -117,13 +129,27 @@ def exact_quantiles(
     frac = position - low
     from_top = n - 1 - low  # position of the lower neighbour, counted from the top
     out = []
-    for start in range(0, anchors.shape[0], chunk):
-        sim = anchors[start : start + chunk] @ candidates.t()
-        rows = torch.arange(sim.shape[0])
-        sim[rows, anchor_index[start : start + chunk]] = float("-inf")
+    for _, sim in _similarity_chunks(anchors, candidates, anchor_index, chunk):
         top = sim.topk(from_top + 1, dim=1).values
         v_low, v_high = top[:, from_top], top[:, max(from_top - 1, 0)]
         out.append(v_low + frac * (v_high - v_low))
+    return torch.cat(out)
+
+
+def exact_share_above(
+    anchors: torch.Tensor,
+    candidates: torch.Tensor,
+    anchor_index: torch.Tensor,
+    thresholds: torch.Tensor,
+    chunk: int = 1024,
+) -> torch.Tensor:
+    """Each anchor's share of the data set's negatives above its threshold: what the
+    threshold filters on any batch (the stationary benchmark's ``sf(lambda)``)."""
+    n = candidates.shape[0] - 1
+    out = []
+    for start, sim in _similarity_chunks(anchors, candidates, anchor_index, chunk):
+        lam = thresholds[start : start + sim.shape[0], None]
+        out.append((sim > lam).sum(-1).double() / n)
     return torch.cat(out)
 
 
@@ -138,6 +164,19 @@ def exact_both(
         [
             exact_quantiles(image[index], text, index, alpha),
             exact_quantiles(text[index], image, index, alpha),
+        ],
+        dim=-1,
+    )
+
+
+def share_above_both(stream: Stream, t: float, thresholds: torch.Tensor) -> torch.Tensor:
+    """(n, 2) exact shares above the (n, 2) thresholds [image side, text side] at epoch ``t``."""
+    image, text = stream.embeds(t)
+    index = torch.arange(stream.num_samples)
+    return torch.stack(
+        [
+            exact_share_above(image, text, index, thresholds[:, 0]),
+            exact_share_above(text, image, index, thresholds[:, 1]),
         ],
         dim=-1,
     )
@@ -195,6 +234,11 @@ class EpochRecord:
     correlation: float
     filtered_over_alpha: float
     at_bound: float
+    # The exact share of the data set above each threshold over alpha (what it filters on
+    # data it has not stepped on): the mean over anchors and sides, and the share of anchors
+    # within [0.5, 2] of alpha.
+    share_over_alpha: float | None = None
+    within: float | None = None
     precision: float | None = None
     recall: float | None = None
     quantile_movement: float | None = None
@@ -278,6 +322,9 @@ def run_stream(
             filtered_over_alpha=filtered / negatives_seen / alpha,
             at_bound=at_bound,
         )
+        share = share_above_both(stream, t_end, lam) / alpha
+        record.share_over_alpha = share.mean().item()
+        record.within = ((share >= 0.5) & (share <= 2.0)).double().mean().item()
         if stream.moves and previous_exact is not None:
             record.quantile_movement = (exact - previous_exact).abs().median().item()
         previous_exact = exact

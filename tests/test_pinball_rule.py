@@ -65,6 +65,9 @@ def test_pinball_tracks_drifting_embeddings():
     assert 0.5 <= last.filtered_over_alpha <= 2.0, last
     assert last.at_bound < 0.05, last
     assert last.correlation > 0.7, last
+    # What the thresholds filter on data they have not stepped on, anchor by anchor.
+    assert 0.7 <= last.share_over_alpha <= 1.4, last
+    assert last.within >= 0.8, last
 
 
 def _batch(b: int, width: int, epoch: float = 0.0) -> DetectionBatch:

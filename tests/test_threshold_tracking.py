@@ -9,7 +9,7 @@ import torch
 from cpu_args import cpu_args
 from safetensors.torch import load_file, save_file
 
-from benchmarks.tracking_streams import make_stream, run_stream
+from benchmarks.tracking_streams import exact_quantiles, exact_share_above, make_stream, run_stream
 from glofnd_hf.fnd import GloFNDConfig, build_detector, pinball_gradient, tail_estimate
 from glofnd_hf.fnd.detectors import DetectionBatch
 from glofnd_hf.fnd.quantiles import tail_unit, top_values
@@ -57,6 +57,22 @@ def test_tail_rule_is_no_worse_than_the_reference_on_fixed_embeddings(streams):
     tail = run_stream(streams["fixed"], "tail", ALPHA, BATCH, score_epochs=set()).last
     reference = run_stream(streams["fixed"], "reference", ALPHA, BATCH, score_epochs=set()).last
     assert tail.median_error <= 1.1 * reference.median_error, (tail, reference)
+
+
+def test_exact_share_above_counts_the_negatives_above_each_threshold():
+    """At the exact quantile the share is alpha (to one sample); the pair is never counted."""
+    gen = torch.Generator().manual_seed(0)
+    image = torch.nn.functional.normalize(torch.randn(300, 8, generator=gen), dim=-1)
+    text = torch.nn.functional.normalize(image + 0.1 * torch.randn(300, 8, generator=gen), dim=-1)
+    index = torch.arange(300)
+    q = exact_quantiles(image, text, index, 0.05, chunk=64)
+    share = exact_share_above(image, text, index, q, chunk=64)
+    assert (share - 0.05).abs().max().item() <= 1.5 / 299
+    everything = exact_share_above(image, text, index, torch.full((300,), -2.0), chunk=64)
+    assert torch.all(everything == 1.0)  # 299 negatives each: the pair is excluded
+    sim = image @ text.t()
+    by_hand = ((sim > q[:, None]) & ~torch.eye(300, dtype=torch.bool)).sum(-1).double() / 299
+    assert torch.equal(share, by_hand)
 
 
 def test_tail_estimate_finds_the_quantile_of_an_exponential_tail():
