@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from distributed.train_worker import run
+from distributed.train_worker import run, write_train_shards
 from launch import free_port, run_process_group, worker_env
 
 from glofnd_hf.checkpoints import STATE_FILE, checkpoint_problems
@@ -178,3 +178,46 @@ def test_a_sharded_checkpoint_of_two_processes_resumes_in_three(tmp_path):
     assert not torch.equal(lam, torch.ones_like(lam))  # trained thresholds, not the start
     for digest in three["digests"]:
         assert torch.equal(digest[0], digest[1]) and torch.equal(digest[0], digest[2])
+
+
+def assert_identical_runs(a, b):
+    """Bit for bit: weights, the per-sample state after every step and at the end, and every
+    logged entry but the run-time figures."""
+    assert a["params"].keys() == b["params"].keys()
+    for name, value in a["params"].items():
+        assert torch.equal(value, b["params"][name]), name
+    assert a["state"].keys() == b["state"].keys()
+    for key, value in a["state"].items():
+        assert torch.equal(value, b["state"][key]), key
+    assert len(a["digests"]) == len(b["digests"])
+    for step, (x, y) in enumerate(zip(a["digests"], b["digests"], strict=True)):
+        assert torch.equal(x, y), step
+    assert len(a["logs"]) == len(b["logs"])
+    for step, (x, y) in enumerate(zip(a["logs"], b["logs"], strict=True)):
+        assert set(x) == set(y), (step, set(x) ^ set(y))
+        assert {k: v for k, v in x.items() if k not in NOT_COMPARED} == {
+            k: v for k, v in y.items() if k not in NOT_COMPARED
+        }, step
+
+
+def test_sharded_state_on_webdataset_shards_with_the_cached_loss_trains_as_replicated(tmp_path):
+    """The webdataset path (each rank streams its own shards) with the cached loss (chunks
+    of 2 of each rank's 4 pairs), two gloo processes: state_sharding sharded gives the
+    replicated run's weights, GloFND thresholds, u and logs bit for bit."""
+    pattern = write_train_shards(tmp_path / "shards")
+    common = ("--loss-type", "fastclip", "--shards", pattern, "--chunk", "2")
+    # Both runs one after the other in the same two processes (one launch).
+    runs = launch_two(tmp_path, "runs", *common, "--state-sharding", "replicated,sharded")
+    replicated, sharded = runs["replicated"], runs["sharded"]
+    assert replicated["world"] == sharded["world"] == 2
+    assert replicated["local_rows"] == {"detector.thresholds": 32, "u": 32}
+    assert sharded["local_rows"] == {"detector.thresholds": 16, "u": 16}  # rank 0's half
+    assert len(sharded["digests"]) == 8  # 4 shards of 8, 4 steps of 8 pairs an epoch
+    for digest in sharded["digests"]:
+        assert torch.equal(digest[0], digest[1])
+    assert "detector.image.lambda" in sharded["state"] and "image.u" in sharded["state"]
+    lam = sharded["state"]["detector.image.lambda"]
+    assert torch.all(lam < 1.0)  # every pair was seen: every threshold moved
+    logged = [entry for entry in sharded["logs"] if "loss" in entry]
+    assert len(logged) == 8 and any(entry["filtered_fraction_text"] > 0 for entry in logged)
+    assert_identical_runs(replicated, sharded)

@@ -48,13 +48,17 @@ def test_ifnd_refuses_sharding(tmp_path):
 @pytest.mark.parametrize("world", [2, 3])
 def test_sharded_losses_match_replicated(tmp_path, world):
     """Every rule, the global loss (thresholds and u) and CLIP's (thresholds); a global
-    batch with a repeated index across ranks (three ranks take 15 of its 16 pairs)."""
+    batch with a repeated index across ranks (three ranks take 15 of its 16 pairs). Both
+    losses also through the cached loss (chunks of 2 of each rank's pairs, a tiny projection
+    under DDP trained by SGD): the weights too are bit-identical after every step."""
     ranks = run_torchrun_workers("sharded_loss_worker.py", world, tmp_path / "loss")
+    assert sum("cached" in case for case in ranks[0]) == 2
     for rank, results in enumerate(ranks):
         for case, record in results.items():
             assert all(record["loss"]), (rank, case)
             assert all(record["stats"]), (rank, case)
             assert all(record["state"]), (rank, case)
+            assert all(record["params"]), (rank, case)
             assert max(record["filtered"]) > 0, case  # negatives were filtered
             assert record["owned"] == len(range(rank, 64, world))  # about N / world rows
     # Every rank ends with the same (reassembled) state, and the thresholds moved.

@@ -56,6 +56,39 @@ def apply_loss(loss_fn, outputs, index, epoch, labels):
     )
 
 
+def cached_step(model, loss_fn, image, text, index, labels, step, chunk):
+    """The cached loss over this rank's pairs in chunks of ``chunk`` (``model`` under DDP:
+    only the last chunk's backward reduces the gradients)."""
+    from glofnd_hf.losses import cached_contrastive_step, chunk_bounds
+
+    bounds = chunk_bounds(len(index), chunk)
+
+    def encode(i):
+        start, end = bounds[i]
+        return model(image[start:end], text[start:end])
+
+    return cached_contrastive_step(
+        loss_fn,
+        encode,
+        len(bounds),
+        index,
+        epoch=float(step),
+        labels=labels,
+        no_sync=model.no_sync,
+        module=model,
+    ).output
+
+
+def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit for bit (NaN payloads and the sign of zero included)."""
+    a, b = torch.as_tensor(a).detach().contiguous(), torch.as_tensor(b).detach().contiguous()
+    return (
+        a.dtype == b.dtype
+        and a.shape == b.shape
+        and torch.equal(a.view(-1).view(torch.uint8), b.view(-1).view(torch.uint8))
+    )
+
+
 def stats_as_floats(stats):
     """A loss's statistics as plain floats (what the trainer logs, before rounding)."""
     return {k: float(v) for k, v in stats.items()}

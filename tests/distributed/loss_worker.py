@@ -10,12 +10,11 @@ import sys
 import torch
 import torch.distributed as dist
 
-from glofnd_hf.losses import cached_contrastive_step, chunk_bounds
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
 from distributed.common import (  # noqa: E402
     apply_loss,
     build_loss,
+    cached_step,
     fixed_global_batch,
     projection,
     shut_down_process_group,
@@ -28,26 +27,6 @@ parser.add_argument("--out", required=True)
 parser.add_argument("--steps", type=int, default=2)
 parser.add_argument("--chunk", type=int, help="cached loss in chunks of this many pairs")
 opts = parser.parse_args()
-
-
-def cached_step(model, loss_fn, image, text, index, labels, step):
-    """The cached loss over this rank's pairs in chunks of ``--chunk``."""
-    bounds = chunk_bounds(len(index), opts.chunk)
-
-    def encode(i):
-        start, end = bounds[i]
-        return model(image[start:end], text[start:end])
-
-    return cached_contrastive_step(
-        loss_fn,
-        encode,
-        len(bounds),
-        index,
-        epoch=float(step),
-        labels=labels,
-        no_sync=model.no_sync,  # only the last chunk's backward reduces the gradients
-        module=model,
-    ).output
 
 
 dist.init_process_group("gloo")
@@ -66,7 +45,8 @@ for step in range(opts.steps):
         out = apply_loss(loss_fn, model(image[sl], text[sl]), index[sl], float(step), labels[sl])
         out.loss.backward()
     else:
-        out = cached_step(model, loss_fn, image[sl], text[sl], index[sl], labels[sl], step)
+        pairs = (image[sl], text[sl], index[sl], labels[sl])
+        out = cached_step(model, loss_fn, *pairs, step, opts.chunk)
     optimizer.step()
     # The loss of the global batch is the mean of the ranks' local means.
     loss = out.loss.detach().clone()

@@ -1,7 +1,10 @@
 """Run by torchrun in tests: GloFND losses with their per-sample state replicated and sharded
-side by side, on this rank's slice of fixed global batches (random embeddings, no model).
-Writes, per rank and case, whether losses, statistics and the reassembled state were
-bit-identical after every step, and the final state."""
+side by side, on this rank's slice of fixed global batches. The plain cases call the loss on
+random embeddings (no model); the cached cases run the cached loss
+(``cached_contrastive_step`` in chunks of 2 of this rank's pairs) through a tiny projection
+under DDP, one copy per sharding, and take an SGD step. Writes, per rank and case, whether
+losses, statistics, the reassembled state (and the cached cases' weights) were bit-identical
+after every step, and the final state."""
 
 import argparse
 import os
@@ -14,15 +17,31 @@ from glofnd_hf.fnd import GloFNDConfig, build_detector
 from glofnd_hf.losses import ClipLoss, GammaSchedule, GlobalContrastiveLoss
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
-from distributed.common import N, fixed_global_batch, shut_down_process_group  # noqa: E402
+from distributed.common import (  # noqa: E402
+    N,
+    bitwise_equal,
+    cached_step,
+    fixed_global_batch,
+    projection,
+    shut_down_process_group,
+)
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--out", required=True)
 parser.add_argument("--steps", type=int, default=4)
 opts = parser.parse_args()
 
-# (loss, update rule): every rule, the global loss (thresholds and u) and CLIP's (thresholds).
-CASES = [("global", "pinball"), ("global", "tail"), ("global", "adam"), ("clip", "pinball")]
+# (loss, update rule, chunk): every rule, the global loss (thresholds and u) and CLIP's
+# (thresholds); chunk: the cached loss in chunks of that many pairs (None: the plain loss).
+CASES = [
+    ("global", "pinball", None),
+    ("global", "tail", None),
+    ("global", "adam", None),
+    ("clip", "pinball", None),
+    ("global", "pinball", 2),
+    ("clip", "tail", 2),
+]
+SHARDINGS = ("replicated", "sharded")
 
 
 def build(kind, rule, sharding):
@@ -34,53 +53,63 @@ def build(kind, rule, sharding):
     return GlobalContrastiveLoss(N, detector, gamma=gamma, sharding=sharding)
 
 
-def same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Bit for bit (NaN payloads and the sign of zero included)."""
-    a, b = a.detach().contiguous(), b.detach().contiguous()
-    return (
-        a.dtype == b.dtype
-        and a.shape == b.shape
-        and torch.equal(a.view(-1).view(torch.uint8), b.view(-1).view(torch.uint8))
+def plain_step(loss_fn, image, text, index, labels, step, sl):
+    """The loss on this rank's slice of random unit embeddings."""
+    gen = torch.Generator().manual_seed(step)
+    image = torch.nn.functional.normalize(
+        image @ torch.randn(image.shape[1], 8, generator=gen), dim=-1
     )
+    text = torch.nn.functional.normalize(
+        text @ torch.randn(text.shape[1], 8, generator=gen), dim=-1
+    )
+    scale = torch.tensor(10.0, requires_grad=True)
+    return loss_fn(image[sl], text[sl], scale, index[sl], epoch=0.5 * step, labels=labels[sl])
+
+
+def same_dicts(a, b):
+    return a.keys() == b.keys() and all(bitwise_equal(a[k], b[k]) for k in a)
+
+
+def run_case(kind, rule, chunk, rank, world):
+    losses = {sharding: build(kind, rule, sharding) for sharding in SHARDINGS}
+    models, optimizers = {}, {}
+    if chunk is not None:
+        for sharding in SHARDINGS:
+            models[sharding] = torch.nn.parallel.DistributedDataParallel(projection())
+            optimizers[sharding] = torch.optim.SGD(models[sharding].parameters(), lr=0.5)
+    record = {"loss": [], "stats": [], "state": [], "filtered": [], "params": []}
+    for step in range(opts.steps):
+        image, text, index, labels = fixed_global_batch(step)
+        b = image.shape[0] // world
+        sl = slice(rank * b, (rank + 1) * b)
+        outs = {}
+        for sharding, loss_fn in losses.items():
+            if chunk is None:
+                outs[sharding] = plain_step(loss_fn, image, text, index, labels, step, sl)
+                continue
+            optimizers[sharding].zero_grad()
+            model = models[sharding]
+            pairs = (image[sl], text[sl], index[sl], labels[sl])
+            outs[sharding] = cached_step(model, loss_fn, *pairs, step, chunk)
+            optimizers[sharding].step()
+        rep, shd = outs["replicated"], outs["sharded"]
+        record["loss"].append(bitwise_equal(rep.loss, shd.loss))
+        record["stats"].append(same_dicts(rep.stats, shd.stats))
+        record["filtered"].append(float(rep.stats.get("filtered_fraction_text", 0.0)))
+        states = {sharding: loss_fn.state_dict() for sharding, loss_fn in losses.items()}
+        record["state"].append(same_dicts(states["replicated"], states["sharded"]))
+        params = {s: dict(m.module.named_parameters()) for s, m in models.items()}
+        record["params"].append(not params or same_dicts(*params.values()))
+    record["final"] = states["replicated"]
+    record["owned"] = int(losses["sharded"].detector.state.table.data.shape[0])
+    return record
 
 
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
 results = {}
-for kind, rule in CASES:
-    losses = {sharding: build(kind, rule, sharding) for sharding in ("replicated", "sharded")}
-    record = {"loss": [], "stats": [], "state": [], "filtered": []}
-    for step in range(opts.steps):
-        image, text, index, labels = fixed_global_batch(step)
-        gen = torch.Generator().manual_seed(step)
-        image = torch.nn.functional.normalize(
-            image @ torch.randn(image.shape[1], 8, generator=gen), dim=-1
-        )
-        text = torch.nn.functional.normalize(
-            text @ torch.randn(text.shape[1], 8, generator=gen), dim=-1
-        )
-        b = image.shape[0] // world
-        sl = slice(rank * b, (rank + 1) * b)
-        outs = {}
-        for sharding, loss_fn in losses.items():
-            scale = torch.tensor(10.0, requires_grad=True)
-            outs[sharding] = loss_fn(
-                image[sl], text[sl], scale, index[sl], epoch=0.5 * step, labels=labels[sl]
-            )
-        rep, shd = outs["replicated"], outs["sharded"]
-        record["loss"].append(same(rep.loss, shd.loss))
-        record["stats"].append(
-            rep.stats.keys() == shd.stats.keys()
-            and all(same(rep.stats[k], shd.stats[k]) for k in rep.stats)
-        )
-        record["filtered"].append(float(rep.stats.get("filtered_fraction_text", 0.0)))
-        states = {sharding: loss_fn.state_dict() for sharding, loss_fn in losses.items()}
-        record["state"].append(
-            states["replicated"].keys() == states["sharded"].keys()
-            and all(same(v, states["sharded"][k]) for k, v in states["replicated"].items())
-        )
-    record["final"] = states["replicated"]
-    record["owned"] = int(losses["sharded"].detector.state.table.data.shape[0])
-    results[f"{kind}-{rule}"] = record
+for kind, rule, chunk in CASES:
+    name = f"{kind}-{rule}" + ("" if chunk is None else f"-cached{chunk}")
+    results[name] = run_case(kind, rule, chunk, rank, world)
 torch.save(results, f"{opts.out}.rank{rank}")
 shut_down_process_group()

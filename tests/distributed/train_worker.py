@@ -20,6 +20,45 @@ from callbacks import StopAt  # noqa: E402
 from distributed.common import shut_down_process_group  # noqa: E402
 
 GLOBAL_BATCH = 8
+TRAIN_PAIRS = 32  # the first digits pairs: dataset indices 0..31
+
+
+def train_pairs():
+    from glofnd_hf.data.digits import load_digits_pairs
+
+    return load_digits_pairs(seed=0)["train"].select(range(TRAIN_PAIRS))
+
+
+def write_train_shards(folder) -> str:
+    """The worker's training pairs as 4 webdataset shards of 8 (for ``--shards``)."""
+    from glofnd_hf.data.shard_writer import write_shards_from_dataset
+
+    pattern, count = write_shards_from_dataset(
+        train_pairs(), str(folder), index_column="dataset_index", samples_per_shard=8
+    )
+    assert count == TRAIN_PAIRS
+    return pattern
+
+
+def training_data(adapter, data, shards, batch_size):
+    """The trainer's data: the map-style pairs with their collator, or with ``shards`` the
+    streaming loader over them (each rank its own shards, shuffled in a buffer of 8)."""
+    from glofnd_hf.data.hf import ImageTextCollator
+    from glofnd_hf.data.shards import ShardConfig, build_shard_loader
+
+    if shards is None:
+        collator = ImageTextCollator(adapter.image_transform(train=False), adapter.tokenize)
+        return {"train_dataset": data, "data_collator": collator}
+    config = ShardConfig(
+        shards=shards,
+        batch_size=batch_size,
+        dataset_size=TRAIN_PAIRS,
+        shuffle_buffer=8,
+        seed=0,
+        num_workers=0,
+    )
+    loader = build_shard_loader(config, adapter.image_transform(train=False), adapter.tokenize)
+    return {"train_dataset": loader}
 
 
 class StateDigest(TrainerCallback):
@@ -65,14 +104,14 @@ def run(
     learning_rate=0.05,
     chunk=None,
     state_sharding="replicated",
+    shards=None,
+    leave_group=True,
 ):
     from glofnd_hf.args import GloFNDTrainingArguments
-    from glofnd_hf.data.digits import load_digits_pairs
-    from glofnd_hf.data.hf import ImageTextCollator
     from glofnd_hf.models import build_tiny_hf_clip, build_tiny_hf_siglip
     from glofnd_hf.trainer import GloFNDTrainer
 
-    data = load_digits_pairs(seed=0)["train"].select(range(32))
+    data = train_pairs()
     build = build_tiny_hf_siglip if loss_type == "sigmoid" else build_tiny_hf_clip
     adapter = build(seed=0, texts=list(data["caption"]))
     args = GloFNDTrainingArguments(
@@ -96,11 +135,12 @@ def run(
         dataloader_num_workers=0,
         contrastive_chunk_size=chunk,
         state_sharding=state_sharding,
+        num_samples=None if shards is None else TRAIN_PAIRS,
     )
     # Deterministic images, so one and two processes see exactly the same pixels. SGD, as
     # Adam would blow float noise in zero-gradient parameters (attention key biases) up.
-    collator = ImageTextCollator(adapter.image_transform(train=False), adapter.tokenize)
-    trainer = GloFNDTrainer(adapter, args, train_dataset=data, data_collator=collator)
+    inputs = training_data(adapter, data, shards, GLOBAL_BATCH // world)
+    trainer = GloFNDTrainer(adapter, args, **inputs)
     digest = StateDigest(trainer)
     trainer.add_callback(digest)
     loaded = LoadedState(trainer)
@@ -117,19 +157,27 @@ def run(
         "loaded_state": loaded.state,
         "logs": trainer.state.log_history,
         "world": world_size,
+        # Rows this process holds of each per-sample table (all N when replicated).
+        "local_rows": {k: len(t.data) for k, t in trainer.contrastive_loss.shard_tables().items()},
     }
     if world_size > 1:
-        # DDP's reducer holds the group: drop every reference to the wrapped model, then
-        # leave the group together (a rank tearing down alone makes gloo abort the other).
-        trainer.accelerator.free_memory()
-        trainer.model_wrapped = None
-        del trainer
-        gc.collect()
-        shut_down_process_group()
+        release(trainer, leave_group)
     return result
 
 
-if __name__ == "__main__":
+def release(trainer, leave_group):
+    """DDP's reducer holds the group: drop every reference to the wrapped model, then leave
+    the group together (a rank tearing down alone makes gloo abort the other), unless
+    another run follows in it."""
+    trainer.accelerator.free_memory()
+    trainer.model_wrapped = None
+    del trainer
+    gc.collect()
+    if leave_group:
+        shut_down_process_group()
+
+
+def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--out", required=True)
@@ -138,18 +186,31 @@ if __name__ == "__main__":
     parser.add_argument("--resume")
     parser.add_argument("--learning-rate", type=float, default=0.05)
     parser.add_argument("--chunk", type=int, help="contrastive_chunk_size (the cached loss)")
-    parser.add_argument("--state-sharding", default="replicated")
+    parser.add_argument("--state-sharding", default="replicated", help="comma-separated")
+    parser.add_argument("--shards", help="train from these webdataset shards (streaming)")
     opts = parser.parse_args()
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    result = run(
-        opts.output_dir,
-        opts.loss_type,
-        opts.stop_at,
-        opts.resume,
-        world=world,
-        learning_rate=opts.learning_rate,
-        chunk=opts.chunk,
-        state_sharding=opts.state_sharding,
-    )
+    # "replicated,sharded": one run after the other in the same processes, each in its own
+    # output folder below --output-dir; --out then holds {sharding: result}.
+    shardings = opts.state_sharding.split(",")
+    results = {}
+    for i, sharding in enumerate(shardings):
+        out_dir = opts.output_dir if len(shardings) == 1 else f"{opts.output_dir}/{sharding}"
+        results[sharding] = run(
+            out_dir,
+            opts.loss_type,
+            opts.stop_at,
+            opts.resume,
+            world=world,
+            learning_rate=opts.learning_rate,
+            chunk=opts.chunk,
+            state_sharding=sharding,
+            shards=opts.shards,
+            leave_group=i == len(shardings) - 1,
+        )
     if int(os.environ.get("RANK", "0")) == 0:
-        torch.save(result, opts.out)
+        torch.save(results if len(shardings) > 1 else results[shardings[0]], opts.out)
+
+
+if __name__ == "__main__":
+    main()
