@@ -10,6 +10,9 @@ from distributed.train_worker import run
 from launch import free_port, run_process_group, worker_env
 
 from glofnd_hf.checkpoints import STATE_FILE, checkpoint_problems
+from glofnd_hf.inspection.thresholds import load_checkpoint_thresholds
+from glofnd_hf.model_card import card_info_from_folder
+from glofnd_hf.state_file import read_state_config
 from glofnd_hf.state_shards import shard_file_name
 
 HERE = Path(__file__).resolve().parent
@@ -176,5 +179,15 @@ def test_a_sharded_checkpoint_of_two_processes_resumes_in_three(tmp_path):
         assert torch.equal(value, three["loaded_state"][key]), key
     lam = one["loaded_state"]["detector.image.lambda"]
     assert not torch.equal(lam, torch.ones_like(lam))  # trained thresholds, not the start
+    # Offline readers (glofnd-inspect, the model card) in this process, no process group:
+    # the shards' thresholds are those the resume loaded, the card's figures the run's.
+    thresholds = load_checkpoint_thresholds(checkpoint)
+    for s, side in enumerate(("image", "text")):
+        loaded = one["loaded_state"][f"detector.{side}.lambda"]
+        assert torch.equal(thresholds.thresholds[:, s], loaded), side
+    config, num_samples = read_state_config(os.path.join(checkpoint, STATE_FILE))
+    card = card_info_from_folder(checkpoint)
+    assert card.num_samples == num_samples == thresholds.num_samples == 32
+    assert card.loss_config == config and card.detector == "glofnd"
     for digest in three["digests"]:
         assert torch.equal(digest[0], digest[1]) and torch.equal(digest[0], digest[2])
