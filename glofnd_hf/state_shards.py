@@ -5,7 +5,10 @@ issue 30): each process writes the rows it owns, ``glofnd_state.rank{r}-of-{w}.s
 every shard is on disk the first process writes the completeness mark, the usual
 ``glofnd_state.safetensors``, as a manifest: no tensors, the config and N as a state file
 records them, and ``shards`` (the world size) naming the set. Replicated runs (and sharded
-runs in one process) write today's single file unchanged.
+runs in one process) write today's single file unchanged. A process that cannot write its
+shard (disk full, no permission) does not leave the others waiting: after the writes every
+process learns every process's outcome (:func:`write_state_shards`, a collective in place
+of a barrier) and all raise the same error, so no process marks the set complete.
 
 Resuming reads every shard of the set (any world size into any world size: each process
 keeps its rows, ``ShardedPerSampleTable.load_shards``; a replicated run takes every row),
@@ -21,8 +24,10 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
-from .checkpoints import STATE_FILE, write_atomically
+from .checkpoints import STATE_FILE, CheckpointWriteError, write_atomically
+from .fnd import comm
 from .fnd.table import ShardedPerSampleTable
 from .state_file import load_shard_set, manifest_shards, shard_file_name
 
@@ -33,6 +38,7 @@ __all__ = [
     "shard_file_name",
     "write_shard_manifest",
     "write_state_shard",
+    "write_state_shards",
 ]
 
 
@@ -65,6 +71,38 @@ def write_state_shard(folder: str | os.PathLike, loss, num_samples: int) -> str:
     from safetensors.torch import save_file
 
     write_atomically(path, lambda tmp: save_file(state, tmp, metadata=metadata))
+    return path
+
+
+def write_state_shards(folder: str | os.PathLike, loss, num_samples: int) -> str:
+    """Every process writes its shard (:func:`write_state_shard`), then all exchange their
+    outcome (an all-gather of each process's error text: a collective every process calls,
+    in place of a barrier). Returns this process's shard path when every process wrote its
+    own; otherwise every process raises the same :class:`CheckpointWriteError` naming the
+    failing process(es) and file(s), so none goes on to mark the checkpoint complete."""
+    world = comm.world_size()
+    failure: Exception | None = None
+    problem = None
+    try:
+        os.makedirs(folder, exist_ok=True)
+        path = write_state_shard(folder, loss, num_samples)
+    except Exception as err:  # told to every process below, then raised everywhere
+        failure = err
+        problem = " ".join(f"{type(err).__name__}: {err}".split())[:300]
+    problems = [problem] * world
+    if world > 1:
+        dist.all_gather_object(problems, problem)
+    failed = [
+        f"process {r} could not write {shard_file_name(r, world)} ({text})"
+        for r, text in enumerate(problems)
+        if text is not None
+    ]
+    if failed:
+        raise CheckpointWriteError(
+            f"checkpoint {folder} is incomplete: {'; '.join(failed)}; no process marks it "
+            f"complete ({STATE_FILE} is not written): fix the cause, then resume with "
+            f"resume_from_checkpoint=last (the last complete checkpoint)"
+        ) from failure
     return path
 
 

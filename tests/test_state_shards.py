@@ -1,12 +1,14 @@
 """Per-process checkpoint files of a sharded per-sample state (glofnd_hf.state_shards):
 written by each process, marked complete by a manifest, loaded into any world size."""
 
+import errno
 import os
 
 import pytest
 import torch
 
-from glofnd_hf.checkpoints import STATE_FILE, checkpoint_problems
+from glofnd_hf import state_shards
+from glofnd_hf.checkpoints import STATE_FILE, CheckpointWriteError, checkpoint_problems
 from glofnd_hf.fnd import GloFNDConfig, build_detector
 from glofnd_hf.fnd.table import PerSampleTable, ShardedPerSampleTable, StateError
 from glofnd_hf.fnd.thresholds.state import ThresholdState
@@ -24,6 +26,7 @@ from glofnd_hf.state_shards import (
     shard_file_name,
     write_shard_manifest,
     write_state_shard,
+    write_state_shards,
 )
 
 N = 11
@@ -293,3 +296,22 @@ def test_shards_without_the_detectors_rows_are_refused(tmp_path):
         StateFileError, match=r"rank0-of-2\.safetensors holds no detector\.thresholds"
     ):
         load_detector_state(tmp_path / STATE_FILE, detector, N)
+
+
+def test_a_failed_shard_write_is_one_line_naming_the_process_and_file(tmp_path, monkeypatch):
+    """In one process (the collective is then a no-op); 2 gloo processes, one failing:
+    tests/test_distributed_trainer.py."""
+    folder = tmp_path / "checkpoint-2"
+    assert write_state_shards(folder, FakeLoss(0, 1), N) == str(folder / shard_file_name(0, 1))
+
+    def full(folder, loss, num_samples):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(state_shards, "write_state_shard", full)
+    with pytest.raises(CheckpointWriteError) as info:
+        write_state_shards(folder, FakeLoss(0, 1), N)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(f"checkpoint {folder} is incomplete")
+    assert f"process 0 could not write {shard_file_name(0, 1)} (OSError: [Errno 28]" in message
+    assert isinstance(info.value.__cause__, OSError)
+    assert not (folder / STATE_FILE).exists()

@@ -55,6 +55,22 @@ class LoadedState(TrainerCallback):
         self.state = self.trainer.contrastive_loss.state_dict()
 
 
+def refuse_shard_writes(after):
+    """This process's state shard writes fail (a permission error) after ``after`` of them."""
+    import glofnd_hf.state_shards as shards
+
+    write, calls = shards.write_state_shard, []
+
+    def refuse(folder, loss, num_samples):
+        calls.append(folder)
+        if len(calls) <= after:
+            return write(folder, loss, num_samples)
+        name = shards.shard_file_name(dist.get_rank(), dist.get_world_size())
+        raise PermissionError(13, "Permission denied", os.path.join(folder, name))
+
+    shards.write_state_shard = refuse
+
+
 def run(
     out_dir,
     loss_type="clip",
@@ -65,6 +81,7 @@ def run(
     learning_rate=0.05,
     chunk=None,
     state_sharding="replicated",
+    fail_shard_write=None,
 ):
     from glofnd_hf.args import GloFNDTrainingArguments
     from glofnd_hf.data.digits import load_digits_pairs
@@ -107,7 +124,15 @@ def run(
     trainer.add_callback(loaded)
     if stop_at is not None:
         trainer.add_callback(StopAt(stop_at))
-    trainer.train(resume_from_checkpoint=resume)
+    error = None
+    if fail_shard_write is not None and fail_shard_write == trainer.args.process_index:
+        refuse_shard_writes(after=1)  # the first checkpoint is written, the second is not
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    except Exception as err:
+        if fail_shard_write is None:
+            raise
+        error = f"{type(err).__name__}: {err}"  # what this process raised
     params = {n: p.detach().clone() for n, p in adapter.model.named_parameters()}
     world_size = trainer.args.world_size
     result = {
@@ -117,6 +142,7 @@ def run(
         "loaded_state": loaded.state,
         "logs": trainer.state.log_history,
         "world": world_size,
+        "error": error,
     }
     if world_size > 1:
         # DDP's reducer holds the group: drop every reference to the wrapped model, then
@@ -139,6 +165,12 @@ if __name__ == "__main__":
     parser.add_argument("--learning-rate", type=float, default=0.05)
     parser.add_argument("--chunk", type=int, help="contrastive_chunk_size (the cached loss)")
     parser.add_argument("--state-sharding", default="replicated")
+    parser.add_argument(
+        "--fail-shard-write",
+        type=int,
+        help="this process's second state shard write fails; every process writes what it "
+        "raised to {out}.rank{r}",
+    )
     opts = parser.parse_args()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     result = run(
@@ -150,6 +182,10 @@ if __name__ == "__main__":
         learning_rate=opts.learning_rate,
         chunk=opts.chunk,
         state_sharding=opts.state_sharding,
+        fail_shard_write=opts.fail_shard_write,
     )
-    if int(os.environ.get("RANK", "0")) == 0:
+    rank = int(os.environ.get("RANK", "0"))
+    if opts.fail_shard_write is not None:
+        torch.save(result["error"], f"{opts.out}.rank{rank}")
+    elif rank == 0:
         torch.save(result, opts.out)
