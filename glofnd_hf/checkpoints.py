@@ -95,7 +95,8 @@ class CheckpointError(ValueError):
 
 class CheckpointWriteError(OSError):
     """A checkpoint that could not be written (the disk filled up: the message names the
-    folder and the space left)."""
+    folder and the space left; or a process could not write its per-sample state shard:
+    the message names the process and the file, and every process raises it)."""
 
 
 def checkpoint_problems(path: str | os.PathLike, weights_only: bool = False) -> list[str]:

@@ -3,7 +3,13 @@ here only: the tensors of the loss's state, and metadata that records the loss's
 configuration (``config``, JSON: detector name and settings) and ``num_samples``. Reading
 reports every problem as one :class:`StateFileError` that names the file and the first bad entry:
 unreadable or truncated files, another N, and entries the loss or detector refuses (dtype,
-shape, non-finite or out-of-range values). Nothing is changed when the file is refused."""
+shape, non-finite or out-of-range values). Nothing is changed when the file is refused.
+
+A state sharded over processes (``state_sharding: sharded``) is a set of per-process files
+``glofnd_state.rank{r}-of-{w}.safetensors`` (written by :mod:`glofnd_hf.state_shards`)
+under a manifest in the state file's place: no tensors, the config and N, and ``shards``
+(w). The set is read and checked here too (:func:`load_shard_set`), every file before any
+table changes, so that resuming and the offline tools read it alike."""
 
 from __future__ import annotations
 
@@ -14,16 +20,24 @@ from typing import Any
 
 import torch
 
-from .checkpoints import write_atomically
+from .checkpoints import STATE_FILE, write_atomically
+from .fnd.table import ShardedPerSampleTable, StateError
 
 __all__ = [
     "StateFileError",
     "load_detector_state",
+    "load_shard_set",
     "load_state_file",
+    "manifest_shards",
     "read_state_config",
     "read_state_file",
+    "shard_file_name",
     "write_state_file",
 ]
+
+#: The entries of each table in a shard file (``{table}.{field}``).
+SHARD_FIELDS = ("rows", "index", "world_size", "num_samples")
+_DETECTOR = "detector."  # the loss's name for its detector's entries
 
 
 class StateFileError(ValueError):
@@ -97,24 +111,128 @@ def load_detector_state(path: str | os.PathLike, detector, num_samples: int | No
     """Restore only the detector's part (``detector.*`` entries) of a checkpoint's state file
     into ``detector``, with the same checks as :func:`load_state_file`; entries of the loss
     itself (the global loss's ``u``) are left out. For tools that read thresholds without
-    building the training loss."""
-    from .fnd.table import StateError
+    building the training loss.
 
+    ``path`` may be the manifest of a shard set (``state_sharding: sharded``): every shard it
+    names is read, checked and assembled into the detector's tables (a replicated detector
+    takes every row), whatever the number of processes that wrote it. One process, no
+    ``torch.distributed``; the shards and the full table are held here, O(N) memory, which
+    offline tools (``glofnd-inspect``) can afford."""
     state, metadata = read_state_file(path)
     _check_num_samples(path, metadata, num_samples)
-    if metadata.get("shards") is not None:
-        raise StateFileError(
-            f"{path} marks a state split over {metadata['shards']} per-process files "
-            "(state_sharding: sharded), which this tool does not read yet"
-        )
-    prefix = "detector."
-    own = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    if manifest_shards(metadata) is not None:
+        load_shard_set(path, _DetectorTables(path, detector), num_samples)
+        return
+    own = {k[len(_DETECTOR) :]: v for k, v in state.items() if k.startswith(_DETECTOR)}
     try:
         detector.load_state_dict(own)
     except StateError as err:
-        raise StateFileError(f"{path}: {err.within(prefix)}") from err
+        raise StateFileError(f"{path}: {err.within(_DETECTOR)}") from err
     except ValueError as err:
         raise StateFileError(f"{path}: {err}") from err
+
+
+class _DetectorTables:
+    """A detector's tables under the names a loss's shards store them by (``detector.*``),
+    so that a shard set loads into the detector alone (the loss's own tables left out)."""
+
+    def __init__(self, path: str | os.PathLike, detector: Any) -> None:
+        if getattr(detector, "shard_tables", None) is None:
+            raise StateFileError(
+                f"{path} marks a state split over per-process files, and the "
+                f"{type(detector).__name__} keeps no per-sample table to load it into"
+            )
+        self.detector = detector
+
+    def shard_tables(self) -> dict:
+        return {_DETECTOR + k: v for k, v in self.detector.shard_tables().items()}
+
+    def check_shard_rows(self, name: str, rows: torch.Tensor) -> None:
+        check = getattr(self.detector, "check_shard_rows", None)
+        if check is None:
+            return
+        try:
+            check(name[len(_DETECTOR) :], rows)
+        except StateError as err:
+            raise err.within(_DETECTOR) from err
+
+
+def shard_file_name(rank: int, world_size: int) -> str:
+    """The file of process ``rank``'s rows in a set of ``world_size`` shards."""
+    return f"{STATE_FILE.removesuffix('.safetensors')}.rank{rank}-of-{world_size}.safetensors"
+
+
+def manifest_shards(metadata: Mapping[str, str]) -> int | None:
+    """The number of shard files a state file's metadata names (None: a single file)."""
+    shards = metadata.get("shards")
+    return None if shards is None else int(shards)
+
+
+def load_shard_set(manifest: str | os.PathLike, loss: Any, num_samples: int | None) -> None:
+    """Load the shard set that ``manifest`` names (the shards lie beside it) into the tables
+    of ``loss`` (``shard_tables()``, values checked by its ``check_shard_rows`` when it has
+    one): every file is read and checked first, then each table takes its rows (a sharded
+    table its own, a replicated one every row); nothing changes on an error."""
+    _, meta = read_state_file(manifest)
+    world = manifest_shards(meta)
+    if world is None or world < 1:
+        raise StateFileError(f"{manifest} names no set of per-process shards")
+    folder = os.path.dirname(os.fspath(manifest)) or "."
+    tables = loss.shard_tables()
+    check = getattr(loss, "check_shard_rows", None)
+    shards = [_read_shard(folder, rank, world, tables, check, num_samples) for rank in range(world)]
+    # Check every table against every shard before changing any (load_shards checks first).
+    backups = {name: table.data.clone() for name, table in tables.items()}
+    try:
+        for name, table in tables.items():
+            parts = [{f: s[f"{name}.{f}"] for f in SHARD_FIELDS} for s in shards]
+            if isinstance(table, ShardedPerSampleTable):
+                table.load_shards(parts)
+            else:  # a replicated table takes every row
+                whole = ShardedPerSampleTable(
+                    table.num_samples, table.data.shape[1:], 0.0, rank=0, world_size=1
+                )
+                whole.load_shards(parts)
+                table.data.copy_(whole.data.to(table.data.device, table.data.dtype))
+    except ValueError as err:
+        for name, table in tables.items():
+            table.data.copy_(backups[name])
+        raise StateFileError(f"{folder}: per-sample state shards of {world}: {err}") from err
+
+
+def _read_shard(
+    folder: str, rank: int, world: int, tables: Mapping, check, num_samples: int | None
+) -> dict[str, torch.Tensor]:
+    """Shard ``rank`` of ``world``, read and checked (present, readable, rank and world size
+    as named, N, every table's entries and their values): a StateFileError naming it."""
+    path = os.path.join(folder, shard_file_name(rank, world))
+    if not os.path.isfile(path):
+        raise StateFileError(
+            f"{path} is missing: the checkpoint's per-sample state is split over {world} "
+            f"files and every one is needed"
+        )
+    state, metadata = read_state_file(path)
+    if metadata.get("rank") != str(rank) or metadata.get("world_size") != str(world):
+        raise StateFileError(
+            f"{path} is not shard {rank} of {world} (it records rank "
+            f"{metadata.get('rank')} of {metadata.get('world_size')})"
+        )
+    _check_num_samples(path, metadata, num_samples)
+    for name in tables:
+        missing = [f for f in SHARD_FIELDS if f"{name}.{f}" not in state]
+        if missing:
+            raise StateFileError(
+                f"{path} holds no {name} rows (missing {', '.join(missing)}): was it "
+                "written with another loss or detector?"
+            )
+        rows = state[f"{name}.rows"]
+        fits = tuple(rows.shape[1:]) == tuple(tables[name].data.shape[1:])
+        if check is not None and fits:  # a wrong shape: load_shards names it
+            try:  # the value ranges loading a single state file checks
+                check(name, rows)
+            except ValueError as err:
+                raise StateFileError(f"{path}: {err}") from err
+    return state
 
 
 def _check_num_samples(path, metadata: dict[str, str], num_samples: int | None) -> None:

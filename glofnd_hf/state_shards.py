@@ -5,12 +5,16 @@ issue 30): each process writes the rows it owns, ``glofnd_state.rank{r}-of-{w}.s
 every shard is on disk the first process writes the completeness mark, the usual
 ``glofnd_state.safetensors``, as a manifest: no tensors, the config and N as a state file
 records them, and ``shards`` (the world size) naming the set. Replicated runs (and sharded
-runs in one process) write today's single file unchanged.
+runs in one process) write today's single file unchanged. A process that cannot write its
+shard (disk full, no permission) does not leave the others waiting: after the writes every
+process learns every process's outcome (:func:`write_state_shards`, a collective in place
+of a barrier) and all raise the same error, so no process marks the set complete.
 
 Resuming reads every shard of the set (any world size into any world size: each process
-keeps its rows, ``ShardedPerSampleTable.load_shards``; a replicated run takes every row).
-A missing, truncated or foreign shard is one :class:`~glofnd_hf.state_file.StateFileError`
-naming the file, and nothing is changed."""
+keeps its rows, ``ShardedPerSampleTable.load_shards``; a replicated run takes every row),
+through :func:`glofnd_hf.state_file.load_shard_set`, which the offline tools' reading
+(``load_detector_state``) shares. A missing, truncated or foreign shard is one
+:class:`~glofnd_hf.state_file.StateFileError` naming the file, and nothing is changed."""
 
 from __future__ import annotations
 
@@ -20,10 +24,12 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
-from .checkpoints import STATE_FILE, write_atomically
+from .checkpoints import STATE_FILE, CheckpointWriteError, write_atomically
+from .fnd import comm
 from .fnd.table import ShardedPerSampleTable
-from .state_file import StateFileError, read_state_file
+from .state_file import load_shard_set, manifest_shards, shard_file_name
 
 __all__ = [
     "is_sharded",
@@ -32,13 +38,8 @@ __all__ = [
     "shard_file_name",
     "write_shard_manifest",
     "write_state_shard",
+    "write_state_shards",
 ]
-
-_FIELDS = ("rows", "index", "world_size", "num_samples")
-
-
-def shard_file_name(rank: int, world_size: int) -> str:
-    return f"{STATE_FILE.removesuffix('.safetensors')}.rank{rank}-of-{world_size}.safetensors"
 
 
 def is_sharded(loss) -> bool:
@@ -73,6 +74,38 @@ def write_state_shard(folder: str | os.PathLike, loss, num_samples: int) -> str:
     return path
 
 
+def write_state_shards(folder: str | os.PathLike, loss, num_samples: int) -> str:
+    """Every process writes its shard (:func:`write_state_shard`), then all exchange their
+    outcome (an all-gather of each process's error text: a collective every process calls,
+    in place of a barrier). Returns this process's shard path when every process wrote its
+    own; otherwise every process raises the same :class:`CheckpointWriteError` naming the
+    failing process(es) and file(s), so none goes on to mark the checkpoint complete."""
+    world = comm.world_size()
+    failure: Exception | None = None
+    problem = None
+    try:
+        os.makedirs(folder, exist_ok=True)
+        path = write_state_shard(folder, loss, num_samples)
+    except Exception as err:  # told to every process below, then raised everywhere
+        failure = err
+        problem = " ".join(f"{type(err).__name__}: {err}".split())[:300]
+    problems = [problem] * world
+    if world > 1:
+        dist.all_gather_object(problems, problem)
+    failed = [
+        f"process {r} could not write {shard_file_name(r, world)} ({text})"
+        for r, text in enumerate(problems)
+        if text is not None
+    ]
+    if failed:
+        raise CheckpointWriteError(
+            f"checkpoint {folder} is incomplete: {'; '.join(failed)}; no process marks it "
+            f"complete ({STATE_FILE} is not written): fix the cause, then resume with "
+            f"resume_from_checkpoint=last (the last complete checkpoint)"
+        ) from failure
+    return path
+
+
 def write_shard_manifest(
     folder: str | os.PathLike, config: Mapping[str, Any], num_samples: int, world_size: int
 ) -> None:
@@ -86,71 +119,7 @@ def write_shard_manifest(
     write_atomically(path, lambda tmp: save_file({}, tmp, metadata=metadata))
 
 
-def manifest_shards(metadata: Mapping[str, str]) -> int | None:
-    """The number of shard files a state file's metadata names (None: a single file)."""
-    shards = metadata.get("shards")
-    return None if shards is None else int(shards)
-
-
 def load_state_shards(folder: str | os.PathLike, loss, num_samples: int | None) -> None:
     """Load the shard set of ``folder`` (named by its manifest) into ``loss``: every file is
     read and checked first, then each table takes its rows; nothing changes on an error."""
-    manifest = os.path.join(folder, STATE_FILE)
-    _, meta = read_state_file(manifest)
-    world = manifest_shards(meta)
-    if world is None or world < 1:
-        raise StateFileError(f"{manifest} names no set of per-process shards")
-    tables = loss.shard_tables()
-    shards: list[dict[str, torch.Tensor]] = []
-    for rank in range(world):
-        path = os.path.join(folder, shard_file_name(rank, world))
-        if not os.path.isfile(path):
-            raise StateFileError(
-                f"{path} is missing: the checkpoint's per-sample state is split over {world} "
-                f"files and every one is needed"
-            )
-        state, metadata = read_state_file(path)
-        if metadata.get("rank") != str(rank) or metadata.get("world_size") != str(world):
-            raise StateFileError(
-                f"{path} is not shard {rank} of {world} (it records rank "
-                f"{metadata.get('rank')} of {metadata.get('world_size')})"
-            )
-        stored_n = metadata.get("num_samples")
-        if num_samples is not None and stored_n != str(num_samples):
-            raise StateFileError(
-                f"{path}: holds the state of N={stored_n} samples, this run has N={num_samples} "
-                "(another data set, or another num_samples?)"
-            )
-        check = getattr(loss, "check_shard_rows", None)
-        for name in tables:
-            missing = [f for f in _FIELDS if f"{name}.{f}" not in state]
-            if missing:
-                raise StateFileError(
-                    f"{path} holds no {name} rows (missing {', '.join(missing)}): was it "
-                    "written with another loss or detector?"
-                )
-            rows = state[f"{name}.rows"]
-            fits = tuple(rows.shape[1:]) == tuple(tables[name].data.shape[1:])
-            if check is not None and fits:  # a wrong shape: load_shards names it
-                try:  # the value ranges loading a single state file checks
-                    check(name, rows)
-                except ValueError as err:
-                    raise StateFileError(f"{path}: {err}") from err
-        shards.append(state)
-    # Check every table against every shard before changing any (load_shards checks first).
-    backups = {name: table.data.clone() for name, table in tables.items()}
-    try:
-        for name, table in tables.items():
-            parts = [{f: s[f"{name}.{f}"] for f in _FIELDS} for s in shards]
-            if isinstance(table, ShardedPerSampleTable):
-                table.load_shards(parts)
-            else:  # a replicated table takes every row
-                whole = ShardedPerSampleTable(
-                    table.num_samples, table.data.shape[1:], 0.0, rank=0, world_size=1
-                )
-                whole.load_shards(parts)
-                table.data.copy_(whole.data.to(table.data.device, table.data.dtype))
-    except ValueError as err:
-        for name, table in tables.items():
-            table.data.copy_(backups[name])
-        raise StateFileError(f"{folder}: per-sample state shards of {world}: {err}") from err
+    load_shard_set(os.path.join(folder, STATE_FILE), loss, num_samples)

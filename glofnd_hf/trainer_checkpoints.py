@@ -29,6 +29,7 @@ from .checkpoints import (
     SCHEDULER_FILE,
     STATE_FILE,
     CheckpointError,
+    CheckpointWriteError,
     checkpoint_family,
     checkpoint_problems,
     damaged_file_problem,
@@ -44,7 +45,7 @@ from .state_shards import (
     load_state_shards,
     manifest_shards,
     write_shard_manifest,
-    write_state_shard,
+    write_state_shards,
 )
 
 logger = logging.getLogger(__name__)
@@ -118,11 +119,10 @@ class CheckpointingMixin:
                 # Every process writes its rows first; all are on disk before the folder
                 # can be marked complete (by the first process, _finish_checkpoint). No
                 # shard is replaced before an earlier mark of this folder is gone: a
-                # crash never leaves a complete-looking set of mixed steps.
+                # crash never leaves a complete-looking set of mixed steps. A failed write
+                # on any process raises on every one (no process left at a barrier).
                 self.accelerator.wait_for_everyone()
-                os.makedirs(output_dir, exist_ok=True)
-                write_state_shard(output_dir, self.contrastive_loss, self.num_samples)
-                self.accelerator.wait_for_everyone()
+                write_state_shards(output_dir, self.contrastive_loss, self.num_samples)
             try:
                 super()._save_checkpoint(model, trial)
             finally:
@@ -134,6 +134,8 @@ class CheckpointingMixin:
             if self.args.should_save and self._state_written_to != output_dir:
                 self._finish_checkpoint(output_dir)
         except Exception as err:
+            if isinstance(err, CheckpointWriteError):  # already one line (which process, file)
+                raise
             full = disk_full_error(err, output_dir)
             if full is None:
                 raise

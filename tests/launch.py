@@ -62,10 +62,28 @@ def _run_once(cmd, env, timeout: float, cwd=None) -> subprocess.CompletedProcess
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        _kill_all(proc.pid)
         out, err = proc.communicate()
         raise AssertionError(f"{cmd[:4]} timed out after {timeout}s:\n{err[-3000:]}") from None
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _kill_all(pid: int) -> None:
+    """Kill the launcher ``pid``, its process group and every process below it: torch's
+    launcher starts its workers in sessions of their own, which killing the group misses
+    (they would live on, holding the output pipes open, and the test would block)."""
+    import psutil
+
+    try:
+        below = psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        below = []
+    os.killpg(pid, signal.SIGKILL)
+    for child in below:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
 
 
 def run_torchrun_workers(script, nproc: int, out, *extra: str, timeout: float = 300) -> list:

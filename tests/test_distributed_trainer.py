@@ -10,12 +10,15 @@ from distributed.train_worker import run, write_train_shards
 from launch import free_port, run_process_group, worker_env
 
 from glofnd_hf.checkpoints import STATE_FILE, checkpoint_problems
+from glofnd_hf.inspection.thresholds import load_checkpoint_thresholds
+from glofnd_hf.model_card import card_info_from_folder
+from glofnd_hf.state_file import read_state_config
 from glofnd_hf.state_shards import shard_file_name
 
 HERE = Path(__file__).resolve().parent
 
 
-def launch_two(tmp_path, name, *extra, processes=2):
+def launch_two(tmp_path, name, *extra, processes=2, timeout=300):
     out = tmp_path / f"{name}.pt"
     env = worker_env()
     config = HERE.parent / "recipes" / "accelerate" / "cpu_2proc.yaml"
@@ -36,8 +39,10 @@ def launch_two(tmp_path, name, *extra, processes=2):
         str(out),
         *extra,
     ]
-    proc = run_process_group(cmd, env, timeout=300)
+    proc = run_process_group(cmd, env, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    if "--fail-shard-write" in extra:  # what each process raised
+        return [torch.load(f"{out}.rank{r}", weights_only=False) for r in range(processes)]
     return torch.load(out, weights_only=False)
 
 
@@ -176,6 +181,16 @@ def test_a_sharded_checkpoint_of_two_processes_resumes_in_three(tmp_path):
         assert torch.equal(value, three["loaded_state"][key]), key
     lam = one["loaded_state"]["detector.image.lambda"]
     assert not torch.equal(lam, torch.ones_like(lam))  # trained thresholds, not the start
+    # Offline readers (glofnd-inspect, the model card) in this process, no process group:
+    # the shards' thresholds are those the resume loaded, the card's figures the run's.
+    thresholds = load_checkpoint_thresholds(checkpoint)
+    for s, side in enumerate(("image", "text")):
+        loaded = one["loaded_state"][f"detector.{side}.lambda"]
+        assert torch.equal(thresholds.thresholds[:, s], loaded), side
+    config, num_samples = read_state_config(os.path.join(checkpoint, STATE_FILE))
+    card = card_info_from_folder(checkpoint)
+    assert card.num_samples == num_samples == thresholds.num_samples == 32
+    assert card.loss_config == config and card.detector == "glofnd"
     for digest in three["digests"]:
         assert torch.equal(digest[0], digest[1]) and torch.equal(digest[0], digest[2])
 
@@ -221,3 +236,24 @@ def test_sharded_state_on_webdataset_shards_with_the_cached_loss_trains_as_repli
     logged = [entry for entry in sharded["logs"] if "loss" in entry]
     assert len(logged) == 8 and any(entry["filtered_fraction_text"] > 0 for entry in logged)
     assert_identical_runs(replicated, sharded)
+
+
+def test_a_shard_write_failing_on_one_process_fails_on_every_process(tmp_path):
+    """Process 1 cannot write its shard of the second checkpoint (a permission error):
+    both processes raise the same one-line error naming process 1 and its file, instead of
+    process 0 waiting for it; the checkpoint is not marked complete and the first one is
+    kept whole. A hang fails at the launch's timeout."""
+    sharded = ("--loss-type", "fastclip", "--state-sharding", "sharded")
+    errors = launch_two(tmp_path, "two", *sharded, "--fail-shard-write", "1", timeout=240)
+    name = shard_file_name(1, 2)
+    for error in errors:
+        assert error is not None and error == errors[0] and "\n" not in error
+        assert error.startswith("CheckpointWriteError: checkpoint "), error
+        assert f"process 1 could not write {name} (PermissionError" in error, error
+        assert "process 0" not in error, error
+    checkpoint = tmp_path / "two" / "checkpoint-4"
+    names = set(os.listdir(checkpoint)) if checkpoint.is_dir() else set()
+    assert STATE_FILE not in names and name not in names
+    assert shard_file_name(0, 2) in names  # process 0's write went through
+    assert STATE_FILE in checkpoint_problems(checkpoint)
+    assert checkpoint_problems(tmp_path / "two" / "checkpoint-2") == []

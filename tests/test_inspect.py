@@ -5,12 +5,14 @@ import io
 import json
 import math
 import re
+import shutil
 import sys
 
 import pytest
 import torch
 import webdataset as wds
 from safetensors.torch import save_file
+from test_state_shards import write_shards_of
 
 from glofnd_hf.checkpoints import STATE_FILE
 from glofnd_hf.cli.inspect_cmd import main as inspect_main
@@ -21,6 +23,8 @@ from glofnd_hf.inspection import InspectionError, inspect_checkpoint
 from glofnd_hf.inspection.neighbours import anchor_neighbours, scan_anchors, similarities
 from glofnd_hf.losses import ClipLoss
 from glofnd_hf.models import build_tiny_hf_clip, build_tiny_open_clip
+from glofnd_hf.state_file import load_state_file
+from glofnd_hf.state_shards import shard_file_name
 
 N = 32  # rows of the end-to-end data set
 
@@ -271,6 +275,33 @@ def test_cli_reuses_cached_embeddings_and_reports_bad_input(
     smaller = tmp_path / "smaller"
     data.select(range(N - 1)).save_to_disk(str(smaller))
     fails([str(folder), "--dataset", str(smaller)], f"{N - 1} rows.*N={N}")
+
+
+def test_a_sharded_checkpoint_reports_as_its_single_file(hf_case, data, tmp_path, capsys):
+    """The checkpoint of a run with state_sharding: sharded in 3 processes (a shard per
+    process, the state file their manifest) gives the report of the single file holding the
+    same rows; a missing shard is one line naming it."""
+    folder = hf_case[0]
+    sharded = tmp_path / "sharded"
+    shutil.copytree(folder, sharded)
+    (sharded / STATE_FILE).unlink()
+    loss = ClipLoss(registry.get("glofnd").build(None, SharedSettings(alpha=0.1), num_samples=N))
+    load_state_file(folder / STATE_FILE, loss, N)
+    write_shards_of(sharded, loss, 3)
+    args = dict(dataset=data, indices=[5, 0], model=folder, cache_dir=tmp_path / "cache")
+    one = inspect_checkpoint(folder, show_progress=False, **args)
+    three = inspect_checkpoint(sharded, show_progress=False, **args)
+    for key in ("detector", "num_samples", "anchors", "summary"):
+        assert three[key] == one[key], key
+
+    (sharded / shard_file_name(2, 3)).unlink()
+    capsys.readouterr()
+    argv = [str(sharded), "--dataset", "glofnd-digits", "--output", str(tmp_path / "r.html")]
+    with pytest.raises(SystemExit) as stop:
+        inspect_main(argv)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"{shard_file_name(2, 3)} is missing" in err, err
 
 
 @pytest.mark.parametrize("name", ["none", "oracle"])

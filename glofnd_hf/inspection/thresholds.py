@@ -2,7 +2,9 @@
 
 The state file's metadata records the loss's configuration (detector name and settings) and
 N. The detector is rebuilt through the registry and its state restored with the same checks
-as a resume (:func:`glofnd_hf.state_file.load_detector_state`). Detectors that learn a
+as a resume (:func:`glofnd_hf.state_file.load_detector_state`); a checkpoint of a run with
+``state_sharding: sharded`` (one shard file per process, the state file their manifest) is
+assembled into the same full table, in this process and in O(N) memory. Detectors that learn a
 threshold per sample (their state is a :class:`~glofnd_hf.fnd.thresholds.ThresholdState`,
 GloFND's) give their thresholds; ``batch_quantile`` has a threshold *rule* instead, which the
 inspection applies to the whole data set. Any other detector is refused.
@@ -51,7 +53,8 @@ class CheckpointThresholds:
 
 
 def load_checkpoint_thresholds(checkpoint: str | os.PathLike) -> CheckpointThresholds:
-    """The detector and thresholds stored in ``checkpoint``'s ``glofnd_state.safetensors``.
+    """The detector and thresholds stored in ``checkpoint``'s ``glofnd_state.safetensors``
+    (or in the per-process shards it names: every row, whatever the world size).
 
     Raises :class:`InspectionError` for a missing folder or state file, a state file without
     the run's configuration, and a detector without per-sample thresholds; a state file that

@@ -94,6 +94,22 @@ class LoadedState(TrainerCallback):
         self.state = self.trainer.contrastive_loss.state_dict()
 
 
+def refuse_shard_writes(after):
+    """This process's state shard writes fail (a permission error) after ``after`` of them."""
+    import glofnd_hf.state_shards as shards
+
+    write, calls = shards.write_state_shard, []
+
+    def refuse(folder, loss, num_samples):
+        calls.append(folder)
+        if len(calls) <= after:
+            return write(folder, loss, num_samples)
+        name = shards.shard_file_name(dist.get_rank(), dist.get_world_size())
+        raise PermissionError(13, "Permission denied", os.path.join(folder, name))
+
+    shards.write_state_shard = refuse
+
+
 def run(
     out_dir,
     loss_type="clip",
@@ -106,6 +122,7 @@ def run(
     state_sharding="replicated",
     shards=None,
     leave_group=True,
+    fail_shard_write=None,
 ):
     from glofnd_hf.args import GloFNDTrainingArguments
     from glofnd_hf.models import build_tiny_hf_clip, build_tiny_hf_siglip
@@ -147,7 +164,15 @@ def run(
     trainer.add_callback(loaded)
     if stop_at is not None:
         trainer.add_callback(StopAt(stop_at))
-    trainer.train(resume_from_checkpoint=resume)
+    error = None
+    if fail_shard_write is not None and fail_shard_write == trainer.args.process_index:
+        refuse_shard_writes(after=1)  # the first checkpoint is written, the second is not
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    except Exception as err:
+        if fail_shard_write is None:
+            raise
+        error = f"{type(err).__name__}: {err}"  # what this process raised
     params = {n: p.detach().clone() for n, p in adapter.model.named_parameters()}
     world_size = trainer.args.world_size
     result = {
@@ -159,6 +184,7 @@ def run(
         "world": world_size,
         # Rows this process holds of each per-sample table (all N when replicated).
         "local_rows": {k: len(t.data) for k, t in trainer.contrastive_loss.shard_tables().items()},
+        "error": error,
     }
     if world_size > 1:
         release(trainer, leave_group)
@@ -188,6 +214,12 @@ def main():
     parser.add_argument("--chunk", type=int, help="contrastive_chunk_size (the cached loss)")
     parser.add_argument("--state-sharding", default="replicated", help="comma-separated")
     parser.add_argument("--shards", help="train from these webdataset shards (streaming)")
+    parser.add_argument(
+        "--fail-shard-write",
+        type=int,
+        help="this process's second state shard write fails; every process writes what it "
+        "raised to {out}.rank{r}",
+    )
     opts = parser.parse_args()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     # "replicated,sharded": one run after the other in the same processes, each in its own
@@ -207,8 +239,12 @@ def main():
             state_sharding=sharding,
             shards=opts.shards,
             leave_group=i == len(shardings) - 1,
+            fail_shard_write=opts.fail_shard_write,
         )
-    if int(os.environ.get("RANK", "0")) == 0:
+    rank = int(os.environ.get("RANK", "0"))
+    if opts.fail_shard_write is not None:
+        torch.save(results[shardings[-1]]["error"], f"{opts.out}.rank{rank}")
+    elif rank == 0:
         torch.save(results if len(shardings) > 1 else results[shardings[0]], opts.out)
 
 
