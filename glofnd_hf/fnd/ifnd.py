@@ -74,6 +74,7 @@ from .ifnd_state import (
     RANK,
     SCALARS,
     IFNDTables,
+    Table,
     check_scalars,
     check_state,
 )
@@ -136,7 +137,7 @@ class IFNDDetector(FalseNegativeDetector):
     # Every sample's values (sharded: gathered from every process, a collective; for tests
     # and small data).
     @property
-    def bank(self):
+    def bank(self) -> Table | None:
         """The feature bank's table (None before the first ``observe``)."""
         return self.tables.bank
 
@@ -302,7 +303,7 @@ class IFNDDetector(FalseNegativeDetector):
                 labels = torch.empty(g, n, dtype=torch.int32)
                 confidence = torch.empty(g, n, dtype=torch.float32)
                 rank = torch.empty(g, n, dtype=torch.float32)
-                seen = 0
+                seen = int(self.tables.seen.data.sum())  # the same bank on every rank
             if comm.world_size() > 1:
                 labels, confidence, rank = (
                     broadcast_from_first_rank(t) for t in (labels, confidence, rank)
@@ -324,7 +325,9 @@ class IFNDDetector(FalseNegativeDetector):
     def _seeds(self) -> list[int]:
         return [self.seed + 7919 * self.rounds + level for level in range(len(self.num_clusters))]
 
-    def _cluster_rows(self, index: torch.Tensor, group: Collectives):
+    def _cluster_rows(
+        self, index: torch.Tensor, group: Collectives
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
         """The torch k-means over the rows held here (every row when replicated)."""
         bank, seen = self.tables.bank.data, self.tables.seen.data
         labels, confidence, rank, total = cluster_rows(

@@ -53,7 +53,9 @@ class IFNDTables:
         g = len(self.num_clusters)
         self.assignments = self._table((g, 3), ASSIGNMENT_FILL, device, torch.float32)
 
-    def _table(self, shape, fill, device, dtype) -> Table:
+    def _table(
+        self, shape: tuple[int, ...], fill: object, device: torch.device | str, dtype: torch.dtype
+    ) -> Table:
         n = self.num_samples
         return make_table(n, shape, fill, device, self.pin_memory, self.sharding, dtype)
 
@@ -107,7 +109,7 @@ class IFNDTables:
         start = self.seen.rank * b
         return rows[start : start + b], rows
 
-    def set_local(self, labels: torch.Tensor, confidence: torch.Tensor, rank: torch.Tensor):
+    def set_local(self, labels: torch.Tensor, confidence: torch.Tensor, rank: torch.Tensor) -> None:
         """A round's (G, n) results for the rows held here."""
         data = self.assignments.data
         data[:, :, LABEL] = labels.t().to(data.device, torch.float32)
