@@ -265,12 +265,13 @@ class GloFNDTrainingArguments(SecretsNotPickled, TrainingArguments):
     )
     state_sharding: Literal["replicated", "sharded"] = setting(
         "replicated",
-        "How the processes hold the per-sample state (GloFND's thresholds, a global loss's u): "
-        "replicated, every process every sample's; or sharded, each process the samples whose "
-        "index modulo the world size is its rank (about N / world of them), read for a step "
-        "with one all-reduce of the global batch's rows. The results are the same. A checkpoint then "
-        "holds one state file per process (loads into any number of processes). Not yet "
-        "for IFND.",
+        "How the processes hold the per-sample state (GloFND's thresholds, a global loss's u, "
+        "IFND's feature bank and clusters): replicated, every process every sample's; or "
+        "sharded, each process the samples whose index modulo the world size is its rank "
+        "(about N / world of them), read for a step with one all-reduce of the global batch's "
+        "rows. The results are the same (IFND: as replicated with its kmeans: torch). A "
+        "checkpoint then holds one state file per process (loads into any number of "
+        "processes).",
     )
     check_inputs: bool = setting(
         True, "Validate indices and finiteness each step (one host sync per step)."
@@ -378,11 +379,8 @@ class GloFNDTrainingArguments(SecretsNotPickled, TrainingArguments):
             raise ValueError(
                 f"state_sharding must be replicated or sharded, got {self.state_sharding!r}"
             )
-        if self.state_sharding == "sharded" and spec.needs_num_samples and not spec.shardable:
-            raise ValueError(
-                f"the {spec.name!r} detector cannot shard its per-sample state yet: use "
-                "state_sharding: replicated"
-            )
+        # A detector that cannot shard, or cannot with these settings (IFND's sklearn k-means).
+        spec.check_sharding(self.detector_settings(), self.state_sharding)
         if self.num_samples is not None and self.state_device != "device":
             # Host memory bounds the state wherever "auto" puts it; checked before any load.
             check_state_fits(self.state_rows_per_process(), self.state_bytes_per_sample(), "cpu")

@@ -37,6 +37,9 @@ __all__ = [
 
 #: The entries of each table in a shard file (``{table}.{field}``).
 SHARD_FIELDS = ("rows", "index", "world_size", "num_samples")
+EXTRA = "extra."
+"""Prefix of a loss's state that is not per sample (``shard_extras``, e.g. IFND's
+schedule and bank width): the same in every shard, read from the first."""
 _DETECTOR = "detector."  # the loss's name for its detector's entries
 
 
@@ -171,17 +174,40 @@ def manifest_shards(metadata: Mapping[str, str]) -> int | None:
 def load_shard_set(manifest: str | os.PathLike, loss: Any, num_samples: int | None) -> None:
     """Load the shard set that ``manifest`` names (the shards lie beside it) into the tables
     of ``loss`` (``shard_tables()``, values checked by its ``check_shard_rows`` when it has
-    one): every file is read and checked first, then each table takes its rows (a sharded
-    table its own, a replicated one every row); nothing changes on an error."""
+    one): every file is read and checked first, then the loss's state that is not per
+    sample (``load_shard_extras``, where it has any: it may size a table, IFND's bank), then
+    each table takes its rows (a sharded table its own, a replicated one every row); nothing
+    changes on an error."""
     _, meta = read_state_file(manifest)
     world = manifest_shards(meta)
     if world is None or world < 1:
         raise StateFileError(f"{manifest} names no set of per-process shards")
     folder = os.path.dirname(os.fspath(manifest)) or "."
+    paths = [os.path.join(folder, shard_file_name(rank, world)) for rank in range(world)]
+    shards = [_read_shard(path, rank, world, num_samples) for rank, path in enumerate(paths)]
+    load_extras = getattr(loss, "load_shard_extras", None)
+    if load_extras is None:
+        _load_tables(folder, loss, paths, shards)
+        return
+    before = loss.shard_extras()
+    extras = {k[len(EXTRA) :]: v for k, v in shards[0].items() if k.startswith(EXTRA)}
+    try:
+        load_extras(extras)  # checked first
+    except ValueError as err:
+        raise StateFileError(f"{paths[0]}: {err}") from err
+    try:
+        _load_tables(folder, loss, paths, shards)
+    except StateFileError:
+        load_extras(before)
+        raise
+
+
+def _load_tables(folder: str, loss: Any, paths: list[str], shards: list[dict]) -> None:
+    """Every table's rows from every shard, each shard checked before any table changes."""
     tables = loss.shard_tables()
     check = getattr(loss, "check_shard_rows", None)
-    shards = [_read_shard(folder, rank, world, tables, check, num_samples) for rank in range(world)]
-    # Check every table against every shard before changing any (load_shards checks first).
+    for path, state in zip(paths, shards, strict=True):
+        _check_shard_rows(path, state, tables, check)
     backups = {name: table.data.clone() for name, table in tables.items()}
     try:
         for name, table in tables.items():
@@ -190,22 +216,24 @@ def load_shard_set(manifest: str | os.PathLike, loss: Any, num_samples: int | No
                 table.load_shards(parts)
             else:  # a replicated table takes every row
                 whole = ShardedPerSampleTable(
-                    table.num_samples, table.data.shape[1:], 0.0, rank=0, world_size=1
+                    table.num_samples,
+                    table.data.shape[1:],
+                    0.0,
+                    rank=0,
+                    world_size=1,
+                    dtype=table.data.dtype,
                 )
                 whole.load_shards(parts)
-                table.data.copy_(whole.data.to(table.data.device, table.data.dtype))
+                table.data.copy_(whole.data.to(table.data.device))
     except ValueError as err:
         for name, table in tables.items():
             table.data.copy_(backups[name])
-        raise StateFileError(f"{folder}: per-sample state shards of {world}: {err}") from err
+        raise StateFileError(f"{folder}: per-sample state shards of {len(shards)}: {err}") from err
 
 
-def _read_shard(
-    folder: str, rank: int, world: int, tables: Mapping, check, num_samples: int | None
-) -> dict[str, torch.Tensor]:
+def _read_shard(path: str, rank: int, world: int, num_samples: int | None) -> dict:
     """Shard ``rank`` of ``world``, read and checked (present, readable, rank and world size
-    as named, N, every table's entries and their values): a StateFileError naming it."""
-    path = os.path.join(folder, shard_file_name(rank, world))
+    as named, N): a StateFileError naming it."""
     if not os.path.isfile(path):
         raise StateFileError(
             f"{path} is missing: the checkpoint's per-sample state is split over {world} "
@@ -218,6 +246,12 @@ def _read_shard(
             f"{metadata.get('rank')} of {metadata.get('world_size')})"
         )
     _check_num_samples(path, metadata, num_samples)
+    return state
+
+
+def _check_shard_rows(path: str, state: dict, tables: Mapping, check) -> None:
+    """Every table's entries in one shard and their values (the ranges loading a single
+    state file checks): a StateFileError naming the file."""
     for name in tables:
         missing = [f for f in SHARD_FIELDS if f"{name}.{f}" not in state]
         if missing:
@@ -228,11 +262,10 @@ def _read_shard(
         rows = state[f"{name}.rows"]
         fits = tuple(rows.shape[1:]) == tuple(tables[name].data.shape[1:])
         if check is not None and fits:  # a wrong shape: load_shards names it
-            try:  # the value ranges loading a single state file checks
+            try:
                 check(name, rows)
             except ValueError as err:
                 raise StateFileError(f"{path}: {err}") from err
-    return state
 
 
 def _check_num_samples(path, metadata: dict[str, str], num_samples: int | None) -> None:

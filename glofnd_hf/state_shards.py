@@ -8,7 +8,10 @@ records them, and ``shards`` (the world size) naming the set. Replicated runs (a
 runs in one process) write today's single file unchanged. A process that cannot write its
 shard (disk full, no permission) does not leave the others waiting: after the writes every
 process learns every process's outcome (:func:`write_state_shards`, a collective in place
-of a barrier) and all raise the same error, so no process marks the set complete.
+of a barrier) and all raise the same error, so no process marks the set complete. A loss with
+state that is not per sample (IFND's schedule and bank width: ``shard_extras``) stores it
+in every shard under ``extra.*``; loading takes it from the first shard, before the tables'
+rows.
 
 Resuming reads every shard of the set (any world size into any world size: each process
 keeps its rows, ``ShardedPerSampleTable.load_shards``; a replicated run takes every row),
@@ -29,7 +32,7 @@ import torch.distributed as dist
 from .checkpoints import STATE_FILE, CheckpointWriteError, write_atomically
 from .fnd import comm
 from .fnd.table import ShardedPerSampleTable
-from .state_file import load_shard_set, manifest_shards, shard_file_name
+from .state_file import EXTRA, load_shard_set, manifest_shards, shard_file_name
 
 __all__ = [
     "is_sharded",
@@ -65,6 +68,9 @@ def write_state_shard(folder: str | os.PathLike, loss, num_samples: int) -> str:
         rank, world = table.rank, table.world_size
         for field, value in table.shard_state_dict().items():
             state[f"{name}.{field}"] = value.contiguous()
+    extras = getattr(loss, "shard_extras", None)
+    for key, value in ({} if extras is None else extras()).items():
+        state[f"{EXTRA}{key}"] = value.contiguous().cpu()
     metadata = _metadata(loss.config_dict(), num_samples)
     metadata.update(rank=str(rank), world_size=str(world), tables=json.dumps(sorted(tables)))
     path = os.path.join(folder, shard_file_name(rank, world))
@@ -121,5 +127,6 @@ def write_shard_manifest(
 
 def load_state_shards(folder: str | os.PathLike, loss, num_samples: int | None) -> None:
     """Load the shard set of ``folder`` (named by its manifest) into ``loss``: every file is
-    read and checked first, then each table takes its rows; nothing changes on an error."""
+    read and checked first, then the loss's extras (``load_shard_extras``, where it has
+    them) and each table take their rows; nothing changes on an error."""
     load_shard_set(os.path.join(folder, STATE_FILE), loss, num_samples)

@@ -165,13 +165,16 @@ def test_every_ifnd_setting_reaches_the_detector(tmp_path):
             "combine": "any",
             "kmeans_iters": 5,
             "bank_dtype": "float32",
+            "kmeans": "torch",
+            "rank_bins": 128,
         },
     )
     spec = args.detector_spec()
-    assert len(spec.setting_names()) == 16
+    assert len(spec.setting_names()) == 18
     detector = spec.build(args.detector_settings(), args.shared_detector_settings(), num_samples=20)
     assert detector.num_clusters == (4, 8) and detector.config.combine == "any"
     assert detector.config.kmeans_iters == 5 and detector.dtype == torch.float32
+    assert detector.kmeans == "torch" and detector.config.rank_bins == 128
     assert detector.start_epoch == 2.0 and detector.seed == 7  # shared start, training seed
 
 

@@ -40,9 +40,17 @@ def test_sharded_single_process_state_round_trips(tmp_path):
         assert torch.equal(sharded.state_dict()[key], value), key
 
 
-def test_ifnd_refuses_sharding(tmp_path):
-    with pytest.raises(ValueError, match="cannot shard"):
-        cpu_args(tmp_path, detector="ifnd", state_sharding="sharded")
+def test_ifnd_shards_with_its_torch_kmeans(tmp_path):
+    """IFND is no longer refused (tests/test_sharded_ifnd.py); its scikit-learn k-means is."""
+    args = cpu_args(tmp_path, detector="ifnd", state_sharding="sharded")
+    assert args.detector_settings().kmeans_for(args.state_sharding) == "torch"
+    with pytest.raises(ValueError, match="kmeans: torch"):
+        cpu_args(
+            tmp_path,
+            detector="ifnd",
+            state_sharding="sharded",
+            detector_kwargs={"kmeans": "sklearn"},
+        )
 
 
 @pytest.mark.parametrize("world", [2, 3])

@@ -315,3 +315,41 @@ def test_a_failed_shard_write_is_one_line_naming_the_process_and_file(tmp_path, 
     assert f"process 0 could not write {shard_file_name(0, 1)} (OSError: [Errno 28]" in message
     assert isinstance(info.value.__cause__, OSError)
     assert not (folder / STATE_FILE).exists()
+
+
+class ExtrasLoss(FakeLoss):
+    """A loss with state that is not per sample (as IFND's schedule): stored with every
+    shard, taken before the tables and put back when they fail."""
+
+    def __init__(self, rank, world, step=0):
+        super().__init__(rank, world)
+        self.step = step
+
+    def shard_extras(self):
+        return {"step": torch.tensor([self.step])}
+
+    def load_shard_extras(self, extras):
+        if set(extras) != {"step"} or int(extras["step"][0]) < 0:
+            raise ValueError(f"bad extras {sorted(extras)}")
+        self.step = int(extras["step"][0])
+
+
+def test_extras_are_stored_with_every_shard_and_loaded_first(tmp_path):
+    for rank in range(2):
+        write_state_shard(tmp_path, ExtrasLoss(rank, 2, step=7), N)
+    write_shard_manifest(tmp_path, FakeLoss(0, 2).config_dict(), N, 2)
+    loss = ExtrasLoss(2, 3)
+    load_state_shards(tmp_path, loss, N)
+    assert loss.step == 7
+    # A table that does not fit: the tables and the extras are put back.
+    loss = ExtrasLoss(0, 3, step=1)
+    loss.tables["u"] = ShardedPerSampleTable(N, (3,), 0.0, rank=0, world_size=3)
+    with pytest.raises(StateFileError, match="rows of shape"):
+        load_state_shards(tmp_path, loss, N)
+    assert loss.step == 1
+    # Extras the loss refuses: one line naming the first shard, nothing changed.
+    write_state_shard(tmp_path, ExtrasLoss(0, 2, step=-1), N)
+    loss = ExtrasLoss(0, 2, step=1)
+    with pytest.raises(StateFileError, match=r"rank0-of-2.*bad extras"):
+        load_state_shards(tmp_path, loss, N)
+    assert loss.step == 1

@@ -1,7 +1,13 @@
-"""The pieces of an IFND clustering round: k-means, assignment with a confidence, acceptance
-ranks, and sharing rank 0's result with the other ranks."""
+"""The pieces of an IFND clustering round with scikit-learn (one process clusters every
+row): k-means, assignment with a confidence, acceptance ranks, and sharing rank 0's result
+with the other ranks. The torch round over rows split across processes:
+``fnd.kmeans_torch``."""
 
 from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -11,6 +17,44 @@ import torch.nn.functional as F
 from .ifnd_config import IFNDConfig
 
 ASSIGN_CHUNK = 65536  # rows assigned at a time (bounds the (chunk, k) distance matrix)
+logger = logging.getLogger(__name__)
+
+
+def sklearn_round(
+    bank: torch.Tensor,
+    seen: torch.Tensor,
+    num_clusters: Sequence[int],
+    seeds: Sequence[int],
+    config: IFNDConfig,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """k-means of the seen rows of every sample's ``bank`` at every granularity (on the
+    host): (G, N) labels (int32, -1 unseen), confidences (NaN unseen), exact acceptance
+    ranks (inf unseen), and the number of seen samples."""
+    g, n = len(num_clusters), bank.shape[0]
+    labels = torch.full((g, n), -1, dtype=torch.int32)
+    confidence = torch.full((g, n), float("nan"), dtype=torch.float32)
+    rank = torch.full((g, n), math.inf, dtype=torch.float32)
+    members = seen.nonzero().squeeze(1).cpu()
+    if members.numel() < 2:
+        return labels, confidence, rank, members.numel()
+    x = bank.index_select(0, members.to(bank.device)).float().cpu()
+    x = F.normalize(x, dim=-1)
+    x_np = x.numpy()
+    for level, (k, seed) in enumerate(zip(num_clusters, seeds, strict=True)):
+        k_eff = min(k, members.numel())
+        if k_eff < k:
+            logger.warning(
+                "ifnd: only %d samples seen, clustering with k=%d instead of %d",
+                members.numel(),
+                k_eff,
+                k,
+            )
+        centers = kmeans_centers(x_np, k_eff, seed, config)
+        lab, conf = assign_to_centers(x, torch.from_numpy(centers).float(), config.confidence)
+        labels[level, members] = lab.to(torch.int32)
+        confidence[level, members] = conf
+        rank[level, members] = acceptance_rank(lab, conf, config.accept_scope)
+    return labels, confidence, rank, members.numel()
 
 
 def kmeans_centers(x: np.ndarray, k: int, seed: int, config: IFNDConfig) -> np.ndarray:

@@ -19,8 +19,8 @@ How this implementation is put together (and where it departs from the paper):
   its image and text embeddings (``features="mean"``): one pseudo-label per *pair*, used for
   both anchor sides. ``"image"``, ``"text"`` or ``"concat"`` (both, each scaled by 1/sqrt 2,
   so the inner product is the mean of the two cosines; twice the memory) are the options.
-  Memory: N x D x 2 bytes in float16 (D x 4 in float32), plus 8 bytes per sample and
-  granularity for labels and acceptance ranks.
+  Memory: N x D x 2 bytes in float16 (D x 4 in float32), plus 12 bytes per sample and
+  granularity (label, confidence, acceptance rank) and a seen flag.
 * **Clustering round.** scikit-learn's ``KMeans`` (``MiniBatchKMeans`` above
   ``minibatch_threshold`` samples) on the samples seen so far; the cost is
   O(N x k x D x iterations), linear in N. Samples are then assigned to the nearest final
@@ -28,7 +28,15 @@ How this implementation is put together (and where it departs from the paper):
   (``confidence="centroid"``) or the gap between the distances to the second-nearest and the
   nearest centroid (``"margin"``). The round runs on rank 0 and its result is broadcast, so
   every rank holds the same labels; the bank is the same on every rank because ``observe``
-  gathers the (index, embedding) pairs of the global batch.
+  gathers the (index, embedding) pairs of the global batch. ``kmeans="torch"`` runs the
+  torch k-means of ``kmeans_torch`` instead (k-means++ seeded on a sample, histogram ranks).
+* **Sharded state** (``state_sharding: sharded``, docs/sharded-state.md). The bank, the
+  seen flags and the assignments are per-sample tables (``ifnd_state.IFNDTables``) split as
+  GloFND's thresholds are: row i on process i % world. ``observe`` still gathers the global
+  batch, and each process writes the rows it owns; ``detect`` reads the global batch's labels
+  and ranks with one all-reduce of (B, G, 3) floats; a round is the torch k-means on every
+  process over its own rows (O(k x D) exchanged per iteration). The results are those of
+  one process running the torch k-means over every row, bit for bit.
 * **Acceptance.** At the end of a round every sample gets an acceptance rank in (0, 1]: its
   position in the confidence order (most confident first) divided by the number ranked, over
   the whole data set (``accept_scope="global"``) or within its own cluster (``"cluster"``:
@@ -58,16 +66,22 @@ import torch
 import torch.nn.functional as F
 
 from . import comm
-from .clustering import (
-    acceptance_rank,
-    assign_to_centers,
-    broadcast_from_first_rank,
-    kmeans_centers,
-)
+from .clustering import broadcast_from_first_rank, sklearn_round
 from .ifnd_config import BANK_DTYPES, IFNDConfig
+from .ifnd_state import (
+    CONFIDENCE,
+    LABEL,
+    RANK,
+    SCALARS,
+    IFNDTables,
+    Table,
+    check_scalars,
+    check_state,
+)
 from .interface import SIDES, Detection, DetectionBatch, FalseNegativeDetector, RowDetection
+from .kmeans_torch import Collectives, cluster_rows
 from .registry import DetectorSpec, SharedSettings, register
-from .table import COUNT, NON_NEGATIVE, StateError, ValueRange, check_state_tensor, segment_mean
+from .table import StateSharding, segment_mean
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +98,7 @@ class IFNDDetector(FalseNegativeDetector):
         alpha: float | None = None,
         device: torch.device | str = "cpu",
         pin_memory: bool = False,
+        sharding: StateSharding = "replicated",
     ) -> None:
         config = config or IFNDConfig()
         if num_samples is None or int(num_samples) <= 0:
@@ -96,19 +111,18 @@ class IFNDDetector(FalseNegativeDetector):
         start = 0.0 if config.start_epoch is None else float(config.start_epoch)
         super().__init__(start)
         self.config = config
+        self.kmeans = config.kmeans_for(sharding)
+        self.sharding: StateSharding = sharding
         self.seed = 0 if config.seed is None else int(config.seed)
         self.num_clusters = tuple(num_clusters)
         self.start_epoch = start
         self._num_samples = int(num_samples)
         self.device = torch.device(device)
-        self.pin_memory = pin_memory
         self.dtype = BANK_DTYPES[config.bank_dtype]
-        g, n = len(self.num_clusters), self._num_samples
-        self.bank: torch.Tensor | None = None  # (N, D), allocated on the first observe
-        self.seen = torch.zeros(n, dtype=torch.bool, device=self.device)
-        self.labels = torch.full((g, n), -1, dtype=torch.int32, device=self.device)
-        self.confidence = torch.full((g, n), float("nan"), dtype=torch.float32, device=self.device)
-        self.accept_rank = torch.full((g, n), math.inf, dtype=torch.float32, device=self.device)
+        # Sharded: each process holds the rows it owns (fnd.table.ShardedPerSampleTable).
+        self.tables = IFNDTables(
+            self._num_samples, self.num_clusters, self.dtype, self.device, pin_memory, sharding
+        )
         self.last_round_epoch = math.nan
         self.first_epoch = math.nan  # epoch of the first step with an observed bank
         self.rounds = 0
@@ -119,6 +133,29 @@ class IFNDDetector(FalseNegativeDetector):
     @property
     def num_samples(self) -> int:
         return self._num_samples
+
+    # Every sample's values (sharded: gathered from every process, a collective; for tests
+    # and small data).
+    @property
+    def bank(self) -> Table | None:
+        """The feature bank's table (None before the first ``observe``)."""
+        return self.tables.bank
+
+    @property
+    def seen(self) -> torch.Tensor:
+        return self.tables.every_seen()
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return self.tables.every_column(LABEL).to(torch.int32)
+
+    @property
+    def confidence(self) -> torch.Tensor:
+        return self.tables.every_column(CONFIDENCE)
+
+    @property
+    def accept_rank(self) -> torch.Tensor:
+        return self.tables.every_column(RANK)
 
     def accept_fraction(self, epoch: float) -> float:
         """Fraction of the most confident samples accepted at ``epoch`` (0 before the start)."""
@@ -133,8 +170,9 @@ class IFNDDetector(FalseNegativeDetector):
     def observe(
         self, index: torch.Tensor, image_embeds: torch.Tensor, text_embeds: torch.Tensor
     ) -> None:
-        """Write this process's embeddings into the bank (gathered over ranks, so every rank
-        keeps the same bank). Call it once per training step, before ``detect``."""
+        """Write the global batch's embeddings into the bank (gathered over ranks; each
+        process writes the rows it holds). Call it once per training step, before
+        ``detect``."""
         if (
             index.dim() != 1
             or image_embeds.shape[0] != index.shape[0]
@@ -149,21 +187,16 @@ class IFNDDetector(FalseNegativeDetector):
         index = index.detach().to(feats.device, torch.long)
         index = comm.all_gather_no_grad(index.contiguous())
         feats = comm.all_gather_no_grad(feats.contiguous())
-        if self.bank is None:
-            self.bank = torch.zeros(
-                self._num_samples, feats.shape[1], dtype=self.dtype, device=self.device
-            )
-            if self.pin_memory and self.device.type == "cpu" and torch.cuda.is_available():
-                self.bank = self.bank.pin_memory()
-        elif feats.shape[1] != self.bank.shape[1]:
+        if self.tables.bank is None:
+            self.tables.allocate_bank(feats.shape[1])
+        elif feats.shape[1] != self.tables.bank.row_shape[0]:
             raise ValueError(
-                f"embedding width changed: bank holds {self.bank.shape[1]}, got {feats.shape[1]}"
+                f"embedding width changed: bank holds {self.tables.bank.row_shape[0]}, "
+                f"got {feats.shape[1]}"
             )
         # Duplicated indices in one batch get their mean, written identically by every copy.
         feats = F.normalize(segment_mean(index, feats), dim=-1)
-        target = index.to(self.device)
-        self.bank.index_copy_(0, target, feats.to(self.device, self.dtype))
-        self.seen[target] = True
+        self.tables.write(index, feats)
         self._observed = True
 
     def detect(self, sim: torch.Tensor, batch: DetectionBatch) -> Detection:
@@ -191,10 +224,11 @@ class IFNDDetector(FalseNegativeDetector):
         stats = self._stats(frac, device)
         if not self.masking(epoch) or self.rounds == 0 or frac <= 0.0:
             return Detection(None, stats)
-        found = self._same_accepted_label(batch.anchor_index, batch.candidate_index, frac)
-        found = found.to(device) & batch.negatives
-        # Over the global batch's anchors (the tables are the same on every rank).
-        accepted = self._accepted(batch.candidate_index, frac)
+        # (b, G, 3) and (B, G, 3): label, confidence, rank (sharded: one all-reduce).
+        anchors, everyone = self.tables.read(batch.anchor_index, batch.candidate_index, device)
+        found = self._same_accepted_label(anchors, everyone, frac) & batch.negatives
+        # Over the global batch's anchors (the same on every rank).
+        accepted = self._accepted(everyone, frac)
         stats["ifnd_accepted_anchors"] = accepted.float().mean()
         return Detection(found.unsqueeze(0).expand(len(SIDES), -1, -1), stats)
 
@@ -222,22 +256,17 @@ class IFNDDetector(FalseNegativeDetector):
             return True
         return self._slot(epoch) > self._slot(self.last_round_epoch)
 
-    def _lookup(self, table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """(G, len(index)) rows of a (G, N) table, on the device of ``index``."""
-        return table.index_select(1, index.to(table.device)).to(index.device)
-
-    def _accepted(self, index: torch.Tensor, frac: float) -> torch.Tensor:
-        """(len(index),) accepted at every granularity ("all") or at some ("any")."""
-        ok = self._lookup(self.accept_rank, index) <= frac
-        return ok.all(0) if self.config.combine == "all" else ok.any(0)
+    def _accepted(self, rows: torch.Tensor, frac: float) -> torch.Tensor:
+        """(n,) of (n, G, 3) rows: accepted at every granularity ("all") or at some ("any")."""
+        ok = rows[:, :, RANK] <= frac
+        return ok.all(1) if self.config.combine == "all" else ok.any(1)
 
     def _same_accepted_label(
-        self, anchor_index: torch.Tensor, candidate_index: torch.Tensor, frac: float
+        self, anchors: torch.Tensor, candidates: torch.Tensor, frac: float
     ) -> torch.Tensor:
         """(b, B) bool: accepted pairs sharing the pseudo-label (all / any granularity)."""
-        la, lc = self._lookup(self.labels, anchor_index), self._lookup(self.labels, candidate_index)
-        aa = self._lookup(self.accept_rank, anchor_index) <= frac
-        ac = self._lookup(self.accept_rank, candidate_index) <= frac
+        la, lc = anchors[:, :, LABEL].t(), candidates[:, :, LABEL].t()  # labels: exact floats
+        aa, ac = (anchors[:, :, RANK] <= frac).t(), (candidates[:, :, RANK] <= frac).t()
         result = None
         for g in range(len(self.num_clusters)):
             same = (
@@ -263,75 +292,67 @@ class IFNDDetector(FalseNegativeDetector):
     def _cluster(self, epoch: float) -> None:
         start = time.perf_counter()
         g, n = len(self.num_clusters), self._num_samples
-        if comm.rank() == 0:
-            labels, confidence, rank = self._cluster_local()
-        else:
-            labels = torch.empty(g, n, dtype=torch.int32)
-            confidence = torch.empty(g, n, dtype=torch.float32)
-            rank = torch.empty(g, n, dtype=torch.float32)
-        if comm.world_size() > 1:
-            labels, confidence, rank = (
-                broadcast_from_first_rank(t) for t in (labels, confidence, rank)
+        if self.sharding == "sharded":  # every process clusters the rows it holds
+            labels, confidence, rank, seen = self._cluster_rows(
+                self.tables.local_index(), Collectives(self.tables.split)
             )
-        self.labels = labels.to(self.device)
-        self.confidence = confidence.to(self.device)
-        self.accept_rank = rank.to(self.device)
+        else:  # rank 0 clusters every row, the others take its result
+            if comm.rank() == 0:
+                labels, confidence, rank, seen = self._cluster_local()
+            else:
+                labels = torch.empty(g, n, dtype=torch.int32)
+                confidence = torch.empty(g, n, dtype=torch.float32)
+                rank = torch.empty(g, n, dtype=torch.float32)
+                seen = int(self.tables.seen.data.sum())  # the same bank on every rank
+            if comm.world_size() > 1:
+                labels, confidence, rank = (
+                    broadcast_from_first_rank(t) for t in (labels, confidence, rank)
+                )
+        self.tables.set_local(labels, confidence, rank)
         self.rounds += 1
         self.last_round_epoch = float(epoch)
         self.round_seconds = time.perf_counter() - start
         logger.info(
-            "ifnd: clustering round %d at epoch %.3f over %d samples (k=%s) took %.2f s",
+            "ifnd: clustering round %d at epoch %.3f over %d samples (k=%s, %s) took %.2f s",
             self.rounds,
             epoch,
-            int(self.seen.sum()),
+            seen,
             list(self.num_clusters),
+            self.kmeans,
             self.round_seconds,
         )
 
-    def _cluster_local(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """k-means of the seen part of the bank at every granularity (on the host)."""
-        g, n = len(self.num_clusters), self._num_samples
-        labels = torch.full((g, n), -1, dtype=torch.int32)
-        confidence = torch.full((g, n), float("nan"), dtype=torch.float32)
-        rank = torch.full((g, n), math.inf, dtype=torch.float32)
-        members = self.seen.nonzero().squeeze(1).cpu()
-        if members.numel() < 2:
-            return labels, confidence, rank
-        x = self.bank.index_select(0, members.to(self.bank.device)).float().cpu()
-        x = F.normalize(x, dim=-1)
-        x_np = x.numpy()
-        for level, k in enumerate(self.num_clusters):
-            k_eff = min(k, members.numel())
-            if k_eff < k:
-                logger.warning(
-                    "ifnd: only %d samples seen, clustering with k=%d instead of %d",
-                    members.numel(),
-                    k_eff,
-                    k,
-                )
-            seed = self.seed + 7919 * self.rounds + level
-            centers = kmeans_centers(x_np, k_eff, seed, self.config)
-            lab, conf = assign_to_centers(
-                x, torch.from_numpy(centers).float(), self.config.confidence
-            )
-            labels[level, members] = lab.to(torch.int32)
-            confidence[level, members] = conf
-            rank[level, members] = acceptance_rank(lab, conf, self.config.accept_scope)
-        return labels, confidence, rank
+    def _seeds(self) -> list[int]:
+        return [self.seed + 7919 * self.rounds + level for level in range(len(self.num_clusters))]
+
+    def _cluster_rows(
+        self, index: torch.Tensor, group: Collectives
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """The torch k-means over the rows held here (every row when replicated)."""
+        bank, seen = self.tables.bank.data, self.tables.seen.data
+        labels, confidence, rank, total = cluster_rows(
+            bank, index, seen, self.num_clusters, self._seeds(), self.config, group
+        )
+        if total < max(self.num_clusters):
+            logger.warning("ifnd: only %d samples seen, clustering with k <= %d", total, total)
+        return labels.to(torch.int32), confidence, rank, total
+
+    def _cluster_local(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """k-means of the seen part of every row at every granularity (on the host)."""
+        if self.kmeans == "torch":
+            out = self._cluster_rows(self.tables.local_index(), Collectives(False))
+            return (*(t.cpu() for t in out[:3]), out[3])
+        return sklearn_round(
+            self.tables.bank.data,
+            self.tables.seen.data,
+            self.num_clusters,
+            self._seeds(),
+            self.config,
+        )
 
     # -- checkpoints -------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        bank = (
-            self.bank
-            if self.bank is not None
-            else torch.zeros(self._num_samples, 0, dtype=self.dtype)
-        )
+    def _scalars(self) -> dict[str, torch.Tensor]:
         return {
-            "bank": bank.detach().cpu().clone(),
-            "seen": self.seen.cpu().clone(),
-            "labels": self.labels.cpu().clone(),
-            "confidence": self.confidence.cpu().clone(),
-            "accept_rank": self.accept_rank.cpu().clone(),
             "num_clusters": torch.tensor(self.num_clusters, dtype=torch.int64),
             "last_round_epoch": torch.tensor([self.last_round_epoch], dtype=torch.float64),
             "first_epoch": torch.tensor([self.first_epoch], dtype=torch.float64),
@@ -339,75 +360,64 @@ class IFNDDetector(FalseNegativeDetector):
             "round_seconds": torch.tensor([self.round_seconds], dtype=torch.float64),
         }
 
+    def _set_scalars(self, state: dict[str, torch.Tensor]) -> None:
+        self.last_round_epoch = float(state["last_round_epoch"][0])
+        self.first_epoch = float(state["first_epoch"][0])
+        self.rounds = int(state["rounds"][0])
+        self.round_seconds = float(state["round_seconds"][0])
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Every sample's state (sharded: gathered from every process, a collective)."""
+        return {**self.tables.state_dict(), **self._scalars()}
+
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        expected = set(self.state_dict())
+        expected = set(self.tables.state_dict()) | set(SCALARS)
         if set(state) != expected:
             raise ValueError(
                 f"ifnd state keys differ: missing {sorted(expected - set(state))}, "
                 f"unexpected {sorted(set(state) - expected)}"
             )
-        self._check_state(state)
-        bank = state["bank"]
-        self.bank = None if bank.shape[1] == 0 else bank.to(self.device, self.dtype).clone()
-        self.seen = state["seen"].to(self.device, torch.bool).clone()
-        self.labels = state["labels"].to(self.device, torch.int32).clone()
-        self.confidence = state["confidence"].to(self.device, torch.float32).clone()
-        self.accept_rank = state["accept_rank"].to(self.device, torch.float32).clone()
-        self.last_round_epoch = float(state["last_round_epoch"][0])
-        self.first_epoch = float(state["first_epoch"][0])
-        self.rounds = int(state["rounds"][0])
-        self.round_seconds = float(state["round_seconds"][0])
-        self._observed = bool(self.seen.any())
+        check_state(state, self._num_samples, self.num_clusters)
+        self.tables.load(state)
+        self._set_scalars(state)
+        self._observed = bool(state["seen"].any())
 
-    def _check_state(self, state: dict[str, torch.Tensor]) -> None:
-        """Every entry of a stored state: shape, dtype and values (nothing is cast)."""
-        n, g = self._num_samples, len(self.num_clusters)
-        scalar = (1,)
-        check_state_tensor("num_clusters", state["num_clusters"], None, torch.int64, None)
-        if tuple(state["num_clusters"].tolist()) != self.num_clusters:
+    def shard_tables(self) -> dict:
+        """Per-sample tables by name (per-process checkpoints, ``glofnd_hf.state_shards``):
+        ``bank``, ``seen`` and ``assignments`` (label, confidence, rank per granularity)."""
+        return self.tables.shard_tables()
+
+    def check_shard_rows(self, name: str, rows: torch.Tensor) -> None:
+        self.tables.check_shard_rows(name, rows)
+
+    def shard_extras(self) -> dict[str, torch.Tensor]:
+        """What is not per sample (the same on every process): the schedule's scalars, the
+        bank's width and whether anything was observed, stored with every shard."""
+        bank = self.tables.bank
+        width = 0 if bank is None else bank.row_shape[0]
+        return {
+            **self._scalars(),
+            "bank_width": torch.tensor([width], dtype=torch.int64),
+            "observed": torch.tensor([int(self._observed)], dtype=torch.int64),
+        }
+
+    def load_shard_extras(self, extras: dict[str, torch.Tensor]) -> None:
+        """Take :meth:`shard_extras` of a checkpoint, checked first, before the tables' rows
+        (the bank gets the stored width: ``IFNDTables.fit_bank``)."""
+        expected = set(SCALARS) | {"bank_width", "observed"}
+        if set(extras) != expected:
             raise ValueError(
-                f"checkpoint clustered with k={state['num_clusters'].tolist()}, the configuration "
-                f"says {list(self.num_clusters)}"
+                f"ifnd shard extras differ: missing {sorted(expected - set(extras))}, "
+                f"unexpected {sorted(set(extras) - expected)}"
             )
-        bank = state["bank"]
-        if not isinstance(bank, torch.Tensor) or bank.dim() != 2 or bank.shape[0] != n:
-            shape = tuple(bank.shape) if isinstance(bank, torch.Tensor) else None
-            raise StateError("bank", f"has shape {shape}, expected ({n}, D)")
-        check_state_tensor("bank", bank, None, tuple(BANK_DTYPES.values()))
-        check_state_tensor("seen", state["seen"], (n,), torch.bool, None)
-        labels = state["labels"]
-        check_state_tensor("labels", labels, (g, n), torch.int32, ValueRange(low=-1, integer=True))
-        for level, k in enumerate(self.num_clusters):
-            check_state_tensor(
-                f"labels[{level}]", labels[level], (n,), torch.int32, ValueRange(-1, k - 1, True)
-            )
-        check_state_tensor("confidence", state["confidence"], (g, n), torch.float32, None)
-        check_state_tensor("accept_rank", state["accept_rank"], (g, n), torch.float32, None)
-        # A sample without a label (never clustered) has NaN confidence and infinite rank.
-        labelled = labels >= 0
-        confidence = torch.where(labelled, state["confidence"], 0.0)
-        rank = torch.where(labelled, state["accept_rank"], 1.0)
-        check_state_tensor("confidence", confidence, (g, n), torch.float32)
-        check_state_tensor("accept_rank", rank, (g, n), torch.float32, ValueRange(0.0, 1.0))
-        rounds = state["rounds"]
-        check_state_tensor("rounds", rounds, scalar, torch.int64, COUNT)
-        check_state_tensor(
-            "round_seconds", state["round_seconds"], scalar, torch.float64, NON_NEGATIVE
-        )
-        epoch = ValueRange(low=0.0, nan_ok=True)
-        check_state_tensor("first_epoch", state["first_epoch"], scalar, torch.float64, epoch)
-        check_state_tensor(
-            "last_round_epoch", state["last_round_epoch"], scalar, torch.float64, epoch
-        )
+        check_scalars(extras, self.num_clusters)
+        self.tables.fit_bank(int(extras["bank_width"][0]))
+        self._set_scalars(extras)
+        self._observed = bool(int(extras["observed"][0]))
 
     def to(self, device: torch.device | str) -> IFNDDetector:
         self.device = torch.device(device)
-        if self.bank is not None:
-            self.bank = self.bank.to(self.device)
-        self.seen = self.seen.to(self.device)
-        self.labels = self.labels.to(self.device)
-        self.confidence = self.confidence.to(self.device)
-        self.accept_rank = self.accept_rank.to(self.device)
+        self.tables.to(self.device)
         return self
 
     def config_dict(self) -> dict:
@@ -434,6 +444,7 @@ def build_ifnd(
     num_samples: int,
     device: torch.device | str,
     pin_memory: bool,
+    sharding: StateSharding = "replicated",
 ) -> IFNDDetector:
     """The start epoch defaults to the shared masking start, the seed to the shared (training)
     seed, the number of clusters to round(1 / alpha)."""
@@ -442,7 +453,12 @@ def build_ifnd(
     if config.seed is None:
         config = replace(config, seed=shared.seed)
     return IFNDDetector(
-        num_samples, config, alpha=shared.alpha, device=device, pin_memory=pin_memory
+        num_samples,
+        config,
+        alpha=shared.alpha,
+        device=device,
+        pin_memory=pin_memory,
+        sharding=sharding,
     )
 
 
@@ -456,5 +472,6 @@ register(
         settings=IFNDConfig,
         needs_num_samples=True,
         state_bytes=ifnd_state_bytes,
+        shardable=True,
     )
 )

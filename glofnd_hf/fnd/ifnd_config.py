@@ -10,6 +10,7 @@ import torch
 from .setting_types import setting
 
 BANK_DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
+KMEANS_CHOICES = ("auto", "sklearn", "torch")
 ASSUMED_EMBED_WIDTH = 1024
 """Embedding width assumed when sizing the feature bank before the first step."""
 
@@ -58,12 +59,25 @@ class IFNDConfig:
         "float16", "Storage type of the feature bank."
     )
     # -- k-means ----------------------------------------------------------------------------
+    kmeans: Literal["auto", "sklearn", "torch"] = setting(
+        "auto",
+        "k-means implementation: scikit-learn's on one process (every sample's features "
+        "there), or torch's over rows split across processes (k-means++ seeded on a sample "
+        "every process agrees on, Lloyd iterations with exact all-reduced sums, acceptance "
+        "ranks from a histogram of confidences: rank_bins); auto: sklearn with "
+        "state_sharding replicated, torch with sharded (which needs it).",
+    )
+    rank_bins: int = setting(
+        65536,
+        "kmeans torch: histogram bins of the confidences per granularity for the acceptance "
+        "ranks (accept_scope cluster: shared by the k clusters, at least 16 each).",
+    )
     kmeans_iters: int = setting(50, "k-means iterations per round.")
-    kmeans_n_init: int = setting(1, "k-means restarts per round.")
+    kmeans_n_init: int = setting(1, "k-means restarts per round (the lowest inertia wins).")
     kmeans_algorithm: Literal["auto", "kmeans", "minibatch"] = setting(
         "auto",
-        "scikit-learn's KMeans, MiniBatchKMeans, or auto (MiniBatchKMeans above "
-        "minibatch_threshold samples).",
+        "kmeans sklearn: scikit-learn's KMeans, MiniBatchKMeans, or auto (MiniBatchKMeans "
+        "above minibatch_threshold samples).",
     )
     minibatch_threshold: int = setting(
         200_000, "auto uses MiniBatchKMeans above this many samples."
@@ -96,13 +110,36 @@ class IFNDConfig:
             "features": ("mean", "image", "text", "concat"),
             "bank_dtype": tuple(BANK_DTYPES),
             "kmeans_algorithm": ("auto", "kmeans", "minibatch"),
+            "kmeans": KMEANS_CHOICES,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        for name in ("kmeans_iters", "kmeans_n_init", "minibatch_threshold", "minibatch_size"):
+        for name in (
+            "kmeans_iters",
+            "kmeans_n_init",
+            "minibatch_threshold",
+            "minibatch_size",
+            "rank_bins",
+        ):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    def kmeans_for(self, sharding: str) -> str:
+        """The k-means that runs (``sklearn`` or ``torch``) with the state held ``sharding``;
+        raises ValueError for sklearn with a sharded state (no process holds every row)."""
+        if self.kmeans == "auto":
+            return "torch" if sharding == "sharded" else "sklearn"
+        if self.kmeans == "sklearn" and sharding == "sharded":
+            raise ValueError(
+                "ifnd with state_sharding: sharded clusters with kmeans: torch (scikit-learn "
+                "needs every sample's features on one process): set kmeans to torch or auto"
+            )
+        return self.kmeans
+
+    def check_sharding(self, sharding: str) -> None:
+        """Raise ValueError where these settings cannot run with the state ``sharding``."""
+        self.kmeans_for(sharding)
 
     def bytes_per_sample(self) -> int:
         """Per-sample state: the feature bank (width unknown before the first step:

@@ -140,6 +140,22 @@ class DetectorSpec:
         """Per-sample state bytes of the detector (0 when it keeps none)."""
         return self.state_bytes(settings if settings is not None else self.make_settings())
 
+    def check_sharding(self, settings: Any, sharding: StateSharding) -> None:
+        """Raise ValueError unless the detector can hold its per-sample state ``sharding``
+        with these settings (a settings dataclass may add its own ``check_sharding``)."""
+        if sharding not in STATE_SHARDINGS:
+            raise ValueError(f"state sharding must be one of {STATE_SHARDINGS}, got {sharding!r}")
+        if sharding == "replicated" or not self.needs_num_samples:
+            return
+        if not self.shardable:
+            raise ValueError(
+                f"the {self.name} detector cannot shard its per-sample state yet: use "
+                "state_sharding: replicated"
+            )
+        check = getattr(settings, "check_sharding", None)
+        if check is not None:
+            check(sharding)
+
     def build(
         self,
         settings: Any = None,
@@ -159,15 +175,9 @@ class DetectorSpec:
             raise ValueError(
                 f"the {self.name} detector needs num_samples (the size of the index space)"
             )
-        if sharding not in STATE_SHARDINGS:
-            raise ValueError(f"state sharding must be one of {STATE_SHARDINGS}, got {sharding!r}")
+        self.check_sharding(settings, sharding)
         extra = {}
         if sharding != "replicated" and self.needs_num_samples:
-            if not self.shardable:
-                raise ValueError(
-                    f"the {self.name} detector cannot shard its per-sample state yet: use "
-                    "state_sharding: replicated"
-                )
             extra["sharding"] = sharding
         return self.factory(
             settings,

@@ -25,10 +25,11 @@ def _filled_rows(
     fill: Sequence[float] | float,
     device: torch.device | str,
     pin_memory: bool,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """``count`` float32 rows of ``row_shape`` set to ``fill``, on ``device`` (pinned host
-    memory with ``pin_memory`` when a GPU is present)."""
-    fill_row = torch.as_tensor(fill, dtype=torch.float32).expand(row_shape)
+    """``count`` rows of ``row_shape`` and ``dtype`` set to ``fill``, on ``device`` (pinned
+    host memory with ``pin_memory`` when a GPU is present)."""
+    fill_row = torch.as_tensor(fill, dtype=dtype).expand(row_shape)
     data = fill_row.unsqueeze(0).repeat(count, *([1] * len(row_shape))).to(device)
     if pin_memory and data.device.type == "cpu" and torch.cuda.is_available():
         data = data.pin_memory()
@@ -36,7 +37,8 @@ def _filled_rows(
 
 
 class PerSampleTable:
-    """A float32 table of ``num_samples`` rows of shape ``row_shape``, keyed by dataset index.
+    """A table of ``num_samples`` rows of shape ``row_shape``, keyed by dataset index (float32
+    unless ``dtype`` says otherwise).
 
     The table may live on another device than the computation (for example in host memory
     while the model trains on a GPU): ``gather`` brings rows to the compute device and
@@ -51,12 +53,13 @@ class PerSampleTable:
         fill: Sequence[float] | float,
         device: torch.device | str = "cpu",
         pin_memory: bool = False,
+        dtype: torch.dtype = torch.float32,
     ) -> None:
         if num_samples <= 0:
             raise ValueError(f"num_samples must be positive, got {num_samples}")
         self.num_samples = int(num_samples)
         self.row_shape = tuple(int(s) for s in row_shape)
-        self.data = _filled_rows(self.num_samples, self.row_shape, fill, device, pin_memory)
+        self.data = _filled_rows(self.num_samples, self.row_shape, fill, device, pin_memory, dtype)
 
     @property
     def device(self) -> torch.device:
@@ -114,6 +117,7 @@ class ShardedPerSampleTable:
         pin_memory: bool = False,
         rank: int | None = None,
         world_size: int | None = None,
+        dtype: torch.dtype = torch.float32,
     ) -> None:
         if num_samples <= 0:
             raise ValueError(f"num_samples must be positive, got {num_samples}")
@@ -124,7 +128,7 @@ class ShardedPerSampleTable:
         capacity = -(-self.num_samples // self.world_size)
         self.row_shape = tuple(int(s) for s in row_shape)
         # ``capacity`` rows (those past num_owned are padding) and the scratch row last.
-        self.storage = _filled_rows(capacity + 1, self.row_shape, fill, device, pin_memory)
+        self.storage = _filled_rows(capacity + 1, self.row_shape, fill, device, pin_memory, dtype)
 
     @property
     def device(self) -> torch.device:
@@ -165,7 +169,9 @@ class ShardedPerSampleTable:
             return rows.to(device, non_blocking=True)
         self._check_group()
         mask = mine.view(-1, *([1] * len(self.row_shape)))
-        rows = torch.where(mask, rows, rows.new_full((), -0.0)).to(device, non_blocking=True)
+        # Integer (and bool) rows add 0: exact too, one owner per position.
+        zero = -0.0 if rows.is_floating_point() else 0
+        rows = torch.where(mask, rows, rows.new_full((), zero)).to(device, non_blocking=True)
         dist.all_reduce(rows)  # one owner per position, -0.0 elsewhere: exact
         return rows
 
@@ -262,12 +268,13 @@ def make_table(
     device: torch.device | str = "cpu",
     pin_memory: bool = False,
     sharding: StateSharding = "replicated",
+    dtype: torch.dtype = torch.float32,
 ) -> PerSampleTable | ShardedPerSampleTable:
     """A per-sample table, replicated on every process or sharded across them."""
     if sharding == "replicated":
-        return PerSampleTable(num_samples, row_shape, fill, device, pin_memory)
+        return PerSampleTable(num_samples, row_shape, fill, device, pin_memory, dtype)
     if sharding == "sharded":
-        return ShardedPerSampleTable(num_samples, row_shape, fill, device, pin_memory)
+        return ShardedPerSampleTable(num_samples, row_shape, fill, device, pin_memory, dtype=dtype)
     raise ValueError(f"state sharding must be one of {STATE_SHARDINGS}, got {sharding!r}")
 
 

@@ -127,6 +127,22 @@ class BimodalContrastiveLoss(ABC):
         except StateError as err:
             raise err.within(prefix) from err
 
+    def shard_extras(self) -> dict[str, torch.Tensor]:
+        """The detector's state that is not per sample, stored with every shard of a
+        per-process checkpoint (``detector.*``; IFND's schedule), none for most."""
+        extras = getattr(self.detector, "shard_extras", None)
+        return {} if extras is None else {f"detector.{k}": v for k, v in extras().items()}
+
+    def load_shard_extras(self, extras: dict[str, torch.Tensor]) -> None:
+        """Take a checkpoint's :meth:`shard_extras` (checked first; before the tables)."""
+        prefix = "detector."
+        load = getattr(self.detector, "load_shard_extras", None)
+        unknown = [k for k in extras if not k.startswith(prefix) or load is None]
+        if unknown:
+            raise ValueError(f"unexpected shard entries {unknown}")
+        if load is not None:
+            load({k[len(prefix) :]: v for k, v in extras.items()})
+
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         prefix = "detector."
         unknown = [k for k in state if not k.startswith(prefix)]
