@@ -140,12 +140,6 @@ def test_the_settings_reach_a_sharded_ifnd(tmp_path):
     replicated = build_contrastive_loss(cpu_args(tmp_path, detector="ifnd"), 40, "cpu")
     assert type(replicated.detector.tables.seen) is PerSampleTable
     assert replicated.detector.kmeans == "sklearn"
-    with pytest.raises(ValueError, match="kmeans: torch"):
-        cpu_args(
-            tmp_path,
-            detector="ifnd",
-            state_sharding="sharded",
-            detector_kwargs={"kmeans": "sklearn"},
-        )
+    # sklearn with sharded state is refused: tests/test_sharded_state.py
     with pytest.raises(ValueError, match="kmeans must be one of"):
         IFNDConfig(kmeans="faiss")

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import torch
-from distributed.sharded_ifnd_worker import N, build
+from distributed.sharded_ifnd_worker import N, build, same, same_state
 from launch import run_torchrun_workers
 from safetensors.torch import load_file, save_file
 
@@ -15,22 +15,6 @@ from glofnd_hf.state_shards import load_state_shards, shard_file_name
 
 SAVE_AT = 6  # of the worker's 12 steps (4 per epoch; rounds at steps 4 and 8)
 CASES = ("global", "cluster")
-
-
-def same(a, b) -> bool:
-    if a is None or b is None:
-        return a is None and b is None
-    a, b = a.contiguous(), b.contiguous()
-    return (
-        a.dtype == b.dtype
-        and a.shape == b.shape
-        and torch.equal(a.view(-1).view(torch.uint8), b.view(-1).view(torch.uint8))
-    )
-
-
-def same_state(a: dict, b: dict) -> bool:
-    keys = a.keys() - {"detector.round_seconds"}  # wall time
-    return a.keys() == b.keys() and all(same(a[k], b[k]) for k in keys)
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from glofnd_hf.losses import ClipLoss
 from glofnd_hf.state_shards import load_state_shards, write_shard_manifest, write_state_shard
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
-from distributed.common import shut_down_process_group  # noqa: E402
+from distributed.common import bitwise_equal, shut_down_process_group  # noqa: E402
 
 N, BATCH, WIDTH = 48, 12, 8  # 12 divides over 2 and 3 processes: the same global batches
 STEPS_PER_EPOCH = N // BATCH
@@ -68,12 +68,7 @@ def same(a, b) -> bool:
     """Bit for bit (NaN payloads and the sign of zero included); None only as None."""
     if a is None or b is None:
         return a is None and b is None
-    a, b = a.detach().contiguous(), b.detach().contiguous()
-    return (
-        a.dtype == b.dtype
-        and a.shape == b.shape
-        and torch.equal(a.view(-1).view(torch.uint8), b.view(-1).view(torch.uint8))
-    )
+    return bitwise_equal(a, b)
 
 
 def same_state(a: dict, b: dict) -> bool:
