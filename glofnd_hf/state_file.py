@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from .checkpoints import STATE_FILE, write_atomically
-from .fnd.table import ShardedPerSampleTable, StateError
+from .fnd.table import StateError
 
 __all__ = [
     "StateFileError",
@@ -174,61 +174,62 @@ def manifest_shards(metadata: Mapping[str, str]) -> int | None:
 def load_shard_set(manifest: str | os.PathLike, loss: Any, num_samples: int | None) -> None:
     """Load the shard set that ``manifest`` names (the shards lie beside it) into the tables
     of ``loss`` (``shard_tables()``, values checked by its ``check_shard_rows`` when it has
-    one): every file is read and checked first, then the loss's state that is not per
-    sample (``load_shard_extras``, where it has any: it may size a table, IFND's bank), then
-    each table takes its rows (a sharded table its own, a replicated one every row); nothing
-    changes on an error."""
+    one). The loss's state that is not per sample comes first (``load_shard_extras``, where
+    it has any: it may size a table, IFND's bank); then the shards are read **one at a
+    time**, each checked and its rows staged for the tables that own them (a sharded table
+    its own, a replicated one every row), so a process holds one shard and its own rows,
+    never the whole set. The tables change only once every shard has passed; nothing
+    changes on an error (a StateFileError naming the file)."""
     _, meta = read_state_file(manifest)
     world = manifest_shards(meta)
     if world is None or world < 1:
         raise StateFileError(f"{manifest} names no set of per-process shards")
     folder = os.path.dirname(os.fspath(manifest)) or "."
     paths = [os.path.join(folder, shard_file_name(rank, world)) for rank in range(world)]
-    shards = [_read_shard(path, rank, world, num_samples) for rank, path in enumerate(paths)]
+    first = _read_shard(paths[0], 0, world, num_samples)
     load_extras = getattr(loss, "load_shard_extras", None)
-    if load_extras is None:
-        _load_tables(folder, loss, paths, shards)
-        return
-    before = loss.shard_extras()
-    extras = {k[len(EXTRA) :]: v for k, v in shards[0].items() if k.startswith(EXTRA)}
+    before = loss.shard_extras() if load_extras is not None else None
+    if load_extras is not None:
+        extras = {k[len(EXTRA) :]: v for k, v in first.items() if k.startswith(EXTRA)}
+        try:
+            load_extras(extras)  # checked first
+        except ValueError as err:
+            raise StateFileError(f"{paths[0]}: {err}") from err
+    pending = [first]  # shard 0, handed over so that no frame here keeps it
+    del first
     try:
-        load_extras(extras)  # checked first
-    except ValueError as err:
-        raise StateFileError(f"{paths[0]}: {err}") from err
-    try:
-        _load_tables(folder, loss, paths, shards)
+        _load_tables(folder, loss, paths, pending, num_samples)
     except StateFileError:
-        load_extras(before)
+        if load_extras is not None:
+            load_extras(before)
         raise
 
 
-def _load_tables(folder: str, loss: Any, paths: list[str], shards: list[dict]) -> None:
-    """Every table's rows from every shard, each shard checked before any table changes."""
+def _load_tables(
+    folder: str, loss: Any, paths: list[str], pending: list[dict], num_samples: int | None
+) -> None:
+    """Every table's rows, streamed shard by shard (``pending`` holds shard 0, already
+    read)."""
     tables = loss.shard_tables()
     check = getattr(loss, "check_shard_rows", None)
-    for path, state in zip(paths, shards, strict=True):
+    loaders = {name: table.loader() for name, table in tables.items()}
+    world = len(paths)
+    for rank, path in enumerate(paths):
+        state = pending.pop() if rank == 0 else _read_shard(path, rank, world, num_samples)
         _check_shard_rows(path, state, tables, check)
-    backups = {name: table.data.clone() for name, table in tables.items()}
+        try:
+            for name, loader in loaders.items():
+                loader.take(rank, {f: state[f"{name}.{f}"] for f in SHARD_FIELDS})
+        except ValueError as err:
+            raise StateFileError(f"{path}: {name}: {err}") from err
+        del state
     try:
-        for name, table in tables.items():
-            parts = [{f: s[f"{name}.{f}"] for f in SHARD_FIELDS} for s in shards]
-            if isinstance(table, ShardedPerSampleTable):
-                table.load_shards(parts)
-            else:  # a replicated table takes every row
-                whole = ShardedPerSampleTable(
-                    table.num_samples,
-                    table.data.shape[1:],
-                    0.0,
-                    rank=0,
-                    world_size=1,
-                    dtype=table.data.dtype,
-                )
-                whole.load_shards(parts)
-                table.data.copy_(whole.data.to(table.data.device))
+        for loader in loaders.values():
+            loader.check()
     except ValueError as err:
-        for name, table in tables.items():
-            table.data.copy_(backups[name])
-        raise StateFileError(f"{folder}: per-sample state shards of {len(shards)}: {err}") from err
+        raise StateFileError(f"{folder}: per-sample state shards of {world}: {err}") from err
+    for loader in loaders.values():
+        loader.commit()
 
 
 def _read_shard(path: str, rank: int, world: int, num_samples: int | None) -> dict:

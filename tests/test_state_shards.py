@@ -75,6 +75,33 @@ def test_a_shard_set_loads_into_any_world_size(tmp_path, saved, loaded):
             assert torch.equal(table.data, expected[name][rank::loaded]), (name, rank)
 
 
+def test_a_shard_set_is_read_one_shard_at_a_time(tmp_path, monkeypatch):
+    """Resuming holds one shard file's tensors at a time (and its own staged rows), never
+    the whole set: each shard read finds every earlier shard's tensors released."""
+    import gc
+    import weakref
+
+    import glofnd_hf.state_file as state_file
+
+    expected = write_set(tmp_path, 4)
+    read, alive_at_read = state_file._read_shard, []
+    earlier: list[weakref.ref] = []
+
+    def counting(*args, **kwargs):
+        gc.collect()
+        alive_at_read.append(sum(ref() is not None for ref in earlier))
+        state = read(*args, **kwargs)
+        earlier.extend(weakref.ref(t) for t in state.values())
+        return state
+
+    monkeypatch.setattr(state_file, "_read_shard", counting)
+    loss = FakeLoss(1, 3)
+    load_state_shards(tmp_path, loss, N)
+    assert alive_at_read == [0, 0, 0, 0]
+    for name, table in loss.tables.items():
+        assert torch.equal(table.data, expected[name][1::3]), name
+
+
 def test_a_shard_set_loads_into_a_replicated_table(tmp_path):
     expected = write_set(tmp_path, 2)
     loss = FakeLoss(0, 1, sharded=False)

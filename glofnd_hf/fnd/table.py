@@ -79,6 +79,10 @@ class PerSampleTable:
             0, index.to(self.data.device), rows.to(self.data.device, self.data.dtype)
         )
 
+    def loader(self) -> ShardRowLoader:
+        """A loader of every row from the shards of a sharded run, one shard at a time."""
+        return ShardRowLoader(self.data, self.num_samples, self.row_shape, 0, 1)
+
     def to(self, device: torch.device | str) -> PerSampleTable:
         self.data = self.data.to(device)
         return self
@@ -227,38 +231,75 @@ class ShardedPerSampleTable:
         a run with any number of processes (resharding 2 -> 3 reads all 2 shards and keeps
         a third of each). Every shard is checked first and nothing changes when one is bad:
         same ``num_samples`` and row shape, indices in range and each owned row present
-        exactly once. No communication."""
-        picked: list[tuple[torch.Tensor, torch.Tensor]] = []
-        seen = torch.zeros(self.num_owned, dtype=torch.long)
+        exactly once. No communication. To read shards one at a time: :meth:`loader`."""
+        loader = self.loader()
         for n, shard in enumerate(shards):
-            missing = {"rows", "index", "num_samples"} - shard.keys()
-            if missing:
-                raise ValueError(f"shard {n} misses {sorted(missing)}")
-            if int(shard["num_samples"]) != self.num_samples:
-                raise ValueError(
-                    f"shard {n} holds rows of {int(shard['num_samples'])} samples, "
-                    f"expected {self.num_samples}"
-                )
-            rows, index = shard["rows"], shard["index"].to(torch.long)
-            if index.dim() != 1 or tuple(rows.shape) != (index.shape[0], *self.row_shape):
-                raise ValueError(
-                    f"shard {n}: {tuple(rows.shape)} rows for {tuple(index.shape)} indices, "
-                    f"expected rows of shape {self.row_shape}"
-                )
-            if index.numel() and (int(index.min()) < 0 or int(index.max()) >= self.num_samples):
-                raise ValueError(f"shard {n} holds indices outside [0, {self.num_samples})")
-            mine = index.remainder(self.world_size) == self.rank
-            local = index[mine].div(self.world_size, rounding_mode="floor")
-            seen.index_add_(0, local, torch.ones_like(local))
-            picked.append((local, rows[mine]))
-        if self.num_owned and not bool((seen == 1).all()):
-            bad = int((seen != 1).to(torch.uint8).argmax())
+            loader.take(n, shard)
+        loader.check()
+        loader.commit()
+
+    def loader(self) -> ShardRowLoader:
+        """A loader of this process's rows from shards handed to it one at a time."""
+        return ShardRowLoader(
+            self.data, self.num_samples, self.row_shape, self.rank, self.world_size
+        )
+
+
+class ShardRowLoader:
+    """The rows a table owns (``data``: all of them for a replicated table, world size 1),
+    taken from the shards of a run with any number of processes, **one shard at a time**:
+    a reader holds one shard file and one staged copy of the owned rows, never the whole
+    set (resuming a sharded run stays O(N / world) per process). The table changes only at
+    :meth:`commit`, after :meth:`check` found every owned row exactly once."""
+
+    def __init__(
+        self,
+        data: torch.Tensor,
+        num_samples: int,
+        row_shape: tuple[int, ...],
+        rank: int,
+        world_size: int,
+    ) -> None:
+        self.data, self.num_samples, self.row_shape = data, num_samples, row_shape
+        self.rank, self.world_size = rank, world_size
+        self.staged = torch.empty(data.shape, dtype=data.dtype)  # on the host, not the GPU
+        self.seen = torch.zeros(data.shape[0], dtype=torch.long)
+
+    def take(self, n: int, shard: dict[str, torch.Tensor]) -> None:
+        """Stage the owned rows of shard ``n`` (checked: ``num_samples``, row shape,
+        indices in range); a ValueError names what is wrong."""
+        missing = {"rows", "index", "num_samples"} - shard.keys()
+        if missing:
+            raise ValueError(f"shard {n} misses {sorted(missing)}")
+        if int(shard["num_samples"]) != self.num_samples:
+            raise ValueError(
+                f"shard {n} holds rows of {int(shard['num_samples'])} samples, "
+                f"expected {self.num_samples}"
+            )
+        rows, index = shard["rows"], shard["index"].to(torch.long)
+        if index.dim() != 1 or tuple(rows.shape) != (index.shape[0], *self.row_shape):
+            raise ValueError(
+                f"shard {n}: {tuple(rows.shape)} rows for {tuple(index.shape)} indices, "
+                f"expected rows of shape {self.row_shape}"
+            )
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= self.num_samples):
+            raise ValueError(f"shard {n} holds indices outside [0, {self.num_samples})")
+        mine = index.remainder(self.world_size) == self.rank
+        local = index[mine].div(self.world_size, rounding_mode="floor")
+        self.seen.index_add_(0, local, torch.ones_like(local))
+        self.staged.index_copy_(0, local, rows[mine].to(self.staged.dtype))
+
+    def check(self) -> None:
+        """Every owned row staged exactly once, or a ValueError naming the first that is not."""
+        if self.seen.numel() and not bool((self.seen == 1).all()):
+            bad = int((self.seen != 1).to(torch.uint8).argmax())
             raise ValueError(
                 f"the shards hold sample {bad * self.world_size + self.rank} "
-                f"{int(seen[bad])} times, expected once"
+                f"{int(self.seen[bad])} times, expected once"
             )
-        for local, rows in picked:
-            self.data.index_copy_(0, local.to(self.device), rows.to(self.device, self.data.dtype))
+
+    def commit(self) -> None:
+        self.data.copy_(self.staged.to(self.data.device))
 
 
 def make_table(
