@@ -1,0 +1,464 @@
+"""Per-sample state replicated against sharded over processes (issue 30): memory, step time
+and bytes sent.
+
+W gloo processes on the CPU each build the loss the trainer builds for ``loss_type:
+fastclip`` with the GloFND detector and its default rule (``GloFNDTrainingArguments`` and
+``loss_factory.build_contrastive_loss``, as the trainer does), once with ``state_sharding:
+replicated`` and once with ``sharded``, for N samples, and measure:
+
+* state memory per process: VmRSS (``/proc/self/status``) after building the loss minus
+  before (the tables are filled when built, so their pages are resident), against the
+  formula N x bytes per sample (replicated) and ceil(N / W) x bytes per sample (sharded);
+* the step time of the loss forward + backward on random normalised embeddings (global batch
+  1024, local 1024 / W, dim 512, random dataset indices in [0, N)), the slowest process's,
+  median over the rounds; the two settings alternate round by round in a random order (the
+  same on every process), so load from other jobs hits both alike;
+* bytes per step and process: every collective the step runs (forward and backward, the
+  functional collectives of the embedding gather included) is seen by a dispatch mode that
+  tallies the tensors each process hands in (payload) and what a ring algorithm sends for it;
+  the sharded setting's extra is its total minus replicated's.
+
+    python benchmarks/sharded_state.py                  # N = 10^6, 10^7; W = 2, 4
+    python benchmarks/sharded_state.py --quick          # N = 10^5, W = 2, few rounds
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.utils._python_dispatch import TorchDispatchMode
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks._machine import cpu_model, log, mem_available_bytes  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+SHARDINGS = ("replicated", "sharded")
+EPOCH = 0.5  # past every start epoch of the defaults: thresholds update and mask
+MEM_MARGIN = 2 * 2**30  # host memory left free beside the run's tables
+
+# Collectives by dispatcher op: which argument holds the input each process hands in.
+COLLECTIVES = {
+    "c10d.allreduce_": (0, "all_reduce"),
+    "c10d.allgather_": (1, "all_gather"),
+    "c10d._allgather_base_": (1, "all_gather"),
+    "c10d.allgather_into_tensor_coalesced_": (1, "all_gather"),
+    "c10d.broadcast_": (0, "broadcast"),
+    "c10d.reduce_scatter_": (1, "reduce_scatter"),
+    "c10d._reduce_scatter_base_": (1, "reduce_scatter"),
+    "c10d.alltoall_base_": (1, "all_to_all"),
+    "_c10d_functional.all_reduce": (0, "all_reduce"),
+    "_c10d_functional.all_gather_into_tensor": (0, "all_gather"),
+    "_c10d_functional.reduce_scatter_tensor": (0, "reduce_scatter"),
+    "_c10d_functional.broadcast": (0, "broadcast"),
+}
+NOT_COLLECTIVES = {"_c10d_functional.wait_tensor", "_c10d_functional._wrap_tensor_autograd"}
+
+
+def ring_sent(kind: str, payload: int, world: int) -> float:
+    """Bytes one process sends for a collective of ``payload`` input bytes (ring algorithm;
+    broadcast: the payload, what the root sends down a chain)."""
+    if kind == "all_reduce":
+        return 2 * (world - 1) / world * payload
+    if kind == "all_gather":
+        return (world - 1) * payload
+    if kind in ("reduce_scatter", "all_to_all"):
+        return (world - 1) / world * payload
+    return float(payload)
+
+
+def tensor_bytes(value) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (list, tuple)):
+        return sum(tensor_bytes(v) for v in value)
+    return 0
+
+
+class CollectiveBytes(TorchDispatchMode):
+    """Tallies every collective dispatched while active: calls and payload bytes per kind;
+    any other ``c10d`` op is listed in ``uncounted`` (the figures would miss it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: dict[str, int] = {}
+        self.payload: dict[str, int] = {}
+        self.uncounted: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func).rsplit(".", 1)[0]
+        if name in COLLECTIVES:
+            position, kind = COLLECTIVES[name]
+            self.calls[kind] = self.calls.get(kind, 0) + 1
+            self.payload[kind] = self.payload.get(kind, 0) + tensor_bytes(args[position])
+        elif "c10d" in name and name not in NOT_COLLECTIVES:
+            self.uncounted.append(name)
+        return func(*args, **(kwargs or {}))
+
+    def summary(self, world: int) -> dict:
+        sent = sum(ring_sent(k, p, world) for k, p in self.payload.items())
+        return {
+            "calls": dict(self.calls),
+            "payload": dict(self.payload),
+            "payload_total": sum(self.payload.values()),
+            "ring_sent_total": round(sent),
+            "uncounted": sorted(set(self.uncounted)),
+        }
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def training_args(sharding: str, output_dir: str):
+    from glofnd_hf.args import GloFNDTrainingArguments
+
+    return GloFNDTrainingArguments(
+        output_dir=output_dir,
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        save_strategy="no",
+        loss_type="fastclip",
+        detector="glofnd",
+        state_sharding=sharding,
+    )
+
+
+def build_loss(sharding: str, n: int, output_dir: str):
+    """The loss the trainer builds, and what the arguments count per sample and process."""
+    from glofnd_hf.loss_factory import build_contrastive_loss
+
+    args = training_args(sharding, output_dir)
+    loss = build_contrastive_loss(args, n, "cpu")
+    return loss, args.state_bytes_per_sample(), args.state_rows_per_process(n)
+
+
+def table_bytes(loss) -> int:
+    """Bytes of the per-sample tables the loss holds here (scratch and padding rows too)."""
+    tables = list(loss.shard_tables().values())
+    u = getattr(loss, "u", None)
+    tables += [u] if u is not None and all(u is not t for t in tables) else []
+    return sum(tensor_bytes(getattr(t, "storage", t.data)) for t in tables)
+
+
+def build_measured(n: int, output_dir: str) -> tuple[dict, dict]:
+    """Both losses of N samples, each built between two RSS readings (sharded first: a
+    later, larger build cannot reuse memory a smaller one freed)."""
+    for sharding in SHARDINGS:  # first builds load lazily imported code: not counted
+        build_loss(sharding, 4096, output_dir)
+    gc.collect()
+    losses, memory = {}, {}
+    for sharding in reversed(SHARDINGS):
+        dist.barrier()
+        before = rss_bytes()
+        loss, per_sample, rows = build_loss(sharding, n, output_dir)
+        after = rss_bytes()
+        losses[sharding] = loss
+        memory[sharding] = {
+            "rss_delta": after - before,
+            "table_bytes": table_bytes(loss),
+            "formula": rows * per_sample,
+            "rows": rows,
+            "bytes_per_sample": per_sample,
+        }
+    return losses, memory
+
+
+def make_inputs(n: int, world: int, rank: int, steps: int, opts, seed: int = 0):
+    """A pool of normalised embedding pairs (leaves) and each step's local index slice (the
+    same global batch on every process)."""
+    batch, dim = opts.global_batch, opts.dim
+    b = batch // world
+    torch.manual_seed(1234 + rank)
+    pool = [
+        tuple(
+            torch.nn.functional.normalize(torch.randn(b, dim), dim=-1).requires_grad_()
+            for _ in range(2)
+        )
+        for _ in range(4)
+    ]
+    gen = torch.Generator().manual_seed(seed)
+    index = [
+        torch.randint(0, n, (batch,), generator=gen)[rank * b : (rank + 1) * b]
+        for _ in range(steps)
+    ]
+    orders = [torch.randperm(len(SHARDINGS), generator=gen).tolist() for _ in range(steps)]
+    return pool, index, orders
+
+
+def step(loss, image, text, index) -> None:
+    image.grad = text.grad = None
+    scale = torch.tensor(1.0 / 0.07, requires_grad=True)
+    loss(image, text, scale, index, epoch=EPOCH).loss.backward()
+
+
+def time_rounds(losses: dict, n: int, world: int, rank: int, opts) -> dict[str, list[float]]:
+    """Step times (ms, the slowest process's) per setting, rounds alternating the settings."""
+    steps = opts.warmup + opts.repeats
+    pool, index, orders = make_inputs(n, world, rank, steps, opts)
+    times: dict[str, list[float]] = {s: [] for s in SHARDINGS}
+    for s in range(steps):
+        for which in orders[s]:
+            sharding = SHARDINGS[which]
+            image, text = pool[(s + which) % len(pool)]
+            dist.barrier()
+            start = time.perf_counter()
+            step(losses[sharding], image, text, index[s])
+            if s >= opts.warmup:
+                times[sharding].append((time.perf_counter() - start) * 1e3)
+    for sharding, values in times.items():
+        slowest = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+        times[sharding] = slowest.tolist()
+    return times
+
+
+def count_bytes(losses: dict, n: int, world: int, rank: int, opts) -> dict:
+    """Collectives of one step of each setting (untimed: the mode slows every op)."""
+    pool, index, _ = make_inputs(n, world, rank, 1, opts, seed=1)
+    out = {}
+    for sharding in SHARDINGS:
+        with CollectiveBytes() as mode:
+            step(losses[sharding], *pool[0], index[0])
+        out[sharding] = mode.summary(world)
+    return out
+
+
+def worker(rank: int, world: int, port: int, n: int, opts, queue) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+        OMP_NUM_THREADS="1",
+    )
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        with tempfile.TemporaryDirectory() as output_dir:
+            losses, memory = build_measured(n, output_dir)
+            per_rank = [None] * world
+            dist.all_gather_object(per_rank, memory)
+            times = time_rounds(losses, n, world, rank, opts)
+            collectives = count_bytes(losses, n, world, rank, opts)
+        if rank == 0:
+            queue.put({"memory": per_rank, "step_ms": times, "bytes": collectives})
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_setup(world: int, n: int, opts) -> dict:
+    """One spawn of ``world`` processes measuring N samples; the raw figures of rank 0."""
+    queue = mp.get_context("spawn").SimpleQueue()
+    context = mp.spawn(worker, args=(world, free_port(), n, opts, queue), nprocs=world, join=False)
+    result = None
+    while not context.join(timeout=0.5):
+        if result is None and not queue.empty():
+            result = queue.get()
+    if result is None and not queue.empty():
+        result = queue.get()
+    if result is None:
+        raise RuntimeError(f"{world} processes at N = {n}: no result")
+    return result
+
+
+def summarize(world: int, n: int, raw: dict) -> dict:
+    """Per setting: the largest process's RSS difference against the formula, the median
+    step time with quartiles, and bytes per step; the sharded setting's extra bytes."""
+    out: dict = {"processes": world, "num_samples": n, "settings": {}}
+    for sharding in SHARDINGS:
+        per_rank = [m[sharding] for m in raw["memory"]]
+        rss = [m["rss_delta"] for m in per_rank]
+        times = raw["step_ms"][sharding]
+        q1, _, q3 = statistics.quantiles(times, n=4) if len(times) > 1 else (times * 3)
+        out["settings"][sharding] = {
+            "rss_delta_per_rank": rss,
+            "rss_delta_max": max(rss),
+            "table_bytes_max": max(m["table_bytes"] for m in per_rank),
+            "formula_bytes": per_rank[0]["formula"],
+            "bytes_per_sample": per_rank[0]["bytes_per_sample"],
+            "step_ms": times,
+            "step_ms_median": statistics.median(times),
+            "step_ms_quartiles": [q1, q3],
+            "collectives": raw["bytes"][sharding],
+        }
+    rep, shd = out["settings"]["replicated"], out["settings"]["sharded"]
+    bps = rep["bytes_per_sample"]
+    out["sharded_rss_over_n_by_world"] = shd["rss_delta_max"] / (n / world * bps)
+    out["replicated_rss_over_n"] = rep["rss_delta_max"] / (n * bps)
+    out["time_ratio"] = shd["step_ms_median"] / rep["step_ms_median"]
+    a, b = rep["collectives"], shd["collectives"]
+    out["extra_bytes"] = {
+        "payload": b["payload_total"] - a["payload_total"],
+        "ring_sent": b["ring_sent_total"] - a["ring_sent_total"],
+        "calls": {k: v - a["calls"].get(k, 0) for k, v in b["calls"].items()},
+    }
+    return out
+
+
+def mb(nbytes: float) -> str:
+    return f"{nbytes / 1e6:,.1f}"
+
+
+def fmt_n(n: int) -> str:
+    exp = round(math.log10(n))
+    return f"10^{exp}" if n == 10**exp else f"{n:,}"
+
+
+def markdown_table(runs: list[dict]) -> str:
+    lines = [
+        "| W | N | RSS replicated MB (N x bytes) | RSS sharded MB (N/W x bytes) | sharded RSS "
+        "/ (N/W x bytes) | step ms replicated | step ms sharded | time sharded / "
+        "replicated | bytes common, payload / ring | sharded extra, payload / ring |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in runs:
+        if "skipped" in r:
+            lines.append(f"| {r['processes']} | {fmt_n(r['num_samples'])} | {r['skipped']} |")
+            continue
+        rep, shd = r["settings"]["replicated"], r["settings"]["sharded"]
+        n_w = r["num_samples"] / r["processes"] * rep["bytes_per_sample"]
+        common = rep["collectives"]
+        lines.append(
+            f"| {r['processes']} | {fmt_n(r['num_samples'])} "
+            f"| {mb(rep['rss_delta_max'])} ({mb(rep['formula_bytes'])}) "
+            f"| {mb(shd['rss_delta_max'])} ({mb(n_w)}) "
+            f"| {r['sharded_rss_over_n_by_world']:.3f} "
+            f"| {rep['step_ms_median']:.1f} | {shd['step_ms_median']:.1f} "
+            f"| {r['time_ratio']:.3f} "
+            f"| {common['payload_total']:,} / {common['ring_sent_total']:,} "
+            f"| {r['extra_bytes']['payload']:,} / {r['extra_bytes']['ring_sent']:,} |"
+        )
+    return "\n".join(lines)
+
+
+def machine_info() -> dict:
+    return {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "mem_available_bytes": mem_available_bytes(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "load_avg_start": list(os.getloadavg()),
+        "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+    }
+
+
+def default_bytes_per_sample() -> int:
+    """GloFND's default rule and FastCLIP's u, from the registries (no Trainer imports)."""
+    from glofnd_hf.fnd import registry as detectors
+    from glofnd_hf.losses import registry as losses
+
+    return (
+        detectors.get("glofnd").bytes_per_sample() + losses.get("fastclip").state_bytes_per_sample
+    )
+
+
+def fits(world: int, n: int, bytes_per_sample: int) -> str | None:
+    """Why both settings of N in ``world`` processes would not fit in host memory, or None."""
+    need = world * (n + -(-n // world)) * bytes_per_sample
+    avail = mem_available_bytes()
+    if avail is not None and need > avail - MEM_MARGIN:
+        return (
+            f"skipped: {need / 2**30:.1f} GiB of tables needed, {avail / 2**30:.1f} GiB available"
+        )
+    return None
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=float, nargs="+", default=None, help="N (10^6 10^7)")
+    parser.add_argument("--processes", type=int, nargs="+", default=None, help="W (2 4)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (60)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed rounds first (5)")
+    parser.add_argument("--global-batch", type=int, default=1024)
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--quick", action="store_true", help="N = 10^5, W = 2, 5 rounds")
+    parser.add_argument("--output", default=None, help="the JSON (default results/...)")
+    opts = parser.parse_args(argv)
+    quick = opts.quick
+    opts.sizes = [int(s) for s in opts.sizes or ([1e5] if quick else [1e6, 1e7])]
+    opts.processes = opts.processes or ([2] if quick else [2, 4])
+    opts.repeats = opts.repeats or (5 if quick else 60)
+    opts.warmup = opts.warmup if opts.warmup is not None else (1 if quick else 5)
+    name = "sharded_state_quick.json" if quick else "sharded_state.json"
+    opts.output = Path(opts.output) if opts.output else RESULTS / name
+    batch = opts.global_batch
+    if any(batch % w for w in opts.processes) or any(n < batch for n in opts.sizes):
+        parser.error(f"W must divide the global batch {batch} and N must be at least {batch}")
+    return opts
+
+
+def main(argv: list[str] | None = None) -> dict:
+    opts = parse_args(argv)
+    machine = machine_info()
+    per_sample = default_bytes_per_sample()
+    runs = []
+    for world in opts.processes:
+        for n in opts.sizes:
+            skip = fits(world, n, per_sample)
+            if skip:
+                runs.append({"processes": world, "num_samples": n, "skipped": skip})
+                log(f"W={world} N={fmt_n(n)}: {skip}")
+                continue
+            start = time.perf_counter()
+            runs.append(summarize(world, n, run_setup(world, n, opts)))
+            log(f"W={world} N={fmt_n(n)}: {time.perf_counter() - start:.0f} s")
+    machine["load_avg_end"] = list(os.getloadavg())
+    results = {
+        "machine": machine,
+        "settings": {
+            "loss_type": "fastclip",
+            "detector": "glofnd (default rule)",
+            "bytes_per_sample": per_sample,
+            "global_batch": opts.global_batch,
+            "dim": opts.dim,
+            "repeats": opts.repeats,
+            "warmup": opts.warmup,
+            "quick": opts.quick,
+            "threads_per_process": 1,
+        },
+        "runs": runs,
+    }
+    opts.output.parent.mkdir(parents=True, exist_ok=True)
+    opts.output.write_text(json.dumps(results, indent=1) + "\n")
+    print(
+        f"{machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}, gloo, "
+        f"1 thread per process; load average {machine['load_avg_start'][0]:.2f} at start, "
+        f"{machine['load_avg_end'][0]:.2f} at end; {per_sample} bytes per sample"
+    )
+    print(markdown_table(runs))
+    return results
+
+
+if __name__ == "__main__":
+    main()
