@@ -12,7 +12,8 @@ replicated`` and once with ``sharded``, for N samples, and measure:
 * the step time of the loss forward + backward on random normalised embeddings (global batch
   1024, local 1024 / W, dim 512, random dataset indices in [0, N)), the slowest process's,
   median over the rounds; the two settings alternate round by round in a random order (the
-  same on every process), so load from other jobs hits both alike;
+  same on every process), so load from other jobs hits both alike; and the reads alone (one
+  gather of the global batch's rows from every table: sharded, the all-reduces it adds);
 * bytes per step and process: every collective the step runs (forward and backward, the
   functional collectives of the embedding gather included) is seen by a dispatch mode that
   tallies the tensors each process hands in (payload) and what a ring algorithm sends for it;
@@ -20,6 +21,7 @@ replicated`` and once with ``sharded``, for N samples, and measure:
 
     python benchmarks/sharded_state.py                  # N = 10^6, 10^7; W = 2, 4
     python benchmarks/sharded_state.py --quick          # N = 10^5, W = 2, few rounds
+    python benchmarks/sharded_state.py --sizes 1e6 --processes 4 --repeats 200
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import json
 import math
 import os
 import platform
+import random
 import socket
 import statistics
 import sys
@@ -40,85 +43,17 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks._collectives import CollectiveBytes, tensor_bytes  # noqa: E402
 from benchmarks._machine import cpu_model, log, mem_available_bytes  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 SHARDINGS = ("replicated", "sharded")
 EPOCH = 0.5  # past every start epoch of the defaults: thresholds update and mask
 MEM_MARGIN = 2 * 2**30  # host memory left free beside the run's tables
-
-# Collectives by dispatcher op: which argument holds the input each process hands in.
-COLLECTIVES = {
-    "c10d.allreduce_": (0, "all_reduce"),
-    "c10d.allgather_": (1, "all_gather"),
-    "c10d._allgather_base_": (1, "all_gather"),
-    "c10d.allgather_into_tensor_coalesced_": (1, "all_gather"),
-    "c10d.broadcast_": (0, "broadcast"),
-    "c10d.reduce_scatter_": (1, "reduce_scatter"),
-    "c10d._reduce_scatter_base_": (1, "reduce_scatter"),
-    "c10d.alltoall_base_": (1, "all_to_all"),
-    "_c10d_functional.all_reduce": (0, "all_reduce"),
-    "_c10d_functional.all_gather_into_tensor": (0, "all_gather"),
-    "_c10d_functional.reduce_scatter_tensor": (0, "reduce_scatter"),
-    "_c10d_functional.broadcast": (0, "broadcast"),
-}
-NOT_COLLECTIVES = {"_c10d_functional.wait_tensor", "_c10d_functional._wrap_tensor_autograd"}
-
-
-def ring_sent(kind: str, payload: int, world: int) -> float:
-    """Bytes one process sends for a collective of ``payload`` input bytes (ring algorithm;
-    broadcast: the payload, what the root sends down a chain)."""
-    if kind == "all_reduce":
-        return 2 * (world - 1) / world * payload
-    if kind == "all_gather":
-        return (world - 1) * payload
-    if kind in ("reduce_scatter", "all_to_all"):
-        return (world - 1) / world * payload
-    return float(payload)
-
-
-def tensor_bytes(value) -> int:
-    if isinstance(value, torch.Tensor):
-        return value.numel() * value.element_size()
-    if isinstance(value, (list, tuple)):
-        return sum(tensor_bytes(v) for v in value)
-    return 0
-
-
-class CollectiveBytes(TorchDispatchMode):
-    """Tallies every collective dispatched while active: calls and payload bytes per kind;
-    any other ``c10d`` op is listed in ``uncounted`` (the figures would miss it)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: dict[str, int] = {}
-        self.payload: dict[str, int] = {}
-        self.uncounted: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = str(func).rsplit(".", 1)[0]
-        if name in COLLECTIVES:
-            position, kind = COLLECTIVES[name]
-            self.calls[kind] = self.calls.get(kind, 0) + 1
-            self.payload[kind] = self.payload.get(kind, 0) + tensor_bytes(args[position])
-        elif "c10d" in name and name not in NOT_COLLECTIVES:
-            self.uncounted.append(name)
-        return func(*args, **(kwargs or {}))
-
-    def summary(self, world: int) -> dict:
-        sent = sum(ring_sent(k, p, world) for k, p in self.payload.items())
-        return {
-            "calls": dict(self.calls),
-            "payload": dict(self.payload),
-            "payload_total": sum(self.payload.values()),
-            "ring_sent_total": round(sent),
-            "uncounted": sorted(set(self.uncounted)),
-        }
 
 
 def rss_bytes() -> int:
@@ -153,12 +88,16 @@ def build_loss(sharding: str, n: int, output_dir: str):
     return loss, args.state_bytes_per_sample(), args.state_rows_per_process(n)
 
 
-def table_bytes(loss) -> int:
-    """Bytes of the per-sample tables the loss holds here (scratch and padding rows too)."""
+def state_tables(loss) -> list:
+    """The per-sample tables of the loss: its detector's and its ``u``."""
     tables = list(loss.shard_tables().values())
     u = getattr(loss, "u", None)
-    tables += [u] if u is not None and all(u is not t for t in tables) else []
-    return sum(tensor_bytes(getattr(t, "storage", t.data)) for t in tables)
+    return tables + ([u] if u is not None and all(u is not t for t in tables) else [])
+
+
+def table_bytes(loss) -> int:
+    """Bytes of the per-sample tables the loss holds here (scratch and padding rows too)."""
+    return sum(tensor_bytes(getattr(t, "storage", t.data)) for t in state_tables(loss))
 
 
 def build_measured(n: int, output_dir: str) -> tuple[dict, dict]:
@@ -226,11 +165,36 @@ def time_rounds(losses: dict, n: int, world: int, rank: int, opts) -> dict[str, 
             step(losses[sharding], image, text, index[s])
             if s >= opts.warmup:
                 times[sharding].append((time.perf_counter() - start) * 1e3)
+    return slowest(times)
+
+
+def time_reads(losses: dict, n: int, world: int, opts) -> dict[str, list[float]]:
+    """The reads alone (ms, the slowest process's): one gather of the global batch's rows
+    from every table, what a step reads (sharded: the all-reduces the step adds)."""
+    tables = {sharding: state_tables(loss) for sharding, loss in losses.items()}
+    gen = torch.Generator().manual_seed(2)
+    times: dict[str, list[float]] = {s: [] for s in SHARDINGS}
+    for s in range(opts.warmup + opts.repeats):
+        index = torch.randint(0, n, (opts.global_batch,), generator=gen)
+        for which in torch.randperm(len(SHARDINGS), generator=gen).tolist():
+            sharding = SHARDINGS[which]
+            dist.barrier()
+            start = time.perf_counter()
+            for table in tables[sharding]:
+                table.gather(index)
+            if s >= opts.warmup:
+                times[sharding].append((time.perf_counter() - start) * 1e3)
+    return slowest(times)
+
+
+def slowest(times: dict[str, list[float]]) -> dict[str, list[float]]:
+    """Per round, the slowest process's time (a collective step lasts that long)."""
+    out = {}
     for sharding, values in times.items():
-        slowest = torch.tensor(values, dtype=torch.float64)
-        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-        times[sharding] = slowest.tolist()
-    return times
+        values = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+        out[sharding] = values.tolist()
+    return out
 
 
 def count_bytes(losses: dict, n: int, world: int, rank: int, opts) -> dict:
@@ -262,9 +226,12 @@ def worker(rank: int, world: int, port: int, n: int, opts, queue) -> None:
             per_rank = [None] * world
             dist.all_gather_object(per_rank, memory)
             times = time_rounds(losses, n, world, rank, opts)
+            reads = time_reads(losses, n, world, opts)
             collectives = count_bytes(losses, n, world, rank, opts)
         if rank == 0:
-            queue.put({"memory": per_rank, "step_ms": times, "bytes": collectives})
+            queue.put(
+                {"memory": per_rank, "step_ms": times, "read_ms": reads, "bytes": collectives}
+            )
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -310,12 +277,17 @@ def summarize(world: int, n: int, raw: dict) -> dict:
             "step_ms_median": statistics.median(times),
             "step_ms_quartiles": [q1, q3],
             "collectives": raw["bytes"][sharding],
+            "read_ms": raw["read_ms"][sharding],
+            "read_ms_median": statistics.median(raw["read_ms"][sharding]),
         }
     rep, shd = out["settings"]["replicated"], out["settings"]["sharded"]
     bps = rep["bytes_per_sample"]
     out["sharded_rss_over_n_by_world"] = shd["rss_delta_max"] / (n / world * bps)
     out["replicated_rss_over_n"] = rep["rss_delta_max"] / (n * bps)
     out["time_ratio"] = shd["step_ms_median"] / rep["step_ms_median"]
+    out["time_ratio_ci95"] = ratio_interval(rep["step_ms"], shd["step_ms"])
+    out["extra_read_ms"] = shd["read_ms_median"] - rep["read_ms_median"]
+    out["extra_read_share"] = out["extra_read_ms"] / rep["step_ms_median"]
     a, b = rep["collectives"], shd["collectives"]
     out["extra_bytes"] = {
         "payload": b["payload_total"] - a["payload_total"],
@@ -323,6 +295,23 @@ def summarize(world: int, n: int, raw: dict) -> dict:
         "calls": {k: v - a["calls"].get(k, 0) for k, v in b["calls"].items()},
     }
     return out
+
+
+def ratio_interval(base: list[float], other: list[float], resamples: int = 2000) -> list[float]:
+    """95 % bootstrap interval of median(other) / median(base), resampling whole rounds (a
+    round times both settings, so load that hits a round hits both)."""
+    if len(base) < 2:
+        return [math.nan, math.nan]
+    rng = random.Random(0)
+    rounds = range(len(base))
+    ratios = []
+    for _ in range(resamples):
+        pick = [rng.choice(rounds) for _ in rounds]
+        ratios.append(
+            statistics.median(other[i] for i in pick) / statistics.median(base[i] for i in pick)
+        )
+    low, high = statistics.quantiles(ratios, n=40)[0], statistics.quantiles(ratios, n=40)[-1]
+    return [low, high]
 
 
 def mb(nbytes: float) -> str:
@@ -334,30 +323,49 @@ def fmt_n(n: int) -> str:
     return f"10^{exp}" if n == 10**exp else f"{n:,}"
 
 
-def markdown_table(runs: list[dict]) -> str:
-    lines = [
-        "| W | N | RSS replicated MB (N x bytes) | RSS sharded MB (N/W x bytes) | sharded RSS "
-        "/ (N/W x bytes) | step ms replicated | step ms sharded | time sharded / "
-        "replicated | bytes common, payload / ring | sharded extra, payload / ring |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+COLUMNS = [
+    "W",
+    "N",
+    "RSS replicated MB (N x bytes)",
+    "RSS sharded MB (N/W x bytes)",
+    "sharded RSS / (N/W x bytes)",
+    "step ms replicated",
+    "step ms sharded",
+    "time sharded / replicated [95 % interval]",
+    "reads alone ms, replicated / sharded (extra / step)",
+    "bytes common, payload / ring",
+    "sharded extra, payload / ring",
+]
+
+
+def markdown_row(r: dict) -> str:
+    rep, shd = r["settings"]["replicated"], r["settings"]["sharded"]
+    n_w = r["num_samples"] / r["processes"] * rep["bytes_per_sample"]
+    common, ci = rep["collectives"], r["time_ratio_ci95"]
+    cells = [
+        str(r["processes"]),
+        fmt_n(r["num_samples"]),
+        f"{mb(rep['rss_delta_max'])} ({mb(rep['formula_bytes'])})",
+        f"{mb(shd['rss_delta_max'])} ({mb(n_w)})",
+        f"{r['sharded_rss_over_n_by_world']:.3f}",
+        f"{rep['step_ms_median']:.1f}",
+        f"{shd['step_ms_median']:.1f}",
+        f"{r['time_ratio']:.3f} [{ci[0]:.2f}, {ci[1]:.2f}]",
+        f"{rep['read_ms_median']:.2f} / {shd['read_ms_median']:.2f} "
+        f"({100 * r['extra_read_share']:.1f} %)",
+        f"{common['payload_total']:,} / {common['ring_sent_total']:,}",
+        f"{r['extra_bytes']['payload']:,} / {r['extra_bytes']['ring_sent']:,}",
     ]
+    return "| " + " | ".join(cells) + " |"
+
+
+def markdown_table(runs: list[dict]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---:|" * len(COLUMNS)]
     for r in runs:
         if "skipped" in r:
             lines.append(f"| {r['processes']} | {fmt_n(r['num_samples'])} | {r['skipped']} |")
-            continue
-        rep, shd = r["settings"]["replicated"], r["settings"]["sharded"]
-        n_w = r["num_samples"] / r["processes"] * rep["bytes_per_sample"]
-        common = rep["collectives"]
-        lines.append(
-            f"| {r['processes']} | {fmt_n(r['num_samples'])} "
-            f"| {mb(rep['rss_delta_max'])} ({mb(rep['formula_bytes'])}) "
-            f"| {mb(shd['rss_delta_max'])} ({mb(n_w)}) "
-            f"| {r['sharded_rss_over_n_by_world']:.3f} "
-            f"| {rep['step_ms_median']:.1f} | {shd['step_ms_median']:.1f} "
-            f"| {r['time_ratio']:.3f} "
-            f"| {common['payload_total']:,} / {common['ring_sent_total']:,} "
-            f"| {r['extra_bytes']['payload']:,} / {r['extra_bytes']['ring_sent']:,} |"
-        )
+        else:
+            lines.append(markdown_row(r))
     return "\n".join(lines)
 
 
