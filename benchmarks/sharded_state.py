@@ -310,12 +310,15 @@ def ratio_interval(base: list[float], other: list[float], resamples: int = 2000)
         ratios.append(
             statistics.median(other[i] for i in pick) / statistics.median(base[i] for i in pick)
         )
-    low, high = statistics.quantiles(ratios, n=40)[0], statistics.quantiles(ratios, n=40)[-1]
-    return [low, high]
+    quantiles = statistics.quantiles(ratios, n=40)  # 2.5 % steps
+    return [quantiles[0], quantiles[-1]]
 
 
-def mb(nbytes: float) -> str:
-    return f"{nbytes / 1e6:,.1f}"
+UNITS = [("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)]
+
+
+def size(nbytes: float) -> str:
+    return next(f"{nbytes / u:.4g} {name}" for name, u in UNITS if nbytes >= u or name == "KB")
 
 
 def fmt_n(n: int) -> str:
@@ -323,19 +326,12 @@ def fmt_n(n: int) -> str:
     return f"10^{exp}" if n == 10**exp else f"{n:,}"
 
 
-COLUMNS = [
-    "W",
-    "N",
-    "RSS replicated MB (N x bytes)",
-    "RSS sharded MB (N/W x bytes)",
-    "sharded RSS / (N/W x bytes)",
-    "step ms replicated",
-    "step ms sharded",
-    "time sharded / replicated [95 % interval]",
-    "reads alone ms, replicated / sharded (extra / step)",
-    "bytes common, payload / ring",
-    "sharded extra, payload / ring",
-]
+COLUMNS = (
+    "W|N|RSS replicated (N x bytes)|RSS sharded (N/W x bytes)|sharded RSS / (N/W x bytes)"
+    "|step ms replicated|step ms sharded|time sharded / replicated [95 % interval]"
+    "|reads alone ms, replicated / sharded (extra / step)|bytes common, payload / ring"
+    "|sharded extra, payload / ring"
+).split("|")
 
 
 def markdown_row(r: dict) -> str:
@@ -343,13 +339,11 @@ def markdown_row(r: dict) -> str:
     n_w = r["num_samples"] / r["processes"] * rep["bytes_per_sample"]
     common, ci = rep["collectives"], r["time_ratio_ci95"]
     cells = [
-        str(r["processes"]),
-        fmt_n(r["num_samples"]),
-        f"{mb(rep['rss_delta_max'])} ({mb(rep['formula_bytes'])})",
-        f"{mb(shd['rss_delta_max'])} ({mb(n_w)})",
+        *(str(r["processes"]), fmt_n(r["num_samples"])),
+        f"{size(rep['rss_delta_max'])} ({size(rep['formula_bytes'])})",
+        f"{size(shd['rss_delta_max'])} ({size(n_w)})",
         f"{r['sharded_rss_over_n_by_world']:.3f}",
-        f"{rep['step_ms_median']:.1f}",
-        f"{shd['step_ms_median']:.1f}",
+        *(f"{rep['step_ms_median']:.1f}", f"{shd['step_ms_median']:.1f}"),
         f"{r['time_ratio']:.3f} [{ci[0]:.2f}, {ci[1]:.2f}]",
         f"{rep['read_ms_median']:.2f} / {shd['read_ms_median']:.2f} "
         f"({100 * r['extra_read_share']:.1f} %)",
@@ -366,6 +360,35 @@ def markdown_table(runs: list[dict]) -> str:
             lines.append(f"| {r['processes']} | {fmt_n(r['num_samples'])} | {r['skipped']} |")
         else:
             lines.append(markdown_row(r))
+    return "\n".join(lines)
+
+
+DATA_SETS = {"CC3M": 3.3e6, "LAION-400M": 4.0e8, "LAION-2B": 2.32e9, "DataComp-12.8B": 1.28e10}
+
+
+def measured_bytes_per_sample(runs: list[dict]) -> float:
+    """The larger of the two settings' RSS difference per row held, at the largest N."""
+    run = max((r for r in runs if "settings" in r), key=lambda r: r["num_samples"])
+    return max(
+        s["rss_delta_max"] / (s["formula_bytes"] / s["bytes_per_sample"])
+        for s in run["settings"].values()
+    )
+
+
+def scale_table(per_sample: float, per_node: int = 8) -> str:
+    """State memory per process and per node for the data sets at 8, 64 and 512 processes."""
+    lines = [
+        "| data set | processes | replicated, per process | replicated, per node "
+        "| sharded, per process | sharded, per node |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, n in DATA_SETS.items():
+        for world in (8, 64, 512):
+            rep, shd = n * per_sample, math.ceil(n / world) * per_sample
+            lines.append(
+                f"| {name} | {world} | {size(rep)} | {size(per_node * rep)} | {size(shd)} "
+                f"| {size(per_node * shd)} |"
+            )
     return "\n".join(lines)
 
 
@@ -465,6 +488,10 @@ def main(argv: list[str] | None = None) -> dict:
         f"{machine['load_avg_end'][0]:.2f} at end; {per_sample} bytes per sample"
     )
     print(markdown_table(runs))
+    if any("settings" in r for r in runs):
+        measured = measured_bytes_per_sample(runs)
+        print(f"\nScaled with {measured:.2f} bytes per sample (measured), 8 processes a node:\n")
+        print(scale_table(measured))
     return results
 
 
