@@ -33,7 +33,6 @@ import math
 import os
 import platform
 import random
-import socket
 import statistics
 import sys
 import tempfile
@@ -49,6 +48,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks._collectives import CollectiveBytes, tensor_bytes  # noqa: E402
 from benchmarks._machine import cpu_model, log, mem_available_bytes  # noqa: E402
+from benchmarks.comm import free_port  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 SHARDINGS = ("replicated", "sharded")
@@ -237,12 +237,6 @@ def worker(rank: int, world: int, port: int, n: int, opts, queue) -> None:
         dist.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_setup(world: int, n: int, opts) -> dict:
     """One spawn of ``world`` processes measuring N samples; the raw figures of rank 0."""
     queue = mp.get_context("spawn").SimpleQueue()
@@ -317,8 +311,8 @@ def ratio_interval(base: list[float], other: list[float], resamples: int = 2000)
 UNITS = [("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)]
 
 
-def size(nbytes: float) -> str:
-    return next(f"{nbytes / u:.4g} {name}" for name, u in UNITS if nbytes >= u or name == "KB")
+def size(nbytes: float, digits: int = 4) -> str:
+    return next(f"{nbytes / u:.{digits}g} {k}" for k, u in UNITS if nbytes >= u or k == "KB")
 
 
 def fmt_n(n: int) -> str:
@@ -378,16 +372,17 @@ def measured_bytes_per_sample(runs: list[dict]) -> float:
 def scale_table(per_sample: float, per_node: int = 8) -> str:
     """State memory per process and per node for the data sets at 8, 64 and 512 processes."""
     lines = [
-        "| data set | processes | replicated, per process | replicated, per node "
+        "| data set | N | processes | replicated, per process | replicated, per node "
         "| sharded, per process | sharded, per node |",
-        "|---|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, n in DATA_SETS.items():
+        count = f"{n / 1e9:g} B" if n >= 1e9 else f"{n / 1e6:g} M"
         for world in (8, 64, 512):
             rep, shd = n * per_sample, math.ceil(n / world) * per_sample
             lines.append(
-                f"| {name} | {world} | {size(rep)} | {size(per_node * rep)} | {size(shd)} "
-                f"| {size(per_node * shd)} |"
+                f"| {name} | {count} | {world} | {size(rep, 3)} | {size(per_node * rep, 3)} "
+                f"| {size(shd, 3)} | {size(per_node * shd, 3)} |"
             )
     return "\n".join(lines)
 
