@@ -69,6 +69,8 @@ def test_sharded_losses_match_replicated(tmp_path, world):
             assert all(record["params"]), (rank, case)
             assert max(record["filtered"]) > 0, case  # negatives were filtered
             assert record["owned"] == len(range(rank, 64, world))  # about N / world rows
+            # One all-reduce reads a step's rows of every table (thresholds and u together).
+            assert record["reads"] == ([] if "cached" in case else [1] * len(record["loss"]))
     # Every rank ends with the same (reassembled) state, and the thresholds moved.
     for case, record in ranks[0].items():
         for other in ranks[1:]:

@@ -192,6 +192,11 @@ class GloFNDDetector(RowwiseDetector):
     def check_shard_rows(self, name: str, rows: torch.Tensor) -> None:
         self.state.check_shard_rows(name, rows)
 
+    def tables_read_per_step(self) -> list:
+        """The table every step reads at the global batch's indices (the loss may read it
+        together with its own: ``fnd.table.gather_together``)."""
+        return [self.state.table]
+
     def to(self, device: torch.device | str) -> GloFNDDetector:
         self.state.to(device)
         return self

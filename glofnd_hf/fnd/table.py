@@ -133,6 +133,8 @@ class ShardedPerSampleTable:
         self.row_shape = tuple(int(s) for s in row_shape)
         # ``capacity`` rows (those past num_owned are padding) and the scratch row last.
         self.storage = _filled_rows(capacity + 1, self.row_shape, fill, device, pin_memory, dtype)
+        # Rows read ahead by ``gather_together``: (index, device, rows), used once.
+        self._read_ahead: tuple[torch.Tensor, torch.device, torch.Tensor] | None = None
 
     @property
     def device(self) -> torch.device:
@@ -164,24 +166,33 @@ class ShardedPerSampleTable:
     def gather(self, index: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
         """Rows at ``index`` (a copy), on ``device`` (default: the device of ``index``). A
         collective when sharded: every process passes the same ``index``."""
-        device = index.device if device is None else device
+        device = torch.device(index.device if device is None else device)
+        ahead, self._read_ahead = self._read_ahead, None
+        if ahead is not None and ahead[0] is index and ahead[1] == device:
+            return ahead[2]  # read with other tables' rows in one all-reduce
+        rows = self._owned_rows(index, device)
+        if self.world_size > 1:
+            self._check_group()
+            dist.all_reduce(rows)  # one owner per position, -0.0 elsewhere: exact
+        return rows
+
+    def _owned_rows(self, index: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """Rows at ``index`` on ``device``: the ones owned here, ``-0.0`` (0 for integer
+        rows: exact too) at the positions other processes own."""
         to_host = self.storage.device.type == "cpu"
         index = index.to(self.storage.device, non_blocking=not to_host)
         mine, local = self._local(index)
         rows = self.storage.index_select(0, local)
         if self.world_size == 1:
             return rows.to(device, non_blocking=True)
-        self._check_group()
         mask = mine.view(-1, *([1] * len(self.row_shape)))
-        # Integer (and bool) rows add 0: exact too, one owner per position.
         zero = -0.0 if rows.is_floating_point() else 0
-        rows = torch.where(mask, rows, rows.new_full((), zero)).to(device, non_blocking=True)
-        dist.all_reduce(rows)  # one owner per position, -0.0 elsewhere: exact
-        return rows
+        return torch.where(mask, rows, rows.new_full((), zero)).to(device, non_blocking=True)
 
     def scatter(self, index: torch.Tensor, rows: torch.Tensor) -> None:
         """Write ``rows`` at ``index`` (each process its own). Repeated indices must carry
         identical rows."""
+        self._read_ahead = None  # rows read ahead are stale once any row is written
         index = index.to(self.storage.device)
         mine, local = self._local(index)
         if self.world_size > 1:
@@ -189,6 +200,7 @@ class ShardedPerSampleTable:
         self.storage.index_copy_(0, local, rows.to(self.storage.device, self.storage.dtype))
 
     def to(self, device: torch.device | str) -> ShardedPerSampleTable:
+        self._read_ahead = None
         self.storage = self.storage.to(device)
         return self
 
@@ -213,6 +225,7 @@ class ShardedPerSampleTable:
             raise ValueError(
                 f"expected ({self.num_samples}, *{self.row_shape}) rows, got {tuple(rows.shape)}"
             )
+        self._read_ahead = None
         self.data.copy_(rows[self.rank :: self.world_size])
 
     def shard_state_dict(self) -> dict[str, torch.Tensor]:
@@ -232,6 +245,7 @@ class ShardedPerSampleTable:
         a third of each). Every shard is checked first and nothing changes when one is bad:
         same ``num_samples`` and row shape, indices in range and each owned row present
         exactly once. No communication. To read shards one at a time: :meth:`loader`."""
+        self._read_ahead = None
         loader = self.loader()
         for n, shard in enumerate(shards):
             loader.take(n, shard)
@@ -300,6 +314,35 @@ class ShardRowLoader:
 
     def commit(self) -> None:
         self.data.copy_(self.staged.to(self.data.device))
+
+
+def gather_together(tables: Sequence[object], index: torch.Tensor, device: torch.device) -> None:
+    """Read the rows at ``index`` of every sharded float32 table among ``tables`` with one
+    all-reduce instead of one each (a step that reads GloFND's thresholds and the global
+    loss's u for the same global batch waits for one collective's latency, not two). Each
+    table hands its rows to its next ``gather`` with this very ``index`` tensor and
+    ``device``; a ``scatter`` first drops them. A collective: every process calls it alike.
+    Fewer than two such tables: nothing is read (each reads its own)."""
+    together = [
+        t
+        for t in tables
+        if isinstance(t, ShardedPerSampleTable)
+        and t.world_size > 1
+        and t.storage.dtype == torch.float32
+    ]
+    if len(together) < 2:
+        return
+    device = torch.device(device)
+    parts = [t._owned_rows(index, device) for t in together]
+    together[0]._check_group()
+    flat = torch.cat([p.reshape(p.shape[0], -1) for p in parts], dim=1)
+    dist.all_reduce(flat)  # one owner per position, -0.0 elsewhere: exact
+    start = 0
+    for table, part in zip(together, parts, strict=True):
+        width = part[0].numel()
+        rows = flat[:, start : start + width].reshape(part.shape).contiguous()
+        table._read_ahead = (index, device, rows)
+        start += width
 
 
 def make_table(

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from ..fnd import comm
 from ..fnd.detectors import DetectionBatch, FalseNegativeDetector, NoDetector, RowDetection
 from ..fnd.interface import SIDES
-from ..fnd.table import StateError
+from ..fnd.table import StateError, gather_together
 from .masks import Masks, StepMasks, Strategy
 from .rows import RowSimilarities, chunk_bounds
 
@@ -114,6 +114,12 @@ class BimodalContrastiveLoss(ABC):
         ``shard_tables`` has none."""
         tables = getattr(self.detector, "shard_tables", None)
         return {} if tables is None else {f"detector.{k}": v for k, v in tables().items()}
+
+    def _tables_read_per_step(self) -> list:
+        """The per-sample tables a step reads at the global batch's indices (before writing
+        any): the detector's ``tables_read_per_step``, where it has one."""
+        tables = getattr(self.detector, "tables_read_per_step", None)
+        return [] if tables is None else list(tables())
 
     def check_shard_rows(self, name: str, rows: torch.Tensor) -> None:
         """Raise ``StateError`` (naming the entry) unless stored ``rows`` of the table
@@ -367,6 +373,8 @@ class BimodalContrastiveLoss(ABC):
             negatives = candidate_index.unsqueeze(0) != anchor_index.unsqueeze(1)
             if observe:
                 self.detector.observe(anchor_index, image.detach(), text.detach())
+            # Sharded state: the step's reads of its per-sample tables in one collective.
+            gather_together(self._tables_read_per_step(), candidate_index, device)
         candidate_labels = None if labels is None else comm.all_gather_no_grad(labels.to(device))
         batch = DetectionBatch(
             anchor_index=anchor_index,

@@ -199,6 +199,9 @@ class GlobalContrastiveLoss(BimodalContrastiveLoss):
             state[f"{side}.u"] = u[:, s].contiguous().cpu()
         return state
 
+    def _tables_read_per_step(self) -> list:
+        return [*super()._tables_read_per_step(), self.u]
+
     def shard_tables(self) -> dict:
         return {**super().shard_tables(), "u": self.u}
 

@@ -70,6 +70,23 @@ def same_dicts(a, b):
     return a.keys() == b.keys() and all(bitwise_equal(a[k], b[k]) for k in a)
 
 
+class CountedReduces:
+    """Counts torch.distributed.all_reduce calls while active (the sharded tables' reads)."""
+
+    def __enter__(self):
+        self.count, self.original = 0, dist.all_reduce
+
+        def counted(*args, **kwargs):
+            self.count += 1
+            return self.original(*args, **kwargs)
+
+        dist.all_reduce = counted
+        return self
+
+    def __exit__(self, *exc):
+        dist.all_reduce = self.original
+
+
 def run_case(kind, rule, chunk, rank, world):
     losses = {sharding: build(kind, rule, sharding) for sharding in SHARDINGS}
     models, optimizers = {}, {}
@@ -77,21 +94,25 @@ def run_case(kind, rule, chunk, rank, world):
         for sharding in SHARDINGS:
             models[sharding] = torch.nn.parallel.DistributedDataParallel(projection())
             optimizers[sharding] = torch.optim.SGD(models[sharding].parameters(), lr=0.5)
-    record = {"loss": [], "stats": [], "state": [], "filtered": [], "params": []}
+    record = {"loss": [], "stats": [], "state": [], "filtered": [], "params": [], "reads": []}
     for step in range(opts.steps):
         image, text, index, labels = fixed_global_batch(step)
         b = image.shape[0] // world
         sl = slice(rank * b, (rank + 1) * b)
-        outs = {}
+        outs, reduces = {}, {}
         for sharding, loss_fn in losses.items():
             if chunk is None:
-                outs[sharding] = plain_step(loss_fn, image, text, index, labels, step, sl)
+                with CountedReduces() as counted:
+                    outs[sharding] = plain_step(loss_fn, image, text, index, labels, step, sl)
+                reduces[sharding] = counted.count
                 continue
             optimizers[sharding].zero_grad()
             model = models[sharding]
             pairs = (image[sl], text[sl], index[sl], labels[sl])
             outs[sharding] = cached_step(model, loss_fn, *pairs, step, chunk)
             optimizers[sharding].step()
+        if reduces:  # all-reduces a sharded step adds: its state reads
+            record["reads"].append(reduces["sharded"] - reduces["replicated"])
         rep, shd = outs["replicated"], outs["sharded"]
         record["loss"].append(bitwise_equal(rep.loss, shd.loss))
         record["stats"].append(same_dicts(rep.stats, shd.stats))
