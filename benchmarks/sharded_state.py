@@ -12,8 +12,9 @@ replicated`` and once with ``sharded``, for N samples, and measure:
 * the step time of the loss forward + backward on random normalised embeddings (global batch
   1024, local 1024 / W, dim 512, random dataset indices in [0, N)), the slowest process's,
   median over the rounds; the two settings alternate round by round in a random order (the
-  same on every process), so load from other jobs hits both alike; and the reads alone (one
-  gather of the global batch's rows from every table: sharded, the all-reduces it adds);
+  same on every process), so load from other jobs hits both alike; and the reads alone (the
+  global batch's rows of every table, read together as a step reads them: sharded, the one
+  all-reduce it adds);
 * bytes per step and process: every collective the step runs (forward and backward, the
   functional collectives of the embedding gather included) is seen by a dispatch mode that
   tallies the tensors each process hands in (payload) and what a ring algorithm sends for it;
@@ -171,6 +172,8 @@ def time_rounds(losses: dict, n: int, world: int, rank: int, opts) -> dict[str, 
 def time_reads(losses: dict, n: int, world: int, opts) -> dict[str, list[float]]:
     """The reads alone (ms, the slowest process's): one gather of the global batch's rows
     from every table, what a step reads (sharded: the all-reduces the step adds)."""
+    from glofnd_hf.fnd.table import gather_together
+
     tables = {sharding: state_tables(loss) for sharding, loss in losses.items()}
     gen = torch.Generator().manual_seed(2)
     times: dict[str, list[float]] = {s: [] for s in SHARDINGS}
@@ -180,6 +183,7 @@ def time_reads(losses: dict, n: int, world: int, opts) -> dict[str, list[float]]
             sharding = SHARDINGS[which]
             dist.barrier()
             start = time.perf_counter()
+            gather_together(tables[sharding], index, index.device)
             for table in tables[sharding]:
                 table.gather(index)
             if s >= opts.warmup:
