@@ -325,3 +325,33 @@ def test_stationary_benchmark_runs_tables_and_merges(tmp_path, capsys):
     threshold_stationary.main(["--table", str(merged)])
     table = capsys.readouterr().out
     assert "| gaussian | 0.10 |" in table and "| bounded | 2.05 |" in table
+
+
+def _run_test_visits(counts: torch.Tensor, expected: float) -> torch.Tensor:
+    """Feed the run test one visit per entry of ``counts`` (exceedances over the iterate
+    among n negatives, alpha n = ``expected``); returns whether each visit raised the alarm."""
+    alpha, n = 0.01, expected / 0.01
+    rule = GloFNDConfig(alpha=alpha).rule()
+    calm = torch.zeros(counts.shape[1:])
+    alarms = []
+    for m in counts:
+        grad = alpha - m / n  # the pinball gradient at the iterate
+        calm, alarm = rule._run_test(calm, grad, torch.full_like(calm, n))
+        alarms.append(alarm)
+    return torch.stack(alarms)
+
+
+def test_the_busy_run_restarts_a_threshold_that_filters_persistently_more_than_alpha():
+    """Three times the expected exceedances every visit raise the alarm within a handful of
+    visits (the CUSUM climbs 1.3 alpha n a visit to 8); at the quantile (Poisson counts of
+    mean alpha n) alarms are rare. A quiet run still raises it (8 expected, none seen)."""
+    expected = 1.0
+    alarms = _run_test_visits(torch.full((12, 1), 3.0 * expected), expected)
+    first = int(alarms[:, 0].to(torch.uint8).argmax())
+    assert alarms[:, 0].any() and first <= 7, alarms[:, 0]
+    gen = torch.Generator().manual_seed(0)
+    at_quantile = torch.poisson(torch.full((400, 500), expected), generator=gen)
+    rate = _run_test_visits(at_quantile, expected).float().mean().item()
+    assert rate < 1e-3, rate  # visits whose alarm is false
+    quiet = _run_test_visits(torch.zeros(10, 1), expected)[:, 0]
+    assert int(quiet.to(torch.uint8).argmax()) == 8  # 9 visits expected 9 > 8

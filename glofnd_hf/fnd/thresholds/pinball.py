@@ -30,7 +30,7 @@ class PinballRule(ThresholdRule):
         FINITE,
         NON_NEGATIVE,
         FINITE,
-        NON_NEGATIVE,
+        FINITE,  # calm: >= 0 a quiet run's expected count, < 0 a busy run's statistic
         NON_NEGATIVE,
         COUNT,
     )
@@ -117,8 +117,8 @@ class PinballRule(ThresholdRule):
         innovation = q_hat - centre
         new_drift, alarm = self._drift_alarm(innovation, unit, scatter, drift, visits)
         common_shift, common = self._common_shift(rows, stats)
-        calm, quiet = self._quiet_run(calm, grad, n)
-        restart = alarm | common | quiet
+        calm, run_alarm = self._run_test(calm, grad, n)
+        restart = alarm | common | run_alarm
         age = torch.where(restart, age.clamp(max=cfg.restart_age), age) + 1.0
         # While the tail moves, the centre follows it at once (and the test stays raised
         # until the estimates fall back about it); between, it averages them. A common
@@ -188,22 +188,39 @@ class PinballRule(ThresholdRule):
         alarm = (visits >= 5) & (new_drift.abs() > cfg.drift_level * math.sqrt(rate / (2.0 - rate)))
         return new_drift, alarm
 
-    def _quiet_run(
+    def _run_test(
         self, calm: torch.Tensor, grad: torch.Tensor, n: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The run of visits without any negative above the iterate, and whether it is too
-        long for an iterate at the quantile (then it restarts the age and the run).
+        """The two runs that say a threshold stands on the wrong side of a quantile that
+        moved, in one signed column: ``calm`` >= 0 counts a quiet run, < 0 holds minus a busy
+        run's statistic; returns the new column and whether either raises the alarm (which
+        restarts the age and the column).
 
-        Too high a threshold shows as such a run: ``calm`` is the number of exceedances
-        expected over the current run (alpha n per visit), and a run that expected more
-        than drift_level^2 / 2 of them (8 by default; no exceedance has probability
-        e^-calm) restarts the age. The step is then chosen from past visits only, so the
-        mean step's zero does not move.
+        * **quiet** (too high): the number of exceedances expected over a run of visits
+          without any negative above the iterate (alpha n per visit). A run that expected
+          more than drift_level^2 / 2 of them (8 by default; no exceedance has probability
+          e^-8) raises the alarm.
+        * **busy** (too low, a quantile that keeps rising): a Poisson CUSUM of each visit's
+          exceedances ``m`` against ``alpha n``, the log-likelihood ratio of a rate
+          ``BUSY_FACTOR`` (3) times alpha against alpha, ``S = max(0, S + m log 3 - 2 alpha
+          n)``, beyond the same level. At the quantile its mean step is negative (-0.9
+          alpha n); at three times alpha it climbs 1.3 alpha n a visit. The decaying gains
+          alone trail a quantile that rises every epoch (the SigLIP demo filtered 3-9 x alpha
+          late in training); a restart brings the gain back.
+
+        Either way the step is then chosen from past visits only, so the mean step's zero
+        does not move.
         """
         cfg = self.config
-        calm = torch.where(grad < cfg.alpha, 0.0, calm + cfg.alpha * n)
-        quiet = calm > 0.5 * cfg.drift_level**2
-        return torch.where(quiet, 0.0, calm), quiet
+        expected = cfg.alpha * n
+        level = 0.5 * cfg.drift_level**2
+        above = ((cfg.alpha - grad) * n).clamp(min=0.0)  # exceedances over the iterate
+        busy = (-calm).clamp(min=0.0) + above * math.log(BUSY_FACTOR)
+        busy = (busy - (BUSY_FACTOR - 1.0) * expected).clamp(min=0.0)
+        quiet = torch.where(grad < cfg.alpha, 0.0, calm.clamp(min=0.0) + expected)
+        alarm = (busy > level) | (quiet > level)
+        calm = torch.where(busy > 0.0, -busy, quiet)
+        return torch.where(alarm, 0.0, calm), alarm
 
     def _pinball_step(
         self,
@@ -229,6 +246,10 @@ class PinballRule(ThresholdRule):
         gain = age.pow(-self.config.gain_decay)
         new_it = (start - gain * unit * (grad / self.config.alpha)).clamp(-1.0, 1.0)
         return torch.maximum(new_it, floor)
+
+
+BUSY_FACTOR = 3.0
+"""The over-filtering (times alpha) the busy-run test is tuned to detect."""
 
 
 def _rank_average(
