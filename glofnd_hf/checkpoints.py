@@ -145,10 +145,16 @@ def _training_state_problems(path: Path, names: set[str]) -> list[str]:
     return lacking
 
 
+def shard_file_name(rank: int, world_size: int) -> str:
+    """The file of process ``rank``'s rows in a set of ``world_size`` per-sample state
+    shards (``state_sharding: sharded``)."""
+    return f"{STATE_FILE.removesuffix('.safetensors')}.rank{rank}-of-{world_size}.safetensors"
+
+
 def state_shard_names(state_file: str | os.PathLike) -> list[str]:
-    """The per-process shard files (``glofnd_state.rank{r}-of-{w}.safetensors``) that a
-    sharded run's state file (its manifest, :mod:`glofnd_hf.state_shards`) names; none for a
-    single state file or one that cannot be read (reported as damaged elsewhere)."""
+    """The per-process shard files (:func:`shard_file_name`) that a sharded run's state file
+    (its manifest, :mod:`glofnd_hf.state_shards`) names; none for a single state file or
+    one that cannot be read (reported as damaged elsewhere)."""
     try:
         from safetensors import safe_open
 
@@ -158,8 +164,7 @@ def state_shard_names(state_file: str | os.PathLike) -> list[str]:
         return []
     if shards is None or not shards.isdigit():
         return []
-    stem = STATE_FILE.removesuffix(".safetensors")
-    return [f"{stem}.rank{r}-of-{shards}.safetensors" for r in range(int(shards))]
+    return [shard_file_name(r, int(shards)) for r in range(int(shards))]
 
 
 def damaged_file_problem(path: str | os.PathLike) -> str | None:

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .checkpoints import STATE_FILE, write_atomically
+from .checkpoints import shard_file_name, write_atomically
 from .fnd.table import StateError
 
 __all__ = [
@@ -31,7 +31,9 @@ __all__ = [
     "manifest_shards",
     "read_state_config",
     "read_state_file",
+    "read_state_metadata",
     "shard_file_name",
+    "state_metadata",
     "write_state_file",
 ]
 
@@ -51,6 +53,11 @@ def read_state_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     """The tensors and metadata of a safetensors file; a file that is not one (truncated,
     corrupt, empty) raises :class:`StateFileError` instead of safetensors' own error."""
     return _read(path, tensors=True)
+
+
+def read_state_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The metadata of a state file, from its header only (not its tensors)."""
+    return _read(path, tensors=False)[1]
 
 
 def _read(path: str | os.PathLike, tensors: bool) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -78,14 +85,20 @@ def write_state_file(
     (a temporary file renamed into place)."""
     from safetensors.torch import save_file
 
-    metadata = {"config": json.dumps(dict(config), default=str), "num_samples": str(num_samples)}
+    metadata = state_metadata(config, num_samples)
     write_atomically(path, lambda tmp: save_file(dict(state), tmp, metadata=metadata))
+
+
+def state_metadata(config: Mapping[str, Any], num_samples: int) -> dict[str, str]:
+    """The metadata every state file (and shard, and manifest) records: the loss's
+    ``config`` (JSON) and ``num_samples``."""
+    return {"config": json.dumps(dict(config), default=str), "num_samples": str(num_samples)}
 
 
 def read_state_config(path: str | os.PathLike) -> tuple[dict[str, Any], int]:
     """The loss's configuration and N that a state file records; :class:`StateFileError`
     where it records no detector or no N. Reads the header only, not the tensors."""
-    _, metadata = _read(path, tensors=False)
+    metadata = read_state_metadata(path)
     try:
         config = json.loads(metadata["config"])
         config["detector"]
@@ -160,11 +173,6 @@ class _DetectorTables:
             raise err.within(_DETECTOR) from err
 
 
-def shard_file_name(rank: int, world_size: int) -> str:
-    """The file of process ``rank``'s rows in a set of ``world_size`` shards."""
-    return f"{STATE_FILE.removesuffix('.safetensors')}.rank{rank}-of-{world_size}.safetensors"
-
-
 def manifest_shards(metadata: Mapping[str, str]) -> int | None:
     """The number of shard files a state file's metadata names (None: a single file)."""
     shards = metadata.get("shards")
@@ -180,8 +188,7 @@ def load_shard_set(manifest: str | os.PathLike, loss: Any, num_samples: int | No
     its own, a replicated one every row), so a process holds one shard and its own rows,
     never the whole set. The tables change only once every shard has passed; nothing
     changes on an error (a StateFileError naming the file)."""
-    _, meta = read_state_file(manifest)
-    world = manifest_shards(meta)
+    world = manifest_shards(read_state_metadata(manifest))
     if world is None or world < 1:
         raise StateFileError(f"{manifest} names no set of per-process shards")
     folder = os.path.dirname(os.fspath(manifest)) or "."

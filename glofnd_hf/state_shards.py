@@ -32,7 +32,7 @@ import torch.distributed as dist
 from .checkpoints import STATE_FILE, CheckpointWriteError, write_atomically
 from .fnd import comm
 from .fnd.table import ShardedPerSampleTable
-from .state_file import EXTRA, load_shard_set, manifest_shards, shard_file_name
+from .state_file import EXTRA, load_shard_set, manifest_shards, shard_file_name, state_metadata
 
 __all__ = [
     "is_sharded",
@@ -54,10 +54,6 @@ def is_sharded(loss) -> bool:
     return any(isinstance(t, ShardedPerSampleTable) and t.world_size > 1 for t in tables().values())
 
 
-def _metadata(config: Mapping[str, Any], num_samples: int) -> dict[str, str]:
-    return {"config": json.dumps(dict(config), default=str), "num_samples": str(num_samples)}
-
-
 def write_state_shard(folder: str | os.PathLike, loss, num_samples: int) -> str:
     """This process's rows of every table of ``loss`` (sharded) to its shard file, atomically;
     returns its path. No communication."""
@@ -71,7 +67,7 @@ def write_state_shard(folder: str | os.PathLike, loss, num_samples: int) -> str:
     extras = getattr(loss, "shard_extras", None)
     for key, value in ({} if extras is None else extras()).items():
         state[f"{EXTRA}{key}"] = value.contiguous().cpu()
-    metadata = _metadata(loss.config_dict(), num_samples)
+    metadata = state_metadata(loss.config_dict(), num_samples)
     metadata.update(rank=str(rank), world_size=str(world), tables=json.dumps(sorted(tables)))
     path = os.path.join(folder, shard_file_name(rank, world))
     from safetensors.torch import save_file
@@ -119,7 +115,7 @@ def write_shard_manifest(
     process, once every shard is on disk)."""
     from safetensors.torch import save_file
 
-    metadata = _metadata(config, num_samples)
+    metadata = state_metadata(config, num_samples)
     metadata["shards"] = str(world_size)
     path = os.path.join(folder, STATE_FILE)
     write_atomically(path, lambda tmp: save_file({}, tmp, metadata=metadata))

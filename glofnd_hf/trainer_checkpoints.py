@@ -39,7 +39,7 @@ from .checkpoints import (
     sync_folder,
 )
 from .run_folder import check_output_dir, lock_output_dir
-from .state_file import load_state_file, read_state_file, write_state_file
+from .state_file import load_state_file, read_state_metadata, write_state_file
 from .state_shards import (
     is_sharded,
     load_state_shards,
@@ -267,7 +267,7 @@ class CheckpointingMixin:
                     f"cannot be restored"
                 )
             return
-        if manifest_shards(read_state_file(path)[1]) is not None:  # one file per process
+        if manifest_shards(read_state_metadata(path)) is not None:  # one file per process
             load_state_shards(checkpoint, self.contrastive_loss, self.num_samples)
         else:
             load_state_file(path, self.contrastive_loss, self.num_samples)  # checked, or refused
