@@ -19,7 +19,6 @@ from benchmarks.tracking_streams import make_stream, run_stream
 from glofnd_hf.fnd import GloFNDConfig, GloFNDDetector, build_detector
 from glofnd_hf.fnd.detectors import DetectionBatch
 from glofnd_hf.fnd.thresholds import PinballRule, ThresholdState
-from glofnd_hf.fnd.thresholds.pinball import _spending
 
 VISITS = 120
 
@@ -335,11 +334,11 @@ def _run_test_visits(counts: torch.Tensor, expected: float, tests: float = 1.0) 
     alpha, n = 0.01, expected / 0.01
     rule = GloFNDConfig(alpha=alpha).rule()
     calm = torch.zeros(counts.shape[1:])
-    spent = _spending(torch.full_like(calm, tests))
+    level = rule._alarm_level(torch.full_like(calm, tests))
     alarms = []
     for m in counts:
         grad = alpha - m / n  # the pinball gradient at the iterate
-        calm, alarm = rule._run_test(calm, grad, torch.full_like(calm, n), spent)
+        calm, alarm = rule._run_test(calm, grad, torch.full_like(calm, n), level)
         alarms.append(alarm)
     return torch.stack(alarms)
 

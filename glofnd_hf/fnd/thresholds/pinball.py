@@ -73,7 +73,7 @@ class PinballRule(ThresholdRule):
         ).to(torch.float32)
 
     def _common_shift(
-        self, rows: torch.Tensor, stats: torch.Tensor
+        self, rows: torch.Tensor, stats: torch.Tensor, tests: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(2,) the batch's common shift per side since its anchors' last visit, and whether
         it was detected.
@@ -83,13 +83,11 @@ class PinballRule(ThresholdRule):
         innovations ``q_hat - centre`` does. Under no drift each innovation has mean zero
         (the centre is a weighted mean of the same anchor's earlier estimates), so a t-test
         of their mean across the batch's anchors needs no noise model. Its level rises with
-        the anchors' mean count of tests (``_spending``): on still data the skewed
+        the anchors' mean count of ``tests`` (``_alarm_level``): on still data the skewed
         innovations (extrapolated tail estimates) made it fire several times as often as a
         t-test's level says, and each false alarm restarts every anchor of the batch.
         """
-        centre, age, visits = (
-            rows[..., self.columns.index(name)] for name in ("centre", "age", "visits")
-        )
+        centre, visits = rows[..., self.columns.index("centre")], rows[..., -1]
         q_hat = stats[..., 1].to(torch.float32)
         seen = ((visits > 0) & torch.isfinite(q_hat)).to(torch.float32)
         count = seen.sum(0)
@@ -97,9 +95,8 @@ class PinballRule(ThresholdRule):
         mean = values.sum(0) / count.clamp(min=1.0)
         variance = (values.square().sum(0) - count * mean.square()) / (count - 1.0).clamp(min=1.0)
         t = mean * count.sqrt() / variance.clamp(min=1e-24).sqrt()
-        tests = (torch.minimum(age, visits) * seen).sum(0) / count.clamp(min=1.0)
-        level = (self.config.drift_level**2 + 2.0 * _spending(tests)).sqrt()
-        detected = (count >= 8) & (t.abs() > level)
+        mean_tests = (tests * seen).sum(0) / count.clamp(min=1.0)
+        detected = (count >= 8) & (t.abs() > (2.0 * self._alarm_level(mean_tests)).sqrt())
         return torch.where(detected, mean, 0.0), detected
 
     def _bounded(self, grad: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
@@ -122,10 +119,13 @@ class PinballRule(ThresholdRule):
         grad = bounded
         first = visits == 0
         innovation = q_hat - centre
-        spent = _spending(torch.minimum(age, visits))
-        new_drift, alarm = self._drift_alarm(innovation, unit, scatter, drift, visits, spent)
-        common_shift, common = self._common_shift(rows, stats)
-        calm, run_alarm = self._run_test(calm, grad, n, spent)
+        # Tests run since the last restart: the age after one, the visits before any (a
+        # start's age is its estimate's worth in visits, not a count of tests).
+        tests = torch.minimum(age, visits)
+        level = self._alarm_level(tests)
+        new_drift, alarm = self._drift_alarm(innovation, unit, scatter, drift, visits, level)
+        common_shift, common = self._common_shift(rows, stats, tests)
+        calm, run_alarm = self._run_test(calm, grad, n, level)
         restart = alarm | common | run_alarm
         age = torch.where(restart, age.clamp(max=cfg.restart_age), age) + 1.0
         # While the tail moves, the centre follows it at once (and the test stays raised
@@ -176,7 +176,7 @@ class PinballRule(ThresholdRule):
         scatter: torch.Tensor,
         drift: torch.Tensor,
         visits: torch.Tensor,
-        spent: torch.Tensor,
+        level: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Each anchor's drift test: the new running mean of its clipped z-scores, and
         whether it raises the alarm (which restarts the age and moves the centre at once).
@@ -186,8 +186,7 @@ class PinballRule(ThresholdRule):
         tail model's: lumpy tails make the estimates far noisier than the model says). Each
         z-score is clipped, so one outlier cannot raise the alarm: a running mean of z
         beyond drift_level times its spread under no drift needs several visits in a row
-        that all lie far to one side. ``spent`` (``_spending``) raises the level with the
-        tests since the last restart.
+        that all lie far to one side; its level is ``_alarm_level``'s, as a z-score.
         """
         cfg = self.config
         spread = unit * scatter.sqrt()
@@ -195,12 +194,12 @@ class PinballRule(ThresholdRule):
         rate = cfg.drift_rate
         new_drift = drift + rate * (z - drift)
         # The scatter is measured, so the test waits for a few visits' worth of it.
-        level = (cfg.drift_level**2 + 2.0 * spent).sqrt() * math.sqrt(rate / (2.0 - rate))
-        alarm = (visits >= 5) & (new_drift.abs() > level)
+        z_level = (2.0 * level).sqrt() * math.sqrt(rate / (2.0 - rate))
+        alarm = (visits >= 5) & (new_drift.abs() > z_level)
         return new_drift, alarm
 
     def _run_test(
-        self, calm: torch.Tensor, grad: torch.Tensor, n: torch.Tensor, spent: torch.Tensor
+        self, calm: torch.Tensor, grad: torch.Tensor, n: torch.Tensor, level: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The two runs that say a threshold stands on the wrong side of a quantile that
         moved, in one signed column: ``calm`` >= 0 counts a quiet run, < 0 holds minus a busy
@@ -209,7 +208,7 @@ class PinballRule(ThresholdRule):
 
         * **quiet** (too high): the number of exceedances expected over a run of visits
           without any negative above the iterate (alpha n per visit). A run that expected
-          more than drift_level^2 / 2 of them (8 by default; no exceedance has probability
+          more than the level (``_alarm_level``: 8 by default; no exceedance has probability
           e^-8) raises the alarm.
         * **busy** (too low, a quantile that keeps rising): a Poisson CUSUM of each visit's
           exceedances ``m`` against ``alpha n``, the log-likelihood ratio of a rate
@@ -220,12 +219,10 @@ class PinballRule(ThresholdRule):
           late in training); a restart brings the gain back.
 
         Either way the step is then chosen from past visits only, so the mean step's zero
-        does not move. Both levels rise by ``spent`` (``_spending``) with the tests since
-        the last restart.
+        does not move.
         """
         cfg = self.config
         expected = cfg.alpha * n
-        level = 0.5 * cfg.drift_level**2 + spent
         above = ((cfg.alpha - grad) * n).clamp(min=0.0)  # exceedances over the iterate
         busy = (-calm).clamp(min=0.0) + above * math.log(BUSY_FACTOR)
         busy = (busy - (BUSY_FACTOR - 1.0) * expected).clamp(min=0.0)
@@ -233,6 +230,28 @@ class PinballRule(ThresholdRule):
         alarm = (busy > level) | (quiet > level)
         calm = torch.where(busy > 0.0, -busy, quiet)
         return torch.where(alarm, 0.0, calm), alarm
+
+    def _alarm_level(self, tests: torch.Tensor) -> torch.Tensor:
+        """The level, in log-odds, that every drift test of an anchor tested ``tests``
+        times since its last restart must pass: ``drift_level^2 / 2`` (8 by default; a
+        z-score test passes it at ``sqrt(2 level)``), plus ``SPENDING x log(tests /
+        SPENDING_AGE)`` from the ``SPENDING_AGE``-th test on.
+
+        A test with a fixed level raises false alarms at a fixed rate per visit (about 1e-4
+        here), so on data that never moves an anchor restarts every so many thousand visits
+        and its error stops shrinking at about the error of that age: a tracker, not a
+        consistent estimator (the sd across anchors of lambda - q at visits 150-200 was
+        0.8-1.1 x that at 40-60 in 11 of 24 test cells at alpha x B >= 0.5). With the level
+        raised by 2 log(tests / 10), a false alarm at the t-th test has probability about
+        p (10 / t)^2, whose sum over a life is finite: an anchor on still data restarts
+        finitely often, and then its error shrinks as the gains say. The first 10 tests keep
+        the fixed level: a young anchor's restart is cheap, and it helps a start far off the
+        quantile (a lumpy tail) come down sooner. A real drift is still caught, later the
+        longer the anchor was quiet: after 100 quiet tests a run test needs 12.6 expected
+        exceedances, not 8.
+        """
+        spent = SPENDING * torch.log((tests / SPENDING_AGE).clamp(min=1.0))
+        return 0.5 * self.config.drift_level**2 + spent
 
     def _pinball_step(
         self,
@@ -261,31 +280,9 @@ class PinballRule(ThresholdRule):
 
 
 SPENDING = 2.0
-"""How fast the drift tests' levels rise with the tests an anchor has run (``_spending``)."""
+"""How fast the drift tests' levels rise with the tests an anchor has run (``_alarm_level``)."""
 SPENDING_AGE = 10.0
-"""The number of tests from which the levels rise (``_spending``)."""
-
-
-def _spending(tests: torch.Tensor) -> torch.Tensor:
-    """The log-odds every drift test adds to its level once an anchor has been tested
-    ``tests`` times since its last restart: ``SPENDING x log(tests / SPENDING_AGE)``, 0
-    before. The caller counts ``min(age, visits)``: the age after a restart (which restarts
-    at ``restart_age``), the visits before any (a start's age is its estimate's worth in
-    visits, not a count of tests).
-
-    A test with a fixed level raises false alarms at a fixed rate per visit (about 1e-4
-    here), so on data that never moves an anchor restarts every so many thousand visits and
-    its error stops shrinking at about the error of that age: a tracker, not a consistent
-    estimator (the sd across anchors of lambda - q at visits 150-200 was 0.8-1.1 x that at
-    40-60 in 11 of 24 test cells at alpha x B >= 0.5). With the level raised by
-    2 log(tests / 10), a false alarm at the t-th test has probability about p (10 / t)^2,
-    whose sum over a life is finite: an anchor on still data restarts finitely often, and
-    then its error shrinks as the gains say. The first 10 tests keep the fixed level: a
-    young anchor's restart is cheap, and it helps a start far off the quantile (a lumpy
-    tail) come down sooner. A real drift is still caught, later the longer the anchor was
-    quiet: after 100 quiet tests a run test needs 12.6 expected exceedances, not 8.
-    """
-    return SPENDING * torch.log((tests / SPENDING_AGE).clamp(min=1.0))
+"""The number of tests from which the levels rise (``_alarm_level``)."""
 
 
 BUSY_FACTOR = 3.0
