@@ -4,10 +4,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from transformers import TrainerCallback
 
 from glofnd_hf.args import DataArguments, GloFNDTrainingArguments, ModelArguments
 from glofnd_hf.cli.config import parse_config_and_flags
 from glofnd_hf.cli.train import run
+from glofnd_hf.trainer import GloFNDTrainer
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 TYPES = (ModelArguments, DataArguments, GloFNDTrainingArguments)
@@ -84,7 +86,18 @@ def test_every_accelerate_config_loads():
 def test_demo_training_beats_the_untrained_model(tmp_path):
     """A third of the demo recipe (20 epochs, masking from epoch 10): the model starts to
     learn the digit (zero-shot top-1 from chance to 43 % at seed 0) and retrieval improves
-    (seeded; the whole demo reaches 92 %)."""
+    (seeded; the whole demo reaches 92 %). A study's callback is built from the trainer and
+    the training split, and sees every epoch."""
+    built, epochs = [], []
+
+    class Epochs(TrainerCallback):
+        def on_epoch_end(self, args, state, control, **kwargs):
+            epochs.append(round(state.epoch))
+
+    def study(trainer, train):
+        built.append((trainer, train))
+        return Epochs()
+
     results = run(
         [
             str(RECIPES / "demo.yaml"),
@@ -98,8 +111,12 @@ def test_demo_training_beats_the_untrained_model(tmp_path):
             "no",
             "--disable_tqdm",
             "true",
-        ]
+        ],
+        callbacks=[study],
     )
+    ((trainer, train),) = built
+    assert isinstance(trainer, GloFNDTrainer) and len(train) == trainer.contrastive_loss.num_samples
+    assert epochs == list(range(1, 21))
     before, after = results["before"], results["after"]
     assert after["eval_top1_accuracy"] - before["eval_before_top1_accuracy"] > 0.2
     for direction in ("image_to_text", "text_to_image"):

@@ -56,6 +56,51 @@ def _prf(tp: float, detected: float, true: float, pairs: float) -> dict[str, flo
     return {"precision": p, "recall": r, "f1": f1, "detected_fraction": detected / pairs}
 
 
+class TrainingModeFigures:
+    """Every epoch end, in rank units on a fresh training-mode draw (what the rule sees):
+    what a detector's thresholds filter there, against the exact rule on the same
+    similarities; beside them what the exact quantiles of another draw filter (same epoch:
+    the draw-to-draw noise no rule escapes; the previous epoch's, held for an epoch, as a
+    rule that sees each sample once per epoch would at best hold them).
+
+    ``detector``: a GloFND detector (its ``state`` holds the thresholds, keyed by dataset
+    index = row of ``train``); ``seed``: the run's, from which each epoch's two draws come.
+    """
+
+    def __init__(self, adapter, detector, train, alpha: float, seed: int) -> None:
+        self.adapter, self.detector, self.alpha, self.seed = adapter, detector, alpha, seed
+        self.embedder = ZeroShotEvaluator(train, show_progress=False, batch_size=256)
+        self._previous: tuple[int, torch.Tensor] | None = None
+        self.records: list[dict[str, Any]] = []
+
+    def thresholds(self, n: int) -> torch.Tensor:
+        """(2, n) the thresholds of the first n samples, as they filter (read without
+        ``state_dict``, which folds the state's common shift into its table and so would
+        change the run it measures in the last bits)."""
+        return self.detector.state.lambdas(torch.arange(n)).t().cpu()
+
+    def record(self, epoch: int, model) -> dict[str, Any]:
+        """The figures of the draws at the end of ``epoch`` (appended to ``records``)."""
+        seed = self.seed * 100_003 + 2 * epoch  # two distinct draws per epoch
+        seen = _similarities(self.embedder.embed(self.adapter, model, training=True, seed=seed))
+        n = seen.shape[1]
+        negatives = ~torch.eye(n, dtype=torch.bool)
+        exact = masked_quantile(seen, negatives, 1.0 - self.alpha)
+        previous, self._previous = self._previous, (epoch, exact)
+        fresh = _similarities(
+            self.embedder.embed(self.adapter, model, training=True, seed=seed + 1)
+        )
+        thresholds = {"learned": self.thresholds(n), "exact_other_draw": exact}
+        if previous is not None and previous[0] == epoch - 1:
+            thresholds["exact_previous_epoch"] = previous[1]
+        figures = {
+            name: rank_figures(fresh, thr, negatives, self.alpha)
+            for name, thr in thresholds.items()
+        }
+        self.records.append({"epoch": epoch, **figures})
+        return self.records[-1]
+
+
 class ThresholdSnapshots(TrainerCallback):
     """At chosen epoch ends, with the training set embedded by the current model:
 
@@ -90,16 +135,16 @@ class ThresholdSnapshots(TrainerCallback):
             self.exact_history = {}
         self._previous_exact: tuple[int, torch.Tensor] | None = None
         # The same in training mode (dropout, augmentation): what the rule sees.
-        self._previous_seen: tuple[int, torch.Tensor] | None = None
+        self.seen = TrainingModeFigures(study.adapter, detector, train, alpha, study.seed)
         self.labels = labels
-        self.embedder = ZeroShotEvaluator(train, show_progress=False, batch_size=256)
+        self.embedder = self.seen.embedder
         self.snapshots: list[dict[str, Any]] = []
-        self.training_mode: list[dict[str, Any]] = []
+        self.training_mode = self.seen.records
         self.arrays: list[dict[str, np.ndarray]] = []
 
     def on_epoch_end(self, args, state, control, model=None, **kwargs):
         epoch = round(state.epoch or 0)
-        self._training_mode(epoch, model)
+        self.seen.record(epoch, model)
         if epoch not in self.exact_at:
             return
         sims = _similarities(self.embedder.embed(self.study.adapter, model))  # (2, N, N)
@@ -111,7 +156,7 @@ class ThresholdSnapshots(TrainerCallback):
             self.exact_history[epoch] = exact.clone()
         if epoch not in self.at:
             return
-        lam = self._thresholds(n)
+        lam = self.seen.thresholds(n)
         truth = (self.labels.unsqueeze(1) == self.labels.unsqueeze(0)) & negatives
         snap: dict[str, Any] = {"epoch": epoch, "full_matrix": {}, "in_batch_pairs": {}}
         for name, thr in (("learned", lam), ("exact", exact)):
@@ -147,36 +192,6 @@ class ThresholdSnapshots(TrainerCallback):
         self.arrays.append(
             {"epoch": epoch, "lambda": lam[0].numpy().copy(), "exact": exact[0].numpy().copy()}
         )
-
-    def _thresholds(self, n: int) -> torch.Tensor:
-        """(2, n) GloFND's thresholds of the first n samples, as they filter (read without
-        ``state_dict``, which folds the state's common shift into its table and so would
-        change the run it measures in the last bits)."""
-        return self.detector.state.lambdas(torch.arange(n)).t().cpu()
-
-    def _training_mode(self, epoch: int, model) -> None:
-        """Every epoch end, in rank units on a fresh training-mode draw (what the rule
-        sees): what the thresholds filter there, against the exact rule on the same
-        similarities; beside them what the exact quantiles of another draw filter (same
-        epoch: the draw-to-draw noise no rule escapes; the previous epoch's, held for an
-        epoch, as a rule that sees each sample once per epoch would at best hold them)."""
-        adapter = self.study.adapter
-        seed = self.study.seed * 100_003 + 2 * epoch  # two distinct draws per epoch
-        seen = _similarities(self.embedder.embed(adapter, model, training=True, seed=seed))
-        n = seen.shape[1]
-        negatives = ~torch.eye(n, dtype=torch.bool)
-        exact = masked_quantile(seen, negatives, 1.0 - self.alpha)
-        previous, self._previous_seen = self._previous_seen, (epoch, exact)
-        fresh = _similarities(self.embedder.embed(adapter, model, training=True, seed=seed + 1))
-        lam = self._thresholds(n)
-        thresholds = {"learned": lam, "exact_other_draw": exact}
-        if previous is not None and previous[0] == epoch - 1:
-            thresholds["exact_previous_epoch"] = previous[1]
-        figures = {
-            name: rank_figures(fresh, thr, negatives, self.alpha)
-            for name, thr in thresholds.items()
-        }
-        self.training_mode.append({"epoch": epoch, **figures})
 
     def _in_batch(self, sims, exact, lam, truth) -> dict[str, dict]:
         n, b = sims.shape[1], self.study.batch_size

@@ -10,8 +10,10 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
+
+from transformers import TrainerCallback
 
 from ..args import DataArguments, GloFNDTrainingArguments, ModelArguments
 from ..checkpoints import resolve_resume_checkpoint
@@ -36,6 +38,10 @@ from .config import parse_config_and_flags
 from .errors import UsageError, run_cli
 
 logger = logging.getLogger("glofnd_hf")
+
+
+CallbackFactory = Callable[[GloFNDTrainer, Any], TrainerCallback]
+"""Builds a callback from the trainer and its training split (``run``'s ``callbacks``)."""
 
 
 def help_overrides() -> dict[str, str]:
@@ -91,8 +97,13 @@ def _train(argv: list[str]) -> int:
     return 0
 
 
-def run(argv: Sequence[str]) -> dict[str, dict[str, float]]:
-    """Train as ``glofnd-train`` does; returns the zero-shot metrics before/after."""
+def run(
+    argv: Sequence[str], callbacks: Sequence[CallbackFactory] = ()
+) -> dict[str, dict[str, float]]:
+    """Train as ``glofnd-train`` does; returns the zero-shot metrics before/after.
+
+    ``callbacks``: for studies of a run, each called with the trainer and the training split
+    (None with shards) once both are built; the ``TrainerCallback`` it returns is added."""
     model_args, data_args, args = parse_config_and_flags(
         (ModelArguments, DataArguments, GloFNDTrainingArguments), argv, help_overrides()
     )
@@ -142,6 +153,8 @@ def run(argv: Sequence[str]) -> dict[str, dict[str, float]]:
         index_column=data_args.index_column,
         label_column=data_args.label_column,
     )
+    for factory in callbacks:
+        trainer.add_callback(factory(trainer, train))
     set_model_card_info(
         trainer,
         model_name_or_path=model_args.model_name_or_path,

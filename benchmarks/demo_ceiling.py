@@ -1,0 +1,96 @@
+"""How near alpha could a once-per-epoch rule filter in a demo run? The ceiling beside the rule.
+
+Runs a recipe as ``glofnd-train`` does and, at every epoch end, embeds the training set
+twice as a training step sees it (train mode, the training transform; two seeded draws),
+then scores in rank units on the second draw (``fnstudy.snapshots.TrainingModeFigures``):
+
+* ``learned``: GloFND's thresholds as they stand;
+* ``exact_other_draw``: each anchor's exact (1 - alpha) quantile of the first draw of the
+  same epoch (augmentation and dropout alone: no rule does better);
+* ``exact_previous_epoch``: the exact quantiles of the previous epoch's draw, held for an
+  epoch (what a rule that knew each quantile exactly at its last visit would filter).
+
+Each: the mean share of negatives above the thresholds over alpha, the share of anchors
+within [0.5, 2] x alpha, and the mask F1 against the exact rule on the same similarities.
+
+    .venv/bin/python benchmarks/demo_ceiling.py recipes/demo_attributes.yaml \\
+        --model_name_or_path glofnd-tiny-siglip --loss_type sigmoid \\
+        --output benchmarks/results/demo_ceiling_siglip.json
+
+Every flag after the recipe but ``--output`` goes to the training run (``save_strategy: no``
+and a temporary ``output_dir`` unless given).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's glofnd_hf
+
+from benchmarks.fnstudy.snapshots import TrainingModeFigures  # noqa: E402
+from benchmarks.fnstudy.table import training_mode_table  # noqa: E402
+from glofnd_hf.cli.train import run  # noqa: E402
+
+
+class EpochCeiling(TrainerCallback):
+    """``TrainingModeFigures`` at every epoch end, printed as they come."""
+
+    def __init__(self, figures: TrainingModeFigures) -> None:
+        self.figures = figures
+
+    def on_epoch_end(self, args, state, control, model=None, **kwargs):
+        record = self.figures.record(round(state.epoch or 0), model)
+        cells = ", ".join(
+            f"{name} {f['filtered_over_alpha']:.2f}"
+            for name, f in record.items()
+            if name != "epoch"
+        )
+        print(f"ceiling epoch {record['epoch']}: {cells}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("recipe")
+    parser.add_argument("--output", type=Path, help="results JSON")
+    args, flags = parser.parse_known_args(argv)
+    if not any(flag.startswith("--output_dir") for flag in flags):
+        flags += ["--output_dir", tempfile.mkdtemp(prefix="demo_ceiling_")]
+    if not any(flag.startswith("--save_strategy") for flag in flags):
+        flags += ["--save_strategy", "no"]
+    seen: list[TrainingModeFigures] = []
+
+    def ceiling(trainer, train) -> TrainerCallback:
+        if train is None:
+            raise SystemExit("demo_ceiling.py needs a map-style training split, not shards")
+        detector = trainer.contrastive_loss.detector
+        if not hasattr(detector, "state"):
+            raise SystemExit("demo_ceiling.py scores GloFND's thresholds: use detector: glofnd")
+        figures = TrainingModeFigures(
+            trainer.adapter, detector, train, trainer.args.fn_alpha, trainer.args.seed
+        )
+        seen.append(figures)
+        return EpochCeiling(figures)
+
+    zero_shot = run([args.recipe, *flags], callbacks=[ceiling])
+    results = {
+        "recipe": args.recipe,
+        "flags": flags,
+        "training_mode": seen[0].records if seen else [],
+        "zero_shot": zero_shot.get("after", {}),
+    }
+    print("\n".join(training_mode_table(results)))
+    if args.output is not None:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+if __name__ == "__main__":
+    main()
