@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -78,24 +78,39 @@ def write_state_shard(folder: str | os.PathLike, loss, num_samples: int) -> str:
 
 def write_state_shards(folder: str | os.PathLike, loss, num_samples: int) -> str:
     """Every process writes its shard (:func:`write_state_shard`), then all exchange their
-    outcome (an all-gather of each process's error text: a collective every process calls,
-    in place of a barrier). Returns this process's shard path when every process wrote its
-    own; otherwise every process raises the same :class:`CheckpointWriteError` naming the
-    failing process(es) and file(s), so none goes on to mark the checkpoint complete."""
+    outcome (:func:`agree_on_writes`, in place of a barrier). Returns this process's shard
+    path when every process wrote its own; otherwise every process raises the same
+    :class:`CheckpointWriteError` naming the failing process(es) and file(s), so none goes
+    on to mark the checkpoint complete."""
     world = comm.world_size()
     failure: Exception | None = None
-    problem = None
+    path = ""
     try:
         os.makedirs(folder, exist_ok=True)
         path = write_state_shard(folder, loss, num_samples)
     except Exception as err:  # told to every process below, then raised everywhere
         failure = err
-        problem = " ".join(f"{type(err).__name__}: {err}".split())[:300]
+    agree_on_writes(folder, failure, lambda rank: shard_file_name(rank, world))
+    return path
+
+
+def agree_on_writes(
+    folder: str | os.PathLike, failure: BaseException | None, written: Callable[[int], str]
+) -> None:
+    """Every process learns every process's outcome of its part of a checkpoint's writes (an
+    all-gather of each one's error text: a collective every process calls, in place of a
+    barrier, so a process that failed does not leave the others waiting). Where any failed,
+    every process raises the same one-line :class:`CheckpointWriteError` naming each failed
+    process and what it was writing (``written(rank)``), so none marks ``folder`` complete."""
+    world = comm.world_size()
+    problem = None
+    if failure is not None:
+        problem = " ".join(f"{type(failure).__name__}: {failure}".split())[:300]
     problems = [problem] * world
     if world > 1:
         dist.all_gather_object(problems, problem)
     failed = [
-        f"process {r} could not write {shard_file_name(r, world)} ({text})"
+        f"process {r} could not write {written(r)} ({text})"
         for r, text in enumerate(problems)
         if text is not None
     ]
@@ -105,7 +120,6 @@ def write_state_shards(folder: str | os.PathLike, loss, num_samples: int) -> str
             f"complete ({STATE_FILE} is not written): fix the cause, then resume with "
             f"resume_from_checkpoint=last (the last complete checkpoint)"
         ) from failure
-    return path
 
 
 def write_shard_manifest(

@@ -41,6 +41,7 @@ from .checkpoints import (
 from .run_folder import check_output_dir, lock_output_dir
 from .state_file import load_state_file, read_state_metadata, write_state_file
 from .state_shards import (
+    agree_on_writes,
     is_sharded,
     load_state_shards,
     manifest_shards,
@@ -123,14 +124,20 @@ class CheckpointingMixin:
                 # on any process raises on every one (no process left at a barrier).
                 self.accelerator.wait_for_everyone()
                 write_state_shards(output_dir, self.contrastive_loss, self.num_samples)
+            failure: Exception | None = None
             try:
                 super()._save_checkpoint(model, trial)
+            except Exception as err:  # told to every process below, then raised everywhere
+                failure = err
             finally:
                 self.args.save_total_limit = limit
             if self.args.world_size > 1:
                 # Every process's files (its rng_state_<rank>.pth) are written before the
-                # folder is marked finished.
-                self.accelerator.wait_for_everyone()
+                # folder is marked finished; a process that could not write them does not
+                # leave the others waiting at a barrier: all raise its error.
+                agree_on_writes(output_dir, failure, _trainer_files)
+            elif failure is not None:
+                raise failure
             if self.args.should_save and self._state_written_to != output_dir:
                 self._finish_checkpoint(output_dir)
         except Exception as err:
@@ -347,3 +354,9 @@ def _weight_files(checkpoint: str) -> list[str]:
     state = STATE_FILE.removesuffix(".safetensors")  # the state file and its shards
     weights = [n for n in names if n.endswith((".safetensors", ".bin")) and not n.startswith(state)]
     return [n for n in weights if n != "training_args.bin"] or ["model.safetensors"]
+
+
+def _trainer_files(rank: int) -> str:
+    """What process ``rank`` writes of the Trainer's own checkpoint (``agree_on_writes``):
+    every process its random state; the main process also the model and optimizer."""
+    return f"rng_state_{rank}.pth" if rank else "the model, optimizer or rng_state_0.pth"

@@ -41,7 +41,7 @@ def launch_two(tmp_path, name, *extra, processes=2, timeout=300):
     ]
     proc = run_process_group(cmd, env, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    if "--fail-shard-write" in extra:  # what each process raised
+    if "--fail-shard-write" in extra or "--fail-rng-write" in extra:  # what each raised
         return [torch.load(f"{out}.rank{r}", weights_only=False) for r in range(processes)]
     return torch.load(out, weights_only=False)
 
@@ -236,6 +236,25 @@ def test_sharded_state_on_webdataset_shards_with_the_cached_loss_trains_as_repli
     logged = [entry for entry in sharded["logs"] if "loss" in entry]
     assert len(logged) == 8 and any(entry["filtered_fraction_text"] > 0 for entry in logged)
     assert_identical_runs(replicated, sharded)
+
+
+def test_a_trainer_file_failing_on_one_process_fails_on_every_process(tmp_path):
+    """Process 1 cannot write its random state (rng_state_1.pth) of the second checkpoint, a
+    replicated run: both processes raise the same one-line error naming process 1 and the
+    file, instead of process 0 waiting for it at a barrier; the checkpoint is not marked
+    complete and the first one is kept whole. A hang fails at the launch's timeout."""
+    errors = launch_two(tmp_path, "two", "--fail-rng-write", "1", timeout=240)
+    for error in errors:
+        assert error is not None and error == errors[0] and "\n" not in error
+        assert error.startswith("CheckpointWriteError: checkpoint "), error
+        assert "process 1 could not write rng_state_1.pth (PermissionError" in error, error
+        assert "process 0" not in error, error
+    checkpoint = tmp_path / "two" / "checkpoint-4"
+    names = set(os.listdir(checkpoint)) if checkpoint.is_dir() else set()
+    assert STATE_FILE not in names and "rng_state_1.pth" not in names
+    assert "rng_state_0.pth" in names  # process 0's files went through
+    assert STATE_FILE in checkpoint_problems(checkpoint)
+    assert checkpoint_problems(tmp_path / "two" / "checkpoint-2") == []
 
 
 def test_a_shard_write_failing_on_one_process_fails_on_every_process(tmp_path):

@@ -110,6 +110,21 @@ def refuse_shard_writes(after):
     shards.write_state_shard = refuse
 
 
+def refuse_rng_writes(trainer, after):
+    """This process's random-state writes (the Trainer's rng_state_<rank>.pth) fail (a
+    permission error) after ``after`` of them."""
+    save, calls = trainer._save_rng_state, []
+
+    def refuse(output_dir):
+        calls.append(output_dir)
+        if len(calls) <= after:
+            return save(output_dir)
+        name = f"rng_state_{dist.get_rank()}.pth"
+        raise PermissionError(13, "Permission denied", os.path.join(output_dir, name))
+
+    trainer._save_rng_state = refuse
+
+
 def run(
     out_dir,
     loss_type="clip",
@@ -123,6 +138,7 @@ def run(
     shards=None,
     leave_group=True,
     fail_shard_write=None,
+    fail_rng_write=None,
 ):
     from glofnd_hf.args import GloFNDTrainingArguments
     from glofnd_hf.models import build_tiny_hf_clip, build_tiny_hf_siglip
@@ -167,10 +183,12 @@ def run(
     error = None
     if fail_shard_write is not None and fail_shard_write == trainer.args.process_index:
         refuse_shard_writes(after=1)  # the first checkpoint is written, the second is not
+    if fail_rng_write is not None and fail_rng_write == trainer.args.process_index:
+        refuse_rng_writes(trainer, after=1)
     try:
         trainer.train(resume_from_checkpoint=resume)
     except Exception as err:
-        if fail_shard_write is None:
+        if fail_shard_write is None and fail_rng_write is None:
             raise
         error = f"{type(err).__name__}: {err}"  # what this process raised
     params = {n: p.detach().clone() for n, p in adapter.model.named_parameters()}
@@ -220,6 +238,11 @@ def main():
         help="this process's second state shard write fails; every process writes what it "
         "raised to {out}.rank{r}",
     )
+    parser.add_argument(
+        "--fail-rng-write",
+        type=int,
+        help="this process's second random-state write fails; as --fail-shard-write",
+    )
     opts = parser.parse_args()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     # "replicated,sharded": one run after the other in the same processes, each in its own
@@ -240,9 +263,10 @@ def main():
             shards=opts.shards,
             leave_group=i == len(shardings) - 1,
             fail_shard_write=opts.fail_shard_write,
+            fail_rng_write=opts.fail_rng_write,
         )
     rank = int(os.environ.get("RANK", "0"))
-    if opts.fail_shard_write is not None:
+    if opts.fail_shard_write is not None or opts.fail_rng_write is not None:
         torch.save(results[shardings[-1]]["error"], f"{opts.out}.rank{rank}")
     elif rank == 0:
         torch.save(results if len(shardings) > 1 else results[shardings[0]], opts.out)
