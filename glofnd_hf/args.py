@@ -446,7 +446,8 @@ class GloFNDTrainingArguments(SecretsNotPickled, TrainingArguments):
             raise ValueError("num_samples is not known yet")
         return -(-n // self.world_size) if self.state_sharding == "sharded" else n
 
-    def state_bytes_per_sample(self) -> int:
-        """Per-sample state of the detector and of a global loss's u."""
-        per = self.detector_spec().bytes_per_sample(self.detector_settings())
+    def state_bytes_per_sample(self, embed_width: int | None = None) -> int:
+        """Per-sample state of the detector and of a global loss's u (``embed_width``: the
+        model's, for a detector that stores embeddings; None: an assumed width)."""
+        per = self.detector_spec().bytes_per_sample(self.detector_settings(), embed_width)
         return per + loss_registry.get(self.loss_type).state_bytes_per_sample

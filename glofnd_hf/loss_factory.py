@@ -16,12 +16,16 @@ __all__ = ["build_contrastive_loss", "resolve_state_device"]
 
 
 def build_contrastive_loss(
-    args: GloFNDTrainingArguments, num_samples: int, device: torch.device | str
+    args: GloFNDTrainingArguments,
+    num_samples: int,
+    device: torch.device | str,
+    embed_width: int | None = None,
 ) -> BimodalContrastiveLoss:
-    """The loss (with its detector) described by the training arguments."""
-    state_device = resolve_state_device(args, num_samples, device)
+    """The loss (with its detector) described by the training arguments; ``embed_width``:
+    the model's embedding width, which sizes a state that stores embeddings (IFND's bank)."""
+    state_device = resolve_state_device(args, num_samples, device, embed_width)
     rows = args.state_rows_per_process(num_samples)
-    check_state_fits(rows, args.state_bytes_per_sample(), state_device)
+    check_state_fits(rows, args.state_bytes_per_sample(embed_width), state_device)
     pin = state_device.type == "cpu" and torch.device(device).type == "cuda"
     detector = args.detector_spec().build(
         args.detector_settings(),
@@ -38,7 +42,10 @@ def build_contrastive_loss(
 
 
 def resolve_state_device(
-    args: GloFNDTrainingArguments, num_samples: int, device: torch.device | str
+    args: GloFNDTrainingArguments,
+    num_samples: int,
+    device: torch.device | str,
+    embed_width: int | None = None,
 ) -> torch.device:
     """``state_device``: the CPU, the training device, or (auto) the device while the state
     is at most ``AUTO_DEVICE_STATE_LIMIT_BYTES``, else the CPU."""
@@ -47,6 +54,6 @@ def resolve_state_device(
     if args.state_device == "device":
         return torch.device(device)
     rows = args.state_rows_per_process(num_samples)
-    if rows * args.state_bytes_per_sample() <= AUTO_DEVICE_STATE_LIMIT_BYTES:
+    if rows * args.state_bytes_per_sample(embed_width) <= AUTO_DEVICE_STATE_LIMIT_BYTES:
         return torch.device(device)
     return torch.device("cpu")

@@ -109,7 +109,9 @@ class GloFNDTrainer(CheckpointingMixin, HubPushMixin, Trainer):
                     "num_samples (N, the size of the dataset index space) is required when the "
                     "training data has no length (streaming)"
                 )
-            loss = build_contrastive_loss(args, num_samples, args.device)
+            loss = build_contrastive_loss(
+                args, num_samples, args.device, embed_width=adapter.embedding_width()
+            )
         self.contrastive_loss = loss
         self._prepare_logit_bias(loss)
         self.num_samples = loss.num_samples if loss.num_samples is not None else num_samples

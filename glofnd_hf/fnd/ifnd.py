@@ -433,8 +433,8 @@ class IFNDDetector(FalseNegativeDetector):
         }
 
 
-def ifnd_state_bytes(config: IFNDConfig) -> int:
-    return config.bytes_per_sample()
+def ifnd_state_bytes(config: IFNDConfig, embed_width: int | None = None) -> int:
+    return config.bytes_per_sample(embed_width)
 
 
 def build_ifnd(

@@ -141,10 +141,10 @@ class IFNDConfig:
         """Raise ValueError where these settings cannot run with the state ``sharding``."""
         self.kmeans_for(sharding)
 
-    def bytes_per_sample(self) -> int:
-        """Per-sample state: the feature bank (width unknown before the first step:
-        ``ASSUMED_EMBED_WIDTH``), the seen flag, and per granularity a label, a confidence
-        and an acceptance rank."""
-        width = ASSUMED_EMBED_WIDTH * (2 if self.features == "concat" else 1)
+    def bytes_per_sample(self, embed_width: int | None = None) -> int:
+        """Per-sample state: the feature bank (of ``embed_width`` per embedding, where the
+        model says it; else ``ASSUMED_EMBED_WIDTH``), the seen flag, and per granularity a
+        label, a confidence and an acceptance rank."""
+        width = (embed_width or ASSUMED_EMBED_WIDTH) * (2 if self.features == "concat" else 1)
         bank = width * BANK_DTYPES[self.bank_dtype].itemsize
         return bank + 1 + 12 * max(1, len(self.num_clusters))

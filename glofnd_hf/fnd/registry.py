@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from inspect import signature
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -78,8 +79,9 @@ class DetectorSpec:
     """Fields of ``settings`` filled from :class:`SharedSettings` (same names)."""
     needs_num_samples: bool = False
     """Keeps per-sample state, so needs N (the size of the dataset index space)."""
-    state_bytes: Callable[[Any], int] = no_state
-    """Per-sample state bytes for given settings (sizes the state's placement)."""
+    state_bytes: Callable[..., int] = no_state
+    """Per-sample state bytes for given settings (sizes the state's placement); a detector
+    whose state holds embeddings also takes ``embed_width`` (None: not known yet)."""
     shardable: bool = False
     """Its per-sample state can be sharded across processes (``state_sharding: sharded``;
     the factory takes ``sharding``). A detector without per-sample state needs nothing."""
@@ -136,9 +138,13 @@ class DetectorSpec:
         kwargs.update({name: getattr(shared, name) for name in self.shared_fields})
         return self.settings(**kwargs)
 
-    def bytes_per_sample(self, settings: Any = None) -> int:
-        """Per-sample state bytes of the detector (0 when it keeps none)."""
-        return self.state_bytes(settings if settings is not None else self.make_settings())
+    def bytes_per_sample(self, settings: Any = None, embed_width: int | None = None) -> int:
+        """Per-sample state bytes of the detector (0 when it keeps none), for embeddings of
+        ``embed_width`` where the model says it (passed on where ``state_bytes`` takes it)."""
+        settings = settings if settings is not None else self.make_settings()
+        if embed_width is not None and "embed_width" in signature(self.state_bytes).parameters:
+            return self.state_bytes(settings, embed_width=embed_width)
+        return self.state_bytes(settings)
 
     def check_sharding(self, settings: Any, sharding: StateSharding) -> None:
         """Raise ValueError unless the detector can hold its per-sample state ``sharding``

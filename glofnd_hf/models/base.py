@@ -107,6 +107,12 @@ class DualEncoderAdapter(ABC):
         """The name or folder the model was loaded from, where it knows it."""
         return None
 
+    def embedding_width(self) -> int | None:
+        """The width of the embeddings the loss compares, read from the model's configuration
+        (None where it does not say): sizes per-sample state that stores embeddings before
+        the first step."""
+        return None
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
 

@@ -250,6 +250,16 @@ class HFDualEncoder(DualEncoderAdapter):
     def source_name(self) -> str | None:
         return getattr(self.model, "name_or_path", None) or None
 
+    def embedding_width(self) -> int | None:
+        # CLIP-like models project to projection_dim; SigLIP's text head maps to its
+        # projection_size (its hidden size by default), which the vision side matches.
+        config = getattr(self.model, "config", None)
+        width = getattr(config, "projection_dim", None)
+        if width is None:
+            text = getattr(config, "text_config", None)
+            width = getattr(text, "projection_size", None) or getattr(text, "hidden_size", None)
+        return int(width) if width else None
+
     def architecture_description(self) -> str:
         kind = getattr(getattr(self.model, "config", None), "model_type", None)
         return (

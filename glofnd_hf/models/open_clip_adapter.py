@@ -190,6 +190,10 @@ class OpenClipDualEncoder(DualEncoderAdapter):
     def source_name(self) -> str | None:
         return self.model_name
 
+    def embedding_width(self) -> int | None:
+        width = (self.model_cfg or {}).get("embed_dim")
+        return int(width) if width else None
+
     def architecture_description(self) -> str:
         embed = (self.model_cfg or {}).get("embed_dim")
         return (
