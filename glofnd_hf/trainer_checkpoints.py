@@ -134,7 +134,10 @@ class CheckpointingMixin:
             if self.args.world_size > 1:
                 # Every process's files (its rng_state_<rank>.pth) are written before the
                 # folder is marked finished; a process that could not write them does not
-                # leave the others waiting at a barrier: all raise its error.
+                # leave the others waiting at a barrier: all raise its error (a full disk
+                # with the space left, as a single process says it).
+                if failure is not None:
+                    failure = disk_full_error(failure, output_dir) or failure
                 agree_on_writes(output_dir, failure, _trainer_files)
             elif failure is not None:
                 raise failure

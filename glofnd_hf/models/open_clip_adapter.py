@@ -195,7 +195,7 @@ class OpenClipDualEncoder(DualEncoderAdapter):
         return int(width) if width else None
 
     def architecture_description(self) -> str:
-        embed = (self.model_cfg or {}).get("embed_dim")
+        embed = self.embedding_width()
         return (
             f"open_clip `{type(self.model).__name__}`"
             + (f" `{self.model_name}`" if self.model_name else "")
