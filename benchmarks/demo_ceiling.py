@@ -17,8 +17,8 @@ within [0.5, 2] x alpha, and the mask F1 against the exact rule on the same simi
         --model_name_or_path glofnd-tiny-siglip --loss_type sigmoid \\
         --output benchmarks/results/demo_ceiling_siglip.json
 
-Every flag after the recipe but ``--output`` goes to the training run (``save_strategy: no``
-and a temporary ``output_dir`` unless given).
+Every flag after the recipe but ``--output``, ``--save-draws`` and ``--draw-epochs`` goes to
+the training run (``save_strategy: no`` and a temporary ``output_dir`` unless given).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's glofnd_hf
@@ -59,12 +60,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("recipe")
     parser.add_argument("--output", type=Path, help="results JSON")
+    parser.add_argument(
+        "--save-draws",
+        type=Path,
+        metavar="DIR",
+        help="write the first draw of each of --draw-epochs as DIR/draw_epoch<E>.pt "
+        "(its similarities, alpha and batch size: the input of draw_replay.py)",
+    )
+    parser.add_argument("--draw-epochs", type=int, nargs="*", default=[])
     args, flags = parser.parse_known_args(argv)
     if not any(flag.startswith("--output_dir") for flag in flags):
         flags += ["--output_dir", tempfile.mkdtemp(prefix="demo_ceiling_")]
     if not any(flag.startswith("--save_strategy") for flag in flags):
         flags += ["--save_strategy", "no"]
     seen: list[TrainingModeFigures] = []
+    batch_sizes: list[int] = []
 
     def ceiling(trainer, train) -> TrainerCallback:
         if train is None:
@@ -73,9 +83,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if not hasattr(detector, "state"):
             raise SystemExit("demo_ceiling.py scores GloFND's thresholds: use detector: glofnd")
         figures = TrainingModeFigures(
-            trainer.adapter, detector, train, trainer.args.fn_alpha, trainer.args.seed
+            trainer.adapter,
+            detector,
+            train,
+            trainer.args.fn_alpha,
+            trainer.args.seed,
+            keep_draws=set(args.draw_epochs) if args.save_draws else set(),
         )
         seen.append(figures)
+        batch_sizes.append(trainer.args.per_device_train_batch_size * trainer.args.world_size)
         return EpochCeiling(figures)
 
     zero_shot = run([args.recipe, *flags], callbacks=[ceiling])
@@ -86,6 +102,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "zero_shot": zero_shot.get("after", {}),
     }
     print("\n".join(training_mode_table(results)))
+    if args.save_draws is not None and seen:
+        args.save_draws.mkdir(parents=True, exist_ok=True)
+        for epoch, sims in seen[0].draws.items():
+            draw = {
+                "similarities": sims.half(),
+                "alpha": seen[0].alpha,
+                "batch_size": batch_sizes[0],
+                "epoch": epoch,
+                "recipe": args.recipe,
+                "flags": flags,
+            }
+            torch.save(draw, args.save_draws / f"draw_epoch{epoch}.pt")
     if args.output is not None:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(json.dumps(results, indent=2) + "\n")

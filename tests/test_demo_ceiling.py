@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from benchmarks import demo_ceiling
 
@@ -33,6 +34,10 @@ def test_each_epoch_scores_the_thresholds_beside_both_ceilings(tmp_path):
             *SHORT,
             "--output",
             str(out),
+            "--save-draws",
+            str(tmp_path / "draws"),
+            "--draw-epochs",
+            "2",
         ]
     )
     records = results["training_mode"]
@@ -47,6 +52,13 @@ def test_each_epoch_scores_the_thresholds_beside_both_ceilings(tmp_path):
         # quantiles are not the exact rule on this one.
         assert record["exact_other_draw"]["mask_f1"] < 1.0
     assert json.loads(out.read_text())["training_mode"] == records
+    # The kept draw is what draw_replay.py reads: image anchors against texts and the
+    # transpose, with the run's alpha and batch size.
+    assert [p.name for p in (tmp_path / "draws").iterdir()] == ["draw_epoch2.pt"]
+    draw = torch.load(tmp_path / "draws" / "draw_epoch2.pt")
+    sims = draw["similarities"].float()
+    assert sims.shape == (2, 256, 256) and (draw["alpha"], draw["batch_size"]) == (0.1, 64)
+    assert torch.allclose(sims[0], sims[1].t()) and draw["epoch"] == 2
 
 
 def test_a_run_without_glofnd_says_what_it_needs(tmp_path):

@@ -64,14 +64,20 @@ class TrainingModeFigures:
     rule that sees each sample once per epoch would at best hold them).
 
     ``detector``: a GloFND detector (its ``state`` holds the thresholds, keyed by dataset
-    index = row of ``train``); ``seed``: the run's, from which each epoch's two draws come.
+    index = row of ``train``); ``seed``: the run's, from which each epoch's two draws come;
+    ``keep_draws``: epochs whose first draw's (2, N, N) similarities are kept in ``draws``
+    (for ``draw_replay.py``).
     """
 
-    def __init__(self, adapter, detector, train, alpha: float, seed: int) -> None:
+    def __init__(
+        self, adapter, detector, train, alpha: float, seed: int, keep_draws: set[int] = frozenset()
+    ) -> None:
         self.adapter, self.detector, self.alpha, self.seed = adapter, detector, alpha, seed
         self.embedder = ZeroShotEvaluator(train, show_progress=False, batch_size=256)
         self._previous: tuple[int, torch.Tensor] | None = None
         self.records: list[dict[str, Any]] = []
+        self.keep_draws = set(keep_draws)
+        self.draws: dict[int, torch.Tensor] = {}
 
     def thresholds(self, n: int) -> torch.Tensor:
         """(2, n) the thresholds of the first n samples, as they filter (read without
@@ -83,6 +89,8 @@ class TrainingModeFigures:
         """The figures of the draws at the end of ``epoch`` (appended to ``records``)."""
         seed = self.seed * 100_003 + 2 * epoch  # two distinct draws per epoch
         seen = _similarities(self.embedder.embed(self.adapter, model, training=True, seed=seed))
+        if epoch in self.keep_draws:
+            self.draws[epoch] = seen.clone()
         n = seen.shape[1]
         negatives = ~torch.eye(n, dtype=torch.bool)
         exact = masked_quantile(seen, negatives, 1.0 - self.alpha)

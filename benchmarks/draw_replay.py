@@ -1,0 +1,140 @@
+"""Does a threshold rule converge on a real model's tails? Replays one saved training-mode draw.
+
+The stationary benchmark (``threshold_stationary.py``) draws every anchor's negatives
+independently, so one batch's anchors share nothing. In training they share their
+negatives: a batch that happens to hold a few "hub" samples, similar to many anchors,
+raises every anchor's tail at once. This script keeps what is real (the similarities of a
+model from a demo run, ``demo_ceiling.py --save-draws``) and what is stationary (the same
+(2, N, N) matrix at every visit): each visit shuffles the data set into batches of the
+run's size and feeds them to GloFND, which is then scored on the same matrix in rank
+units (``fnstudy.snapshots.rank_figures``) together with the share of anchor visits that
+restarted (an age that fell: a drift test fired, which on a matrix that never moves is a
+false alarm).
+
+    .venv/bin/python benchmarks/demo_ceiling.py recipes/demo_attributes.yaml \\
+        --model_name_or_path glofnd-tiny-siglip --loss_type sigmoid \\
+        --save-draws /tmp/draws --draw-epochs 5 30
+    .venv/bin/python benchmarks/draw_replay.py /tmp/draws/draw_epoch5.pt --visits 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's glofnd_hf
+
+from benchmarks.fnstudy.snapshots import rank_figures  # noqa: E402
+from glofnd_hf.fnd import DetectionBatch, GloFNDConfig, GloFNDDetector  # noqa: E402
+
+REPORT_AT = (1, 2, 3, 5, 10, 20, 30, 50, 100, 200, 500)
+
+
+def replay(
+    similarities: torch.Tensor,
+    alpha: float,
+    batch_size: int,
+    visits: int,
+    seed: int = 0,
+    **settings: Any,
+) -> list[dict[str, Any]]:
+    """Figures after each of ``REPORT_AT``'s visit counts (up to ``visits``) of GloFND with
+    ``settings`` on batches of ``batch_size`` reshuffled every visit from the (2, N, N)
+    ``similarities`` (image anchors against texts, text anchors against images)."""
+    sims = similarities.float()
+    n = sims.shape[1]
+    if batch_size < 2 or batch_size > n:
+        raise ValueError(f"batch_size must lie in [2, {n}], got {batch_size}")
+    detector = GloFNDDetector(n, GloFNDConfig(alpha=alpha, **settings))
+    negatives = ~torch.eye(n, dtype=torch.bool)
+    columns = detector.state.columns
+    age = columns.index("age") if "age" in columns else None
+    gen = torch.Generator().manual_seed(seed)
+    square = ~torch.eye(batch_size, dtype=torch.bool)
+    records, restarts, anchor_visits = [], 0, 0
+    for visit in range(1, visits + 1):
+        order = torch.randperm(n, generator=gen)
+        for start in range(0, n - batch_size + 1, batch_size):
+            index = order[start : start + batch_size]
+            before = None if age is None else detector.state.rows(index)[..., age]
+            batch = DetectionBatch(index, index, square, visit - 1 + start / n)
+            detector.detect(sims[:, index][:, :, index], batch)
+            if before is not None:
+                after = detector.state.rows(index)[..., age]
+                restarts += int((after < before + 1.0).logical_and(before > 0).sum())
+                anchor_visits += int((before > 0).sum())
+        if visit in REPORT_AT or visit == visits:
+            thresholds = detector.state.lambdas(torch.arange(n)).t()
+            records.append(
+                {
+                    "visits": visit,
+                    **rank_figures(sims, thresholds, negatives, alpha),
+                    "restarted": restarts / anchor_visits if anchor_visits else None,
+                }
+            )
+            restarts = anchor_visits = 0
+    return records
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("draw", type=Path, help="a draw_epoch<E>.pt of demo_ceiling.py")
+    parser.add_argument("--visits", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="NAME=VALUE",
+        help="GloFND settings (detector_kwargs), e.g. update_rule=tail drift_level=5",
+    )
+    parser.add_argument("--output", type=Path, help="results JSON")
+    args = parser.parse_args(argv)
+    draw = torch.load(args.draw)
+    settings = {}
+    for item in args.set:
+        name, _, value = item.partition("=")
+        settings[name] = _parse(value)
+    records = replay(
+        draw["similarities"],
+        draw["alpha"],
+        draw["batch_size"],
+        args.visits,
+        args.seed,
+        **settings,
+    )
+    for r in records:
+        restarted = "-" if r["restarted"] is None else f"{100 * r['restarted']:.1f} %"
+        print(
+            f"visit {r['visits']:4d}: filtered {r['filtered_over_alpha']:.2f} x alpha, "
+            f"{100 * r['within_half_to_double']:.0f} % within [0.5, 2], "
+            f"F1 {r['mask_f1']:.2f}, restarted {restarted}"
+        )
+    results = {
+        "draw": str(args.draw),
+        "epoch": draw.get("epoch"),
+        "settings": settings,
+        "records": records,
+    }
+    if args.output is not None:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def _parse(value: str) -> Any:
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
+
+
+if __name__ == "__main__":
+    main()

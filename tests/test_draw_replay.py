@@ -1,0 +1,50 @@
+"""benchmarks/draw_replay.py: GloFND replayed on one fixed similarity matrix."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from benchmarks import draw_replay
+
+
+def _cosines(n: int, dim: int, seed: int) -> torch.Tensor:
+    """(2, n, n) similarities of random image and text directions (and the transpose)."""
+    gen = torch.Generator().manual_seed(seed)
+    image = F.normalize(torch.randn(n, dim, generator=gen), dim=-1)
+    text = F.normalize(torch.randn(n, dim, generator=gen), dim=-1)
+    sims = image @ text.t()
+    return torch.stack([sims, sims.t()])
+
+
+def test_on_a_matrix_that_never_moves_the_default_rule_converges_without_restarts():
+    records = draw_replay.replay(_cosines(512, 24, 0), alpha=0.02, batch_size=128, visits=30)
+    assert [r["visits"] for r in records] == [1, 2, 3, 5, 10, 20, 30]
+    first, last = records[0], records[-1]
+    assert first["restarted"] is None  # nothing visited before the first visit
+    assert last["within_half_to_double"] > max(0.8, first["within_half_to_double"])
+    assert 0.7 < last["filtered_over_alpha"] < 1.4
+    # Independent tails: the drift tests hardly ever fire on still data.
+    assert max(r["restarted"] for r in records[1:]) < 0.05
+
+
+def test_restarts_are_counted_where_the_drift_tests_fire():
+    # A drift level of 1 (a z-score of 1.4) fires on the batches' noise alone.
+    noisy = draw_replay.replay(
+        _cosines(256, 24, 1), alpha=0.02, batch_size=64, visits=5, drift_level=1.0
+    )
+    assert noisy[-1]["restarted"] > 0.2
+
+
+def test_the_command_line_reads_a_saved_draw_and_writes_its_figures(tmp_path):
+    path = tmp_path / "draw_epoch3.pt"
+    draw = {"similarities": _cosines(128, 16, 2).half(), "alpha": 0.05, "batch_size": 32}
+    torch.save({**draw, "epoch": 3}, path)
+    out = tmp_path / "replay.json"
+    results = draw_replay.main(
+        [str(path), "--visits", "3", "--set", "drift_level=5", "--output", str(out)]
+    )
+    assert results["settings"] == {"drift_level": 5} and results["epoch"] == 3
+    assert [r["visits"] for r in results["records"]] == [1, 2, 3]
+    assert out.read_text().count('"visits"') == 3
+    with pytest.raises(ValueError, match="batch_size"):
+        draw_replay.replay(draw["similarities"], 0.05, 1000, 1)
