@@ -403,3 +403,93 @@ def test_false_restarts_fade_so_the_error_keeps_shrinking():
     figures = run(stream, "pinball", 5e-4, 1024, 200)
     assert figures["spread"] < 0.8, figures
     assert 0.9 <= figures["late"] <= 1.1, figures
+
+
+def _restart_share(config: GloFNDConfig, visits: int = 60, batch_sd: float = 0.05) -> float:
+    """The share of anchor visits that restarted on still tails whose batches each carry a
+    common offset (sd ``batch_sd``; what a batch's shared negatives do to every anchor)."""
+    b, width = 64, 512
+    gen = torch.Generator().manual_seed(4)
+    detector = GloFNDDetector(b + width, config)
+    batch = _batch(b, width)
+    age = PinballRule.columns.index("age")
+    restarts = 0
+    for visit in range(visits):
+        batch.epoch = float(visit)
+        offset = batch_sd * torch.randn(1, generator=gen)
+        before = detector.state.table.data[:b, :, age].clone()
+        detector.detect(0.1 * torch.randn(2, b, width, generator=gen) + offset, batch)
+        after = detector.state.table.data[:b, :, age]
+        if visit >= 5:
+            restarts += int((after < before + 1).sum())
+    return restarts / ((visits - 5) * b * 2)
+
+
+def test_across_batches_the_common_test_takes_no_batch_effect_for_drift():
+    """Each batch's tails are lifted or lowered together by a random amount that no trend
+    carries: the within-batch t-test reads it as a shift of the embeddings and restarts the
+    batch's anchors again and again; the test against successive batches does not."""
+    within = _restart_share(GloFNDConfig(alpha=2e-3))
+    across = _restart_share(GloFNDConfig(alpha=2e-3, common_test="across"))
+    assert within > 0.2 and across < 0.02, (within, across)
+
+
+def test_across_batches_a_sudden_common_shift_restarts_and_carries_the_thresholds():
+    """As the within-batch test: one batch whose similarities all rose by 0.2 is caught at
+    once (its z-score against successive batches' spread) and carries the thresholds."""
+    b, width = 64, 512
+    gen = torch.Generator().manual_seed(0)
+    detector = GloFNDDetector(b + width, GloFNDConfig(alpha=2e-3, common_test="across"))
+    batch = _batch(b, width)
+    for visit in range(30):
+        batch.epoch = float(visit)
+        detector.detect(0.1 * torch.randn(2, b, width, generator=gen), batch)
+    before = detector.state.lambdas(batch.anchor_index).clone()
+    batch.epoch = 30.0
+    detector.detect(0.1 * torch.randn(2, b, width, generator=gen) + 0.2, batch)
+    moved = (detector.state.lambdas(batch.anchor_index) - before).mean().item()
+    assert 0.12 < moved < 0.28, moved
+    age = detector.state.table.data[:b, :, PinballRule.columns.index("age")]
+    assert (age <= 3.0).all()
+
+
+def test_across_batches_the_side_state_is_saved_and_resumes_bit_for_bit(tmp_path):
+    """The per-side statistics are part of the state: a detector loaded from a saved state
+    goes on exactly as the one that saved it; a state saved without them (before they
+    existed) loads with them afresh; a malformed one is refused."""
+    config = GloFNDConfig(alpha=2e-3, common_test="across")
+    detector, halves = _two_halves()
+    detector = GloFNDDetector(detector.num_samples, config)
+    gen = torch.Generator().manual_seed(5)
+    for epoch in range(12):
+        for h, batch in enumerate(halves):
+            sim = 0.1 * torch.randn(2, 64, 512, generator=gen) + 0.02 * epoch
+            _visit(detector, batch, epoch + h / 2, sim)
+    saved = detector.state_dict()
+    # Every batch but the first epoch's two (no anchor seen before) was counted.
+    assert saved["image.common_batches"].tolist() == [22.0]
+    save_file(saved, tmp_path / "state.safetensors")
+    again = GloFNDDetector(detector.num_samples, config)
+    again.load_state_dict(load_file(tmp_path / "state.safetensors"))
+    assert torch.equal(again.state.sides, detector.state.sides)
+    for epoch in range(12, 15):
+        for h, batch in enumerate(halves):
+            sim = 0.1 * torch.randn(2, 64, 512, generator=gen) + 0.02 * epoch
+            _visit(detector, batch, epoch + h / 2, sim)
+            _visit(again, batch, epoch + h / 2, sim)
+    assert torch.equal(again.state.table.data, detector.state.table.data)
+    assert torch.equal(again.state.sides, detector.state.sides)
+    older = {k: v for k, v in saved.items() if ".common_" not in k}
+    fresh = GloFNDDetector(detector.num_samples, config)
+    fresh.load_state_dict(older)
+    assert fresh.state.sides.eq(0).all()
+    with pytest.raises(ValueError, match="image.common_null"):
+        fresh.load_state_dict({**saved, "image.common_null": torch.zeros(2)})
+    with pytest.raises(ValueError, match="text.common_z"):
+        fresh.load_state_dict({k: v for k, v in saved.items() if k != "text.common_z"})
+    # A per-process checkpoint stores them with every shard.
+    assert set(detector.shard_extras()) == {k for k in saved if ".common_" in k}
+    with pytest.raises(ValueError, match="keeps"):
+        fresh.load_shard_extras({**detector.shard_extras(), "image.bogus": torch.zeros(1)})
+    fresh.load_shard_extras(detector.shard_extras())
+    assert torch.equal(fresh.state.sides, detector.state.sides)

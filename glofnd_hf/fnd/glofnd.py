@@ -192,6 +192,22 @@ class GloFNDDetector(RowwiseDetector):
     def check_shard_rows(self, name: str, rows: torch.Tensor) -> None:
         self.state.check_shard_rows(name, rows)
 
+    def shard_extras(self) -> dict[str, torch.Tensor]:
+        """The update rule's per-side quantities (the same on every process), stored with
+        every shard of a per-process checkpoint; none for most rules."""
+        return self.state.side_state()
+
+    def load_shard_extras(self, extras: dict[str, torch.Tensor]) -> None:
+        """Take :meth:`shard_extras` of a checkpoint (checked first; a checkpoint written
+        before the rule kept them has none, and they start afresh)."""
+        expected = set(self.state.side_state())
+        if set(extras) - expected:
+            raise ValueError(
+                f"glofnd shard extras hold {sorted(set(extras) - expected)}; the "
+                f"{self.config.update_rule} rule keeps {sorted(expected) or 'none'}"
+            )
+        self.state.load_side_state(extras)
+
     def tables_read_per_step(self) -> list:
         """The table every step reads at the global batch's indices (the loss may read it
         together with its own: ``fnd.table.gather_together``)."""

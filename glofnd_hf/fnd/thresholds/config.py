@@ -15,6 +15,7 @@ from ..table import ValueRange
 
 LAMBDA = 0  # every rule keeps the threshold in column 0 and the visit count last
 UpdateRule = Literal["pinball", "tail", "adam", "reference"]
+CommonTest = Literal["within", "across"]
 UPDATE_RULES: tuple[str, ...] = ("pinball", "tail", "adam", "reference")
 THRESHOLD_RANGE = ValueRange(-1.0, 1.0)  # thresholds are cosine similarities (clamped)
 RULES: dict[str, type[ThresholdRule]] = {}
@@ -92,6 +93,16 @@ class GloFNDConfig:
         2.0,
         "pinball rule: the age (visits' worth of evidence) kept when drift is detected.",
     )
+    common_test: CommonTest = setting(
+        "within",
+        "pinball rule: what the test for a shift of every anchor's tail holds a batch's mean "
+        "innovation against: within (the spread of the batch's own innovations) or across "
+        "(the spread of successive batches' means, four numbers of state per side, and a "
+        "restart also restarts the threshold's average). A batch's anchors share their "
+        "negatives, which within does not see: on a real model's still tails it restarts "
+        "13-52 % of the visits and never converges, where across does "
+        "(docs/threshold-tracking.md).",
+    )
     # -- the Adam rules -------------------------------------------------------------------
     lr: float = setting(0.05, "adam/reference rules: learning rate of the thresholds.")
     betas: tuple[float, float] = setting((0.9, 0.98), "adam/reference rules: Adam's betas.")
@@ -142,6 +153,8 @@ class GloFNDConfig:
             raise ValueError(f"drift_level must be positive, got {self.drift_level}")
         if not self.restart_age >= 1.0:
             raise ValueError(f"restart_age must be at least 1, got {self.restart_age}")
+        if self.common_test not in ("within", "across"):
+            raise ValueError(f"common_test must be 'within' or 'across', got {self.common_test!r}")
         if self.lr <= 0:
             raise ValueError(f"threshold lr must be positive, got {self.lr}")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
@@ -182,6 +195,10 @@ class ThresholdRule(ABC):
     frame: ClassVar[tuple[int, ...]] = ()
     """Columns in similarity units that move with the side's *common shift* (``update``):
     every anchor's, visited in this batch or not."""
+    side_columns: ClassVar[tuple[str, ...]] = ()
+    """Quantities kept once per side, not per sample (stored as ``<side>.<name>`` of shape
+    (1,)); ``side_fill`` their values before any visit, or where a stored state lacks them."""
+    side_fill: ClassVar[tuple[float, ...]] = ()
 
     def __init__(self, config: GloFNDConfig) -> None:
         self.config = config
@@ -208,8 +225,14 @@ class ThresholdRule(ABC):
         statistics; a pure function of its inputs."""
 
     def update(
-        self, rows: torch.Tensor, stats: torch.Tensor, epoch: float
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``step``'s new rows, and the (2,) shift of the ``frame`` columns of every other
-        anchor that this batch shows (the embeddings moved together), or None."""
-        return self.step(rows, stats, epoch), None
+        self,
+        rows: torch.Tensor,
+        stats: torch.Tensor,
+        epoch: float,
+        sides: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """``step``'s new rows, the (2,) shift of the ``frame`` columns of every other
+        anchor that this batch shows (the embeddings moved together) or None, and the new
+        (2, len(side_columns)) per-side values (``sides`` as they were, where the rule
+        keeps none)."""
+        return self.step(rows, stats, epoch), None, sides

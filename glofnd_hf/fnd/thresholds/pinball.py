@@ -19,7 +19,18 @@ class PinballRule(ThresholdRule):
     threshold averages the steps (Polyak-Ruppert)."""
 
     columns = ("lambda", "iterate", "unit", "centre", "scatter", "drift", "calm", "age", "visits")
-    settings = ("tail_size", "gain_decay", "drift_level", "drift_rate", "restart_age")
+    settings = (
+        "tail_size",
+        "gain_decay",
+        "drift_level",
+        "drift_rate",
+        "restart_age",
+        "common_test",
+    )
+    # Per side, for ``common_test: across``: the last batch's mean innovation in tail units,
+    # the running null variance of it, the batches counted, the running mean of its z-scores.
+    side_columns = ("common_last", "common_null", "common_batches", "common_z")
+    side_fill = (0.0, 0.0, 0.0, 0.0)
     point = columns.index("iterate")
     frame = (columns.index("lambda"), columns.index("iterate"), columns.index("centre"))
     fill = (1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0)
@@ -73,10 +84,10 @@ class PinballRule(ThresholdRule):
         ).to(torch.float32)
 
     def _common_shift(
-        self, rows: torch.Tensor, stats: torch.Tensor, tests: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(2,) the batch's common shift per side since its anchors' last visit, and whether
-        it was detected.
+        self, rows: torch.Tensor, stats: torch.Tensor, tests: torch.Tensor, sides: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(2,) the batch's common shift per side since its anchors' last visit, whether
+        it was detected, and the new per-side values (``common_test: across``).
 
         Embeddings that move together (a model in training) shift every anchor's tail a
         little, which no single anchor's noisy estimate shows but the mean of the batch's
@@ -96,8 +107,17 @@ class PinballRule(ThresholdRule):
         variance = (values.square().sum(0) - count * mean.square()) / (count - 1.0).clamp(min=1.0)
         t = mean * count.sqrt() / variance.clamp(min=1e-24).sqrt()
         mean_tests = (tests * seen).sum(0) / count.clamp(min=1.0)
-        detected = (count >= 8) & (t.abs() > (2.0 * self._alarm_level(mean_tests)).sqrt())
-        return torch.where(detected, mean, 0.0), detected
+        level = self._alarm_level(mean_tests)
+        if self.config.common_test == "within":
+            detected = (count >= 8) & (t.abs() > (2.0 * level).sqrt())
+            return torch.where(detected, mean, 0.0), detected, sides
+        unit = (rows[..., self.columns.index("unit")] * seen).sum(0) / count.clamp(min=1.0)
+        unit = unit.clamp(min=1e-12)
+        within = variance / count.clamp(min=1.0) / unit.square()
+        detected, sides = _across_batches(
+            mean / unit, within, count >= 8, sides, level, self.config.drift_rate
+        )
+        return torch.where(detected, mean, 0.0), detected, sides
 
     def _bounded(self, grad: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
         """The pinball gradient with the exceedances cut at ``_exceedance_limit``: one
@@ -109,8 +129,10 @@ class PinballRule(ThresholdRule):
     def step(self, rows, stats, epoch):
         return self.update(rows, stats, epoch)[0]
 
-    def update(self, rows, stats, epoch):
+    def update(self, rows, stats, epoch, sides=None):
         cfg = self.config
+        if sides is None:
+            sides = torch.tensor([list(self.side_fill)] * 2, device=rows.device)
         lam, iterate, unit, centre, scatter, drift, calm, age, visits = rows.unbind(-1)
         grad, q_hat, batch_unit, noise, n, floor = stats.to(torch.float32).unbind(-1)
         bounded = self._bounded(grad, n)
@@ -124,7 +146,7 @@ class PinballRule(ThresholdRule):
         tests = torch.minimum(age, visits)
         level = self._alarm_level(tests)
         new_drift, alarm = self._drift_alarm(innovation, unit, scatter, drift, visits, level)
-        common_shift, common = self._common_shift(rows, stats, tests)
+        common_shift, common, sides = self._common_shift(rows, stats, tests, sides)
         calm, run_alarm = self._run_test(calm, grad, n, level)
         restart = alarm | common | run_alarm
         age = torch.where(restart, age.clamp(max=cfg.restart_age), age) + 1.0
@@ -147,6 +169,12 @@ class PinballRule(ThresholdRule):
         new_it = self._pinball_step(iterate + shift, unit, grad, age, floor)
         new_unit = unit + (batch_unit - unit) / age
         new_lam = _rank_average(lam + shift, new_it, new_unit, age)
+        if cfg.common_test == "across":
+            # Between restarts, which here are rare on still tails, the threshold averages
+            # the iterates; a restart says the past is stale, so the average starts over
+            # (averaging shares, a threshold far below sheds only the weight of its excess
+            # share per visit: it trailed a tail that rose all through training).
+            new_lam = torch.where(restart, new_it, new_lam)
         # First visit: everything starts at the batch's tail estimate, whose age is its
         # weight in visits of pinball evidence (the ratio of a visit's pinball variance,
         # about 1 / (alpha n) in squared tail units, to the estimate's).
@@ -167,7 +195,7 @@ class PinballRule(ThresholdRule):
         )
         # Anchors without a tail fit (fewer than two negatives: a batch of one or two
         # samples) keep their row: no step, no visit counted (docs/threshold-tracking.md).
-        return torch.where(torch.isfinite(q_hat).unsqueeze(-1), new, rows), common_shift
+        return torch.where(torch.isfinite(q_hat).unsqueeze(-1), new, rows), common_shift, sides
 
     def _drift_alarm(
         self,
@@ -277,6 +305,52 @@ class PinballRule(ThresholdRule):
         gain = age.pow(-self.config.gain_decay)
         new_it = (start - gain * unit * (grad / self.config.alpha)).clamp(-1.0, 1.0)
         return torch.maximum(new_it, floor)
+
+
+def _across_batches(
+    mean: torch.Tensor,
+    within: torch.Tensor,
+    counted: torch.Tensor,
+    sides: torch.Tensor,
+    level: torch.Tensor,
+    rate: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The common test against the spread of successive batches' means (``common_test:
+    across``): whether each side's (2,) ``mean`` innovation (in tail units; ``within`` its
+    variance as the batch's own spread says, ``counted`` whether enough anchors were
+    seen) shows a shift, and the new (2, 4) ``sides``.
+
+    A batch's anchors share their negatives, so its mean innovation carries the batch's
+    make-up (a few samples similar to many anchors lift every tail), which the spread
+    within the batch does not show: on a real model's tails held still it was 70-90 times
+    what that spread says. Half the squared difference of successive batches' means
+    estimates the variance that matters (a mean that moves slowly cancels), clipped at 9
+    times the running value so that one jump does not blind the test. A shift is
+    detected, after ``WARMUP_BATCHES``, where one batch's z-score passes the level
+    (``sqrt(2 level)``: a sudden shift) or their running mean (rate ``drift_rate``, each
+    clipped at 3) passes it as the per-anchor test's does (a shift that persists)."""
+    last, null, batches, running = sides.unbind(-1)
+    squared = 0.5 * (mean - last).square()
+    squared = torch.where(null > 0, torch.minimum(squared, 9.0 * null), squared)
+    weight = 1.0 / batches.clamp(min=1.0, max=NULL_WINDOW)
+    null = torch.where(counted & (batches >= 1), null + weight * (squared - null), null)
+    scale = torch.maximum(null, within).clamp(min=1e-24).sqrt()
+    z = mean / scale
+    running = torch.where(counted, running + rate * (z.clamp(-3.0, 3.0) - running), running)
+    z_level = (2.0 * level).sqrt()
+    ready = counted & (batches >= WARMUP_BATCHES)
+    detected = ready & (
+        (z.abs() > z_level) | (running.abs() > z_level * math.sqrt(rate / (2.0 - rate)))
+    )
+    batches = batches + counted.to(batches.dtype)
+    last = torch.where(counted, mean, last)
+    return detected, torch.stack([last, null, batches, running], dim=-1)
+
+
+WARMUP_BATCHES = 10.0
+"""Batches of a side counted before ``common_test: across`` tests (its null is measured)."""
+NULL_WINDOW = 50.0
+"""The most batches the running null variance of ``common_test: across`` averages."""
 
 
 SPENDING = 2.0

@@ -1,5 +1,6 @@
 """The per-sample threshold state of both sides: one (N, 2, C) table of the rule's columns,
-a per-side common shift, and checked loading of stored states."""
+a per-side common shift and the rule's per-side quantities, and checked loading of stored
+states."""
 
 from __future__ import annotations
 
@@ -46,6 +47,8 @@ class ThresholdState:
         # table whenever the state is read out whole (``state_dict``).
         self.frame = torch.zeros(len(SIDES))
         self._frame_columns = list(self.rule.frame)
+        # The rule's per-side quantities (``side_columns``; none for most rules).
+        self.sides = self._side_fill()
         ranges = [self.rule.valid[c] for c in self._frame_columns]
         self._frame_range = (
             torch.tensor([r.low for r in ranges]),
@@ -130,16 +133,47 @@ class ThresholdState:
         every process (an all-gather of O(N): a collective, every process calls it)."""
         return self.table.data if self.sharding == "replicated" else self.table.full()
 
+    def _side_fill(self) -> torch.Tensor:
+        return torch.tensor([list(self.rule.side_fill)] * len(SIDES), dtype=torch.float32)
+
+    def side_state(self) -> dict[str, torch.Tensor]:
+        """The rule's per-side quantities as ``<side>.<name>`` tensors of shape (1,) (stored
+        with the state, and with every shard of a per-process checkpoint)."""
+        values = self.sides.cpu()
+        return {
+            f"{side}.{name}": values[s, c : c + 1].clone()
+            for s, side in enumerate(SIDES)
+            for c, name in enumerate(self.rule.side_columns)
+        }
+
+    def load_side_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Take :meth:`side_state`'s entries from ``state`` (checked first); a state saved
+        before the rule kept them, without any, starts them afresh."""
+        names = [f"{side}.{name}" for side in SIDES for name in self.rule.side_columns]
+        if not any(name in state for name in names):
+            self.sides = self._side_fill().to(self.sides.device)
+            return
+        for name in names:
+            if name not in state:
+                raise ValueError(f"threshold state lacks {name!r}")
+            check_state_tensor(name, state[name], (1,))
+        values = torch.stack([state[name].to(torch.float32) for name in names])
+        self.sides = values.view(len(SIDES), -1).to(self.sides.device)
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Plain contiguous tensors, one per side and quantity, storable with safetensors:
-        the thresholds as they filter (the common shift is folded into the table first).
-        Sharded: every sample's, gathered from every process (a collective)."""
+        the thresholds as they filter (the common shift is folded into the table first),
+        and the rule's per-side quantities. Sharded: every sample's, gathered from every
+        process (a collective)."""
         self._fold_frame()
         data = self._all_rows()
         return {
-            f"{side}.{column}": data[:, s, c].contiguous().cpu()
-            for s, side in enumerate(SIDES)
-            for c, column in enumerate(self.columns)
+            **{
+                f"{side}.{column}": data[:, s, c].contiguous().cpu()
+                for s, side in enumerate(SIDES)
+                for c, column in enumerate(self.columns)
+            },
+            **self.side_state(),
         }
 
     def shard_tables(self) -> dict:
@@ -163,7 +197,9 @@ class ThresholdState:
         is bad): shape (N,), dtype float32, values in the rule's column ranges."""
         state = self.rule.upgrade(state)
         expected = {f"{side}.{column}" for side in SIDES for column in self.columns}
-        missing, unexpected = expected - state.keys(), state.keys() - expected
+        side_keys = {f"{side}.{name}" for side in SIDES for name in self.rule.side_columns}
+        missing = expected - state.keys()
+        unexpected = state.keys() - expected - side_keys
         if missing or unexpected:
             raise ValueError(
                 f"threshold state keys do not match: missing {sorted(missing)}, "
@@ -176,6 +212,7 @@ class ThresholdState:
                 check_state_tensor(
                     f"{side}.{column}", state[f"{side}.{column}"], (self.num_samples,), valid=valid
                 )
+        self.load_side_state(state)  # checked before any row changes
         if self.sharding == "replicated":
             for s, side in enumerate(SIDES):
                 for c, column in enumerate(self.columns):
@@ -200,7 +237,10 @@ class ThresholdState:
         ``rows``: their current rows when the caller has already read them."""
         if rows is None:
             rows = self.rows(index, stats.device)
-        rows, shift = self.rule.update(rows, stats, epoch)
+        self.sides = self.sides.to(stats.device)
+        rows, shift, sides = self.rule.update(rows, stats, epoch, self.sides)
+        if sides is not None:
+            self.sides = sides
         if shift is not None:
             # The shift accrued since the batch's anchors' last visit, about an epoch ago;
             # every other anchor moves by the share of it that accrued during this step
