@@ -200,7 +200,7 @@ class GloFNDDetector(RowwiseDetector):
     def load_shard_extras(self, extras: dict[str, torch.Tensor]) -> None:
         """Take :meth:`shard_extras` of a checkpoint (checked first; a checkpoint written
         before the rule kept them has none, and they start afresh)."""
-        expected = set(self.state.side_state())
+        expected = set(self.state.side_keys())
         if set(extras) - expected:
             raise ValueError(
                 f"glofnd shard extras hold {sorted(set(extras) - expected)}; the "

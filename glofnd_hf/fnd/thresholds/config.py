@@ -200,6 +200,11 @@ class ThresholdRule(ABC):
     (1,)); ``side_fill`` their values before any visit, or where a stored state lacks them."""
     side_fill: ClassVar[tuple[float, ...]] = ()
 
+    @classmethod
+    def side_start(cls, device: torch.device | str = "cpu") -> torch.Tensor:
+        """(2, len(side_columns)) the per-side values before any visit (``side_fill``)."""
+        return torch.tensor([list(cls.side_fill)] * len(SIDES), dtype=torch.float32, device=device)
+
     def __init__(self, config: GloFNDConfig) -> None:
         self.config = config
 

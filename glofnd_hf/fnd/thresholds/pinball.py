@@ -132,7 +132,7 @@ class PinballRule(ThresholdRule):
     def update(self, rows, stats, epoch, sides=None):
         cfg = self.config
         if sides is None:
-            sides = torch.tensor([list(self.side_fill)] * 2, device=rows.device)
+            sides = self.side_start(rows.device)
         lam, iterate, unit, centre, scatter, drift, calm, age, visits = rows.unbind(-1)
         grad, q_hat, batch_unit, noise, n, floor = stats.to(torch.float32).unbind(-1)
         bounded = self._bounded(grad, n)

@@ -48,7 +48,7 @@ class ThresholdState:
         self.frame = torch.zeros(len(SIDES))
         self._frame_columns = list(self.rule.frame)
         # The rule's per-side quantities (``side_columns``; none for most rules).
-        self.sides = self._side_fill()
+        self.sides = self.rule.side_start()
         ranges = [self.rule.valid[c] for c in self._frame_columns]
         self._frame_range = (
             torch.tensor([r.low for r in ranges]),
@@ -133,25 +133,23 @@ class ThresholdState:
         every process (an all-gather of O(N): a collective, every process calls it)."""
         return self.table.data if self.sharding == "replicated" else self.table.full()
 
-    def _side_fill(self) -> torch.Tensor:
-        return torch.tensor([list(self.rule.side_fill)] * len(SIDES), dtype=torch.float32)
+    def side_keys(self) -> list[str]:
+        """The names the rule's per-side quantities are stored under, ``<side>.<name>``, in
+        the order of ``sides`` flattened."""
+        return [f"{side}.{name}" for side in SIDES for name in self.rule.side_columns]
 
     def side_state(self) -> dict[str, torch.Tensor]:
-        """The rule's per-side quantities as ``<side>.<name>`` tensors of shape (1,) (stored
-        with the state, and with every shard of a per-process checkpoint)."""
-        values = self.sides.cpu()
-        return {
-            f"{side}.{name}": values[s, c : c + 1].clone()
-            for s, side in enumerate(SIDES)
-            for c, name in enumerate(self.rule.side_columns)
-        }
+        """The rule's per-side quantities as ``side_keys`` tensors of shape (1,) (stored with
+        the state, and with every shard of a per-process checkpoint)."""
+        values = self.sides.cpu().reshape(-1)
+        return {name: values[i : i + 1].clone() for i, name in enumerate(self.side_keys())}
 
     def load_side_state(self, state: dict[str, torch.Tensor]) -> None:
         """Take :meth:`side_state`'s entries from ``state`` (checked first); a state saved
         before the rule kept them, without any, starts them afresh."""
-        names = [f"{side}.{name}" for side in SIDES for name in self.rule.side_columns]
+        names = self.side_keys()
         if not any(name in state for name in names):
-            self.sides = self._side_fill().to(self.sides.device)
+            self.sides = self.rule.side_start(self.sides.device)
             return
         for name in names:
             if name not in state:
@@ -197,9 +195,8 @@ class ThresholdState:
         is bad): shape (N,), dtype float32, values in the rule's column ranges."""
         state = self.rule.upgrade(state)
         expected = {f"{side}.{column}" for side in SIDES for column in self.columns}
-        side_keys = {f"{side}.{name}" for side in SIDES for name in self.rule.side_columns}
         missing = expected - state.keys()
-        unexpected = state.keys() - expected - side_keys
+        unexpected = state.keys() - expected - set(self.side_keys())
         if missing or unexpected:
             raise ValueError(
                 f"threshold state keys do not match: missing {sorted(missing)}, "
