@@ -29,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's glofnd_hf
 
+from benchmarks._settings import parse_settings  # noqa: E402
 from benchmarks.fnstudy.snapshots import rank_figures  # noqa: E402
 from glofnd_hf.fnd import DetectionBatch, GloFNDConfig, GloFNDDetector  # noqa: E402
 
@@ -96,10 +97,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--output", type=Path, help="results JSON")
     args = parser.parse_args(argv)
     draw = torch.load(args.draw)
-    settings = {}
-    for item in args.set:
-        name, _, value = item.partition("=")
-        settings[name] = _parse(value)
+    settings = parse_settings(args.set)
     records = replay(
         draw["similarities"],
         draw["alpha"],
@@ -125,15 +123,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(json.dumps(results, indent=2) + "\n")
     return results
-
-
-def _parse(value: str) -> Any:
-    for kind in (int, float):
-        try:
-            return kind(value)
-        except ValueError:
-            pass
-    return value
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks import stationary_streams as ss  # noqa: E402
 from benchmarks._machine import cpu_model  # noqa: E402
+from benchmarks._settings import parse_settings  # noqa: E402
 from glofnd_hf.fnd import BatchQuantileDetector, GloFNDConfig, GloFNDDetector  # noqa: E402
 from glofnd_hf.fnd.detectors import DetectionBatch  # noqa: E402
 from glofnd_hf.fnd.quantiles import masked_quantile  # noqa: E402
@@ -228,7 +229,7 @@ def main(argv: list[str] | None = None) -> dict:
         return results
     torch.set_num_threads(1)
     logging.disable(logging.WARNING)  # the rules' health warnings are not what we measure
-    overrides = {k: json.loads(v) for k, v in (s.split("=", 1) for s in opts.set)}
+    overrides = parse_settings(opts.set)
     start = time.perf_counter()
     results = run_split(
         opts.split, opts.rules, opts.visits, opts.anchors, opts.families, **overrides

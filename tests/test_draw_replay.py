@@ -48,3 +48,20 @@ def test_the_command_line_reads_a_saved_draw_and_writes_its_figures(tmp_path):
     assert out.read_text().count('"visits"') == 3
     with pytest.raises(ValueError, match="batch_size"):
         draw_replay.replay(draw["similarities"], 0.05, 1000, 1)
+
+
+def test_benchmark_settings_read_json_values_and_plain_strings_alike():
+    from benchmarks._settings import parse_settings
+
+    settings = parse_settings(
+        ["drift_level=5", "gain_decay=0.7", "common_test=across", 'update_rule="tail"']
+    )
+    assert settings == {
+        "drift_level": 5,
+        "gain_decay": 0.7,
+        "common_test": "across",
+        "update_rule": "tail",
+    }
+    assert isinstance(settings["drift_level"], int)
+    with pytest.raises(ValueError, match="NAME=VALUE"):
+        parse_settings(["drift_level"])
