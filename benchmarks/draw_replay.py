@@ -15,6 +15,9 @@ false alarm).
         --model_name_or_path glofnd-tiny-siglip --loss_type sigmoid \\
         --save-draws /tmp/draws --draw-epochs 5 30
     .venv/bin/python benchmarks/draw_replay.py /tmp/draws/draw_epoch5.pt --visits 50
+
+``--alpha`` and ``--batch-size`` replay the same tails at another alpha x B (the paper's
+0.1, say) than the run's own.
 """
 
 from __future__ import annotations
@@ -87,6 +90,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("draw", type=Path, help="a draw_epoch<E>.pt of demo_ceiling.py")
     parser.add_argument("--visits", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--alpha", type=float, help="replay at this alpha instead of the run's own")
+    parser.add_argument(
+        "--batch-size", type=int, help="replay at this batch size instead of the run's own"
+    )
     parser.add_argument(
         "--set",
         nargs="*",
@@ -98,10 +105,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     draw = torch.load(args.draw)
     settings = parse_settings(args.set)
+    alpha = draw["alpha"] if args.alpha is None else args.alpha
+    batch_size = draw["batch_size"] if args.batch_size is None else args.batch_size
     records = replay(
         draw["similarities"],
-        draw["alpha"],
-        draw["batch_size"],
+        alpha,
+        batch_size,
         args.visits,
         args.seed,
         **settings,
@@ -116,6 +125,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results = {
         "draw": str(args.draw),
         "epoch": draw.get("epoch"),
+        "alpha": alpha,
+        "batch_size": batch_size,
         "settings": settings,
         "records": records,
     }

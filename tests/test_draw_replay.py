@@ -46,6 +46,9 @@ def test_the_command_line_reads_a_saved_draw_and_writes_its_figures(tmp_path):
     assert results["settings"] == {"drift_level": 5} and results["epoch"] == 3
     assert [r["visits"] for r in results["records"]] == [1, 2, 3]
     assert out.read_text().count('"visits"') == 3
+    assert (results["alpha"], results["batch_size"]) == (0.05, 32)
+    other = draw_replay.main([str(path), "--visits", "1", "--alpha", "0.01", "--batch-size", "64"])
+    assert (other["alpha"], other["batch_size"]) == (0.01, 64)
     with pytest.raises(ValueError, match="batch_size"):
         draw_replay.replay(draw["similarities"], 0.05, 1000, 1)
 
