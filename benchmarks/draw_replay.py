@@ -58,6 +58,7 @@ def replay(
     negatives = ~torch.eye(n, dtype=torch.bool)
     columns = detector.state.columns
     age = columns.index("age") if "age" in columns else None
+    iterate = columns.index("iterate") if "iterate" in columns else None
     gen = torch.Generator().manual_seed(seed)
     square = ~torch.eye(batch_size, dtype=torch.bool)
     records, restarts, anchor_visits = [], 0, 0
@@ -73,14 +74,15 @@ def replay(
                 restarts += int((after < before + 1.0).logical_and(before > 0).sum())
                 anchor_visits += int((before > 0).sum())
         if visit in REPORT_AT or visit == visits:
-            thresholds = detector.state.lambdas(torch.arange(n)).t()
-            records.append(
-                {
-                    "visits": visit,
-                    **rank_figures(sims, thresholds, negatives, alpha),
-                    "restarted": restarts / anchor_visits if anchor_visits else None,
-                }
-            )
+            rows = detector.state.rows(torch.arange(n))
+            record = {
+                "visits": visit,
+                **rank_figures(sims, detector.state.thresholds_of(rows).t(), negatives, alpha),
+                "restarted": restarts / anchor_visits if anchor_visits else None,
+            }
+            if iterate is not None:  # the pinball rule's iterate, before its averaging
+                record["iterate"] = rank_figures(sims, rows[..., iterate].t(), negatives, alpha)
+            records.append(record)
             restarts = anchor_visits = 0
     return records
 
@@ -117,10 +119,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     for r in records:
         restarted = "-" if r["restarted"] is None else f"{100 * r['restarted']:.1f} %"
+        iterate = (
+            ""
+            if "iterate" not in r
+            else (
+                f" (iterate {r['iterate']['filtered_over_alpha']:.2f} x, "
+                f"{100 * r['iterate']['within_half_to_double']:.0f} %)"
+            )
+        )
         print(
             f"visit {r['visits']:4d}: filtered {r['filtered_over_alpha']:.2f} x alpha, "
             f"{100 * r['within_half_to_double']:.0f} % within [0.5, 2], "
-            f"F1 {r['mask_f1']:.2f}, restarted {restarted}"
+            f"F1 {r['mask_f1']:.2f}, restarted {restarted}{iterate}"
         )
     results = {
         "draw": str(args.draw),

@@ -25,6 +25,10 @@ def test_on_a_matrix_that_never_moves_the_default_rule_converges_without_restart
     assert 0.7 < last["filtered_over_alpha"] < 1.4
     # Independent tails: the drift tests hardly ever fire on still data.
     assert max(r["restarted"] for r in records[1:]) < 0.05
+    # The iterate, scored the same way, is the average's input: near alpha too, and not
+    # the threshold itself (the average has moved off it).
+    assert 0.7 < last["iterate"]["filtered_over_alpha"] < 1.4
+    assert last["iterate"]["filtered_over_alpha"] != last["filtered_over_alpha"]
 
 
 def test_restarts_are_counted_where_the_drift_tests_fire():
@@ -33,6 +37,10 @@ def test_restarts_are_counted_where_the_drift_tests_fire():
         _cosines(256, 24, 1), alpha=0.02, batch_size=64, visits=5, drift_level=1.0
     )
     assert noisy[-1]["restarted"] > 0.2
+    adam = draw_replay.replay(
+        _cosines(256, 24, 1), alpha=0.02, batch_size=64, visits=2, update_rule="adam"
+    )
+    assert "iterate" not in adam[-1]  # a rule without an iterate column
 
 
 def test_the_command_line_reads_a_saved_draw_and_writes_its_figures(tmp_path):
