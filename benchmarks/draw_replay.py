@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -106,6 +107,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--output", type=Path, help="results JSON")
     args = parser.parse_args(argv)
     draw = torch.load(args.draw)
+    logging.disable(logging.WARNING)  # the health warnings repeat what the figures say
     settings = parse_settings(args.set)
     alpha = draw["alpha"] if args.alpha is None else args.alpha
     batch_size = draw["batch_size"] if args.batch_size is None else args.batch_size
