@@ -76,3 +76,15 @@ def test_benchmark_settings_read_json_values_and_plain_strings_alike():
     assert isinstance(settings["drift_level"], int)
     with pytest.raises(ValueError, match="NAME=VALUE"):
         parse_settings(["drift_level"])
+
+
+def test_each_side_is_scored_beside_what_its_exact_quantiles_can_filter():
+    sims = _cosines(256, 24, 3)
+    # Image anchors see ten tied texts at the top (one caption repeated word for word): the
+    # quantile at alpha 0.01 (2.6 negatives) falls on that atom.
+    sims[0, :, :10] = 0.9
+    records = draw_replay.replay(sims, alpha=0.01, batch_size=64, visits=3)
+    sides = records[-1]["sides"]
+    assert sides["text"]["attainable_within"] > 0.9
+    assert sides["image"]["attainable_within"] < 0.1
+    assert sides["image"]["within_half_to_double"] < 0.1  # nothing can be within there
