@@ -46,6 +46,25 @@ def launch_two(tmp_path, name, *extra, processes=2, timeout=300):
     return torch.load(out, weights_only=False)
 
 
+SHARDED = ("--loss-type", "fastclip", "--state-sharding", "sharded")
+
+
+@pytest.fixture(scope="module")
+def one_fastclip(tmp_path_factory):
+    """One process with the FastCLIP loss: the run the two-process runs are held against,
+    and whose checkpoints they resume (into folders of their own)."""
+    folder = tmp_path_factory.mktemp("one_fastclip") / "one"
+    return folder, run(str(folder), "fastclip")
+
+
+@pytest.fixture(scope="module")
+def sharded_two(tmp_path_factory):
+    """Two processes with state_sharding: sharded, launched once for the tests that check
+    their checkpoints and resume them (each into a folder of its own)."""
+    folder = tmp_path_factory.mktemp("sharded_two")
+    return folder / "two", launch_two(folder, "two", *SHARDED)
+
+
 def assert_same_run(a, b):
     for key, value in a["state"].items():
         # The tail rule's drift test and the pinball rule's scatter are ratios of squared
@@ -88,15 +107,15 @@ def test_two_processes_log_what_one_process_logs(tmp_path):
     assert_same_logs(one["logs"], two["logs"])
 
 
-@pytest.mark.parametrize("loss_type", ["fastclip"])
-def test_two_processes_train_like_one_and_checkpoints_cross_over(tmp_path, loss_type):
+def test_two_processes_train_like_one_and_checkpoints_cross_over(tmp_path, one_fastclip):
+    loss_type = "fastclip"
     two = launch_two(tmp_path, "two", "--loss-type", loss_type)
     assert two["world"] == 2
     # After every step, both ranks hold the same per-sample state.
     assert len(two["digests"]) == 8
     for digest in two["digests"]:
         assert torch.equal(digest[0], digest[1])
-    one = run(str(tmp_path / "one"), loss_type)
+    one_folder, one = one_fastclip
     assert_same_run(one, two)
     # The same logs, up to the float noise of DDP's gradient averaging.
     assert_same_logs(one["logs"], two["logs"], tolerance=1e-5)
@@ -112,23 +131,18 @@ def test_two_processes_train_like_one_and_checkpoints_cross_over(tmp_path, loss_
     assert_same_run(one, resumed_one)
     # ...and a 1-process checkpoint resumes under two processes.
     resumed_two = launch_two(
-        tmp_path,
-        "one",
-        "--loss-type",
-        loss_type,
-        "--resume",
-        str(tmp_path / "one" / "checkpoint-4"),
+        tmp_path, "one", "--loss-type", loss_type, "--resume", str(one_folder / "checkpoint-4")
     )
     assert_same_run(one, resumed_two)
 
 
-def test_two_processes_with_the_cached_loss_train_like_one_plain_process(tmp_path):
+def test_two_processes_with_the_cached_loss_train_like_one_plain_process(tmp_path, one_fastclip):
     """The cached loss in chunks of 2 of each rank's 4 pairs (DDP reducing with the last chunk
     only) trains as the plain loss in one process: parameters, state and logs."""
     two = launch_two(tmp_path, "two", "--loss-type", "fastclip", "--chunk", "2")
     for digest in two["digests"]:
         assert torch.equal(digest[0], digest[1])
-    one = run(str(tmp_path / "one"), "fastclip")
+    _, one = one_fastclip
     assert_same_run(one, two)
     assert_same_logs(one["logs"], two["logs"], tolerance=1e-5)
 
@@ -144,38 +158,35 @@ def test_sigmoid_loss_with_a_tiny_siglip_trains_alike_in_two_processes(tmp_path)
     assert bias.item() != -10.0  # the bias learned, alike in both runs
 
 
-def test_a_sharded_state_checkpoints_per_process_and_resumes(tmp_path):
+def test_a_sharded_state_checkpoints_per_process_and_resumes(tmp_path, one_fastclip, sharded_two):
     """state_sharding: sharded under two processes: each writes its rows of the per-sample
     state to its own file, the first marks the set complete; the run trains as one process
     does, and its checkpoint resumes under two processes (sharded) and in one (replicated)."""
-    sharded = ("--loss-type", "fastclip", "--state-sharding", "sharded")
-    two = launch_two(tmp_path, "two", *sharded)
+    folder, two = sharded_two
     for digest in two["digests"]:
         assert torch.equal(digest[0], digest[1])
-    checkpoint = tmp_path / "two" / "checkpoint-4"
+    checkpoint = folder / "checkpoint-4"
     names = set(os.listdir(checkpoint))
     assert {STATE_FILE, shard_file_name(0, 2), shard_file_name(1, 2)} <= names
     assert checkpoint_problems(checkpoint) == []
-    one = run(str(tmp_path / "one"), "fastclip")
+    _, one = one_fastclip
     assert_same_run(one, two)
     assert_same_logs(one["logs"], two["logs"], tolerance=1e-5)
 
-    resumed_two = launch_two(tmp_path, "two", *sharded, "--resume", str(checkpoint))
+    resumed_two = launch_two(tmp_path, "resumed_two", *SHARDED, "--resume", str(checkpoint))
     assert_same_run(one, resumed_two)
-    resumed_one = run(str(tmp_path / "two"), "fastclip", resume=str(checkpoint))
+    resumed_one = run(str(tmp_path / "resumed_one"), "fastclip", resume=str(checkpoint))
     assert_same_run(one, resumed_one)
 
 
-def test_a_sharded_checkpoint_of_two_processes_resumes_in_three(tmp_path):
+def test_a_sharded_checkpoint_of_two_processes_resumes_in_three(tmp_path, sharded_two):
     """Resharding through the trainer: the shards of two processes load into three (each
     keeps its rows), which hold together the state one process loads from them; the three
     then train on, their state alike on every rank."""
-    sharded = ("--loss-type", "fastclip", "--state-sharding", "sharded")
-    launch_two(tmp_path, "two", *sharded, "--stop-at", "4")
-    checkpoint = str(tmp_path / "two" / "checkpoint-4")
-    three = launch_two(tmp_path, "two", *sharded, "--resume", checkpoint, processes=3)
+    checkpoint = str(sharded_two[0] / "checkpoint-4")
+    three = launch_two(tmp_path, "three", *SHARDED, "--resume", checkpoint, processes=3)
     assert three["world"] == 3
-    one = run(str(tmp_path / "two"), "fastclip", resume=checkpoint, stop_at=5)
+    one = run(str(tmp_path / "one"), "fastclip", resume=checkpoint, stop_at=5)
     assert one["loaded_state"].keys() == three["loaded_state"].keys()
     for key, value in one["loaded_state"].items():
         assert torch.equal(value, three["loaded_state"][key]), key
@@ -262,8 +273,7 @@ def test_a_shard_write_failing_on_one_process_fails_on_every_process(tmp_path):
     both processes raise the same one-line error naming process 1 and its file, instead of
     process 0 waiting for it; the checkpoint is not marked complete and the first one is
     kept whole. A hang fails at the launch's timeout."""
-    sharded = ("--loss-type", "fastclip", "--state-sharding", "sharded")
-    errors = launch_two(tmp_path, "two", *sharded, "--fail-shard-write", "1", timeout=240)
+    errors = launch_two(tmp_path, "two", *SHARDED, "--fail-shard-write", "1", timeout=240)
     name = shard_file_name(1, 2)
     for error in errors:
         assert error is not None and error == errors[0] and "\n" not in error
