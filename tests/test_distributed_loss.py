@@ -35,8 +35,26 @@ def single_process(kind, steps=2):
     return losses, stats, dict(model.named_parameters()), loss_fn.state_dict(), health
 
 
-def run_torchrun(kind, out, *extra):
-    env = worker_env()
+CASES = [
+    "clip",
+    "global",
+    "clip_iq",
+    "global_bq",
+    "global_oracle",
+    "sigmoid",
+    "sigmoid_attract",
+    # The cached loss in chunks of 3, 3 and 2 pairs of each rank's 8.
+    "clip_iq@3",
+    "global@3",
+    "sigmoid@3",
+]
+
+
+@pytest.fixture(scope="module")
+def two_process_results(tmp_path_factory):
+    """Every case under torchrun with two processes, one launch (each case starts afresh in
+    the same process group): case -> the two ranks' results."""
+    out = tmp_path_factory.mktemp("two_process_losses") / "result"
     cmd = [
         sys.executable,
         "-m",
@@ -48,15 +66,17 @@ def run_torchrun(kind, out, *extra):
         "--master_port",
         str(free_port()),
         str(HERE / "distributed" / "loss_worker.py"),
-        "--loss",
-        kind,
         "--out",
         str(out),
-        *extra,
+        "--cases",
+        *CASES,
     ]
-    proc = run_process_group(cmd, env, timeout=300)
+    proc = run_process_group(cmd, worker_env(), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return [torch.load(f"{out}.rank{r}", weights_only=False) for r in range(2)]
+    return {
+        case: [torch.load(f"{out}.{case}.rank{r}", weights_only=False) for r in range(2)]
+        for case in CASES
+    }
 
 
 def assert_same_stats(got, expected, where, tolerance=1e-6):
@@ -66,28 +86,12 @@ def assert_same_stats(got, expected, where, tolerance=1e-6):
         assert got[key] == pytest.approx(value, rel=tolerance, abs=tolerance), (where, key)
 
 
-CACHED = ("--chunk", "3")  # chunks of 3, 3 and 2 pairs of each rank's 8
-
-
-@pytest.mark.parametrize(
-    "kind, extra",
-    [
-        ("clip", ()),
-        ("global", ()),
-        ("clip_iq", ()),
-        ("global_bq", ()),
-        ("global_oracle", ()),
-        ("sigmoid", ()),
-        ("sigmoid_attract", ()),
-        pytest.param("clip_iq", CACHED, id="clip_iq-cached"),
-        pytest.param("global", CACHED, id="global-cached"),
-        pytest.param("sigmoid", CACHED, id="sigmoid-cached"),
-    ],
-)
-def test_two_processes_match_one_process(tmp_path, kind, extra):
+@pytest.mark.parametrize("case", CASES)
+def test_two_processes_match_one_process(two_process_results, case):
     """Also with the cached loss on each rank (gradients synchronised with the last chunk
     only) against the plain loss in one process."""
-    ranks = run_torchrun(kind, tmp_path / "result", *extra)
+    kind = case.partition("@")[0]
+    ranks = two_process_results[case]
     losses, stats, params, state, health = single_process(kind)
     # The statistics are those of the global batch: percentiles over its anchors, counts and
     # fractions over its totals (the same on both ranks).
