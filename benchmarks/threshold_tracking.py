@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks._machine import cpu_model  # noqa: E402
+from benchmarks._settings import parse_settings  # noqa: E402
 from benchmarks.tracking_streams import KINDS, RULES, make_stream, run_stream  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -45,8 +46,14 @@ PAPER = dict(num_samples=200_000, batch_size=4096, alpha=1e-4, epochs=30)
 
 
 def run_all(
-    kinds: list[str], rules: list[str], paper: bool, paper_rules: list[str], seed: int
+    kinds: list[str],
+    rules: list[str],
+    paper: bool,
+    paper_rules: list[str],
+    seed: int,
+    **overrides,
 ) -> dict:
+    """Every rule on every stream kind; ``overrides``: GloFND settings for the GloFND rules."""
     results: dict = {
         "settings": {"small": SMALL, "paper": PAPER if paper else None},
         "machine": {
@@ -62,7 +69,13 @@ def run_all(
         for rule in rules:
             start = time.perf_counter()
             run = run_stream(
-                stream, rule, SMALL["alpha"], SMALL["batch_size"], seed=seed, exact_cache=cache
+                stream,
+                rule,
+                SMALL["alpha"],
+                SMALL["batch_size"],
+                seed=seed,
+                exact_cache=cache,
+                **(overrides if RULES[rule] is not None else {}),
             )
             results["runs"].append(
                 {**asdict(run), "setting": "small", "seconds": time.perf_counter() - start}
@@ -187,6 +200,9 @@ def main(argv: list[str] | None = None) -> dict:
         "--paper-rules", nargs="*", default=["reference", "adam", "tail", "batch_quantile"]
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--set", nargs="*", default=[], metavar="NAME=VALUE", help="GloFND settings"
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output", default=str(RESULTS / "threshold_tracking.json"))
     parser.add_argument(
@@ -202,7 +218,11 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(opts.threads)
     logging.disable(logging.WARNING)  # the rules' health warnings are what we measure
     start = time.perf_counter()
-    results = run_all(opts.streams, opts.rules, opts.paper, opts.paper_rules, opts.seed)
+    overrides = parse_settings(opts.set)
+    results = run_all(
+        opts.streams, opts.rules, opts.paper, opts.paper_rules, opts.seed, **overrides
+    )
+    results["overrides"] = overrides
     results["seconds"] = time.perf_counter() - start
     output = Path(opts.output)
     output.parent.mkdir(parents=True, exist_ok=True)
