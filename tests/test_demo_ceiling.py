@@ -44,7 +44,7 @@ def test_each_epoch_scores_the_thresholds_beside_both_ceilings(tmp_path):
     assert [r["epoch"] for r in records] == [1, 2]
     assert "exact_previous_epoch" not in records[0] and "exact_previous_epoch" in records[1]
     for record in records:
-        for name in ("learned", "exact_other_draw"):
+        for name in ("learned", "exact_other_draw", "iterate"):  # the pinball rule's too
             figures = record[name]
             assert figures["filtered_over_alpha"] >= 0.0
             assert 0.0 <= figures["within_half_to_double"] <= 1.0
