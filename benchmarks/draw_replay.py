@@ -58,6 +58,7 @@ def replay(
         raise ValueError(f"batch_size must lie in [2, {n}], got {batch_size}")
     detector = GloFNDDetector(n, GloFNDConfig(alpha=alpha, **settings))
     negatives = ~torch.eye(n, dtype=torch.bool)
+    exact = masked_quantile(sims, negatives, 1.0 - alpha)  # the matrix never moves
     columns = detector.state.columns
     age = columns.index("age") if "age" in columns else None
     iterate = columns.index("iterate") if "iterate" in columns else None
@@ -80,33 +81,37 @@ def replay(
             thresholds = detector.state.thresholds_of(rows).t()
             record = {
                 "visits": visit,
-                **rank_figures(sims, thresholds, negatives, alpha),
+                **rank_figures(sims, thresholds, negatives, alpha, exact),
                 "restarted": restarts / anchor_visits if anchor_visits else None,
-                "sides": _per_side(sims, thresholds, negatives, alpha),
+                "sides": _per_side(sims, thresholds, negatives, alpha, exact),
             }
             if iterate is not None:  # the pinball rule's iterate, before its averaging
-                record["iterate"] = rank_figures(sims, rows[..., iterate].t(), negatives, alpha)
+                iterates = rows[..., iterate].t()
+                record["iterate"] = rank_figures(sims, iterates, negatives, alpha, exact)
             records.append(record)
             restarts = anchor_visits = 0
     return records
 
 
 def _per_side(
-    sims: torch.Tensor, thresholds: torch.Tensor, negatives: torch.Tensor, alpha: float
+    sims: torch.Tensor,
+    thresholds: torch.Tensor,
+    negatives: torch.Tensor,
+    alpha: float,
+    exact: torch.Tensor,
 ) -> dict[str, dict[str, float]]:
-    """``rank_figures`` of each side, beside what the exact quantiles themselves filter: on
-    tied similarities (captions repeated word for word embed alike) a quantile can fall on
-    an atom, where no threshold filters within [0.5, 2] x alpha."""
-    exact = masked_quantile(sims, negatives, 1.0 - alpha)
-    return {
-        name: {
-            **rank_figures(sims[s : s + 1], thresholds[s : s + 1], negatives, alpha),
-            "attainable_within": rank_figures(sims[s : s + 1], exact[s : s + 1], negatives, alpha)[
-                "within_half_to_double"
-            ],
+    """``rank_figures`` of each side, beside what the ``exact`` quantiles themselves filter:
+    on tied similarities (captions repeated word for word embed alike) a quantile can fall
+    on an atom, where no threshold filters within [0.5, 2] x alpha."""
+    figures = {}
+    for s, name in enumerate(("image", "text")):
+        side = (sims[s : s + 1], negatives, alpha, exact[s : s + 1])
+        attainable = rank_figures(side[0], exact[s : s + 1], *side[1:])
+        figures[name] = {
+            **rank_figures(side[0], thresholds[s : s + 1], *side[1:]),
+            "attainable_within": attainable["within_half_to_double"],
         }
-        for s, name in enumerate(("image", "text"))
-    }
+    return figures
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

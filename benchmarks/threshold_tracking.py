@@ -54,6 +54,10 @@ def run_all(
     **overrides,
 ) -> dict:
     """Every rule on every stream kind; ``overrides``: GloFND settings for the GloFND rules."""
+
+    def settings_of(rule: str) -> dict:
+        return overrides if RULES[rule] is not None else {}
+
     results: dict = {
         "settings": {"small": SMALL, "paper": PAPER if paper else None},
         "machine": {
@@ -75,7 +79,7 @@ def run_all(
                 SMALL["batch_size"],
                 seed=seed,
                 exact_cache=cache,
-                **(overrides if RULES[rule] is not None else {}),
+                **settings_of(rule),
             )
             results["runs"].append(
                 {**asdict(run), "setting": "small", "seconds": time.perf_counter() - start}
@@ -94,6 +98,7 @@ def run_all(
                 seed=seed,
                 score_epochs={0, 1, 2, 4, 9, 19},
                 exact_cache=cache,
+                **settings_of(rule),
             )
             results["runs"].append(
                 {**asdict(run), "setting": "paper", "seconds": time.perf_counter() - start}

@@ -607,3 +607,19 @@ def test_health_advice_names_the_tail_rules_settings():
     # A narrower band kept the demo's thresholds lagging a fast-moving model for longer
     # (docs/training.md, what is logged): not advised there.
     assert "band" not in low
+
+
+def test_the_benchmark_passes_set_settings_to_the_glofnd_rules_only(tmp_path, monkeypatch):
+    """``threshold_tracking.py --set``: the settings reach every GloFND rule (an invalid one
+    is refused there) and not the in-batch rule, which has none."""
+    from benchmarks import threshold_tracking
+
+    for key, value in dict(num_samples=256, batch_size=64, epochs=2).items():
+        monkeypatch.setitem(threshold_tracking.SMALL, key, value)
+    base = ["--streams", "fixed", "--threads", "1", "--output", str(tmp_path / "t.json")]
+    kept = threshold_tracking.main([*base, "--rules", "batch_quantile", "--set", "drift_level=-1"])
+    assert kept["overrides"] == {"drift_level": -1}
+    with pytest.raises(ValueError, match="drift_level must be positive"):
+        threshold_tracking.main([*base, "--rules", "pinball", "--set", "drift_level=-1"])
+    ran = threshold_tracking.main([*base, "--rules", "pinball", "--set", "drift_level=5"])
+    assert [r["rule"] for r in ran["runs"]] == ["pinball"]

@@ -31,13 +31,19 @@ def _similarities(embeds: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def rank_figures(
-    sims: torch.Tensor, thresholds: torch.Tensor, negatives: torch.Tensor, alpha: float
+    sims: torch.Tensor,
+    thresholds: torch.Tensor,
+    negatives: torch.Tensor,
+    alpha: float,
+    exact: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """What (2, N) ``thresholds`` filter of the (2, N, N) similarities, in rank units: the
     mean share of negatives above them over alpha, the share of anchors whose own share is
     within [0.5, 2] x alpha, and the F1 of their masks against the exact rule's (each
-    anchor's exact (1 - alpha) quantile of the same similarities)."""
-    exact = masked_quantile(sims, negatives, 1.0 - alpha)
+    anchor's exact (1 - alpha) quantile of the same similarities: ``exact`` where the
+    caller has them, several threshold sets being scored on one matrix)."""
+    if exact is None:
+        exact = masked_quantile(sims, negatives, 1.0 - alpha)
     found = (sims > thresholds.unsqueeze(-1)) & negatives
     target = (sims > exact.unsqueeze(-1)) & negatives
     ratio = found.sum(-1) / negatives.sum(-1).clamp(min=1) / alpha
@@ -105,8 +111,9 @@ class TrainingModeFigures:
             thresholds["iterate"] = rows[..., columns.index("iterate")].t().cpu()
         if previous is not None and previous[0] == epoch - 1:
             thresholds["exact_previous_epoch"] = previous[1]
+        fresh_exact = masked_quantile(fresh, negatives, 1.0 - self.alpha)
         figures = {
-            name: rank_figures(fresh, thr, negatives, self.alpha)
+            name: rank_figures(fresh, thr, negatives, self.alpha, fresh_exact)
             for name, thr in thresholds.items()
         }
         self.records.append({"epoch": epoch, **figures})
