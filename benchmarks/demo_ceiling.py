@@ -8,7 +8,13 @@ then scores in rank units on the second draw (``fnstudy.snapshots.TrainingModeFi
 * ``exact_other_draw``: each anchor's exact (1 - alpha) quantile of the first draw of the
   same epoch (augmentation and dropout alone: no rule does better);
 * ``exact_previous_epoch``: the exact quantiles of the previous epoch's draw, held for an
-  epoch (what a rule that knew each quantile exactly at its last visit would filter).
+  epoch (what a rule that knew each quantile exactly at its last visit would filter);
+* ``visits_last_<K>`` / ``visits_best``: each anchor's empirical quantile of the negatives
+  its visits of the K epochs before showed it (random batches of the run's size from each
+  epoch's first draw), held for an epoch; the best K of 1, 2, 4, 8, 16 per epoch: what the
+  visits themselves hold, without a model of the tail;
+* ``motion``: per side, how far the exact quantiles moved since the previous epoch in
+  local scales of the tail (mean, sd across anchors, sd after a common affine map).
 
 Each: the mean share of negatives above the thresholds over alpha, the share of anchors
 within [0.5, 2] x alpha, and the mask F1 against the exact rule on the same similarities.
@@ -51,7 +57,7 @@ class EpochCeiling(TrainerCallback):
         cells = ", ".join(
             f"{name} {f['filtered_over_alpha']:.2f}"
             for name, f in record.items()
-            if name != "epoch"
+            if name not in ("epoch", "motion") and not name.startswith("visits_last_")
         )
         print(f"ceiling epoch {record['epoch']}: {cells}", flush=True)
 
@@ -89,6 +95,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             trainer.args.fn_alpha,
             trainer.args.seed,
             keep_draws=set(args.draw_epochs) if args.save_draws else set(),
+            batch_size=trainer.args.per_device_train_batch_size * trainer.args.world_size,
         )
         seen.append(figures)
         batch_sizes.append(trainer.args.per_device_train_batch_size * trainer.args.world_size)

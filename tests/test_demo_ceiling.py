@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from benchmarks import demo_ceiling
+from benchmarks.fnstudy.snapshots import VisitWindows, quantile_motion, visit_negatives
+from glofnd_hf.fnd import masked_quantile
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
@@ -51,6 +53,13 @@ def test_each_epoch_scores_the_thresholds_beside_both_ceilings(tmp_path):
         # Two draws of one epoch differ (augmentation, dropout): the other draw's exact
         # quantiles are not the exact rule on this one.
         assert record["exact_other_draw"]["mask_f1"] < 1.0
+    # What the visits hold: the previous epoch's batches, from the second epoch.
+    assert not any(name.startswith("visits_") for name in records[0])
+    assert "visits_last_1" in records[1] and "visits_last_2" not in records[1]
+    assert records[1]["visits_best"]["window"] == 1
+    # How far each side's exact quantiles moved, in local scales of the tail.
+    assert "motion" not in records[0] and len(records[1]["motion"]) == 2
+    assert all(m["local_scale"] > 0 and m["sd"] >= 0 for m in records[1]["motion"])
     assert json.loads(out.read_text())["training_mode"] == records
     # The kept draw is what draw_replay.py reads: image anchors against texts and the
     # transpose, with the run's alpha and batch size.
@@ -73,3 +82,62 @@ def test_a_run_without_glofnd_says_what_it_needs(tmp_path):
                 "none",
             ]
         )
+
+
+def test_each_anchor_visits_the_other_members_of_one_batch():
+    n, size = 10, 4
+    # Similarity i * n + j identifies the pair (i, j).
+    sims = torch.arange(n * n, dtype=torch.float32).view(n, n)
+    sims = torch.stack([sims, sims + n * n])
+    seen = visit_negatives(sims, size, torch.Generator().manual_seed(0))
+    assert seen.shape == (2, n, size - 1)
+    batch_of = {}
+    for i in range(n):
+        values = seen[0, i][torch.isfinite(seen[0, i])]
+        others = {int(v) - i * n for v in values}
+        assert all(0 <= j < n for j in others) and i not in others
+        assert torch.equal(seen[1, i], seen[0, i] + n * n)  # the same batch on both sides
+        batch_of[i] = frozenset(others | {i})
+    # The batches partition the samples: two full ones and the last of n - 2 size.
+    batches = set(batch_of.values())
+    assert sorted(len(b) for b in batches) == [n - 2 * size, size, size]
+    assert set().union(*batches) == set(range(n))
+
+
+def test_the_windows_pool_the_visits_of_the_epochs_before():
+    torch.manual_seed(0)
+    n, size, alpha = 40, 8, 0.1
+    windows = VisitWindows(size, alpha, windows=(1, 2, 4))
+    draws = [torch.randn(2, n, n) for _ in range(4)]
+    assert windows.thresholds(1, draws[0], seed=1) == {}
+    assert list(windows.thresholds(2, draws[1], seed=2)) == ["visits_last_1"]
+    third = windows.thresholds(3, draws[2], seed=3)
+    assert list(third) == ["visits_last_1", "visits_last_2"]
+    pooled = torch.cat(
+        [
+            visit_negatives(draws[1], size, torch.Generator().manual_seed(2)),
+            visit_negatives(draws[0], size, torch.Generator().manual_seed(1)),
+        ],
+        dim=-1,
+    )
+    expected = masked_quantile(pooled, torch.isfinite(pooled), 1.0 - alpha)
+    assert torch.equal(third["visits_last_2"], expected)
+    # A gap in the epochs (a resumed run) starts the windows over.
+    assert windows.thresholds(5, draws[3], seed=5) == {}
+
+
+def test_the_motion_of_the_quantiles_is_told_apart_from_a_common_map():
+    torch.manual_seed(0)
+    before = torch.randn(2, 200)
+    local = torch.full((2, 200), 0.5)
+    # Every anchor moved by one affine map: nothing is left after it.
+    common = quantile_motion(before, 2.0 * before + 1.0, local)
+    for side, moved in zip(before, common, strict=True):
+        assert moved["local_scale"] == 0.5
+        assert moved["mean"] == pytest.approx(float(side.mean() + 1.0) / 0.5, rel=1e-5)
+        assert moved["sd"] == pytest.approx(float(side.std()) / 0.5, rel=1e-5)
+        assert moved["sd_after_affine"] < 1e-5
+    # Each anchor moved its own way: the map removes almost nothing.
+    own = quantile_motion(before, before + 0.5 * torch.randn(2, 200), local)
+    assert all(0.8 < m["sd_after_affine"] / m["sd"] <= 1.0 for m in own)
+    assert all(0.8 < m["sd"] < 1.2 for m in own)

@@ -9,6 +9,7 @@ draws, in rank units), and compares threshold rules on the pairs of random batch
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -55,6 +56,89 @@ def rank_figures(
     }
 
 
+def visit_negatives(
+    sims: torch.Tensor, batch_size: int, generator: torch.Generator
+) -> torch.Tensor:
+    """(2, N, batch_size - 1): each anchor's similarities to the other members of its batch
+    in one random split of the N samples into batches (as an epoch of training visits
+    them), ``-inf`` where its batch is the smaller last one."""
+    n = sims.shape[1]
+    size = min(batch_size, n)
+    blocks = -(-n // size)
+    order = torch.full((blocks * size,), -1, dtype=torch.long)
+    order[:n] = torch.randperm(n, generator=generator)
+    members = order.view(blocks, size)
+    # Each position's others: every position of its batch but its own.
+    pattern = torch.arange(size).expand(size, size)
+    pattern = pattern[~torch.eye(size, dtype=torch.bool)].view(size, size - 1)
+    others = members[:, pattern]  # (blocks, size, size - 1)
+    anchors = members.unsqueeze(-1).expand_as(others)
+    kept = (anchors >= 0) & (others >= 0)
+    values = sims[:, anchors.clamp(min=0), others.clamp(min=0)]
+    values = values.masked_fill(~kept, -math.inf)
+    out = torch.full((2, n, size - 1), -math.inf, dtype=sims.dtype)
+    rows = members.flatten()
+    out[:, rows[rows >= 0]] = values.flatten(1, 2)[:, rows >= 0]
+    return out
+
+
+def quantile_motion(
+    before: torch.Tensor, after: torch.Tensor, local: torch.Tensor
+) -> list[dict[str, float]]:
+    """How the (2, N) exact quantiles moved from ``before`` to ``after``, per side, in units
+    of the median local scale ``local`` (the quantile at alpha less that at e x alpha: the
+    scale of the tail there): the mean move, its sd across anchors, and the sd of what
+    an affine map of ``before`` to ``after`` (least squares, one per side) leaves. An sd
+    of many local scales that no common map removes is movement that only the anchor's
+    own visits can show."""
+    out = []
+    for b, a, s in zip(before, after, local, strict=True):
+        scale = float(s.median())
+        design = torch.stack([torch.ones_like(b), b], dim=-1).double()
+        fit = torch.linalg.lstsq(design, a.double().unsqueeze(-1)).solution
+        residual = a.double() - (design @ fit).squeeze(-1)
+        move = a - b
+        out.append(
+            {
+                "local_scale": scale,
+                "mean": float(move.mean()) / scale,
+                "sd": float(move.std()) / scale,
+                "sd_after_affine": float(residual.std()) / scale,
+            }
+        )
+    return out
+
+
+class VisitWindows:
+    """What an anchor's visits hold: each epoch's draw split into random batches of
+    ``batch_size`` (``visit_negatives``), and per anchor the empirical (1 - alpha) quantile
+    of the negatives its visits of the K epochs before showed it, pooled, for each K in
+    ``windows`` (consecutive epochs only), held for an epoch as ``exact_previous_epoch``
+    is."""
+
+    def __init__(self, batch_size: int, alpha: float, windows: tuple[int, ...]) -> None:
+        self.batch_size, self.alpha, self.windows = batch_size, alpha, tuple(sorted(windows))
+        self._visits: list[tuple[int, torch.Tensor]] = []  # (epoch, negatives), latest first
+
+    def thresholds(self, epoch: int, sims: torch.Tensor, seed: int) -> dict[str, torch.Tensor]:
+        """``visits_last_<K>``: the (2, N) thresholds that the visits of epochs ``epoch - K``
+        to ``epoch - 1`` give, for every K that the epochs seen allow; then ``epoch``'s
+        visits to the (2, N, N) ``sims`` (its batches drawn with ``seed``) are kept."""
+        if self._visits and self._visits[0][0] != epoch - 1:
+            self._visits = []  # a gap (a resumed run): windows span consecutive epochs only
+        out = {}
+        for k in self.windows:
+            if k > len(self._visits):
+                break
+            pooled = torch.cat([v for _, v in self._visits[:k]], dim=-1)
+            out[f"visits_last_{k}"] = masked_quantile(
+                pooled, torch.isfinite(pooled), 1.0 - self.alpha
+            )
+        visit = visit_negatives(sims, self.batch_size, torch.Generator().manual_seed(seed))
+        self._visits = [(epoch, visit), *self._visits][: self.windows[-1]]
+        return out
+
+
 def _prf(tp: float, detected: float, true: float, pairs: float) -> dict[str, float | None]:
     p = tp / detected if detected else None
     r = tp / true if true else None
@@ -73,10 +157,26 @@ class TrainingModeFigures:
     index = row of ``train``); ``seed``: the run's, from which each epoch's two draws come;
     ``keep_draws``: epochs whose first draw's (2, N, N) similarities are kept in ``draws``
     (for ``draw_replay.py``).
+
+    With ``batch_size``, also what the visits themselves hold: each epoch's first draw is
+    split into random batches of that size, and ``visits_last_<K>`` is each anchor's
+    empirical (1 - alpha) quantile of the negatives of its visits in the K epochs before
+    pooled (K in ``windows``), as a rule that kept every negative it was shown for K epochs,
+    with no model of the tail, would hold it for the next; ``visits_best`` the K that puts
+    most anchors within [0.5, 2] x alpha that epoch (chosen on the figures it reports: an
+    optimistic bound of such rules).
     """
 
     def __init__(
-        self, adapter, detector, train, alpha: float, seed: int, keep_draws: set[int] = frozenset()
+        self,
+        adapter,
+        detector,
+        train,
+        alpha: float,
+        seed: int,
+        keep_draws: set[int] = frozenset(),
+        batch_size: int | None = None,
+        windows: tuple[int, ...] = (1, 2, 4, 8, 16),
     ) -> None:
         self.adapter, self.detector, self.alpha, self.seed = adapter, detector, alpha, seed
         self.embedder = ZeroShotEvaluator(train, show_progress=False, batch_size=256)
@@ -84,6 +184,7 @@ class TrainingModeFigures:
         self.records: list[dict[str, Any]] = []
         self.keep_draws = set(keep_draws)
         self.draws: dict[int, torch.Tensor] = {}
+        self.visits = None if batch_size is None else VisitWindows(batch_size, alpha, windows)
 
     def thresholds(self, n: int) -> torch.Tensor:
         """(2, n) the thresholds of the first n samples, as they filter (read without
@@ -109,13 +210,24 @@ class TrainingModeFigures:
         if "iterate" in columns:  # the pinball rule: what its threshold averages
             rows = self.detector.state.rows(torch.arange(n))
             thresholds["iterate"] = rows[..., columns.index("iterate")].t().cpu()
+        motion = None
         if previous is not None and previous[0] == epoch - 1:
             thresholds["exact_previous_epoch"] = previous[1]
+            local = exact - masked_quantile(seen, negatives, 1.0 - math.e * self.alpha)
+            motion = quantile_motion(previous[1], exact, local)
+        if self.visits is not None:
+            thresholds.update(self.visits.thresholds(epoch, seen, seed))
         fresh_exact = masked_quantile(fresh, negatives, 1.0 - self.alpha)
-        figures = {
+        figures: dict[str, Any] = {
             name: rank_figures(fresh, thr, negatives, self.alpha, fresh_exact)
             for name, thr in thresholds.items()
         }
+        windows = {k: f for k, f in figures.items() if k.startswith("visits_last_")}
+        if windows:
+            best = max(windows, key=lambda k: windows[k]["within_half_to_double"])
+            figures["visits_best"] = {**windows[best], "window": int(best.rsplit("_", 1)[1])}
+        if motion is not None:
+            figures["motion"] = motion
         self.records.append({"epoch": epoch, **figures})
         return self.records[-1]
 

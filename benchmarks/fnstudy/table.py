@@ -42,12 +42,23 @@ def training_mode_table(run: dict[str, Any]) -> list[str]:
     if not snaps:
         return []
     names = ("learned", "exact_other_draw", "exact_previous_epoch")
+    if any("visits_best" in snap for snap in snaps):
+        names += ("visits_best",)
+    moved = any("motion" in snap for snap in snaps)
+    header = [*names, "quantiles moved (image; text)"] if moved else list(names)
     lines = [
         "GloFND in training mode (filtered / alpha, share of anchors within [0.5, 2] x alpha, "
-        "mask F1 against the exact rule on the same similarities):",
+        "mask F1 against the exact rule on the same similarities"
+        + (
+            "; the exact quantiles' move since the previous epoch in local scales of the "
+            "tail: mean, sd across anchors, sd after a common affine map"
+            if moved
+            else ""
+        )
+        + "):",
         "",
-        "| epoch | " + " | ".join(names) + " |",
-        "|---|" + "---|" * len(names),
+        "| epoch | " + " | ".join(header) + " |",
+        "|---|" + "---|" * len(header),
     ]
     for snap in snaps:
         cells = []
@@ -57,7 +68,16 @@ def training_mode_table(run: dict[str, Any]) -> list[str]:
                 "n/a"
                 if f is None
                 else f"{f['filtered_over_alpha']:.2f} / {100 * f['within_half_to_double']:.0f} % "
-                f"/ {f['mask_f1']:.2f}"
+                f"/ {f['mask_f1']:.2f}" + (f" (K {f['window']})" if "window" in f else "")
+            )
+        if moved:
+            cells.append(
+                "; ".join(
+                    f"{m['mean']:+.1f}, {m['sd']:.1f}, {m['sd_after_affine']:.1f}"
+                    for m in snap["motion"]
+                )
+                if "motion" in snap
+                else "n/a"
             )
         lines.append(f"| {snap['epoch']} | " + " | ".join(cells) + " |")
     return lines + [""]
