@@ -61,7 +61,6 @@ def replay(
     exact = masked_quantile(sims, negatives, 1.0 - alpha)  # the matrix never moves
     columns = detector.state.columns
     age = columns.index("age") if "age" in columns else None
-    iterate = columns.index("iterate") if "iterate" in columns else None
     gen = torch.Generator().manual_seed(seed)
     square = ~torch.eye(batch_size, dtype=torch.bool)
     records, restarts, anchor_visits = [], 0, 0
@@ -85,9 +84,9 @@ def replay(
                 "restarted": restarts / anchor_visits if anchor_visits else None,
                 "sides": _per_side(sims, thresholds, negatives, alpha, exact),
             }
-            if iterate is not None:  # the pinball rule's iterate, before its averaging
-                iterates = rows[..., iterate].t()
-                record["iterate"] = rank_figures(sims, iterates, negatives, alpha, exact)
+            iterates = detector.state.iterates_of(rows)
+            if iterates is not None:  # the pinball rule's iterate, before its averaging
+                record["iterate"] = rank_figures(sims, iterates.t(), negatives, alpha, exact)
             records.append(record)
             restarts = anchor_visits = 0
     return records

@@ -159,6 +159,28 @@ def test_state_round_trips_through_safetensors_bit_exactly(tmp_path):
     assert not torch.equal(state["image.lambda"], torch.ones(n))
 
 
+@pytest.mark.parametrize("rule", ["pinball", "tail", "adam"])
+def test_the_iterates_are_the_column_the_rule_steps(rule):
+    n = 32
+    config = GloFNDConfig(alpha=0.1, update_rule=rule)
+    detector = build_detector("glofnd", num_samples=n, config=config)
+    image, text = clustered_pairs(n)
+    loss = ClipLoss(detector)
+    for epoch in range(3):  # a first visit sets both at the batch's tail estimate
+        for start in range(0, n, 16):
+            idx = torch.arange(start, start + 16)
+            loss(image[idx], text[idx], 10.0, idx, epoch=epoch)
+    state = detector.state
+    rows = state.rows(torch.arange(n))
+    iterates = state.iterates_of(rows)
+    if rule == "adam":  # steps its thresholds themselves
+        assert iterates is None
+        return
+    assert torch.equal(iterates, rows[..., state.columns.index("iterate")])
+    # The threshold averages the iterates: after a few visits they differ.
+    assert not torch.equal(iterates, state.thresholds_of(rows))
+
+
 def test_load_state_rejects_wrong_size_and_keys():
     state = ThresholdState(10)
     other = ThresholdState(12).state_dict()

@@ -206,10 +206,10 @@ class TrainingModeFigures:
             self.embedder.embed(self.adapter, model, training=True, seed=seed + 1)
         )
         thresholds = {"learned": self.thresholds(n), "exact_other_draw": exact}
-        columns = self.detector.state.columns
-        if "iterate" in columns:  # the pinball rule: what its threshold averages
-            rows = self.detector.state.rows(torch.arange(n))
-            thresholds["iterate"] = rows[..., columns.index("iterate")].t().cpu()
+        state = self.detector.state
+        iterates = state.iterates_of(state.rows(torch.arange(n)))
+        if iterates is not None:  # the pinball rule: what its threshold averages
+            thresholds["iterate"] = iterates.t().cpu()
         motion = None
         if previous is not None and previous[0] == epoch - 1:
             thresholds["exact_previous_epoch"] = previous[1]

@@ -80,6 +80,13 @@ class ThresholdState:
         """The thresholds held in ``rows`` (..., 2, C): (..., 2)."""
         return rows[..., LAMBDA]
 
+    def iterates_of(self, rows: torch.Tensor) -> torch.Tensor | None:
+        """The values the rule steps, held in ``rows`` (..., 2, C): (..., 2); None where the
+        rule steps its thresholds themselves (the pinball rule's iterate, which its
+        threshold averages)."""
+        point = self.rule.point
+        return None if point == LAMBDA else rows[..., point]
+
     @staticmethod
     def visits(rows: torch.Tensor) -> torch.Tensor:
         """The visit counts held in ``rows`` (..., 2, C): (..., 2) (every rule keeps the count
