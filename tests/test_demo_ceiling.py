@@ -50,6 +50,12 @@ def test_each_epoch_scores_the_thresholds_beside_both_ceilings(tmp_path):
             figures = record[name]
             assert figures["filtered_over_alpha"] >= 0.0
             assert 0.0 <= figures["within_half_to_double"] <= 1.0
+        # The learned thresholds per side: their mean is the pooled figure.
+        sides = record["learned"]["sides"]
+        assert len(sides) == 2
+        assert record["learned"]["filtered_over_alpha"] == pytest.approx(
+            sum(side["filtered_over_alpha"] for side in sides) / 2, rel=1e-5
+        )
         # Two draws of one epoch differ (augmentation, dropout): the other draw's exact
         # quantiles are not the exact rule on this one.
         assert record["exact_other_draw"]["mask_f1"] < 1.0

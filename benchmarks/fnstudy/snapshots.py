@@ -222,6 +222,17 @@ class TrainingModeFigures:
             name: rank_figures(fresh, thr, negatives, self.alpha, fresh_exact)
             for name, thr in thresholds.items()
         }
+        # The learned thresholds per side too (image anchors, text anchors).
+        figures["learned"]["sides"] = [
+            rank_figures(
+                fresh[i : i + 1],
+                thresholds["learned"][i : i + 1],
+                negatives,
+                self.alpha,
+                fresh_exact[i : i + 1],
+            )
+            for i in range(2)
+        ]
         windows = {k: f for k, f in figures.items() if k.startswith("visits_last_")}
         if windows:
             best = max(windows, key=lambda k: windows[k]["within_half_to_double"])
