@@ -88,6 +88,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         detector = trainer.contrastive_loss.detector
         if not hasattr(detector, "state"):
             raise SystemExit("demo_ceiling.py scores GloFND's thresholds: use detector: glofnd")
+        batch_size = trainer.args.per_device_train_batch_size * trainer.args.world_size
         figures = TrainingModeFigures(
             trainer.adapter,
             detector,
@@ -95,10 +96,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             trainer.args.fn_alpha,
             trainer.args.seed,
             keep_draws=set(args.draw_epochs) if args.save_draws else set(),
-            batch_size=trainer.args.per_device_train_batch_size * trainer.args.world_size,
+            batch_size=batch_size,
         )
         seen.append(figures)
-        batch_sizes.append(trainer.args.per_device_train_batch_size * trainer.args.world_size)
+        batch_sizes.append(batch_size)
         return EpochCeiling(figures)
 
     zero_shot = run([args.recipe, *flags], callbacks=[ceiling])

@@ -34,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's glofnd_hf
 
 from benchmarks._settings import parse_settings  # noqa: E402
-from benchmarks.fnstudy.snapshots import rank_figures  # noqa: E402
+from benchmarks.fnstudy.snapshots import rank_figures, side_figures  # noqa: E402
 from glofnd_hf.fnd import DetectionBatch, GloFNDConfig, GloFNDDetector  # noqa: E402
 from glofnd_hf.fnd.quantiles import masked_quantile  # noqa: E402
 
@@ -99,18 +99,15 @@ def _per_side(
     alpha: float,
     exact: torch.Tensor,
 ) -> dict[str, dict[str, float]]:
-    """``rank_figures`` of each side, beside what the ``exact`` quantiles themselves filter:
-    on tied similarities (captions repeated word for word embed alike) a quantile can fall
+    """``side_figures``, each beside what the ``exact`` quantiles themselves filter: on
+    tied similarities (captions repeated word for word embed alike) a quantile can fall
     on an atom, where no threshold filters within [0.5, 2] x alpha."""
-    figures = {}
-    for s, name in enumerate(("image", "text")):
-        side = (sims[s : s + 1], negatives, alpha, exact[s : s + 1])
-        attainable = rank_figures(side[0], exact[s : s + 1], *side[1:])
-        figures[name] = {
-            **rank_figures(side[0], thresholds[s : s + 1], *side[1:]),
-            "attainable_within": attainable["within_half_to_double"],
-        }
-    return figures
+    attainable = side_figures(sims, exact, negatives, alpha, exact)
+    figures = side_figures(sims, thresholds, negatives, alpha, exact)
+    return {
+        name: {**side, "attainable_within": best["within_half_to_double"]}
+        for name, side, best in zip(("image", "text"), figures, attainable, strict=True)
+    }
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -56,6 +56,20 @@ def rank_figures(
     }
 
 
+def side_figures(
+    sims: torch.Tensor,
+    thresholds: torch.Tensor,
+    negatives: torch.Tensor,
+    alpha: float,
+    exact: torch.Tensor,
+) -> list[dict[str, float]]:
+    """``rank_figures`` of each side on its own: [image anchors, text anchors]."""
+    return [
+        rank_figures(sims[s : s + 1], thresholds[s : s + 1], negatives, alpha, exact[s : s + 1])
+        for s in range(sims.shape[0])
+    ]
+
+
 def visit_negatives(
     sims: torch.Tensor, batch_size: int, generator: torch.Generator
 ) -> torch.Tensor:
@@ -205,9 +219,10 @@ class TrainingModeFigures:
         fresh = _similarities(
             self.embedder.embed(self.adapter, model, training=True, seed=seed + 1)
         )
-        thresholds = {"learned": self.thresholds(n), "exact_other_draw": exact}
         state = self.detector.state
-        iterates = state.iterates_of(state.rows(torch.arange(n)))
+        rows = state.rows(torch.arange(n))  # read as ``thresholds`` reads them
+        thresholds = {"learned": state.thresholds_of(rows).t().cpu(), "exact_other_draw": exact}
+        iterates = state.iterates_of(rows)
         if iterates is not None:  # the pinball rule: what its threshold averages
             thresholds["iterate"] = iterates.t().cpu()
         motion = None
@@ -222,17 +237,9 @@ class TrainingModeFigures:
             name: rank_figures(fresh, thr, negatives, self.alpha, fresh_exact)
             for name, thr in thresholds.items()
         }
-        # The learned thresholds per side too (image anchors, text anchors).
-        figures["learned"]["sides"] = [
-            rank_figures(
-                fresh[i : i + 1],
-                thresholds["learned"][i : i + 1],
-                negatives,
-                self.alpha,
-                fresh_exact[i : i + 1],
-            )
-            for i in range(2)
-        ]
+        figures["learned"]["sides"] = side_figures(
+            fresh, thresholds["learned"], negatives, self.alpha, fresh_exact
+        )
         windows = {k: f for k, f in figures.items() if k.startswith("visits_last_")}
         if windows:
             best = max(windows, key=lambda k: windows[k]["within_half_to_double"])
