@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,9 @@ def replay(
     detector = GloFNDDetector(n, GloFNDConfig(alpha=alpha, **settings))
     negatives = ~torch.eye(n, dtype=torch.bool)
     exact = masked_quantile(sims, negatives, 1.0 - alpha)  # the matrix never moves
+    # Each anchor's local scale of the tail at its quantile (the quantile at alpha less that
+    # at e x alpha): the unit of ``_errors``.
+    local = (exact - masked_quantile(sims, negatives, 1.0 - math.e * alpha)).clamp(min=1e-6)
     columns = detector.state.columns
     age = columns.index("age") if "age" in columns else None
     gen = torch.Generator().manual_seed(seed)
@@ -87,9 +91,38 @@ def replay(
             iterates = detector.state.iterates_of(rows)
             if iterates is not None:  # the pinball rule's iterate, before its averaging
                 record["iterate"] = rank_figures(sims, iterates.t(), negatives, alpha, exact)
+            units = rows[..., columns.index("unit")].t() if "unit" in columns else None
+            record["errors"] = _errors(thresholds, iterates, units, exact, local)
             records.append(record)
             restarts = anchor_visits = 0
     return records
+
+
+def _errors(
+    thresholds: torch.Tensor,
+    iterates: torch.Tensor | None,
+    units: torch.Tensor | None,
+    exact: torch.Tensor,
+    local: torch.Tensor,
+) -> dict[str, dict[str, list[float]]]:
+    """Where the per-anchor error lives, per side: the 10th, 50th and 90th percentiles
+    across anchors of the (2, N) threshold less the exact quantile, and of the iterate's
+    (where the rule has one), in local scales of the tail (``local``: a factor e in the
+    share filtered is one), and of the rule's step unit over the local scale (where it
+    keeps one: the pinball and tail rules)."""
+    levels = torch.tensor([0.1, 0.5, 0.9])
+    columns = {"threshold": (thresholds - exact) / local}
+    if iterates is not None:
+        columns["iterate"] = (iterates.t() - exact) / local
+    if units is not None:
+        columns["unit_over_local"] = units / local
+    return {
+        name: {
+            column: [round(float(v), 2) for v in values[i].float().nanquantile(levels)]
+            for column, values in columns.items()
+        }
+        for i, name in enumerate(("image", "text"))
+    }
 
 
 def _per_side(
@@ -156,10 +189,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"(attainable {100 * f['attainable_within']:.0f} %)"
             for name, f in r["sides"].items()
         )
+        errors = "; ".join(
+            f"{name} "
+            + ", ".join(
+                f"{c} " + "/".join(f"{v:.1f}" if c == "unit_over_local" else f"{v:+.1f}" for v in p)
+                for c, p in e.items()
+            )
+            for name, e in r["errors"].items()
+        )
         print(
             f"visit {r['visits']:4d}: filtered {r['filtered_over_alpha']:.2f} x alpha, "
             f"{100 * r['within_half_to_double']:.0f} % within [0.5, 2], "
-            f"F1 {r['mask_f1']:.2f}, restarted {restarted}{iterate}; {sides}"
+            f"F1 {r['mask_f1']:.2f}, restarted {restarted}{iterate}; {sides}\n"
+            f"    p10/p50/p90 in local scales: {errors}"
         )
     results = {
         "draw": str(args.draw),

@@ -31,6 +31,26 @@ def test_on_a_matrix_that_never_moves_the_default_rule_converges_without_restart
     assert last["iterate"]["filtered_over_alpha"] != last["filtered_over_alpha"]
 
 
+def test_errors_are_read_in_local_scales_of_each_anchors_tail():
+    records = draw_replay.replay(_cosines(512, 24, 3), alpha=0.02, batch_size=128, visits=10)
+    first, last = records[0]["errors"], records[-1]["errors"]
+    assert set(last) == {"image", "text"}
+    for side in ("image", "text"):
+        assert set(last[side]) == {"threshold", "iterate", "unit_over_local"}
+        for values in last[side].values():
+            assert values == sorted(values)  # 10th, 50th, 90th percentiles
+        # On a smooth tail the fitted unit is of the order of the local scale, and ten
+        # visits bring the thresholds within a few local scales, nearer than one visit did.
+        assert 0.3 < last[side]["unit_over_local"][1] < 3.0
+        assert abs(last[side]["threshold"][1]) < 1.0
+        spread = last[side]["threshold"][2] - last[side]["threshold"][0]
+        assert spread < first[side]["threshold"][2] - first[side]["threshold"][0]
+    adam = draw_replay.replay(
+        _cosines(256, 24, 1), alpha=0.02, batch_size=64, visits=1, update_rule="adam"
+    )
+    assert set(adam[-1]["errors"]["image"]) == {"threshold"}  # no iterate, no unit
+
+
 def test_restarts_are_counted_where_the_drift_tests_fire():
     # A drift level of 1 (a z-score of 1.4) fires on the batches' noise alone.
     noisy = draw_replay.replay(
