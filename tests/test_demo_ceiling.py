@@ -147,3 +147,31 @@ def test_the_motion_of_the_quantiles_is_told_apart_from_a_common_map():
     own = quantile_motion(before, before + 0.5 * torch.randn(2, 200), local)
     assert all(0.8 < m["sd_after_affine"] / m["sd"] <= 1.0 for m in own)
     assert all(0.8 < m["sd"] < 1.2 for m in own)
+
+
+def test_the_motion_is_read_in_the_scale_of_the_anchors_that_have_one():
+    torch.manual_seed(1)
+    before = torch.randn(2, 100)
+    local = torch.full((2, 100), 0.5)
+    local[0, :60] = 0.0  # image quantiles on an atom of tied texts: no local scale
+    local[1] = 0.0  # a side tied everywhere
+    image, text = quantile_motion(before, before + 1.0, local)
+    assert image["local_scale"] == 0.5
+    assert image["mean"] == pytest.approx(2.0, rel=1e-5)
+    assert text == {"local_scale": 0.0, "mean": None, "sd": None, "sd_after_affine": None}
+
+
+def test_the_table_says_n_a_for_a_side_with_no_scale_to_move_in():
+    from benchmarks.fnstudy.table import training_mode_table
+
+    cell = {"filtered_over_alpha": 1.0, "within_half_to_double": 0.5, "mask_f1": 0.5}
+    snap = {
+        "epoch": 2,
+        **{name: cell for name in ("learned", "exact_other_draw", "exact_previous_epoch")},
+        "motion": [
+            {"local_scale": 0.1, "mean": 1.0, "sd": 2.0, "sd_after_affine": 1.5},
+            {"local_scale": 0.0, "mean": None, "sd": None, "sd_after_affine": None},
+        ],
+    }
+    row = training_mode_table({"training_mode": [snap]})[-2]
+    assert row.endswith("| +1.0, 2.0, 1.5; n/a |")

@@ -104,10 +104,16 @@ def quantile_motion(
     scale of the tail there): the mean move, its sd across anchors, and the sd of what
     an affine map of ``before`` to ``after`` (least squares, one per side) leaves. An sd
     of many local scales that no common map removes is movement that only the anchor's
-    own visits can show."""
+    own visits can show. The median is over anchors with a positive local scale: a
+    quantile on an atom of tied similarities (captions repeated word for word) has none.
+    A side where no anchor has one reports ``None`` (its tail holds no scale to move in)."""
     out = []
     for b, a, s in zip(before, after, local, strict=True):
-        scale = float(s.median())
+        positive = s[s > 0]
+        if positive.numel() == 0:
+            out.append({"local_scale": 0.0, "mean": None, "sd": None, "sd_after_affine": None})
+            continue
+        scale = float(positive.median())
         design = torch.stack([torch.ones_like(b), b], dim=-1).double()
         fit = torch.linalg.lstsq(design, a.double().unsqueeze(-1)).solution
         residual = a.double() - (design @ fit).squeeze(-1)

@@ -73,7 +73,9 @@ def training_mode_table(run: dict[str, Any]) -> list[str]:
         if moved:
             cells.append(
                 "; ".join(
-                    f"{m['mean']:+.1f}, {m['sd']:.1f}, {m['sd_after_affine']:.1f}"
+                    "n/a"
+                    if m["mean"] is None
+                    else f"{m['mean']:+.1f}, {m['sd']:.1f}, {m['sd_after_affine']:.1f}"
                     for m in snap["motion"]
                 )
                 if "motion" in snap
