@@ -43,7 +43,10 @@ class GloFNDConfig:
     tail_size: int = setting(
         8,
         "pinball and tail rules: k, the batch's top-k negatives of each anchor "
-        "estimate its tail (raised to 2 x alpha x batch when larger).",
+        "estimate its tail (raised to 2 x alpha x batch when larger). Smaller reads the tail "
+        "nearer the quantile: on a real model's tails held still, 2 puts the step unit at "
+        "the local scale (8: 7-9 times it), but follows a model in training worse "
+        "(docs/threshold-tracking.md).",
     )
     band: float = setting(
         1.0,
