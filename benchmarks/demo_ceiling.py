@@ -23,8 +23,9 @@ within [0.5, 2] x alpha, and the mask F1 against the exact rule on the same simi
         --model_name_or_path glofnd-tiny-siglip --loss_type sigmoid \\
         --output benchmarks/results/demo_ceiling_siglip.json
 
-Every flag after the recipe but ``--output``, ``--save-draws`` and ``--draw-epochs`` goes to
-the training run (``save_strategy: no`` and a temporary ``output_dir`` unless given).
+Every flag after the recipe but ``--output``, ``--save-draws``, ``--draw-epochs`` and
+``--other-draws`` goes to the training run (``save_strategy: no`` and a temporary
+``output_dir`` unless given).
 """
 
 from __future__ import annotations
@@ -74,6 +75,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "(its similarities, alpha and batch size: the input of draw_replay.py)",
     )
     parser.add_argument("--draw-epochs", type=int, nargs="*", default=[])
+    parser.add_argument(
+        "--other-draws",
+        type=int,
+        default=0,
+        metavar="K",
+        help="with --save-draws, also K more draws of the same model at each of "
+        "--draw-epochs (the file's other_draws: draw_replay.py --fresh-draws)",
+    )
     args, flags = parser.parse_known_args(argv)
     if not any(flag.startswith("--output_dir") for flag in flags):
         flags += ["--output_dir", tempfile.mkdtemp(prefix="demo_ceiling_")]
@@ -97,6 +106,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             trainer.args.seed,
             keep_draws=set(args.draw_epochs) if args.save_draws else set(),
             batch_size=batch_size,
+            extra_draws=args.other_draws if args.save_draws else 0,
         )
         seen.append(figures)
         batch_sizes.append(batch_size)
@@ -121,6 +131,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "recipe": args.recipe,
                 "flags": flags,
             }
+            if epoch in seen[0].other_draws:
+                draw["other_draws"] = seen[0].other_draws[epoch]
             torch.save(draw, args.save_draws / f"draw_epoch{epoch}.pt")
     if args.output is not None:
         args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -48,12 +48,21 @@ def replay(
     batch_size: int,
     visits: int,
     seed: int = 0,
+    visit_draws: torch.Tensor | None = None,
     **settings: Any,
 ) -> list[dict[str, Any]]:
     """Figures after each of ``REPORT_AT``'s visit counts (up to ``visits``) of GloFND with
     ``settings`` on batches of ``batch_size`` reshuffled every visit from the (2, N, N)
-    ``similarities`` (image anchors against texts, text anchors against images)."""
+    ``similarities`` (image anchors against texts, text anchors against images), scored on
+    them. With ``visit_draws`` (K, 2, N, N), other draws of the same model, the visits
+    cycle through those instead (a fresh draw per visit, as in training, of a model that
+    does not move) and ``similarities`` is the held-out draw they are scored on."""
     sims = similarities.float()
+    if visit_draws is not None and visit_draws.shape[1:] != sims.shape:
+        raise ValueError(
+            f"visit_draws must be (K, {', '.join(map(str, sims.shape))}), "
+            f"got {tuple(visit_draws.shape)}"
+        )
     n = sims.shape[1]
     if batch_size < 2 or batch_size > n:
         raise ValueError(f"batch_size must lie in [2, {n}], got {batch_size}")
@@ -69,12 +78,13 @@ def replay(
     square = ~torch.eye(batch_size, dtype=torch.bool)
     records, restarts, anchor_visits = [], 0, 0
     for visit in range(1, visits + 1):
+        seen = sims if visit_draws is None else visit_draws[(visit - 1) % len(visit_draws)].float()
         order = torch.randperm(n, generator=gen)
         for start in range(0, n - batch_size + 1, batch_size):
             index = order[start : start + batch_size]
             before = None if age is None else detector.state.rows(index)[..., age]
             batch = DetectionBatch(index, index, square, visit - 1 + start / n)
-            detector.detect(sims[:, index][:, :, index], batch)
+            detector.detect(seen[:, index][:, :, index], batch)
             if before is not None:
                 after = detector.state.rows(index)[..., age]
                 restarts += int((after < before + 1.0).logical_and(before > 0).sum())
@@ -159,6 +169,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         metavar="NAME=VALUE",
         help="GloFND settings (detector_kwargs), e.g. update_rule=tail drift_level=5",
     )
+    parser.add_argument(
+        "--fresh-draws",
+        action="store_true",
+        help="visit the draw's other_draws in turn (demo_ceiling.py --other-draws) and score "
+        "on its first draw, which no visit saw",
+    )
     parser.add_argument("--output", type=Path, help="results JSON")
     args = parser.parse_args(argv)
     draw = torch.load(args.draw)
@@ -166,12 +182,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     settings = parse_settings(args.set)
     alpha = draw["alpha"] if args.alpha is None else args.alpha
     batch_size = draw["batch_size"] if args.batch_size is None else args.batch_size
+    if args.fresh_draws and "other_draws" not in draw:
+        parser.error(f"{args.draw} holds no other draws: save it with --other-draws K")
     records = replay(
         draw["similarities"],
         alpha,
         batch_size,
         args.visits,
         args.seed,
+        visit_draws=draw["other_draws"] if args.fresh_draws else None,
         **settings,
     )
     for r in records:
@@ -208,6 +227,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "epoch": draw.get("epoch"),
         "alpha": alpha,
         "batch_size": batch_size,
+        "fresh_draws": args.fresh_draws,
         "settings": settings,
         "records": records,
     }

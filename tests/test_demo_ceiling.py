@@ -40,6 +40,8 @@ def test_each_epoch_scores_the_thresholds_beside_both_ceilings(tmp_path):
             str(tmp_path / "draws"),
             "--draw-epochs",
             "2",
+            "--other-draws",
+            "2",
         ]
     )
     records = results["training_mode"]
@@ -74,6 +76,12 @@ def test_each_epoch_scores_the_thresholds_beside_both_ceilings(tmp_path):
     sims = draw["similarities"].float()
     assert sims.shape == (2, 256, 256) and (draw["alpha"], draw["batch_size"]) == (0.1, 64)
     assert torch.allclose(sims[0], sims[1].t()) and draw["epoch"] == 2
+    # Two more draws of the same model (draw_replay.py --fresh-draws): the epoch's second
+    # draw and one of its own, each unlike the first and unlike each other.
+    others = draw["other_draws"].float()
+    assert others.shape == (2, 2, 256, 256)
+    assert not torch.equal(others[0], sims) and not torch.equal(others[0], others[1])
+    assert (others - sims).abs().mean() < 0.5 * sims.std()  # the same model, redrawn
 
 
 def test_a_run_without_glofnd_says_what_it_needs(tmp_path):

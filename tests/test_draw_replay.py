@@ -51,6 +51,22 @@ def test_errors_are_read_in_local_scales_of_each_anchors_tail():
     assert set(adam[-1]["errors"]["image"]) == {"threshold"}  # no iterate, no unit
 
 
+def test_fresh_draws_are_visited_and_the_held_out_draw_is_scored():
+    sims = _cosines(512, 24, 4)
+    gen = torch.Generator().manual_seed(5)
+    # Draws of a model that does not move: each pair's similarity jitters a little.
+    jitter = [sims + 0.01 * torch.randn(sims.shape, generator=gen) for _ in range(4)]
+    draws = torch.stack([torch.stack([d[0], d[0].t()]) for d in jitter])
+    fresh = draw_replay.replay(sims, 0.02, 128, 20, visit_draws=draws)
+    assert 0.6 < fresh[-1]["filtered_over_alpha"] < 1.6
+    # Visits of other matrices altogether, scored on the held-out one: the thresholds
+    # learned there filter nothing like alpha here.
+    shifted = draw_replay.replay(sims, 0.02, 128, 5, visit_draws=draws + 0.3)
+    assert shifted[-1]["filtered_over_alpha"] < 0.05
+    with pytest.raises(ValueError, match="visit_draws"):
+        draw_replay.replay(sims, 0.02, 128, 1, visit_draws=draws[:, :, :10])
+
+
 def test_restarts_are_counted_where_the_drift_tests_fire():
     # A drift level of 1 (a z-score of 1.4) fires on the batches' noise alone.
     noisy = draw_replay.replay(
@@ -79,6 +95,13 @@ def test_the_command_line_reads_a_saved_draw_and_writes_its_figures(tmp_path):
     assert (other["alpha"], other["batch_size"]) == (0.01, 64)
     with pytest.raises(ValueError, match="batch_size"):
         draw_replay.replay(draw["similarities"], 0.05, 1000, 1)
+    assert results["fresh_draws"] is False
+    with pytest.raises(SystemExit):  # no other draws saved with this one
+        draw_replay.main([str(path), "--visits", "1", "--fresh-draws"])
+    redrawn = torch.stack([_cosines(128, 16, 2), _cosines(128, 16, 2)]).half()
+    torch.save({**draw, "other_draws": redrawn}, path)
+    fresh = draw_replay.main([str(path), "--visits", "2", "--fresh-draws"])
+    assert fresh["fresh_draws"] is True and len(fresh["records"]) == 2
 
 
 def test_benchmark_settings_read_json_values_and_plain_strings_alike():

@@ -176,7 +176,8 @@ class TrainingModeFigures:
     ``detector``: a GloFND detector (its ``state`` holds the thresholds, keyed by dataset
     index = row of ``train``); ``seed``: the run's, from which each epoch's two draws come;
     ``keep_draws``: epochs whose first draw's (2, N, N) similarities are kept in ``draws``
-    (for ``draw_replay.py``).
+    (for ``draw_replay.py``), and with ``extra_draws`` that many more draws of the same
+    model (the second draw among them) in ``other_draws``, (extra_draws, 2, N, N) float16.
 
     With ``batch_size``, also what the visits themselves hold: each epoch's first draw is
     split into random batches of that size, and ``visits_last_<K>`` is each anchor's
@@ -197,6 +198,7 @@ class TrainingModeFigures:
         keep_draws: set[int] = frozenset(),
         batch_size: int | None = None,
         windows: tuple[int, ...] = (1, 2, 4, 8, 16),
+        extra_draws: int = 0,
     ) -> None:
         self.adapter, self.detector, self.alpha, self.seed = adapter, detector, alpha, seed
         self.embedder = ZeroShotEvaluator(train, show_progress=False, batch_size=256)
@@ -204,6 +206,10 @@ class TrainingModeFigures:
         self.records: list[dict[str, Any]] = []
         self.keep_draws = set(keep_draws)
         self.draws: dict[int, torch.Tensor] = {}
+        # More draws of the same model at a kept epoch (its second draw first): what a rule
+        # sees when every visit brings a fresh draw of a model that does not move.
+        self.extra_draws = extra_draws
+        self.other_draws: dict[int, torch.Tensor] = {}
         self.visits = None if batch_size is None else VisitWindows(batch_size, alpha, windows)
 
     def thresholds(self, n: int) -> torch.Tensor:
@@ -225,6 +231,17 @@ class TrainingModeFigures:
         fresh = _similarities(
             self.embedder.embed(self.adapter, model, training=True, seed=seed + 1)
         )
+        if epoch in self.keep_draws and self.extra_draws:
+            # Seeds far from every epoch's two (seed, seed + 1).
+            others = [fresh] + [
+                _similarities(
+                    self.embedder.embed(
+                        self.adapter, model, training=True, seed=seed + 10_000_000 * j
+                    )
+                )
+                for j in range(1, self.extra_draws)
+            ]
+            self.other_draws[epoch] = torch.stack(others).half()
         state = self.detector.state
         rows = state.rows(torch.arange(n))  # read as ``thresholds`` reads them
         thresholds = {"learned": state.thresholds_of(rows).t().cpu(), "exact_other_draw": exact}
