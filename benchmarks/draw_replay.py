@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's glofnd_hf
 
 from benchmarks._settings import parse_settings  # noqa: E402
-from benchmarks.fnstudy.snapshots import rank_figures, side_figures  # noqa: E402
+from benchmarks.fnstudy.snapshots import (  # noqa: E402
+    local_scale,
+    rank_figures,
+    side_figures,
+)
 from glofnd_hf.fnd import DetectionBatch, GloFNDConfig, GloFNDDetector  # noqa: E402
 from glofnd_hf.fnd.quantiles import masked_quantile  # noqa: E402
 
@@ -69,9 +72,7 @@ def replay(
     detector = GloFNDDetector(n, GloFNDConfig(alpha=alpha, **settings))
     negatives = ~torch.eye(n, dtype=torch.bool)
     exact = masked_quantile(sims, negatives, 1.0 - alpha)  # the matrix never moves
-    # Each anchor's local scale of the tail at its quantile (the quantile at alpha less that
-    # at e x alpha): the unit of ``_errors``.
-    local = (exact - masked_quantile(sims, negatives, 1.0 - math.e * alpha)).clamp(min=1e-6)
+    local = local_scale(sims, negatives, alpha, exact).clamp(min=1e-6)  # ``_errors``' unit
     columns = detector.state.columns
     age = columns.index("age") if "age" in columns else None
     gen = torch.Generator().manual_seed(seed)
@@ -100,7 +101,8 @@ def replay(
             }
             iterates = detector.state.iterates_of(rows)
             if iterates is not None:  # the pinball rule's iterate, before its averaging
-                record["iterate"] = rank_figures(sims, iterates.t(), negatives, alpha, exact)
+                iterates = iterates.t()
+                record["iterate"] = rank_figures(sims, iterates, negatives, alpha, exact)
             units = rows[..., columns.index("unit")].t() if "unit" in columns else None
             record["errors"] = _errors(thresholds, iterates, units, exact, local)
             records.append(record)
@@ -116,14 +118,14 @@ def _errors(
     local: torch.Tensor,
 ) -> dict[str, dict[str, list[float]]]:
     """Where the per-anchor error lives, per side: the 10th, 50th and 90th percentiles
-    across anchors of the (2, N) threshold less the exact quantile, and of the iterate's
-    (where the rule has one), in local scales of the tail (``local``: a factor e in the
+    across anchors of the (2, N) threshold less the exact quantile, and of the (2, N)
+    iterate's (where the rule has one), in local scales of the tail (``local``: a factor e in the
     share filtered is one), and of the rule's step unit over the local scale (where it
     keeps one: the pinball and tail rules)."""
     levels = torch.tensor([0.1, 0.5, 0.9])
     columns = {"threshold": (thresholds - exact) / local}
     if iterates is not None:
-        columns["iterate"] = (iterates.t() - exact) / local
+        columns["iterate"] = (iterates - exact) / local
     if units is not None:
         columns["unit_over_local"] = units / local
     return {

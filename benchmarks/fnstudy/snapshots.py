@@ -96,6 +96,15 @@ def visit_negatives(
     return out
 
 
+def local_scale(
+    sims: torch.Tensor, negatives: torch.Tensor, alpha: float, exact: torch.Tensor
+) -> torch.Tensor:
+    """Each anchor's local scale of the tail at its ``exact`` (1 - alpha) quantile: that
+    quantile less the one at e x alpha (a factor e in the share filtered is one; 0 where
+    the quantile falls on an atom of tied similarities)."""
+    return exact - masked_quantile(sims, negatives, 1.0 - math.e * alpha)
+
+
 def quantile_motion(
     before: torch.Tensor, after: torch.Tensor, local: torch.Tensor
 ) -> list[dict[str, float]]:
@@ -251,7 +260,7 @@ class TrainingModeFigures:
         motion = None
         if previous is not None and previous[0] == epoch - 1:
             thresholds["exact_previous_epoch"] = previous[1]
-            local = exact - masked_quantile(seen, negatives, 1.0 - math.e * self.alpha)
+            local = local_scale(seen, negatives, self.alpha, exact)
             motion = quantile_motion(previous[1], exact, local)
         if self.visits is not None:
             thresholds.update(self.visits.thresholds(epoch, seen, seed))
