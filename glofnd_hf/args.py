@@ -382,8 +382,11 @@ class GloFNDTrainingArguments(SecretsNotPickled, TrainingArguments):
         # A detector that cannot shard, or cannot with these settings (IFND's sklearn k-means).
         spec.check_sharding(self.detector_settings(), self.state_sharding)
         if self.num_samples is not None and self.state_device != "device":
-            # Host memory bounds the state wherever "auto" puts it; checked before any load.
-            check_state_fits(self.state_rows_per_process(), self.state_bytes_per_sample(), "cpu")
+            # Host memory bounds the state wherever "auto" puts it; checked before any load,
+            # when the model's embedding width is not known: at a width of 1, what the state
+            # needs at any width (the loss is checked again at the model's width).
+            rows = self.state_rows_per_process()
+            check_state_fits(rows, self.state_bytes_per_sample(embed_width=1), "cpu")
 
     @staticmethod
     def _read_detector_kwargs(value: Mapping[str, Any] | str | None) -> dict[str, Any]:

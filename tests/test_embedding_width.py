@@ -57,3 +57,24 @@ def test_the_trainer_sizes_ifnd_with_the_models_width(tmp_path, monkeypatch):
     adapter = build_tiny_hf_clip(seed=0, texts=list(train["caption"]), embed_dim=WIDTH)
     trainer = GloFNDTrainer(adapter, args, train_dataset=train)
     assert trainer.contrastive_loss.num_samples == 32
+
+
+def test_the_early_check_does_not_refuse_a_state_that_fits_at_the_models_width(
+    tmp_path, monkeypatch
+):
+    """With num_samples given, the arguments check the state before any model is loaded,
+    when the width is not known yet: only what does not depend on it may refuse the run
+    (the loss is checked again at the model's width)."""
+    plain = cpu_args(tmp_path, detector="ifnd", fn_alpha=0.1, per_device_train_batch_size=8)
+    need = 32 * plain.state_bytes_per_sample(WIDTH)
+    monkeypatch.setattr(state_budget, "memory_of", lambda device: need)
+    args = cpu_args(
+        tmp_path, detector="ifnd", fn_alpha=0.1, per_device_train_batch_size=8, num_samples=32
+    )
+    assert build_contrastive_loss(args, 32, "cpu", embed_width=WIDTH).num_samples == 32
+    # What the state needs at any width still refuses early.
+    monkeypatch.setattr(state_budget, "memory_of", lambda device: 32)
+    with pytest.raises(state_budget.StateTooLargeError):
+        cpu_args(
+            tmp_path, detector="ifnd", fn_alpha=0.1, per_device_train_batch_size=8, num_samples=32
+        )
