@@ -565,6 +565,38 @@ def test_health_stays_quiet_when_thresholds_track(streams, caplog):
     assert not [r for r in caplog.records if r.name == HEALTH_LOGGER]
 
 
+def test_health_warns_on_a_filtered_share_off_beyond_chance_only(caplog):
+    """An epoch that expects a handful of exceedances (a small data set at a small alpha)
+    filters 0 or 2.4 x alpha by chance: no warning; the same shares over ten times the
+    negatives are off beyond chance, and warn, naming only the side that is off."""
+    from glofnd_hf.fnd import TrackingHealth
+
+    caplog.set_level(logging.WARNING, logger=HEALTH_LOGGER)
+    health = TrackingHealth(alpha=0.01, first_checked_epoch=0, advice=lambda kind: kind)
+    thresholds = torch.zeros(2, 4)
+
+    def epoch(index, filtered, negatives):
+        health.record(float(index), torch.tensor(filtered), torch.tensor(negatives), thresholds)
+        summary = health.finish_epoch()
+        return summary, [r.getMessage() for r in caplog.records if r.name == HEALTH_LOGGER]
+
+    # 5 expected per side: none filtered, and 12 filtered (2.4 x), are chance.
+    summary, messages = epoch(0, [0, 12], [500, 500])
+    assert summary["tracking_filtered_over_alpha_image"] == 0.0
+    assert summary["tracking_filtered_over_alpha_text"] == pytest.approx(2.4)
+    assert messages == []
+    # 50 expected: none filtered is not; 30 (0.6 x) is within the range.
+    _, messages = epoch(1, [0, 30], [5000, 5000])
+    assert len(messages) == 1
+    assert "image anchors filtered 0.00 x alpha" in messages[0] and "text" not in messages[0]
+    assert messages[0].endswith("low")
+    # 150 of 50 expected (3 x) is beyond chance too; 120 (2.4 x) would be 2 sd off the
+    # range's edge, P = 0.03.
+    _, messages = epoch(2, [25, 150], [5000, 5000])
+    assert len(messages) == 2 and "text anchors filtered 3.00 x alpha" in messages[1]
+    assert "image" not in messages[1] and messages[1].endswith("high")
+
+
 def test_health_summary_reports_each_finished_epoch():
     """Each epoch's figure counts the negatives above the thresholds as they were before the
     step (what they filter on data they have not stepped on), over anchors visited before."""

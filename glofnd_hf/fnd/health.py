@@ -28,6 +28,10 @@ logger = logging.getLogger(__name__)
 FILTERED, NEGATIVES, VISITED, AT_BOUND = slice(0, 2), slice(2, 4), slice(4, 6), slice(6, 8)
 RATIO_RANGE = (0.5, 2.0)
 MAX_AT_BOUND = 0.2
+CHANCE = 0.01
+"""A filtered share outside ``RATIO_RANGE`` warns only where a count at the range's edge
+would fall this far out with probability under this (Poisson): an epoch of a small data
+set at a small alpha expects a handful of exceedances, and 0 or 2 x of a handful is chance."""
 
 
 class TrackingHealth:
@@ -104,17 +108,26 @@ class TrackingHealth:
                 share = counts[AT_BOUND.start + s] / counts[VISITED.start + s]
                 summary[f"tracking_at_bound_{side}"] = share
         if summary and epoch >= self.first_checked_epoch:
-            self._warn(epoch, summary)
+            expected = [self.alpha * counts[NEGATIVES.start + s] for s in range(len(SIDES))]
+            self._warn(epoch, summary, counts[FILTERED], expected)
         return summary
 
-    def _warn(self, epoch: int, summary: dict[str, float]) -> None:
+    def _warn(
+        self,
+        epoch: int,
+        summary: dict[str, float],
+        filtered: list[float],
+        expected: list[float],
+    ) -> None:
         problems, kinds = [], []
-        for side in SIDES:
+        for s, side in enumerate(SIDES):
             ratio = summary.get(f"tracking_filtered_over_alpha_{side}")
             share = summary.get(f"tracking_at_bound_{side}")
             if ratio is not None and not RATIO_RANGE[0] <= ratio <= RATIO_RANGE[1]:
-                problems.append(f"{side} anchors filtered {ratio:.2f} x alpha")
-                kinds.append("low" if ratio < RATIO_RANGE[0] else "high")
+                kind = "low" if ratio < RATIO_RANGE[0] else "high"
+                if _beyond_chance(filtered[s], expected[s], kind):
+                    problems.append(f"{side} anchors filtered {ratio:.2f} x alpha")
+                    kinds.append(kind)
             if share is not None and share > MAX_AT_BOUND:
                 problems.append(f"{share:.0%} of the visited {side} thresholds sit at the clamp")
                 kinds.append("bound")
@@ -130,3 +143,17 @@ class TrackingHealth:
             "; ".join(problems),
             advice,
         )
+
+
+def _beyond_chance(filtered: float, expected: float, kind: str) -> bool:
+    """Whether ``filtered`` exceedances, where a threshold at the quantile expects
+    ``expected``, lie beyond ``RATIO_RANGE`` by more than chance: the Poisson probability of
+    a count at least as far out, at the range's edge, is under ``CHANCE``."""
+    k = torch.tensor(float(round(filtered)), dtype=torch.float64)
+    if kind == "low":
+        edge = torch.tensor(RATIO_RANGE[0] * expected, dtype=torch.float64)
+        tail = torch.special.gammaincc(k + 1.0, edge)  # P(X <= k)
+    else:
+        edge = torch.tensor(RATIO_RANGE[1] * expected, dtype=torch.float64)
+        tail = torch.special.gammainc(k, edge) if k > 0 else torch.tensor(1.0)  # P(X >= k)
+    return bool(tail < CHANCE)
