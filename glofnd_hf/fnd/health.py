@@ -108,24 +108,18 @@ class TrackingHealth:
                 share = counts[AT_BOUND.start + s] / counts[VISITED.start + s]
                 summary[f"tracking_at_bound_{side}"] = share
         if summary and epoch >= self.first_checked_epoch:
-            expected = [self.alpha * counts[NEGATIVES.start + s] for s in range(len(SIDES))]
-            self._warn(epoch, summary, counts[FILTERED], expected)
+            self._warn(epoch, summary, counts)
         return summary
 
-    def _warn(
-        self,
-        epoch: int,
-        summary: dict[str, float],
-        filtered: list[float],
-        expected: list[float],
-    ) -> None:
+    def _warn(self, epoch: int, summary: dict[str, float], counts: list[float]) -> None:
         problems, kinds = [], []
         for s, side in enumerate(SIDES):
             ratio = summary.get(f"tracking_filtered_over_alpha_{side}")
             share = summary.get(f"tracking_at_bound_{side}")
             if ratio is not None and not RATIO_RANGE[0] <= ratio <= RATIO_RANGE[1]:
                 kind = "low" if ratio < RATIO_RANGE[0] else "high"
-                if _beyond_chance(filtered[s], expected[s], kind):
+                expected = self.alpha * counts[NEGATIVES.start + s]
+                if _beyond_chance(counts[FILTERED.start + s], expected, kind):
                     problems.append(f"{side} anchors filtered {ratio:.2f} x alpha")
                     kinds.append(kind)
             if share is not None and share > MAX_AT_BOUND:
@@ -149,11 +143,9 @@ def _beyond_chance(filtered: float, expected: float, kind: str) -> bool:
     """Whether ``filtered`` exceedances, where a threshold at the quantile expects
     ``expected``, lie beyond ``RATIO_RANGE`` by more than chance: the Poisson probability of
     a count at least as far out, at the range's edge, is under ``CHANCE``."""
+    low = kind == "low"
     k = torch.tensor(float(round(filtered)), dtype=torch.float64)
-    if kind == "low":
-        edge = torch.tensor(RATIO_RANGE[0] * expected, dtype=torch.float64)
-        tail = torch.special.gammaincc(k + 1.0, edge)  # P(X <= k)
-    else:
-        edge = torch.tensor(RATIO_RANGE[1] * expected, dtype=torch.float64)
-        tail = torch.special.gammainc(k, edge) if k > 0 else torch.tensor(1.0)  # P(X >= k)
+    edge = torch.tensor(RATIO_RANGE[0 if low else 1] * expected, dtype=torch.float64)
+    # P(X <= k) below the range; P(X >= k) above it, where k >= 1 (the share is above 2 alpha)
+    tail = torch.special.gammaincc(k + 1.0, edge) if low else torch.special.gammainc(k, edge)
     return bool(tail < CHANCE)
